@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?= method=magnitude sparsity=0.7
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+demo: install  ## the main job on the offline default
+	$(BIN)/pruneflow $(ARGS)
+
+test: install  ## the whole suite, slow end-to-end tests included (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check pruneflow tests scripts
+
+clean:
+	rm -rf $(VENV) outputs/.cache

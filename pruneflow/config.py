@@ -1,0 +1,97 @@
+"""Structured configs: typed schemas registered in Hydra's ConfigStore.
+
+``conf/config.yaml`` starts from ``pruneflow_schema``, so Hydra rejects a wrong
+type (``stages.finetune.lr=abc``) or an unknown key before anything runs. Value
+checks that types cannot express (ranges, exclusive keys) are in
+``pruneflow.runner`` and also run before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class StageConfig:
+    epochs: float | None = None
+    steps: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 32
+
+
+@dataclass
+class StagesConfig:
+    finetune: StageConfig = field(default_factory=StageConfig)
+    prune: StageConfig = field(default_factory=StageConfig)
+    recover: StageConfig = field(default_factory=StageConfig)
+    eval_batch_size: int = 256
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "32"  # 32 | bf16 | fp16
+    torch_threads: int | None = None
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cubic"
+    initial_warmup: float = 0  # steps, or a fraction of the prune stage when < 1
+    final_warmup: float = 0
+    frequency: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "pruneflow"
+    entity: str | None = None
+    group: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0
+
+
+@dataclass
+class SpeedConfig:
+    enabled: bool = True
+    batch: int = 8
+    repeats: int = 10
+
+
+@dataclass
+class PruneflowConfig:
+    model: Any = None
+    task: Any = None
+    method: Any = None
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    sparsity: float | None = None
+    seed: int = 0
+    overwrite: bool = False
+    save_model: bool = True
+    cache: bool = True
+    cache_dir: str = "outputs/.cache"
+    experiment_info: Any = None  # set by experiment configs: published numbers and source
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pruneflow_schema", node=PruneflowConfig)

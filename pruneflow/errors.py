@@ -1,0 +1,23 @@
+"""User-facing errors: one clear paragraph, no traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A mistake in the user's configuration or data, reported without a traceback."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run's state was saved."""
+
+
+def invalid(key: str, value: object, allowed: str | Iterable[object], why: str = "") -> UserError:
+    """Build the standard message: which key, what was given, what is allowed."""
+    if not isinstance(allowed, str):
+        allowed = ", ".join(str(a) for a in allowed)
+    msg = f"Invalid value for '{key}': {value!r}. Allowed: {allowed}."
+    if why:
+        msg += f" {why}"
+    return UserError(msg)

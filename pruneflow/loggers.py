@@ -1,0 +1,97 @@
+"""Experiment loggers. W&B runs offline by default and can never fail a run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("pruneflow")
+
+
+class NullLogger:
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, result: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """One W&B run per job, grouped per sweep; offline runs can be uploaded with ``wandb sync``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        import wandb
+
+        self.wandb = wandb
+        lc = cfg.logger
+        mode = str(lc.get("mode", "offline"))
+        group = lc.get("group") or _sweep_group()
+        name = lc.get("run_name") or f"{cfg.method.name}-{cfg.model.name}-{cfg.task.name}-s{cfg.get('sparsity')}-seed{cfg.seed}"
+        self.run = wandb.init(
+            project=lc.get("project", "pruneflow"),
+            entity=lc.get("entity"),
+            group=group,
+            name=name,
+            tags=list(lc.get("tags") or []),
+            mode=mode,
+            dir=str(run_dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, init_timeout=float(lc.get("init_timeout", 60))),
+        )
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        try:
+            self.run.log(metrics)
+        except Exception as e:  # noqa: BLE001 - logging must never fail a run
+            log.warning("W&B log failed: %s", e)
+
+    def summary(self, result: dict[str, Any]) -> None:
+        try:
+            flat = {f"final/{k}": v for k, v in result["metrics"]["final"].items()}
+            flat.update({"sparsity/measured": result["sparsity"]["measured"], "sparsity/target": result["sparsity"]["target"], "params/nonzero": result["params"]["nonzero"]})
+            self.run.summary.update(flat)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B summary failed: %s", e)
+
+    def finish(self) -> None:
+        try:
+            self.run.finish()
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B finish failed: %s", e)
+
+
+def _sweep_group() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.sweep.dir).name
+    except Exception:  # noqa: BLE001 - not inside a Hydra app
+        return None
+    return None
+
+
+def make_logger(cfg: DictConfig, run_dir: Path) -> NullLogger:
+    name = cfg.logger.get("name", "none")
+    if name == "none":
+        return NullLogger()
+    if name != "wandb":
+        from pruneflow.errors import invalid
+
+        raise invalid("logger", name, ["wandb", "none"])
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        return WandbLogger(cfg, run_dir)
+    except Exception as e:  # noqa: BLE001 - W&B unreachable / not logged in never fails a run
+        log.warning("W&B could not start (%s); continuing without it. Use logger.mode=offline or logger=none.", e)
+        return NullLogger()

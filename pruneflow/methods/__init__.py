@@ -1,0 +1,25 @@
+"""Pruning methods, one file each; ``conf/method/<name>.yaml`` selects one."""
+
+from __future__ import annotations
+
+import importlib
+
+from pruneflow.errors import invalid
+from pruneflow.methods.base import PruneContext, PruningMethod
+
+# config name -> "module:Class" (imported lazily so a method's dependencies load only when used)
+METHODS: dict[str, str] = {
+    "dense": "pruneflow.methods.dense:Dense",
+    "magnitude": "pruneflow.methods.magnitude:Magnitude",
+    "random": "pruneflow.methods.random:Random",
+}
+
+
+def get_method_class(name: str) -> type[PruningMethod]:
+    if name not in METHODS:
+        raise invalid("method", name, sorted(METHODS))
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHODS", "PruneContext", "PruningMethod", "get_method_class"]

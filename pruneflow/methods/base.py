@@ -1,0 +1,123 @@
+"""The interface every pruning method implements.
+
+The training loop (``pruneflow.trainer``) calls a method at a few fixed points;
+the schedule (``pruneflow.schedules``) says how sparse the model must be; masks
+are applied by ``pruneflow.masking``. A method only decides *which* weights.
+
+Call order in the prune stage::
+
+    method.setup(ctx)                       # once, after the finetune stage
+    if not method.run_prune_stage(ctx):     # methods with their own loop return True
+        for step in range(ctx.total_steps): # the trainer's loop
+            loss = task_loss + method.extra_loss()
+            loss.backward()
+            method.after_backward(step)     # gradients of the effective weights are ready
+            optimizer.step()
+            method.after_optimizer_step(step)
+    method.end_prune_stage()                # masks final and frozen from here on
+    model = method.finalize(model)          # e.g. physical compression (SPP)
+
+The recover stage trains with the masks frozen: the parametrization keeps pruned
+entries at exactly zero, no method call is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from pruneflow.masking import MaskedWeights
+from pruneflow.schedules import Schedule
+
+if TYPE_CHECKING:
+    from pruneflow.tasks.base import Task
+
+log = logging.getLogger("pruneflow")
+
+
+@dataclass
+class PruneContext:
+    """What a method may use during the prune stage."""
+
+    model: nn.Module
+    weights: MaskedWeights  # the prunable weights (masks not yet attached at setup)
+    schedule: Schedule
+    sparsity: float
+    total_steps: int  # steps of the prune stage
+    device: torch.device
+    task: Task | None = None
+    # Yields training batches (already on the device), endlessly, in the run's seeded order.
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+    # loss(model, batch) -> scalar; used by methods that run their own loop.
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
+    run_dir: Path | None = None
+    cache_dir: Path | None = None
+    cache_key: dict[str, Any] = field(default_factory=dict)  # what the finetuned model depends on
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningMethod:
+    """Base class: a method that does nothing (``dense``)."""
+
+    name: ClassVar[str] = "base"
+    #: sparsity used when the user leaves ``sparsity=null``
+    default_sparsity: ClassVar[float] = 0.7
+    #: False for ``dense``: no prune stage, no masks
+    prunes: ClassVar[bool] = True
+
+    def __init__(self, cfg: DictConfig, sparsity: float) -> None:
+        self.cfg = cfg
+        self.sparsity = sparsity
+        self.ctx: PruneContext | None = None
+
+    # --- configuration -----------------------------------------------------
+    @classmethod
+    def resolve_sparsity(cls, cfg: DictConfig, requested: float | None) -> float:
+        """The sparsity the run targets; methods whose sparsity follows from their
+        settings (ADMM's N:M pattern) override this and reject a conflicting value."""
+        return cls.default_sparsity if requested is None else float(requested)
+
+    def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
+        """Raise ``UserError`` for settings that cannot work with this model."""
+
+    # --- prune stage ---------------------------------------------------------
+    def setup(self, ctx: PruneContext) -> None:
+        self.ctx = ctx
+
+    def run_prune_stage(self, ctx: PruneContext) -> bool:
+        """Return True if the method ran the whole prune stage itself."""
+        return False
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def end_prune_stage(self) -> None:
+        pass
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Last chance to change the model before recovery/saving (SPP compresses)."""
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        """Extra, method-specific entries for result.json (under ``method_info``)."""
+        return {}
+
+    # --- resume ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

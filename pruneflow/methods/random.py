@@ -1,0 +1,18 @@
+"""Random pruning: the floor every method should beat.
+
+Each weight gets one random score when pruning starts, so the masks along the
+schedule are nested (a weight pruned at 30 % stays pruned at 50 %).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pruneflow.methods.score_based import ScoreBasedMethod
+
+
+class Random(ScoreBasedMethod):
+    name = "random"
+
+    def init_scores(self) -> None:
+        self.scores = [torch.rand(w.shape, device=w.param.device) for w in self.ctx.weights]

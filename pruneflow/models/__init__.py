@@ -1,0 +1,69 @@
+"""Model factories: ``timm.create_model`` for vision, ``transformers`` Auto classes for text.
+
+``conf/model/<name>.yaml`` chooses one. ``model.path`` (a local directory) replaces
+the hub id for users with their own checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pruneflow.errors import UserError
+
+if TYPE_CHECKING:
+    from pruneflow.tasks.base import Task
+
+FAMILIES = ("timm", "hf")
+
+
+@dataclass
+class ModelBundle:
+    """A model with what it needs to be fed and saved."""
+
+    model: nn.Module
+    family: str  # "timm" | "hf"
+    name: str
+    tokenizer: Any = None
+    # How to rebuild the architecture (saved in model/config.json for timm models).
+    arch: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Model outputs for a batch prepared by the task (labels are not passed)."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions", "example_index")}
+        if self.family == "timm":
+            return self.model(inputs["pixel_values"])
+        return self.model(**inputs)
+
+    def fresh_architecture(self) -> nn.Module:
+        """Same architecture with random weights (a dense reference for latency)."""
+        if self.family == "timm":
+            import timm
+
+            return timm.create_model(self.arch["architecture"], pretrained=False, **self.arch["kwargs"])
+        from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+        auto = AutoModelForQuestionAnswering if self.arch.get("head") == "question_answering" else AutoModelForSequenceClassification
+        return auto.from_config(self.model.config)
+
+
+def build_model(cfg: DictConfig, task: Task) -> ModelBundle:
+    family = cfg.get("family")
+    if family not in FAMILIES:
+        raise UserError(f"Invalid value for 'model.family': {family!r}. Allowed: {', '.join(FAMILIES)}.")
+    if family == "timm":
+        from pruneflow.models.vision import build_timm_model
+
+        return build_timm_model(cfg, task)
+    from pruneflow.models.text import build_hf_model
+
+    return build_hf_model(cfg, task)
+
+
+def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kwargs = cfg.get("kwargs") or {}
+    return OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else dict(kwargs)

@@ -1,0 +1,94 @@
+"""Text Transformers through ``transformers`` Auto classes.
+
+Hub models (``bert_base``, ``roberta_base``) load with ``from_pretrained`` from
+``model.hub_id`` or ``model.path``. ``bert_tiny`` is built from a config with a
+WordPiece tokenizer trained on the task's own training text, so it needs no
+download at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pruneflow.errors import UserError
+from pruneflow.models import ModelBundle
+
+if TYPE_CHECKING:
+    from pruneflow.tasks.base import Task
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True):  # noqa: ANN201
+    """A BERT-style fast tokenizer trained locally with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+
+
+def _auto_class(task: Task):  # noqa: ANN202
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    return AutoModelForQuestionAnswering if task.problem == "question_answering" else AutoModelForSequenceClassification
+
+
+def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
+    from transformers import AutoConfig, AutoTokenizer
+
+    if task.modality != "text":
+        raise UserError(
+            f"Model/task mismatch: model={cfg.name} is a text model (transformers) but task={task.name} is an "
+            f"{task.modality} task. Choose an image model for it (e.g. model=tiny_vit or model=deit_small)."
+        )
+    auto = _auto_class(task)
+    head_kwargs: dict[str, Any] = {}
+    if task.problem != "question_answering":
+        head_kwargs = {"num_labels": task.num_labels, "problem_type": task.problem}
+    trust = bool(cfg.get("trust_remote_code", False))
+    source = cfg.get("path") or cfg.get("hub_id")
+    if cfg.get("pretrained", True) and source:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+            model = auto.from_pretrained(source, trust_remote_code=trust, **head_kwargs)
+        except OSError as e:
+            raise UserError(
+                f"Could not load model={cfg.name} from '{source}': {e}. Offline, use model.path=<a local "
+                "directory written by save_pretrained> or the offline model=bert_tiny."
+            ) from e
+    else:
+        arch = OmegaConf.to_container(cfg.config, resolve=True) if cfg.get("config") else None
+        tok_cfg = cfg.get("tokenizer") or {}
+        if arch is None:
+            raise UserError(f"model={cfg.name}: with model.pretrained=false a 'model.config' (architecture) is needed.")
+        tokenizer = train_wordpiece_tokenizer(
+            task.tokenizer_corpus(), vocab_size=int(tok_cfg.get("vocab_size", 2000)), lowercase=bool(tok_cfg.get("lowercase", True))
+        )
+        model_type = arch.pop("model_type")
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **arch, **head_kwargs)
+        model = auto.from_config(config)
+    return ModelBundle(
+        model=model, family="hf", name=cfg.name, tokenizer=tokenizer,
+        arch={"head": task.problem},
+    )

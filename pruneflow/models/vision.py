@@ -1,0 +1,44 @@
+"""Vision Transformers from timm (ViT, DeiT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from pruneflow.errors import UserError
+from pruneflow.models import ModelBundle, model_kwargs
+
+if TYPE_CHECKING:
+    from pruneflow.tasks.base import Task
+
+
+def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
+    import timm
+
+    if task.modality != "image":
+        raise UserError(
+            f"Model/task mismatch: model={cfg.name} is an image model (timm) but task={task.name} is a "
+            f"{task.modality} task. Choose a text model for it (e.g. model=bert_tiny or model=bert_base)."
+        )
+    kwargs = model_kwargs(cfg)
+    kwargs["num_classes"] = task.num_labels
+    kwargs.setdefault("in_chans", task.image_channels)
+    pretrained = bool(cfg.get("pretrained", False))
+    if cfg.get("path"):
+        path = Path(cfg.path)
+        weights = path / "model.safetensors" if path.is_dir() else path
+        if not weights.exists():
+            raise UserError(f"Invalid value for 'model.path': {cfg.path}. Allowed: an existing directory holding model.safetensors (timm weights) or a weights file.")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        pretrained = True
+    try:
+        model = timm.create_model(cfg.hub_id, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:  # e.g. no network for pretrained weights
+        raise UserError(
+            f"Could not create timm model '{cfg.hub_id}' (model={cfg.name}, pretrained={pretrained}): {e}. "
+            "Offline, set model.pretrained=false or point model.path at local weights."
+        ) from e
+    arch_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+    return ModelBundle(model=model, family="timm", name=cfg.name, arch={"architecture": cfg.hub_id, "kwargs": arch_kwargs})

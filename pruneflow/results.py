@@ -1,0 +1,125 @@
+"""``result.json`` and ``predictions.jsonl`` (the contract of DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pruneflow import __version__
+from pruneflow.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from pruneflow.runner import Run
+    from pruneflow.tasks.base import Task
+
+
+def sparsity_report(run: Run, model: nn.Module) -> dict[str, Any]:
+    """Zeros counted from the final weights (after masks are baked in)."""
+    override = run.method.sparsity_report(model, run.original_shapes) if hasattr(run.method, "sparsity_report") else None
+    if override is not None:
+        return override
+    state = model.state_dict()
+    per_layer, zeros, total = {}, 0, 0
+    for name in run.original_shapes:
+        w = state[name]
+        z = int(w.numel() - w.count_nonzero())
+        per_layer[name] = round(z / w.numel(), 6)
+        zeros += z
+        total += w.numel()
+    return {"measured": round(zeros / max(total, 1), 6), "per_layer": per_layer}
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    versions = {"pruneflow": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    for mod in ("timm", "datasets", "hydra", "wandb"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return {
+        "git_sha": git_sha(),
+        "host": socket.gethostname(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+    }
+
+
+def build_result(run: Run, model: nn.Module, metrics: dict[str, dict[str, float]], times: dict[str, float], speed: dict[str, Any] | None, export: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = run.cfg
+    model = run.bundle.model
+    sp = sparsity_report(run, model)
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    compressed = getattr(run.method, "compressed", False)
+    prunable_total = sum(int(torch.tensor(s).prod()) for s in run.original_shapes.values())
+    result = {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "seed": int(cfg.seed),
+        "main_metric": run.task.main_metric,
+        "sparsity": {
+            "target": run.sparsity,
+            "measured": sp["measured"],
+            "overall": round(1 - nonzero / run.total_params, 6),
+            "per_layer": sp["per_layer"],
+        },
+        "params": {
+            "total": run.total_params,
+            "prunable": prunable_total,
+            "nonzero": nonzero,
+            "compressed_total": sum(p.numel() for p in model.parameters()) if compressed else None,
+        },
+        "metrics": metrics,
+        "speed": speed,
+        "export": export or {"semi_structured": {"available": False, "reason": "the method does not produce 2:4 masks" if torch.cuda.is_available() else "no CUDA device"}},
+        "time_s": {k: round(v, 3) for k, v in times.items()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "overrides": list(run.overrides),
+        "provenance": provenance(run.device),
+    }
+    info = run.method.summary()
+    if info:
+        result["method_info"] = info
+    return result
+
+
+def write_predictions(run_dir: Path, task: Task, predictions: dict[str, list[dict[str, Any]]]) -> None:
+    """``predictions.jsonl`` for the main split, ``predictions_<split>.jsonl`` for the others."""
+    for split, records in predictions.items():
+        name = "predictions.jsonl" if split == task.main_split else f"predictions_{split}.jsonl"
+        atomic_write_text(Path(run_dir) / name, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def load_results(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every result.json under ``root`` (used by the report)."""
+    out = []
+    for p in sorted(Path(root).rglob("result.json")):
+        if ".cache" in p.parts:
+            continue
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        r["_path"] = str(p.parent)
+        out.append(r)
+    return out

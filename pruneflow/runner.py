@@ -1,0 +1,342 @@
+"""The pipeline: finetune → prune → recover, evaluating after every stage.
+
+``run(cfg, run_dir)`` is what the ``pruneflow`` command executes for one job.
+All configuration is validated before any data is loaded or any step is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from pruneflow import __version__
+from pruneflow.cache import StageCache
+from pruneflow.errors import UserError, invalid
+from pruneflow.loggers import make_logger
+from pruneflow.masking import MaskedWeights, select_prunable
+from pruneflow.methods import PruneContext, get_method_class
+from pruneflow.models import ModelBundle, build_model
+from pruneflow.results import build_result, write_predictions
+from pruneflow.schedules import Schedule
+from pruneflow.tasks import build_task
+from pruneflow.trainer import StageSpec, Trainer, steps_per_epoch
+from pruneflow.utils import (
+    atomic_torch_save,
+    atomic_write_json,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger("pruneflow")
+
+STAGES = ("finetune", "prune", "recover")
+
+# Every nn.Linear inside the encoder blocks: timm ViT/DeiT/Swin and transformers
+# BERT-family names. Embeddings, LayerNorm, biases, pooler and task head stay dense.
+DEFAULT_INCLUDE = ["blocks.*", "*encoder.layer.*", "*.layers.*"]
+DEFAULT_EXCLUDE = ["*pooler*", "*classifier*", "*qa_outputs*", "head", "head.*", "*.head"]
+
+
+# ----------------------------------------------------------------------------- validation
+def validate_sparsity(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= float(value) < 1):
+        raise invalid("sparsity", value, "a number in [0, 1) — the fraction of prunable weights removed — or null for the method's default")
+
+
+def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tuple[int, StageSpec | None]:
+    """Optimizer steps of a stage from its `epochs` or `steps` (exactly one may be set)."""
+    s = cfg.stages[name]
+    epochs, steps = s.get("epochs"), s.get("steps")
+    if epochs is not None and steps is not None:
+        raise UserError(
+            f"Both 'stages.{name}.epochs' ({epochs}) and 'stages.{name}.steps' ({steps}) are set. "
+            f"Set only one, e.g. stages.{name}.steps=null, or stages.{name}.epochs=null."
+        )
+    for key, v in (("epochs", epochs), ("steps", steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise invalid(f"stages.{name}.{key}", v, "a number >= 0 (0 skips the stage)")
+    for key, kind in (("lr", float), ("batch_size", int)):
+        v = s.get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise invalid(f"stages.{name}.{key}", v, "a positive number")
+    bs = int(s.batch_size)
+    if steps is None:
+        steps = int(math.ceil(float(epochs or 0) * steps_per_epoch(n_train, bs, grad_accum)))
+    return int(steps), bs
+
+
+@dataclass
+class Plan:
+    stages: dict[str, StageSpec]
+    schedule: Schedule
+
+    def runs(self, name: str) -> bool:
+        return self.stages[name].steps > 0
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.overrides = overrides or []
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_path = self.ckpt_dir / "last.pt"
+        self.progress_path = self.ckpt_dir / "progress.json"
+
+    # -- setup ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg = self.cfg
+        validate_sparsity(cfg.get("sparsity"))
+        threads = cfg.trainer.get("torch_threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = resolve_device(str(cfg.trainer.device))
+        self.method_cls = get_method_class(cfg.method.name)
+        self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
+        self.method = self.method_cls(cfg.method, self.sparsity)
+        for name in STAGES:  # cheap checks before any data is read
+            stage_steps(cfg, name, 1, 1)
+
+        seed_everything(int(cfg.seed))
+        self.task = build_task(cfg.task, int(cfg.seed))
+        self.task.load()
+        self.bundle: ModelBundle = build_model(cfg.model, self.task)
+        self.task.prepare(self.bundle)
+        self.bundle.model.to(self.device)
+        self.total_params = sum(p.numel() for p in self.bundle.model.parameters())
+
+        include = list(cfg.method.get("include") or DEFAULT_INCLUDE)
+        exclude = list(cfg.method.get("exclude") or DEFAULT_EXCLUDE)
+        self.weights = MaskedWeights(select_prunable(self.bundle.model, include, exclude))
+        if self.method.prunes and len(self.weights) == 0:
+            raise UserError(
+                f"No prunable weights: no nn.Linear in model={cfg.model.name} matches method.include={include} "
+                f"(minus method.exclude={exclude}). Adjust the patterns (shell-style, over module names)."
+            )
+        self.original_shapes = {w.name: tuple(w.shape) for w in self.weights}
+        self.method.validate(self.bundle.model, self.weights)
+
+        n_train = len(self.task.train_set)
+        accum = int(cfg.trainer.get("gradient_accumulation_steps", 1))
+        specs = {}
+        for i, name in enumerate(STAGES):
+            steps, bs = stage_steps(cfg, name, n_train, accum)
+            if name == "prune" and not self.method.prunes:
+                steps = 0
+            specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=int(cfg.seed) * 10 + i)
+        schedule = Schedule.from_config(cfg.schedule, self.sparsity, specs["prune"].steps)
+        if self.method.prunes:
+            schedule.validate()
+            if specs["prune"].steps == 0 and not self.method_cls.__dict__.get("prunes_without_steps", False):
+                raise UserError(
+                    f"method={cfg.method.name} prunes during the prune stage, but stages.prune has 0 steps. "
+                    "Give it epochs or steps (e.g. stages.prune.epochs=2), or use method=dense."
+                )
+        self.plan = Plan(stages=specs, schedule=schedule)
+        self.trainer = Trainer(cfg.trainer, self.device, self.bundle, self.task)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        if self.progress_path.exists():
+            return json.loads(self.progress_path.read_text())
+        return {"done": {}}
+
+    def save_progress(self, progress: dict[str, Any]) -> None:
+        atomic_write_json(self.progress_path, progress)
+
+    def save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None = None) -> None:
+        atomic_torch_save(
+            {
+                "stage": stage,
+                "step": step,
+                "complete": complete,
+                "model": self.bundle.model.state_dict(),
+                "method": self.method.state_dict(),
+                "trainer": trainer_state,
+                "rng": rng_state(),
+            },
+            self.ckpt_path,
+        )
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.ckpt_path.exists():
+            return None
+        return torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+
+    # -- stage transitions -----------------------------------------------------------------------
+    def prune_context(self) -> PruneContext:
+        spec = self.plan.stages["prune"]
+        return PruneContext(
+            model=self.bundle.model,
+            weights=self.weights,
+            schedule=self.plan.schedule,
+            sparsity=self.sparsity,
+            total_steps=spec.steps,
+            device=self.device,
+            task=self.task,
+            batches=lambda: self.trainer.batches(spec.batch_size, spec.seed),
+            loss_fn=self.trainer.loss,
+            run_dir=self.run_dir,
+            cache_dir=Path(self.cfg.cache_dir),
+            cache_key=self.finetune_key(),
+            extra={"bundle": self.bundle, "trainer": self.trainer, "stage": spec},
+        )
+
+    def finalize_model(self) -> None:
+        model = self.method.finalize(self.bundle.model)
+        self.bundle.model = model.to(self.device)
+
+    def finetune_key(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "model": OmegaConf.to_container(c.model, resolve=True),
+            "task": {k: v for k, v in OmegaConf.to_container(c.task, resolve=True).items()},
+            "seed": int(c.seed),
+            "stage": OmegaConf.to_container(c.stages.finetune, resolve=True),
+            "steps": self.plan.stages["finetune"].steps,
+            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if k not in ("checkpoint_every", "log_every", "device", "torch_threads")},
+            "version": 1,
+        }
+
+    def evaluate(self, stage: str) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        bs = int(self.cfg.stages.get("eval_batch_size", 64))
+        metrics, predictions = self.task.evaluate_all(self.bundle, bs, self.device, desc=f"eval after {stage}")
+        self.bundle.model.train()
+        log.info("%s: %s", stage, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics, predictions
+
+    # -- main ------------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.logger = make_logger(cfg, self.run_dir)
+        progress = self.progress()
+        ckpt = self.load_checkpoint()
+        start_index = 0
+        resume_trainer: dict[str, Any] | None = None
+        if ckpt is not None:
+            start_index = STAGES.index(ckpt["stage"])
+            log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
+            if start_index >= STAGES.index("prune") and self.method.prunes and self.plan.runs("prune"):
+                self.method.setup(self.prune_context())
+                self.method.load_state_dict(ckpt["method"])
+                if start_index > STAGES.index("prune") or ckpt["complete"]:
+                    self.finalize_model()
+            self.bundle.model.load_state_dict(ckpt["model"])
+            if ckpt["complete"]:
+                start_index += 1
+            else:
+                resume_trainer = ckpt["trainer"]
+                set_rng_state(ckpt["rng"])
+        metrics: dict[str, dict[str, float]] = {k: v["metrics"] for k, v in progress["done"].items()}
+        times: dict[str, float] = {k: v["time_s"] for k, v in progress["done"].items()}
+        predictions: dict[str, list[dict[str, Any]]] | None = None
+
+        for index in range(start_index, len(STAGES)):
+            name = STAGES[index]
+            spec = self.plan.stages[name]
+            if spec.steps == 0:
+                continue
+            resumed = resume_trainer is not None
+            if not resumed:
+                seed_everything(spec.seed)
+            t0 = time.perf_counter()
+            if name == "finetune":
+                self.run_finetune(spec, resume_trainer)
+            elif name == "prune":
+                if not resumed:
+                    self.method.setup(self.prune_context())
+                handled = not resumed and self.method.run_prune_stage(self.method.ctx)
+                if not handled:
+                    self.trainer.train(spec, self.method, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+                self.method.end_prune_stage()
+                self.finalize_model()
+            else:
+                self.trainer.train(spec, self.method if self.method.prunes else None, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+            resume_trainer = None
+            times[name] = time.perf_counter() - t0
+            metrics[name], predictions = self.evaluate(name)
+            self.logger.log({f"{name}/{k}": v for k, v in metrics[name].items()})
+            self.save_checkpoint(name, spec.steps, complete=True)
+            progress["done"][name] = {"metrics": metrics[name], "time_s": times[name]}
+            self.save_progress(progress)
+
+        if predictions is None:  # every stage was already done (resumed after the last one)
+            _, predictions = self.evaluate("final")
+        return self.finish(metrics, times, predictions, t_start)
+
+    def checkpoint_fn(self, stage: str):  # noqa: ANN201
+        def save(step: int, trainer_state: dict[str, Any]) -> None:
+            self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state)
+
+        return save
+
+    def run_finetune(self, spec: StageSpec, resume: dict[str, Any] | None) -> None:
+        """Dense fine-tuning, cached across runs that share model, task, seed and settings."""
+
+        def compute(cache_dir: Path | None) -> dict[str, Any]:
+            self.trainer.train(spec, None, resume=resume, checkpoint=self.checkpoint_fn("finetune"), on_log=self.logger.log)
+            if cache_dir is not None:
+                st_save_model(self.bundle.model, str(cache_dir / "model.safetensors"))
+            return {"steps": spec.steps}
+
+        if not self.cfg.get("cache", True):
+            compute(None)
+            return
+        cache = StageCache(Path(self.cfg.cache_dir), "finetune", self.finetune_key())
+        _, reused = cache.get_or_compute(compute)
+        if reused:
+            st_load_model(self.bundle.model, str(cache.dir / "model.safetensors"), device=str(self.device))
+            log.info("Finetune stage reused from cache %s (key %s)", cache.dir, cache.key)
+
+    def finish(self, metrics: dict[str, dict[str, float]], times: dict[str, float], predictions: dict[str, list[dict[str, Any]]], t_start: float) -> dict[str, Any]:
+        from pruneflow.export import save_model
+        from pruneflow.speed import measure_speed
+
+        last = [s for s in STAGES if s in metrics][-1]
+        metrics["final"] = dict(metrics[last])
+        final_model = self.bundle.model
+        if self.method.prunes:
+            self.weights.bake()
+        speed = measure_speed(self.cfg, self.bundle, self.task, self.device) if self.cfg.speed.enabled else None
+        export = self.method.export_info(self.bundle, self.device) if hasattr(self.method, "export_info") else None
+        if self.cfg.get("save_model", True):
+            save_model(self.bundle, self.run_dir / "model", self.method)
+        write_predictions(self.run_dir, self.task, predictions)
+        times["total"] = max(time.perf_counter() - t_start, sum(times.values()))
+        result = build_result(self, final_model, metrics, times, speed, export)
+        atomic_write_json(self.run_dir / "result.json", result)
+        self.logger.summary(result)
+        self.logger.finish()
+        return result
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    result_path = run_dir / "result.json"
+    if result_path.exists() and not cfg.get("overwrite", False):
+        log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
+        return json.loads(result_path.read_text())
+    if cfg.get("overwrite", False):
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        result_path.unlink(missing_ok=True)
+    r = Run(cfg, run_dir, overrides)
+    r.prepare()
+    return r.execute()

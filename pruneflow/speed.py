@@ -1,0 +1,50 @@
+"""Inference latency of the dense and the final model, measured side by side."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from pruneflow.models import ModelBundle
+from pruneflow.tasks.base import Task
+
+
+@torch.no_grad()
+def time_forward(fns: dict[str, Any], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call for each function, calls interleaved so that
+    machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples[k].append((time.perf_counter() - t0) * 1000)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def measure_speed(cfg: DictConfig, bundle: ModelBundle, task: Task, device: torch.device) -> dict[str, Any]:
+    batch_size = int(cfg.speed.get("batch", 8))
+    split = task.main_split
+    ds = task.eval_sets[split]
+    batch = task.collate([ds[i % len(ds)] for i in range(batch_size)])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    dense: nn.Module = bundle.fresh_architecture().to(device).eval()
+    final = bundle.model.eval()
+    dense_bundle = ModelBundle(model=dense, family=bundle.family, name=bundle.name, arch=bundle.arch)
+    times = time_forward(
+        {"dense": lambda: dense_bundle.forward(batch), "final": lambda: bundle.forward(batch)},
+        repeats=int(cfg.speed.get("repeats", 10)),
+    )
+    return {"device": str(device), "batch": batch_size, "dense_ms": round(times["dense"], 3), "final_ms": round(times["final"], 3)}

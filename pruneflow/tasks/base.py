@@ -1,0 +1,102 @@
+"""The task interface: data, loss and metrics for one dataset.
+
+A task loads its raw data (``load``), turns it into model inputs once the model
+(and its tokenizer) is known (``prepare``), computes the training loss of a
+batch, and evaluates a split into metrics and per-example predictions
+(DESIGN.md §5: ``predictions.jsonl``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset, default_collate
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from pruneflow.models import ModelBundle
+
+
+class Task:
+    name: ClassVar[str] = "base"
+    modality: ClassVar[str] = "image"  # "image" | "text"
+    problem: str = "single_label_classification"  # | "regression" | "question_answering"
+    main_metric: str = "accuracy"
+    num_labels: int = 0
+    image_channels: int = 3
+    #: the evaluation split that `metrics` and predictions.jsonl report; others are extra
+    main_split: str = "validation"
+    eval_splits: tuple[str, ...] = ("validation",)
+
+    def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.eval_sets: dict[str, Dataset] = {}
+
+    # --- data --------------------------------------------------------------------
+    def load(self) -> None:
+        """Read the raw data (hub or ``task.path``); raise UserError for bad paths/columns."""
+        raise NotImplementedError
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Build ``train_set`` and ``eval_sets`` as model inputs."""
+        raise NotImplementedError
+
+    def tokenizer_corpus(self) -> Iterator[str]:
+        """Training text for a locally trained tokenizer (text tasks)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return default_collate(examples)
+
+    def data_summary(self) -> dict[str, int]:
+        out = {"train": len(self.train_set) if self.train_set is not None else 0}
+        out.update({k: len(v) for k, v in self.eval_sets.items()})
+        return out
+
+    # --- training --------------------------------------------------------------
+    def loss(self, bundle: ModelBundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if bundle.family == "hf":
+            return bundle.model(**{k: v for k, v in batch.items() if k != "example_index"}).loss
+        logits = bundle.forward(batch)
+        if self.problem == "regression":
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), batch["labels"].float())
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    # --- evaluation --------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> list[torch.Tensor]:
+        """Model outputs (logits) for every example of a split, in order."""
+        from torch.utils.data import DataLoader
+
+        bundle.model.eval()
+        loader = DataLoader(self.eval_sets[split], batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+        outs = []
+        for batch in tqdm(loader, desc=f"{desc} [{split}]", leave=False, dynamic_ncols=True):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = bundle.forward(batch)
+            outs.append(out if isinstance(out, torch.Tensor) else out.logits)
+        return [o.float().cpu() for o in outs]
+
+    def split_suffix(self, split: str) -> str:
+        """Suffix for metric keys of a secondary evaluation split (MNLI: ``_mm``)."""
+        return ""
+
+    def evaluate_all(self, bundle: ModelBundle, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        """Metrics over every evaluation split (secondary splits' keys suffixed)."""
+        metrics: dict[str, float] = {}
+        predictions: dict[str, list[dict[str, Any]]] = {}
+        for split in self.eval_splits:
+            m, predictions[split] = self.evaluate(bundle, split, batch_size, device, desc)
+            suffix = "" if split == self.main_split else self.split_suffix(split)
+            metrics.update({k + suffix: v for k, v in m.items()})
+        return metrics, predictions
+
+    def evaluate(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Metrics for a split and one prediction record per example."""
+        raise NotImplementedError
+
