@@ -139,6 +139,11 @@ class Run:
             if name == "prune" and not self.method.prunes:
                 steps = 0
             specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=int(cfg.seed) * 10 + i)
+        planned = self.method.plan_stages(
+            {k: v.steps for k, v in specs.items()}, steps_per_epoch(n_train, specs["prune"].batch_size, accum), cfg.task.name
+        )
+        for k, v in planned.items():
+            specs[k].steps = int(v)
         schedule = Schedule.from_config(cfg.schedule, self.sparsity, specs["prune"].steps)
         if self.method.prunes:
             schedule.validate()

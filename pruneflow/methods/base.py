@@ -84,6 +84,12 @@ class PruningMethod:
         settings (ADMM's N:M pattern) override this and reject a conflicting value."""
         return cls.default_sparsity if requested is None else float(requested)
 
+    def plan_stages(self, steps: dict[str, int], steps_per_epoch: int, task_name: str) -> dict[str, int]:
+        """Adjust stage lengths in optimizer steps (``finetune``/``prune``/``recover``),
+        e.g. SEVEN's per-task presets or ADMM's iterations x epochs. Called before
+        the schedule is validated."""
+        return steps
+
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
         """Raise ``UserError`` for settings that cannot work with this model."""
 
