@@ -128,8 +128,8 @@ class Run:
                 f"No prunable weights: no nn.Linear in model={cfg.model.name} matches method.include={include} "
                 f"(minus method.exclude={exclude}). Adjust the patterns (shell-style, over module names)."
             )
+        self.method.validate(self.bundle.model, self.weights)  # may narrow the prunable set (structured units)
         self.original_shapes = {w.name: tuple(w.shape) for w in self.weights}
-        self.method.validate(self.bundle.model, self.weights)
 
         n_train = len(self.task.train_set)
         accum = int(cfg.trainer.get("gradient_accumulation_steps", 1))

@@ -11,7 +11,11 @@ from pruneflow.methods.base import PruneContext, PruningMethod
 METHODS: dict[str, str] = {
     "dense": "pruneflow.methods.dense:Dense",
     "magnitude": "pruneflow.methods.magnitude:Magnitude",
+    "movement": "pruneflow.methods.movement:Movement",
+    "platon": "pruneflow.methods.platon:Platon",
     "random": "pruneflow.methods.random:Random",
+    "seven": "pruneflow.methods.seven:Seven",
+    "seven_pre": "pruneflow.methods.seven_pre:SevenPre",
 }
 
 

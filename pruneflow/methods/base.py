@@ -91,7 +91,9 @@ class PruningMethod:
         return steps
 
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
-        """Raise ``UserError`` for settings that cannot work with this model."""
+        """Raise ``UserError`` for settings that cannot work with this model. May
+        narrow ``weights`` in place (structured granularity keeps the weights its
+        heads/neurons own); the sparsity denominator is the set left after this."""
 
     # --- prune stage ---------------------------------------------------------
     def setup(self, ctx: PruneContext) -> None:

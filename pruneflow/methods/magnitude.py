@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow.methods.score_based import ScoreBasedMethod
+from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod
+
+
+def magnitude_scores_(out: torch.Tensor, W: torch.Tensor, mask: torch.Tensor) -> None:
+    """``out = |W|`` where kept, -inf where pruned (no regrowth); one fused pass."""
+    out.copy_(torch.where(mask == 0, NEG_INF, W.abs()))
 
 
 class Magnitude(ScoreBasedMethod):
     name = "magnitude"
 
-    def init_scores(self) -> None:
-        self.scores = []  # computed from the weights when needed; nothing to keep
+    def init_state(self) -> None:
+        self.score_kernel = self.kernel(magnitude_scores_)
 
     @torch.no_grad()
-    def current_scores(self) -> list[torch.Tensor]:
-        return [w.param.abs() for w in self.ctx.weights]
+    def selection_scores(self) -> torch.Tensor:
+        for i, w in enumerate(self.ctx.weights):
+            self.score_kernel(self.view("scores", i).view(-1), w.param.detach().reshape(-1), self.mask_view(i).view(-1))
+        return self.state["scores"]

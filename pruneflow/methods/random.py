@@ -6,13 +6,11 @@ schedule are nested (a weight pruned at 30 % stays pruned at 50 %).
 
 from __future__ import annotations
 
-import torch
-
 from pruneflow.methods.score_based import ScoreBasedMethod
 
 
 class Random(ScoreBasedMethod):
     name = "random"
 
-    def init_scores(self) -> None:
-        self.scores = [torch.rand(w.shape, device=w.param.device) for w in self.ctx.weights]
+    def init_state(self) -> None:
+        self.state["scores"].uniform_()  # the global RNG, seeded per stage by the runner

@@ -1,0 +1,157 @@
+"""SEVEN (Xiao et al., IJCNN 2024, "Pruning Transformer Model by Reserving Sentinels").
+
+Gradients of Transformers are noisy; SEVEN keeps the weights whose gradient is
+consistently large (the "sentinels"). At every pruning step k (0 at the first),
+as in the authors' public code::
+
+    g  = |G|
+    m  = a1*m + (1-a1)*g                  # EMA of |G|
+    v  = a2*v + (1-a2)*g^2                # EMA of G^2
+    m^ = m / (1 - a1^(k+1));   v^ = sqrt(v / (1 - a2^(k+1))) + 1e-9
+    S  = S + |W * g * m^ / v^|            # accumulated from 0 when pruning starts
+    S[mask == 0] = 0                      # pruned weights stay pruned
+
+``m^/v^`` ~ E|g| / sqrt(E g^2) is in (0, 1]: near 1 for a steady gradient, small
+for a noisy one. ``method.signed=true`` is the sign-descent reading of the
+abstract: ``m`` is the EMA of the signed G, so ``|m^|/v^`` ~ |E G| / sqrt(E G^2)
+is near 1 only for a gradient of consistent *sign* (the magnitude of an Adam
+step) and near 0 for one that flips.
+
+Differences from the authors' code, none of which changes the ranking:
+pruned scores are set to -inf rather than 0 (so a kept weight whose score is
+exactly 0 cannot tie with them); W is the weight before the optimizer step (the
+trainer clears gradients after it; the authors read W after). G is the gradient
+of the effective (masked) weight, which is what ``param.grad`` holds for kept
+weights under the mask parametrization.
+
+Schedule (their code): dense fine-tuning for ``t_i`` steps (the finetune stage),
+then pruning every step for ``iter_num`` steps (the prune stage) on the cubic
+schedule, then training with the mask frozen (recover). ``method.preset``
+selects their per-task ``t_i``/``iter_num`` for GLUE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from pruneflow.errors import UserError, invalid
+from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod
+
+# The authors' per-task settings for BERT-base (batch 32, lr 2e-5, AdamW, 10 epochs):
+# (t_i: dense steps before pruning, iter_num: pruning steps).
+PRESETS: dict[str, tuple[int, int]] = {
+    "mnli": (5400, 16600),
+    "qqp": (5400, 16600),
+    "qnli": (2000, 12000),
+    "sst2": (1000, 4000),
+    "rte": (200, 1000),
+    "mrpc": (300, 600),
+    "cola": (500, 1000),
+    "stsb": (500, 2000),
+}
+
+
+def seven_step_(
+    S: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    G: torch.Tensor,
+    mask: torch.Tensor,
+    alpha_1: float,
+    alpha_2: float,
+    c1: float,
+    c2: float,
+    signed: bool = False,
+) -> None:
+    """The update with bias corrections given as ``c1 = 1/(1 - a1^(k+1))``,
+    ``c2 = 1/(1 - a2^(k+1))``: elementwise and in place (fused when compiled)."""
+    g = G.abs()
+    m.mul_(alpha_1).add_(G if signed else g, alpha=1 - alpha_1)
+    v.mul_(alpha_2).addcmul_(G, G, value=1 - alpha_2)
+    ratio = (m * c1) / (torch.sqrt(v * c2) + 1e-9)
+    S.add_((W * g * ratio).abs())
+    S.masked_fill_(mask == 0, NEG_INF)
+
+
+def seven_update_(
+    S: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    G: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    alpha_1: float = 0.8,
+    alpha_2: float = 0.9,
+    signed: bool = False,
+) -> None:
+    """One SEVEN score update at pruning step ``k`` (0 at the first), in place on
+    ``S``, ``m``, ``v`` (all start at 0). Pruned entries (``mask == 0``) score -inf."""
+    seven_step_(S, m, v, W, G, mask, alpha_1, alpha_2, 1.0 / (1.0 - alpha_1 ** (k + 1)), 1.0 / (1.0 - alpha_2 ** (k + 1)), signed)
+
+
+class Seven(ScoreBasedMethod):
+    name = "seven"
+    uses_gradients = True
+    state_names: ClassVar[tuple[str, ...]] = ("scores", "m", "v")
+
+    def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
+        super().__init__(cfg, sparsity)
+        self.alpha_1 = float(cfg.get("alpha_1", 0.8))
+        self.alpha_2 = float(cfg.get("alpha_2", 0.9))
+        for key, a in (("alpha_1", self.alpha_1), ("alpha_2", self.alpha_2)):
+            if not 0 <= a < 1:
+                raise invalid(f"method.{key}", a, "a number in [0, 1) (EMA coefficient)")
+        self.signed = bool(cfg.get("signed", False))
+        self.preset = cfg.get("preset")
+        if self.preset is not None and self.preset != "auto" and self.preset not in PRESETS:
+            raise invalid("method.preset", self.preset, ["auto", *PRESETS, "null"], "auto picks the GLUE task's preset.")
+        self.total_epochs = cfg.get("total_epochs", 10)
+
+    # --- the authors' per-task presets --------------------------------------------
+    def plan_stages(self, steps: dict[str, int], steps_per_epoch: int, task_name: str) -> dict[str, int]:
+        if self.preset is None:
+            return steps
+        task = str(task_name).split("/")[-1]
+        key = task if self.preset == "auto" else self.preset
+        if key not in PRESETS:
+            if self.preset == "auto":  # not a GLUE task: the configured stages apply
+                return steps
+            raise invalid("method.preset", self.preset, ["auto", *PRESETS, "null"])
+        t_i, iter_num = PRESETS[key]
+        if isinstance(self.total_epochs, bool) or not isinstance(self.total_epochs, (int, float)) or self.total_epochs <= 0:
+            raise invalid("method.total_epochs", self.total_epochs, "a positive number of epochs (the authors train 10)")
+        total = int(math.ceil(float(self.total_epochs) * steps_per_epoch))
+        if t_i + iter_num > total:
+            raise UserError(
+                f"method.preset={self.preset} ({key}: t_i={t_i} dense steps + iter_num={iter_num} pruning steps "
+                f"= {t_i + iter_num}) does not fit in method.total_epochs={self.total_epochs} epochs of "
+                f"{steps_per_epoch} steps ({total} steps) for task={task_name}: the target sparsity would never be "
+                f"reached (the authors' script stops training first). Train longer, e.g. "
+                f"method.total_epochs={math.ceil((t_i + iter_num) / steps_per_epoch)}, or set method.preset=null "
+                "and choose stages.finetune/prune/recover yourself."
+            )
+        return {**steps, "finetune": t_i, "prune": iter_num, "recover": total - t_i - iter_num}
+
+    # --- the score ----------------------------------------------------------------
+    def init_state(self) -> None:
+        self.step_kernel = self.kernel(seven_step_)
+
+    @torch.no_grad()
+    def update_scores(self, step: int) -> None:
+        c1 = 1.0 / (1.0 - self.alpha_1 ** (self.k + 1))
+        c2 = 1.0 / (1.0 - self.alpha_2 ** (self.k + 1))
+        grads = self.grads()
+        for i, (w, grad) in enumerate(zip(self.ctx.weights, grads, strict=True)):
+            if grad is None:
+                continue
+            self.step_kernel(
+                self.view("scores", i).view(-1), self.view("m", i).view(-1), self.view("v", i).view(-1),
+                w.param.detach().reshape(-1), grad.reshape(-1), self.mask_view(i).view(-1),
+                self.alpha_1, self.alpha_2, c1, c2, self.signed,
+            )
+        self.scores_masked = all(g is not None for g in grads)

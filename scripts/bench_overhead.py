@@ -1,0 +1,131 @@
+"""Overhead of a pruning step: a training step with a method updating its mask every
+step, against a plain dense training step, side by side (DESIGN.md §7).
+
+BERT-base from ``BertConfig()`` (random init, no download), batch 8 x 128 tokens.
+Dense step: forward + backward + AdamW step of the plain, unparametrized model.
+Pruned step: the same with the masks attached (parametrize), the method's score
+update after backward and its mask update (exact global top-k) after the
+optimizer step, every step, along a cubic schedule to the target sparsity.
+Dense and pruned steps are interleaved; each ratio is median(pruned) /
+median(dense) over the measured steps, after warm-up steps (which also absorb
+any torch.compile time). After every step the mask is checked to hold exactly
+the scheduled number of weights.
+
+    python scripts/bench_overhead.py                       # full BERT-base shape
+    python scripts/bench_overhead.py --layers 2 --steps 5  # a quick check
+
+Prints one line per method: ``method=<name> ratio=<pruned/dense>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pruneflow.masking import MaskedWeights, select_prunable  # noqa: E402
+from pruneflow.methods import PruneContext, get_method_class  # noqa: E402
+from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # noqa: E402
+from pruneflow.schedules import Schedule  # noqa: E402
+from pruneflow.topk import kept_count  # noqa: E402
+
+
+def build_model(layers: int) -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(num_hidden_layers=layers))
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, method=None, step: int = 0) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    if method is not None:
+        method.after_backward(step)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if method is not None:
+        method.after_optimizer_step(step)
+    return time.perf_counter() - t0
+
+
+def method_config(name: str, compile_mode: str):  # noqa: ANN201
+    cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
+    cfg.compile = compile_mode
+    if "deltaT" in cfg:
+        cfg.deltaT = 1  # PLATON: mask update every step, like the others
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="seven,platon,movement,magnitude,random")
+    ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = BERT-base)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per method (>= 5 for the target)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--compile", default="auto", help="method.compile: auto | true | false")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    dense = build_model(args.layers)
+    dense.train()
+    dense_opt = make_optimizer(dense)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, dense.config.vocab_size, (args.batch, args.seq), generator=g),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+    }
+    n_prunable = sum(w.numel() for w in select_prunable(dense, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
+    print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} threads={torch.get_num_threads()} "
+          f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile}", flush=True)
+
+    total = args.warmup + args.steps
+    for name in args.methods.split(","):
+        model = copy.deepcopy(dense)
+        weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
+        cfg = method_config(name, args.compile)
+        method = get_method_class(name)(cfg, args.sparsity)
+        method.validate(model, weights)
+        schedule = Schedule("cubic", args.sparsity, total)
+        method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=torch.device("cpu")))
+        opt = make_optimizer(model)
+        t_dense, t_pruned, exact = [], [], True
+        for step in range(total):
+            td = train_step(dense, dense_opt, batch)
+            tp = train_step(model, opt, batch, method, step)
+            expected = kept_count(weights.numel, method.ctx.schedule.sparsity(step))
+            kept = weights.num_kept()
+            exact &= kept == expected
+            if step >= args.warmup:
+                t_dense.append(td)
+                t_pruned.append(tp)
+            print(f"#   {name} step {step}: dense {td * 1e3:.0f} ms, pruned {tp * 1e3:.0f} ms, kept {kept:,} (scheduled {expected:,})", flush=True)
+        md, mp = statistics.median(t_dense), statistics.median(t_pruned)
+        print(f"method={name} ratio={mp / md:.3f} dense_ms={md * 1e3:.0f} pruned_ms={mp * 1e3:.0f} exact_count={'ok' if exact else 'FAILED'}", flush=True)
+        del model, weights, method, opt
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()

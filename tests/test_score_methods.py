@@ -1,0 +1,222 @@
+"""SEVEN, PLATON and movement scores against hand computations; no regrowth;
+the SEVEN presets; masks frozen after the prune stage."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pruneflow.errors import UserError
+from pruneflow.masking import MaskedWeights, select_prunable
+from pruneflow.methods import METHODS, PruneContext, get_method_class
+from pruneflow.methods.movement import movement_step_
+from pruneflow.methods.platon import platon_scores, platon_step_
+from pruneflow.methods.seven import seven_update_
+from pruneflow.schedules import Schedule
+
+W = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+G0 = torch.tensor([[0.1, -0.2], [0.0, 0.4]])
+G1 = torch.tensor([[0.3, 0.2], [0.5, -0.4]])
+
+
+def _zeros(n: int = 3) -> list[torch.Tensor]:
+    return [torch.zeros(2, 2) for _ in range(n)]
+
+
+# --- the scores, by hand ----------------------------------------------------------------
+def test_seven_score_by_hand() -> None:
+    S, m, v = _zeros()
+    ones = torch.ones(2, 2)
+    seven_update_(S, m, v, W, G0, ones, k=0, alpha_1=0.8, alpha_2=0.9)
+    # k=0: m^ = 0.2|g|/0.2 = |g|, v^ = sqrt(0.1 g^2/0.1) + 1e-9 = |g| + 1e-9, so S = |W g| (0 where g = 0)
+    assert torch.allclose(S, torch.tensor([[0.1, 0.4], [0.0, 1.2]]), atol=1e-6)
+    seven_update_(S, m, v, W, G1, ones, k=1, alpha_1=0.8, alpha_2=0.9)
+    # k=1, entry (0,0): m = 0.8*0.02 + 0.2*0.3 = 0.076, v = 0.9*0.001 + 0.1*0.09 = 0.0099,
+    # m^ = 0.076/0.36 = 0.211111, v^ = sqrt(0.0099/0.19) = 0.228266, S += 1*0.3*0.924846 = 0.277454
+    # (1,0): m = 0.1, v = 0.025 -> m^ = 0.277778, v^ = 0.362738, S = 0 + 0.5*0.5*0.765772 = 0.191443
+    # (0,1), (1,1): steady |g| (0.2, 0.4) -> m^/v^ = 1, S = 2*0.2*2 = 0.8 and 3*0.4*2 = 2.4
+    assert torch.allclose(S, torch.tensor([[0.377454, 0.8], [0.191443, 2.4]]), atol=1e-5)
+    assert torch.allclose(m, torch.tensor([[0.076, 0.072], [0.1, 0.144]]), atol=1e-7)
+    assert torch.allclose(v, torch.tensor([[0.0099, 0.0076], [0.025, 0.0304]]), atol=1e-7)
+
+
+def test_seven_signed_penalises_sign_flips() -> None:
+    S, m, v = _zeros()
+    ones = torch.ones(2, 2)
+    seven_update_(S, m, v, W, G0, ones, k=0, signed=True)
+    seven_update_(S, m, v, W, G1, ones, k=1, signed=True)
+    # (0,1): G = -0.2 then +0.2: m = 0.8*(-0.04) + 0.2*0.2 = 0.008, |m^| = 0.022222, v^ = 0.2,
+    # S = 0.4 + 2*0.2*0.111111 = 0.444444 (unsigned: 0.8). (1,1): 0.4 then -0.4 -> 1.2 + 1.2/9 = 1.333333
+    assert torch.allclose(S, torch.tensor([[0.377454, 0.444444], [0.191443, 1.333333]]), atol=1e-5)
+
+
+def test_seven_pruned_entries_never_score() -> None:
+    S, m, v = _zeros()
+    mask = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    seven_update_(S, m, v, W, G0 * mask, mask, k=0)
+    assert S[0, 0] == float("-inf")  # the authors set 0; -inf cannot tie with a kept zero score
+    seven_update_(S, m, v, W, G1 * mask, mask, k=1)
+    assert S[0, 0] == float("-inf") and torch.isfinite(S.view(-1)[1:]).all()
+
+
+def test_platon_score_by_hand() -> None:
+    ibar, u = _zeros(2)
+    platon_step_(ibar, u, W, G0, 0.85, 0.95)  # I = [.1 .4; 0 1.2]; U = .05*I; Ibar = .15*I
+    assert torch.allclose(u, torch.tensor([[0.005, 0.02], [0.0, 0.06]]), atol=1e-7)
+    platon_step_(ibar, u, W, G1, 0.85, 0.95)
+    # (0,0): I = 0.3; U = .95*.005 + .05*|.3 - .015| = .019 (the previous Ibar); Ibar = .85*.015 + .15*.3 = .05775
+    assert torch.allclose(ibar, torch.tensor([[0.05775, 0.111], [0.0375, 0.333]]), atol=1e-6)
+    assert torch.allclose(u, torch.tensor([[0.019, 0.036], [0.0125, 0.108]]), atol=1e-6)
+    assert torch.allclose(platon_scores(ibar, u), torch.tensor([[0.00109725, 0.003996], [0.00046875, 0.035964]]), atol=1e-7)
+
+
+def test_movement_score_by_hand() -> None:
+    S = torch.zeros(2, 2)
+    ones = torch.ones(2, 2)
+    movement_step_(S, W, G0, ones)
+    movement_step_(S, W, G1, ones)
+    # -(W*G0 + W*G1): (0,0) -(0.1 + 0.3); (0,1) -(0.4 - 0.4); (1,0) -(0 + 0.25); (1,1) -(1.2 - 1.2)
+    assert torch.allclose(S, torch.tensor([[-0.4, 0.0], [-0.25, 0.0]]), atol=1e-7)
+
+
+# --- methods on a small model -------------------------------------------------------------
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def make(name: str, sparsity: float = 0.75, steps: int = 8, model: nn.Module | None = None, **cfg):  # noqa: ANN003, ANN201
+    torch.manual_seed(0)
+    model = model or Tiny()
+    weights = MaskedWeights(select_prunable(model, ["blocks.*"], ["head"]))
+    method = get_method_class(name)(OmegaConf.create({"name": name, **cfg}), sparsity)
+    method.validate(model, weights)
+    schedule = Schedule("cubic", sparsity, steps)
+    method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=sparsity, total_steps=steps, device=torch.device("cpu")))
+    return model, weights, method
+
+
+def train_steps(model: nn.Module, method, steps: int, start: int = 0) -> list[torch.Tensor]:  # noqa: ANN001
+    """Run the trainer's hook sequence with SGD; return the masks after each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    masks = []
+    for step in range(start, start + steps):
+        x = torch.randn(8, 16)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,)))
+        loss.backward()
+        method.after_backward(step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_optimizer_step(step)
+        masks.append(torch.cat([w.mask.reshape(-1) for w in method.ctx.weights]).clone())
+    return masks
+
+
+def test_registered() -> None:
+    assert {"seven", "seven_pre", "platon", "movement", "magnitude", "random"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", ["seven", "movement", "magnitude", "random"])
+def test_no_regrowth_and_exact_counts(name: str) -> None:
+    model, weights, method = make(name, sparsity=0.75, steps=8)
+    masks = train_steps(model, method, 8)
+    for k, m in enumerate(masks):
+        assert int(m.sum()) == weights.numel - round(method.ctx.schedule.sparsity(k) * weights.numel)
+        if k:  # every weight pruned earlier is still pruned
+            assert not bool(((masks[k - 1] == 0) & (m == 1)).any())
+    # Pruned weights stay exactly zero in the effective weights, however large `original` grows.
+    with torch.no_grad():
+        for w in weights:
+            w.param.add_(100.0)
+    train_steps(model, method, 1, start=8)
+    assert int(torch.cat([w.mask.reshape(-1) for w in weights]).sum()) == int(masks[-1].sum())
+    for w in weights:
+        assert torch.equal(w.module.weight == 0, w.mask == 0)
+
+
+def test_platon_regrows_from_zero() -> None:
+    model, weights, method = make("platon", sparsity=0.5, steps=4, deltaT=1)
+    train_steps(model, method, 1)
+    pruned = weights.weights[0].mask == 0
+    # Make the pruned entries the most important ones: the next selection brings them back.
+    with torch.no_grad():
+        method.view("ibar", 0)[pruned] = 1e3
+        method.view("u", 0)[pruned] = 1e3
+    method.update_masks(0.5)
+    assert bool((weights.weights[0].mask[pruned] == 1).all())
+    assert bool((weights.weights[0].param[pruned] == 0).all())  # a regrown weight starts from 0
+
+
+def test_deltat_sets_the_mask_interval() -> None:
+    model, weights, method = make("platon", sparsity=0.5, steps=20, deltaT=5)
+    masks = train_steps(model, method, 6)
+    assert int(masks[3].sum()) == weights.numel  # no update before step 4
+    assert int(masks[4].sum()) < weights.numel
+
+
+def test_masks_frozen_after_prune_stage() -> None:
+    model, weights, method = make("seven", sparsity=0.75, steps=4)
+    train_steps(model, method, 4)
+    method.end_prune_stage()
+    before = torch.cat([w.mask.reshape(-1) for w in weights]).clone()
+    train_steps(model, method, 4)  # the recover stage: the trainer still calls the hooks
+    assert torch.equal(torch.cat([w.mask.reshape(-1) for w in weights]), before)
+    assert int(before.sum()) == weights.numel - round(0.75 * weights.numel)
+
+
+def test_local_scope_per_layer_counts() -> None:
+    model, weights, method = make("seven", sparsity=0.75, steps=3, scope="local")
+    train_steps(model, method, 3)
+    assert [int(w.mask.sum()) for w in weights] == [128, 128]
+
+
+def test_state_round_trip() -> None:
+    model, _, method = make("seven", sparsity=0.5, steps=6)
+    train_steps(model, method, 3)
+    state = method.state_dict()
+    model2, _, method2 = make("seven", sparsity=0.5, steps=6, model=Tiny())
+    method2.load_state_dict(state)
+    assert method2.k == 3 and all(torch.equal(method2.state[k], method.state[k]) for k in method.state)
+
+
+def test_invalid_settings_are_user_errors() -> None:
+    for cfg in ({"scope": "layer"}, {"granularity": "block"}, {"alpha_1": 1.5}, {"preset": "imagenet"}, {"compile": "maybe"}):
+        with pytest.raises(UserError):
+            get_method_class("seven")(OmegaConf.create({"name": "seven", **cfg}), 0.5)
+
+
+# --- the authors' presets ------------------------------------------------------------------------
+STEPS = {"finetune": 11, "prune": 22, "recover": 33}
+
+
+def seven(preset: str | None, total_epochs: float = 10):  # noqa: ANN201
+    return get_method_class("seven")(OmegaConf.create({"name": "seven", "preset": preset, "total_epochs": total_epochs}), 0.7)
+
+
+def test_presets_set_stage_lengths() -> None:
+    # SST-2: 67,349 examples / 32 = 2,104 steps per epoch; t_i 1000, iter_num 4000, recover = the rest of 10 epochs
+    assert seven("auto").plan_stages(STEPS, 2104, "glue/sst2") == {"finetune": 1000, "prune": 4000, "recover": 21040 - 5000}
+    assert seven("auto").plan_stages(STEPS, 114, "glue/mrpc") == {"finetune": 300, "prune": 600, "recover": 1140 - 900}
+    assert seven("auto").plan_stages(STEPS, 12271, "glue/mnli")["prune"] == 16600
+    assert seven("qnli").plan_stages(STEPS, 10000, "digits") == {"finetune": 2000, "prune": 12000, "recover": 86000}
+    assert seven("auto").plan_stages(STEPS, 44, "digits") == STEPS  # not a GLUE task: the stages config
+    assert seven(None).plan_stages(STEPS, 2104, "glue/sst2") == STEPS
+
+
+@pytest.mark.parametrize("task, steps_per_epoch", [("glue/rte", 2490 // 32), ("glue/stsb", 5749 // 32)])
+def test_presets_that_cannot_finish_are_errors(task: str, steps_per_epoch: int) -> None:
+    with pytest.raises(UserError, match="does not fit") as e:
+        seven("auto").plan_stages(STEPS, steps_per_epoch, task)
+    assert "total_epochs" in str(e.value)
+    t_i, iter_num = {"glue/rte": (200, 1000), "glue/stsb": (500, 2000)}[task]
+    enough = math.ceil((t_i + iter_num) / steps_per_epoch)
+    assert seven("auto", enough).plan_stages(STEPS, steps_per_epoch, task)["recover"] >= 0

@@ -1,0 +1,69 @@
+"""End-to-end runs of SEVEN on the offline default (tiny ViT on digits), cut short."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from pruneflow.cli import CONFIG_DIR
+from pruneflow.config import register_configs
+from pruneflow.errors import UserError
+from pruneflow.runner import run
+
+SHORT = [
+    "logger=none", "speed.enabled=false",
+    "stages.finetune.epochs=null", "stages.finetune.steps=30",
+    "stages.prune.epochs=null", "stages.prune.steps=30",
+    "stages.recover.epochs=null", "stages.recover.steps=10",
+]
+
+
+def compose_cfg(tmp: Path, *overrides: str):  # noqa: ANN201
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*SHORT, f"cache_dir={tmp / 'cache'}", *overrides])
+
+
+def recount(run_dir: Path, names: list[str]) -> float:
+    state = load_file(str(run_dir / "model" / "model.safetensors"))
+    zeros = sum(int((state[n] == 0).sum()) for n in names)
+    return zeros / sum(state[n].numel() for n in names)
+
+
+@pytest.mark.slow
+def test_seven_reaches_the_target_sparsity(tmp_path: Path) -> None:
+    result = run(compose_cfg(tmp_path, "method=seven", "sparsity=0.7"), tmp_path / "run")
+    names = list(result["sparsity"]["per_layer"])
+    assert len(names) == 16  # 4 blocks x (qkv, proj, fc1, fc2)
+    measured = recount(tmp_path / "run", names)
+    assert abs(measured - 0.7) <= 0.005
+    assert measured == pytest.approx(result["sparsity"]["measured"], abs=1e-6)
+    assert set(result["metrics"]) == {"finetune", "prune", "recover", "final"}
+
+
+@pytest.mark.slow
+def test_seven_pre_prunes_without_updating_weights(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, "method=seven_pre", "sparsity=0.5", "stages.recover.steps=0")
+    result = run(cfg, tmp_path / "run")
+    assert "prune" in result["metrics"] and "recover" not in result["metrics"]
+    names = list(result["sparsity"]["per_layer"])
+    pruned = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    (finetuned_file,) = (tmp_path / "cache").rglob("model.safetensors")
+    finetuned = load_file(str(finetuned_file))
+    for n in names:  # kept weights are exactly the finetuned ones; the rest is zero
+        kept = pruned[n] != 0
+        assert torch.equal(pruned[n][kept], finetuned[n][kept])
+    assert abs(recount(tmp_path / "run", names) - 0.5) <= 0.005
+    json.dumps(result)  # serialisable
+
+
+def test_preset_that_does_not_fit_is_a_user_error(tmp_path: Path) -> None:
+    # digits: 1,437 training images / 32 = 44 steps per epoch; rte's 200 + 1000 steps need 28 epochs
+    with pytest.raises(UserError, match="does not fit"):
+        run(compose_cfg(tmp_path, "method=seven", "method.preset=rte"), tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()

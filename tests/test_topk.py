@@ -1,0 +1,61 @@
+"""Exact top-k: the mask holds exactly n_keep ones, the largest scores, ties by position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruneflow.topk import (
+    DIRECT_MAX,
+    TopK,
+    global_topk_masks,
+    kept_count,
+    local_topk_masks,
+    topk_mask,
+)
+
+
+def reference_mask(x: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Stable sort: largest first, equal values in position order."""
+    order = torch.sort(-x.reshape(-1), stable=True).indices
+    m = torch.zeros(x.numel())
+    m[order[:n_keep]] = 1
+    return m.view_as(x)
+
+
+@pytest.mark.parametrize("n_keep", [0, 1, 7, 50, 99, 100])
+def test_small_with_ties(n_keep: int) -> None:
+    x = torch.tensor([3.0, 1.0, 3.0, 2.0, 2.0, 2.0, 0.0, 3.0, 1.0, 2.0] * 10)
+    m = topk_mask(x, n_keep)
+    assert int(m.sum()) == n_keep
+    assert torch.equal(m, reference_mask(x, n_keep))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "neg_inf", "constant"])
+@pytest.mark.parametrize("n, frac", [(DIRECT_MAX * 2 + 13, 0.3), (DIRECT_MAX + 5, 0.97), (DIRECT_MAX * 3, 0.01)])
+def test_large_sampled_path_is_exact(kind: str, n: int, frac: float) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n, generator=g)
+    if kind == "ties":  # few distinct values: the threshold value is shared by many entries
+        x = torch.randint(0, 5, (n,), generator=g).float()
+    elif kind == "neg_inf":  # pruned entries of a no-regrowth method
+        x[torch.rand(n, generator=g) < 0.5] = float("-inf")
+    elif kind == "constant":
+        x = torch.full((n,), 0.25)
+    n_keep = int(frac * n)
+    out = torch.empty(n)
+    TopK().mask_(x, n_keep, out)
+    assert int(out.sum()) == n_keep
+    assert torch.equal(out, reference_mask(x, n_keep))
+
+
+def test_global_and_local_over_several_tensors() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(4, 6, generator=g), torch.rand(10, generator=g) * 2, torch.zeros(3, 3)]
+    masks = global_topk_masks(scores, 20)
+    assert [m.shape for m in masks] == [s.shape for s in scores]
+    assert sum(int(m.sum()) for m in masks) == 20
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), reference_mask(flat, 20))
+    local = local_topk_masks(scores, 0.5)
+    assert [int(m.sum()) for m in local] == [kept_count(s.numel(), 0.5) for s in scores] == [12, 5, 5]
