@@ -120,11 +120,14 @@ class TopK:
         pos = n_keep / n * m
         margin = 3.5 * math.sqrt(m * (n_keep / n) * (1 - n_keep / n)) + 8
         inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        # -inf marks pruned weights of no-regrowth methods (most of the scores at high
+        # sparsity): the bracket excludes them unless the last, whole-range attempt needs them.
+        lowest = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
         for attempt in range(4):
             i_hi, i_lo = math.floor(pos - margin), math.ceil(pos + margin)
             last = attempt == 3  # the whole range: cannot miss
             hi = sample[i_hi] if i_hi >= 0 and not last else inf
-            lo = sample[i_lo] if i_lo < m and not last else -inf
+            lo = (torch.maximum(sample[i_lo], lowest) if i_lo < m else lowest) if not last else -inf
             n_above, per_block = self.band(xb, lo, hi)
             tail_in = (tail >= lo) & (tail <= hi)
             need = n_keep - int(n_above) - int(torch.count_nonzero(tail > hi))

@@ -50,17 +50,23 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, method=None, step: int = 0) -> float:  # noqa: ANN001
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, method=None, step: int = 0) -> tuple[float, float]:  # noqa: ANN001
+    """(step time, time inside the method's hooks) in seconds."""
     t0 = time.perf_counter()
     loss = model(**batch).loss
     loss.backward()
+    hooks = 0.0
     if method is not None:
+        t1 = time.perf_counter()
         method.after_backward(step)
+        hooks += time.perf_counter() - t1
     opt.step()
     opt.zero_grad(set_to_none=True)
     if method is not None:
+        t1 = time.perf_counter()
         method.after_optimizer_step(step)
-    return time.perf_counter() - t0
+        hooks += time.perf_counter() - t1
+    return time.perf_counter() - t0, hooks
 
 
 def method_config(name: str, compile_mode: str):  # noqa: ANN201
@@ -101,6 +107,7 @@ def main() -> None:
           f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile}", flush=True)
 
     total = args.warmup + args.steps
+    all_exact = True
     for name in args.methods.split(","):
         model = copy.deepcopy(dense)
         weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
@@ -110,21 +117,27 @@ def main() -> None:
         schedule = Schedule("cubic", args.sparsity, total)
         method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=torch.device("cpu")))
         opt = make_optimizer(model)
-        t_dense, t_pruned, exact = [], [], True
+        t_dense, t_pruned, t_hooks, exact = [], [], [], True
         for step in range(total):
-            td = train_step(dense, dense_opt, batch)
-            tp = train_step(model, opt, batch, method, step)
+            td, _ = train_step(dense, dense_opt, batch)
+            tp, th = train_step(model, opt, batch, method, step)
             expected = kept_count(weights.numel, method.ctx.schedule.sparsity(step))
             kept = weights.num_kept()
             exact &= kept == expected
             if step >= args.warmup:
                 t_dense.append(td)
                 t_pruned.append(tp)
-            print(f"#   {name} step {step}: dense {td * 1e3:.0f} ms, pruned {tp * 1e3:.0f} ms, kept {kept:,} (scheduled {expected:,})", flush=True)
-        md, mp = statistics.median(t_dense), statistics.median(t_pruned)
-        print(f"method={name} ratio={mp / md:.3f} dense_ms={md * 1e3:.0f} pruned_ms={mp * 1e3:.0f} exact_count={'ok' if exact else 'FAILED'}", flush=True)
+                t_hooks.append(th)
+            print(f"#   {name} step {step}: dense {td * 1e3:.0f} ms, pruned {tp * 1e3:.0f} ms (method hooks {th * 1e3:.0f} ms), "
+                  f"kept {kept:,} (scheduled {expected:,})", flush=True)
+        md, mp, mh = statistics.median(t_dense), statistics.median(t_pruned), statistics.median(t_hooks)
+        print(f"method={name} ratio={mp / md:.3f} dense_ms={md * 1e3:.0f} pruned_ms={mp * 1e3:.0f} hooks_ms={mh * 1e3:.0f} "
+              f"exact_count={'ok' if exact else 'FAILED'}", flush=True)
+        all_exact &= exact
         del model, weights, method, opt
         gc.collect()
+    if not all_exact:
+        sys.exit("a mask did not hold the scheduled number of weights")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,18 @@ def test_large_sampled_path_is_exact(kind: str, n: int, frac: float) -> None:
     assert torch.equal(out, reference_mask(x, n_keep))
 
 
+@pytest.mark.parametrize("extra", [-3, 0, 2])
+def test_threshold_next_to_pruned_entries(extra: int) -> None:
+    """At the target sparsity the kept count is (about) the number of finite scores."""
+    n = DIRECT_MAX * 2
+    x = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    x[torch.randperm(n, generator=torch.Generator().manual_seed(2))[: int(0.7 * n)]] = float("-inf")
+    n_keep = int(torch.isfinite(x).sum()) + extra
+    out = torch.empty(n)
+    TopK().mask_(x, n_keep, out)
+    assert torch.equal(out, reference_mask(x, n_keep))
+
+
 def test_global_and_local_over_several_tensors() -> None:
     g = torch.Generator().manual_seed(0)
     scores = [torch.rand(4, 6, generator=g), torch.rand(10, generator=g) * 2, torch.zeros(3, 3)]

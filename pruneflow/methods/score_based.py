@@ -178,6 +178,11 @@ def build_units(model: nn.Module, weights: MaskedWeights, granularity: str) -> l
 
 
 # ----------------------------------------------------------------------------- the method
+def mask_scores_(scores: torch.Tensor, mask: torch.Tensor) -> None:
+    """Pruned entries score -inf (in place)."""
+    scores.masked_fill_(mask == 0, NEG_INF)
+
+
 class ScoreBasedMethod(PruningMethod):
     uses_gradients: ClassVar[bool] = False
     #: PLATON recomputes masks from all scores; the others never revive a pruned weight.
@@ -216,7 +221,7 @@ class ScoreBasedMethod(PruningMethod):
         ``self.scores_masked`` and save this extra pass."""
         scores = self.state["scores"]
         if not self.allows_regrowth and not self.scores_masked:
-            scores.masked_fill_(self.mask_flat == 0, NEG_INF)
+            self.mask_scores(scores, self.mask_flat)
         return scores
 
     # --- layout ------------------------------------------------------------------
@@ -266,6 +271,7 @@ class ScoreBasedMethod(PruningMethod):
         if self.compiled:
             log.info("Compiling the per-step pruning kernels with torch.compile (%d prunable weights).", total)
         self.topk = TopK(compiled=self.compiled)
+        self.mask_scores = self.kernel(mask_scores_)
         self.k = 0
         self.init_state()
 
