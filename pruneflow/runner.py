@@ -197,7 +197,7 @@ class Run:
             batches=lambda: self.trainer.batches(spec.batch_size, spec.seed),
             loss_fn=self.trainer.loss,
             run_dir=self.run_dir,
-            cache_dir=Path(self.cfg.cache_dir),
+            cache_dir=Path(self.cfg.cache_dir) if self.cfg.get("cache", True) else None,
             cache_key=self.finetune_key(),
             extra={"bundle": self.bundle, "trainer": self.trainer, "stage": spec},
         )

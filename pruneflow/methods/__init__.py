@@ -12,6 +12,7 @@ METHODS: dict[str, str] = {
     "dense": "pruneflow.methods.dense:Dense",
     "magnitude": "pruneflow.methods.magnitude:Magnitude",
     "random": "pruneflow.methods.random:Random",
+    "spp": "pruneflow.methods.spp:SPP",
 }
 
 
