@@ -41,6 +41,19 @@ TYPES = ("qk", "vo", "ffn")
 
 
 # ----------------------------------------------------------------------------- compressed attention
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout: nn.Module) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q/k and v of different head sizes.
+
+    On CPU, ``scaled_dot_product_attention`` falls back to its slower math kernel
+    when the head sizes differ; the plain form is faster there. ``mask`` is
+    additive (float) or boolean (True = attend), as the callers' masks are.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(dropout(scores.softmax(dim=-1)), v)
+
+
 class CompressedTimmAttention(nn.Module):
     """timm ``Attention`` with separate q/k and v head sizes and a fixed (original) scale."""
 
@@ -60,9 +73,12 @@ class CompressedTimmAttention(nn.Module):
         q = q.reshape(b, n, h, dq).transpose(1, 2)
         k = k.reshape(b, n, h, dq).transpose(1, 2)
         v = v.reshape(b, n, h, dv).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal, scale=self.scale
-        )
+        if dq == dv or is_causal:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal, scale=self.scale
+            )
+        else:
+            out = attention(q, k, v, attn_mask, self.scale, self.attn_drop)
         out = out.transpose(1, 2).reshape(b, n, h * dv)
         return self.proj_drop(self.proj(out))
 
@@ -104,6 +120,9 @@ class CompressedBertSelfAttention(nn.Module):
         q = self.query(hidden_states).view(*shape, -1, self.qk_head_size).transpose(1, 2)
         k = self.key(hidden_states).view(*shape, -1, self.qk_head_size).transpose(1, 2)
         v = self.value(hidden_states).view(*shape, -1, self.v_head_size).transpose(1, 2)
+        if self.qk_head_size != self.v_head_size:
+            out = attention(q, k, v, attention_mask, self.scaling, self.dropout).transpose(1, 2)
+            return out.reshape(*shape, -1).contiguous(), None
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = interface(
             self, q, k, v, attention_mask, dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs
@@ -428,6 +447,7 @@ class PairedMasks:
                 p = nn.Parameter(torch.ones(shape, device=pb.fc1.weight.device, dtype=torch.float32))
                 self.entries.append(MaskEntry(pb, kind, p))
         self._registered: list[tuple[nn.Module, str]] = []
+        self._order: dict[nn.Module, list[str]] = {}
 
     def __iter__(self):
         return iter(self.entries)
@@ -465,15 +485,22 @@ class PairedMasks:
             for module, pname, dim in targets:
                 if getattr(module, pname, None) is None:
                     continue
+                self._order.setdefault(module, list(module._parameters))
                 parametrize.register_parametrization(module, pname, Scale(e.param, expand, dim), unsafe=True)
                 self._registered.append((module, pname))
 
     def detach(self) -> None:
-        """Remove the masks and restore the unmasked weights."""
+        """Remove the masks and restore the unmasked weights, in their original parameter
+        order (``remove_parametrizations`` appends them; the order matters for bit-exact
+        resumes: gradient clipping sums over ``model.parameters()`` in order)."""
         for module, pname in reversed(self._registered):
             if parametrize.is_parametrized(module, pname):
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+        for module, order in self._order.items():
+            for name in order:
+                module._parameters[name] = module._parameters.pop(name)
         self._registered.clear()
+        self._order.clear()
 
     @torch.no_grad()
     def set(self, values: Sequence[torch.Tensor]) -> None:

@@ -7,7 +7,7 @@ Mask parameters M (init 1) sit on the paired dimensions of every block
 (differential inclusion) iteration traces the regularisation solution path::
 
     M <- M - lr * grad_M [ L(W, M) + ||M - Γ||² / (2 nu) ]   (Adam or SGD)
-    Z <- Z + z_lr * (M - Γ)                                  (z_lr = lr / nu by default)
+    Z <- Z + z_lr * (M - Γ)          (z_lr = lr / nu as in DessiLBI, or `auto`, the default)
     Γ <- kappa * max(Z - lambda, 0)
 
 Entries of Γ leave zero one after another; the step at which an entry first
@@ -21,8 +21,12 @@ settings, so ``-m sparsity=0.3,0.5,0.7`` searches once.
 
 Deviations from the authors' code (which DESIGN.md §3 lists as defects): the
 coupling term is part of the loss, so it acts on M; the ratio is the run's
-``sparsity``. The authors' Z step is ``lr * kappa * (M - Γ)``; set
-``method.z_lr`` to reproduce it.
+``sparsity``. The Z step: DessiLBI's ``lr / nu`` (``method.z_lr=null``) is
+1e-4 with Adam's lr = 0.01 and nu = 100, so nothing would enter the support in
+a search shorter than ~30,000 steps (the authors' code uses ``lr * kappa``,
+tuned to 60 ImageNet epochs). The default ``z_lr=auto`` (= 2 lambda / steps)
+lets an entry whose mask stays at 1 enter halfway through the search, so the
+path unfolds whatever the search length; any number sets it directly.
 """
 
 from __future__ import annotations
@@ -38,14 +42,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from pruneflow.cache import StageCache
-from pruneflow.compress import TYPES, PairedBlock, PairedMasks, compress, find_blocks, structure_info
+from pruneflow.compress import (
+    TYPES,
+    PairedBlock,
+    PairedMasks,
+    compress,
+    find_blocks,
+    structure_info,
+)
 from pruneflow.errors import TrainingDiverged, UserError, invalid
 from pruneflow.masking import MaskedWeights
 from pruneflow.methods.base import PruneContext, PruningMethod
-from pruneflow.utils import atomic_write_json
+from pruneflow.utils import atomic_write_json, progress
 
 log = logging.getLogger("pruneflow")
 
@@ -133,8 +143,8 @@ class SPP(PruningMethod):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
             raise invalid("method.lambda", lam, "a number >= 0 (the soft threshold of Z)")
         z_lr = cfg.get("z_lr")
-        if z_lr is not None and (isinstance(z_lr, bool) or not isinstance(z_lr, (int, float)) or z_lr <= 0):
-            raise invalid("method.z_lr", z_lr, "a positive number, or null for lr / nu")
+        if z_lr not in (None, "auto") and (isinstance(z_lr, bool) or not isinstance(z_lr, (int, float)) or z_lr <= 0):
+            raise invalid("method.z_lr", z_lr, "a positive number, auto (2 * lambda / search steps) or null (lr / nu)")
         for key in ("search_epochs", "search_steps"):
             v = cfg.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
@@ -142,7 +152,7 @@ class SPP(PruningMethod):
         if cfg.get("search_epochs") is not None and cfg.get("search_steps") is not None:
             raise UserError("Both 'method.search_epochs' and 'method.search_steps' are set. Set only one (or neither: the prune stage's length).")
         self.lr, self.kappa, self.nu, self.lam = float(cfg.lr), float(cfg.kappa), float(cfg.nu), float(lam)
-        self.z_lr = float(z_lr) if z_lr is not None else self.lr / self.nu
+        self.z_lr_setting = z_lr
         self.share_heads = bool(cfg.get("share_heads", True))
         self.compressed = False
         self.search: dict[str, dict[str, torch.Tensor]] | None = None  # mask key -> entry_step, z, m
@@ -184,6 +194,15 @@ class SPP(PruningMethod):
                 f"SPP removes whole paired dimensions, which cover {covered} of the {self.prunable_total} prunable weights "
                 "(method.include/exclude), and keeps at least one dimension of each type per block.",
             )
+
+    def z_lr(self, steps: int) -> float:
+        """Step of Z. ``auto``: an entry whose mask stays at 1 enters the support halfway
+        through the search, so the path unfolds within a search of any length."""
+        if self.z_lr_setting == "auto":
+            return 2 * self.lam / max(steps, 1) if self.lam > 0 else self.lr / self.nu
+        if self.z_lr_setting is None:
+            return self.lr / self.nu
+        return float(self.z_lr_setting)
 
     def search_settings(self) -> dict[str, Any]:
         keys = ("optimizer", "lr", "z_lr", "kappa", "lambda", "nu", "share_heads", "include", "exclude")
@@ -243,11 +262,12 @@ class SPP(PruningMethod):
         costs = [e.cost() for e in masks]
         kinds = [e.kind for e in masks]
         path: list[dict[str, Any]] = []
+        z_lr = self.z_lr(ctx.total_steps)
         data = ctx.batches()
         model.train()
         masks.attach()
         try:
-            bar = tqdm(range(ctx.total_steps), desc="spp search", dynamic_ncols=True, leave=False)
+            bar = progress(range(ctx.total_steps), desc="spp search", leave=False)
             for step in bar:
                 batch = next(data)
                 loss = ctx.loss_fn(model, batch)
@@ -260,7 +280,7 @@ class SPP(PruningMethod):
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for i, m in enumerate(params):
-                        z[i], gamma[i] = lbi_update(m, z[i], gamma[i], self.z_lr, self.kappa, self.lam)
+                        z[i], gamma[i] = lbi_update(m, z[i], gamma[i], z_lr, self.kappa, self.lam)
                         entry[i] = record_entries(entry[i], gamma[i], step)
                 point = self._path_point(step + 1, entry, gamma, costs, kinds, value)
                 path.append(point)
@@ -283,6 +303,8 @@ class SPP(PruningMethod):
         point: dict[str, Any] = {"step": step, "loss": round(loss, 6), "sparsity": round(1 - kept_w / max(self.prunable_total, 1), 6)}
         n_all = sum(x.numel() for x in entry)
         point["support"] = round(sum(int((g > 0).sum()) for g in gamma) / max(n_all, 1), 6)
+        # entries that entered earlier but are outside the support now (the path is not monotone there)
+        point["exited"] = sum(int(((x != NOT_ENTERED) & (g <= 0)).sum()) for x, g in zip(entry, gamma, strict=True))
         for kind in TYPES:
             xs = [x for x, k in zip(entry, kinds, strict=True) if k == kind]
             if xs:
