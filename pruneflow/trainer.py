@@ -172,8 +172,9 @@ class Trainer:
                     checkpoint(step, self._state(opt, sched, step))
                 raise TrainingDiverged(
                     f"The training loss became {loss_value} at step {step} of the {stage.name} stage "
-                    f"(lr={stage.lr}). The run's state up to the previous checkpoint is saved. Lower "
-                    f"stages.{stage.name}.lr, enable trainer.max_grad_norm, or use trainer.precision=32."
+                    f"(lr={stage.lr}); the run's state at that step is saved in checkpoints/. Lower "
+                    f"stages.{stage.name}.lr or enable trainer.max_grad_norm"
+                    + (", or use trainer.precision=32." if self.autocast_dtype is not None else ".")
                 )
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
