@@ -281,7 +281,8 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
     out.append(
         f"{n_runs} finished run(s) in {len(rows)} configuration(s); {len(failed)} failed, {len(unfinished)} unfinished. "
         "Metrics ×100, mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
-        "`!` marks a measured sparsity more than 0.5 points from its target."
+        "`!` marks a measured sparsity more than 0.5 points from its target. Time: wall time of the whole "
+        "run (a finetune stage reused from the cache counts as ~0 s)."
     )
     by_task: dict[str, list[Row]] = defaultdict(list)
     for row in rows:

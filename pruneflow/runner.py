@@ -69,7 +69,7 @@ def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tu
     for key, v in (("epochs", epochs), ("steps", steps)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
             raise invalid(f"stages.{name}.{key}", v, "a number >= 0 (0 skips the stage)")
-    for key, kind in (("lr", float), ("batch_size", int)):
+    for key, _kind in (("lr", float), ("batch_size", int)):
         v = s.get(key)
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise invalid(f"stages.{name}.{key}", v, "a positive number")
