@@ -488,10 +488,12 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         else:
             lines[label].append((x * 100, y * 100, (yerr or 0.0) * 100))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_lines = len(lines)
     for i, (label, pts) in enumerate(sorted(lines.items())):
         pts.sort()
         xs, ys, es = zip(*pts, strict=True)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, color=colors[i % len(colors)])
+        dodge = (i - (n_lines - 1) / 2) * 0.4  # keeps error bars at the same sparsity apart
+        ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", capsize=3, label=label, color=colors[i % len(colors)])
     for label, (y, yerr) in dense.items():
         ax.axhline(y * 100, color="gray", linestyle="--", linewidth=1, label=f"{label} ({y * 100:.1f})")
         if yerr:

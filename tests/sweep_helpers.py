@@ -58,3 +58,17 @@ def run_cli(args: list[str], cwd: Path, config_dir: Path | None = None, prefix: 
 
 def result(job_dir: Path) -> dict[str, Any]:
     return json.loads((job_dir / "result.json").read_text())
+
+
+def compose(overrides: list[str], extra_dir: Path | None = None, config_dir: Path = ROOT / "conf"):  # noqa: ANN201
+    """The job config the ``pruneflow`` command would build (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pruneflow.config import register_configs
+
+    register_configs()
+    if extra_dir is not None:
+        overrides = [*overrides, f"hydra.searchpath=[file://{extra_dir}]"]
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sweep_helpers import compose
 
 from pruneflow.methods import METHODS
 from pruneflow.tasks import TASKS
@@ -122,18 +123,6 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
     published = load(name)["experiment_info"].get("published") or {}
     assert {k: dict(v) for k, v in cfg.experiment_info.published.items()} == published
 
-
-def compose(overrides: list[str], extra_dir: Path | None = None):  # noqa: ANN201
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from pruneflow.config import register_configs
-
-    register_configs()
-    if extra_dir is not None:
-        overrides = [*overrides, f"hydra.searchpath=[file://{extra_dir}]"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
 
 
 # ----------------------------------------------------------------------------- local data

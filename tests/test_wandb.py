@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from sweep_helpers import result, run_cli, tiny_config_dir
+from sweep_helpers import compose, tiny_config_dir
 
 from pruneflow.loggers import NullLogger, WandbLogger, make_logger
 
@@ -79,16 +79,16 @@ def test_broken_wandb_never_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_cli_online_without_login_finishes_offline(tmp_path: Path) -> None:
+def test_run_online_without_login_finishes_offline(tmp_path: Path, no_wandb_login: None, caplog: pytest.LogCaptureFixture) -> None:
+    from pruneflow.runner import run
+
     conf = tiny_config_dir(tmp_path)
-    run_dir = tmp_path / "run"
-    out = run_cli(
-        ["experiment=pf_tiny", "method=magnitude", "logger=wandb", "logger.mode=online", "logger.init_timeout=5",
-         f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"],
-        tmp_path, conf,
-        extra_env={"HOME": str(tmp_path / "home"), "WANDB_CONFIG_DIR": str(tmp_path / "wcfg"), "WANDB_BASE_URL": UNREACHABLE},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert result(run_dir)["sparsity"]["measured"] == pytest.approx(0.7, abs=1e-5)
-    assert len(offline_runs(run_dir)) == 1
-    assert "logging offline instead" in (run_dir / "pruneflow.log").read_text()
+    overrides = ["experiment=pf_tiny", "method=magnitude", "logger=wandb", "logger.mode=online", "logger.init_timeout=5",
+                 f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose(overrides, extra_dir=conf)
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        r = run(cfg, tmp_path / "run", overrides)
+    assert r["sparsity"]["measured"] == pytest.approx(0.7, abs=1e-5)
+    assert (tmp_path / "run" / "result.json").exists()
+    assert len(offline_runs(tmp_path / "run")) == 1
+    assert "logging offline instead" in caplog.text
