@@ -16,7 +16,7 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
     assert len(jobs) == 4 and all(j.parent == sweep for j in jobs)  # one folder per job
     got = sorted((read_result(j)["method"], read_result(j)["sparsity"]["target"]) for j in jobs)
     assert got == [("magnitude", 0.5), ("magnitude", 0.9), ("random", 0.5), ("random", 0.9)]
-    assert all(f"method={m},sparsity={s}" in j.name for j, (m, s) in zip(jobs, got))
+    assert all(f"method={m},sparsity={s}" in j.name for j, (m, s) in zip(jobs, got, strict=True))
 
     # Re-launching only runs what is missing; a bad job fails alone.
     proc = run_cli(

@@ -50,8 +50,9 @@ def test_magnitude_run_writes_the_result_contract(config, tmp_path):
     from pruneflow import load_model
 
     model = load_model(run_dir / "model").eval()
-    from pruneflow.tasks.digits import Digits
     from omegaconf import OmegaConf
+
+    from pruneflow.tasks.digits import Digits
 
     task = Digits(OmegaConf.create({"name": "digits"}))
     task.load()
