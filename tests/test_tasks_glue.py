@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from task_data import compose, glue_rows, read_jsonl, run_pipeline, write_dataset, write_glue, write_split
+from task_data import (
+    compose,
+    glue_rows,
+    read_jsonl,
+    run_pipeline,
+    write_dataset,
+    write_glue,
+    write_split,
+)
 
 from pruneflow.errors import UserError
 from pruneflow.metrics import compute_glue

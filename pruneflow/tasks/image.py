@@ -47,8 +47,8 @@ def image_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: Sequence[int]
     top = logits.topk(k, dim=-1).indices
     pred = top[:, 0]
     metrics = {
-        "accuracy": float((pred == labels).float().mean()),
-        "top5": float((top == labels[:, None]).any(dim=-1).float().mean()),
+        "accuracy": float((pred == labels).double().mean()),
+        "top5": float((top == labels[:, None]).any(dim=-1).double().mean()),
     }
     ids = list(range(len(labels))) if ids is None else list(ids)
     predictions = [
