@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -93,5 +94,16 @@ class PruneflowConfig:
     experiment_info: Any = None  # set by experiment configs: published numbers and source
 
 
+def _dirname(overrides: str) -> str:
+    """A sweep job's folder name from its overrides, safe as one path component."""
+    return (overrides or "default").replace("/", "_")[:200]
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="pruneflow_schema", node=PruneflowConfig)
+    if not OmegaConf.has_resolver("pf_dirname"):
+        OmegaConf.register_new_resolver("pf_dirname", _dirname)
+
+
+# Launchers (joblib, submitit) import this module in their workers: resolvers must exist there too.
+register_configs()

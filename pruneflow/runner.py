@@ -112,6 +112,13 @@ class Run:
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
 
+        path = cfg.task.get("path")
+        if path is not None and not Path(str(path)).exists():
+            raise UserError(
+                f"Invalid value for 'task.path': {path} does not exist. Allowed: a local directory with one "
+                "file per split (train, validation, ...) as .parquet/.jsonl/.json/.csv, a DatasetDict.save_to_disk "
+                "folder, or an ImageFolder; or task.path=null to load from the Hugging Face Hub."
+            )
         seed_everything(int(cfg.seed))
         self.task = build_task(cfg.task, int(cfg.seed))
         self.task.load()

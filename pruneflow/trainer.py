@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,12 +20,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from tqdm.auto import tqdm
 
 from pruneflow.errors import TrainingDiverged
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
 from pruneflow.tasks.base import Task
+from pruneflow.utils import progress
 
 log = logging.getLogger("pruneflow")
 
@@ -60,6 +62,14 @@ class EpochBatches:
         idx = perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
         self.step += 1
         return self.collate([self.dataset[j] for j in idx])
+
+
+def _fault_injection(stage: str, step: int) -> None:
+    """Tests set PRUNEFLOW_TEST_KILL_AT=<stage>:<step> to SIGKILL the run right after
+    that checkpoint, which makes resume tests deterministic."""
+    target = os.environ.get("PRUNEFLOW_TEST_KILL_AT")
+    if target and target == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1) -> int:
@@ -145,7 +155,7 @@ class Trainer:
         max_norm = float(self.cfg.get("max_grad_norm", 0) or 0)
         running, n_running = 0.0, 0
         t0 = time.perf_counter()
-        bar = tqdm(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, dynamic_ncols=True, leave=False)
+        bar = progress(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, leave=False)
         for step in bar:
             loss_value = 0.0
             for _ in range(self.grad_accum):
@@ -190,6 +200,7 @@ class Trainer:
                 running, n_running = 0.0, 0
             if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
                 checkpoint(step + 1, self._state(opt, sched, step + 1))
+                _fault_injection(stage.name, step + 1)
         bar.close()
         return {"time_s": time.perf_counter() - t0}
 
