@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from task_data import (
     compose,
     glue_rows,
@@ -143,6 +141,15 @@ def test_bad_sample_limit(tmp_path: Path) -> None:
     assert "'task.max_train_samples'" in msg
 
 
+def test_max_seq_length_beyond_the_model(tmp_path: Path) -> None:
+    path = write_glue(tmp_path / "d", "sst2", "jsonl", 6, 4)
+    cfg, task = make_task(["model=bert_tiny", "task=glue/sst2", f"task.path={path}", "task.max_seq_length=1000"])
+    task.load()
+    bundle = build_model(cfg.model, task)
+    with pytest.raises(UserError, match=r"'task.max_seq_length': 1000.*at most 512"):
+        task.prepare(bundle)
+
+
 def test_hub_unreachable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
@@ -220,11 +227,6 @@ def test_e2e_mnli_matched_and_mismatched(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_reports_a_missing_path_without_traceback(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-m", "pruneflow.cli", "model=bert_tiny", "task=glue/cola", f"task.path={tmp_path / 'missing'}",
-         "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
-    )
+    out = run_cli(["model=bert_tiny", "task=glue/cola", f"task.path={tmp_path / 'missing'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert out.returncode == 2
     assert "task.path" in out.stderr and "Traceback" not in out.stderr

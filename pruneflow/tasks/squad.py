@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.metrics import compute
 from pruneflow.tasks.hf_data import first, load_splits, require_columns, sample_limit
 from pruneflow.tasks.text import TextTask
+from pruneflow.utils import progress
 
 if TYPE_CHECKING:
     from pruneflow.models import ModelBundle
@@ -117,6 +117,7 @@ class Squad(TextTask):
     main_split = "validation"
     eval_splits = ("validation",)
     default_max_seq_length = 384
+    needs_fast_tokenizer = True
 
     def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
@@ -301,7 +302,7 @@ class Squad(TextTask):
         loader = DataLoader(self.eval_sets[split], batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
-        for batch in tqdm(loader, desc=f"{desc} [{split}]", leave=False, dynamic_ncols=True):
+        for batch in progress(loader, desc=f"{desc} [{split}]", leave=False):
             lengths = batch["attention_mask"].sum(-1).tolist()
             out = bundle.forward({k: v.to(device) for k, v in batch.items()})
             s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 class TextTask(Task):
     modality = "text"
     default_max_seq_length: int = 128
+    needs_fast_tokenizer: bool = False  # SQuAD: offsets and overflowing windows
 
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         super().__init__(cfg, seed)
@@ -31,10 +32,12 @@ class TextTask(Task):
 
     def check_model(self, bundle: ModelBundle) -> None:
         """The model and tokenizer can take this task's inputs and produce its outputs."""
-        if bundle.tokenizer is None or not getattr(bundle.tokenizer, "is_fast", False):
+        if bundle.tokenizer is None:
+            raise UserError(f"task={self.name} needs a tokenizer, but model={bundle.name} has none (model.path without tokenizer files?).")
+        if self.needs_fast_tokenizer and not getattr(bundle.tokenizer, "is_fast", False):
             raise UserError(
                 f"task={self.name} needs a fast (Rust) tokenizer for model={bundle.name} (offsets and overflowing "
-                "tokens); the model's tokenizer is missing or slow. Use a model with a tokenizer.json."
+                "tokens); the model's tokenizer is slow. Use a model with a tokenizer.json."
             )
         limit = getattr(bundle.model.config, "max_position_embeddings", None)
         if getattr(bundle.model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and limit:
