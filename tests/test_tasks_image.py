@@ -152,3 +152,24 @@ def test_e2e_imagefolder(tmp_path: Path) -> None:
     acc = sum(r["prediction"] == r["reference"] for r in records) / len(records)
     assert result["metrics"]["final"]["accuracy"] == pytest.approx(acc)
     assert result["params"]["total"] > 0 and (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_own_checkpoint_keeps_a_fitting_head(tmp_path: Path) -> None:
+    """model.path: a 10-class checkpoint keeps its head for CIFAR-10, gets a fresh one for CIFAR-100."""
+    from safetensors.torch import save_model
+
+    c10 = write_cifar(tmp_path / "c10", 10, 2, 2)
+    c100 = write_cifar(tmp_path / "c100", 100, 2, 2)
+    cfg, task = loaded([*TINY, "task=cifar10", f"task.path={c10}"])
+    own = build_model(cfg.model, task).model
+    (tmp_path / "ckpt").mkdir()
+    save_model(own, str(tmp_path / "ckpt" / "model.safetensors"))
+    for path, same_head in ((c10, True), (c100, False)):
+        cfg, task = loaded([*TINY, f"task=cifar{task_size(path)}", f"task.path={path}", f"model.path={tmp_path / 'ckpt'}"])
+        model = build_model(cfg.model, task).model
+        assert torch.equal(model.blocks[0].attn.qkv.weight, own.blocks[0].attn.qkv.weight)
+        assert (model.head.weight.shape == own.head.weight.shape and torch.equal(model.head.weight, own.head.weight)) == same_head
+
+
+def task_size(path: Path) -> int:
+    return 10 if path.name == "c10" else 100
