@@ -42,7 +42,10 @@ def _app(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2)
     except Exception:
-        if not multirun:
+        from pruneflow import distributed
+
+        # torchrun: a crash on one rank must stop all ranks (the others wait in a collective)
+        if not multirun or distributed.is_distributed():
             raise
         log.error("Job failed:\n%s", traceback.format_exc())
         (run_dir / "error.txt").write_text(traceback.format_exc())

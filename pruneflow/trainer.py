@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pruneflow import distributed
 from pruneflow.errors import TrainingDiverged
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
@@ -155,11 +156,11 @@ class Trainer:
         max_norm = float(self.cfg.get("max_grad_norm", 0) or 0)
         running, n_running = 0.0, 0
         t0 = time.perf_counter()
-        bar = progress(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, leave=False)
+        bar = progress(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, leave=False, disable=not distributed.is_main())
         for step in bar:
             loss_value = 0.0
             for _ in range(self.grad_accum):
-                batch = next(data)
+                batch = distributed.shard(next(data))  # torchrun: this rank's share of the global batch
                 loss = self.loss(model, batch)
                 extra = method.extra_loss() if method is not None else None
                 if extra is not None:
@@ -167,13 +168,18 @@ class Trainer:
                 loss_value += float(loss.detach()) / self.grad_accum
                 scaled = loss / self.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            # torchrun: mean gradients over ranks before any hook reads them, so scores,
+            # thresholds and masks are identical on every rank (no-ops in one process).
+            distributed.average_gradients(model.parameters())
+            loss_value = distributed.mean_scalar(loss_value, self.device)
             if not math.isfinite(loss_value):
                 if checkpoint is not None:
                     checkpoint(step, self._state(opt, sched, step))
                 raise TrainingDiverged(
                     f"The training loss became {loss_value} at step {step} of the {stage.name} stage "
-                    f"(lr={stage.lr}). The run's state up to the previous checkpoint is saved. Lower "
-                    f"stages.{stage.name}.lr, enable trainer.max_grad_norm, or use trainer.precision=32."
+                    f"(lr={stage.lr}); the run's state at that step is saved in checkpoints/. Lower "
+                    f"stages.{stage.name}.lr or enable trainer.max_grad_norm"
+                    + (", or use trainer.precision=32." if self.autocast_dtype is not None else ".")
                 )
             if self.scaler is not None:
                 self.scaler.unscale_(opt)

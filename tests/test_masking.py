@@ -24,12 +24,12 @@ def test_masked_weights_stay_zero_under_adamw_weight_decay_and_momentum():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    for w, m in zip(weights, masks):
+    for w, m in zip(weights, masks, strict=True):
         eff = w.module.weight  # the parametrized (effective) weight
         assert torch.all(eff[m == 0] == 0)
         assert torch.count_nonzero(eff[m == 1]) == int(m.sum())
     weights.bake()
-    for w, m in zip(weights, masks):
+    for w, m in zip(weights, masks, strict=True):
         assert isinstance(w.module.weight, nn.Parameter)
         assert torch.all(w.module.weight[m == 0] == 0)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import FAST, run_cli
+from conftest import FAST, read_result, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -12,13 +12,18 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    results = sorted(p.parent.name for p in sweep.rglob("result.json"))
-    assert results == ["method=magnitude,sparsity=0.5", "method=magnitude,sparsity=0.9", "method=random,sparsity=0.5", "method=random,sparsity=0.9"]
+    jobs = sorted(p.parent for p in sweep.rglob("result.json"))
+    assert len(jobs) == 4 and all(j.parent == sweep for j in jobs)  # one folder per job
+    got = sorted((read_result(j)["method"], read_result(j)["sparsity"]["target"]) for j in jobs)
+    assert got == [("magnitude", 0.5), ("magnitude", 0.9), ("random", 0.5), ("random", 0.9)]
+    assert all(f"method={m},sparsity={s}" in j.name for j, (m, s) in zip(jobs, got, strict=True))
 
     # Re-launching only runs what is missing; a bad job fails alone.
     proc = run_cli(
         ["-m", *FAST, "method=magnitude", "sparsity=0.5,1.5,0.9", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"],
         cwd=tmp_path,
     )
-    assert (sweep / "method=magnitude,sparsity=1.5" / "error.txt").exists()
-    assert "skipping" in proc.stderr + proc.stdout or "skipping" in (sweep / "method=magnitude,sparsity=0.5" / "pruneflow.log").read_text()
+    failed = [p.parent.name for p in sweep.rglob("error.txt")]
+    assert len(failed) == 1 and "sparsity=1.5" in failed[0]
+    assert len(list(sweep.rglob("result.json"))) == 4  # 0.5 and 0.9 were skipped, not re-run
+    assert (proc.stdout + proc.stderr).count("this run is finished") == 2

@@ -50,8 +50,9 @@ def test_magnitude_run_writes_the_result_contract(config, tmp_path):
     from pruneflow import load_model
 
     model = load_model(run_dir / "model").eval()
-    from pruneflow.tasks.digits import Digits
     from omegaconf import OmegaConf
+
+    from pruneflow.tasks.digits import Digits
 
     task = Digits(OmegaConf.create({"name": "digits"}))
     task.load()
@@ -83,3 +84,12 @@ def test_finished_run_is_not_run_again(config, tmp_path, caplog):
     assert again == json.loads((tmp_path / "r" / "result.json").read_text())
     assert any("skipping" in r.getMessage() for r in caplog.records)
     assert first["metrics"] == again["metrics"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saved_state(config, tmp_path):
+    from pruneflow.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="stages.finetune.lr"):
+        run(config("stages.finetune.lr=1e30", "trainer.max_grad_norm=0", "cache=false"), tmp_path / "nan")
+    assert (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "nan" / "result.json").exists()
