@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pruneflow import distributed
 from pruneflow.cache import StageCache
 from pruneflow.compress import (
     TYPES,
@@ -221,21 +222,33 @@ class SPP(PruningMethod):
             "version": 1,
         }
 
-        def compute(cache_dir: Path | None) -> dict[str, Any]:
-            self.search, self.path = self.run_search(ctx)
+        def compute_from(found: tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]], cache_dir: Path | None) -> dict[str, Any]:
+            self.search, self.path = found
             if cache_dir is not None:
                 flat = {f"{k}/{name}": t.contiguous() for k, d in self.search.items() for name, t in d.items()}
                 save_file(flat, str(cache_dir / "search.safetensors"))
                 atomic_write_json(cache_dir / "path.json", self.path)
             return {"steps": ctx.total_steps, "entries": sum(d["m"].numel() for d in self.search.values())}
 
+        def compute(cache_dir: Path | None) -> dict[str, Any]:
+            return compute_from(self.run_search(ctx), cache_dir)
+
         if ctx.cache_dir is None:
             compute(None)
             self.search_reused = False
         else:
             cache = StageCache(ctx.cache_dir, "spp", key)
-            _, self.search_reused = cache.get_or_compute(compute)
             self.search_dir = str(cache.dir)
+            if distributed.is_distributed():  # every rank searches (collectives); rank 0 stores
+                self.search_reused = distributed.broadcast_object(cache.exists())
+                if not self.search_reused:
+                    found = self.run_search(ctx)
+                    self.search, self.path = found
+                    if distributed.is_main():
+                        cache.get_or_compute(lambda d: compute_from(found, d))
+                    distributed.barrier()
+            else:
+                _, self.search_reused = cache.get_or_compute(compute)
             if self.search_reused:
                 flat = load_file(str(cache.dir / "search.safetensors"))
                 self.search = {}
@@ -244,7 +257,7 @@ class SPP(PruningMethod):
                     self.search.setdefault(k, {})[field] = t
                 self.path = json.loads((cache.dir / "path.json").read_text())
                 log.info("SPP search reused from cache %s (key %s): one search, every sparsity", cache.dir, cache.key)
-        if ctx.run_dir is not None:
+        if ctx.run_dir is not None and distributed.is_main():
             atomic_write_json(Path(ctx.run_dir) / "spp_path.json", {"reused": self.search_reused, "cache": self.search_dir, "path": self.path})
         return True
 
@@ -267,15 +280,16 @@ class SPP(PruningMethod):
         model.train()
         masks.attach()
         try:
-            bar = progress(range(ctx.total_steps), desc="spp search", leave=False)
+            bar = progress(range(ctx.total_steps), desc="spp search", leave=False, disable=not distributed.is_main())
             for step in bar:
-                batch = next(data)
+                batch = distributed.shard(next(data))  # torchrun: this rank's share of the batch
                 loss = ctx.loss_fn(model, batch)
                 coupling = sum(((m - g) ** 2).sum() for m, g in zip(params, gamma, strict=True)) / (2 * self.nu)
-                value = float(loss.detach())
+                (loss + coupling).backward()
+                distributed.average_gradients(params)  # identical masks, Z and Γ on every rank
+                value = distributed.mean_scalar(float(loss.detach()), ctx.device)
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"The loss became {value} at step {step} of the SPP search. Lower method.lr.")
-                (loss + coupling).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
