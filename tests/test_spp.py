@@ -242,3 +242,31 @@ def test_spp_run_killed_during_recovery_resumes_to_the_same_result(tmp_path):
     wa = load_file(str(ref_dir / "model" / "model.safetensors"))
     wb = load_file(str(run_dir / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_spp_compresses_a_bert_model_end_to_end(config, tmp_path):
+    from task_data import write_glue
+    from transformers import AutoTokenizer
+
+    from pruneflow import load_model
+    from pruneflow.models import ModelBundle
+    from pruneflow.tasks import build_task
+
+    data = write_glue(tmp_path / "sst2", "sst2", fmt="jsonl")
+    cfg = config("model=bert_tiny", "task=glue/sst2", f"task.path={data}", "method=spp", "sparsity=0.5", "stages.finetune.steps=10", "stages.prune.steps=10", "stages.recover.steps=10")
+    r = run(cfg, tmp_path / "run")
+    assert r["sparsity"]["measured"] == pytest.approx(0.5, abs=0.01)
+    assert r["params"]["compressed_total"] < r["params"]["total"] - 0.45 * r["params"]["prunable"]
+    assert len(r["sparsity"]["per_layer"]) == 12 and all(k.startswith("bert.encoder.layer.") for k in r["sparsity"]["per_layer"])
+
+    # pruneflow.load_model rebuilds the compressed BERT; evaluated on its own it scores what the run reported.
+    model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "pruneflow.json").read_text())["compressed"] is True
+    bundle = ModelBundle(model=load_model(model_dir), family="hf", name="bert_tiny", tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    assert sum(p.numel() for p in bundle.model.parameters()) == r["params"]["compressed_total"]
+    task = build_task(cfg.task, 0)
+    task.load()
+    task.prepare(bundle)
+    metrics, _ = task.evaluate_all(bundle, 64, torch.device("cpu"))
+    assert metrics["accuracy"] == pytest.approx(r["metrics"]["final"]["accuracy"], abs=1e-9)
