@@ -341,7 +341,6 @@ class Run:
             _, reused = cache.get_or_compute(compute)
         if reused:
             st_load_model(self.bundle.model, str(cache.dir / "model.safetensors"), device=str(self.device))
-            log.info("Finetune stage reused from cache %s (key %s)", cache.dir, cache.key)
 
     def finish(self, metrics: dict[str, dict[str, float]], times: dict[str, float], predictions: dict[str, list[dict[str, Any]]], t_start: float) -> dict[str, Any]:
         from pruneflow.export import save_model

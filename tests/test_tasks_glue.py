@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from task_data import (
     compose,
     glue_rows,
@@ -20,6 +19,8 @@ from pruneflow.errors import UserError
 from pruneflow.metrics import compute_glue
 from pruneflow.models import build_model
 from pruneflow.tasks import TASKS, build_task
+
+from conftest import run_cli
 
 
 def make_task(overrides: list[str]):  # noqa: ANN201

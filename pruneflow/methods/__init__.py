@@ -9,6 +9,7 @@ from pruneflow.methods.base import PruneContext, PruningMethod
 
 # config name -> "module:Class" (imported lazily so a method's dependencies load only when used)
 METHODS: dict[str, str] = {
+    "admm": "pruneflow.methods.admm:ADMM",
     "dense": "pruneflow.methods.dense:Dense",
     "magnitude": "pruneflow.methods.magnitude:Magnitude",
     "random": "pruneflow.methods.random:Random",
