@@ -213,7 +213,8 @@ def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_pat
     # Another sparsity reuses the search: nested structures, measured ≈ target.
     caplog.clear()
     r7 = run(config("method=spp", "sparsity=0.7"), tmp_path / "s7")
-    assert any("SPP search reused" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage().startswith("Reusing cached spp") for r in caplog.records)
+    assert not any(r.getMessage().startswith("Cached spp") for r in caplog.records)  # no second search
     assert r7["method_info"]["search_reused"] is True
     assert r7["method_info"]["search_cache"] == r5["method_info"]["search_cache"]
     assert r7["sparsity"]["measured"] == pytest.approx(0.7, abs=0.01)

@@ -255,8 +255,7 @@ class SPP(PruningMethod):
                 for name, t in flat.items():
                     k, field = name.rsplit("/", 1)
                     self.search.setdefault(k, {})[field] = t
-                self.path = json.loads((cache.dir / "path.json").read_text())
-                log.info("SPP search reused from cache %s (key %s): one search, every sparsity", cache.dir, cache.key)
+                self.path = json.loads((cache.dir / "path.json").read_text())  # StageCache logged the reuse
         if ctx.run_dir is not None and distributed.is_main():
             atomic_write_json(Path(ctx.run_dir) / "spp_path.json", {"reused": self.search_reused, "cache": self.search_dir, "path": self.path})
         return True
