@@ -23,7 +23,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _report_error(message: str) -> None:
-    print("\n" + textwrap.fill(f"pruneflow: error: {message}", width=100) + "\n", file=sys.stderr)
+    print("\n" + textwrap.fill(f"pruneflow: error: {message}", width=100, break_long_words=False, break_on_hyphens=False) + "\n", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -42,7 +42,10 @@ def _app(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2)
     except Exception:
-        if not multirun:
+        from pruneflow import distributed
+
+        # torchrun: a crash on one rank must stop all ranks (the others wait in a collective)
+        if not multirun or distributed.is_distributed():
             raise
         log.error("Job failed:\n%s", traceback.format_exc())
         (run_dir / "error.txt").write_text(traceback.format_exc())

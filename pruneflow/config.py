@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -75,6 +76,24 @@ class SpeedConfig:
 
 
 @dataclass
+class ExperimentInfo:
+    """What an ``experiment=`` config reproduces; ``pruneflow-report`` shows it beside the runs.
+
+    Numbers are fractions like result.json's metrics (the report shows them x100).
+    ``published`` maps task -> metric -> a number (one setting) or {sparsity: number}
+    (a curve), e.g. ``{squad/v1: {f1: {0.9: 0.817}}}``. ``published_overall`` holds
+    numbers that are not one task's metric: ``glue_score`` (mean over the GLUE tasks of
+    each task's main metric) and ``params_reduction`` (1 - final/original parameters).
+    """
+
+    name: str = ""  # the experiment's config name, e.g. movement/squad_bert_base
+    source: str = ""  # citation: authors, year, venue, table or figure
+    note: str | None = None  # deviations from the published setting
+    published: dict[str, Any] = field(default_factory=dict)
+    published_overall: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PruneflowConfig:
     model: Any = None
     task: Any = None
@@ -90,8 +109,19 @@ class PruneflowConfig:
     save_model: bool = True
     cache: bool = True
     cache_dir: str = "outputs/.cache"
-    experiment_info: Any = None  # set by experiment configs: published numbers and source
+    experiment_info: ExperimentInfo | None = None  # set by experiment configs: published numbers and source
+
+
+def _dirname(overrides: str) -> str:
+    """A sweep job's folder name from its overrides, safe as one path component."""
+    return (overrides or "default").replace("/", "_")[:200]
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="pruneflow_schema", node=PruneflowConfig)
+    if not OmegaConf.has_resolver("pf_dirname"):
+        OmegaConf.register_new_resolver("pf_dirname", _dirname)
+
+
+# Launchers (joblib, submitit) import this module in their workers: resolvers must exist there too.
+register_configs()

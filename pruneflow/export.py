@@ -50,7 +50,11 @@ def load_model(path: str | Path) -> nn.Module:
 
         model = timm.create_model(config["architecture"], pretrained=False, **config["kwargs"])
     else:
-        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+        from transformers import (
+            AutoConfig,
+            AutoModelForQuestionAnswering,
+            AutoModelForSequenceClassification,
+        )
 
         hf_config = AutoConfig.from_pretrained(path)
         archs = hf_config.architectures or []

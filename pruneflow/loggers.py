@@ -26,12 +26,13 @@ class NullLogger:
 class WandbLogger(NullLogger):
     """One W&B run per job, grouped per sweep; offline runs can be uploaded with ``wandb sync``."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, mode: str | None = None) -> None:
         import wandb
 
         self.wandb = wandb
         lc = cfg.logger
-        mode = str(lc.get("mode", "offline"))
+        mode = mode or str(lc.get("mode", "offline"))
+        self.mode = mode
         group = lc.get("group") or _sweep_group()
         name = lc.get("run_name") or f"{cfg.method.name}-{cfg.model.name}-{cfg.task.name}-s{cfg.get('sparsity')}-seed{cfg.seed}"
         self.run = wandb.init(
@@ -74,8 +75,8 @@ def _sweep_group() -> str | None:
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return Path(hc.sweep.dir).name
+        if hc.mode == RunMode.MULTIRUN:  # e.g. "2026-01-31/12-00-00" for outputs/multirun/2026-01-31/12-00-00
+            return "/".join(Path(hc.sweep.dir).parts[-2:])[-128:]
     except Exception:  # noqa: BLE001 - not inside a Hydra app
         return None
     return None
@@ -90,8 +91,23 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> NullLogger:
 
         raise invalid("logger", name, ["wandb", "none"])
     os.environ.setdefault("WANDB_SILENT", "true")
+    mode = str(cfg.logger.get("mode", "offline"))
     try:
         return WandbLogger(cfg, run_dir)
     except Exception as e:  # noqa: BLE001 - W&B unreachable / not logged in never fails a run
-        log.warning("W&B could not start (%s); continuing without it. Use logger.mode=offline or logger=none.", e)
+        if mode == "online":
+            log.warning(
+                "W&B online could not start (%s); logging offline instead under %s/wandb — upload later with "
+                "`wandb sync %s/wandb/offline-run-*` once logged in (`wandb login`).",
+                _one_line(e), run_dir, run_dir,
+            )
+            try:
+                return WandbLogger(cfg, run_dir, mode="offline")
+            except Exception as e2:  # noqa: BLE001
+                e = e2
+        log.warning("W&B could not start (%s); continuing without it. Use logger.mode=offline or logger=none.", _one_line(e))
         return NullLogger()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from pruneflow import __version__
+from pruneflow import distributed
 from pruneflow.cache import StageCache
 from pruneflow.errors import UserError, invalid
-from pruneflow.loggers import make_logger
+from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import MaskedWeights, select_prunable
 from pruneflow.methods import PruneContext, get_method_class
 from pruneflow.models import ModelBundle, build_model
@@ -69,7 +69,7 @@ def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tu
     for key, v in (("epochs", epochs), ("steps", steps)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
             raise invalid(f"stages.{name}.{key}", v, "a number >= 0 (0 skips the stage)")
-    for key, kind in (("lr", float), ("batch_size", int)):
+    for key, _kind in (("lr", float), ("batch_size", int)):
         v = s.get(key)
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise invalid(f"stages.{name}.{key}", v, "a positive number")
@@ -97,6 +97,7 @@ class Run:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ckpt_path = self.ckpt_dir / "last.pt"
         self.progress_path = self.ckpt_dir / "progress.json"
+        self.rank_checks: dict[str, list[dict[str, str]]] = {}  # torchrun: per-rank fingerprints
 
     # -- setup ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -112,12 +113,20 @@ class Run:
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
 
+        path = cfg.task.get("path")
+        if path is not None and not Path(str(path)).exists():
+            raise UserError(
+                f"Invalid value for 'task.path': {path} does not exist. Allowed: a local directory with one "
+                "file per split (train, validation, ...) as .parquet/.jsonl/.json/.csv, a DatasetDict.save_to_disk "
+                "folder, or an ImageFolder; or task.path=null to load from the Hugging Face Hub."
+            )
         seed_everything(int(cfg.seed))
         self.task = build_task(cfg.task, int(cfg.seed))
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)
         self.bundle.model.to(self.device)
+        distributed.broadcast_module(self.bundle.model)  # torchrun: rank 0's initial weights everywhere
         self.total_params = sum(p.numel() for p in self.bundle.model.parameters())
 
         include = list(cfg.method.get("include") or DEFAULT_INCLUDE)
@@ -136,6 +145,7 @@ class Run:
         specs = {}
         for i, name in enumerate(STAGES):
             steps, bs = stage_steps(cfg, name, n_train, accum)
+            distributed.check_batch_size(bs, name)
             if name == "prune" and not self.method.prunes:
                 steps = 0
             specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=int(cfg.seed) * 10 + i)
@@ -162,9 +172,12 @@ class Run:
         return {"done": {}}
 
     def save_progress(self, progress: dict[str, Any]) -> None:
-        atomic_write_json(self.progress_path, progress)
+        if distributed.is_main():
+            atomic_write_json(self.progress_path, progress)
 
     def save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None = None) -> None:
+        if not distributed.is_main():
+            return
         atomic_torch_save(
             {
                 "stage": stage,
@@ -197,10 +210,22 @@ class Run:
             batches=lambda: self.trainer.batches(spec.batch_size, spec.seed),
             loss_fn=self.trainer.loss,
             run_dir=self.run_dir,
-            cache_dir=Path(self.cfg.cache_dir),
+            cache_dir=Path(self.cfg.cache_dir) if self.cfg.get("cache", True) else None,
             cache_key=self.finetune_key(),
             extra={"bundle": self.bundle, "trainer": self.trainer, "stage": spec},
         )
+
+    def check_ranks(self, key: str, what: str) -> None:
+        """torchrun: fingerprints of masks, method state (scores) and weights, equal on every rank or an error."""
+        if not distributed.is_distributed():
+            return
+        fp = {"weights": distributed.tensors_hash(self.bundle.model.state_dict().values())}
+        if self.method.prunes and len(self.weights) and self.weights.attached:
+            fp["masks"] = distributed.tensors_hash(self.weights.masks())
+        state = _tensors(self.method.state_dict())
+        if state:
+            fp["scores"] = distributed.tensors_hash(state)
+        self.rank_checks[key] = distributed.check_identical(what, fp)
 
     def finalize_model(self) -> None:
         model = self.method.finalize(self.bundle.model)
@@ -229,7 +254,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.perf_counter()
-        self.logger = make_logger(cfg, self.run_dir)
+        self.logger = make_logger(cfg, self.run_dir) if distributed.is_main() else NullLogger()
         progress = self.progress()
         ckpt = self.load_checkpoint()
         start_index = 0
@@ -270,9 +295,10 @@ class Run:
                 if not handled:
                     self.trainer.train(spec, self.method, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
                 self.method.end_prune_stage()
+                self.check_ranks("prune", "the masks and scores after the prune stage")
                 self.finalize_model()
-            else:
-                self.trainer.train(spec, self.method if self.method.prunes else None, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+            else:  # recover: masks frozen, no method hooks (a score-based method would re-run its schedule)
+                self.trainer.train(spec, None, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
             resume_trainer = None
             times[name] = time.perf_counter() - t0
             metrics[name], predictions = self.evaluate(name)
@@ -304,10 +330,17 @@ class Run:
             compute(None)
             return
         cache = StageCache(Path(self.cfg.cache_dir), "finetune", self.finetune_key())
-        _, reused = cache.get_or_compute(compute)
+        if distributed.is_distributed():  # every rank trains (collectives); rank 0 stores
+            reused = distributed.broadcast_object(cache.exists())
+            if not reused:
+                compute(None)
+                if distributed.is_main():
+                    cache.get_or_compute(lambda d: (st_save_model(self.bundle.model, str(d / "model.safetensors")), {"steps": spec.steps})[1])
+                distributed.barrier()
+        else:
+            _, reused = cache.get_or_compute(compute)
         if reused:
             st_load_model(self.bundle.model, str(cache.dir / "model.safetensors"), device=str(self.device))
-            log.info("Finetune stage reused from cache %s (key %s)", cache.dir, cache.key)
 
     def finish(self, metrics: dict[str, dict[str, float]], times: dict[str, float], predictions: dict[str, list[dict[str, Any]]], t_start: float) -> dict[str, Any]:
         from pruneflow.export import save_model
@@ -318,21 +351,41 @@ class Run:
         final_model = self.bundle.model
         if self.method.prunes:
             self.weights.bake()
-        speed = measure_speed(self.cfg, self.bundle, self.task, self.device) if self.cfg.speed.enabled else None
+        self.check_ranks("final", "the final weights")
+        main = distributed.is_main()  # torchrun: only rank 0 measures and writes
+        speed = measure_speed(self.cfg, self.bundle, self.task, self.device) if self.cfg.speed.enabled and main else None
         export = self.method.export_info(self.bundle, self.device) if hasattr(self.method, "export_info") else None
-        if self.cfg.get("save_model", True):
+        if self.cfg.get("save_model", True) and main:
             save_model(self.bundle, self.run_dir / "model", self.method)
-        write_predictions(self.run_dir, self.task, predictions)
+        if main:
+            write_predictions(self.run_dir, self.task, predictions)
         times["total"] = max(time.perf_counter() - t_start, sum(times.values()))
         result = build_result(self, final_model, metrics, times, speed, export)
-        atomic_write_json(self.run_dir / "result.json", result)
+        if distributed.is_distributed():
+            result["provenance"]["distributed"] = {**distributed.info(), "fingerprints": self.rank_checks}
+        if main:
+            atomic_write_json(self.run_dir / "result.json", result)
         self.logger.summary(result)
         self.logger.finish()
         return result
 
 
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside a nested dict/list (a method's state)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
+    if distributed.env_world_size() > 1:  # torchrun: join the group, share rank 0's run dir
+        distributed.setup(resolve_device(str(cfg.trainer.device)))
+        run_dir = distributed.shared_run_dir(run_dir)
     result_path = run_dir / "result.json"
     if result_path.exists() and not cfg.get("overwrite", False):
         log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
@@ -340,8 +393,10 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if cfg.get("overwrite", False):
         import shutil
 
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        result_path.unlink(missing_ok=True)
+        if distributed.is_main():
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            result_path.unlink(missing_ok=True)
+        distributed.barrier()
     r = Run(cfg, run_dir, overrides)
     r.prepare()
     return r.execute()

@@ -41,7 +41,7 @@ def measure_speed(cfg: DictConfig, bundle: ModelBundle, task: Task, device: torc
     batch = task.collate([ds[i % len(ds)] for i in range(batch_size)])
     batch = {k: v.to(device) for k, v in batch.items()}
     dense: nn.Module = bundle.fresh_architecture().to(device).eval()
-    final = bundle.model.eval()
+    bundle.model.eval()
     dense_bundle = ModelBundle(model=dense, family=bundle.family, name=bundle.name, arch=bundle.arch)
     times = time_forward(
         {"dense": lambda: dense_bundle.forward(batch), "final": lambda: bundle.forward(batch)},

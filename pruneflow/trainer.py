@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,12 +20,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from tqdm.auto import tqdm
 
+from pruneflow import distributed
 from pruneflow.errors import TrainingDiverged
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
 from pruneflow.tasks.base import Task
+from pruneflow.utils import progress
 
 log = logging.getLogger("pruneflow")
 
@@ -60,6 +63,14 @@ class EpochBatches:
         idx = perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
         self.step += 1
         return self.collate([self.dataset[j] for j in idx])
+
+
+def _fault_injection(stage: str, step: int) -> None:
+    """Tests set PRUNEFLOW_TEST_KILL_AT=<stage>:<step> to SIGKILL the run right after
+    that checkpoint, which makes resume tests deterministic."""
+    target = os.environ.get("PRUNEFLOW_TEST_KILL_AT")
+    if target and target == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1) -> int:
@@ -145,11 +156,11 @@ class Trainer:
         max_norm = float(self.cfg.get("max_grad_norm", 0) or 0)
         running, n_running = 0.0, 0
         t0 = time.perf_counter()
-        bar = tqdm(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, dynamic_ncols=True, leave=False)
+        bar = progress(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, leave=False, disable=not distributed.is_main())
         for step in bar:
             loss_value = 0.0
             for _ in range(self.grad_accum):
-                batch = next(data)
+                batch = distributed.shard(next(data))  # torchrun: this rank's share of the global batch
                 loss = self.loss(model, batch)
                 extra = method.extra_loss() if method is not None else None
                 if extra is not None:
@@ -157,13 +168,18 @@ class Trainer:
                 loss_value += float(loss.detach()) / self.grad_accum
                 scaled = loss / self.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            # torchrun: mean gradients over ranks before any hook reads them, so scores,
+            # thresholds and masks are identical on every rank (no-ops in one process).
+            distributed.average_gradients(model.parameters())
+            loss_value = distributed.mean_scalar(loss_value, self.device)
             if not math.isfinite(loss_value):
                 if checkpoint is not None:
                     checkpoint(step, self._state(opt, sched, step))
                 raise TrainingDiverged(
                     f"The training loss became {loss_value} at step {step} of the {stage.name} stage "
-                    f"(lr={stage.lr}). The run's state up to the previous checkpoint is saved. Lower "
-                    f"stages.{stage.name}.lr, enable trainer.max_grad_norm, or use trainer.precision=32."
+                    f"(lr={stage.lr}); the run's state at that step is saved in checkpoints/. Lower "
+                    f"stages.{stage.name}.lr or enable trainer.max_grad_norm"
+                    + (", or use trainer.precision=32." if self.autocast_dtype is not None else ".")
                 )
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
@@ -190,6 +206,7 @@ class Trainer:
                 running, n_running = 0.0, 0
             if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
                 checkpoint(step + 1, self._state(opt, sched, step + 1))
+                _fault_injection(stage.name, step + 1)
         bar.close()
         return {"time_s": time.perf_counter() - t0}
 

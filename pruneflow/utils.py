@@ -14,6 +14,18 @@ import numpy as np
 import torch
 
 
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """tqdm progress bar; in logs (not a terminal) it updates every 30 s instead of
+    flooding the file with carriage returns."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.2 if sys.stderr.isatty() else 30.0)
+    return tqdm(iterable, **kwargs)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

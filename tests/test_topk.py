@@ -71,3 +71,29 @@ def test_global_and_local_over_several_tensors() -> None:
     assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), reference_mask(flat, 20))
     local = local_topk_masks(scores, 0.5)
     assert [int(m.sum()) for m in local] == [kept_count(s.numel(), 0.5) for s in scores] == [12, 5, 5]
+
+
+def test_topk_exact_count_with_ties() -> None:
+    scores = torch.tensor([3.0, 1.0, 1.0, 1.0, 5.0, 0.0])
+    m = topk_mask(scores, 3)
+    assert int(m.sum()) == 3
+    assert m[0] == 1 and m[4] == 1 and m[5] == 0  # the two clear winners kept, the minimum dropped
+
+
+def test_global_topk_spans_tensors() -> None:
+    a = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    b = torch.tensor([0.95, 0.05, 0.5])
+    ma, mb = global_topk_masks([a, b], 3)
+    assert ma.tolist() == [[0, 1], [1, 0]] and mb.tolist() == [1, 0, 0]
+
+
+def test_local_topk_per_tensor() -> None:
+    torch.manual_seed(0)
+    scores = [torch.rand(10, 10), torch.rand(4, 25)]
+    masks = local_topk_masks(scores, 0.7)
+    assert [int(m.sum()) for m in masks] == [30, 30]
+
+
+def test_kept_count_rounds_to_nearest_weight() -> None:
+    assert kept_count(1000, 0.7) == 300
+    assert kept_count(10, 0.33) == 7

@@ -9,6 +9,7 @@ from pruneflow.methods.base import PruneContext, PruningMethod
 
 # config name -> "module:Class" (imported lazily so a method's dependencies load only when used)
 METHODS: dict[str, str] = {
+    "admm": "pruneflow.methods.admm:ADMM",
     "dense": "pruneflow.methods.dense:Dense",
     "magnitude": "pruneflow.methods.magnitude:Magnitude",
     "movement": "pruneflow.methods.movement:Movement",
@@ -16,6 +17,7 @@ METHODS: dict[str, str] = {
     "random": "pruneflow.methods.random:Random",
     "seven": "pruneflow.methods.seven:Seven",
     "seven_pre": "pruneflow.methods.seven_pre:SevenPre",
+    "spp": "pruneflow.methods.spp:SPP",
 }
 
 

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True):  # noqa: ANN201
     """A BERT-style fast tokenizer trained locally with the `tokenizers` library."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -45,6 +53,8 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowe
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=512,
+        # BERT's segment ids: without them sentence pairs look like one sentence
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 
@@ -72,6 +82,14 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
             model = auto.from_pretrained(source, trust_remote_code=trust, **head_kwargs)
+        except RuntimeError as e:  # transformers refuses a saved head of another size
+            if "mismatch" not in str(e):
+                raise
+            raise UserError(
+                f"Model head does not fit task={task.name}: the checkpoint '{source}' (model={cfg.name}) has a task head "
+                f"of another size than the task needs ({head_kwargs or 'question answering'}). Use a checkpoint without "
+                "a task head (a base model) or one fine-tuned for this task."
+            ) from e
         except OSError as e:
             raise UserError(
                 f"Could not load model={cfg.name} from '{source}': {e}. Offline, use model.path=<a local "

@@ -14,6 +14,24 @@ if TYPE_CHECKING:
     from pruneflow.tasks.base import Task
 
 
+def _head_size(architecture: str, weights: Path) -> dict[str, int]:
+    """The class count of a local checkpoint's head. timm drops the head of pretrained
+    weights whose class count differs from the model's, judged by the pretrained
+    config (1000 for ImageNet): without this a user's own 10-class head would be
+    re-initialised even for a 10-class task."""
+    from safetensors import safe_open
+    from timm.models import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(architecture)
+    head = pcfg.classifier if pcfg is not None else None
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    if not head or weights.suffix != ".safetensors":
+        return {}
+    with safe_open(str(weights), "pt") as f:
+        key = f"{head}.weight"
+        return {"num_classes": f.get_slice(key).get_shape()[0] if key in f.keys() else 0}
+
+
 def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
     import timm
 
@@ -31,7 +49,7 @@ def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
         weights = path / "model.safetensors" if path.is_dir() else path
         if not weights.exists():
             raise UserError(f"Invalid value for 'model.path': {cfg.path}. Allowed: an existing directory holding model.safetensors (timm weights) or a weights file.")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights), **_head_size(cfg.hub_id, weights)}
         pretrained = True
     try:
         model = timm.create_model(cfg.hub_id, pretrained=pretrained, **kwargs)

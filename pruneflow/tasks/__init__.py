@@ -12,6 +12,12 @@ from pruneflow.tasks.base import Task
 # task name (as in conf/task, e.g. "glue/sst2") -> "module:Class"
 TASKS: dict[str, str] = {
     "digits": "pruneflow.tasks.digits:Digits",
+    **{f"glue/{t}": "pruneflow.tasks.glue:Glue" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")},
+    "squad/v1": "pruneflow.tasks.squad:Squad",
+    "squad/v2": "pruneflow.tasks.squad:Squad",
+    "cifar10": "pruneflow.tasks.cifar:Cifar",
+    "cifar100": "pruneflow.tasks.cifar:Cifar",
+    "imagenet": "pruneflow.tasks.imagenet:ImageNet",
 }
 
 

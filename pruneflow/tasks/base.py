@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, default_collate
-from tqdm.auto import tqdm
+
+from pruneflow.utils import progress
 
 if TYPE_CHECKING:
     from pruneflow.models import ModelBundle
@@ -76,7 +77,7 @@ class Task:
         bundle.model.eval()
         loader = DataLoader(self.eval_sets[split], batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         outs = []
-        for batch in tqdm(loader, desc=f"{desc} [{split}]", leave=False, dynamic_ncols=True):
+        for batch in progress(loader, desc=f"{desc} [{split}]", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             out = bundle.forward(batch)
             outs.append(out if isinstance(out, torch.Tensor) else out.logits)

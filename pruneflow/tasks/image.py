@@ -1,11 +1,25 @@
-"""Image classification: shared evaluation (top-1 / top-5) for digits, CIFAR, ImageNet."""
+"""Image classification: shared evaluation (top-1 / top-5) for digits, CIFAR, ImageNet.
+
+``TimmImageTask`` (CIFAR, ImageNet) preprocesses with the timm model's own data
+config (``timm.data.resolve_data_config`` / ``create_transform``): input size,
+interpolation, mean/std and crop of the pretrained weights. Images are decoded
+lazily: a dataset item is a handle, and ``collate`` decodes the batch (in
+``task.num_workers`` threads) and then applies the transforms in the main
+thread, so random augmentation follows the run's seeded RNG whatever the number
+of threads (a resumed run sees the same crops).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, default_collate
 
+from pruneflow.errors import UserError, invalid
 from pruneflow.models import ModelBundle
 from pruneflow.tasks.base import Task
 
@@ -20,20 +34,131 @@ class ImageClassificationTask(Task):
 
     def evaluate(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[dict[str, float], list[dict[str, Any]]]:
         logits = torch.cat(self.predict(bundle, split, batch_size, device, desc))
-        labels = torch.as_tensor([int(self.eval_sets[split][i]["labels"]) for i in range(len(self.eval_sets[split]))])
-        return image_metrics(logits, labels)
+        ds = self.eval_sets[split]
+        labels = getattr(ds, "labels", None)
+        if labels is None:
+            labels = torch.as_tensor([int(ds[i]["labels"]) for i in range(len(ds))])
+        return image_metrics(logits, torch.as_tensor(labels), getattr(ds, "ids", None))
 
 
-def image_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def image_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: Sequence[int] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Top-1 ``accuracy`` and ``top5``; one record per image (id = index in the split)."""
     k = min(5, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
     pred = top[:, 0]
     metrics = {
-        "accuracy": float((pred == labels).float().mean()),
-        "top5": float((top == labels[:, None]).any(dim=-1).float().mean()),
+        "accuracy": float((pred == labels).double().mean()),
+        "top5": float((top == labels[:, None]).any(dim=-1).double().mean()),
     }
+    ids = list(range(len(labels))) if ids is None else list(ids)
     predictions = [
-        {"id": i, "prediction": int(pred[i]), "reference": int(labels[i]), "top5": top[i].tolist()}
+        {"id": int(ids[i]), "prediction": int(pred[i]), "reference": int(labels[i]), "top5": top[i].tolist()}
         for i in range(len(labels))
     ]
     return metrics, predictions
+
+
+class LazyImage:
+    """A not yet decoded image: ``load()`` gives a PIL image, ``transform`` the tensor."""
+
+    __slots__ = ("dataset", "index")
+
+    def __init__(self, dataset: LazyImages, index: int) -> None:
+        self.dataset, self.index = dataset, index
+
+
+class LazyImages(Dataset):
+    """Images from ``load(i) -> PIL.Image`` with integer labels, transformed at collate time.
+
+    ``ids`` are the examples' indices in the full split (predictions.jsonl).
+    """
+
+    def __init__(self, load: Callable[[int], Any], labels: Sequence[int], ids: Sequence[int] | None = None) -> None:
+        self.load = load
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.ids = list(range(len(self.labels))) if ids is None else list(ids)
+        self.transform: Callable[[Any], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixel_values": LazyImage(self, i), "labels": self.labels[i]}
+
+
+class TimmImageTask(ImageClassificationTask):
+    """Image tasks whose inputs are prepared with the timm model's data config."""
+
+    default_num_workers: int = 0
+
+    def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        self.name = str(cfg.get("name"))
+        self.data_config: dict[str, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def num_workers(self) -> int:
+        v = self.cfg.get("num_workers", self.default_num_workers)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise invalid("task.num_workers", v, "an integer >= 0 (threads decoding images; 0 decodes in the main thread)")
+        return int(v)
+
+    def _dict(self, key: str) -> dict[str, Any]:
+        v = self.cfg.get(key) or {}
+        if isinstance(v, DictConfig):
+            v = OmegaConf.to_container(v, resolve=True)
+        if not isinstance(v, dict):
+            raise invalid(f"task.{key}", v, "a mapping of timm data-config keys, e.g. {crop_pct: 1.0}")
+        return dict(v)
+
+    def resolve_data_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        """timm's data config for the model; a fixed-size model's own input size wins
+        (timm reports the pretrained size even when ``img_size`` was changed)."""
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config({}, model=model)
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            config["input_size"] = (self.image_channels, int(h), int(w))
+        overrides = self._dict("data_config")
+        if "input_size" in overrides:
+            overrides["input_size"] = tuple(overrides["input_size"])
+        config.update(overrides)
+        return config
+
+    def check_head(self, bundle: ModelBundle) -> None:
+        n = getattr(bundle.model, "num_classes", None)
+        if n is not None and n != self.num_labels:
+            raise UserError(
+                f"Model head does not fit task={self.name}: it needs {self.num_labels} classes but model={bundle.name} "
+                f"has a head with {n}."
+            )
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        from timm.data import create_transform
+
+        self.check_head(bundle)
+        self.data_config = self.resolve_data_config(bundle.model)
+        eval_tf = create_transform(**self.data_config, is_training=False)
+        augment = self.cfg.get("augment", True)
+        if not isinstance(augment, bool):
+            raise invalid("task.augment", augment, "true (timm's training transform: random resized crop, flip, colour jitter) or false")
+        train_tf = create_transform(**self.data_config, is_training=True, **self._dict("augment_kwargs")) if augment else eval_tf
+        self.train_set.transform = train_tf
+        for ds in self.eval_sets.values():
+            ds.transform = eval_tf
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        handles = [e["pixel_values"] for e in examples]
+        if not handles or not isinstance(handles[0], LazyImage):
+            return default_collate(examples)
+        workers = self.num_workers()
+        if workers > 0:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pruneflow-decode")
+            images = list(self._pool.map(lambda h: h.dataset.load(h.index), handles))
+        else:
+            images = [h.dataset.load(h.index) for h in handles]
+        pixels = torch.stack([h.dataset.transform(img) for h, img in zip(handles, images, strict=True)])
+        return {"pixel_values": pixels, "labels": torch.stack([e["labels"] for e in examples])}

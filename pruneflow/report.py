@@ -1,0 +1,586 @@
+"""``pruneflow-report DIR``: a sweep's result.json files as a table, a CSV and plots.
+
+One row per configuration (experiment, method, model, task, target sparsity and
+any other override that differs between runs), mean ± std over seeds of every
+metric of the task, the measured sparsity, parameter counts and time. Rows of
+``experiment=`` runs show the published number beside the measured one, with
+the source (``experiment_info`` in the run's resolved config). Failed jobs
+(``error.txt``) and unfinished ones are listed, not averaged in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pruneflow.results import load_results
+
+# Overrides that do not change what a run computes (or are the row's own columns).
+NOT_A_SETTING = {
+    "method", "model", "task", "sparsity", "seed", "experiment", "overwrite", "logger", "save_model",
+    "cache", "cache_dir", "task.path", "model.path", "trainer.device", "trainer.torch_threads",
+    "trainer.checkpoint_every", "trainer.log_every", "stages.eval_batch_size",
+}
+NOT_A_SETTING_PREFIXES = ("hydra.", "hydra/", "logger.", "speed.")
+# |measured - target| above this marks a run that did not reach its target sparsity.
+SPARSITY_TOLERANCE = 0.005
+
+
+class ReportError(Exception):
+    """A problem with the report's input, printed as one line without a traceback."""
+
+
+# ----------------------------------------------------------------------------- collection
+@dataclass
+class Job:
+    """A sweep job that has no usable result.json."""
+
+    path: str
+    overrides: str
+    reason: str
+
+
+@dataclass
+class Row:
+    """One configuration: its runs (one per seed) and their aggregates."""
+
+    experiment: str
+    method: str
+    model: str
+    task: str
+    target: float | None
+    settings: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.experiment, self.model, self.method, self.settings, self.target if self.target is not None else -1)
+
+    @property
+    def main_metric(self) -> str:
+        return self.runs[0]["main_metric"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({int(r.get("seed", 0)) for r in self.runs})
+
+    def values(self, getter) -> list[float]:  # noqa: ANN001
+        out = []
+        for r in self.runs:
+            try:
+                v = getter(r)
+            except (KeyError, TypeError):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def metric_names(self) -> list[str]:
+        names: list[str] = [self.main_metric]
+        for r in self.runs:
+            for k in r["metrics"]["final"]:
+                if k not in names:
+                    names.append(k)
+        return names
+
+    def stat(self, getter) -> tuple[float | None, float | None, int]:  # noqa: ANN001
+        return mean_std(self.values(getter))
+
+    def experiment_info(self) -> dict[str, Any] | None:
+        return (self.runs[0].get("config") or {}).get("experiment_info")
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    if not values:
+        return None, None, 0
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return mean, std, len(values)
+
+
+def _override_items(overrides: list[str]) -> list[tuple[str, str]]:
+    items = []
+    for o in overrides or []:
+        if "=" not in o:
+            continue
+        key, value = o.split("=", 1)
+        items.append((key.lstrip("+~"), value))
+    return items
+
+
+def settings_of(result: dict[str, Any]) -> str:
+    """Overrides that distinguish configurations beyond the row's named columns."""
+    keep = []
+    for key, value in _override_items(result.get("overrides", [])):
+        if key in NOT_A_SETTING or key.startswith(NOT_A_SETTING_PREFIXES):
+            continue
+        keep.append(f"{key}={value}")
+    return " ".join(sorted(keep))
+
+
+def experiment_name(result: dict[str, Any]) -> str:
+    info = (result.get("config") or {}).get("experiment_info") or {}
+    if info.get("name"):
+        return str(info["name"])
+    for key, value in _override_items(result.get("overrides", [])):
+        if key == "experiment":
+            return value
+    return ""
+
+
+def group_results(results: list[dict[str, Any]]) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    for r in results:
+        target = (r.get("sparsity") or {}).get("target")
+        ident = (experiment_name(r), r["method"], r["model"], r["task"], target, settings_of(r))
+        if ident not in rows:
+            rows[ident] = Row(*ident)
+        rows[ident].runs.append(r)
+    return sorted(rows.values(), key=lambda row: row.key)
+
+
+def _job_overrides(job_dir: Path) -> str:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return ""
+    try:
+        import yaml
+
+        return " ".join(str(o) for o in yaml.safe_load(path.read_text()) or [])
+    except Exception:  # noqa: BLE001 - a listing, not worth failing the report for
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty error.txt)"
+
+
+def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job]]:
+    """(failed, unfinished) jobs under root: error.txt, or a Hydra job dir without result."""
+    failed, unfinished = [], []
+    seen: set[str] = set()
+    for err in sorted(root.rglob("error.txt")):
+        d = err.parent
+        if str(d) in finished or ".cache" in d.parts:
+            continue
+        seen.add(str(d))
+        failed.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), _last_line(err.read_text(errors="replace"))))
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        d = hydra_dir.parent
+        if str(d) in finished or str(d) in seen or ".cache" in d.parts:
+            continue
+        result = d / "result.json"
+        reason = "result.json is unreadable" if result.exists() else "no result.json (running, killed, or skipped)"
+        if (d / "checkpoints" / "progress.json").exists() and not result.exists():
+            try:
+                done = list(json.loads((d / "checkpoints" / "progress.json").read_text())["done"])
+                reason = f"no result.json; stages done: {', '.join(done) or 'none'} (resume with the same command)"
+            except Exception:  # noqa: BLE001
+                pass
+        unfinished.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), reason))
+    return failed, unfinished
+
+
+# ----------------------------------------------------------------------------- published numbers
+def published_value(info: dict[str, Any] | None, task: str, metric: str, sparsity: float | None) -> float | None:
+    """The published number for (task, metric) at a sparsity, from ``experiment_info``.
+
+    ``published`` maps task -> metric -> a number (one setting) or {sparsity: number}
+    (a curve; JSON turned the sparsity keys into strings).
+    """
+    if not info:
+        return None
+    entry = ((info.get("published") or {}).get(task) or {}).get(metric)
+    if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+        return float(entry)
+    if isinstance(entry, dict) and sparsity is not None:
+        for k, v in entry.items():
+            if abs(float(k) - float(sparsity)) < 1e-9:
+                return float(v)
+    return None
+
+
+def published_curve(info: dict[str, Any] | None, task: str, metric: str) -> list[tuple[float, float]]:
+    if not info:
+        return []
+    entry = ((info.get("published") or {}).get(task) or {}).get(metric)
+    if isinstance(entry, dict):
+        return sorted((float(k), float(v)) for k, v in entry.items())
+    return []
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt_pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    if mean is None:
+        return "–"
+    s = f"{mean * scale:.{digits}f}"
+    if std is not None:
+        s += f" ± {std * scale:.{digits}f}"
+    return s
+
+
+def fmt_count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_target(t: float | None) -> str:
+    return "–" if t is None else f"{t:g}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+class Sources:
+    """Numbered citations for published values."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def ref(self, info: dict[str, Any]) -> int:
+        source = str(info.get("source") or info.get("name") or "unknown source")
+        if source not in self.items:
+            self.items.append(source)
+        return self.items.index(source) + 1
+
+
+# ----------------------------------------------------------------------------- outputs
+def task_metrics(rows: list[Row]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for m in row.metric_names():
+            if m not in names:
+                names.append(m)
+    return names
+
+
+def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Path, plots: dict[str, str]) -> str:
+    sources = Sources()
+    out = [f"# pruneflow report: `{root}`", ""]
+    n_runs = sum(len(r.runs) for r in rows)
+    out.append(
+        f"{n_runs} finished run(s) in {len(rows)} configuration(s); {len(failed)} failed, {len(unfinished)} unfinished. "
+        "Metrics ×100, mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
+        "`!` marks a measured sparsity more than 0.5 points from its target. Time: wall time of the whole "
+        "run (a finetune stage reused from the cache counts as ~0 s)."
+    )
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_task[row.task].append(row)
+    for task, task_rows in by_task.items():
+        out += ["", f"## {task}", ""]
+        metrics = task_metrics(task_rows)
+        main = task_rows[0].main_metric
+        show_exp = any(r.experiment for r in task_rows)
+        common = set.intersection(*(set(r.settings.split()) for r in task_rows))
+        if common:
+            out += [f"Overrides common to every row: `{' '.join(sorted(common))}`", ""]
+        differing = {id(r): " ".join(t for t in r.settings.split() if t not in common) for r in task_rows}
+        show_settings = any(differing.values())
+        has_pub = {m: any(published_value(r.experiment_info(), task, m, r.target) is not None for r in task_rows) for m in metrics}
+        show_compressed = any(r.stat(lambda x: x["params"]["compressed_total"])[0] is not None for r in task_rows)
+        header = (["experiment"] if show_exp else []) + ["method", "model"] + (["settings"] if show_settings else [])
+        header += ["target %", "seeds"]
+        for m in metrics:
+            header.append(f"**{m}**" if m == main else m)
+            if has_pub[m]:
+                header.append(f"{m} (published)")
+        header += ["measured sparsity %", "nonzero params"] + (["compressed params"] if show_compressed else []) + ["time (s)"]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" for _ in header) + "|")
+        for row in task_rows:
+            info = row.experiment_info()
+            cells = ([row.experiment or "–"] if show_exp else []) + [row.method, row.model]
+            if show_settings:
+                cells.append(_md_escape(differing[id(row)]) or "–")
+            cells += ["–" if row.target is None else f"{row.target * 100:g}", f"{len(row.runs)} ({','.join(map(str, row.seeds))})"]
+            for m in metrics:
+                cells.append(fmt_pm(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2]))
+                if has_pub[m]:
+                    pub = published_value(info, task, m, row.target)
+                    cells.append("–" if pub is None else f"{pub * 100:.1f} [{sources.ref(info)}]")
+            sp_mean, sp_std, _ = row.stat(lambda r: r["sparsity"]["measured"])
+            flag = " !" if sp_mean is not None and row.target is not None and abs(sp_mean - row.target) > SPARSITY_TOLERANCE else ""
+            cells.append(fmt_pm(sp_mean, sp_std, digits=2) + flag)
+            cells.append(fmt_count(row.stat(lambda r: r["params"]["nonzero"])[0]))
+            if show_compressed:
+                cells.append(fmt_count(row.stat(lambda r: r["params"]["compressed_total"])[0]))
+            t_mean, t_std, _ = row.stat(lambda r: r["time_s"]["total"])
+            cells.append(fmt_pm(t_mean, t_std, scale=1.0, digits=0))
+            out.append("| " + " | ".join(cells) + " |")
+        plot = plots.get(task)
+        if plot:
+            out += ["", f"![{task}: {main} vs sparsity]({plot})"]
+    out += overall_section(rows, sources)
+    experiments: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.experiment and r.experiment_info():
+            experiments.setdefault(r.experiment, r.experiment_info())
+    if sources.items:
+        out += ["", "## Sources of published numbers", ""]
+        out += [f"[{i}] {s}" + "  " for i, s in enumerate(sources.items, 1)]
+    if experiments:
+        out += ["", "## Experiments", ""]
+        for name, info in experiments.items():
+            line = f"- `{name}`: {info.get('source') or 'no source given'}"
+            if info.get("note"):
+                line += f". Note: {info['note']}"
+            out.append(line)
+    for title, jobs in (("Failed runs (not in the table)", failed), ("Unfinished runs (not in the table)", unfinished)):
+        if jobs:
+            out += ["", f"## {title}", "", "| job | overrides | reason |", "|---|---|---|"]
+            out += [f"| `{j.path}` | {_md_escape(j.overrides) or '–'} | {_md_escape(j.reason)} |" for j in jobs]
+    return "\n".join(out) + "\n"
+
+
+OVERALL_LABELS = {
+    "glue_score": "GLUE score: mean over the GLUE tasks run of each task's main metric (×100)",
+    "params_reduction": "parameter reduction: 1 − final / original parameters (%)",
+}
+
+
+def overall_values(rows: list[Row]) -> list[dict[str, Any]]:
+    """Published overall numbers (``published_overall``) beside the measured counterpart.
+
+    Rows of one experiment are combined across tasks when they share method, model,
+    target sparsity and settings.
+    """
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        info = row.experiment_info() or {}
+        if info.get("published_overall"):
+            groups[(row.experiment, row.method, row.model, row.target, row.settings)].append(row)
+    out = []
+    for (exp, method, model, target, settings), members in groups.items():
+        info = members[0].experiment_info()
+        for key, published in info["published_overall"].items():
+            measured, detail = None, ""
+            if key == "glue_score":
+                glue = [m for m in members if m.task.startswith("glue/")]
+                means = [m.stat(lambda r: r["metrics"]["final"][r["main_metric"]])[0] for m in glue]
+                means = [v for v in means if v is not None]
+                measured = statistics.fmean(means) if means else None
+                detail = f"{len(means)} of 8 GLUE tasks"
+            elif key == "params_reduction":
+                vals = [
+                    1 - (r["params"]["compressed_total"] if r["params"].get("compressed_total") is not None else r["params"]["nonzero"]) / r["params"]["total"]
+                    for m in members for r in m.runs
+                ]
+                measured = statistics.fmean(vals) if vals else None
+                detail = f"{len(vals)} run(s)"
+            out.append({"experiment": exp, "method": method, "model": model, "target": target, "settings": settings,
+                        "key": key, "published": float(published), "measured": measured, "detail": detail, "info": info})
+    return out
+
+
+def overall_section(rows: list[Row], sources: Sources) -> list[str]:
+    items = overall_values(rows)
+    if not items:
+        return []
+    out = ["", "## Overall scores", "", "| experiment | method | model | target % | score | measured | published | over |", "|---|---|---|---|---|---|---|---|"]
+    for it in items:
+        label = OVERALL_LABELS.get(it["key"], it["key"])
+        measured = "–" if it["measured"] is None else f"{it['measured'] * 100:.1f}"
+        target = "–" if it["target"] is None else f"{it['target'] * 100:g}"
+        out.append(
+            f"| {it['experiment']} | {it['method']} | {it['model']} | {target} | {label} | {measured} | "
+            f"{it['published'] * 100:.1f} [{sources.ref(it['info'])}] | {it['detail']} |"
+        )
+    return out
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    metrics = task_metrics(rows)
+    fields = ["experiment", "method", "model", "task", "settings", "target_sparsity", "n_runs", "seeds", "main_metric", "main_mean", "main_std"]
+    for m in metrics:
+        fields += [f"{m}_mean", f"{m}_std", f"{m}_published"]
+    fields += [
+        "measured_sparsity_mean", "measured_sparsity_std", "overall_sparsity_mean", "params_total", "params_nonzero_mean",
+        "params_compressed_total_mean", "time_s_mean", "time_s_std", "published_source", "run_dirs",
+    ]
+
+    def num(v: float | None) -> str:
+        return "" if v is None else repr(round(v, 8))
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            info = row.experiment_info()
+            main_mean, main_std, _ = row.stat(lambda r: r["metrics"]["final"][r["main_metric"]])
+            rec: dict[str, Any] = {
+                "experiment": row.experiment, "method": row.method, "model": row.model, "task": row.task,
+                "settings": row.settings, "target_sparsity": "" if row.target is None else row.target,
+                "n_runs": len(row.runs), "seeds": " ".join(map(str, row.seeds)), "main_metric": row.main_metric,
+                "main_mean": num(main_mean), "main_std": num(main_std),
+            }
+            any_pub = False
+            for m in metrics:
+                mean, std, _ = row.stat(lambda r, m=m: r["metrics"]["final"][m])
+                pub = published_value(info, row.task, m, row.target)
+                any_pub |= pub is not None
+                rec.update({f"{m}_mean": num(mean), f"{m}_std": num(std), f"{m}_published": num(pub)})
+            rec.update(
+                measured_sparsity_mean=num(row.stat(lambda r: r["sparsity"]["measured"])[0]),
+                measured_sparsity_std=num(row.stat(lambda r: r["sparsity"]["measured"])[1]),
+                overall_sparsity_mean=num(row.stat(lambda r: r["sparsity"]["overall"])[0]),
+                params_total=num(row.stat(lambda r: r["params"]["total"])[0]),
+                params_nonzero_mean=num(row.stat(lambda r: r["params"]["nonzero"])[0]),
+                params_compressed_total_mean=num(row.stat(lambda r: r["params"]["compressed_total"])[0]),
+                time_s_mean=num(row.stat(lambda r: r["time_s"]["total"])[0]),
+                time_s_std=num(row.stat(lambda r: r["time_s"]["total"])[1]),
+                published_source=str(info.get("source", "")) if info and any_pub else "",
+                run_dirs=" ".join(r.get("_path", "") for r in row.runs),
+            )
+            w.writerow(rec)
+
+
+def line_label(row: Row, rows: list[Row]) -> str:
+    """The method, plus whatever else differs between the task's lines."""
+    parts = [row.method]
+    if len({r.model for r in rows}) > 1:
+        parts.append(row.model)
+    if len({r.experiment for r in rows}) > 1 and row.experiment:
+        parts.append(row.experiment)
+    if len({r.settings for r in rows}) > 1 and row.settings:
+        parts.append(row.settings)
+    return " · ".join(parts)
+
+
+def plot_task(task: str, rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = rows[0].main_metric
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    dense: dict[str, tuple[float, float | None]] = {}
+    for row in rows:
+        y, yerr, _ = row.stat(lambda r: r["metrics"]["final"][metric])
+        x, _, _ = row.stat(lambda r: r["sparsity"]["measured"])
+        if y is None or x is None:
+            continue
+        label = line_label(row, rows)
+        if row.method == "dense":
+            dense[label] = (y, yerr)
+        else:
+            lines[label].append((x * 100, y * 100, (yerr or 0.0) * 100))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_lines = len(lines)
+    for i, (label, pts) in enumerate(sorted(lines.items())):
+        pts.sort()
+        xs, ys, es = zip(*pts, strict=True)
+        dodge = (i - (n_lines - 1) / 2) * 0.4  # keeps error bars at the same sparsity apart
+        ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", capsize=3, label=label, color=colors[i % len(colors)])
+    for label, (y, yerr) in dense.items():
+        ax.axhline(y * 100, color="gray", linestyle="--", linewidth=1, label=f"{label} ({y * 100:.1f})")
+        if yerr:
+            ax.axhspan((y - yerr) * 100, (y + yerr) * 100, color="gray", alpha=0.15)
+    seen: set[tuple[str, str]] = set()
+    for row in rows:  # published curves of experiment runs
+        info = row.experiment_info()
+        curve = published_curve(info, task, metric)
+        key = (row.experiment, row.method)
+        if curve and key not in seen:
+            seen.add(key)
+            xs, ys = zip(*curve, strict=True)
+            ax.plot([x * 100 for x in xs], [y * 100 for y in ys], linestyle=":", marker="s", fillstyle="none", label=f"{row.method} (published)")
+        elif not curve:
+            pub = published_value(info, task, metric, row.target)
+            if pub is not None and key not in seen and row.target is not None:
+                seen.add(key)
+                ax.plot([row.target * 100], [pub * 100], linestyle="none", marker="*", markersize=11, label=f"{row.method} (published)")
+    ax.set_xlabel("measured sparsity (% of prunable weights removed)")
+    ax.set_ylabel(f"{metric} (×100)")
+    n_seeds = sorted({len(r.runs) for r in rows})
+    ax.set_title(f"{task}: {metric} vs sparsity (mean ± std over {'/'.join(map(str, n_seeds))} seed(s))", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write report.md, report.csv and plot_<task>_<metric>.png; return what was written."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"'{root}' is not a directory. Give the run or sweep directory, e.g. pruneflow-report outputs/multirun/<date>/<time>.")
+    results = [r for r in load_results(root) if _usable(r)]
+    finished = {r["_path"] for r in results}
+    failed, unfinished = find_incomplete(root, finished)
+    if not results:
+        raise ReportError(
+            f"No finished run under '{root}': no readable result.json was found "
+            f"({len(failed)} failed job(s) with error.txt, {len(unfinished)} unfinished). "
+            "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir)."
+        )
+    out_dir = Path(out) if out is not None else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = group_results(results)
+    plots: dict[str, str] = {}
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_task[row.task].append(row)
+    for task, task_rows in by_task.items():
+        name = f"plot_{slug(task)}_{slug(task_rows[0].main_metric)}.png"
+        plot_task(task, task_rows, out_dir / name)
+        plots[task] = name
+    (out_dir / "report.md").write_text(markdown(rows, failed, unfinished, root, plots))
+    write_csv(rows, out_dir / "report.csv")
+    return {"rows": rows, "failed": failed, "unfinished": unfinished, "plots": [out_dir / p for p in plots.values()], "out": out_dir}
+
+
+def _usable(result: dict[str, Any]) -> bool:
+    try:
+        return isinstance(result["metrics"]["final"], dict) and bool(result["method"]) and "main_metric" in result
+    except (KeyError, TypeError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pruneflow-report",
+        description="Collect every result.json under DIR into report.md, report.csv and plot_<task>_<metric>.png.",
+    )
+    parser.add_argument("dir", metavar="DIR", help="a run or sweep directory (searched recursively)")
+    parser.add_argument("--out", metavar="OUT", default=None, help="where to write the report (default: DIR)")
+    args = parser.parse_args(argv)
+    try:
+        info = build_report(args.dir, args.out)
+    except ReportError as e:
+        print(f"pruneflow-report: error: {e}", file=sys.stderr)
+        return 2
+    out = info["out"]
+    print(f"{sum(len(r.runs) for r in info['rows'])} runs in {len(info['rows'])} configurations -> {out / 'report.md'}, {out / 'report.csv'}")
+    for p in info["plots"]:
+        print(f"plot: {p}")
+    if info["failed"] or info["unfinished"]:
+        print(f"{len(info['failed'])} failed and {len(info['unfinished'])} unfinished job(s) listed in report.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""SPP speed benchmark (DESIGN.md §7): dense vs physically compressed BERT-base on CPU.
+
+BERT-base shape (``BertConfig()``, random weights), batch 8 x 128 tokens. The
+compressed model removes 50 % of the prunable (encoder Linear) weights uniformly
+per layer: half of the query–key inner dims, half of the value–output inner
+dims and half of the FFN neurons in every layer (the same random half in every
+head). The script
+
+1. checks that the compressed model's outputs equal the masked model's
+   (the dense model with those dimensions masked to zero) to float tolerance,
+2. times dense and compressed forward passes side by side (interleaved,
+   warm-up, medians) and prints ``ratio=<dense ms / compressed ms>``.
+
+Target: ratio >= 1.8 on a 2-core CPU.
+
+    python scripts/bench_speed.py [--repeats 10] [--threads N] [--batch 8] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from pruneflow.compress import PairedMasks, compress, find_blocks
+from pruneflow.speed import time_forward
+
+
+def prunable_weights(model: torch.nn.Module) -> int:
+    return sum(
+        lin.weight.numel()
+        for pb in find_blocks(model)
+        for lin in (pb.attn.query, pb.attn.key, pb.attn.value, pb.proj, pb.fc1, pb.fc2)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--keep", type=float, default=0.5, help="fraction of each paired dimension kept")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    dense = BertForSequenceClassification(BertConfig()).eval()
+    ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.seq))
+    mask = torch.ones_like(ids)
+
+    # The same random half of the dims in every layer's heads; masked model first.
+    masked = copy.deepcopy(dense)
+    masks = PairedMasks(masked, share_heads=True)
+    g = torch.Generator().manual_seed(0)
+    keep = []
+    for e in masks:
+        n = e.param.numel()
+        k = torch.zeros(n, dtype=torch.bool)
+        k[torch.randperm(n, generator=g)[: round(args.keep * n)]] = True
+        keep.append(k)
+    masks.attach()
+    masks.set([k.float() for k in keep])
+    layers = masks.kept_layers(keep)
+    compressed = compress(copy.deepcopy(dense), layers)
+
+    with torch.no_grad():
+        ref = masked(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        out = compressed(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    err = (ref.hidden_states[-1] - out.hidden_states[-1]).abs().max().item()
+    err_logits = (ref.logits - out.logits).abs().max().item()
+    ok = torch.allclose(ref.hidden_states[-1], out.hidden_states[-1], atol=1e-4, rtol=1e-4)
+    del masked, ref, out
+
+    removed = 1 - prunable_weights(compressed) / prunable_weights(dense)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_comp = sum(p.numel() for p in compressed.parameters())
+    print(f"prunable weights removed: {removed:.4f}; parameters {n_dense} -> {n_comp}")
+    print(f"compressed vs masked: max |diff| last hidden state {err:.2e}, logits {err_logits:.2e} -> {'equal' if ok else 'DIFFERENT'} (atol=rtol=1e-4)")
+
+    times = time_forward(
+        {
+            "dense": lambda: dense(input_ids=ids, attention_mask=mask),
+            "compressed": lambda: compressed(input_ids=ids, attention_mask=mask),
+        },
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    print(
+        f"device=cpu threads={torch.get_num_threads()} batch={args.batch}x{args.seq} attn={dense.config._attn_implementation} "
+        f"dense_ms={times['dense']:.1f} compressed_ms={times['compressed']:.1f}"
+    )
+    print(f"ratio={times['dense'] / times['compressed']:.3f}")
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

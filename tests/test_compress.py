@@ -1,0 +1,174 @@
+"""Physical compression of paired dimensions: compressed outputs equal the masked model's."""
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from pruneflow import load_model
+from pruneflow.compress import (
+    CompressedBertSelfAttention,
+    CompressedTimmAttention,
+    PairedMasks,
+    compress,
+    find_blocks,
+    head_rows,
+    pad_heads,
+    structure_info,
+    uniform_keep,
+)
+from pruneflow.export import save_model
+from pruneflow.models import ModelBundle
+
+FRACTION = {"qk": 0.3, "vo": 0.7, "ffn": 0.5}  # unequal q/k and v head sizes on purpose
+
+
+def tiny_bert(impl: str) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, attn_implementation=impl)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=4, num_classes=10, in_chans=1).eval()
+
+
+def random_keep(masks: PairedMasks, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for e in masks:
+        n = e.param.numel()
+        k = torch.zeros(n, dtype=torch.bool)
+        k[torch.randperm(n, generator=g)[: max(1, int(FRACTION[e.kind] * n))]] = True
+        keep.append(k)
+    return keep
+
+
+def mask_then_compress(model, share_heads: bool, forward):  # noqa: ANN001, ANN201
+    """Outputs of the masked model and of the compressed model (same keep vectors)."""
+    masks = PairedMasks(model, share_heads=share_heads)
+    keep = random_keep(masks)
+    masks.attach()
+    masks.set([k.float() for k in keep])
+    with torch.no_grad():
+        masked = forward(model)
+    layers = masks.kept_layers(keep)
+    masks.detach()
+    compress(model, layers)
+    with torch.no_grad():
+        compressed = forward(model)
+    return masked, compressed, layers
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("share_heads", [True, False])
+def test_bert_compressed_equals_masked(impl, share_heads):
+    model = tiny_bert(impl)
+    ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    att = torch.ones_like(ids)
+    att[0, 5:] = 0  # padding: the attention mask path is exercised too
+    dense_params = sum(p.numel() for p in model.parameters())
+
+    def fwd(m):  # noqa: ANN001, ANN202
+        out = m(input_ids=ids, attention_mask=att, output_hidden_states=True)
+        return torch.cat([out.hidden_states[-1].flatten(), out.logits.flatten()])
+
+    masked, compressed, layers = mask_then_compress(model, share_heads, fwd)
+    torch.testing.assert_close(compressed, masked, atol=1e-5, rtol=1e-5)
+    sa = model.bert.encoder.layer[0].attention.self
+    assert isinstance(sa, CompressedBertSelfAttention)
+    assert sa.scaling == pytest.approx(8**-0.5)  # the original head size's scale
+    kq = max(map(len, layers["bert.encoder.layer.0"]["qk"]))
+    kv = max(map(len, layers["bert.encoder.layer.0"]["vo"]))
+    assert kq != kv
+    assert tuple(sa.query.weight.shape) == (4 * kq, 32) and tuple(sa.key.weight.shape) == (4 * kq, 32)
+    assert tuple(sa.value.weight.shape) == (4 * kv, 32)
+    assert tuple(model.bert.encoder.layer[0].attention.output.dense.weight.shape) == (32, 4 * kv)
+    assert tuple(model.bert.encoder.layer[0].intermediate.dense.weight.shape) == (32, 32)
+    assert sum(p.numel() for p in model.parameters()) < dense_params
+
+
+@pytest.mark.parametrize("share_heads", [True, False])
+def test_vit_compressed_equals_masked(share_heads):
+    model = tiny_vit()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    masked, compressed, layers = mask_then_compress(model, share_heads, lambda m: m(x))
+    torch.testing.assert_close(compressed, masked, atol=1e-5, rtol=1e-5)
+    attn = model.blocks[0].attn
+    assert isinstance(attn, CompressedTimmAttention)
+    assert attn.scale == pytest.approx(8**-0.5)
+    kq, kv = attn.qk_dim, attn.v_dim
+    assert attn.qkv.weight.shape[0] == 4 * (2 * kq + kv) and attn.proj.weight.shape[1] == 4 * kv
+    assert model.blocks[0].mlp.fc1.weight.shape[0] == len(layers["blocks.0"]["ffn"]) == 64
+
+
+def test_uniform_half_removes_half_of_the_prunable_weights():
+    model = tiny_bert("sdpa")
+
+    def prunable(m):  # noqa: ANN001, ANN202
+        return sum(lin.weight.numel() for pb in find_blocks(m) for lin in (pb.attn.query, pb.attn.key, pb.attn.value, pb.proj, pb.fc1, pb.fc2))
+
+    before = prunable(model)
+    compress(model, uniform_keep(model, 0.5))
+    assert prunable(model) * 2 == before
+
+
+def test_index_helpers_by_hand():
+    keep = torch.tensor([[0, 2], [1, 3]])
+    assert head_rows(keep, head_dim=4, offset=10).tolist() == [10, 12, 15, 17]
+    idx, pad = pad_heads([[3, 1], [2]], head_dim=4)
+    assert idx.tolist() == [[1, 3], [2, 0]] and pad.tolist() == [[False, False], [False, True]]
+
+
+class _Exported:
+    """Stands in for the method when saving: only ``export_config`` is used."""
+
+    def __init__(self, layers):  # noqa: ANN001
+        self.layers = layers
+
+    def export_config(self):  # noqa: ANN201
+        return structure_info(self.layers, method="spp")
+
+
+def test_hf_compressed_model_saves_and_reloads(tmp_path):
+    model = tiny_bert("sdpa")
+    ids = torch.randint(0, 100, (2, 7))
+    layers = uniform_keep(model, 0.5)
+    layers["bert.encoder.layer.1"]["vo"] = [[0, 5, 6]] * 4  # a different v size in one layer
+    compress(model, layers)
+    save_model(ModelBundle(model=model, family="hf", name="bert"), tmp_path / "m", _Exported(layers))
+    assert json.loads((tmp_path / "m" / "pruneflow.json").read_text())["compressed"] is True
+    loaded = load_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_timm_compressed_model_saves_and_reloads(tmp_path):
+    model = tiny_vit()
+    reference = copy.deepcopy(model)
+    layers = uniform_keep(model, 0.25)
+    compress(model, layers)
+    arch = {"architecture": "vit_tiny_patch16_224", "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 10, "in_chans": 1}}
+    save_model(ModelBundle(model=model, family="timm", name="vit", arch=arch), tmp_path / "m", _Exported(layers))
+    loaded = load_model(tmp_path / "m").eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        assert not torch.allclose(loaded(x), reference(x))  # it really is the compressed model
+
+
+def test_detaching_masks_restores_weights_and_parameter_order():
+    model = tiny_vit()
+    names = [n for n, _ in model.named_parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = PairedMasks(model)
+    masks.attach()
+    masks.set([torch.zeros_like(e.param) for e in masks])
+    masks.detach()
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

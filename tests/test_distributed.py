@@ -1,0 +1,82 @@
+"""torchrun / torch.distributed on CPU with the gloo backend: two processes agree on everything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sweep_helpers import result, run_cli, tiny_config_dir
+
+from pruneflow import distributed
+
+pytestmark = pytest.mark.slow
+
+
+def _helpers_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        out: dict = {}
+        # gradients: each rank holds different values; afterwards both hold the mean
+        big = torch.nn.Parameter(torch.zeros(3, 4))
+        small = torch.nn.Parameter(torch.zeros(5))
+        frozen = torch.nn.Parameter(torch.zeros(2))  # no grad: skipped, not a hang
+        big.grad = torch.full((3, 4), float(rank + 1)) * torch.arange(12.0).view(3, 4)
+        small.grad = torch.tensor([1.0, 2, 3, 4, 5]) * (10 if rank else -2)
+        distributed.average_gradients([big, frozen, small])
+        out["big"] = big.grad.tolist()
+        out["small"] = small.grad.tolist()
+        out["loss"] = distributed.mean_scalar(1.0 + rank, torch.device("cpu"))
+        # sharding: contiguous, equal slices of the global batch
+        batch = {"x": torch.arange(8).view(8, 1), "y": torch.arange(8)}
+        out["shard"] = distributed.shard(batch)["y"].tolist()
+        out["same"] = distributed.check_identical("weights", {"w": "abc"})[1]["w"]
+        try:
+            distributed.check_identical("masks", {"m": f"rank{rank}"})
+            out["diverged_raises"] = False
+        except RuntimeError as e:
+            out["diverged_raises"] = "disagree" in str(e)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_averaging_sharding_and_checks(tmp_path: Path) -> None:
+    mp.spawn(_helpers_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    expected_big = (1.5 * torch.arange(12.0).view(3, 4)).tolist()  # mean of 1x and 2x
+    for r in (r0, r1):
+        assert r["big"] == expected_big
+        assert r["small"] == [4.0, 8.0, 12.0, 16.0, 20.0]  # mean of -2x and 10x
+        assert r["loss"] == 1.5
+        assert r["same"] == "abc"
+        assert r["diverged_raises"] is True
+    assert r0["shard"] == [0, 1, 2, 3] and r1["shard"] == [4, 5, 6, 7]
+
+
+def test_torchrun_two_cpu_processes_identical_masks(tmp_path: Path) -> None:
+    conf = tiny_config_dir(tmp_path)
+    run_dir = tmp_path / "run"
+    out = run_cli(
+        ["experiment=pf_tiny", "method=magnitude", "sparsity=0.8", "trainer.device=cpu", "save_model=true",
+         f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"],
+        tmp_path, conf,
+        prefix=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pruneflow.cli"],
+        extra_env={"OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    r = result(run_dir)
+    d = r["provenance"]["distributed"]
+    assert d["world_size"] == 2 and d["backend"] == "gloo"
+    # each rank's fingerprints (hashes) after the prune stage and of the final model, gathered by rank 0
+    after_prune, final = d["fingerprints"]["prune"], d["fingerprints"]["final"]
+    assert len(after_prune) == 2 and after_prune[0] == after_prune[1]
+    assert set(after_prune[0]) >= {"masks", "weights"}
+    assert len(final) == 2 and final[0] == final[1]
+    assert r["sparsity"]["measured"] == pytest.approx(0.8, abs=1e-5)
+    # rank 0 alone wrote the outputs; the finetune stage was cached once
+    assert (run_dir / "model").is_dir() and (run_dir / "predictions.jsonl").exists()
+    assert len(list((tmp_path / "cache" / "finetune").glob("*/entry.json"))) == 1

@@ -1,0 +1,29 @@
+import pytest
+
+from conftest import FAST, read_result, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        ["-m", *FAST, "method=magnitude,random", "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p.parent for p in sweep.rglob("result.json"))
+    assert len(jobs) == 4 and all(j.parent == sweep for j in jobs)  # one folder per job
+    got = sorted((read_result(j)["method"], read_result(j)["sparsity"]["target"]) for j in jobs)
+    assert got == [("magnitude", 0.5), ("magnitude", 0.9), ("random", 0.5), ("random", 0.9)]
+    assert all(f"method={m},sparsity={s}" in j.name for j, (m, s) in zip(jobs, got, strict=True))
+
+    # Re-launching only runs what is missing; a bad job fails alone.
+    proc = run_cli(
+        ["-m", *FAST, "method=magnitude", "sparsity=0.5,1.5,0.9", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"],
+        cwd=tmp_path,
+    )
+    failed = [p.parent.name for p in sweep.rglob("error.txt")]
+    assert len(failed) == 1 and "sparsity=1.5" in failed[0]
+    assert len(list(sweep.rglob("result.json"))) == 4  # 0.5 and 0.9 were skipped, not re-run
+    assert (proc.stdout + proc.stderr).count("this run is finished") == 2

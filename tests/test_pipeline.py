@@ -1,0 +1,95 @@
+"""End-to-end runs on the offline default (tiny ViT on digits) with short stages."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pruneflow.runner import run
+
+pytestmark = pytest.mark.slow
+
+
+def recount(model_dir, names):
+    state = load_file(str(model_dir / "model.safetensors"))
+    zeros = sum(int(state[n].numel() - state[n].count_nonzero()) for n in names)
+    return zeros / sum(state[n].numel() for n in names)
+
+
+def test_magnitude_run_writes_the_result_contract(config, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(config("method=magnitude", "sparsity=0.7", "speed.enabled=true"), run_dir, ["method=magnitude", "sparsity=0.7"])
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk["metrics"] == json.loads(json.dumps(result["metrics"]))
+    for key in ("method", "model", "task", "seed", "main_metric", "sparsity", "params", "metrics", "speed", "export", "time_s", "config", "overrides", "provenance"):
+        assert key in on_disk
+    assert (on_disk["method"], on_disk["model"], on_disk["task"]) == ("magnitude", "tiny_vit", "digits")
+    assert set(on_disk["metrics"]) == {"finetune", "prune", "recover", "final"}
+    assert on_disk["metrics"]["final"] == on_disk["metrics"]["recover"]
+
+    # Sparsity recounted from the saved weights, independently of the runner.
+    names = list(on_disk["sparsity"]["per_layer"])
+    assert len(names) == 16 and all(n.startswith("blocks.") for n in names)
+    measured = recount(run_dir / "model", names)
+    assert abs(measured - 0.7) < 1e-4
+    assert on_disk["sparsity"]["measured"] == pytest.approx(measured, abs=1e-6)
+    assert on_disk["params"]["total"] == 202186 and on_disk["params"]["prunable"] == 196608
+    state = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert on_disk["params"]["nonzero"] == sum(int(v.count_nonzero()) for v in state.values())
+    assert on_disk["speed"]["dense_ms"] > 0 and on_disk["speed"]["final_ms"] > 0
+
+    # Accuracy recomputed from predictions.jsonl.
+    preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 360 and len({p["id"] for p in preds}) == 360
+    acc = sum(p["prediction"] == p["reference"] for p in preds) / len(preds)
+    assert acc == pytest.approx(on_disk["metrics"]["final"]["accuracy"], abs=1e-6)
+    assert all(p["prediction"] == p["top5"][0] for p in preds)
+
+    # The saved model loads back and gives the same predictions.
+    from pruneflow import load_model
+
+    model = load_model(run_dir / "model").eval()
+    from omegaconf import OmegaConf
+
+    from pruneflow.tasks.digits import Digits
+
+    task = Digits(OmegaConf.create({"name": "digits"}))
+    task.load()
+    x = torch.stack([task.eval_sets["validation"][i]["pixel_values"] for i in range(20)])
+    assert model(x).argmax(-1).tolist() == [p["prediction"] for p in preds[:20]]
+
+
+def test_finetune_is_cached_across_methods_and_sparsities(config, tmp_path, caplog):
+    caplog.set_level("INFO", logger="pruneflow")
+    a = run(config("method=magnitude", "sparsity=0.5"), tmp_path / "a")
+    caplog.clear()
+    b = run(config("method=random", "sparsity=0.9"), tmp_path / "b")
+    assert any("Reusing cached finetune" in r.getMessage() for r in caplog.records)
+    assert a["metrics"]["finetune"] == b["metrics"]["finetune"]
+    assert b["sparsity"]["measured"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_dense_method_skips_the_prune_stage(config, tmp_path):
+    r = run(config("method=dense"), tmp_path / "d")
+    assert set(r["metrics"]) == {"finetune", "recover", "final"}
+    assert r["sparsity"]["target"] == 0.0 and r["sparsity"]["measured"] == 0.0
+
+
+def test_finished_run_is_not_run_again(config, tmp_path, caplog):
+    cfg = config("method=magnitude")
+    first = run(cfg, tmp_path / "r")
+    caplog.set_level("INFO", logger="pruneflow")
+    again = run(cfg, tmp_path / "r")
+    assert again == json.loads((tmp_path / "r" / "result.json").read_text())
+    assert any("skipping" in r.getMessage() for r in caplog.records)
+    assert first["metrics"] == again["metrics"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saved_state(config, tmp_path):
+    from pruneflow.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="stages.finetune.lr"):
+        run(config("stages.finetune.lr=1e30", "trainer.max_grad_norm=0", "cache=false"), tmp_path / "nan")
+    assert (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "nan" / "result.json").exists()

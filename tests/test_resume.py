@@ -1,0 +1,33 @@
+"""A run killed with SIGKILL and started again ends exactly like an uninterrupted one."""
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import FAST, read_result, run_cli
+
+pytestmark = pytest.mark.slow
+
+ARGS = [*FAST, "method=magnitude", "sparsity=0.7", "trainer.checkpoint_every=5"]
+
+
+@pytest.mark.parametrize("kill_at", ["finetune:10", "prune:10", "recover:15"])
+def test_kill_and_resume_gives_the_same_result(tmp_path, kill_at):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = run_cli([*ARGS, f"hydra.run.dir={ref_dir}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+
+    cmd = [*ARGS, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c2'}"]
+    killed = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": kill_at})
+    assert killed.returncode == -9  # SIGKILL
+    assert not (run_dir / "result.json").exists()
+
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stderr + resumed.stdout or "Resuming from" in (run_dir / "pruneflow.log").read_text()
+
+    a, b = read_result(ref_dir), read_result(run_dir)
+    assert a["metrics"] == b["metrics"]
+    assert a["sparsity"] == b["sparsity"]
+    wa = load_file(str(ref_dir / "model" / "model.safetensors"))
+    wb = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)

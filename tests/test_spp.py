@@ -1,0 +1,273 @@
+"""SPP: the path mathematics by hand, the search on small models, one search for every sparsity."""
+
+import json
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from pruneflow.errors import UserError
+from pruneflow.masking import MaskedWeights, select_prunable
+from pruneflow.methods.base import PruneContext
+from pruneflow.methods.spp import (
+    NOT_ENTERED,
+    SPP,
+    global_keep,
+    global_priority,
+    lbi_update,
+    rank_entries,
+    record_entries,
+    shrink,
+)
+from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, run
+
+SPP_CFG = {"name": "spp", "optimizer": "adam", "lr": 0.01, "kappa": 1.0, "lambda": 3.0, "nu": 100.0, "z_lr": "auto", "share_heads": True, "search_epochs": None, "search_steps": None, "include": None, "exclude": None}
+
+
+# ----------------------------------------------------------------------------- the mathematics by hand
+def test_shrink_is_the_one_sided_soft_threshold():
+    z = torch.tensor([-5.0, 0.0, 2.5, 3.0, 3.5, 10.0])
+    assert shrink(z, 3.0).tolist() == [0.0, 0.0, 0.0, 0.0, 0.5, 7.0]
+
+
+def test_lbi_update_by_hand():
+    m = torch.tensor([1.0, 0.5, 2.0])
+    z = torch.tensor([2.9, 0.0, 4.0])
+    gamma = torch.tensor([0.0, 0.0, 2.0])
+    z_new, g_new = lbi_update(m, z, gamma, z_lr=0.5, kappa=2.0, lam=3.0)
+    # z + 0.5 * (m - gamma) = [3.4, 0.25, 4.0]; gamma = 2 * max(z - 3, 0)
+    torch.testing.assert_close(z_new, torch.tensor([3.4, 0.25, 4.0]))
+    torch.testing.assert_close(g_new, torch.tensor([0.8, 0.0, 2.0]))
+
+
+def test_record_entries_keeps_the_first_entry_step():
+    e = torch.full((4,), NOT_ENTERED)
+    e = record_entries(e, torch.tensor([0.0, 1.0, 0.0, 2.0]), step=3)
+    e = record_entries(e, torch.tensor([0.5, 1.0, 0.0, 0.0]), step=7)  # entry 3 left: keeps step 3
+    assert e.tolist() == [7, 3, NOT_ENTERED, 3]
+
+
+def test_rank_entries_by_hand():
+    step = torch.tensor([5, NOT_ENTERED, 2, 5, NOT_ENTERED, 2])
+    z = torch.tensor([4.0, 1.0, 3.5, 4.5, 2.0, 3.5])
+    m = torch.tensor([1.0, 0.1, 0.2, 1.0, 0.3, 0.9])
+    # step 2 first (tie in z -> larger m first: 5 then 2), then step 5 (larger z: 3 then 0),
+    # then never-entered by z (4 then 1)
+    assert rank_entries(step, z, m).tolist() == [5, 2, 3, 0, 4, 1]
+
+
+def test_global_keep_removes_the_globally_worst_and_keeps_one_per_mask():
+    # Two masks of one type; global priority 0 = best.
+    prio = [torch.tensor([0, 3, 5]), torch.tensor([4, 1, 2])]
+    keep = global_keep(prio, costs=[10, 10], remove_weights=30)
+    assert [k.tolist() for k in keep] == [[True, False, False], [False, True, True]]
+    keep = global_keep(prio, costs=[10, 10], remove_weights=60)  # asks for all but: one per mask stays
+    assert [int(k.sum()) for k in keep] == [1, 1] and keep[0][0] and keep[1][1]
+    # global priority across masks follows rank_entries
+    p = global_priority([torch.tensor([3, NOT_ENTERED]), torch.tensor([1])], [torch.zeros(2), torch.zeros(1)], [torch.ones(2), torch.ones(1)])
+    assert [t.tolist() for t in p] == [[1, 2], [0]]
+
+
+# ----------------------------------------------------------------------------- the search on small models
+def _context(model: nn.Module, batches, loss_fn, steps: int) -> PruneContext:  # noqa: ANN001
+    weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
+    return PruneContext(model=model, weights=weights, schedule=None, sparsity=0.5, total_steps=steps, device=torch.device("cpu"), batches=batches, loss_fn=loss_fn)
+
+
+def _vit_problem(steps: int):  # noqa: ANN202
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=4, num_classes=4, in_chans=1)
+    x = torch.randn(64, 1, 8, 8)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, :, :4].mean((1, 2)) > 0).long()  # learnable labels
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):  # a briefly trained model: mask gradients mean something
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    def batches():  # noqa: ANN202
+        g = torch.Generator().manual_seed(0)
+        while True:
+            i = torch.randperm(64, generator=g)[:16]
+            yield {"pixel_values": x[i], "labels": y[i]}
+
+    def loss_fn(m, b):  # noqa: ANN001, ANN202
+        return nn.functional.cross_entropy(m(b["pixel_values"]), b["labels"])
+
+    return model, _context(model, batches, loss_fn, steps)
+
+
+def test_search_path_only_grows_and_leaves_the_weights_untouched():
+    model, ctx = _vit_problem(steps=60)
+    # A neuron whose fc2 column is zero has no effect on the loss: only the coupling
+    # term ||M - Γ||² / (2 nu) moves its mask (towards Γ = 0).
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[:, 7] = 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = SPP(OmegaConf.create(SPP_CFG), 0.5)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    search, path = method.run_search(ctx)
+
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)  # W frozen, masks removed
+    assert all(p.requires_grad for p in model.parameters())
+    assert len(path) == 60
+    entered = [sum(p[f"entered_{k}"] for k in ("qk", "vo", "ffn")) for p in path]
+    assert entered[0] == 0 and entered[-1] > 0
+    assert all(b >= a for a, b in zip(entered, entered[1:], strict=False))  # entries only enter
+    assert all(p["exited"] == 0 for p in path)  # none left the support: the support grows
+    assert all(b["support"] >= a["support"] for a, b in zip(path, path[1:], strict=False))
+    assert all(b["sparsity"] <= a["sparsity"] for a, b in zip(path, path[1:], strict=False))
+    ffn0 = search["blocks.0.ffn"]
+    # Its loss gradient is exactly 0, so without the coupling term Adam would leave its
+    # mask at exactly 1; the coupling pulled it down (Adam, lr 0.01, 60 steps), below
+    # the median of its layer's neurons, whose loss gradients resist.
+    assert float(ffn0["m"][7]) < 0.6
+    assert float(ffn0["m"][7]) < float(ffn0["m"].median())
+    steps = torch.cat([d["entry_step"] for d in search.values()])
+    assert int((steps != NOT_ENTERED).sum()) == round(path[-1]["support"] * steps.numel())
+
+
+def test_bert_search_then_compression_reaches_the_target_sparsity():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    ids = torch.randint(0, 50, (32, 6))
+    labels = torch.randint(0, 2, (32,))
+
+    def batches():  # noqa: ANN202
+        while True:
+            yield {"input_ids": ids, "labels": labels}
+
+    def loss_fn(m, b):  # noqa: ANN001, ANN202
+        return m(input_ids=b["input_ids"], labels=b["labels"]).loss
+
+    ctx = _context(model, batches, loss_fn, steps=8)
+    shapes = {w.name: tuple(w.shape) for w in ctx.weights}
+    method = SPP(OmegaConf.create({**SPP_CFG, "share_heads": False}), 0.6)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    assert method.run_prune_stage(ctx) is True  # no cache_dir: searched, not cached
+    method.finalize(model)
+    assert method.compressed
+    report = method.sparsity_report(model, shapes)
+    kept = sum(model.state_dict()[n].numel() for n in shapes)
+    assert report["measured"] == pytest.approx(1 - kept / sum(torch.Size(s).numel() for s in shapes.values()))
+    # per-head masks pad heads to equal sizes, so a little less than the target is removed
+    assert 0.45 < report["measured"] <= 0.6 + 1e-3
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    info = method.export_config()
+    assert info["compressed"] and set(info["layers"]) == {"bert.encoder.layer.0", "bert.encoder.layer.1"}
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="method.optimizer"):
+        SPP(OmegaConf.create({**SPP_CFG, "optimizer": "lion"}), 0.5)
+    with pytest.raises(UserError, match="method.nu"):
+        SPP(OmegaConf.create({**SPP_CFG, "nu": 0}), 0.5)
+    with pytest.raises(UserError, match="method.z_lr"):
+        SPP(OmegaConf.create({**SPP_CFG, "z_lr": "fast"}), 0.5)
+    model, ctx = _vit_problem(steps=1)
+    with pytest.raises(UserError, match="sparsity"):
+        SPP(OmegaConf.create(SPP_CFG), 0.99).validate(model, ctx.weights)
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_path, caplog):
+    caplog.set_level("INFO", logger="pruneflow")
+    r5 = run(config("method=spp", "sparsity=0.5", "speed.enabled=true"), tmp_path / "s5")
+    assert any(r.getMessage().startswith("Cached spp") for r in caplog.records)
+    params = r5["params"]
+    assert params["compressed_total"] is not None and params["compressed_total"] < 0.6 * params["total"]
+    assert r5["sparsity"]["measured"] == pytest.approx(0.5, abs=0.01)
+    assert r5["method_info"]["search_reused"] is False
+
+    # Measured sparsity recounted from the saved weights' shapes against the original ones.
+    state = load_file(str(tmp_path / "s5" / "model" / "model.safetensors"))
+    names = list(r5["sparsity"]["per_layer"])
+    assert len(names) == 16
+    assert 1 - sum(state[n].numel() for n in names) / params["prunable"] == pytest.approx(r5["sparsity"]["measured"], abs=1e-6)
+    assert sum(v.numel() for v in state.values()) == params["compressed_total"]
+    path = json.loads((tmp_path / "s5" / "spp_path.json").read_text())
+    assert len(path["path"]) == 20 and path["path"][-1]["step"] == 20
+
+    # The compressed model reloads with one call and predicts what the run predicted.
+    from pruneflow import load_model
+    from pruneflow.tasks.digits import Digits
+
+    model = load_model(tmp_path / "s5" / "model").eval()
+    task = Digits(OmegaConf.create({"name": "digits"}))
+    task.load()
+    x = torch.stack([task.eval_sets["validation"][i]["pixel_values"] for i in range(360)])
+    preds = [json.loads(line) for line in (tmp_path / "s5" / "predictions.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        assert model(x).argmax(-1).tolist() == [p["prediction"] for p in preds]
+
+    # Another sparsity reuses the search: nested structures, measured ≈ target.
+    caplog.clear()
+    r7 = run(config("method=spp", "sparsity=0.7"), tmp_path / "s7")
+    assert any(r.getMessage().startswith("Reusing cached spp") for r in caplog.records)
+    assert not any(r.getMessage().startswith("Cached spp") for r in caplog.records)  # no second search
+    assert r7["method_info"]["search_reused"] is True
+    assert r7["method_info"]["search_cache"] == r5["method_info"]["search_cache"]
+    assert r7["sparsity"]["measured"] == pytest.approx(0.7, abs=0.01)
+    assert r7["params"]["compressed_total"] < params["compressed_total"]
+    k5, k7 = (json.loads((tmp_path / d / "model" / "config.json").read_text())["pruneflow"]["layers"] for d in ("s5", "s7"))
+    for block in k5:
+        assert set(k7[block]["ffn"]) <= set(k5[block]["ffn"])
+        assert set(k7[block]["qk"][0]) <= set(k5[block]["qk"][0])
+
+
+@pytest.mark.slow
+def test_spp_run_killed_during_recovery_resumes_to_the_same_result(tmp_path):
+    from conftest import FAST, read_result, run_cli
+
+    args = [*FAST, "method=spp", "sparsity=0.5", "trainer.checkpoint_every=5"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = run_cli([*args, f"hydra.run.dir={ref_dir}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    cmd = [*args, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c2'}"]
+    killed = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "recover:10"})
+    assert killed.returncode == -9 and not (run_dir / "result.json").exists()
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_result(ref_dir), read_result(run_dir)
+    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"] and a["params"] == b["params"]
+    wa = load_file(str(ref_dir / "model" / "model.safetensors"))
+    wb = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_spp_compresses_a_bert_model_end_to_end(config, tmp_path):
+    from task_data import write_glue
+    from transformers import AutoTokenizer
+
+    from pruneflow import load_model
+    from pruneflow.models import ModelBundle
+    from pruneflow.tasks import build_task
+
+    data = write_glue(tmp_path / "sst2", "sst2", fmt="jsonl")
+    cfg = config("model=bert_tiny", "task=glue/sst2", f"task.path={data}", "method=spp", "sparsity=0.5", "stages.finetune.steps=10", "stages.prune.steps=10", "stages.recover.steps=10")
+    r = run(cfg, tmp_path / "run")
+    assert r["sparsity"]["measured"] == pytest.approx(0.5, abs=0.01)
+    assert r["params"]["compressed_total"] < r["params"]["total"] - 0.45 * r["params"]["prunable"]
+    assert len(r["sparsity"]["per_layer"]) == 12 and all(k.startswith("bert.encoder.layer.") for k in r["sparsity"]["per_layer"])
+
+    # pruneflow.load_model rebuilds the compressed BERT; evaluated on its own it scores what the run reported.
+    model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "pruneflow.json").read_text())["compressed"] is True
+    bundle = ModelBundle(model=load_model(model_dir), family="hf", name="bert_tiny", tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    assert sum(p.numel() for p in bundle.model.parameters()) == r["params"]["compressed_total"]
+    task = build_task(cfg.task, 0)
+    task.load()
+    task.prepare(bundle)
+    metrics, _ = task.evaluate_all(bundle, 64, torch.device("cpu"))
+    assert metrics["accuracy"] == pytest.approx(r["metrics"]["final"]["accuracy"], abs=1e-9)

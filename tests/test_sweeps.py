@@ -1,0 +1,71 @@
+"""Sweeps through Hydra launcher plugins: joblib, basic, submitit_local.
+
+A failing job leaves error.txt and does not stop the others; re-launching a sweep
+into the same hydra.sweep.dir runs only the jobs without a result.json.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sweep_helpers import result, run_cli, tiny_config_dir
+
+pytestmark = pytest.mark.slow
+
+
+def job(sweep: Path, part: str) -> Path:
+    """The one job directory of the sweep whose name contains ``part``."""
+    found = [d for d in sweep.iterdir() if d.is_dir() and part in d.name.split(",")]
+    assert len(found) == 1, (part, sorted(d.name for d in sweep.iterdir()))
+    return found[0]
+
+
+def test_joblib_sweep_isolates_failures_and_relaunch_skips_finished(tmp_path: Path) -> None:
+    conf = tiny_config_dir(tmp_path)
+    sweep = tmp_path / "sweep"
+    args = ["experiment=pf_tiny", "method=magnitude", "sparsity=0.5,1.5", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"]
+    # trainer.torch_threads=null: the thread count per job is joblib's choice
+    first = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.torch_threads=null", *args], tmp_path, conf)
+    assert first.returncode == 0, first.stderr[-3000:]
+    good, bad = job(sweep, "sparsity=0.5"), job(sweep, "sparsity=1.5")
+    r = result(good)
+    assert r["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-5)
+    assert not (bad / "result.json").exists()
+    assert "Invalid value for 'sparsity': 1.5" in (bad / "error.txt").read_text()
+    # joblib's loky workers limit each job's threads so that 2 jobs share the cores
+    assert 1 <= r["provenance"]["torch_threads"] <= max(1, (os.cpu_count() or 1) // 2)
+
+    # same sweep again (basic launcher): the finished job is skipped, the failed one retried
+    good_mtime = (good / "result.json").stat().st_mtime_ns
+    (bad / "error.txt").unlink()
+    second = run_cli(["-m", "trainer.torch_threads=null", *args], tmp_path, conf)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (good / "result.json").stat().st_mtime_ns == good_mtime
+    assert "this run is finished, skipping it" in (good / "pruneflow.log").read_text()
+    assert "Invalid value for 'sparsity': 1.5" in (bad / "error.txt").read_text()  # failed again, sweep went on
+
+    # the report lists the failed job and tabulates the finished one
+    from pruneflow.report import main
+
+    assert main([str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    assert "1 failed" in md and "sparsity=1.5" in md
+    assert "| magnitude | tiny_vit | 50 | 1 (0) |" in md
+
+
+def test_submitit_local_two_jobs(tmp_path: Path) -> None:
+    conf = tiny_config_dir(tmp_path)
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "experiment=pf_tiny", "method=random",
+         "sparsity=0.6", "seed=0,1", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"],
+        tmp_path, conf,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for s in (0, 1):
+        r = result(job(sweep, f"seed={s}"))
+        assert r["seed"] == s and r["method"] == "random"
+        assert r["sparsity"]["measured"] == pytest.approx(0.6, abs=1e-5)
+    assert (sweep / ".submitit").is_dir()  # the jobs really went through submitit

@@ -1,0 +1,233 @@
+"""GLUE: local data in the Hub's formats through the real datasets loaders, errors, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from task_data import (
+    compose,
+    glue_rows,
+    read_jsonl,
+    run_pipeline,
+    write_dataset,
+    write_glue,
+    write_split,
+)
+
+from pruneflow.errors import UserError
+from pruneflow.metrics import compute_glue
+from pruneflow.models import build_model
+from pruneflow.tasks import TASKS, build_task
+
+from conftest import run_cli
+
+
+def make_task(overrides: list[str]):  # noqa: ANN201
+    cfg = compose(overrides)
+    task = build_task(cfg.task, 0)
+    return cfg, task
+
+
+def test_every_glue_task_is_registered_with_a_config() -> None:
+    conf = Path(__file__).resolve().parent.parent / "conf" / "task"
+    for name in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"):
+        assert f"glue/{name}" in TASKS
+        assert (conf / "glue" / f"{name}.yaml").is_file()
+        cfg = compose([f"task=glue/{name}"])
+        assert cfg.task.name == f"glue/{name}" and cfg.task.max_seq_length == 128
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "json", "csv", "disk"])
+def test_pair_task_loads_each_format(tmp_path: Path, fmt: str) -> None:
+    path = write_glue(tmp_path / "rte", "rte", fmt, n_train=20, n_eval=7)
+    cfg, task = make_task(["model=bert_tiny", "task=glue/rte", f"task.path={path}", f"task.cache_dir={tmp_path / 'cache'}"])
+    task.load()
+    assert len(task.raw["train"]) == 20 and len(task.raw["validation"]) == 7
+    assert task.ids["validation"] == list(range(7))
+    assert task.references["validation"] == [r["label"] for r in glue_rows("rte", 7, seed=1)]
+    bundle = build_model(cfg.model, task)
+    task.prepare(bundle)
+    item = task.train_set[3]
+    text = bundle.tokenizer.decode(item["input_ids"], skip_special_tokens=True)
+    row = glue_rows("rte", 20, seed=0)[3]
+    assert text == f"{row['sentence1']} {row['sentence2']}"  # both sentences, in order
+    assert item["token_type_ids"].count(1) > 0  # the second segment is marked
+    batch = task.collate([task.train_set[i] for i in range(4)])
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].tolist() == [0, 1, 0, 1]
+
+
+def test_hub_layout_subfolder_and_shards(tmp_path: Path) -> None:
+    """The Hub's parquet layout: <path>/sst2/train-00000-of-00001.parquet."""
+    root = tmp_path / "glue"
+    rows = glue_rows("sst2", 30)
+    import pandas as pd
+
+    (root / "sst2").mkdir(parents=True)
+    pd.DataFrame(rows[:20]).to_parquet(root / "sst2" / "train-00000-of-00002.parquet")
+    pd.DataFrame(rows[20:]).to_parquet(root / "sst2" / "train-00001-of-00002.parquet")
+    pd.DataFrame(glue_rows("sst2", 5, 1)).to_parquet(root / "sst2" / "validation-00000-of-00001.parquet")
+    pd.DataFrame(glue_rows("sst2", 4, 2)).assign(label=-1).to_parquet(root / "sst2" / "test-00000-of-00001.parquet")
+    _, task = make_task(["task=glue/sst2", f"task.path={root}", f"task.cache_dir={tmp_path / 'cache'}"])
+    task.load()
+    assert len(task.raw["train"]) == 30 and len(task.raw["validation"]) == 5
+    assert task.raw["train"]["sentence"] == [r["sentence"] for r in rows]
+
+
+def test_stsb_is_regression_and_sample_limits(tmp_path: Path) -> None:
+    path = write_glue(tmp_path / "stsb", "stsb", "csv", n_train=30, n_eval=12)
+    cfg, task = make_task(["model=bert_tiny", "task=glue/stsb", f"task.path={path}", "task.max_train_samples=10", "task.max_eval_samples=5"])
+    assert (task.problem, task.num_labels, task.main_metric) == ("regression", 1, "pearson")
+    task.load()
+    assert len(task.raw["train"]) == 10 and len(task.raw["validation"]) == 5
+    bundle = build_model(cfg.model, task)
+    assert bundle.model.config.problem_type == "regression" and bundle.model.config.num_labels == 1
+    task.prepare(bundle)
+    batch = task.collate([task.train_set[i] for i in range(6)])
+    assert batch["labels"].dtype.is_floating_point
+    assert batch["labels"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_mnli_splits_and_string_labels(tmp_path: Path) -> None:
+    rows = glue_rows("mnli", 12)
+    names = ["entailment", "neutral", "contradiction"]
+    named = [{**r, "label": names[r["label"]]} for r in rows]  # a CSV with class names
+    write_dataset(tmp_path / "mnli", {"train": named, "validation_matched": rows[:6], "validation_mismatched": rows[6:]}, "csv")
+    _, task = make_task(["task=glue/mnli", f"task.path={tmp_path / 'mnli'}"])
+    assert task.eval_splits == ("validation_matched", "validation_mismatched") and task.main_split == "validation_matched"
+    assert task.split_suffix("validation_mismatched") == "_mm"
+    task.load()
+    assert task.raw["train"]["label"] == [r["label"] for r in rows]
+    assert task.ids["validation_mismatched"] == list(range(6, 12))
+
+
+# --- errors ---------------------------------------------------------------------------------
+def _load_error(tmp_path: Path, overrides: list[str]) -> str:
+    _, task = make_task(overrides)
+    with pytest.raises(UserError) as e:
+        task.load()
+    return str(e.value)
+
+
+def test_missing_path_error(tmp_path: Path) -> None:
+    msg = _load_error(tmp_path, ["task=glue/sst2", f"task.path={tmp_path / 'nope'}"])
+    assert "'task.path'" in msg and "not an existing directory" in msg and ".parquet" in msg
+
+
+def test_no_split_files_error(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    write_split(tmp_path / "d", "train", glue_rows("mnli", 4), "jsonl")
+    write_split(tmp_path / "d", "validation", glue_rows("mnli", 4), "jsonl")  # MNLI needs _matched/_mismatched
+    msg = _load_error(tmp_path, ["task=glue/mnli", f"task.path={tmp_path / 'd'}"])
+    assert "'task.path'" in msg and "validation_matched" in msg and "train.jsonl" in msg
+
+
+def test_missing_column_error(tmp_path: Path) -> None:
+    rows = [{"text": r["sentence1"], "label": r["label"]} for r in glue_rows("mrpc", 6)]
+    write_dataset(tmp_path / "d", {"train": rows, "validation": rows}, "parquet")
+    msg = _load_error(tmp_path, ["task=glue/mrpc", f"task.path={tmp_path / 'd'}"])
+    assert "['sentence1', 'sentence2']" in msg and "['sentence1', 'sentence2', 'label']" in msg and "text" in msg
+
+
+def test_unlabelled_split_error(tmp_path: Path) -> None:
+    rows = glue_rows("qnli", 6)
+    write_dataset(tmp_path / "d", {"train": rows, "validation": [{**r, "label": -1} for r in rows]}, "jsonl")
+    msg = _load_error(tmp_path, ["task=glue/qnli", f"task.path={tmp_path / 'd'}"])
+    assert "-1" in msg and "validation" in msg
+
+
+def test_bad_sample_limit(tmp_path: Path) -> None:
+    write_glue(tmp_path / "d", "cola", "jsonl", 6, 4)
+    msg = _load_error(tmp_path, ["task=glue/cola", f"task.path={tmp_path / 'd'}", "task.max_train_samples=0"])
+    assert "'task.max_train_samples'" in msg
+
+
+def test_max_seq_length_beyond_the_model(tmp_path: Path) -> None:
+    path = write_glue(tmp_path / "d", "sst2", "jsonl", 6, 4)
+    cfg, task = make_task(["model=bert_tiny", "task=glue/sst2", f"task.path={path}", "task.max_seq_length=1000"])
+    task.load()
+    bundle = build_model(cfg.model, task)
+    with pytest.raises(UserError, match=r"'task.max_seq_length': 1000.*at most 512"):
+        task.prepare(bundle)
+
+
+def test_hub_unreachable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    msg = _load_error(tmp_path, ["task=glue/cola"])
+    assert "nyu-mll/glue (cola)" in msg and "task.path" in msg
+
+
+def test_head_that_does_not_fit(tmp_path: Path) -> None:
+    """A saved 2-label classifier cannot serve 3-label MNLI: one clear error, not a traceback."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from pruneflow.models.text import train_wordpiece_tokenizer
+
+    tok = train_wordpiece_tokenizer((r["premise"] for r in glue_rows("mnli", 30)), vocab_size=200)
+    config = AutoConfig.for_model("bert", vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    write_glue(tmp_path / "d", "mnli", "jsonl", 6, 3)
+    cfg, task = make_task(["model=bert_base", f"model.path={tmp_path / 'ckpt'}", "task=glue/mnli", f"task.path={tmp_path / 'd'}"])
+    task.load()
+    with pytest.raises(UserError, match="Model head does not fit task=glue/mnli"):
+        build_model(cfg.model, task)
+
+
+# --- end to end -------------------------------------------------------------------------------
+def _check_predictions(run_dir: Path, result: dict, subtask: str, split_file: str = "predictions.jsonl", suffix: str = "") -> None:
+    records = read_jsonl(run_dir / split_file)
+    preds = [r["prediction"] for r in records]
+    refs = [r["reference"] for r in records]
+    recomputed = compute_glue(subtask, preds, refs)
+    for k, v in recomputed.items():
+        assert result["metrics"]["final"][k + suffix] == pytest.approx(v)
+
+
+@pytest.mark.slow
+def test_e2e_mrpc_with_speed(tmp_path: Path) -> None:
+    path = write_glue(tmp_path / "data", "mrpc", "parquet", 48, 20)
+    result = run_pipeline(tmp_path / "run", ["model=bert_tiny", "task=glue/mrpc", f"task.path={path}", "method=magnitude", "sparsity=0.5"], speed=True)
+    assert result["task"] == "glue/mrpc" and result["main_metric"] == "accuracy"
+    for stage in ("finetune", "prune", "recover", "final"):
+        assert set(result["metrics"][stage]) == {"accuracy", "f1"}
+    assert result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-3)
+    assert result["speed"]["dense_ms"] > 0 and result["speed"]["final_ms"] > 0
+    records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    assert [r["id"] for r in records] == list(range(20))
+    assert all(isinstance(r["prediction"], int) and r["prediction"] in (0, 1) for r in records)
+    _check_predictions(tmp_path / "run", result, "mrpc")
+
+
+@pytest.mark.slow
+def test_e2e_stsb_regression(tmp_path: Path) -> None:
+    path = write_glue(tmp_path / "data", "stsb", "jsonl", 48, 18)
+    result = run_pipeline(tmp_path / "run", ["model=bert_tiny", "task=glue/stsb", f"task.path={path}"])
+    assert result["main_metric"] == "pearson"
+    assert set(result["metrics"]["final"]) == {"pearson", "spearmanr"}
+    records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    assert all(isinstance(r["prediction"], float) for r in records)
+    assert [r["reference"] for r in records] == [r["label"] for r in glue_rows("stsb", 18, seed=1)]
+    _check_predictions(tmp_path / "run", result, "stsb")
+
+
+@pytest.mark.slow
+def test_e2e_mnli_matched_and_mismatched(tmp_path: Path) -> None:
+    path = write_glue(tmp_path / "data", "mnli", "disk", 48, 15)
+    result = run_pipeline(tmp_path / "run", ["model=bert_tiny", "task=glue/mnli", f"task.path={path}", "task.max_eval_samples=12"])
+    assert set(result["metrics"]["final"]) == {"accuracy", "accuracy_mm"}
+    assert len(read_jsonl(tmp_path / "run" / "predictions.jsonl")) == 12
+    _check_predictions(tmp_path / "run", result, "mnli")
+    _check_predictions(tmp_path / "run", result, "mnli", "predictions_validation_mismatched.jsonl", "_mm")
+
+
+@pytest.mark.slow
+def test_cli_reports_a_missing_path_without_traceback(tmp_path: Path) -> None:
+    out = run_cli(["model=bert_tiny", "task=glue/cola", f"task.path={tmp_path / 'missing'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert out.returncode == 2
+    assert "task.path" in out.stderr and "Traceback" not in out.stderr

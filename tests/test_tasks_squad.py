@@ -1,0 +1,183 @@
+"""SQuAD v1.1 / v2.0: Hub-format data, windows over long contexts, n-best postprocessing, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from task_data import compose, read_jsonl, run_pipeline, squad_rows, write_dataset, write_squad
+
+from pruneflow.errors import UserError
+from pruneflow.metrics import compute_squad
+from pruneflow.models import build_model
+from pruneflow.tasks import build_task
+from pruneflow.tasks.squad import postprocess, sigmoid
+
+# Windows of 24 tokens with a stride of 8: every synthetic context (~30 tokens) overflows.
+SMALL = ["task.max_seq_length=24", "task.doc_stride=8"]
+
+
+def prepared(tmp_path: Path, version: str, fmt: str = "jsonl", extra: list[str] | None = None):  # noqa: ANN201
+    path = write_squad(tmp_path / "data", fmt, n_train=12, n_eval=8, v2=version == "v2")
+    cfg = compose(["model=bert_tiny", f"task=squad/{version}", f"task.path={path}", f"task.cache_dir={tmp_path / 'cache'}", *(extra or [])])
+    task = build_task(cfg.task, 0)
+    task.load()
+    bundle = build_model(cfg.model, task)
+    task.prepare(bundle)
+    return task, bundle
+
+
+def test_configs() -> None:
+    for v, hub in (("v1", "rajpurkar/squad"), ("v2", "rajpurkar/squad_v2")):
+        cfg = compose([f"task=squad/{v}"])
+        assert cfg.task.hub_id == hub and cfg.task.max_seq_length == 384 and cfg.task.doc_stride == 128
+        assert cfg.task.n_best_size == 20 and cfg.task.max_answer_length == 30
+    assert compose(["task=squad/v2"]).task.null_score_diff_threshold == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "disk"])
+def test_training_labels_point_at_the_answer(tmp_path: Path, fmt: str) -> None:
+    task, bundle = prepared(tmp_path, "v1", fmt, SMALL)
+    assert type(bundle.model).__name__ == "BertForQuestionAnswering"
+    answers = {a for r in squad_rows(12, 0) for a in r["answers"]["text"]}
+    ds = task.train_set
+    assert len(ds) > 12  # long contexts were split into several windows
+    hits = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert len(item["input_ids"]) <= 24
+        st, en = item["start_positions"], item["end_positions"]
+        if st == 0:  # CLS: the answer is not in this window
+            assert en == 0
+            continue
+        hits += 1
+        assert bundle.tokenizer.decode(item["input_ids"][st : en + 1]) in answers
+    assert hits >= 12  # every question's answer lies fully inside at least one window
+
+
+def _oracle(task, split: str = "validation") -> list[tuple[str, float]]:  # noqa: ANN001
+    """Logits that point at the gold span (or at CLS for unanswerable questions)."""
+    f = task.features[split]
+    raw = task.raw[split]
+    starts, ends = [], []
+    for k, ex in enumerate(f["example"].tolist()):
+        offs = f["offsets"][k]
+        s, e = np.zeros(len(offs)), np.zeros(len(offs))
+        ans = raw[ex]["answers"]
+        if ans["text"]:
+            a0 = ans["answer_start"][0]
+            a1 = a0 + len(ans["text"][0])
+            st, en = np.flatnonzero(offs[:, 0] == a0), np.flatnonzero(offs[:, 1] == a1)
+            if len(st) and len(en):
+                s[st[0]], e[en[0]] = 10.0, 10.0
+        else:
+            s[f["cls"][k]], e[f["cls"][k]] = 10.0, 10.0
+        starts.append(s)
+        ends.append(e)
+    return postprocess(list(raw["context"]), f["example"], starts, ends, f["offsets"], f["cls"], 20, 30, task.v2, 0.0)
+
+
+def test_oracle_logits_give_the_gold_answers_v1(tmp_path: Path) -> None:
+    task, _ = prepared(tmp_path, "v1", "jsonl", SMALL)
+    preds = [p for p, _ in _oracle(task)]
+    golds = [r["answers"]["text"][0] for r in squad_rows(8, 1)]
+    assert preds == golds
+    assert len(task.features["validation"]["example"]) > 8
+
+
+def test_oracle_logits_give_the_gold_answers_v2(tmp_path: Path) -> None:
+    task, _ = prepared(tmp_path, "v2", "parquet", SMALL)
+    out = _oracle(task)
+    golds = [(r["answers"]["text"] or [""])[0] for r in squad_rows(8, 1, 4)]
+    assert [p for p, _ in out] == golds and "" in golds
+    for (_, p_null), gold in zip(out, golds, strict=True):
+        assert (p_null > 0.5) == (gold == "")
+
+
+def test_postprocess_by_hand() -> None:
+    context = "abc def ghi"
+    # tokens: CLS, question, SEP, abc, def, ghi, SEP
+    offs = np.array([[-1, -1], [-1, -1], [-1, -1], [0, 3], [4, 7], [8, 11], [-1, -1]])
+    s = np.array([0, 0, 9, 1, 5, 2, 0], dtype=float)  # 9 outside the context: never an answer
+    e = np.array([0, 0, 0, 0, 1, 6, 9], dtype=float)  # 9 on the last SEP: never an answer
+    one = np.array([0])
+    cls = np.array([0])
+    assert postprocess([context], one, [s], [e], [offs], cls)[0][0] == "def ghi"  # 5 + 6
+    assert postprocess([context], one, [s], [e], [offs], cls, max_answer_length=1)[0][0] == "ghi"  # 2 + 6
+    s2, e2 = s.copy(), e.copy()
+    s2[0], e2[0] = 6.0, 6.0  # null score 12 > best span 11
+    text, p = postprocess([context], one, [s2], [e2], [offs], cls, v2=True)[0]
+    assert text == "" and p == pytest.approx(sigmoid(1.0))
+    assert postprocess([context], one, [s2], [e2], [offs], cls, v2=True, null_threshold=2.0)[0][0] == "def ghi"
+    # two windows of one example: the null score is the lowest over windows
+    two = np.array([0, 0])
+    text, p = postprocess([context], two, [s2, s], [e2, e], [offs, offs], np.array([0, 0]), v2=True)[0]
+    assert text == "def ghi" and p == pytest.approx(sigmoid(0.0 - 11.0))
+
+
+def test_csv_answers_as_json_text(tmp_path: Path) -> None:
+    rows = squad_rows(6)
+    flat = [{**r, "answers": json.dumps(r["answers"])} for r in rows]
+    write_dataset(tmp_path / "d", {"train": flat, "validation": flat}, "csv")
+    task = build_task(compose(["task=squad/v1", f"task.path={tmp_path / 'd'}"]).task, 0)
+    task.load()
+    assert task.raw["validation"]["answers"] == [r["answers"] for r in rows]
+
+
+def test_v1_rejects_unanswerable_questions(tmp_path: Path) -> None:
+    write_squad(tmp_path / "d", "jsonl", 8, 8, v2=True)
+    task = build_task(compose(["task=squad/v1", f"task.path={tmp_path / 'd'}"]).task, 0)
+    with pytest.raises(UserError, match="squad/v2"):
+        task.load()
+
+
+def test_missing_columns_error(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "context"} for r in squad_rows(4)]
+    write_dataset(tmp_path / "d", {"train": rows, "validation": rows}, "jsonl")
+    task = build_task(compose(["task=squad/v2", f"task.path={tmp_path / 'd'}"]).task, 0)
+    with pytest.raises(UserError, match=r"lacks the column\(s\) \['context'\].*id, title, context, question, answers"):
+        task.load()
+
+
+def test_doc_stride_must_be_below_window(tmp_path: Path) -> None:
+    task = build_task(compose(["task=squad/v1", "task.max_seq_length=64", "task.doc_stride=64"]).task, 0)
+    with pytest.raises(UserError, match="'task.doc_stride'"):
+        task.load()
+
+
+# --- end to end ------------------------------------------------------------------------------
+def _recompute(run_dir: Path, result: dict, version: str) -> list[dict]:
+    records = read_jsonl(run_dir / "predictions.jsonl")
+    m = compute_squad([r["prediction"] for r in records], [r["reference"] for r in records], version)
+    for k, v in m.items():
+        assert result["metrics"]["final"][k] == pytest.approx(v)
+    return records
+
+
+@pytest.mark.slow
+def test_e2e_squad_v1(tmp_path: Path) -> None:
+    path = write_squad(tmp_path / "data", "jsonl", 32, 10)
+    result = run_pipeline(tmp_path / "run", ["model=bert_tiny", "task=squad/v1", f"task.path={path}", *SMALL, "sparsity=0.5"], speed=True)
+    assert result["speed"]["dense_ms"] > 0 and result["speed"]["final_ms"] > 0  # eval features feed the model as they are
+    assert result["main_metric"] == "f1"
+    assert set(result["metrics"]["final"]) == {"exact_match", "f1"}
+    assert 0.0 <= result["metrics"]["final"]["exact_match"] <= result["metrics"]["final"]["f1"] <= 1.0
+    records = _recompute(tmp_path / "run", result, "v1")
+    assert [r["id"] for r in records] == [r["id"] for r in squad_rows(10, 1)]
+    assert [r["reference"] for r in records] == [r["answers"]["text"] for r in squad_rows(10, 1)]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_e2e_squad_v2(tmp_path: Path) -> None:
+    path = write_squad(tmp_path / "data", "parquet", 32, 12, v2=True)
+    result = run_pipeline(tmp_path / "run", ["model=bert_tiny", "task=squad/v2", f"task.path={path}", "task.max_seq_length=48", "task.doc_stride=16"])
+    final = result["metrics"]["final"]
+    assert {"exact_match", "f1", "has_ans_f1", "no_ans_f1"} <= set(final)
+    records = _recompute(tmp_path / "run", result, "v2")
+    for r in records:
+        assert 0.0 <= r["no_answer_prob"] <= 1.0
+        assert (r["prediction"] == "") == (r["no_answer_prob"] > 0.5)
+    assert [r["reference"] == [""] for r in records] == [not r["answers"]["text"] for r in squad_rows(12, 1, 4)]
