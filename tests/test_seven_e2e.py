@@ -7,26 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from pruneflow.cli import CONFIG_DIR
-from pruneflow.config import register_configs
 from pruneflow.errors import UserError
 from pruneflow.runner import run
-
-SHORT = [
-    "logger=none", "speed.enabled=false",
-    "stages.finetune.epochs=null", "stages.finetune.steps=30",
-    "stages.prune.epochs=null", "stages.prune.steps=30",
-    "stages.recover.epochs=null", "stages.recover.steps=10",
-]
-
-
-def compose_cfg(tmp: Path, *overrides: str):  # noqa: ANN201
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*SHORT, f"cache_dir={tmp / 'cache'}", *overrides])
 
 
 def recount(run_dir: Path, names: list[str]) -> float:
@@ -36,8 +20,8 @@ def recount(run_dir: Path, names: list[str]) -> float:
 
 
 @pytest.mark.slow
-def test_seven_reaches_the_target_sparsity(tmp_path: Path) -> None:
-    result = run(compose_cfg(tmp_path, "method=seven", "sparsity=0.7"), tmp_path / "run")
+def test_seven_reaches_the_target_sparsity(config, tmp_path: Path) -> None:  # noqa: ANN001
+    result = run(config("method=seven", "sparsity=0.7"), tmp_path / "run")
     names = list(result["sparsity"]["per_layer"])
     assert len(names) == 16  # 4 blocks x (qkv, proj, fc1, fc2)
     measured = recount(tmp_path / "run", names)
@@ -47,9 +31,8 @@ def test_seven_reaches_the_target_sparsity(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_seven_pre_prunes_without_updating_weights(tmp_path: Path) -> None:
-    cfg = compose_cfg(tmp_path, "method=seven_pre", "sparsity=0.5", "stages.recover.steps=0")
-    result = run(cfg, tmp_path / "run")
+def test_seven_pre_prunes_without_updating_weights(config, tmp_path: Path) -> None:  # noqa: ANN001
+    result = run(config("method=seven_pre", "sparsity=0.5", "stages.recover.steps=0"), tmp_path / "run")
     assert "prune" in result["metrics"] and "recover" not in result["metrics"]
     names = list(result["sparsity"]["per_layer"])
     pruned = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
@@ -62,8 +45,8 @@ def test_seven_pre_prunes_without_updating_weights(tmp_path: Path) -> None:
     json.dumps(result)  # serialisable
 
 
-def test_preset_that_does_not_fit_is_a_user_error(tmp_path: Path) -> None:
+def test_preset_that_does_not_fit_is_a_user_error(config, tmp_path: Path) -> None:  # noqa: ANN001
     # digits: 1,437 training images / 32 = 44 steps per epoch; rte's 200 + 1000 steps need 28 epochs
     with pytest.raises(UserError, match="does not fit"):
-        run(compose_cfg(tmp_path, "method=seven", "method.preset=rte"), tmp_path / "run")
+        run(config("method=seven", "method.preset=rte", "logger=none", fast=False), tmp_path / "run")
     assert not (tmp_path / "run" / "result.json").exists()
