@@ -220,3 +220,29 @@ def test_presets_that_cannot_finish_are_errors(task: str, steps_per_epoch: int) 
     t_i, iter_num = {"glue/rte": (200, 1000), "glue/stsb": (500, 2000)}[task]
     enough = math.ceil((t_i + iter_num) / steps_per_epoch)
     assert seven("auto", enough).plan_stages(STEPS, steps_per_epoch, task)["recover"] >= 0
+
+
+def test_reused_buffer_mask_matches_plain_mask() -> None:
+    from pruneflow.masking import Mask
+    from pruneflow.methods.score_based import ReusedBufferMask
+
+    torch.manual_seed(0)
+    plain, reused = nn.Linear(6, 4), nn.Linear(6, 4)
+    reused.load_state_dict(plain.state_dict())
+    mask = (torch.rand(4, 6) > 0.5).float()
+    MaskedWeights(select_prunable(nn.Sequential(plain), ["*"], [])).attach(lambda m: Mask(mask.clone()))
+    MaskedWeights(select_prunable(nn.Sequential(reused), ["*"], [])).attach(lambda m: ReusedBufferMask(mask.clone()))
+    for _ in range(3):  # the buffer is reused across steps
+        x = torch.randn(5, 6)
+        plain(x).pow(2).sum().backward()
+        reused(x).pow(2).sum().backward()
+        p_orig = plain.parametrizations.weight.original
+        r_orig = reused.parametrizations.weight.original
+        assert torch.allclose(p_orig.grad, r_orig.grad) and bool((r_orig.grad[mask == 0] == 0).all())
+        with torch.no_grad():
+            p_orig -= 0.1 * p_orig.grad
+            r_orig -= 0.1 * r_orig.grad
+        p_orig.grad = r_orig.grad = None
+    with torch.no_grad():
+        assert torch.equal(plain(x), reused(x))
+    assert "parametrizations.weight.0._out" not in reused.state_dict()

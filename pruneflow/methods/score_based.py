@@ -30,7 +30,7 @@ from torch import nn
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.fused import MODES, Kernel, want_compile
-from pruneflow.masking import MaskedWeights
+from pruneflow.masking import Mask, MaskedWeights
 from pruneflow.methods.base import PruneContext, PruningMethod
 from pruneflow.topk import TopK, kept_count, topk_mask
 
@@ -177,6 +177,38 @@ def build_units(model: nn.Module, weights: MaskedWeights, granularity: str) -> l
     return groups
 
 
+# ----------------------------------------------------------------------------- masks
+class _MaskInto(torch.autograd.Function):
+    """``weight * mask`` written into a given buffer; the gradient is ``grad * mask``."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        torch.mul(weight, mask, out=out)
+        ctx.save_for_backward(mask)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+class ReusedBufferMask(Mask):
+    """The mask parametrization (``W -> W * mask``) writing the effective weight into
+    a buffer kept across steps instead of a fresh tensor: at BERT-base scale a fresh
+    340 MB of effective weights per forward costs 0.1-0.2 s of page faults on a CPU.
+    The buffer is a plain attribute (not saved). A graph still holding last step's
+    effective weight would see it overwritten: autograd's version check raises then."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        out = self.__dict__.get("_out")
+        if out is None or out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
+            out = torch.empty_like(weight, requires_grad=False)
+            self.__dict__["_out"] = out
+        return _MaskInto.apply(weight, self.mask, out.detach())
+
+
 # ----------------------------------------------------------------------------- the method
 def mask_scores_(scores: torch.Tensor, mask: torch.Tensor) -> None:
     """Pruned entries score -inf (in place)."""
@@ -253,7 +285,7 @@ class ScoreBasedMethod(PruningMethod):
             if isinstance(deltat, bool) or not isinstance(deltat, int) or deltat < 1:
                 raise invalid("method.deltaT", deltat, "an integer >= 1 (update the mask every deltaT steps)")
             ctx.schedule = replace(ctx.schedule, frequency=int(deltat))
-        weights.attach()
+        weights.attach(ReusedBufferMask)
         first = weights.weights[0].param
         self.slices, start = [], 0
         for w in weights:
