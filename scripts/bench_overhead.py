@@ -11,8 +11,12 @@ median(dense) over the measured steps, after warm-up steps (which also absorb
 any torch.compile time). After every step the mask is checked to hold exactly
 the scheduled number of weights.
 
-    python scripts/bench_overhead.py                       # full BERT-base shape
-    python scripts/bench_overhead.py --layers 2 --steps 5  # a quick check
+    python scripts/bench_overhead.py --threads 2            # full BERT-base shape, 2 threads
+    python scripts/bench_overhead.py --layers 2 --steps 5   # a quick check
+
+On a shared machine other processes make single steps vary by 2x or more;
+``hooks_ms`` (time inside the method's hooks, the score update and top-k) is
+printed beside each ratio as a steadier view of the method's own cost.
 
 Prints one line per method: ``method=<name> ratio=<pruned/dense>``.
 """
