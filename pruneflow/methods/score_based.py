@@ -205,7 +205,7 @@ class ScoreBasedMethod(PruningMethod):
         self.state: dict[str, torch.Tensor] = {}
         self.k = 0  # pruning steps taken (score updates), for bias corrections
         self.scores_masked = False  # scores hold -inf at every entry the current mask prunes
-        self.frozen = False  # after the prune stage: the trainer still calls the hooks in recover
+        self.frozen = False  # set by end_prune_stage: later hook calls change nothing
 
     # --- to override -----------------------------------------------------------
     def init_state(self) -> None:
