@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-ARGS ?= method=magnitude sparsity=0.7
+ARGS ?= method=seven sparsity=0.7
 
 .PHONY: install demo test test-fast lint bench clean
 
