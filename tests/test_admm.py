@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
-from pruneflow.cli import CONFIG_DIR
-from pruneflow.config import register_configs
 from pruneflow.errors import UserError
 from pruneflow.masking import MaskedWeights, PrunableWeight
 from pruneflow.methods.admm import (
@@ -37,28 +34,24 @@ from pruneflow.methods.base import PruneContext
 from pruneflow.runner import Run, run
 from pruneflow.schedules import Schedule
 
+from conftest import FAST, make_config
+
 ROOT = Path(__file__).resolve().parent.parent
 
-# Short stages on the offline default (512 training images -> 16 steps per epoch).
-FAST = [
+# The conftest's short stages, with ADMM's own phases kept as short (512 training images -> 16 steps per epoch).
+ADMM_FAST = [
+    *FAST,
     "method=admm",
-    "stages.finetune.epochs=null",
     "stages.finetune.steps=20",
-    "stages.recover.epochs=null",
     "stages.recover.steps=10",
-    "task.max_train_samples=512",
     "method.iterations=2",
     "method.epochs_per_iteration=0.25",
     "method.sr_ste_epochs=0.25",
-    "logger=none",
-    "speed.enabled=false",
 ]
 
 
 def make_cfg(tmp_path: Path, *overrides: str):  # noqa: ANN201
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[f"cache_dir={tmp_path / 'cache'}", *FAST, *overrides])
+    return make_config([*ADMM_FAST, *overrides], tmp_path)
 
 
 def method_on(weight: torch.Tensor, **cfg) -> tuple[ADMM, nn.Linear]:  # noqa: ANN003

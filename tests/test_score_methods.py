@@ -156,6 +156,25 @@ def test_platon_regrows_from_zero() -> None:
     assert bool((weights.weights[0].param[pruned] == 0).all())  # a regrown weight starts from 0
 
 
+def test_platon_fused_scores_match_separate_product() -> None:
+    """On mask-update steps the score product is written in the update pass; the masks
+    must be those a separate Ibar * U would give."""
+    model, weights, method = make("platon", sparsity=0.5, steps=6, deltaT=1)
+    for step in range(6):
+        x = torch.randn(8, 16)
+        nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+        method.after_backward(step)
+        assert method.scores_at == method.k  # this step's pass wrote the scores
+        expected = platon_scores(method.state["ibar"], method.state["u"]).clone()
+        assert torch.equal(method.state["scores"], expected)
+        model.zero_grad(set_to_none=True)
+        method.after_optimizer_step(step)
+        assert method.scores_at is None  # read once
+        n_keep = weights.numel - round(method.ctx.schedule.sparsity(step) * weights.numel)
+        kept = torch.cat([w.mask.reshape(-1) for w in weights]).bool()
+        assert int(kept.sum()) == n_keep and bool(expected[kept].min() >= expected[~kept].max())
+
+
 def test_deltat_sets_the_mask_interval() -> None:
     model, weights, method = make("platon", sparsity=0.5, steps=20, deltaT=5)
     masks = train_steps(model, method, 6)
@@ -192,6 +211,9 @@ def test_invalid_settings_are_user_errors() -> None:
     for cfg in ({"scope": "layer"}, {"granularity": "block"}, {"alpha_1": 1.5}, {"preset": "imagenet"}, {"compile": "maybe"}):
         with pytest.raises(UserError):
             get_method_class("seven")(OmegaConf.create({"name": "seven", **cfg}), 0.5)
+    for cfg in ({"beta1": 1.0}, {"beta2": -0.1}, {"beta1": "high"}, {"beta2": True}):
+        with pytest.raises(UserError, match=f"method.{next(iter(cfg))}"):
+            get_method_class("platon")(OmegaConf.create({"name": "platon", **cfg}), 0.5)
 
 
 # --- the authors' presets ------------------------------------------------------------------------

@@ -24,8 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from pruneflow.errors import invalid
-from pruneflow.methods.score_based import ScoreBasedMethod
+from pruneflow.methods.score_based import ScoreBasedMethod, ema_coefficient
 
 
 def platon_step_(Ibar: torch.Tensor, U: torch.Tensor, W: torch.Tensor, G: torch.Tensor, beta1: float, beta2: float) -> None:
@@ -33,6 +32,14 @@ def platon_step_(Ibar: torch.Tensor, U: torch.Tensor, W: torch.Tensor, G: torch.
     I = (W * G).abs()  # noqa: E741 - the paper's name
     U.mul_(beta2).add_((I - Ibar).abs(), alpha=1 - beta2)
     Ibar.mul_(beta1).add_(I, alpha=1 - beta1)
+
+
+def platon_step_scores_(
+    Ibar: torch.Tensor, U: torch.Tensor, W: torch.Tensor, G: torch.Tensor, beta1: float, beta2: float, scores: torch.Tensor
+) -> None:
+    """``platon_step_`` that also writes ``scores = Ibar * U`` in the same pass (mask-update steps)."""
+    platon_step_(Ibar, U, W, G, beta1, beta2)
+    torch.mul(Ibar, U, out=scores)
 
 
 def platon_scores(Ibar: torch.Tensor, U: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,20 +54,34 @@ class Platon(ScoreBasedMethod):
 
     def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
         super().__init__(cfg, sparsity)
-        self.beta1 = float(cfg.get("beta1", 0.85))
-        self.beta2 = float(cfg.get("beta2", 0.95))
-        for key, b in (("beta1", self.beta1), ("beta2", self.beta2)):
-            if not 0 <= b < 1:
-                raise invalid(f"method.{key}", b, "a number in [0, 1) (EMA coefficient)")
+        self.beta1 = ema_coefficient(cfg, "beta1", 0.85)
+        self.beta2 = ema_coefficient(cfg, "beta2", 0.95)
 
     def init_state(self) -> None:
         self.step_kernel = self.kernel(platon_step_)
+        self.step_scores_kernel = self.kernel(platon_step_scores_)
+        self.scores_at: int | None = None  # value of self.k when the update pass last wrote the scores
+
+    def _pass_writes_scores(self, step: int) -> bool:
+        """Fuse the score product into this step's update when this step's mask update reads it."""
+        return self.ctx.schedule.is_update_step(step)
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
-        for i, (w, grad) in enumerate(zip(self.ctx.weights, self.grads(), strict=True)):
-            if grad is not None:
-                self.step_kernel(self.view("ibar", i).view(-1), self.view("u", i).view(-1), w.param.detach().reshape(-1), grad.reshape(-1), self.beta1, self.beta2)
+        grads = self.grads()
+        fused = self._pass_writes_scores(step) and all(g is not None for g in grads)
+        for i, (w, grad) in enumerate(zip(self.ctx.weights, grads, strict=True)):
+            if grad is None:
+                continue
+            args = (self.view("ibar", i).view(-1), self.view("u", i).view(-1), w.param.detach().reshape(-1), grad.reshape(-1), self.beta1, self.beta2)
+            if fused:
+                self.step_scores_kernel(*args, self.view("scores", i).view(-1))
+            else:
+                self.step_kernel(*args)
+        self.scores_at = self.k + 1 if fused else None  # after_backward increments k after this
 
     def selection_scores(self) -> torch.Tensor:
+        fresh, self.scores_at = self.scores_at == self.k, None  # read once, and only right after the pass that wrote them
+        if fresh:
+            return self.state["scores"]
         return platon_scores(self.state["ibar"], self.state["u"], out=self.state["scores"])

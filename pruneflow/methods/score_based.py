@@ -191,6 +191,12 @@ class _MaskInto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (mask,) = ctx.saved_tensors
+        # The incoming gradient of the effective weight is a fresh matmul result that
+        # nothing else reads: masking it in place saves a weight-sized allocation per
+        # layer per step (page faults at BERT-base scale). Anything else (an expanded
+        # or shared gradient) gets a new tensor.
+        if grad.is_contiguous() and grad.shape == mask.shape and grad.dtype == mask.dtype and not grad.requires_grad:
+            return grad.mul_(mask), None, None
         return grad * mask, None, None
 
 
@@ -213,6 +219,14 @@ class ReusedBufferMask(Mask):
 def mask_scores_(scores: torch.Tensor, mask: torch.Tensor) -> None:
     """Pruned entries score -inf (in place)."""
     scores.masked_fill_(mask == 0, NEG_INF)
+
+
+def ema_coefficient(cfg: Any, key: str, default: float) -> float:
+    """``method.<key>``, an exponential-moving-average coefficient in [0, 1)."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise invalid(f"method.{key}", value, "a number in [0, 1) (EMA coefficient)")
+    return float(value)
 
 
 class ScoreBasedMethod(PruningMethod):

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from pruneflow.errors import UserError, invalid
-from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod
+from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, ema_coefficient
 
 # The authors' per-task settings for BERT-base (batch 32, lr 2e-5, AdamW, 10 epochs):
 # (t_i: dense steps before pruning, iter_num: pruning steps).
@@ -101,11 +101,8 @@ class Seven(ScoreBasedMethod):
 
     def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
         super().__init__(cfg, sparsity)
-        self.alpha_1 = float(cfg.get("alpha_1", 0.8))
-        self.alpha_2 = float(cfg.get("alpha_2", 0.9))
-        for key, a in (("alpha_1", self.alpha_1), ("alpha_2", self.alpha_2)):
-            if not 0 <= a < 1:
-                raise invalid(f"method.{key}", a, "a number in [0, 1) (EMA coefficient)")
+        self.alpha_1 = ema_coefficient(cfg, "alpha_1", 0.8)
+        self.alpha_2 = ema_coefficient(cfg, "alpha_2", 0.9)
         self.signed = bool(cfg.get("signed", False))
         self.preset = cfg.get("preset")
         if self.preset is not None and self.preset != "auto" and self.preset not in PRESETS:
