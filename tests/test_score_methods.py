@@ -55,12 +55,16 @@ def test_seven_signed_penalises_sign_flips() -> None:
 
 
 def test_seven_pruned_entries_never_score() -> None:
-    S, m, v = _zeros()
     mask = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    S, m, v = _zeros()
     seven_update_(S, m, v, W, G0 * mask, mask, k=0)
-    assert S[0, 0] == float("-inf")  # the authors set 0; -inf cannot tie with a kept zero score
     seven_update_(S, m, v, W, G1 * mask, mask, k=1)
-    assert S[0, 0] == float("-inf") and torch.isfinite(S.view(-1)[1:]).all()
+    assert S[0, 0] == 0  # as published: S[mask == 0] = 0
+    assert torch.allclose(S.view(-1)[1:], torch.tensor([0.8, 0.191443, 2.4]), atol=1e-5)
+    S2, m2, v2 = _zeros()  # the method's setting: -inf cannot tie with a kept zero score
+    seven_update_(S2, m2, v2, W, G0 * mask, mask, k=0, pruned_score=float("-inf"))
+    seven_update_(S2, m2, v2, W, G1 * mask, mask, k=1, pruned_score=float("-inf"))
+    assert S2[0, 0] == float("-inf") and torch.equal(S2.view(-1)[1:], S.view(-1)[1:])
 
 
 def test_platon_score_by_hand() -> None:
@@ -119,6 +123,57 @@ def train_steps(model: nn.Module, method, steps: int, start: int = 0) -> list[to
         method.after_optimizer_step(step)
         masks.append(torch.cat([w.mask.reshape(-1) for w in method.ctx.weights]).clone())
     return masks
+
+
+def reference_scores(name: str, history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The published update rules (DESIGN.md §3), written out again from the (W, G, mask)
+    each pruning step saw: an independent check of the method's plumbing (which W, which
+    G, the step counter of the bias corrections, no regrowth)."""
+    S = torch.zeros_like(history[0][0], dtype=torch.float64)
+    m, v, ibar, u = (torch.zeros_like(S) for _ in range(4))
+    for k, (w, g, mask) in enumerate(history):
+        w, g, mask = w.double(), g.double(), mask.double()
+        if name == "seven":
+            a1, a2 = 0.8, 0.9
+            m = a1 * m + (1 - a1) * g.abs()
+            v = a2 * v + (1 - a2) * g**2
+            m_hat = m / (1 - a1 ** (k + 1))
+            v_hat = torch.sqrt(v / (1 - a2 ** (k + 1))) + 1e-9
+            S = (S + (w * g.abs() * m_hat / v_hat).abs()) * mask  # S[mask == 0] = 0
+        elif name == "platon":
+            b1, b2 = 0.85, 0.95
+            i = (w * g).abs()
+            u = b2 * u + (1 - b2) * (i - ibar).abs()
+            ibar = b1 * ibar + (1 - b1) * i
+            S = ibar * u
+        else:  # movement
+            S = S - w * g
+    return S
+
+
+@pytest.mark.parametrize("name", ["seven", "platon", "movement"])
+def test_scores_in_training_follow_the_published_rule(name: str) -> None:
+    model, weights, method = make(name, sparsity=0.75, steps=6, **({"deltaT": 1} if name == "platon" else {}))
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hook = method.after_backward
+
+    def record(step: int) -> None:  # what the step's gradient and weights are, before the method reads them
+        flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts]).clone()  # noqa: E731
+        history.append((flat(w.param for w in weights), flat(w.param.grad for w in weights), flat(weights.masks())))
+        hook(step)
+
+    method.after_backward = record
+    train_steps(model, method, 6)
+    expected = reference_scores(name, history)
+    if name == "platon":
+        got = method.state["ibar"].double() * method.state["u"].double()
+    else:
+        got = method.state["scores"].double()
+    kept = history[-1][2] == 1  # the mask the last score update saw
+    assert torch.allclose(got[kept], expected[kept], rtol=1e-4, atol=1e-7)
+    assert expected[kept].abs().max() > 0  # the check compares real scores
+    if name != "platon":  # no regrowth: every pruned weight ranks below every kept one
+        assert bool((got[~kept] == float("-inf")).all()) and int((~kept).sum()) > 0
 
 
 def test_registered() -> None:

@@ -17,12 +17,14 @@ abstract: ``m`` is the EMA of the signed G, so ``|m^|/v^`` ~ |E G| / sqrt(E G^2)
 is near 1 only for a gradient of consistent *sign* (the magnitude of an Adam
 step) and near 0 for one that flips.
 
-Differences from the authors' code, none of which changes the ranking:
-pruned scores are set to -inf rather than 0 (so a kept weight whose score is
-exactly 0 cannot tie with them); W is the weight before the optimizer step (the
-trainer clears gradients after it; the authors read W after). G is the gradient
-of the effective (masked) weight, which is what ``param.grad`` holds for kept
-weights under the mask parametrization.
+``seven_update_`` is that rule as a pure function of tensors. The method
+differs from the authors' code in two details that do not change which kept
+weight outranks which: it sets pruned scores to -inf rather than 0
+(``pruned_score``), so that a kept weight whose score is exactly 0 (a dead unit's
+weights get no gradient) can never tie with a pruned one and revive it; and W is
+the weight before the optimizer step (the trainer clears gradients after it; the
+authors read W after). G is the gradient of the effective (masked) weight, which
+is what ``param.grad`` holds for kept weights under the mask parametrization.
 
 Schedule (their code): dense fine-tuning for ``t_i`` steps (the finetune stage),
 then pruning every step for ``iter_num`` steps (the prune stage) on the cubic
@@ -66,6 +68,7 @@ def seven_step_(
     c1: float,
     c2: float,
     signed: bool = False,
+    pruned_score: float = 0.0,
 ) -> None:
     """The update with bias corrections given as ``c1 = 1/(1 - a1^(k+1))``,
     ``c2 = 1/(1 - a2^(k+1))``: elementwise and in place (fused when compiled)."""
@@ -74,7 +77,7 @@ def seven_step_(
     v.mul_(alpha_2).addcmul_(G, G, value=1 - alpha_2)
     ratio = (m * c1) / (torch.sqrt(v * c2) + 1e-9)
     S.add_((W * g * ratio).abs())
-    S.masked_fill_(mask == 0, NEG_INF)
+    S.masked_fill_(mask == 0, pruned_score)
 
 
 def seven_update_(
@@ -88,10 +91,18 @@ def seven_update_(
     alpha_1: float = 0.8,
     alpha_2: float = 0.9,
     signed: bool = False,
+    pruned_score: float = 0.0,
 ) -> None:
     """One SEVEN score update at pruning step ``k`` (0 at the first), in place on
-    ``S``, ``m``, ``v`` (all start at 0). Pruned entries (``mask == 0``) score -inf."""
-    seven_step_(S, m, v, W, G, mask, alpha_1, alpha_2, 1.0 / (1.0 - alpha_1 ** (k + 1)), 1.0 / (1.0 - alpha_2 ** (k + 1)), signed)
+    ``S``, ``m``, ``v`` (all start at 0). Pruned entries (``mask == 0``) get
+    ``pruned_score``: 0 as published; the method passes -inf."""
+    c1, c2 = bias_corrections(alpha_1, alpha_2, k)
+    seven_step_(S, m, v, W, G, mask, alpha_1, alpha_2, c1, c2, signed, pruned_score)
+
+
+def bias_corrections(alpha_1: float, alpha_2: float, k: int) -> tuple[float, float]:
+    """``1/(1 - a1^(k+1))`` and ``1/(1 - a2^(k+1))`` at pruning step ``k``."""
+    return 1.0 / (1.0 - alpha_1 ** (k + 1)), 1.0 / (1.0 - alpha_2 ** (k + 1))
 
 
 class Seven(ScoreBasedMethod):
@@ -140,8 +151,7 @@ class Seven(ScoreBasedMethod):
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
-        c1 = 1.0 / (1.0 - self.alpha_1 ** (self.k + 1))
-        c2 = 1.0 / (1.0 - self.alpha_2 ** (self.k + 1))
+        c1, c2 = bias_corrections(self.alpha_1, self.alpha_2, self.k)
         grads = self.grads()
         for i, (w, grad) in enumerate(zip(self.ctx.weights, grads, strict=True)):
             if grad is None:
@@ -149,6 +159,6 @@ class Seven(ScoreBasedMethod):
             self.step_kernel(
                 self.view("scores", i).view(-1), self.view("m", i).view(-1), self.view("v", i).view(-1),
                 w.param.detach().reshape(-1), grad.reshape(-1), self.mask_view(i).view(-1),
-                self.alpha_1, self.alpha_2, c1, c2, self.signed,
+                self.alpha_1, self.alpha_2, c1, c2, self.signed, NEG_INF,
             )
         self.scores_masked = all(g is not None for g in grads)
