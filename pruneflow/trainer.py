@@ -200,7 +200,7 @@ class Trainer:
             running += loss_value
             n_running += 1
             if (step + 1) % log_every == 0 or step + 1 == stage.steps:
-                bar.set_postfix(loss=f"{running / n_running:.4f}")
+                bar.set_postfix(loss=f"{running / n_running:.4f}", refresh=False)  # the bar shows it at its next refresh
                 if on_log is not None:
                     on_log({f"{stage.name}/loss": running / n_running, f"{stage.name}/lr": sched.get_last_lr()[0], f"{stage.name}/step": step + 1})
                 running, n_running = 0.0, 0

@@ -297,7 +297,7 @@ class SPP(PruningMethod):
                         entry[i] = record_entries(entry[i], gamma[i], step)
                 point = self._path_point(step + 1, entry, gamma, costs, kinds, value)
                 path.append(point)
-                bar.set_postfix(loss=f"{value:.4f}", support=f"{point['support']:.3f}")
+                bar.set_postfix(loss=f"{value:.4f}", support=f"{point['support']:.3f}", refresh=False)
             bar.close()
         finally:
             masks.detach()
