@@ -6,7 +6,7 @@ Dense step: forward + backward + AdamW step of the plain, unparametrized model.
 Pruned step: the same with the masks attached (parametrize), the method's score
 update after backward and its mask update (exact global top-k) after the
 optimizer step, every step, along a cubic schedule to the target sparsity.
-Dense and pruned steps are interleaved; each ratio is median(pruned) /
+Dense and pruned steps are interleaved (alternating which goes first); each ratio is median(pruned) /
 median(dense) over the measured steps, after warm-up steps (which also absorb
 any torch.compile time). After every step the mask is checked to hold exactly
 the scheduled number of weights.
@@ -16,7 +16,8 @@ the scheduled number of weights.
 
 On a shared machine other processes make single steps vary by 2x or more;
 ``hooks_ms`` (time inside the method's hooks, the score update and top-k) is
-printed beside each ratio as a steadier view of the method's own cost.
+printed beside each ratio as a steadier view of the method's own cost, and
+``step_ratio_iqr`` (quartiles of the per-step ratios) shows the noise.
 
 Prints one line per method: ``method=<name> ratio=<pruned/dense>``.
 """
@@ -123,8 +124,12 @@ def main() -> None:
         opt = make_optimizer(model)
         t_dense, t_pruned, t_hooks, exact = [], [], [], True
         for step in range(total):
-            td, _ = train_step(dense, dense_opt, batch)
-            tp, th = train_step(model, opt, batch, method, step)
+            if step % 2:  # alternate which runs first, so drift on a shared machine hits both alike
+                tp, th = train_step(model, opt, batch, method, step)
+                td, _ = train_step(dense, dense_opt, batch)
+            else:
+                td, _ = train_step(dense, dense_opt, batch)
+                tp, th = train_step(model, opt, batch, method, step)
             expected = kept_count(weights.numel, method.ctx.schedule.sparsity(step))
             kept = weights.num_kept()
             exact &= kept == expected
@@ -135,8 +140,11 @@ def main() -> None:
             print(f"#   {name} step {step}: dense {td * 1e3:.0f} ms, pruned {tp * 1e3:.0f} ms (method hooks {th * 1e3:.0f} ms), "
                   f"kept {kept:,} (scheduled {expected:,})", flush=True)
         md, mp, mh = statistics.median(t_dense), statistics.median(t_pruned), statistics.median(t_hooks)
+        # Quartiles of the per-step ratios (each pruned step over the dense step beside it): how
+        # far apart two runs of this script may land on this machine.
+        q1, _, q3 = statistics.quantiles([p / d for p, d in zip(t_pruned, t_dense, strict=True)], n=4)
         print(f"method={name} ratio={mp / md:.3f} dense_ms={md * 1e3:.0f} pruned_ms={mp * 1e3:.0f} hooks_ms={mh * 1e3:.0f} "
-              f"exact_count={'ok' if exact else 'FAILED'}", flush=True)
+              f"step_ratio_iqr={q1:.2f}-{q3:.2f} exact_count={'ok' if exact else 'FAILED'}", flush=True)
         all_exact &= exact
         del model, weights, method, opt
         gc.collect()

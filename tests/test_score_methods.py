@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sweep_helpers import compose
 from torch import nn
 
 from pruneflow.errors import UserError
@@ -15,7 +16,7 @@ from pruneflow.masking import MaskedWeights, select_prunable
 from pruneflow.methods import METHODS, PruneContext, get_method_class
 from pruneflow.methods.movement import movement_step_
 from pruneflow.methods.platon import platon_scores, platon_step_
-from pruneflow.methods.seven import seven_update_
+from pruneflow.methods.seven import PRESETS, seven_update_
 from pruneflow.schedules import Schedule
 
 W = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
@@ -275,8 +276,8 @@ def test_invalid_settings_are_user_errors() -> None:
 STEPS = {"finetune": 11, "prune": 22, "recover": 33}
 
 
-def seven(preset: str | None, total_epochs: float = 10):  # noqa: ANN201
-    return get_method_class("seven")(OmegaConf.create({"name": "seven", "preset": preset, "total_epochs": total_epochs}), 0.7)
+def seven(preset: str | None, total_epochs: float = 10, **cfg):  # noqa: ANN003, ANN201
+    return get_method_class("seven")(OmegaConf.create({"name": "seven", "preset": preset, "total_epochs": total_epochs, **cfg}), 0.7)
 
 
 def test_presets_set_stage_lengths() -> None:
@@ -323,3 +324,21 @@ def test_reused_buffer_mask_matches_plain_mask() -> None:
     with torch.no_grad():
         assert torch.equal(plain(x), reused(x))
     assert "parametrizations.weight.0._out" not in reused.state_dict()
+
+
+def test_lengthen_to_fit_runs_the_whole_window() -> None:
+    # RTE: 2,490 / 32 = 77 steps per epoch, 770 in 10 epochs < t_i + iter_num = 1200
+    method = seven("auto", lengthen_to_fit=True)
+    assert method.plan_stages(STEPS, 77, "glue/rte") == {"finetune": 200, "prune": 1000, "recover": 77}
+    assert method.summary() == {"preset": "rte", "t_i": 200, "iter_num": 1000, "recover_steps": 77, "lengthened": True}
+    # A window that fits is left as the authors set it.
+    assert seven("auto", lengthen_to_fit=True).plan_stages(STEPS, 2104, "glue/sst2")["recover"] == 21040 - 5000
+
+
+def test_seven_experiment_plans_every_glue_task() -> None:
+    """experiment=seven/glue_bert_base covers rte and stsb by lengthening, as its comment says."""
+    cfg = compose(["experiment=seven/glue_bert_base"])
+    sizes = {"mnli": 392702, "qqp": 363846, "qnli": 104743, "sst2": 67349, "rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749}
+    for task, n in sizes.items():
+        plan = get_method_class("seven")(cfg.method, 0.7).plan_stages(STEPS, n // 32, f"glue/{task}")
+        assert (plan["finetune"], plan["prune"]) == PRESETS[task] and plan["recover"] >= n // 32

@@ -34,13 +34,16 @@ selects their per-task ``t_i``/``iter_num`` for GLUE.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, ema_coefficient
+
+log = logging.getLogger("pruneflow")
 
 # The authors' per-task settings for BERT-base (batch 32, lr 2e-5, AdamW, 10 epochs):
 # (t_i: dense steps before pruning, iter_num: pruning steps).
@@ -119,6 +122,8 @@ class Seven(ScoreBasedMethod):
         if self.preset is not None and self.preset != "auto" and self.preset not in PRESETS:
             raise invalid("method.preset", self.preset, ["auto", *PRESETS, "null"], "auto picks the GLUE task's preset.")
         self.total_epochs = cfg.get("total_epochs", 10)
+        self.lengthen_to_fit = bool(cfg.get("lengthen_to_fit", False))
+        self.planned: dict[str, Any] = {}  # the preset's stage plan, for result.json
 
     # --- the authors' per-task presets --------------------------------------------
     def plan_stages(self, steps: dict[str, int], steps_per_epoch: int, task_name: str) -> dict[str, int]:
@@ -134,16 +139,32 @@ class Seven(ScoreBasedMethod):
         if isinstance(self.total_epochs, bool) or not isinstance(self.total_epochs, (int, float)) or self.total_epochs <= 0:
             raise invalid("method.total_epochs", self.total_epochs, "a positive number of epochs (the authors train 10)")
         total = int(math.ceil(float(self.total_epochs) * steps_per_epoch))
-        if t_i + iter_num > total:
+        window = t_i + iter_num
+        recover = total - window
+        if self.lengthen_to_fit:  # the window always runs in full, then at least one epoch with the mask frozen
+            recover = max(recover, steps_per_epoch)
+            if window > total:
+                log.warning(
+                    "method.preset=%s (%s): t_i + iter_num = %d steps do not fit in %s epochs (%d steps); "
+                    "training is lengthened to %d steps (method.lengthen_to_fit=true), a deviation from the authors' setting.",
+                    self.preset, key, window, self.total_epochs, total, window + recover,
+                )
+        elif recover < 0:
             raise UserError(
                 f"method.preset={self.preset} ({key}: t_i={t_i} dense steps + iter_num={iter_num} pruning steps "
-                f"= {t_i + iter_num}) does not fit in method.total_epochs={self.total_epochs} epochs of "
+                f"= {window}) does not fit in method.total_epochs={self.total_epochs} epochs of "
                 f"{steps_per_epoch} steps ({total} steps) for task={task_name}: the target sparsity would never be "
                 f"reached (the authors' script stops training first). Train longer, e.g. "
-                f"method.total_epochs={math.ceil((t_i + iter_num) / steps_per_epoch)}, or set method.preset=null "
-                "and choose stages.finetune/prune/recover yourself."
+                f"method.total_epochs={math.ceil(window / steps_per_epoch)}, or set method.lengthen_to_fit=true "
+                "(the whole window, then one epoch with the mask frozen), or set method.preset=null and choose "
+                "stages.finetune/prune/recover yourself."
             )
-        return {**steps, "finetune": t_i, "prune": iter_num, "recover": total - t_i - iter_num}
+        self.planned = {"preset": key, "t_i": t_i, "iter_num": iter_num, "recover_steps": recover,
+                        "lengthened": window + recover > total}
+        return {**steps, "finetune": t_i, "prune": iter_num, "recover": recover}
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.planned)
 
     # --- the score ----------------------------------------------------------------
     def init_state(self) -> None:
