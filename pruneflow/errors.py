@@ -21,3 +21,10 @@ def invalid(key: str, value: object, allowed: str | Iterable[object], why: str =
     if why:
         msg += f" {why}"
     return UserError(msg)
+
+
+def check_bool(value: object, key: str) -> bool:
+    """A true/false setting; anything else (``signed=ture``, ``"no"``) is an error, not truthy."""
+    if not isinstance(value, bool):
+        raise invalid(key, value, "true, false")
+    return value

@@ -264,7 +264,8 @@ def test_state_round_trip() -> None:
 
 
 def test_invalid_settings_are_user_errors() -> None:
-    for cfg in ({"scope": "layer"}, {"granularity": "block"}, {"alpha_1": 1.5}, {"preset": "imagenet"}, {"compile": "maybe"}):
+    for cfg in ({"scope": "layer"}, {"granularity": "block"}, {"alpha_1": 1.5}, {"preset": "imagenet"}, {"compile": "maybe"},
+                {"signed": "yes"}, {"lengthen_to_fit": 1}):
         with pytest.raises(UserError):
             get_method_class("seven")(OmegaConf.create({"name": "seven", **cfg}), 0.5)
     for cfg in ({"beta1": 1.0}, {"beta2": -0.1}, {"beta1": "high"}, {"beta2": True}):

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from pruneflow.errors import UserError, invalid
+from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, ema_coefficient
 
 log = logging.getLogger("pruneflow")
@@ -117,12 +117,12 @@ class Seven(ScoreBasedMethod):
         super().__init__(cfg, sparsity)
         self.alpha_1 = ema_coefficient(cfg, "alpha_1", 0.8)
         self.alpha_2 = ema_coefficient(cfg, "alpha_2", 0.9)
-        self.signed = bool(cfg.get("signed", False))
+        self.signed = check_bool(cfg.get("signed", False), "method.signed")
         self.preset = cfg.get("preset")
         if self.preset is not None and self.preset != "auto" and self.preset not in PRESETS:
             raise invalid("method.preset", self.preset, ["auto", *PRESETS, "null"], "auto picks the GLUE task's preset.")
         self.total_epochs = cfg.get("total_epochs", 10)
-        self.lengthen_to_fit = bool(cfg.get("lengthen_to_fit", False))
+        self.lengthen_to_fit = check_bool(cfg.get("lengthen_to_fit", False), "method.lengthen_to_fit")
         self.planned: dict[str, Any] = {}  # the preset's stage plan, for result.json
 
     # --- the authors' per-task presets --------------------------------------------
@@ -143,10 +143,11 @@ class Seven(ScoreBasedMethod):
         recover = total - window
         if self.lengthen_to_fit:  # the window always runs in full, then at least one epoch with the mask frozen
             recover = max(recover, steps_per_epoch)
-            if window > total:
+            if window + recover > total:
                 log.warning(
-                    "method.preset=%s (%s): t_i + iter_num = %d steps do not fit in %s epochs (%d steps); "
-                    "training is lengthened to %d steps (method.lengthen_to_fit=true), a deviation from the authors' setting.",
+                    "method.preset=%s (%s): t_i + iter_num = %d steps and one epoch with the mask frozen do not fit "
+                    "in %s epochs (%d steps); training is lengthened to %d steps (method.lengthen_to_fit=true), "
+                    "a deviation from the authors' setting.",
                     self.preset, key, window, self.total_epochs, total, window + recover,
                 )
         elif recover < 0:

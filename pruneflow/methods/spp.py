@@ -53,7 +53,7 @@ from pruneflow.compress import (
     find_blocks,
     structure_info,
 )
-from pruneflow.errors import TrainingDiverged, UserError, invalid
+from pruneflow.errors import TrainingDiverged, UserError, check_bool, invalid
 from pruneflow.masking import MaskedWeights
 from pruneflow.methods.base import PruneContext, PruningMethod
 from pruneflow.utils import atomic_write_json, progress
@@ -154,7 +154,7 @@ class SPP(PruningMethod):
             raise UserError("Both 'method.search_epochs' and 'method.search_steps' are set. Set only one (or neither: the prune stage's length).")
         self.lr, self.kappa, self.nu, self.lam = float(cfg.lr), float(cfg.kappa), float(cfg.nu), float(lam)
         self.z_lr_setting = z_lr
-        self.share_heads = bool(cfg.get("share_heads", True))
+        self.share_heads = check_bool(cfg.get("share_heads", True), "method.share_heads")
         self.compressed = False
         self.search: dict[str, dict[str, torch.Tensor]] | None = None  # mask key -> entry_step, z, m
         self.path: list[dict[str, Any]] = []

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pruneflow.errors import UserError
+from pruneflow.errors import UserError, check_bool
 from pruneflow.models import ModelBundle
 
 if TYPE_CHECKING:
@@ -76,9 +76,9 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
     head_kwargs: dict[str, Any] = {}
     if task.problem != "question_answering":
         head_kwargs = {"num_labels": task.num_labels, "problem_type": task.problem}
-    trust = bool(cfg.get("trust_remote_code", False))
+    trust = check_bool(cfg.get("trust_remote_code", False), "model.trust_remote_code")
     source = cfg.get("path") or cfg.get("hub_id")
-    if cfg.get("pretrained", True) and source:
+    if check_bool(cfg.get("pretrained", True), "model.pretrained") and source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
             model = auto.from_pretrained(source, trust_remote_code=trust, **head_kwargs)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from pruneflow.errors import UserError
+from pruneflow.errors import UserError, check_bool
 from pruneflow.models import ModelBundle, model_kwargs
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
     kwargs = model_kwargs(cfg)
     kwargs["num_classes"] = task.num_labels
     kwargs.setdefault("in_chans", task.image_channels)
-    pretrained = bool(cfg.get("pretrained", False))
+    pretrained = check_bool(cfg.get("pretrained", False), "model.pretrained")
     if cfg.get("path"):
         path = Path(cfg.path)
         weights = path / "model.safetensors" if path.is_dir() else path
