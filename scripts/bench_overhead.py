@@ -6,9 +6,9 @@ Dense step: forward + backward + AdamW step of the plain, unparametrized model.
 Pruned step: the same with the masks attached (parametrize), the method's score
 update after backward and its mask update (exact global top-k) after the
 optimizer step, every step, along a cubic schedule to the target sparsity.
-Dense and pruned steps are interleaved (alternating which goes first); each ratio is median(pruned) /
-median(dense) over the measured steps, after warm-up steps (which also absorb
-any torch.compile time). After every step the mask is checked to hold exactly
+Dense and pruned steps are interleaved (alternating which goes first); each
+ratio is median(pruned) / median(dense) over the measured steps, after warm-up
+steps (which also absorb any torch.compile time). After every step the mask is checked to hold exactly
 the scheduled number of weights.
 
     python scripts/bench_overhead.py --threads 2            # full BERT-base shape, 2 threads

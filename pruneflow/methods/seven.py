@@ -143,13 +143,14 @@ class Seven(ScoreBasedMethod):
         recover = total - window
         if self.lengthen_to_fit:  # the window always runs in full, then at least one epoch with the mask frozen
             recover = max(recover, steps_per_epoch)
-            if window + recover > total:
-                log.warning(
-                    "method.preset=%s (%s): t_i + iter_num = %d steps and one epoch with the mask frozen do not fit "
-                    "in %s epochs (%d steps); training is lengthened to %d steps (method.lengthen_to_fit=true), "
-                    "a deviation from the authors' setting.",
-                    self.preset, key, window, self.total_epochs, total, window + recover,
-                )
+        lengthened = window + recover > total
+        if lengthened:
+            log.warning(
+                "method.preset=%s (%s): t_i + iter_num = %d steps and one epoch with the mask frozen do not fit "
+                "in %s epochs (%d steps); training is lengthened to %d steps (method.lengthen_to_fit=true), "
+                "a deviation from the authors' setting.",
+                self.preset, key, window, self.total_epochs, total, window + recover,
+            )
         elif recover < 0:
             raise UserError(
                 f"method.preset={self.preset} ({key}: t_i={t_i} dense steps + iter_num={iter_num} pruning steps "
@@ -161,7 +162,7 @@ class Seven(ScoreBasedMethod):
                 "stages.finetune/prune/recover yourself."
             )
         self.planned = {"preset": key, "t_i": t_i, "iter_num": iter_num, "recover_steps": recover,
-                        "lengthened": window + recover > total}
+                        "lengthened": lengthened}
         return {**steps, "finetune": t_i, "prune": iter_num, "recover": recover}
 
     def summary(self) -> dict[str, Any]:
