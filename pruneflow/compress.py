@@ -38,6 +38,11 @@ from torch.nn.utils import parametrize
 from pruneflow.errors import UserError
 
 TYPES = ("qk", "vo", "ffn")
+# Where a search mask multiplies the block: ``authors`` as SPP's code (q and k rows both,
+# so q·k scales by the mask squared; fc1 rows, before the activation), ``outputs`` once
+# on q and on the FFN activation (fc2 columns). The v-o mask is on W_o's columns in
+# both (the same function as on v). With 0/1 masks both compute the same model.
+MASK_SITES = ("authors", "outputs")
 
 
 # ----------------------------------------------------------------------------- compressed attention
@@ -436,8 +441,10 @@ class MaskEntry:
 class PairedMasks:
     """Mask parameters on the paired dimensions of every block, applied through parametrize."""
 
-    def __init__(self, model: nn.Module, kinds: Iterable[str] = TYPES, share_heads: bool = True, allowed: Callable[[PairedBlock, str], bool] | None = None) -> None:
+    def __init__(self, model: nn.Module, kinds: Iterable[str] = TYPES, share_heads: bool = True,
+                 allowed: Callable[[PairedBlock, str], bool] | None = None, sites: str = "outputs") -> None:
         self.model = model
+        self.sites = sites
         self.entries: list[MaskEntry] = []
         for pb in find_blocks(model):
             for kind in kinds:
@@ -473,6 +480,13 @@ class PairedMasks:
     def attach(self) -> None:
         for e in self.entries:
             pb = e.block
+            if e.kind == "qk" and self.sites == "authors":  # q and k rows
+                self._attach_qk_authors(e)
+                continue
+            if e.kind == "ffn" and self.sites == "authors":  # fc1 rows: the mask before the activation
+                targets = [(pb.fc1, "weight", 0), (pb.fc1, "bias", 0)]
+                self._register(targets, Scale, e.param, self._expander(e))
+                continue
             if e.kind == "qk":
                 lin, _ = pb.q_linear()
                 tail = lin.out_features - pb.num_heads * pb.qk_dim  # k and v rows of a fused qkv
@@ -482,12 +496,32 @@ class PairedMasks:
                 lin = pb.proj if e.kind == "vo" else pb.fc2
                 targets = [(lin, "weight", 1)]
                 expand = self._expander(e)
-            for module, pname, dim in targets:
-                if getattr(module, pname, None) is None:
-                    continue
-                self._order.setdefault(module, list(module._parameters))
-                parametrize.register_parametrization(module, pname, Scale(e.param, expand, dim), unsafe=True)
-                self._registered.append((module, pname))
+            self._register(targets, Scale, e.param, expand)
+
+    def _register(self, targets: Sequence[tuple[nn.Module, str, int]], factory: Callable[..., nn.Module], mask: nn.Parameter,
+                  expand: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for module, pname, dim in targets:
+            if getattr(module, pname, None) is None:
+                continue
+            self._order.setdefault(module, list(module._parameters))
+            parametrize.register_parametrization(module, pname, factory(mask, expand, dim), unsafe=True)
+            self._registered.append((module, pname))
+
+    def _attach_qk_authors(self, e: MaskEntry) -> None:
+        pb = e.block
+        rep = self._expander(e)
+        if pb.family == "timm":  # fused qkv rows [q; k; v]
+            lin = pb.block.attn.qkv
+            v_rows = lin.out_features - 2 * pb.num_heads * pb.qk_dim
+
+            def expand(m: torch.Tensor) -> torch.Tensor:
+                s = rep(m)
+                return torch.cat([s, s, s.new_ones(v_rows)])
+
+            self._register([(lin, "weight", 0), (lin, "bias", 0)], Scale, e.param, expand)
+        else:
+            attn = pb.attn
+            self._register([(attn.query, "weight", 0), (attn.query, "bias", 0), (attn.key, "weight", 0), (attn.key, "bias", 0)], Scale, e.param, rep)
 
     def detach(self) -> None:
         """Remove the masks and restore the unmasked weights, in their original parameter

@@ -36,14 +36,19 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "32"  # 32 | bf16 | fp16
     torch_threads: int | None = None
+    continuous: bool = False  # one optimizer and LR schedule across finetune -> prune -> recover
+    optimizer: str = "adamw"  # adamw | adam | adamax | sgd
     gradient_accumulation_steps: int = 1
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    momentum: float = 0.0  # sgd only
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float = 1.0
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns kept fixed (e.g. "*embeddings*")
     checkpoint_every: int = 50
     log_every: int = 10
 

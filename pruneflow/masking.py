@@ -31,23 +31,25 @@ class Mask(nn.Module):
 
 @dataclass
 class PrunableWeight:
-    """One prunable weight matrix: ``module.weight`` of a Linear layer."""
+    """One prunable tensor: ``module.weight`` of a Linear layer (or its ``bias``, for
+    methods that prune biases with their weights, as PLATON's code does)."""
 
     name: str  # key in the plain state dict, e.g. "blocks.0.attn.qkv.weight"
     module_name: str
     module: nn.Module
+    attr: str = "weight"
 
     @property
     def param(self) -> nn.Parameter:
         """The trainable tensor (the parametrization's ``original`` once masked)."""
-        if parametrize.is_parametrized(self.module, "weight"):
-            return self.module.parametrizations.weight.original
-        return self.module.weight
+        if parametrize.is_parametrized(self.module, self.attr):
+            return getattr(self.module.parametrizations, self.attr).original
+        return getattr(self.module, self.attr)
 
     @property
     def parametrization(self) -> nn.Module | None:
-        if parametrize.is_parametrized(self.module, "weight"):
-            return self.module.parametrizations.weight[0]
+        if parametrize.is_parametrized(self.module, self.attr):
+            return getattr(self.module.parametrizations, self.attr)[0]
         return None
 
     @property
@@ -68,9 +70,10 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def select_prunable(
-    model: nn.Module, include: Sequence[str], exclude: Sequence[str]
+    model: nn.Module, include: Sequence[str], exclude: Sequence[str], biases: bool = False
 ) -> list[PrunableWeight]:
-    """Every ``nn.Linear`` whose module name matches ``include`` and not ``exclude``.
+    """Every ``nn.Linear`` whose module name matches ``include`` and not ``exclude``
+    (its weight, and its bias too with ``biases=True``).
 
     Patterns are shell-style (``fnmatch``) over module names such as
     ``blocks.0.attn.qkv`` (timm) or ``bert.encoder.layer.0.attention.self.query``.
@@ -79,6 +82,8 @@ def select_prunable(
     for mname, module in model.named_modules():
         if isinstance(module, nn.Linear) and _matches(mname, include) and not _matches(mname, exclude):
             out.append(PrunableWeight(name=f"{mname}.weight", module_name=mname, module=module))
+            if biases and module.bias is not None:
+                out.append(PrunableWeight(name=f"{mname}.bias", module_name=mname, module=module, attr="bias"))
     return out
 
 
@@ -102,14 +107,15 @@ class MaskedWeights:
     def attached(self) -> bool:
         return all(w.mask is not None for w in self.weights)
 
-    def attach(self, factory: Callable[[torch.Tensor], nn.Module] = Mask) -> None:
-        """Register a mask parametrization (all ones) on every weight not yet masked."""
-        for w in self.weights:
-            if parametrize.is_parametrized(w.module, "weight"):
+    def attach(self, factory: Callable[[torch.Tensor], nn.Module] = Mask, masks: Sequence[torch.Tensor] | None = None) -> None:
+        """Register a mask parametrization (all ones, or ``masks``) on every weight not yet masked."""
+        for i, w in enumerate(self.weights):
+            if parametrize.is_parametrized(w.module, w.attr):
                 continue
-            ones = torch.ones_like(w.module.weight, requires_grad=False)
+            tensor = getattr(w.module, w.attr)
+            init = masks[i].detach().to(tensor.dtype).clone() if masks is not None else torch.ones_like(tensor, requires_grad=False)
             # unsafe=True skips a trial forward; the mask keeps shape and dtype.
-            parametrize.register_parametrization(w.module, "weight", factory(ones), unsafe=True)
+            parametrize.register_parametrization(w.module, w.attr, factory(init), unsafe=True)
 
     def masks(self) -> list[torch.Tensor]:
         return [w.mask for w in self.weights]  # type: ignore[misc]
@@ -136,8 +142,8 @@ class MaskedWeights:
     def bake(self) -> None:
         """Remove the parametrizations, leaving ``weight = original * mask``."""
         for w in self.weights:
-            if parametrize.is_parametrized(w.module, "weight"):
-                parametrize.remove_parametrizations(w.module, "weight", leave_parametrized=True)
+            if parametrize.is_parametrized(w.module, w.attr):
+                parametrize.remove_parametrizations(w.module, w.attr, leave_parametrized=True)
 
 
 def strip_parametrization_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from safetensors.torch import save_model as st_save_model
 
 from pruneflow import distributed
 from pruneflow.cache import StageCache
-from pruneflow.errors import UserError, invalid
+from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import MaskedWeights, select_prunable
 from pruneflow.methods import PruneContext, get_method_class
@@ -29,7 +29,7 @@ from pruneflow.models import ModelBundle, build_model
 from pruneflow.results import build_result, write_predictions
 from pruneflow.schedules import Schedule
 from pruneflow.tasks import build_task
-from pruneflow.trainer import StageSpec, Trainer, steps_per_epoch
+from pruneflow.trainer import Optim, StageSpec, Trainer, steps_per_epoch
 from pruneflow.utils import (
     atomic_torch_save,
     atomic_write_json,
@@ -38,6 +38,7 @@ from pruneflow.utils import (
     seed_everything,
     set_rng_state,
 )
+from pruneflow.validation import validate_trainer
 
 log = logging.getLogger("pruneflow")
 
@@ -103,10 +104,11 @@ class Run:
     def prepare(self) -> None:
         cfg = self.cfg
         validate_sparsity(cfg.get("sparsity"))
+        self.device = resolve_device(str(cfg.trainer.device))
+        validate_trainer(cfg, cuda=self.device.type == "cuda")
         threads = cfg.trainer.get("torch_threads")
         if threads:
             torch.set_num_threads(int(threads))
-        self.device = resolve_device(str(cfg.trainer.device))
         self.method_cls = get_method_class(cfg.method.name)
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
@@ -131,7 +133,8 @@ class Run:
 
         include = list(cfg.method.get("include") or DEFAULT_INCLUDE)
         exclude = list(cfg.method.get("exclude") or DEFAULT_EXCLUDE)
-        self.weights = MaskedWeights(select_prunable(self.bundle.model, include, exclude))
+        biases = check_bool(cfg.method.get("biases", False), "method.biases")
+        self.weights = MaskedWeights(select_prunable(self.bundle.model, include, exclude, biases=biases))
         if self.method.prunes and len(self.weights) == 0:
             raise UserError(
                 f"No prunable weights: no nn.Linear in model={cfg.model.name} matches method.include={include} "
@@ -142,21 +145,28 @@ class Run:
 
         n_train = len(self.task.train_set)
         accum = int(cfg.trainer.get("gradient_accumulation_steps", 1))
+        continuous = bool(cfg.trainer.get("continuous", False))
         specs = {}
         for i, name in enumerate(STAGES):
             steps, bs = stage_steps(cfg, name, n_train, accum)
             distributed.check_batch_size(bs, name)
             if name == "prune" and not self.method.prunes:
                 steps = 0
-            specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=int(cfg.seed) * 10 + i)
+            # continuous: one stream of batches through all stages (one seed, offsets below)
+            seed = int(cfg.seed) * 10 + (0 if continuous else i)
+            specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=seed)
+        specs["prune"].weight_updates = self.method_cls.updates_weights
         planned = self.method.plan_stages(
             {k: v.steps for k, v in specs.items()}, steps_per_epoch(n_train, specs["prune"].batch_size, accum), cfg.task.name
         )
         for k, v in planned.items():
             specs[k].steps = int(v)
-        schedule = Schedule.from_config(cfg.schedule, self.sparsity, specs["prune"].steps)
+        if continuous:
+            self._plan_continuous(specs, accum)
+        schedule = Schedule.from_config(cfg.schedule, self.method.schedule_target(), specs["prune"].steps)
         if self.method.prunes:
             schedule.validate()
+            self.method.check_schedule(schedule)
             if specs["prune"].steps == 0 and not self.method_cls.__dict__.get("prunes_without_steps", False):
                 raise UserError(
                     f"method={cfg.method.name} prunes during the prune stage, but stages.prune has 0 steps. "
@@ -164,6 +174,36 @@ class Run:
                 )
         self.plan = Plan(stages=specs, schedule=schedule)
         self.trainer = Trainer(cfg.trainer, self.device, self.bundle, self.task)
+        # trainer.continuous: one optimizer and LR schedule for the whole run, built now
+        # (before any mask is attached) over every weight-updating step of every stage.
+        self.optim: Optim | None = None
+        if continuous:
+            total = sum(sp.steps for sp in specs.values() if sp.weight_updates)
+            self.optim = self.trainer.build_optim(total)
+
+    def _plan_continuous(self, specs: dict[str, StageSpec], accum: int) -> None:
+        """trainer.continuous=true: the stages are phases of one training, so they share one
+        batch size (one stream of batches) and the method must keep the architecture."""
+        cfg = self.cfg
+        running = [sp for sp in specs.values() if sp.steps > 0]
+        sizes = {sp.name: sp.batch_size for sp in running}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"stages.{k}.batch_size={v}" for k, v in sizes.items())
+            raise UserError(
+                f"trainer.continuous=true trains the stages as one run over one stream of batches, so they need one "
+                f"batch size; got {listed}. Set them equal, or use trainer.continuous=false (each stage its own "
+                "optimizer, schedule and batches)."
+            )
+        if not self.method_cls.keeps_architecture and specs["recover"].steps > 0:
+            raise UserError(
+                f"trainer.continuous=true cannot carry the optimizer across the prune stage of method={cfg.method.name}: "
+                "it rebuilds the pruned layers (physical compression), so the recover stage starts a new optimizer. "
+                "Use trainer.continuous=false (the authors retrain with a fresh optimizer too)."
+            )
+        offset = 0
+        for name in STAGES:
+            specs[name].data_offset = offset
+            offset += specs[name].steps * accum
 
     # -- checkpoints ----------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -230,18 +270,23 @@ class Run:
     def finalize_model(self) -> None:
         model = self.method.finalize(self.bundle.model)
         self.bundle.model = model.to(self.device)
+        if not self.method_cls.keeps_architecture:  # new layers: the next optimizer must list them
+            self.trainer.refresh_params()
 
     def finetune_key(self) -> dict[str, Any]:
         c = self.cfg
-        return {
+        key = {
             "model": OmegaConf.to_container(c.model, resolve=True),
             "task": {k: v for k, v in OmegaConf.to_container(c.task, resolve=True).items()},
             "seed": int(c.seed),
             "stage": OmegaConf.to_container(c.stages.finetune, resolve=True),
             "steps": self.plan.stages["finetune"].steps,
             "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if k not in ("checkpoint_every", "log_every", "device", "torch_threads")},
-            "version": 1,
+            "version": 2,
         }
+        if self.optim is not None:  # continuous: the finetune LR depends on the whole schedule
+            key["schedule"] = {"total_steps": self.optim.schedule.total_steps, "warmup_steps": self.optim.schedule.warmup_steps}
+        return key
 
     def evaluate(self, stage: str) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
         bs = int(self.cfg.stages.get("eval_batch_size", 64))
@@ -249,6 +294,14 @@ class Run:
         self.bundle.model.train()
         log.info("%s: %s", stage, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics, predictions
+
+    def setup_method(self) -> None:
+        """Start the prune stage: masks attached; in a continuous run the method's own
+        trainable tensors join the run's optimizer (in the same order on resume)."""
+        self.method.setup(self.prune_context())
+        if self.optim is not None:
+            for group in self.method.param_groups():
+                self.optim.add_group(group)
 
     # -- main ------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -263,11 +316,14 @@ class Run:
             start_index = STAGES.index(ckpt["stage"])
             log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
             if start_index >= STAGES.index("prune") and self.method.prunes and self.plan.runs("prune"):
-                self.method.setup(self.prune_context())
+                self.setup_method()
                 self.method.load_state_dict(ckpt["method"])
                 if start_index > STAGES.index("prune") or ckpt["complete"]:
+                    self.method.end_prune_stage()
                     self.finalize_model()
             self.bundle.model.load_state_dict(ckpt["model"])
+            if self.optim is not None and ckpt.get("trainer"):  # continuous: the run's optimizer
+                self.optim.load_state_dict(ckpt["trainer"])
             if ckpt["complete"]:
                 start_index += 1
             else:
@@ -290,26 +346,30 @@ class Run:
                 self.run_finetune(spec, resume_trainer)
             elif name == "prune":
                 if not resumed:
-                    self.method.setup(self.prune_context())
+                    self.setup_method()
                 handled = not resumed and self.method.run_prune_stage(self.method.ctx)
                 if not handled:
-                    self.trainer.train(spec, self.method, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+                    self.trainer.train(spec, self.method, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
                 self.method.end_prune_stage()
                 self.check_ranks("prune", "the masks and scores after the prune stage")
                 self.finalize_model()
             else:  # recover: masks frozen, no method hooks (a score-based method would re-run its schedule)
-                self.trainer.train(spec, None, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+                self.trainer.train(spec, None, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
             resume_trainer = None
             times[name] = time.perf_counter() - t0
             metrics[name], predictions = self.evaluate(name)
             self.logger.log({f"{name}/{k}": v for k, v in metrics[name].items()})
-            self.save_checkpoint(name, spec.steps, complete=True)
+            self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state())
             progress["done"][name] = {"metrics": metrics[name], "time_s": times[name]}
             self.save_progress(progress)
 
         if predictions is None:  # every stage was already done (resumed after the last one)
             _, predictions = self.evaluate("final")
         return self.finish(metrics, times, predictions, t_start)
+
+    def optim_state(self) -> dict[str, Any] | None:
+        """The run's optimizer at a stage boundary (continuous runs; None otherwise)."""
+        return self.optim.state_dict() if self.optim is not None else None
 
     def checkpoint_fn(self, stage: str):  # noqa: ANN201
         def save(step: int, trainer_state: dict[str, Any]) -> None:
@@ -318,29 +378,39 @@ class Run:
         return save
 
     def run_finetune(self, spec: StageSpec, resume: dict[str, Any] | None) -> None:
-        """Dense fine-tuning, cached across runs that share model, task, seed and settings."""
+        """Dense fine-tuning, cached across runs that share model, task, seed and settings
+        (in a continuous run the cache also holds the optimizer state to continue from)."""
+
+        def train() -> None:
+            self.trainer.train(spec, None, self.optim, resume=resume, checkpoint=self.checkpoint_fn("finetune"), on_log=self.logger.log)
+
+        def store(cache_dir: Path) -> dict[str, Any]:
+            st_save_model(self.bundle.model, str(cache_dir / "model.safetensors"))
+            if self.optim is not None:
+                atomic_torch_save(self.optim.state_dict(), cache_dir / "optimizer.pt")
+            return {"steps": spec.steps, "continuous": self.optim is not None}
 
         def compute(cache_dir: Path | None) -> dict[str, Any]:
-            self.trainer.train(spec, None, resume=resume, checkpoint=self.checkpoint_fn("finetune"), on_log=self.logger.log)
-            if cache_dir is not None:
-                st_save_model(self.bundle.model, str(cache_dir / "model.safetensors"))
-            return {"steps": spec.steps}
+            train()
+            return store(cache_dir) if cache_dir is not None else {"steps": spec.steps}
 
         if not self.cfg.get("cache", True):
-            compute(None)
+            train()
             return
         cache = StageCache(Path(self.cfg.cache_dir), "finetune", self.finetune_key())
         if distributed.is_distributed():  # every rank trains (collectives); rank 0 stores
             reused = distributed.broadcast_object(cache.exists())
             if not reused:
-                compute(None)
+                train()
                 if distributed.is_main():
-                    cache.get_or_compute(lambda d: (st_save_model(self.bundle.model, str(d / "model.safetensors")), {"steps": spec.steps})[1])
+                    cache.get_or_compute(store)
                 distributed.barrier()
         else:
             _, reused = cache.get_or_compute(compute)
         if reused:
             st_load_model(self.bundle.model, str(cache.dir / "model.safetensors"), device=str(self.device))
+            if self.optim is not None:
+                self.optim.load_state_dict(torch.load(cache.dir / "optimizer.pt", map_location=self.device, weights_only=True))
 
     def finish(self, metrics: dict[str, dict[str, float]], times: dict[str, float], predictions: dict[str, list[dict[str, Any]]], t_start: float) -> dict[str, Any]:
         from pruneflow.export import save_model

@@ -1,9 +1,23 @@
 """The training loop, independent of tasks and methods.
 
-One call trains one stage: AdamW with a linear (or other ``transformers``)
-learning-rate schedule and warm-up, gradient accumulation, gradient clipping,
-bf16/fp16 autocast, periodic checkpoints that make a killed run resume
-bit-for-bit, and the method's hooks around the optimizer step.
+One call trains one stage: the optimizer (AdamW by default), the learning-rate
+schedule with its warm-up, gradient accumulation, gradient clipping, bf16/fp16
+autocast (with the gradient scaler for fp16), periodic checkpoints that make a
+killed run resume bit-for-bit, and the method's hooks around the optimizer step.
+
+Two protocols (``trainer.continuous``):
+
+- ``false``: every stage builds its own optimizer and LR schedule over its own
+  steps (the learning rate restarts at each stage boundary);
+- ``true``: one optimizer and one LR schedule over all the weight-updating steps
+  of the run, carried across finetune -> prune -> recover, with one stream of
+  batches — one training in which warm-up, pruning and the frozen-mask phase are
+  phases, as SEVEN, PLATON and movement pruning are run by their authors.
+
+Either way an :class:`Optim` holds the optimizer and its position in its LR
+schedule; a stage's ``lr`` scales the schedule for the parameter groups that
+follow the stage (``pf_lr == "stage"``); a method's own groups (movement
+pruning's scores) keep their own base LR under the same schedule.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +36,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pruneflow import distributed
-from pruneflow.errors import TrainingDiverged
+from pruneflow.errors import TrainingDiverged, invalid
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
 from pruneflow.tasks.base import Task
 from pruneflow.utils import progress
 
 log = logging.getLogger("pruneflow")
+
+# transformers' LambdaLR schedules (``get_scheduler``); reduce_lr_on_plateau needs a metric per step.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+OPTIMIZERS = ("adamw", "adam", "adamax", "sgd")
 
 
 @dataclass
@@ -39,6 +57,50 @@ class StageSpec:
     batch_size: int
     seed: int
     weight_updates: bool = True  # False: the prune stage of scoring-only methods
+    data_offset: int = 0  # batches of the stream consumed before this stage (continuous runs)
+
+
+class LRSchedule:
+    """Learning-rate multiplier as a function of the optimizer step: one of
+    ``transformers``' schedules (the same functions ``get_scheduler`` builds)."""
+
+    def __init__(self, name: str, total_steps: int, warmup_steps: int) -> None:
+        from transformers import get_scheduler
+
+        self.name, self.total_steps, self.warmup_steps = name, max(int(total_steps), 1), int(warmup_steps)
+        dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        self._fn = get_scheduler(name, dummy, num_warmup_steps=self.warmup_steps, num_training_steps=self.total_steps).lr_lambdas[0]
+
+    def factor(self, step: int) -> float:
+        return float(self._fn(step))
+
+
+class Optim:
+    """An optimizer and its position in its LR schedule (``step`` = optimizer steps taken)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> None:
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.step = 0
+
+    def set_lr(self, stage_lr: float) -> float:
+        """Set every group's LR for the coming step; returns the stage groups' LR."""
+        f = self.schedule.factor(self.step)
+        for g in self.optimizer.param_groups:
+            base = stage_lr if g.get("pf_lr", "stage") == "stage" else float(g["pf_lr"])
+            g["lr"] = base * f
+        return stage_lr * f
+
+    def add_group(self, group: dict[str, Any]) -> None:
+        """A method's extra parameters (e.g. movement scores), under the same schedule."""
+        self.optimizer.add_param_group(group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "optim_step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["optim_step"])
 
 
 class EpochBatches:
@@ -77,14 +139,25 @@ def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1) -> in
     return max(1, n_examples // (batch_size * grad_accum))
 
 
-def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and normalisation weights (the usual BERT recipe)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in params:
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def grads_finite(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer) -> bool:
+    """False when the fp16 gradient scaler found inf/NaN gradients after ``unscale_``
+    (it will skip this optimizer step). Always True without a scaler."""
+    if scaler is None:
+        return True
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    found = state.get("found_inf_per_device")
+    if found:  # what GradScaler itself reads in step()
+        return not any(float(v.item()) for v in found.values())
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 class Trainer:
@@ -97,67 +170,103 @@ class Trainer:
         precision = str(cfg.get("precision", "32"))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.continuous = bool(cfg.get("continuous", False))
+        self.distiller: Any = None  # pruneflow.distill.Distiller, set by the runner
+        # The trainable parameters, named and ordered as in the model before any mask is
+        # attached: optimizers built at any stage (and on resume) list them identically.
+        self.freeze = list(cfg.get("freeze") or [])
+        self.base_params = trainable_parameters(bundle.model, self.freeze)
+
+    def refresh_params(self) -> None:
+        """After a method rebuilt layers (SPP's compression)."""
+        self.base_params = trainable_parameters(self.bundle.model, self.freeze)
 
     # -- helpers ----------------------------------------------------------------------
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Task loss under the configured autocast; used by methods with their own loops."""
+        """Task loss under the configured autocast (with distillation when configured);
+        used by methods with their own loops too."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            if self.distiller is not None:
+                return self.distiller.loss(self.bundle, self.task, batch)
             return self.task.loss(self.bundle, batch)
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         for batch in EpochBatches(self.task.train_set, batch_size, seed, self.task.collate, start_step):
             yield self.to_device(batch)
 
-    def make_optimizer(self, model: nn.Module, lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-        from transformers import get_scheduler
+    def warmup_steps(self, total: int) -> int:
+        steps = self.cfg.get("warmup_steps")
+        if steps is not None:
+            return int(steps)
+        return int(math.ceil(float(self.cfg.get("warmup_ratio", 0.0) or 0.0) * total))
 
-        opt = torch.optim.AdamW(
-            _decay_groups(model, float(self.cfg.weight_decay)),
-            lr=lr,
-            betas=(float(self.cfg.adam_beta1), float(self.cfg.adam_beta2)),
-            eps=float(self.cfg.adam_epsilon),
-        )
-        warmup = self.cfg.get("warmup_ratio", 0.0)
-        sched = get_scheduler(
-            self.cfg.lr_scheduler, opt, num_warmup_steps=int(math.ceil(float(warmup) * steps)), num_training_steps=max(steps, 1)
-        )
-        return opt, sched
+    def build_optim(self, total_steps: int, extra_groups: Sequence[dict[str, Any]] = ()) -> Optim:
+        """The optimizer over the model's trainable parameters (plus a method's groups)
+        with an LR schedule over ``total_steps`` optimizer steps."""
+        cfg = self.cfg
+        name = str(cfg.get("optimizer", "adamw"))
+        taken = {id(p) for g in extra_groups for p in g["params"]}
+        groups = decay_groups([(n, p) for n, p in self.base_params if id(p) not in taken], float(cfg.weight_decay))
+        groups += [dict(g) for g in extra_groups]
+        betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
+        eps = float(cfg.adam_epsilon)
+        if name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=1.0, betas=betas, eps=eps)
+        elif name == "adam":  # L2 weight decay added to the gradient (not decoupled)
+            opt = torch.optim.Adam(groups, lr=1.0, betas=betas, eps=eps)
+        elif name == "adamax":
+            opt = torch.optim.Adamax(groups, lr=1.0, betas=betas, eps=eps)
+        elif name == "sgd":
+            opt = torch.optim.SGD(groups, lr=1.0, momentum=float(cfg.get("momentum", 0.0)))
+        else:
+            raise invalid("trainer.optimizer", name, OPTIMIZERS)
+        return Optim(opt, LRSchedule(str(cfg.lr_scheduler), total_steps, self.warmup_steps(total_steps)))
 
     # -- the loop -----------------------------------------------------------------------
     def train(
         self,
         stage: StageSpec,
         method: PruningMethod | None = None,
+        optim: Optim | None = None,
         resume: dict[str, Any] | None = None,
         checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
         on_log: Callable[[dict[str, float]], None] | None = None,
     ) -> dict[str, float]:
-        """Train ``stage.steps`` optimizer steps; returns the mean training loss.
+        """Train ``stage.steps`` steps; returns the stage's time.
 
-        ``checkpoint(step, trainer_state)`` is called every ``trainer.checkpoint_every``
-        steps with the optimizer and scheduler state; ``resume`` is such a state.
+        ``optim`` is the run's optimizer (continuous protocol); None builds one for
+        this stage. ``checkpoint(step, trainer_state)`` is called every
+        ``trainer.checkpoint_every`` steps with the optimizer and scaler state;
+        ``resume`` is such a state.
         """
         model = self.bundle.model
         model.train()
-        opt, sched = self.make_optimizer(model, stage.lr, stage.steps)
+        if optim is None:
+            extra = method.param_groups() if method is not None else []
+            optim = self.build_optim(stage.steps if stage.weight_updates else 1, extra)
+        opt = optim.optimizer
         start = 0
         if resume is not None:
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
+            if resume.get("optimizer") is not None:
+                optim.load_state_dict(resume)
             if self.scaler is not None and resume.get("scaler"):
                 self.scaler.load_state_dict(resume["scaler"])
             start = int(resume["step"])
-        data = self.batches(stage.batch_size, stage.seed, start_step=start * self.grad_accum)
+        data = self.batches(stage.batch_size, stage.seed, start_step=stage.data_offset + start * self.grad_accum)
         every = int(self.cfg.get("checkpoint_every", 0) or 0)
         log_every = int(self.cfg.get("log_every", 10))
         max_norm = float(self.cfg.get("max_grad_norm", 0) or 0)
+        clip_params = [p for g in opt.param_groups for p in g["params"]]
         running, n_running = 0.0, 0
         t0 = time.perf_counter()
+        lr = stage.lr
         bar = progress(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, leave=False, disable=not distributed.is_main())
         for step in bar:
+            if stage.weight_updates:
+                lr = optim.set_lr(stage.lr)
             loss_value = 0.0
             for _ in range(self.grad_accum):
                 batch = distributed.shard(next(data))  # torchrun: this rank's share of the global batch
@@ -174,46 +283,72 @@ class Trainer:
             loss_value = distributed.mean_scalar(loss_value, self.device)
             if not math.isfinite(loss_value):
                 if checkpoint is not None:
-                    checkpoint(step, self._state(opt, sched, step))
-                raise TrainingDiverged(
-                    f"The training loss became {loss_value} at step {step} of the {stage.name} stage "
-                    f"(lr={stage.lr}); the run's state at that step is saved in checkpoints/. Lower "
-                    f"stages.{stage.name}.lr or enable trainer.max_grad_norm"
-                    + (", or use trainer.precision=32." if self.autocast_dtype is not None else ".")
-                )
+                    checkpoint(step, self.state(optim, step))
+                raise TrainingDiverged(self._diverged_message(loss_value, step, stage, lr, max_norm))
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
+            # fp16: an overflow step is skipped by the scaler; no method may score its gradients.
+            finite = grads_finite(self.scaler, opt)
             if method is not None:
-                method.after_backward(step)
+                method.after_backward(step, grads_finite=finite)
             if max_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                nn.utils.clip_grad_norm_(clip_params, max_norm)
             if stage.weight_updates:
                 if self.scaler is not None:
                     self.scaler.step(opt)
                     self.scaler.update()
                 else:
                     opt.step()
-                sched.step()
-            opt.zero_grad(set_to_none=True)
+                optim.step += 1
+            # The hook sees this step's gradients and the updated weights (SEVEN reads both).
             if method is not None:
-                method.after_optimizer_step(step)
+                method.after_optimizer_step(step, grads_finite=finite)
+            opt.zero_grad(set_to_none=True)
             running += loss_value
             n_running += 1
             if (step + 1) % log_every == 0 or step + 1 == stage.steps:
                 bar.set_postfix(loss=f"{running / n_running:.4f}", refresh=False)  # the bar shows it at its next refresh
                 if on_log is not None:
-                    on_log({f"{stage.name}/loss": running / n_running, f"{stage.name}/lr": sched.get_last_lr()[0], f"{stage.name}/step": step + 1})
+                    on_log({f"{stage.name}/loss": running / n_running, f"{stage.name}/lr": lr, f"{stage.name}/step": step + 1})
                 running, n_running = 0.0, 0
             if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
-                checkpoint(step + 1, self._state(opt, sched, step + 1))
+                checkpoint(step + 1, self.state(optim, step + 1))
                 _fault_injection(stage.name, step + 1)
         bar.close()
         return {"time_s": time.perf_counter() - t0}
 
-    def _state(self, opt: torch.optim.Optimizer, sched: Any, step: int) -> dict[str, Any]:
+    def _diverged_message(self, loss_value: float, step: int, stage: StageSpec, lr: float, max_norm: float) -> str:
+        hints = [f"lower stages.{stage.name}.lr (now {stage.lr:g})"]
+        if max_norm <= 0:
+            hints.append("enable gradient clipping (trainer.max_grad_norm=1.0)")
+        elif max_norm > 1.0:
+            hints.append(f"clip harder (trainer.max_grad_norm is {max_norm:g})")
+        if self.autocast_dtype is not None:
+            hints.append("use trainer.precision=32")
+        return (
+            f"The training loss became {loss_value} at step {step} of the {stage.name} stage (learning rate "
+            f"{lr:.3g} at that step). The run's state just before that step is saved in checkpoints/; a resumed run "
+            f"uses the learning rate of the command line. To go on: " + ", or ".join(hints) + "."
+        )
+
+    def state(self, optim: Optim, step: int) -> dict[str, Any]:
         return {
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
+            **optim.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": step,
         }
+
+
+def trainable_parameters(model: nn.Module, freeze: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter that trains; ``freeze`` patterns (shell-style,
+    over parameter names) switch parameters off, e.g. the embeddings in movement pruning."""
+    import fnmatch
+
+    out = []
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in freeze):
+            p.requires_grad_(False)
+            continue
+        if p.requires_grad:
+            out.append((name, p))
+    return out

@@ -98,10 +98,12 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    from pruneflow.errors import invalid
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from pruneflow.errors import invalid
-
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise invalid("trainer.device", name, "auto, cpu, cuda, cuda:<index>")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise invalid("trainer.device", name, "auto, cpu, cuda", "No CUDA device is available here.")
     return torch.device(name)

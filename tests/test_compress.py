@@ -10,6 +10,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from pruneflow import load_model
 from pruneflow.compress import (
+    MASK_SITES,
     CompressedBertSelfAttention,
     CompressedTimmAttention,
     PairedMasks,
@@ -48,9 +49,9 @@ def random_keep(masks: PairedMasks, seed: int = 0) -> list[torch.Tensor]:
     return keep
 
 
-def mask_then_compress(model, share_heads: bool, forward):  # noqa: ANN001, ANN201
+def mask_then_compress(model, share_heads: bool, forward, sites: str = "outputs"):  # noqa: ANN001, ANN201
     """Outputs of the masked model and of the compressed model (same keep vectors)."""
-    masks = PairedMasks(model, share_heads=share_heads)
+    masks = PairedMasks(model, share_heads=share_heads, sites=sites)
     keep = random_keep(masks)
     masks.attach()
     masks.set([k.float() for k in keep])
@@ -64,9 +65,10 @@ def mask_then_compress(model, share_heads: bool, forward):  # noqa: ANN001, ANN2
     return masked, compressed, layers
 
 
+@pytest.mark.parametrize("sites", MASK_SITES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("share_heads", [True, False])
-def test_bert_compressed_equals_masked(impl, share_heads):
+def test_bert_compressed_equals_masked(impl, share_heads, sites):
     model = tiny_bert(impl)
     ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
     att = torch.ones_like(ids)
@@ -77,7 +79,7 @@ def test_bert_compressed_equals_masked(impl, share_heads):
         out = m(input_ids=ids, attention_mask=att, output_hidden_states=True)
         return torch.cat([out.hidden_states[-1].flatten(), out.logits.flatten()])
 
-    masked, compressed, layers = mask_then_compress(model, share_heads, fwd)
+    masked, compressed, layers = mask_then_compress(model, share_heads, fwd, sites)
     torch.testing.assert_close(compressed, masked, atol=1e-5, rtol=1e-5)
     sa = model.bert.encoder.layer[0].attention.self
     assert isinstance(sa, CompressedBertSelfAttention)
@@ -92,11 +94,12 @@ def test_bert_compressed_equals_masked(impl, share_heads):
     assert sum(p.numel() for p in model.parameters()) < dense_params
 
 
+@pytest.mark.parametrize("sites", MASK_SITES)
 @pytest.mark.parametrize("share_heads", [True, False])
-def test_vit_compressed_equals_masked(share_heads):
+def test_vit_compressed_equals_masked(share_heads, sites):
     model = tiny_vit()
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    masked, compressed, layers = mask_then_compress(model, share_heads, lambda m: m(x))
+    masked, compressed, layers = mask_then_compress(model, share_heads, lambda m: m(x), sites)
     torch.testing.assert_close(compressed, masked, atol=1e-5, rtol=1e-5)
     attn = model.blocks[0].attn
     assert isinstance(attn, CompressedTimmAttention)
@@ -172,3 +175,31 @@ def test_detaching_masks_restores_weights_and_parameter_order():
     masks.detach()
     assert [n for n, _ in model.named_parameters()] == names
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_authors_mask_sites_scale_q_and_k_and_fc1(family):
+    """SPP's code multiplies q and k by the same q-k mask (q·k scales by its square) and
+    fc1's output by the FFN mask, before the activation: a uniform 0.5 mask equals
+    scaling those weights by 0.5."""
+    model = tiny_bert("eager") if family == "hf" else tiny_vit()
+    ref = copy.deepcopy(model)
+    masks = PairedMasks(model, sites="authors")
+    masks.attach()
+    masks.set([torch.full_like(e.param, 0.5) if e.kind in ("qk", "ffn") else torch.ones_like(e.param) for e in masks])
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.endswith(("query", "key", "intermediate.dense", "mlp.fc1")):
+                mod.weight.mul_(0.5)
+                mod.bias.mul_(0.5)
+            if name.endswith("attn.qkv"):
+                rows = mod.weight.shape[0] * 2 // 3  # q and k rows
+                mod.weight[:rows].mul_(0.5)
+                mod.bias[:rows].mul_(0.5)
+    if family == "hf":
+        ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+        out, expected = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    else:
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+        out, expected = model(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
+from pruneflow.compress import PairedMasks
 from pruneflow.errors import UserError
 from pruneflow.masking import MaskedWeights, select_prunable
 from pruneflow.methods.base import PruneContext
@@ -25,7 +26,7 @@ from pruneflow.methods.spp import (
 )
 from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, run
 
-SPP_CFG = {"name": "spp", "optimizer": "adam", "lr": 0.01, "kappa": 1.0, "lambda": 3.0, "nu": 100.0, "z_lr": "auto", "share_heads": True, "search_epochs": None, "search_steps": None, "include": None, "exclude": None}
+SPP_CFG = {"name": "spp", "optimizer": "adam", "adam_eps": 1e-4, "kappa": 1.0, "lambda": 3.0, "nu": 100.0, "z_lr": "auto", "share_heads": True, "search_epochs": None, "search_steps": None, "include": None, "exclude": None}
 
 
 # ----------------------------------------------------------------------------- the mathematics by hand
@@ -58,6 +59,17 @@ def test_rank_entries_by_hand():
     # step 2 first (tie in z -> larger m first: 5 then 2), then step 5 (larger z: 3 then 0),
     # then never-entered by z (4 then 1)
     assert rank_entries(step, z, m).tolist() == [5, 2, 3, 0, 4, 1]
+
+
+def test_rank_by_support_time_by_hand():
+    """The authors' ranking: most checks spent in the support first (an entry that entered
+    early but left ranks below one that stayed); ties by entry step, Z, M."""
+    step = torch.tensor([2, 5, 5, NOT_ENTERED])
+    support = torch.tensor([3, 7, 7, 0])
+    z = torch.tensor([4.0, 3.8, 3.9, 1.0])
+    m = torch.ones(4)
+    assert rank_entries(step, z, m, support).tolist() == [2, 1, 0, 3]
+    assert rank_entries(step, z, m).tolist() == [0, 2, 1, 3]  # by first entry
 
 
 def test_global_keep_removes_the_globally_worst_and_keeps_one_per_mask():
@@ -111,6 +123,7 @@ def test_search_path_only_grows_and_leaves_the_weights_untouched():
     method = SPP(OmegaConf.create(SPP_CFG), 0.5)
     method.validate(model, ctx.weights)
     method.setup(ctx)
+    method.lr = 0.01  # what run_prune_stage takes from stages.prune.lr
     search, path = method.run_search(ctx)
 
     after = model.state_dict()
@@ -131,6 +144,39 @@ def test_search_path_only_grows_and_leaves_the_weights_untouched():
     assert float(ffn0["m"][7]) < float(ffn0["m"].median())
     steps = torch.cat([d["entry_step"] for d in search.values()])
     assert int((steps != NOT_ENTERED).sum()) == round(path[-1]["support"] * steps.numel())
+
+
+def test_search_follows_the_authors_settings():
+    """lr from the prune stage, Adam eps 1e-4, Z stepped by Adam's bias-corrected step size,
+    support counted every check_every steps; ranked in the attention and FFN pools."""
+    model, ctx = _vit_problem(steps=25)
+    from pruneflow.trainer import StageSpec
+
+    ctx.extra["stage"] = StageSpec(name="prune", steps=25, lr=0.05, batch_size=16, seed=0)
+    method = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "lambda": 0.5, "check_every": 5}), 0.5)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    method.run_prune_stage(ctx)
+    assert method.lr == 0.05 and method.search_settings()["lr"] == 0.05
+    for d in method.search.values():
+        entered = d["entry_step"] != NOT_ENTERED
+        # counted at steps 0, 5, 10, 15, 20: an entry in the support since step e is seen
+        # at most at the checks from e on (it may leave again)
+        first = d["entry_step"].clamp_min(0)
+        most = torch.div(24 - first, 5, rounding_mode="floor") + 1 - (first % 5 != 0).long()
+        assert bool((d["support"][~entered] == 0).all()) and bool((d["support"][entered] <= most[entered]).all())
+    assert sum(int((d["support"] > 0).sum()) for d in method.search.values()) > 0
+    keep = method.keep_vectors(PairedMasks(model, allowed=method._allowed))
+    assert len(keep) == 6 and all(k.any() for k in keep)
+    # One step: Adam's step size at t = 1 is lr / (1 - 0.9), so Z_1 = 0.5 * M_1 (Γ_0 = 0).
+    model, ctx = _vit_problem(steps=1)
+    ctx.extra["stage"] = StageSpec(name="prune", steps=1, lr=0.05, batch_size=16, seed=0)
+    one = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam"}), 0.5)
+    one.validate(model, ctx.weights)
+    one.setup(ctx)
+    one.run_prune_stage(ctx)
+    for d in one.search.values():
+        torch.testing.assert_close(d["z"], 0.5 * d["m"])
 
 
 def test_bert_search_then_compression_reaches_the_target_sparsity():

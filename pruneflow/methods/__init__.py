@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "random": "pruneflow.methods.random:Random",
     "seven": "pruneflow.methods.seven:Seven",
     "seven_pre": "pruneflow.methods.seven_pre:SevenPre",
+    "soft_movement": "pruneflow.methods.movement:SoftMovement",
     "spp": "pruneflow.methods.spp:SPP",
 }
 

@@ -333,7 +333,7 @@ class ADMM(PruningMethod):
             norm2 += float(W.pow(2).sum())
         return math.sqrt(diff2 / max(norm2, 1e-30))
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
         if self.phase == "admm" and (step + 1) % self.steps_per_iteration == 0 and self.iteration < self.iterations:
             residual = self.admm_update()
             self.residuals.append(round(residual, 6))

@@ -7,18 +7,22 @@ are applied by ``pruneflow.masking``. A method only decides *which* weights.
 Call order in the prune stage::
 
     method.setup(ctx)                       # once, after the finetune stage
+    optimizer gets method.param_groups()    # trainable method state (movement scores)
     if not method.run_prune_stage(ctx):     # methods with their own loop return True
         for step in range(ctx.total_steps): # the trainer's loop
             loss = task_loss + method.extra_loss()
             loss.backward()
-            method.after_backward(step)     # gradients of the effective weights are ready
-            optimizer.step()
-            method.after_optimizer_step(step)
+            method.after_backward(step, grads_finite)        # gradients ready, before clipping
+            clip gradients; optimizer.step()
+            method.after_optimizer_step(step, grads_finite)  # new weights, gradients still there
+            optimizer.zero_grad()
     method.end_prune_stage()                # masks final and frozen from here on
     model = method.finalize(model)          # e.g. physical compression (SPP)
 
-The recover stage trains with the masks frozen: the parametrization keeps pruned
-entries at exactly zero, no method call is needed.
+``grads_finite`` is False on a step whose fp16 gradients overflowed (the gradient
+scaler skips that optimizer step): a method must not feed those gradients into
+its scores. The recover stage trains with the masks frozen: the parametrization
+keeps pruned entries at exactly zero, no method call is needed.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ class PruningMethod:
     default_sparsity: ClassVar[float] = 0.7
     #: False for ``dense``: no prune stage, no masks
     prunes: ClassVar[bool] = True
+    #: False for methods whose prune stage does not train the weights (``seven_pre``
+    #: scores without updates; SPP's search trains only its masks)
+    updates_weights: ClassVar[bool] = True
+    #: False when ``finalize`` rebuilds layers (SPP), so no optimizer state can carry over
+    keeps_architecture: ClassVar[bool] = True
 
     def __init__(self, cfg: DictConfig, sparsity: float) -> None:
         self.cfg = cfg
@@ -90,6 +99,13 @@ class PruningMethod:
         the schedule is validated."""
         return steps
 
+    def check_schedule(self, schedule: Schedule) -> None:
+        """Raise ``UserError`` for schedule settings the method cannot honour."""
+
+    def schedule_target(self) -> float:
+        """What the sparsity schedule ramps to (soft movement: its score threshold)."""
+        return self.sparsity
+
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
         """Raise ``UserError`` for settings that cannot work with this model. May
         narrow ``weights`` in place (structured granularity keeps the weights its
@@ -103,13 +119,18 @@ class PruningMethod:
         """Return True if the method ran the whole prune stage itself."""
         return False
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups for the method's own trainable tensors, created by ``setup``
+        (``{"params": [...], "pf_lr": base_lr, "weight_decay": ...}``)."""
+        return []
+
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
-    def after_backward(self, step: int) -> None:
+    def after_backward(self, step: int, grads_finite: bool = True) -> None:
         pass
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
         pass
 
     def end_prune_stage(self) -> None:

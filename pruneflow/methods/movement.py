@@ -1,43 +1,138 @@
-"""Movement pruning (Sanh et al., NeurIPS 2020), hard version: keep the weights
-moving away from zero.
+"""Movement pruning (Sanh, Wolf & Rush, NeurIPS 2020), as their public code runs it
+(``transformers`` ``examples/research_projects/movement-pruning``: ``emmental``).
 
-The score accumulates ``-W * G`` over the pruning steps (the first-order
-importance the paper derives for scores trained by straight-through estimation,
-``S = -sum_t W^(t) dL/dW^(t)``, up to the score learning rate, which does not
-change the ranking), on the same cubic schedule as the other methods.
+Every prunable weight W has a trainable score S (init ``method.score_init``, 0 in
+their commands). The forward uses ``W * mask`` with the mask the top ``int(keep *
+n)`` scores of each matrix (``method.scope=local``, their ``topK``); the backward
+is the straight-through estimator: the weights get ``g * mask`` and the scores
+``g * W`` (so a score accumulates -lr * W * dL/dW' through the optimizer: weights
+moving away from zero are kept). The scores are trained by the run's optimizer
+with their own learning rate (``method.score_lr``, 1e-2) and no weight decay,
+under the same LR schedule, from the first step of the prune stage (put the warm-up
+inside the prune stage, ``schedule.initial_warmup``, as their scripts do: the mask
+keeps everything then, but the scores already train). The mask follows the
+scores, so a pruned weight can come back. Scores only change at optimizer steps,
+so recomputing the mask after each step gives every forward exactly the mask
+their per-forward top-k computes.
 
-Pruned weights keep their last score and are not revived: their gradient is
-masked (``param.grad = G * mask``). In the paper's straight-through estimator a
-pruned weight's score can keep moving; ours, like SEVEN's, is frozen at -inf.
+``soft_movement`` (their ``sigmoied_threshold``): keep ``sigmoid(S) > tau`` with tau
+ramping from 0 to ``method.final_threshold`` on the cubic schedule, at least
+``int(0.005 n) + 1`` weights per matrix, and an L1 penalty
+``lambda_t * mean_matrices(mean(sigmoid(S)))`` with ``lambda_t = final_lambda *
+tau_t / final_threshold``. Its sparsity is not set directly: ``final_lambda`` and
+``final_threshold`` decide it.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any
 
 import torch
+from torch import nn
 
-from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod
+from pruneflow.errors import UserError, invalid
+from pruneflow.methods.base import PruneContext
+from pruneflow.methods.score_based import ScoreBasedMethod
 
 
-def movement_step_(S: torch.Tensor, W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor) -> None:
-    """``S += -W * G`` in place; pruned entries (``mask == 0``) score -inf."""
-    S.addcmul_(W, G, value=-1.0)
-    S.masked_fill_(mask == 0, NEG_INF)
+def _positive(cfg: Any, key: str, default: float, allow_zero: bool = False) -> float:  # noqa: ANN401
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
+        raise invalid(f"method.{key}", v, "a number >= 0" if allow_zero else "a positive number")
+    return float(v)
 
 
 class Movement(ScoreBasedMethod):
     name = "movement"
-    uses_gradients = True
-    state_names: ClassVar[tuple[str, ...]] = ("scores",)
+    mask_mode = "ste"
+    default_regrowth = True
+
+    def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
+        super().__init__(cfg, sparsity)
+        self.score_lr = _positive(cfg, "score_lr", 1e-2)
+        init = cfg.get("score_init", 0.0)
+        if isinstance(init, bool) or not isinstance(init, (int, float)):
+            raise invalid("method.score_init", init, "a number (every score starts at it; their commands use 0)")
+        self.score_init = float(init)
+        self.score_param: nn.Parameter | None = None
 
     def init_state(self) -> None:
-        self.step_kernel = self.kernel(movement_step_)
+        scores = self.state["scores"]
+        scores.fill_(self.score_init)
+        # One flat trainable tensor sharing the state buffer: the optimizer updates the
+        # state in place, checkpoints save it with the other state.
+        self.score_param = nn.Parameter(scores)
+        for i, w in enumerate(self.ctx.weights):
+            start, n, shape = self.slices[i]
+            w.parametrization.bind(lambda start=start, n=n, shape=shape: self.score_param[start : start + n].view(shape))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        if self.score_param is None:
+            return []
+        return [{"params": [self.score_param], "pf_lr": self.score_lr, "weight_decay": 0.0}]
+
+    def selection_scores(self) -> torch.Tensor:
+        return self.state["scores"]
+
+
+class SoftMovement(Movement):
+    name = "soft_movement"
+    default_sparsity = None  # type: ignore[assignment]
+
+    def __init__(self, cfg, sparsity: float | None) -> None:  # noqa: ANN001
+        super().__init__(cfg, sparsity)  # type: ignore[arg-type]
+        self.final_threshold = _positive(cfg, "final_threshold", 0.1)
+        if self.final_threshold >= 1:
+            raise invalid("method.final_threshold", self.final_threshold, "a number in (0, 1) (the final threshold on sigmoid(scores))")
+        self.final_lambda = _positive(cfg, "final_lambda", 400.0, allow_zero=True)
+        self.tau = 0.0  # threshold of the current mask
+
+    @classmethod
+    def resolve_sparsity(cls, cfg, requested: float | None) -> float | None:  # noqa: ANN001
+        if requested is not None:
+            raise UserError(
+                f"sparsity={requested} cannot be set for method=soft_movement: its sparsity follows from the L1 "
+                "penalty (method.final_lambda) and the score threshold (method.final_threshold), as in Sanh et al. "
+                "Leave sparsity unset (null) and tune method.final_lambda (their README: 400 with final_threshold 0.1)."
+            )
+        return None
+
+    def schedule_target(self) -> float:
+        return self.final_threshold
+
+    def setup(self, ctx: PruneContext) -> None:
+        super().setup(ctx)
+        self.tau = 0.0
 
     @torch.no_grad()
-    def update_scores(self, step: int) -> None:
-        grads = self.grads()
-        for i, (w, grad) in enumerate(zip(self.ctx.weights, grads, strict=True)):
-            if grad is not None:
-                self.step_kernel(self.view("scores", i).view(-1), w.param.detach().reshape(-1), grad.reshape(-1), self.mask_view(i).view(-1))
-        self.scores_masked = all(g is not None for g in grads)
+    def update_masks(self, sparsity: float) -> None:
+        """``sparsity`` is the schedule's value: here the threshold tau on sigmoid(S)."""
+        self.tau = float(sparsity)
+        scores = self.state["scores"]
+        for start, n, _ in self.slices:
+            s, out = scores[start : start + n], self.mask_flat[start : start + n]
+            keep = torch.sigmoid(s) > self.tau
+            floor = int(0.005 * n) + 1  # their binarizer keeps at least this many per matrix
+            if int(keep.sum()) < floor:
+                keep = s > torch.kthvalue(s, max(n - floor, 1)).values
+            out.copy_(keep)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if self.frozen or self.score_param is None or self.final_lambda == 0 or self.tau == 0:
+            return None
+        lam = self.final_lambda * self.tau / self.final_threshold
+        means = [torch.sigmoid(self.score_param[start : start + n]).mean() for start, n, _ in self.slices]
+        return lam * torch.stack(means).mean()
+
+    def lands_on_target(self) -> bool:
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        return {"final_threshold": self.final_threshold, "final_lambda": self.final_lambda}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tau": self.tau}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.tau = float(state.get("tau", 0.0))

@@ -1,21 +1,30 @@
 """PLATON (Zhang et al., ICML 2022): importance with its upper confidence bound.
 
-Per step, with ``I = |W * G|``::
+As the authors' ``Pruner.py`` / ``GLUE/mt_dnn/prune_model.py`` compute it, after
+every optimizer step g (counted from 1 at the first step of the prune stage),
+with ``I = |W * G|`` (the updated weight, this step's clipped gradient) and
+``l = g mod deltaT`` the position in the current window of ``deltaT`` steps::
 
-    U    = b2*U    + (1-b2)*|I - Ibar|     # uncertainty, with the previous Ibar
-    Ibar = b1*Ibar + (1-b1)*I              # smoothed sensitivity
+    l == 0:  Ibar = b1*Ibar + (1-b1)*Iw          # once per window, with the window's mean Iw
+             U    = b2*U    + (1-b2)*|Iw - Ibar|  # with the *new* Ibar
+             Iw   = I                            # a new window starts
+    l  > 0:  Iw   = (Iw*l + I) / (l + 1)         # running mean over the window
     score = Ibar * U
 
-Masks are recomputed from all scores every ``deltaT`` steps (regrowth allowed: a
-weight pruned earlier comes back if its score rises again, starting from 0). A
-pruned weight has ``W = 0`` and a masked gradient, so ``I = 0`` for it and its
-score decays, as in the authors' code, which zeroes pruned weights in place.
+``Iw`` starts at 0 and counts as the first window's first sample, as in their code.
+The mask (global over all prunable tensors) is recomputed at window ends during
+the cubic ramp, and at every step of the final warm-up (target held); nothing is
+pruned during the initial warm-up, but the averages already run. Pruned entries
+are zeroed in place at those steps only: their gradients are not masked, so they
+keep training in between and can come back (``method.strict_masks=true`` keeps
+them at exactly zero with the mask parametrization instead). Biases of the pruned
+layers are pruned with their weights (``method.biases``).
 
-Knobs map onto the pipeline: ``initial_warmup`` is the finetune stage,
-``final_warmup`` is ``schedule.final_warmup`` (target held, masks still
-updating), ``deltaT`` the mask update interval (``method.deltaT``, which sets the
-schedule's frequency). Their ``Pruner.py`` averages I over each deltaT window and
-updates U with the new Ibar; this follows the update rule above.
+Knobs map onto the pipeline: ``schedule.initial_warmup`` / ``final_warmup`` are
+the authors' ``initial_warmup``/``final_warmup`` times ``warmup_steps``; put the
+warm-up inside the prune stage (finetune of 0 steps) to run the averages from
+step 0 as they do. ``method.selection=authors`` thresholds at their
+``kthvalue(scores, int(n * sparsity))`` and keeps every score >= it.
 """
 
 from __future__ import annotations
@@ -24,64 +33,90 @@ from typing import ClassVar
 
 import torch
 
+from pruneflow.errors import UserError, check_bool
 from pruneflow.methods.score_based import ScoreBasedMethod, ema_coefficient
+from pruneflow.schedules import Schedule
 
 
-def platon_step_(Ibar: torch.Tensor, U: torch.Tensor, W: torch.Tensor, G: torch.Tensor, beta1: float, beta2: float) -> None:
-    """One PLATON update of ``Ibar`` and ``U`` in place (both start at 0)."""
-    I = (W * G).abs()  # noqa: E741 - the paper's name
-    U.mul_(beta2).add_((I - Ibar).abs(), alpha=1 - beta2)
-    Ibar.mul_(beta1).add_(I, alpha=1 - beta1)
-
-
-def platon_step_scores_(
-    Ibar: torch.Tensor, U: torch.Tensor, W: torch.Tensor, G: torch.Tensor, beta1: float, beta2: float, scores: torch.Tensor
+def platon_window_step_(
+    ipt: torch.Tensor, ibar: torch.Tensor, unc: torch.Tensor, W: torch.Tensor, G: torch.Tensor, local_step: int, beta1: float, beta2: float
 ) -> None:
-    """``platon_step_`` that also writes ``scores = Ibar * U`` in the same pass (mask-update steps)."""
-    platon_step_(Ibar, U, W, G, beta1, beta2)
-    torch.mul(Ibar, U, out=scores)
+    """One PLATON update in place; ``local_step`` = g mod deltaT (0 starts a window)."""
+    if local_step == 0:
+        ibar.mul_(beta1).add_(ipt, alpha=1 - beta1)
+        unc.mul_(beta2).add_((ipt - ibar).abs_(), alpha=1 - beta2)
+        torch.mul(W, G, out=ipt).abs_()
+    else:
+        ipt.mul_(local_step).add_((W * G).abs_()).div_(local_step + 1)
 
 
-def platon_scores(Ibar: torch.Tensor, U: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.mul(Ibar, U, out=out) if out is not None else Ibar * U
+def platon_scores(ibar: torch.Tensor, unc: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mul(ibar, unc, out=out) if out is not None else ibar * unc
+
+
+def platon_mask_step(g: int, total: int, initial_warmup: int, final_warmup: int, delta_t: int) -> bool:
+    """Their ``mask_ind`` at step g (1-based): none in the initial warm-up, every step of
+    the final warm-up, window ends (g mod deltaT == 0) in between."""
+    if g <= initial_warmup:
+        return False
+    if g > total - final_warmup:
+        return True
+    return g % delta_t == 0
 
 
 class Platon(ScoreBasedMethod):
     name = "platon"
     uses_gradients = True
-    allows_regrowth = True
-    state_names: ClassVar[tuple[str, ...]] = ("scores", "ibar", "u")
+    default_regrowth = True
+    state_names: ClassVar[tuple[str, ...]] = ("scores", "ipt", "ibar", "unc")
 
     def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
         super().__init__(cfg, sparsity)
         self.beta1 = ema_coefficient(cfg, "beta1", 0.85)
         self.beta2 = ema_coefficient(cfg, "beta2", 0.95)
+        dt = cfg.get("deltaT", 10)
+        if isinstance(dt, bool) or not isinstance(dt, int) or dt < 1:
+            from pruneflow.errors import invalid
+
+            raise invalid("method.deltaT", dt, "an integer >= 1 (the window of steps averaged into one update)")
+        self.delta_t = int(dt)
+        self.strict = check_bool(cfg.get("strict_masks", False), "method.strict_masks")
+        self.mask_mode = "parametrize" if self.strict else "inplace"
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        if schedule.frequency != 1:
+            raise UserError(
+                f"method=platon sets its mask cadence with method.deltaT (now {self.delta_t}); "
+                f"schedule.frequency={schedule.frequency} would be ignored. Leave schedule.frequency at 1."
+            )
+
+    def is_mask_step(self, step: int) -> bool:
+        s = self.ctx.schedule
+        return platon_mask_step(step + 1, s.total_steps, s.initial_warmup, s.final_warmup, self.delta_t)
 
     def init_state(self) -> None:
-        self.step_kernel = self.kernel(platon_step_)
-        self.step_scores_kernel = self.kernel(platon_step_scores_)
-        self.scores_at: int | None = None  # value of self.k when the update pass last wrote the scores
-
-    def _pass_writes_scores(self, step: int) -> bool:
-        """Fuse the score product into this step's update when this step's mask update reads it."""
-        return self.ctx.schedule.is_update_step(step)
+        self.zero_on_update = True  # their masks zero the weights in place (strict mode too: regrown weights start at 0)
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
-        grads = self.grads()
-        fused = self._pass_writes_scores(step) and all(g is not None for g in grads)
-        for i, (w, grad) in enumerate(zip(self.ctx.weights, grads, strict=True)):
+        local = (step + 1) % self.delta_t
+        for i, (w, grad) in enumerate(zip(self.ctx.weights, self.grads(), strict=True)):
             if grad is None:
                 continue
-            args = (self.view("ibar", i).view(-1), self.view("u", i).view(-1), w.param.detach().reshape(-1), grad.reshape(-1), self.beta1, self.beta2)
-            if fused:
-                self.step_scores_kernel(*args, self.view("scores", i).view(-1))
-            else:
-                self.step_kernel(*args)
-        self.scores_at = self.k + 1 if fused else None  # after_backward increments k after this
+            platon_window_step_(self.view("ipt", i), self.view("ibar", i), self.view("unc", i), w.param.detach(), grad, local, self.beta1, self.beta2)
 
     def selection_scores(self) -> torch.Tensor:
-        fresh, self.scores_at = self.scores_at == self.k, None  # read once, and only right after the pass that wrote them
-        if fresh:
-            return self.state["scores"]
-        return platon_scores(self.state["ibar"], self.state["u"], out=self.state["scores"])
+        scores = platon_scores(self.state["ibar"], self.state["unc"], out=self.state["scores"])
+        if not self.regrowth:
+            self.mask_scores(scores, self.mask_flat)
+        return scores
+
+    @torch.no_grad()
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+        """``kthvalue(scores, int(n * sparsity))`` and keep every score >= it."""
+        k = int(scores.numel() * sparsity + 1e-9)
+        if k <= 0:
+            out.fill_(1)
+            return
+        threshold = torch.kthvalue(scores.reshape(-1).float(), k).values
+        out.copy_((scores >= threshold).view_as(out))

@@ -21,14 +21,15 @@ genuinely zero scores cannot revive it.
 from __future__ import annotations
 
 import logging
+import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from pruneflow.errors import UserError, invalid
+from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.fused import MODES, Kernel, want_compile
 from pruneflow.masking import Mask, MaskedWeights
 from pruneflow.methods.base import PruneContext, PruningMethod
@@ -215,13 +216,50 @@ class ReusedBufferMask(Mask):
         return _MaskInto.apply(weight, self.mask, out.detach())
 
 
+class _STEMask(torch.autograd.Function):
+    """``W * mask`` whose mask came from trainable scores: the gradient reaches the
+    weights masked (``g * mask``) and the scores straight through (``g * W``, Sanh et
+    al.'s estimator: the mask's gradient is given to the scores unchanged)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        weight, mask = ctx.saved_tensors
+        return grad * mask, grad * weight, None
+
+
+class ScoreMask(Mask):
+    """Mask parametrization for methods with trainable scores (movement pruning): in
+    the forward ``W * mask``, with the scores receiving ``g * W`` through the
+    straight-through estimator. The scores live in the method (one flat parameter);
+    ``bind`` gives this layer its view. Frozen (after the prune stage) it is a plain
+    ``Mask`` with the same state-dict keys."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__(mask)
+        self.frozen = False
+
+    def bind(self, scores: Any) -> None:  # noqa: ANN401 - a callable returning this layer's score view
+        self.__dict__["_scores"] = scores
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scores = self.__dict__.get("_scores")
+        if self.frozen or scores is None or not torch.is_grad_enabled():
+            return weight * self.mask
+        return _STEMask.apply(weight, scores(), self.mask)
+
+
 # ----------------------------------------------------------------------------- the method
 def mask_scores_(scores: torch.Tensor, mask: torch.Tensor) -> None:
     """Pruned entries score -inf (in place)."""
     scores.masked_fill_(mask == 0, NEG_INF)
 
 
-def ema_coefficient(cfg: Any, key: str, default: float) -> float:
+def ema_coefficient(cfg, key: str, default: float) -> float:  # noqa: ANN001
     """``method.<key>``, an exponential-moving-average coefficient in [0, 1)."""
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -229,10 +267,25 @@ def ema_coefficient(cfg: Any, key: str, default: float) -> float:
     return float(value)
 
 
+def kept_floor(total: int, keep: float) -> int:
+    """``int(keep * total)``, the authors' count (SEVEN, movement pruning); the tiny
+    epsilon makes e.g. keep = 1 - 0.9 count as 0.1 exactly."""
+    return max(0, min(total, int(math.floor(keep * total + 1e-9))))
+
+
+SELECTIONS = ("exact", "authors")
+MASK_MODES = ("parametrize", "inplace", "ste")
+
+
 class ScoreBasedMethod(PruningMethod):
     uses_gradients: ClassVar[bool] = False
-    #: PLATON recomputes masks from all scores; the others never revive a pruned weight.
-    allows_regrowth: ClassVar[bool] = False
+    #: default of ``method.regrowth``: may a pruned weight come back when its score rises again?
+    default_regrowth: ClassVar[bool] = False
+    #: how masks act on the model during the prune stage:
+    #: ``parametrize`` W * mask in every forward (gradients of pruned weights are 0);
+    #: ``inplace`` pruned weights are zeroed in place at mask updates only and train
+    #: in between (PLATON's code); ``ste`` W * mask with trainable scores (movement).
+    mask_mode: ClassVar[str] = "parametrize"
     #: flat per-weight state buffers this method keeps (all start at 0 when pruning starts)
     state_names: ClassVar[tuple[str, ...]] = ("scores",)
 
@@ -247,28 +300,49 @@ class ScoreBasedMethod(PruningMethod):
         self.compile_mode = str(cfg.get("compile", "auto")).lower()
         if self.compile_mode not in MODES:
             raise invalid("method.compile", cfg.get("compile"), MODES, "auto compiles the per-step kernels on CPU for large models.")
+        self.selection = str(cfg.get("selection", "exact"))
+        if self.selection not in SELECTIONS:
+            raise invalid("method.selection", self.selection, SELECTIONS,
+                          "exact keeps exactly the scheduled number of weights; authors uses the authors' count and tie rule.")
+        self.regrowth = check_bool(cfg.get("regrowth", self.default_regrowth), "method.regrowth")
+        if self.granularity != "unstructured" and self.selection != "exact":
+            raise invalid("method.selection", self.selection, "exact", f"with method.granularity={self.granularity} units are ranked exactly.")
         self.units: list[UnitGroup] | None = None
         self.state: dict[str, torch.Tensor] = {}
-        self.k = 0  # pruning steps taken (score updates), for bias corrections
+        self.k = 0  # score updates taken, for bias corrections
         self.scores_masked = False  # scores hold -inf at every entry the current mask prunes
         self.frozen = False  # set by end_prune_stage: later hook calls change nothing
+        self.mask_mode = type(self).mask_mode
+        self.zero_on_update = False  # zero pruned entries of the trainable tensors at every mask update
 
     # --- to override -----------------------------------------------------------
     def init_state(self) -> None:
         """Called once at setup, after the flat state buffers are zeroed."""
 
     def update_scores(self, step: int) -> None:
-        """Accumulate the score from the current weights and (masked) gradients."""
+        """Accumulate the score from this step's gradients and the updated weights."""
 
     def selection_scores(self) -> torch.Tensor:
-        """The flat scores to rank; for no-regrowth methods pruned entries must be -inf.
+        """The flat scores to rank; without regrowth pruned entries must be -inf.
 
         Score updates that already wrote -inf from the current mask set
         ``self.scores_masked`` and save this extra pass."""
         scores = self.state["scores"]
-        if not self.allows_regrowth and not self.scores_masked:
+        if not self.regrowth and not self.scores_masked:
             self.mask_scores(scores, self.mask_flat)
         return scores
+
+    def is_mask_step(self, step: int) -> bool:
+        """Whether the mask is recomputed after ``step`` (the schedule's, by default)."""
+        return self.ctx.schedule.is_update_step(step)
+
+    def target_sparsity(self, step: int) -> float:
+        return self.ctx.schedule.sparsity(step)
+
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+        """``method.selection=authors``: the authors' count and tie rule, written into
+        ``out``. Default: ``int(keep * n)`` weights (movement pruning's top-k)."""
+        self.topk.mask_(scores, kept_floor(scores.numel(), 1.0 - sparsity), out)
 
     # --- layout ------------------------------------------------------------------
     def view(self, name: str, i: int) -> torch.Tensor:
@@ -287,6 +361,8 @@ class ScoreBasedMethod(PruningMethod):
     # --- machinery ---------------------------------------------------------------
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
         if self.granularity != "unstructured":
+            if any(w.attr != "weight" for w in weights):
+                raise invalid("method.biases", True, "false", f"with method.granularity={self.granularity} (units own weight matrices).")
             self.units = build_units(model, weights, self.granularity)
 
     def setup(self, ctx: PruneContext) -> None:
@@ -294,12 +370,6 @@ class ScoreBasedMethod(PruningMethod):
         weights = ctx.weights
         if self.granularity != "unstructured" and self.units is None:
             self.units = build_units(ctx.model, weights, self.granularity)
-        deltat = self.cfg.get("deltaT")
-        if deltat is not None:  # PLATON's deltaT is the schedule's frequency
-            if isinstance(deltat, bool) or not isinstance(deltat, int) or deltat < 1:
-                raise invalid("method.deltaT", deltat, "an integer >= 1 (update the mask every deltaT steps)")
-            ctx.schedule = replace(ctx.schedule, frequency=int(deltat))
-        weights.attach(ReusedBufferMask)
         first = weights.weights[0].param
         self.slices, start = [], 0
         for w in weights:
@@ -307,11 +377,16 @@ class ScoreBasedMethod(PruningMethod):
             start += w.numel()
         total = start
         # One flat mask; each parametrization's buffer becomes a view into it.
-        self.mask_flat = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.mask_flat = torch.ones(total, dtype=first.dtype, device=first.device)
+        if self.mask_mode == "parametrize":
+            weights.attach(ReusedBufferMask)
+        elif self.mask_mode == "ste":
+            weights.attach(ScoreMask)
         for i, w in enumerate(weights):
-            view = self.mask_view(i)
-            view.copy_(w.mask)
-            w.parametrization.mask = view
+            if w.parametrization is not None:
+                view = self.mask_view(i)
+                view.copy_(w.mask)
+                w.parametrization.mask = view
         self.state = {name: torch.zeros(total, dtype=torch.float32, device=first.device) for name in self.state_names}
         self.compiled = want_compile(self.compile_mode, total, first.device)
         if self.compiled:
@@ -319,21 +394,27 @@ class ScoreBasedMethod(PruningMethod):
         self.topk = TopK(compiled=self.compiled)
         self.mask_scores = self.kernel(mask_scores_)
         self.k = 0
+        self.frozen = False
         self.init_state()
 
-    def after_backward(self, step: int) -> None:
-        if self.uses_gradients and not self.frozen:
+    def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
+        """Scores from this step's gradients and the updated weights (as the authors'
+        loops read them, after ``optimizer.step()``), then the mask on the schedule."""
+        if self.frozen:
+            return
+        if self.uses_gradients and grads_finite:
             self.update_scores(step)
             self.k += 1
-
-    def after_optimizer_step(self, step: int) -> None:
-        schedule = self.ctx.schedule
-        if not self.frozen and schedule.is_update_step(step):
-            self.update_masks(schedule.sparsity(step))
+        if self.is_mask_step(step):
+            self.update_masks(self.target_sparsity(step))
 
     def grads(self) -> list[torch.Tensor | None]:
-        """Gradients of the prunable weights: G * mask (parametrize), i.e. G where kept."""
+        """Gradients of the prunable weights: G * mask under the parametrization (G
+        where kept), the raw G in ``inplace`` mode."""
         return [w.param.grad for w in self.ctx.weights]
+
+    def kept_count_now(self) -> int:
+        return int(self.mask_flat.count_nonzero())
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
@@ -341,12 +422,15 @@ class ScoreBasedMethod(PruningMethod):
         self.scores_masked = False
         if self.units is not None:
             self._select_units(scores, sparsity)
-        elif self.scope == "global":
-            self.topk.mask_(scores, kept_count(scores.numel(), sparsity), self.mask_flat)
         else:
-            for start, n, _ in self.slices:
-                self.topk.mask_(scores[start : start + n], kept_count(n, sparsity), self.mask_flat[start : start + n])
-        if self.allows_regrowth:  # a regrown weight starts from 0 (as PLATON's code masks weights in place)
+            groups = [(0, scores.numel())] if self.scope == "global" else [(start, n) for start, n, _ in self.slices]
+            for start, n in groups:
+                part, out = scores[start : start + n], self.mask_flat[start : start + n]
+                if self.selection == "authors":
+                    self.authors_mask_(part, sparsity, out)
+                else:
+                    self.topk.mask_(part, kept_count(n, sparsity), out)
+        if self.mask_mode == "inplace" or self.zero_on_update:  # PLATON's code zeroes pruned weights in place
             params = [w.param.data for w in self.ctx.weights]
             torch._foreach_mul_(params, [self.mask_view(i) for i in range(len(params))])
 
@@ -370,9 +454,10 @@ class ScoreBasedMethod(PruningMethod):
     def kept_target(self) -> int:
         """Weights kept at the target sparsity, as the selection counts them."""
         if self.units is None:
+            count = (lambda n: kept_floor(n, 1.0 - self.sparsity)) if self.selection == "authors" else (lambda n: kept_count(n, self.sparsity))
             if self.scope == "global":
-                return kept_count(self.mask_flat.numel(), self.sparsity)
-            return sum(kept_count(n, self.sparsity) for _, n, _ in self.slices)
+                return count(self.mask_flat.numel())
+            return sum(count(n) for _, n, _ in self.slices)
         per_unit = {g.name: sum(self.slices[s.weight_index][1] // g.n_units for s in g.members.values()) for g in self.units}
         if self.scope == "global":
             total_units = sum(g.n_units for g in self.units)
@@ -382,19 +467,39 @@ class ScoreBasedMethod(PruningMethod):
             return -1  # units of different sizes: no single expected count
         return sum(kept_count(g.n_units, self.sparsity) * per_unit[g.name] for g in self.units)
 
+    def lands_on_target(self) -> bool:
+        """Whether the prune stage must end exactly at the target count (the authors'
+        tie rules and SEVEN's early stop may leave it a few weights off)."""
+        return self.selection == "exact"
+
     def end_prune_stage(self) -> None:
-        # The schedule's last ramp step lands on the target; this guards against a
-        # stage cut short (e.g. a run resumed with a different length).
-        if self.ctx.weights.num_kept() != self.kept_target():
+        """Freeze the masks: from here on they are fixed parametrizations (``inplace``
+        methods get one now, so the recover stage keeps pruned weights at zero)."""
+        if not self.frozen and self.lands_on_target() and self.kept_count_now() != self.kept_target():
+            # The schedule's last ramp step lands on the target; this guards against a
+            # stage cut short (e.g. a run resumed with a different length).
             self.update_masks(self.sparsity)
         self.frozen = True
+        weights = self.ctx.weights
+        if self.mask_mode == "inplace" and not weights.attached:
+            weights.attach(Mask, masks=[self.mask_view(i) for i in range(len(weights))])
+            for i, w in enumerate(weights):  # the mask buffers are views of the flat mask again
+                w.parametrization.mask = self.mask_view(i)
+        for w in weights:
+            if isinstance(w.parametrization, ScoreMask):
+                w.parametrization.frozen = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": {k: v.detach().cpu() for k, v in self.state.items()}, "k": self.k, "frozen": self.frozen}
+        if self.ctx is None:  # before the prune stage
+            return {}
+        return {"state": {k: v.detach().cpu() for k, v in self.state.items()}, "k": self.k, "frozen": self.frozen,
+                "mask": self.mask_flat.detach().cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, saved in state.get("state", {}).items():
             if name in self.state:
                 self.state[name].copy_(saved)
+        if "mask" in state:  # inplace masks live here only (no parametrization to hold them)
+            self.mask_flat.copy_(state["mask"])
         self.k = int(state.get("k", 0))
         self.frozen = bool(state.get("frozen", False))

@@ -17,19 +17,22 @@ abstract: ``m`` is the EMA of the signed G, so ``|m^|/v^`` ~ |E G| / sqrt(E G^2)
 is near 1 only for a gradient of consistent *sign* (the magnitude of an Adam
 step) and near 0 for one that flips.
 
-``seven_update_`` is that rule as a pure function of tensors. The method
-differs from the authors' code in two details that do not change which kept
-weight outranks which: it sets pruned scores to -inf rather than 0
-(``pruned_score``), so that a kept weight whose score is exactly 0 (a dead unit's
-weights get no gradient) can never tie with a pruned one and revive it; and W is
-the weight before the optimizer step (the trainer clears gradients after it; the
-authors read W after). G is the gradient of the effective (masked) weight, which
-is what ``param.grad`` holds for kept weights under the mask parametrization.
+``seven_update_`` is that rule as a pure function of tensors. As in the
+authors' loop the update runs after ``optimizer.step()``: W is the updated
+weight and G this step's gradient of the effective (masked) weight, which is
+what ``param.grad`` holds for kept weights under the mask parametrization. One
+detail differs and does not change which kept weight outranks which: pruned
+scores are -inf rather than 0 (``pruned_score``), so that a kept weight whose
+score is exactly 0 (a dead unit's weights get no gradient) can never tie with a
+pruned one and revive it.
 
 Schedule (their code): dense fine-tuning for ``t_i`` steps (the finetune stage),
 then pruning every step for ``iter_num`` steps (the prune stage) on the cubic
 schedule, then training with the mask frozen (recover). ``method.preset``
-selects their per-task ``t_i``/``iter_num`` for GLUE.
+selects their per-task ``t_i``/``iter_num`` for GLUE. Their loop prunes at
+k = 0 … iter_num − 2 only and keeps every weight tied with the k-th largest
+score (k = int(r·n)): ``method.stop_early=true`` and ``method.selection=authors``
+reproduce both; by default the last step lands exactly on the target count.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from pruneflow.errors import UserError, check_bool, invalid
-from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, ema_coefficient
+from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, ema_coefficient, kept_floor
 
 log = logging.getLogger("pruneflow")
 
@@ -123,6 +126,7 @@ class Seven(ScoreBasedMethod):
             raise invalid("method.preset", self.preset, ["auto", *PRESETS, "null"], "auto picks the GLUE task's preset.")
         self.total_epochs = cfg.get("total_epochs", 10)
         self.lengthen_to_fit = check_bool(cfg.get("lengthen_to_fit", False), "method.lengthen_to_fit")
+        self.stop_early = check_bool(cfg.get("stop_early", False), "method.stop_early")
         self.planned: dict[str, Any] = {}  # the preset's stage plan, for result.json
 
     # --- the authors' per-task presets --------------------------------------------
@@ -167,6 +171,26 @@ class Seven(ScoreBasedMethod):
 
     def summary(self) -> dict[str, Any]:
         return dict(self.planned)
+
+    # --- the authors' loop ------------------------------------------------------------
+    def is_mask_step(self, step: int) -> bool:
+        if self.stop_early and step >= self.ctx.total_steps - 1:  # their window ends at iter_num - 2
+            return False
+        return super().is_mask_step(step)
+
+    @torch.no_grad()
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+        """Their threshold: the k-th largest score, k = int(r * n); every score >= it is
+        kept (ties at the threshold included)."""
+        k = kept_floor(scores.numel(), 1.0 - sparsity)
+        if k <= 0:
+            out.zero_()
+            return
+        threshold = torch.topk(scores.reshape(-1), k, sorted=False).values.min()
+        out.copy_((scores >= threshold).view_as(out))
+
+    def lands_on_target(self) -> bool:
+        return super().lands_on_target() and not self.stop_early
 
     # --- the score ----------------------------------------------------------------
     def init_state(self) -> None:

@@ -14,15 +14,10 @@ model pruned is the pretrained one, the paper's setting; on the offline default
 
 from __future__ import annotations
 
-from pruneflow.methods.base import PruneContext
 from pruneflow.methods.seven import Seven
 
 
 class SevenPre(Seven):
     name = "seven_pre"
-
-    def setup(self, ctx: PruneContext) -> None:
-        super().setup(ctx)
-        stage = ctx.extra.get("stage")
-        if stage is not None:  # the trainer then runs forward/backward and the hooks, no optimizer step
-            stage.weight_updates = False
+    # The trainer runs forward/backward and the hooks in the prune stage, no optimizer step.
+    updates_weights = False

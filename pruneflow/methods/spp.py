@@ -46,6 +46,7 @@ from torch import nn
 from pruneflow import distributed
 from pruneflow.cache import StageCache
 from pruneflow.compress import (
+    MASK_SITES,
     TYPES,
     PairedBlock,
     PairedMasks,
@@ -81,13 +82,18 @@ def record_entries(entry_step: torch.Tensor, gamma: torch.Tensor, step: int) -> 
     return torch.where((entry_step == NOT_ENTERED) & (gamma > 0), torch.full_like(entry_step, step), entry_step)
 
 
-def rank_entries(entry_step: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Indices from the most to the least important entry: earliest entry step first;
-    entries that never entered last; ties broken by larger Z, then larger M."""
+def rank_entries(entry_step: torch.Tensor, z: torch.Tensor, m: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices from the most to the least important entry. ``support`` given (the
+    authors' ranking): most checks spent in the support of Γ first; then (or without
+    it) earliest entry step first, entries that never entered last; ties broken by
+    larger Z, then larger M."""
     step = entry_step.double().masked_fill(entry_step == NOT_ENTERED, math.inf)
     order = torch.argsort(-m.double(), stable=True)
     order = order[torch.argsort(-z.double()[order], stable=True)]
-    return order[torch.argsort(step[order], stable=True)]
+    order = order[torch.argsort(step[order], stable=True)]
+    if support is not None:
+        order = order[torch.argsort(-support.double()[order], stable=True)]
+    return order
 
 
 def global_keep(priority: Sequence[torch.Tensor], costs: Sequence[int], remove_weights: float) -> list[torch.Tensor]:
@@ -117,26 +123,36 @@ def global_keep(priority: Sequence[torch.Tensor], costs: Sequence[int], remove_w
     return keep
 
 
-def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tensor], ms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tensor], ms: Sequence[torch.Tensor],
+                    supports: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Global rank (0 = best) of every entry across several masks, by :func:`rank_entries`."""
     sizes = [e.numel() for e in entry_steps]
-    order = rank_entries(torch.cat([e.reshape(-1) for e in entry_steps]), torch.cat([z.reshape(-1) for z in zs]), torch.cat([m.reshape(-1) for m in ms]))
+    cat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    order = rank_entries(cat(entry_steps), cat(zs), cat(ms), cat(supports) if supports is not None else None)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())
     return list(torch.split(rank, sizes))
+
+
+# How mask entries are pooled for the global ranking: the authors rank attention entries
+# (q-k and v-o together) in one pool and FFN neurons in another.
+GROUPINGS = {"attention_mlp": (("qk", "vo"), ("ffn",)), "per_type": (("qk",), ("vo",), ("ffn",))}
+RANKS = ("support_time", "entry")
 
 
 # ----------------------------------------------------------------------------- the method
 class SPP(PruningMethod):
     name = "spp"
     default_sparsity = 0.5
+    updates_weights = False  # the search trains only the masks (W frozen)
+    keeps_architecture = False  # finalize() builds smaller layers
 
     def __init__(self, cfg: DictConfig, sparsity: float) -> None:
         super().__init__(cfg, sparsity)
         self.optimizer = str(cfg.get("optimizer", "adam"))
         if self.optimizer not in OPTIMIZERS:
             raise invalid("method.optimizer", self.optimizer, OPTIMIZERS)
-        for key, lo in (("lr", 0.0), ("kappa", 0.0), ("nu", 0.0)):
+        for key, lo in (("kappa", 0.0), ("nu", 0.0), ("adam_eps", 0.0)):
             v = cfg.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= lo:
                 raise invalid(f"method.{key}", v, "a positive number")
@@ -144,15 +160,33 @@ class SPP(PruningMethod):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
             raise invalid("method.lambda", lam, "a number >= 0 (the soft threshold of Z)")
         z_lr = cfg.get("z_lr")
-        if z_lr not in (None, "auto") and (isinstance(z_lr, bool) or not isinstance(z_lr, (int, float)) or z_lr <= 0):
-            raise invalid("method.z_lr", z_lr, "a positive number, auto (2 * lambda / search steps) or null (lr / nu)")
+        if z_lr not in (None, "auto", "adam") and (isinstance(z_lr, bool) or not isinstance(z_lr, (int, float)) or z_lr <= 0):
+            raise invalid("method.z_lr", z_lr, "a positive number, auto (2 * lambda / search steps), adam (the authors: "
+                          "Adam's bias-corrected step size) or null (lr / nu)")
+        if z_lr == "adam" and self.optimizer != "adam":
+            raise invalid("method.z_lr", z_lr, "auto, null or a number with method.optimizer=sgd", "z_lr=adam follows Adam's step size.")
+        self.rank = str(cfg.get("rank", "support_time"))
+        if self.rank not in RANKS:
+            raise invalid("method.rank", self.rank, RANKS, "support_time: checks spent in the support (the authors); entry: first entry step.")
+        self.grouping = str(cfg.get("grouping", "attention_mlp"))
+        if self.grouping not in GROUPINGS:
+            raise invalid("method.grouping", self.grouping, list(GROUPINGS), "attention_mlp ranks q-k and v-o entries in one pool (the authors).")
+        every = cfg.get("check_every", 10)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise invalid("method.check_every", every, "an integer >= 1 (steps between support checks)")
+        self.check_every = int(every)
+        self.mask_sites = str(cfg.get("mask_sites", "authors"))
+        if self.mask_sites not in MASK_SITES:
+            raise invalid("method.mask_sites", self.mask_sites, MASK_SITES, "authors: q and k rows, v, fc1 rows (before the activation).")
         for key in ("search_epochs", "search_steps"):
             v = cfg.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise invalid(f"method.{key}", v, "a positive number, or null for the prune stage's length")
         if cfg.get("search_epochs") is not None and cfg.get("search_steps") is not None:
             raise UserError("Both 'method.search_epochs' and 'method.search_steps' are set. Set only one (or neither: the prune stage's length).")
-        self.lr, self.kappa, self.nu, self.lam = float(cfg.lr), float(cfg.kappa), float(cfg.nu), float(lam)
+        self.kappa, self.nu, self.lam = float(cfg.kappa), float(cfg.nu), float(lam)
+        self.adam_eps = float(cfg.get("adam_eps", 1e-4))
+        self.lr = 1e-3  # the prune stage's lr (stages.prune.lr), set in run_prune_stage
         self.z_lr_setting = z_lr
         self.share_heads = check_bool(cfg.get("share_heads", True), "method.share_heads")
         self.compressed = False
@@ -198,21 +232,26 @@ class SPP(PruningMethod):
 
     def z_lr(self, steps: int) -> float:
         """Step of Z. ``auto``: an entry whose mask stays at 1 enters the support halfway
-        through the search, so the path unfolds within a search of any length."""
+        through the search, so the path unfolds within a search of any length.
+        (``adam`` is not a constant: see ``run_search``.)"""
         if self.z_lr_setting == "auto":
             return 2 * self.lam / max(steps, 1) if self.lam > 0 else self.lr / self.nu
         if self.z_lr_setting is None:
             return self.lr / self.nu
+        if self.z_lr_setting == "adam":  # its first step's value; run_search recomputes it every step
+            return self.lr / 0.1
         return float(self.z_lr_setting)
 
     def search_settings(self) -> dict[str, Any]:
-        keys = ("optimizer", "lr", "z_lr", "kappa", "lambda", "nu", "share_heads", "include", "exclude")
+        keys = ("optimizer", "adam_eps", "z_lr", "kappa", "lambda", "nu", "share_heads", "mask_sites", "check_every", "include", "exclude")
         c = OmegaConf.to_container(self.cfg, resolve=True)
-        return {k: c.get(k) for k in keys}
+        return {**{k: c.get(k) for k in keys}, "lr": self.lr}
 
     # -- the search -----------------------------------------------------------------------------
     def run_prune_stage(self, ctx: PruneContext) -> bool:
         spec = ctx.extra.get("stage")
+        if spec is not None:  # the search's learning rate is the prune stage's
+            self.lr = float(spec.lr)
         key = {
             "finetuned": ctx.cache_key,
             "search": self.search_settings(),
@@ -262,15 +301,17 @@ class SPP(PruningMethod):
 
     def run_search(self, ctx: PruneContext) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
         model = ctx.model
-        masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed)
+        masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed, sites=self.mask_sites)
         trainable = {p: p.requires_grad for p in model.parameters()}
         for p in trainable:
             p.requires_grad_(False)  # W frozen during the search
         params = masks.params()
-        opt = torch.optim.Adam(params, lr=self.lr) if self.optimizer == "adam" else torch.optim.SGD(params, lr=self.lr)
+        opt = torch.optim.Adam(params, lr=self.lr, eps=self.adam_eps) if self.optimizer == "adam" else torch.optim.SGD(params, lr=self.lr)
         z = [torch.zeros_like(p) for p in params]
         gamma = [torch.zeros_like(p) for p in params]
         entry = [torch.full(p.shape, NOT_ENTERED, dtype=torch.long, device=p.device) for p in params]
+        support = [torch.zeros(p.shape, dtype=torch.long, device=p.device) for p in params]
+        beta1 = opt.param_groups[0].get("betas", (0.9, 0.999))[0]
         costs = [e.cost() for e in masks]
         kinds = [e.kind for e in masks]
         path: list[dict[str, Any]] = []
@@ -288,13 +329,17 @@ class SPP(PruningMethod):
                 distributed.average_gradients(params)  # identical masks, Z and Γ on every rank
                 value = distributed.mean_scalar(float(loss.detach()), ctx.device)
                 if not math.isfinite(value):
-                    raise TrainingDiverged(f"The loss became {value} at step {step} of the SPP search. Lower method.lr.")
+                    raise TrainingDiverged(f"The loss became {value} at step {step} of the SPP search. Lower stages.prune.lr (now {self.lr:g}).")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                # the authors' Z step is Adam's bias-corrected step size of this step
+                step_lr = self.lr / (1 - beta1 ** (step + 1)) if self.z_lr_setting == "adam" else z_lr
                 with torch.no_grad():
                     for i, m in enumerate(params):
-                        z[i], gamma[i] = lbi_update(m, z[i], gamma[i], z_lr, self.kappa, self.lam)
+                        z[i], gamma[i] = lbi_update(m, z[i], gamma[i], step_lr, self.kappa, self.lam)
                         entry[i] = record_entries(entry[i], gamma[i], step)
+                        if step % self.check_every == 0:  # their step_record: checks spent in the support
+                            support[i] += (gamma[i] != 0).long()
                 point = self._path_point(step + 1, entry, gamma, costs, kinds, value)
                 path.append(point)
                 bar.set_postfix(loss=f"{value:.4f}", support=f"{point['support']:.3f}", refresh=False)
@@ -303,7 +348,8 @@ class SPP(PruningMethod):
             masks.detach()
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
-        result = {e.key: {"entry_step": entry[i].cpu(), "z": z[i].cpu(), "m": params[i].detach().cpu()} for i, e in enumerate(masks)}
+        result = {e.key: {"entry_step": entry[i].cpu(), "z": z[i].cpu(), "m": params[i].detach().cpu(), "support": support[i].cpu()}
+                  for i, e in enumerate(masks)}
         entered = sum(int((x != NOT_ENTERED).sum()) for x in entry)
         log.info("SPP search: %d steps, %d of %d mask entries entered the support", ctx.total_steps, entered, sum(x.numel() for x in entry))
         return result, path
@@ -327,17 +373,19 @@ class SPP(PruningMethod):
     # -- choosing a ratio and compressing ----------------------------------------------------------------
     def keep_vectors(self, masks: PairedMasks) -> list[torch.Tensor]:
         """Kept entries for the run's sparsity: the same fraction of weights removed from
-        each dimension type, globally ranked across layers within a type."""
+        each pool (``method.grouping``: the authors' attention and FFN pools, or one per
+        type), globally ranked across layers within a pool."""
         assert self.search is not None
         covered = sum(e.cost() * e.param.numel() for e in masks)
         frac = self.sparsity * self.prunable_total / max(covered, 1)  # removed fraction of SPP-covered weights
         keep: list[torch.Tensor | None] = [None] * len(masks)
-        for kind in TYPES:
-            idx = [i for i, e in enumerate(masks.entries) if e.kind == kind]
+        for pool in GROUPINGS[self.grouping]:
+            idx = [i for i, e in enumerate(masks.entries) if e.kind in pool]
             if not idx:
                 continue
             s = [self.search[masks.entries[i].key] for i in idx]
-            prio = global_priority([d["entry_step"] for d in s], [d["z"] for d in s], [d["m"] for d in s])
+            supports = [d.get("support", torch.zeros_like(d["entry_step"])) for d in s] if self.rank == "support_time" else None
+            prio = global_priority([d["entry_step"] for d in s], [d["z"] for d in s], [d["m"] for d in s], supports)
             costs = [masks.entries[i].cost() for i in idx]
             total = sum(c * p.numel() for c, p in zip(costs, prio, strict=True))
             for i, k in zip(idx, global_keep(prio, costs, frac * total), strict=True):

@@ -1,0 +1,75 @@
+"""Checks of settings that types alone cannot express, run before any data is read.
+
+Every message names the key, the value given and what is allowed (``invalid``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pruneflow.errors import UserError, invalid
+
+PRECISIONS = ("32", "bf16", "fp16")
+
+
+def _number(value: Any) -> bool:  # noqa: ANN401
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
+    """``trainer.*``: allowed names, ranges and combinations."""
+    from pruneflow.trainer import LR_SCHEDULERS, OPTIMIZERS
+
+    t = cfg.trainer
+    if str(t.get("optimizer")) not in OPTIMIZERS:
+        raise invalid("trainer.optimizer", t.get("optimizer"), OPTIMIZERS)
+    if str(t.get("lr_scheduler")) not in LR_SCHEDULERS:
+        raise invalid("trainer.lr_scheduler", t.get("lr_scheduler"), LR_SCHEDULERS)
+    precision = str(t.get("precision"))
+    if precision not in PRECISIONS:
+        raise invalid("trainer.precision", t.get("precision"), PRECISIONS)
+    if precision == "fp16" and not cuda:
+        raise invalid(
+            "trainer.precision", "fp16", "32 or bf16 on this device",
+            "fp16 autocast with a gradient scaler is for CUDA devices; on a CPU use bf16 (or 32).",
+        )
+    ratio, steps = t.get("warmup_ratio"), t.get("warmup_steps")
+    if not _number(ratio) or not 0 <= ratio < 1:
+        raise invalid("trainer.warmup_ratio", ratio, "a number in [0, 1) (fraction of the schedule's steps)")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise invalid("trainer.warmup_steps", steps, "an integer >= 0, or null to use trainer.warmup_ratio")
+    if steps is not None and ratio:
+        raise UserError(
+            f"Both 'trainer.warmup_ratio' ({ratio}) and 'trainer.warmup_steps' ({steps}) are set. Set only one, "
+            "e.g. trainer.warmup_ratio=0 or trainer.warmup_steps=null."
+        )
+    if str(t.get("lr_scheduler")) == "constant" and (ratio or steps):
+        raise invalid(
+            "trainer.lr_scheduler", "constant", ", ".join(LR_SCHEDULERS),
+            "The constant schedule has no warm-up; use constant_with_warmup, or set the warm-up to 0.",
+        )
+    for key, low, what in (
+        ("weight_decay", 0, "a number >= 0"), ("max_grad_norm", 0, "a number >= 0 (0: no clipping)"),
+        ("adam_epsilon", 0, "a number > 0"), ("momentum", 0, "a number >= 0"),
+    ):
+        v = t.get(key)
+        if not _number(v) or v < low or (key == "adam_epsilon" and v <= 0):
+            raise invalid(f"trainer.{key}", v, what)
+    for key in ("adam_beta1", "adam_beta2"):
+        v = t.get(key)
+        if not _number(v) or not 0 <= v < 1:
+            raise invalid(f"trainer.{key}", v, "a number in [0, 1)")
+    if t.get("momentum") and str(t.get("optimizer")) != "sgd":
+        raise invalid("trainer.momentum", t.get("momentum"), "0 unless trainer.optimizer=sgd", "Adam-type optimizers have their own betas.")
+    for key, low in (("gradient_accumulation_steps", 1), ("log_every", 1), ("checkpoint_every", 0)):
+        v = t.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise invalid(f"trainer.{key}", v, f"an integer >= {low}")
+    threads = t.get("torch_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise invalid("trainer.torch_threads", threads, "an integer >= 1, or null for torch's default")
+    freeze = t.get("freeze") or []
+    if not all(isinstance(f, str) for f in freeze):
+        raise invalid("trainer.freeze", list(freeze), "a list of parameter-name patterns, e.g. [\"*embeddings*\"]")

@@ -1,0 +1,446 @@
+"""Each method against its authors' update rule, step by step.
+
+For every method the real runner (``pruneflow.runner.Run``: trainer, continuous
+optimizer, stages) trains a small model (the tiny ViT on digits, dropout off)
+while a reference loop written here, independently and in plain PyTorch from the
+authors' code as docs/fidelity.md describes it, trains a copy of the same model
+on the same batches. The masks are compared after every step, the weights at the
+end. The reference loops share nothing with pruneflow but the model, the data
+order (``EpochBatches``) and the task's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruneflow.runner import Run
+from pruneflow.trainer import EpochBatches
+
+from conftest import make_config
+
+BASE = [
+    "task.max_train_samples=256", "task.max_eval_samples=64", "logger=none", "speed.enabled=false",
+    "save_model=false", "cache=false", "model.kwargs.drop_path_rate=0.0", "model.kwargs.proj_drop_rate=0.0",
+    "trainer.continuous=true", "trainer.torch_threads=1", "stages.eval_batch_size=64",
+]
+
+
+def stages(finetune: int, prune: int, recover: int, lr: float = 1e-3, bs: int = 32) -> list[str]:
+    return [
+        f"stages.{name}.{key}={value}"
+        for name, steps in (("finetune", finetune), ("prune", prune), ("recover", recover))
+        for key, value in (("epochs", "null"), ("steps", steps), ("lr", lr), ("batch_size", bs))
+    ]
+
+
+def prepared(tmp_path: Path, *overrides: str) -> Run:
+    run = Run(make_config([*BASE, *overrides], tmp_path), tmp_path / "run")
+    run.prepare()
+    return run
+
+
+def record_masks(run: Run) -> list[torch.Tensor]:
+    """pruneflow's mask after each prune-stage step (after the method's update)."""
+    masks: list[torch.Tensor] = []
+    method = run.method
+    hook = method.after_optimizer_step
+
+    def wrapped(step: int, grads_finite: bool = True) -> None:
+        hook(step, grads_finite)
+        masks.append(method.mask_flat.detach().clone())
+
+    method.after_optimizer_step = wrapped
+    return masks
+
+
+def stream(run: Run) -> EpochBatches:
+    """The batches of the run's (continuous) training, in order."""
+    spec = run.plan.stages["finetune"]
+    return EpochBatches(run.task.train_set, spec.batch_size, spec.seed, run.task.collate)
+
+
+def prunable(model: nn.Module, biases: bool = False) -> list[tuple[str, nn.Linear, str]]:
+    """The reference's own prunable set: the Linear layers of the encoder blocks."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith("blocks."):
+            out.append((name, mod, "weight"))
+            if biases:
+                out.append((name, mod, "bias"))
+    return out
+
+
+def masked_forward(module: nn.Linear, mask_of: Callable[[], torch.Tensor]) -> None:
+    """The authors' masked Linear: ``F.linear(x, W * mask, b)`` in every forward."""
+    module.forward = lambda x: F.linear(x, module.weight * mask_of(), module.bias)  # type: ignore[method-assign]
+
+
+def loss_of(run: Run, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+
+
+def final_weights(run: Run) -> dict[str, torch.Tensor]:
+    run.weights.bake()
+    return run.bundle.model.state_dict()
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str]) -> None:
+    for n in names:
+        assert torch.allclose(a[n], b[n], rtol=1e-4, atol=1e-6), n
+
+
+# ----------------------------------------------------------------------------- SEVEN
+def seven_reference(model: nn.Module, run: Run, t_i: int, iter_num: int, total: int, sparsity: float, lr: float) -> list[torch.Tensor]:
+    """xiaojinying/SEVEN (train.py, utils.py, strategies/pruner.py): AdamW at a constant
+    lr, no clipping, the pruner after optimizer.step() at global steps t_i ...
+    t_i + iter_num - 2, bias corrections with i + 1, S of pruned weights set to 0,
+    one global top-k threshold with k = int(r * n), scores >= threshold kept."""
+    a1, a2 = 0.8, 0.9
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    layers = prunable(model)
+    masks = [torch.ones_like(mod.weight) for _, mod, _ in layers]
+    for i, (_, mod, _) in enumerate(layers):
+        masked_forward(mod, lambda i=i: masks[i])
+    S = m = v = None
+    data = stream(run)
+    history = []
+    keep = 1 - sparsity
+    for step in range(total):
+        opt.zero_grad()
+        loss_of(run, model, next(data)).backward()
+        opt.step()
+        if t_i <= step <= t_i + iter_num - 2:
+            i = step - t_i
+            if i == 0:
+                S = [torch.zeros_like(mod.weight) for _, mod, _ in layers]
+                m = [torch.zeros_like(mod.weight) for _, mod, _ in layers]
+                v = [torch.zeros_like(mod.weight) for _, mod, _ in layers]
+                masks[:] = [torch.ones_like(mod.weight) for _, mod, _ in layers]
+            for j, (_, mod, _) in enumerate(layers):
+                g = mod.weight.grad.abs()
+                m[j] = a1 * m[j] + (1 - a1) * g
+                v[j] = a2 * v[j] + (1 - a2) * g * g
+                m_hat = m[j] / (1 - a1 ** (i + 1))
+                v_hat = torch.sqrt(v[j] / (1 - a2 ** (i + 1))) + 1e-9
+                S[j] = S[j] + (mod.weight.data * g * m_hat / v_hat).abs()
+                S[j][masks[j] == 0] = 0
+            r = keep + (1 - keep) * (1 - (i + 1) / iter_num) ** 3
+            flat = torch.cat([s.reshape(-1) for s in S])
+            threshold = torch.topk(flat, int(r * flat.numel())).values.min()
+            for j, (_, mod, _) in enumerate(layers):
+                masks[j] = (S[j] >= threshold).float()
+                mod.weight.data.mul_(masks[j])
+            history.append(torch.cat([mk.reshape(-1) for mk in masks]))
+    for j, (_, mod, _) in enumerate(layers):
+        mod.weight.data.mul_(masks[j])
+    return history
+
+
+def test_seven_matches_the_authors_loop(tmp_path: Path) -> None:
+    t_i, iter_num, recover, lr = 4, 8, 3, 2e-3
+    run = prepared(
+        tmp_path, "method=seven", "sparsity=0.7", "method.selection=authors", "method.stop_early=true",
+        "trainer.lr_scheduler=constant", "trainer.weight_decay=0.0", "trainer.max_grad_norm=0", *stages(t_i, iter_num, recover, lr),
+    )
+    reference = copy.deepcopy(run.bundle.model)
+    ours = record_masks(run)
+    run.execute()
+    theirs = seven_reference(reference, run, t_i, iter_num, t_i + iter_num + recover, 0.7, lr)
+    assert len(theirs) == iter_num - 1  # their window: k = 0 ... iter_num - 2
+    for k, mask in enumerate(theirs):
+        assert torch.equal(ours[k], mask), f"mask differs at pruning step {k}"
+    assert torch.equal(ours[-1], theirs[-1])  # the last step (k = iter_num - 1) prunes nothing
+    names = [f"{n}.{a}" for n, _, a in prunable(reference)]
+    close(final_weights(run), reference.state_dict(), [*names, "head.weight"])
+
+
+# ----------------------------------------------------------------------------- PLATON
+def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_final: int, delta_t: int, sparsity: float, lr: float) -> list[tuple[int, torch.Tensor]]:
+    """QingruZhang/PLATON (GLUE/train.py, GLUE/mt_dnn/prune_model.py): after the clipped
+    optimizer step g (from 1) the window mean of |W*G| and, at window ends, Ibar and U
+    (U with the new Ibar); at mask steps kthvalue(Ibar*U, int(n*(1-r))) and every
+    weight or bias scoring below it is zeroed in place. No mask in the forward."""
+    b1, b2 = 0.85, 0.95
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    params = [getattr(mod, attr) for _, mod, attr in prunable(model, biases=True)]
+    ipt = [torch.zeros_like(p) for p in params]
+    ibar = [torch.zeros_like(p) for p in params]
+    unc = [torch.zeros_like(p) for p in params]
+    data = stream(run)
+    history = []
+    for step in range(total):
+        loss_of(run, model, next(data)).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        g = step + 1
+        opt.step()
+        local = g % delta_t
+        for j, p in enumerate(params):
+            if local == 0:
+                ibar[j] = b1 * ibar[j] + (1 - b1) * ipt[j]
+                unc[j] = b2 * unc[j] + (1 - b2) * (ipt[j] - ibar[j]).abs()
+                ipt[j] = (p * p.grad).abs().detach()
+            else:
+                ipt[j] = (ipt[j] * local + (p * p.grad).abs().detach()) / (local + 1)
+        opt.zero_grad()
+        if g <= t_init:
+            continue
+        if g > total - t_final:
+            r = 1 - sparsity
+        elif g % delta_t == 0:
+            r = (1 - sparsity) + sparsity * (1 - (g - t_init) / (total - t_init - t_final)) ** 3
+        else:
+            continue
+        scores = [a * b for a, b in zip(ibar, unc, strict=True)]
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        threshold = torch.kthvalue(flat, int(flat.numel() * (1 - r))).values
+        for p, s in zip(params, scores, strict=True):
+            p.data.masked_fill_(s < threshold, 0.0)
+        history.append((step, (flat >= threshold).float()))
+    return history
+
+
+def test_platon_matches_the_authors_loop(tmp_path: Path) -> None:
+    total, t_init, t_final, delta_t, lr = 24, 4, 6, 3, 2e-3
+    run = prepared(
+        tmp_path, "method=platon", "sparsity=0.6", "method.selection=authors", f"method.deltaT={delta_t}",
+        f"schedule.initial_warmup={t_init}", f"schedule.final_warmup={t_final}",
+        "trainer.lr_scheduler=constant", "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", *stages(0, total, 0, lr),
+    )
+    reference = copy.deepcopy(run.bundle.model)
+    ours = record_masks(run)
+    run.execute()
+    theirs = platon_reference(reference, run, total, t_init, t_final, delta_t, 0.6, lr)
+    mask_steps = [k for k, _ in theirs]
+    assert mask_steps[0] == 5 and mask_steps[-6:] == list(range(18, 24))  # window ends, then every final step
+    for k, mask in theirs:
+        assert torch.equal(ours[k], mask), f"mask differs at step {k}"
+    names = [f"{n}.{a}" for n, _, a in prunable(reference, biases=True)]
+    assert len(run.weights) == len(names) == 32  # weights and biases of the 16 block Linears
+    close(final_weights(run), reference.state_dict(), names)
+
+
+# ----------------------------------------------------------------------------- movement pruning
+class _TopK(torch.autograd.Function):
+    """emmental's TopKBinarizer: the top int(threshold * n) scores -> 1; identity backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:  # noqa: ANN001
+        out = torch.zeros_like(scores)
+        idx = scores.flatten().sort(descending=True).indices
+        out.view(-1)[idx[: int(threshold * scores.numel() + 1e-9)]] = 1.0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
+
+
+class _Sigmoided(torch.autograd.Function):
+    """emmental's ThresholdBinarizer(sigmoid=True) with its 0.5 % floor; identity backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:  # noqa: ANN001
+        n = scores.numel()
+        floor = int(0.005 * n) + 1
+        mask = (torch.sigmoid(scores) > threshold).float()
+        if mask.sum() < floor:
+            k = torch.kthvalue(scores.view(-1), n - floor).values
+            mask = (scores > k).float()
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
+
+
+def sanh_threshold(step: int, total: int, t_init: int, t_final: int, initial: float, final: float) -> float:
+    """schedule_threshold of masked_run_glue.py (step = global_step from 0)."""
+    if step <= t_init:
+        return initial
+    if step > total - t_final:
+        return final
+    c = 1 - (step - t_init) / (total - t_init - t_final)
+    return final + (initial - final) * c**3
+
+
+def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: int, t_final: int, warmup: int, lr: float, score_lr: float,
+                   final: float, final_lambda: float = 0.0) -> list[torch.Tensor]:
+    """masked_run_glue.py with emmental's MaskedLinear (topK / sigmoied_threshold /
+    magnitude): the threshold of step t before the forward, AdamW with the scores at
+    their own lr (no decay), one linear warm-up/decay schedule for every group,
+    clipping at 1.0 over all parameters, l1 penalty for soft movement."""
+    layers = prunable(model)
+    scores = [torch.zeros_like(mod.weight, requires_grad=True) for _, mod, _ in layers] if kind != "magnitude" else []
+    state = {"threshold": 1.0}
+    for j, (_, mod, _) in enumerate(layers):
+        if kind == "topK":
+            mod.forward = lambda x, j=j, mod=mod: F.linear(x, mod.weight * _TopK.apply(scores[j], state["threshold"]), mod.bias)
+        elif kind == "sigmoied_threshold":
+            mod.forward = lambda x, j=j, mod=mod: F.linear(x, mod.weight * _Sigmoided.apply(scores[j], state["threshold"]), mod.bias)
+        else:  # MagnitudeBinarizer: top int(threshold * n) of |W| in each forward, no gradient through the mask
+
+            def magnitude(x: torch.Tensor, mod: nn.Linear = mod) -> torch.Tensor:
+                w = mod.weight
+                mask = torch.zeros_like(w)
+                idx = w.detach().abs().flatten().sort(descending=True).indices
+                mask.view(-1)[idx[: int(state["threshold"] * w.numel() + 1e-9)]] = 1.0
+                return F.linear(x, w * mask, mod.bias)
+
+            mod.forward = magnitude
+    groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": 0.0}]
+    if scores:
+        groups.append({"params": scores, "lr": score_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: t / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup)))
+    initial = 0.0 if kind == "sigmoied_threshold" else 1.0
+    data = stream(run)
+    history = []
+    for step in range(total):
+        thr = sanh_threshold(step, total, t_init, t_final, initial, final)
+        state["threshold"] = thr
+        loss = loss_of(run, model, next(data))
+        if final_lambda:
+            lam = final_lambda * thr / final
+            loss = loss + lam * torch.stack([torch.sigmoid(s).mean() for s in scores]).mean()
+        loss.backward()
+        nn.utils.clip_grad_norm_([*model.parameters(), *scores], 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        # the mask the next forward computes
+        nxt = sanh_threshold(step + 1, total, t_init, t_final, initial, final)
+        with torch.no_grad():
+            if kind == "topK":
+                masks = [_TopK.apply(s, nxt) for s in scores]
+            elif kind == "sigmoied_threshold":
+                masks = [_Sigmoided.apply(s, nxt) for s in scores]
+            else:
+                masks = []
+                for _, mod, _ in layers:
+                    mk = torch.zeros_like(mod.weight)
+                    mk.view(-1)[mod.weight.abs().flatten().sort(descending=True).indices[: int(nxt * mod.weight.numel() + 1e-9)]] = 1.0
+                    masks.append(mk)
+        history.append(torch.cat([mk.reshape(-1) for mk in masks]))
+    with torch.no_grad():  # the final model: the weights times the last mask
+        for (_, mod, _), mk in zip(layers, torch.split(history[-1], [mod.weight.numel() for _, mod, _ in layers]), strict=True):
+            mod.weight.mul_(mk.view_as(mod.weight))
+    return history
+
+
+# name: (their pruning_method, our overrides, final threshold, final lambda, score lr)
+SANH = {
+    "movement": ("topK", ["method=movement", "sparsity=0.75", "method.selection=authors", "method.scope=local"], 0.25, 0.0, 5e-2),
+    "soft_movement": ("sigmoied_threshold", ["method=soft_movement", "method.final_threshold=0.3", "method.final_lambda=50.0"], 0.3, 50.0, 0.5),
+    "magnitude": ("magnitude", ["method=magnitude", "sparsity=0.75", "method.selection=authors", "method.scope=local", "method.regrowth=true"], 0.25, 0.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SANH))
+def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
+    kind, overrides, final, final_lambda, score_lr = SANH[name]
+    total, t_init, t_final, warmup, lr = 20, 3, 4, 5, 2e-3
+    extra = [f"method.score_lr={score_lr}"] if name != "magnitude" else []
+    run = prepared(
+        tmp_path, *overrides, *extra, f"schedule.initial_warmup={t_init}", f"schedule.final_warmup={t_final}",
+        "trainer.lr_scheduler=linear", f"trainer.warmup_steps={warmup}", "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0",
+        *stages(0, total, 0, lr),
+    )
+    reference = copy.deepcopy(run.bundle.model)
+    ours = record_masks(run)
+    run.execute()
+    theirs = sanh_reference(reference, run, kind, total, t_init, t_final, warmup, lr, score_lr, final, final_lambda)
+    assert len(ours) == len(theirs) == total
+    for k in range(total):
+        assert torch.equal(ours[k], theirs[k]), f"mask differs after step {k}"
+    assert 0 < float(theirs[-1].mean()) < 1
+    names = [f"{n}.weight" for n, _, _ in prunable(reference)]
+    close(final_weights(run), reference.state_dict(), [*names, "head.weight"])
+
+
+# ----------------------------------------------------------------------------- continuous training
+def test_continuous_run_follows_one_lr_schedule_and_keeps_adam_state(tmp_path: Path) -> None:
+    from transformers import get_linear_schedule_with_warmup
+
+    steps = (6, 5, 4)
+    run = prepared(tmp_path, "method=magnitude", "sparsity=0.5", "trainer.lr_scheduler=linear", "trainer.warmup_steps=3", *stages(*steps, lr=1e-3))
+    opt = run.optim.optimizer
+    seen: list[float] = []
+    exp_avg_at: dict[int, torch.Tensor] = {}
+    probe = run.trainer.base_params[0][1]
+    step_fn = opt.step
+
+    def step(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        seen.append(opt.param_groups[0]["lr"])
+        if len(seen) in (steps[0] + 1, steps[0] + steps[1] + 1):  # the first step of the prune and recover stages
+            exp_avg_at[len(seen)] = opt.state[probe]["exp_avg"].clone()
+        return step_fn(*a, **k)
+
+    opt.step = step
+    run.execute()
+    total = sum(steps)
+    dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_linear_schedule_with_warmup(dummy, 3, total)
+    expected = []
+    for _ in range(total):
+        expected.append(dummy.param_groups[0]["lr"])
+        dummy.step()
+        sched.step()
+    assert seen == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert seen[-1] > 0 and expected[0] == 0  # one warm-up, one decay to the end of recovery
+    # Adam's moments carry over the stage boundaries: the state is not fresh there.
+    assert all(float(t.abs().sum()) > 0 for t in exp_avg_at.values()) and len(exp_avg_at) == 2
+    assert int(opt.state[probe]["step"]) == total
+
+
+def test_continuous_finetune_cache_resumes_the_same_training(tmp_path: Path) -> None:
+    """A continuous run that reuses the cached finetune stage (weights and optimizer)
+    ends exactly where one without the cache ends."""
+    args = ["method=seven", "sparsity=0.5", "trainer.lr_scheduler=linear", *stages(5, 4, 3)]
+    plain = prepared(tmp_path / "a", *args)
+    plain.execute()
+    cache = ["cache=true", f"cache_dir={tmp_path / 'cache'}"]
+    first = prepared(tmp_path / "b", *args, *cache)
+    first.execute()
+    second = prepared(tmp_path / "c", *args, *cache)
+    second.execute()
+    assert (tmp_path / "cache" / "finetune").is_dir()
+    a, c = final_weights(plain), final_weights(second)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fp16_overflow_never_reaches_the_scores(tmp_path: Path) -> None:
+    """A step whose fp16 gradients overflow is skipped by the gradient scaler; no method
+    may score it (SEVEN's S and PLATON's averages would stay inf/NaN for good)."""
+    for method in ("seven", "platon"):
+        run = prepared(tmp_path / method, f"method={method}", "sparsity=0.5", *stages(0, 6, 0))
+        # fp16 autocast and the gradient scaler, here on the CPU (the CLI allows fp16 on CUDA only)
+        run.trainer.autocast_dtype = torch.float16
+        run.trainer.scaler = torch.amp.GradScaler("cpu")
+        def poison(grad: torch.Tensor, calls: dict[str, int] = {"n": 0}) -> torch.Tensor:  # noqa: B006 - a per-loop counter
+            calls["n"] += 1
+            return torch.full_like(grad, float("inf")) if calls["n"] == 3 else grad
+
+        run.trainer.base_params[0][1].register_hook(poison)
+        run.execute()
+        for name, t in run.method.state.items():  # -inf marks SEVEN's pruned scores; no NaN, no +inf
+            assert not bool(torch.isnan(t).any()) and not bool((t == float("inf")).any()), (method, name)
+        kept = run.method.mask_flat == 1
+        assert bool(torch.isfinite(run.method.selection_scores()[kept]).all()), method
+        assert run.trainer.scaler.get_scale() < 2.0**16  # the overflow was seen and the step skipped
+        assert run.method.k == 5, method  # 6 steps, the overflowing one not scored
+
+
+def test_authors_counts_round_down(tmp_path: Path) -> None:
+    """SEVEN's authors keep int(r * n) (plus ties); the default keeps round((1 - s) n)."""
+    run = prepared(tmp_path, "method=seven", "sparsity=0.7", "method.selection=authors", *stages(2, 3, 0))
+    run.execute()
+    n = run.weights.numel
+    assert int(run.method.mask_flat.sum()) == math.floor(0.3 * n + 1e-9)
