@@ -38,7 +38,7 @@ from pruneflow.utils import (
     seed_everything,
     set_rng_state,
 )
-from pruneflow.validation import validate_trainer
+from pruneflow.validation import check_unused, validate_trainer
 
 log = logging.getLogger("pruneflow")
 
@@ -112,6 +112,7 @@ class Run:
         self.method_cls = get_method_class(cfg.method.name)
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
+        check_unused(cfg, self.method.unused_settings(cfg))
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
 

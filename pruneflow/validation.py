@@ -73,3 +73,65 @@ def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
     freeze = t.get("freeze") or []
     if not all(isinstance(f, str) for f in freeze):
         raise invalid("trainer.freeze", list(freeze), "a list of parameter-name patterns, e.g. [\"*embeddings*\"]")
+
+
+# ----------------------------------------------------------------------------- settings a run does not use
+GROUPS = ("model", "task", "method", "schedule", "logger")
+
+
+def group_defaults(cfg: DictConfig) -> DictConfig | None:
+    """The config that the chosen group options give by themselves (no experiment, no
+    command-line values); None when it cannot be composed (e.g. a config from elsewhere)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pruneflow.cli import CONFIG_DIR
+
+    choices = [f"{g}={cfg[g].name}" for g in GROUPS if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name")]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the pruneflow app (or a test's compose context)
+            return compose(config_name="config", overrides=choices)
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=choices)
+    except Exception:  # noqa: BLE001 - e.g. a group option that exists only in a user's config dir
+        return None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:  # noqa: ANN401
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:  # noqa: ANN401
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            out[key] = value
+
+    walk(container, prefix)
+    return out
+
+
+def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted keys (and values) that the command line or an experiment set to something
+    other than the chosen groups' defaults."""
+    default = group_defaults(cfg)
+    if default is None:
+        return {}
+    mine, theirs = _flatten(cfg), _flatten(default)
+    return {k: v for k, v in mine.items() if k not in ("hydra",) and not k.startswith("hydra.") and theirs.get(k, object()) != v}
+
+
+def check_unused(cfg: DictConfig, unused: list[tuple[str, str]]) -> None:
+    """A setting the run would ignore is an error (unless set to null: "not used")."""
+    if not unused:
+        return
+    explicit = explicit_settings(cfg)
+    for prefix, why in unused:
+        for key, value in explicit.items():
+            if value is not None and (key == prefix or key.startswith(prefix + ".")):
+                raise UserError(
+                    f"'{key}={value}' would be ignored: {why}. Remove it (or set it to null); no setting is silently ignored."
+                )

@@ -45,8 +45,6 @@ ADMM_FAST = [
     "stages.finetune.steps=20",
     "stages.recover.steps=10",
     "method.iterations=2",
-    "method.epochs_per_iteration=0.25",
-    "method.sr_ste_epochs=0.25",
 ]
 
 
@@ -59,9 +57,10 @@ def method_on(weight: torch.Tensor, **cfg) -> tuple[ADMM, nn.Linear]:  # noqa: A
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight)
-    conf = OmegaConf.create({"pattern": "2:4", "rho": 0.1, "rho_growth": 1.3, "iterations": 3, "epochs_per_iteration": 1, **cfg})
+    conf = OmegaConf.create({"pattern": "2:4", "rho": 0.1, "rho_growth": 1.3, "iterations": 3, **cfg})
     method = ADMM(conf, ADMM.resolve_sparsity(conf, None))
-    method.plan_stages({"finetune": 0, "prune": 0, "recover": 0}, steps_per_epoch=2, task_name="digits")
+    # 3 iterations of 2 steps (+ 2 SR-STE steps, a quarter of 8)
+    method.plan_stages({"finetune": 0, "prune": 8 if cfg.get("sr_ste") else 6, "recover": 0}, steps_per_epoch=2, task_name="digits")
     weights = MaskedWeights([PrunableWeight(name="weight", module_name="", module=lin)])
     ctx = PruneContext(model=lin, weights=weights, schedule=Schedule("oneshot", 0.5, 6), sparsity=0.5, total_steps=6, device=torch.device("cpu"))
     method.setup(ctx)
@@ -316,3 +315,18 @@ def test_end_to_end_every_block_obeys_the_pattern(tmp_path, pattern, extra):
     assert result["sparsity"]["measured"] == pytest.approx(zeros / total, abs=1e-6)
     assert state["head.weight"].count_nonzero() == state["head.weight"].numel()  # the head stays dense
     assert result["export"]["semi_structured"] == {"available": False, "reason": "no CUDA device"}
+
+
+def test_the_prune_stage_length_is_split_between_the_iterations():
+    """stages.prune sets the ADMM phase's length (no separate epochs knob to ignore it)."""
+    def plan(prune: int, **cfg):  # noqa: ANN003, ANN202
+        conf = OmegaConf.create({"pattern": "2:4", "iterations": 3, **cfg})
+        m = ADMM(conf, 0.5)
+        m.plan_stages({"finetune": 0, "prune": prune, "recover": 0}, steps_per_epoch=4, task_name="digits")
+        return m.steps_per_iteration, m.admm_steps, m.sr_ste_steps
+
+    assert plan(10) == (3, 10, 0)  # the remainder goes to the last W-step
+    assert plan(12, sr_ste=True) == (3, 9, 3)  # a quarter for SR-STE, the rest split
+    assert plan(7, iterations=0, sr_ste=True) == (1, 0, 7)
+    with pytest.raises(UserError, match="stages.prune"):
+        plan(2)

@@ -26,7 +26,7 @@ from pruneflow.methods.spp import (
 )
 from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, run
 
-SPP_CFG = {"name": "spp", "optimizer": "adam", "adam_eps": 1e-4, "kappa": 1.0, "lambda": 3.0, "nu": 100.0, "z_lr": "auto", "share_heads": True, "search_epochs": None, "search_steps": None, "include": None, "exclude": None}
+SPP_CFG = {"name": "spp", "optimizer": "adam", "adam_eps": 1e-4, "kappa": 1.0, "lambda": 3.0, "nu": 100.0, "z_lr": "auto", "share_heads": True, "include": None, "exclude": None}
 
 
 # ----------------------------------------------------------------------------- the mathematics by hand

@@ -5,7 +5,7 @@ N:M pattern: in every block of M consecutive weights along the input dimension
 are non-zero. Pruning solves ``min f(W) s.t. W in S`` (S the N:M-sparse set) by
 ADMM, one iteration being::
 
-    W-step:  epochs_per_iteration epochs of the optimizer on f(W) + (rho/2)||W - Z + U||^2
+    W-step:  steps of the optimizer on f(W) + (rho/2)||W - Z + U||^2  (the prune stage / iterations)
     Z-step:  Z = Proj_S(W + U)          # keep the N largest |.| of each block of M
     U-step:  U = U + W - Z
     rho     *= rho_growth                # geometric growth (ADMM-NN's x1.3)
@@ -19,7 +19,9 @@ SR-STE (Zhou et al., ICLR 2021; ``method.sr_ste=true``): the N:M mask is
 recomputed from the dense W in every forward; the backward passes the gradient
 of the sparse weight straight through to the dense W and adds
 ``lambda_w * (1 - mask) * W``. It runs alone (``method.iterations=0``) or for
-``sr_ste_epochs`` after the ADMM iterations; its last mask is frozen likewise.
+for the last ``sr_ste_fraction`` of the prune stage after the ADMM iterations; its
+last mask is frozen likewise. The prune stage's length is ``stages.prune`` (epochs or
+steps), split evenly between the ADMM iterations (and the SR-STE phase).
 
 The mathematics are pure tensor functions (``nm_mask``, ``nm_project``,
 ``admm_z_step``, ``admm_u_step``, ``admm_penalty``, ``srste_weight``); the class
@@ -203,12 +205,12 @@ class ADMM(PruningMethod):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise invalid("method.iterations", iters, "an integer >= 0 (0: no ADMM, SR-STE only)")
         self.iterations = int(iters)
-        self.epochs_per_iteration = _number(cfg, "epochs_per_iteration", 1.0, lambda v: v > 0, "a number of epochs > 0")
+
         sr = cfg.get("sr_ste", False)
         if not isinstance(sr, bool):
             raise invalid("method.sr_ste", sr, "true, false")
         self.sr_ste = sr
-        self.sr_ste_epochs = _number(cfg, "sr_ste_epochs", 2.0, lambda v: v > 0, "a number of epochs > 0")
+        self.sr_ste_fraction = _number(cfg, "sr_ste_fraction", 0.25, lambda v: 0 < v <= 1, "a number in (0, 1] (the share of the prune stage for SR-STE after the ADMM iterations)")
         self.lambda_w = _number(cfg, "lambda_w", 2e-4, lambda v: v >= 0, "a number >= 0 (SR-STE's decay of pruned weights)")
         if self.iterations == 0 and not self.sr_ste:
             raise UserError(
@@ -240,21 +242,33 @@ class ADMM(PruningMethod):
         return pattern.sparsity
 
     def plan_stages(self, steps: dict[str, int], steps_per_epoch: int, task_name: str) -> dict[str, int]:
-        """The prune stage is the ADMM iterations (then SR-STE): its length follows
-        from ``method.*``, not from ``stages.prune.epochs/steps``."""
-        self.steps_per_iteration = max(1, round(self.epochs_per_iteration * steps_per_epoch))
-        self.admm_steps = self.iterations * self.steps_per_iteration
-        self.sr_ste_steps = max(1, round(self.sr_ste_epochs * steps_per_epoch)) if self.sr_ste else 0
-        steps = dict(steps)
-        steps["prune"] = self.admm_steps + self.sr_ste_steps
+        """The prune stage (``stages.prune``) holds the ADMM iterations, evenly split,
+        then (``sr_ste=true``) the SR-STE phase: its last ``sr_ste_fraction``, or all of
+        it without ADMM iterations."""
+        total = int(steps["prune"])
+        if self.sr_ste:
+            self.sr_ste_steps = total if self.iterations == 0 else max(1, round(self.sr_ste_fraction * total))
+        admm = total - self.sr_ste_steps
+        if self.iterations > 0 and admm < self.iterations:
+            raise UserError(
+                f"method=admm runs method.iterations={self.iterations} ADMM iterations in the prune stage, which has "
+                f"{total} steps ({admm} after the SR-STE phase): each iteration needs at least one step. Lengthen "
+                "stages.prune (epochs or steps) or lower method.iterations."
+            )
+        self.steps_per_iteration = admm // self.iterations if self.iterations else 1
+        self.admm_steps = self.steps_per_iteration * self.iterations
+        self.sr_ste_steps = total - self.admm_steps if self.sr_ste else 0
+        if not self.sr_ste and self.admm_steps < total:  # the remainder of an uneven split: the last iteration's W-step
+            self.admm_steps = total
         log.info(
-            "method=admm: prune stage = %d ADMM iterations x %d steps%s = %d steps (from method.iterations, "
-            "method.epochs_per_iteration%s; stages.prune.epochs/steps are not used)",
-            self.iterations, self.steps_per_iteration,
-            f" + {self.sr_ste_steps} SR-STE steps" if self.sr_ste else "", steps["prune"],
-            ", method.sr_ste_epochs" if self.sr_ste else "",
+            "method=admm: prune stage of %d steps = %d ADMM iterations x %d steps%s",
+            total, self.iterations, self.steps_per_iteration, f" + {self.sr_ste_steps} SR-STE steps" if self.sr_ste else "",
         )
         return steps
+
+    def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
+        return [("schedule", f"method=admm has no sparsity schedule: the N:M pattern ({self.pattern}) is reached by "
+                             "its ADMM iterations over stages.prune")]
 
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
         bad = [(w.module_name, w.shape[-1]) for w in weights if w.shape[-1] % self.pattern.m]
@@ -334,7 +348,9 @@ class ADMM(PruningMethod):
         return math.sqrt(diff2 / max(norm2, 1e-30))
 
     def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
-        if self.phase == "admm" and (step + 1) % self.steps_per_iteration == 0 and self.iteration < self.iterations:
+        last = self.iteration == self.iterations - 1
+        boundary = (step + 1) == self.admm_steps if last else (step + 1) % self.steps_per_iteration == 0
+        if self.phase == "admm" and boundary and self.iteration < self.iterations:
             residual = self.admm_update()
             self.residuals.append(round(residual, 6))
             self.iteration += 1

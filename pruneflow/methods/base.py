@@ -102,6 +102,11 @@ class PruningMethod:
     def check_schedule(self, schedule: Schedule) -> None:
         """Raise ``UserError`` for schedule settings the method cannot honour."""
 
+    def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
+        """(key prefix, why) of settings this method does not use with this config: setting
+        one is an error rather than silently ignored."""
+        return []
+
     def schedule_target(self) -> float:
         """What the sparsity schedule ramps to (soft movement: its score threshold)."""
         return self.sparsity

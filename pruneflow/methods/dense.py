@@ -20,3 +20,7 @@ class Dense(PruningMethod):
                 "leave sparsity unset (or 0), or choose a pruning method, e.g. method=magnitude."
             )
         return 0.0
+
+    def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
+        why = "method=dense does not prune (no prune stage, no schedule)"
+        return [("stages.prune", why), ("schedule", why), ("sparsity", why)]

@@ -172,6 +172,13 @@ class Seven(ScoreBasedMethod):
     def summary(self) -> dict[str, Any]:
         return dict(self.planned)
 
+    def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
+        task = str(cfg.task.name).split("/")[-1]
+        if self.preset is None or (self.preset == "auto" and task not in PRESETS):
+            return []
+        why = f"method.preset={self.preset} sets the stage lengths (t_i, iter_num and the rest of method.total_epochs)"
+        return [(f"stages.{stage}.{key}", why) for stage in ("finetune", "prune", "recover") for key in ("epochs", "steps")]
+
     # --- the authors' loop ------------------------------------------------------------
     def is_mask_step(self, step: int) -> bool:
         if self.stop_early and step >= self.ctx.total_steps - 1:  # their window ends at iter_num - 2

@@ -178,12 +178,6 @@ class SPP(PruningMethod):
         self.mask_sites = str(cfg.get("mask_sites", "authors"))
         if self.mask_sites not in MASK_SITES:
             raise invalid("method.mask_sites", self.mask_sites, MASK_SITES, "authors: q and k rows, v, fc1 rows (before the activation).")
-        for key in ("search_epochs", "search_steps"):
-            v = cfg.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-                raise invalid(f"method.{key}", v, "a positive number, or null for the prune stage's length")
-        if cfg.get("search_epochs") is not None and cfg.get("search_steps") is not None:
-            raise UserError("Both 'method.search_epochs' and 'method.search_steps' are set. Set only one (or neither: the prune stage's length).")
         self.kappa, self.nu, self.lam = float(cfg.kappa), float(cfg.nu), float(lam)
         self.adam_eps = float(cfg.get("adam_eps", 1e-4))
         self.lr = 1e-3  # the prune stage's lr (stages.prune.lr), set in run_prune_stage
@@ -199,12 +193,9 @@ class SPP(PruningMethod):
         self.prunable_total = 0
 
     # -- configuration ------------------------------------------------------------------------
-    def plan_stages(self, steps: dict[str, int], steps_per_epoch: int, task_name: str) -> dict[str, int]:
-        if self.cfg.get("search_steps") is not None:
-            steps["prune"] = int(self.cfg.search_steps)
-        elif self.cfg.get("search_epochs") is not None:
-            steps["prune"] = int(math.ceil(float(self.cfg.search_epochs) * steps_per_epoch))
-        return steps
+    def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
+        return [("schedule", "method=spp has no sparsity schedule: one search ranks every mask entry and the model is "
+                             "compressed to `sparsity` afterwards")]
 
     def _allowed(self, pb: PairedBlock, kind: str) -> bool:
         """A dimension type is searched where all weights it owns are prunable."""

