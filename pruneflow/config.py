@@ -74,6 +74,18 @@ class LoggerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a dense teacher (Sanh et al.'s loss), any method."""
+
+    enabled: bool = False
+    teacher: str = "finetuned"  # finetuned: the model after the finetune stage | a directory with a fine-tuned model
+    temperature: float = 2.0
+    alpha_ce: float = 0.5
+    alpha_distil: float = 0.5
+    stages: list[str] = field(default_factory=lambda: ["prune", "recover"])
+
+
+@dataclass
 class SpeedConfig:
     enabled: bool = True
     batch: int = 8
@@ -108,6 +120,7 @@ class PruneflowConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     sparsity: float | None = None
     seed: int = 0
     overwrite: bool = False

@@ -6,6 +6,7 @@ All configuration is validated before any data is loaded or any step is taken.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from pruneflow import distributed
+from pruneflow import distill, distributed
 from pruneflow.cache import StageCache
 from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
@@ -113,6 +114,7 @@ class Run:
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
         check_unused(cfg, self.method.unused_settings(cfg))
+        distill.validate(cfg)
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
 
@@ -174,6 +176,14 @@ class Run:
                     "Give it epochs or steps (e.g. stages.prune.epochs=2), or use method=dense."
                 )
         self.plan = Plan(stages=specs, schedule=schedule)
+        self.distill = cfg.get("distill") if cfg.get("distill") is not None and cfg.distill.get("enabled") else None
+        if self.distill is not None and self.distill.teacher == "finetuned" and specs["finetune"].steps == 0:
+            raise UserError(
+                "distill.teacher=finetuned distils from the model after the finetune stage, but stages.finetune has 0 "
+                "steps. Give the finetune stage epochs or steps, or set distill.teacher=<a directory with a fine-tuned model>."
+            )
+        self.distiller: distill.Distiller | None = None
+        self.teacher_path = self.ckpt_dir / "teacher.safetensors"
         self.trainer = Trainer(cfg.trainer, self.device, self.bundle, self.task)
         # trainer.continuous: one optimizer and LR schedule for the whole run, built now
         # (before any mask is attached) over every weight-updating step of every stage.
@@ -313,6 +323,8 @@ class Run:
         ckpt = self.load_checkpoint()
         start_index = 0
         resume_trainer: dict[str, Any] | None = None
+        if ckpt is not None and self.distill is not None and self.distill.teacher == "finetuned" and self.teacher_path.exists():
+            self.make_teacher(self.teacher_path)  # before any mask is attached to the student
         if ckpt is not None:
             start_index = STAGES.index(ckpt["stage"])
             log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
@@ -343,8 +355,14 @@ class Run:
             if not resumed:
                 seed_everything(spec.seed)
             t0 = time.perf_counter()
+            self.trainer.distiller = self.distiller_for(name)
             if name == "finetune":
                 self.run_finetune(spec, resume_trainer)
+                if self.distill is not None and self.distill.teacher == "finetuned":
+                    if distributed.is_main():
+                        self.teacher_path.parent.mkdir(parents=True, exist_ok=True)
+                        st_save_model(self.bundle.model, str(self.teacher_path))
+                    self.make_teacher(None)
             elif name == "prune":
                 if not resumed:
                     self.setup_method()
@@ -367,6 +385,25 @@ class Run:
         if predictions is None:  # every stage was already done (resumed after the last one)
             _, predictions = self.evaluate("final")
         return self.finish(metrics, times, predictions, t_start)
+
+    def make_teacher(self, weights: Path | None) -> None:
+        """distill.teacher=finetuned: a frozen copy of the dense model after the finetune
+        stage (``weights``: that copy saved in checkpoints/, for a resumed run)."""
+        teacher = copy.deepcopy(self.bundle.model)
+        if weights is not None:
+            st_load_model(teacher, str(weights), device=str(self.device))
+        self.distiller = distill.Distiller(self.distill, teacher, self.task.problem)
+        log.info("Distilling from the model after the finetune stage (T=%g, alpha_distil=%g, alpha_ce=%g).",
+                 self.distiller.temperature, self.distiller.alpha_distil, self.distiller.alpha_ce)
+
+    def distiller_for(self, stage: str) -> distill.Distiller | None:
+        if self.distill is None or stage not in list(self.distill.stages):
+            return None
+        if self.distiller is None and self.distill.teacher != "finetuned":
+            teacher = distill.load_teacher(str(self.distill.teacher), self.bundle.model).to(self.device)
+            self.distiller = distill.Distiller(self.distill, teacher, self.task.problem)
+            log.info("Distilling from %s.", self.distill.teacher)
+        return self.distiller
 
     def optim_state(self) -> dict[str, Any] | None:
         """The run's optimizer at a stage boundary (continuous runs; None otherwise)."""

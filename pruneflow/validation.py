@@ -125,13 +125,14 @@ def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_unused(cfg: DictConfig, unused: list[tuple[str, str]]) -> None:
-    """A setting the run would ignore is an error (unless set to null: "not used")."""
+    """A setting the run would ignore is an error (unless set to null or 0: "not used")."""
     if not unused:
         return
     explicit = explicit_settings(cfg)
     for prefix, why in unused:
         for key, value in explicit.items():
-            if value is not None and (key == prefix or key.startswith(prefix + ".")):
+            unset = value is None or (not isinstance(value, bool) and value == 0)
+            if not unset and (key == prefix or key.startswith(prefix + ".")):
                 raise UserError(
                     f"'{key}={value}' would be ignored: {why}. Remove it (or set it to null); no setting is silently ignored."
                 )

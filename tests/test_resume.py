@@ -31,3 +31,30 @@ def test_kill_and_resume_gives_the_same_result(tmp_path, kill_at):
     wa = load_file(str(ref_dir / "model" / "model.safetensors"))
     wb = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+# The authors' protocols: one optimizer across stages (its state in every checkpoint and in
+# the finetune cache), trainable scores, in-place masks, a distillation teacher.
+PROTOCOLS = {
+    "movement": ["method=movement", "trainer.continuous=true", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
+    "platon": ["method=platon", "trainer.continuous=true", "method.deltaT=3", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
+    "seven_distill": ["method=seven", "distill.enabled=true"],
+}
+
+
+@pytest.mark.parametrize("name, kill_at", [("movement", "prune:10"), ("platon", "prune:15"), ("seven_distill", "recover:10")])
+def test_authors_protocols_resume_to_the_same_result(tmp_path, name, kill_at):
+    args = [*FAST, "sparsity=0.7", "trainer.checkpoint_every=5", *PROTOCOLS[name]]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = run_cli([*args, f"hydra.run.dir={ref_dir}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    cmd = [*args, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c2'}"]
+    killed = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": kill_at})
+    assert killed.returncode == -9
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_result(ref_dir), read_result(run_dir)
+    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+    wa = load_file(str(ref_dir / "model" / "model.safetensors"))
+    wb = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)

@@ -61,12 +61,26 @@ class Task:
 
     # --- training --------------------------------------------------------------
     def loss(self, bundle: ModelBundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_and_logits(bundle, batch)[0]
+
+    def loss_and_logits(self, bundle: ModelBundle, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The training loss of a batch and the model's output logits (for distillation:
+        one tensor, or the start and end logits of question answering)."""
         if bundle.family == "hf":
-            return bundle.model(**{k: v for k, v in batch.items() if k != "example_index"}).loss
+            out = bundle.model(**{k: v for k, v in batch.items() if k != "example_index"})
+            logits = [out.start_logits, out.end_logits] if self.problem == "question_answering" else [out.logits]
+            return out.loss, logits
         logits = bundle.forward(batch)
         if self.problem == "regression":
-            return torch.nn.functional.mse_loss(logits.squeeze(-1), batch["labels"].float())
-        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), batch["labels"].float()), [logits]
+        return torch.nn.functional.cross_entropy(logits, batch["labels"]), [logits]
+
+    def logits(self, bundle: ModelBundle, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Output logits without labels (a distillation teacher's)."""
+        out = bundle.forward(batch)
+        if isinstance(out, torch.Tensor):
+            return [out]
+        return [out.start_logits, out.end_logits] if self.problem == "question_answering" else [out.logits]
 
     # --- evaluation --------------------------------------------------------------
     @torch.no_grad()
