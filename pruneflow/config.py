@@ -93,6 +93,14 @@ class SpeedConfig:
 
 
 @dataclass
+class Deviation:
+    what: str = ""
+    authors: str = ""  # what their code / paper does
+    here: str = ""  # what this experiment does
+    restore: str | None = None  # the override that restores theirs (null: not offered, with why in `here`)
+
+
+@dataclass
 class ExperimentInfo:
     """What an ``experiment=`` config reproduces; ``pruneflow-report`` shows it beside the runs.
 
@@ -105,7 +113,10 @@ class ExperimentInfo:
 
     name: str = ""  # the experiment's config name, e.g. movement/squad_bert_base
     source: str = ""  # citation: authors, year, venue, table or figure
-    note: str | None = None  # deviations from the published setting
+    note: str | None = None  # anything else a reader of the report should know
+    # Where this setting differs from what the authors ran (docs/fidelity.md):
+    # [{what, authors, here, restore}] - restore: the setting that gives theirs, or null.
+    deviations: list[Deviation] = field(default_factory=list)
     published: dict[str, Any] = field(default_factory=dict)
     published_overall: dict[str, Any] = field(default_factory=dict)
 

@@ -346,11 +346,28 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
             if info.get("note"):
                 line += f". Note: {info['note']}"
             out.append(line)
+        out += deviations_section(experiments)
     for title, jobs in (("Failed runs (not in the table)", failed), ("Unfinished runs (not in the table)", unfinished)):
         if jobs:
             out += ["", f"## {title}", "", "| job | overrides | reason |", "|---|---|---|"]
             out += [f"| `{j.path}` | {_md_escape(j.overrides) or '–'} | {_md_escape(j.reason)} |" for j in jobs]
     return "\n".join(out) + "\n"
+
+
+def deviations_section(experiments: dict[str, dict[str, Any]]) -> list[str]:
+    """Each experiment's ``experiment_info.deviations``: where the run differs from what
+    the authors ran, and the setting that restores their behaviour (if any)."""
+    out: list[str] = []
+    for name, info in experiments.items():
+        devs = info.get("deviations") or []
+        out += ["", f"### Deviations from the authors' setting: `{name}`", ""]
+        if not devs:
+            out.append("None recorded.")
+            continue
+        out += ["| what | the authors | this run | to restore theirs |", "|---|---|---|---|"]
+        for d in devs:
+            out.append("| " + " | ".join(_md_escape(str(d.get(k) or "–")) for k in ("what", "authors", "here", "restore")) + " |")
+    return out
 
 
 OVERALL_LABELS = {

