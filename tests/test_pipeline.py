@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pruneflow.errors import UserError
 from pruneflow.runner import run
 
 pytestmark = pytest.mark.slow
@@ -71,9 +72,12 @@ def test_finetune_is_cached_across_methods_and_sparsities(config, tmp_path, capl
 
 
 def test_dense_method_skips_the_prune_stage(config, tmp_path):
-    r = run(config("method=dense"), tmp_path / "d")
+    r = run(config("method=dense", "stages.prune.steps=0"), tmp_path / "d")
     assert set(r["metrics"]) == {"finetune", "recover", "final"}
     assert r["sparsity"]["target"] == 0.0 and r["sparsity"]["measured"] == 0.0
+    # a prune-stage setting dense would ignore is an error, not silently dropped
+    with pytest.raises(UserError, match="stages.prune.steps=20"):
+        run(config("method=dense"), tmp_path / "d2")
 
 
 def test_finished_run_is_not_run_again(config, tmp_path, caplog):

@@ -349,3 +349,22 @@ def test_seven_experiment_plans_every_glue_task() -> None:
     for task, n in sizes.items():
         plan = get_method_class("seven")(cfg.method, 0.7).plan_stages(STEPS, n // 32, f"glue/{task}")
         assert (plan["finetune"], plan["prune"]) == PRESETS[task] and plan["recover"] >= n // 32
+
+
+def test_readme_example_method_runs() -> None:
+    """The README's "Adding a method" example is real code that prunes."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("# pruneflow/methods/taylor.py\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    taylor = namespace["Taylor"]
+    torch.manual_seed(0)
+    model = Tiny()
+    weights = MaskedWeights(select_prunable(model, ["blocks.*"], ["head"]))
+    method = taylor(OmegaConf.create({"name": "taylor", "scope": "global"}), 0.5)
+    method.validate(model, weights)
+    method.setup(PruneContext(model=model, weights=weights, schedule=Schedule("cubic", 0.5, 4), sparsity=0.5, total_steps=4, device=torch.device("cpu")))
+    masks = train_steps(model, method, 4)
+    assert int(masks[-1].sum()) == weights.numel // 2 and float(method.state["scores"].max()) > 0
