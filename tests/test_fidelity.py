@@ -444,3 +444,78 @@ def test_authors_counts_round_down(tmp_path: Path) -> None:
     run.execute()
     n = run.weights.numel
     assert int(run.method.mask_flat.sum()) == math.floor(0.3 * n + 1e-9)
+
+
+# ----------------------------------------------------------------------------- SPP
+def test_spp_search_matches_the_authors_optimizer() -> None:
+    """adamw_spp.py's update (Adam on the masks, eps 1e-4, Z += lr_t/(1-b1^t) * (M - Γ),
+    Γ = relu(relu(1 - λ/|Z|) Z)) and deit/engine.py's step_record (+1 where Γ != 0 every
+    `interval` batches), transcribed here, against pruneflow's search with the coupling
+    term made inert (their code adds it after backward())."""
+    import timm
+    from omegaconf import OmegaConf
+
+    from pruneflow.compress import PairedMasks
+    from pruneflow.masking import MaskedWeights, select_prunable
+    from pruneflow.methods.base import PruneContext
+    from pruneflow.methods.spp import SPP
+    from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from pruneflow.trainer import StageSpec
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=4, num_classes=4, in_chans=1)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 4, (64,))
+    steps, lr, lam = 30, 0.05, 0.5
+
+    def batches():  # noqa: ANN202
+        g = torch.Generator().manual_seed(1)
+        while True:
+            i = torch.randperm(64, generator=g)[:16]
+            yield {"pixel_values": x[i], "labels": y[i]}
+
+    def loss_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(m(b["pixel_values"]), b["labels"])
+
+    weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
+    ctx = PruneContext(model=model, weights=weights, schedule=None, sparsity=0.5, total_steps=steps, device=torch.device("cpu"),
+                       batches=batches, loss_fn=loss_fn, extra={"stage": StageSpec("prune", steps, lr, 16, 0)})
+    cfg = {"name": "spp", "optimizer": "adam", "adam_eps": 1e-4, "kappa": 1.0, "lambda": lam, "nu": 1e30, "z_lr": "adam",
+           "rank": "support_time", "check_every": 10, "grouping": "attention_mlp", "mask_sites": "authors", "share_heads": True,
+           "include": None, "exclude": None}
+    method = SPP(OmegaConf.create(cfg), 0.5)
+    method.validate(model, weights)
+    method.setup(ctx)
+    method.run_prune_stage(ctx)
+
+    # their loop, with the same masks in the same places
+    model.eval()
+    reference.train()
+    masks = PairedMasks(reference, sites="authors")
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    alphas = masks.params()
+    opt = torch.optim.Adam(alphas, lr=lr, betas=(0.9, 0.999), eps=1e-4, weight_decay=0)
+    z = [torch.zeros_like(a) for a in alphas]
+    gamma = [torch.zeros_like(a) for a in alphas]
+    record = [torch.zeros_like(a) for a in alphas]
+    masks.attach()
+    data = batches()
+    for t in range(steps):
+        loss_fn(reference, next(data)).backward()
+        opt.step()
+        opt.zero_grad()
+        step_size = lr / (1 - 0.9 ** (t + 1))
+        with torch.no_grad():
+            for i, a in enumerate(alphas):
+                z[i] += step_size * 1.0 * (a - gamma[i])
+                gamma[i] = torch.relu(torch.relu(1 - lam / z[i].abs()) * z[i])
+                if t % 10 == 0:
+                    record[i] += (gamma[i] != 0).float()
+    masks.detach()
+    for i, e in enumerate(masks):
+        ours = method.search[e.key]
+        torch.testing.assert_close(ours["m"], alphas[i].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours["z"], z[i], rtol=1e-5, atol=1e-6)
+        assert torch.equal(ours["support"].float(), record[i]), e.key
+    assert sum(int(r.sum()) for r in record) > 0  # entries did enter the support
