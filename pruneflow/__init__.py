@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "sparsity_report"]
 
 
 def load_model(path):  # noqa: ANN001, ANN201 - thin re-export, see pruneflow.export
@@ -12,3 +12,18 @@ def load_model(path):  # noqa: ANN001, ANN201 - thin re-export, see pruneflow.ex
     from pruneflow.export import load_model as _load
 
     return _load(path)
+
+
+def sparsity_report(model, include=None, exclude=None):  # noqa: ANN001, ANN201 - see pruneflow.api
+    """Zeros counted from the weights: per prunable layer, over the prunable set and overall."""
+    from pruneflow.api import sparsity_report as _report
+
+    return _report(model, include, exclude)
+
+
+def __getattr__(name: str):  # noqa: ANN202 - ``pruneflow.methods.create(...)`` after a plain ``import pruneflow``
+    if name in ("methods", "integrations"):
+        import importlib
+
+        return importlib.import_module(f"pruneflow.{name}")
+    raise AttributeError(f"module 'pruneflow' has no attribute '{name}'")

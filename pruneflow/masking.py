@@ -29,6 +29,12 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
+# Every nn.Linear inside the encoder blocks: timm ViT/DeiT/Swin and transformers
+# BERT-family names. Embeddings, LayerNorm, biases, pooler and task head stay dense.
+DEFAULT_INCLUDE = ["blocks.*", "*encoder.layer.*", "*.layers.*"]
+DEFAULT_EXCLUDE = ["*pooler*", "*classifier*", "*qa_outputs*", "head", "head.*", "*.head"]
+
+
 @dataclass
 class PrunableWeight:
     """One prunable tensor: ``module.weight`` of a Linear layer (or its ``bias``, for

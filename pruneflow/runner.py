@@ -24,7 +24,7 @@ from pruneflow import distill, distributed
 from pruneflow.cache import StageCache
 from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
-from pruneflow.masking import MaskedWeights, select_prunable
+from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
 from pruneflow.methods import PruneContext, get_method_class
 from pruneflow.models import ModelBundle, build_model
 from pruneflow.results import build_result, write_predictions
@@ -34,6 +34,7 @@ from pruneflow.trainer import Optim, StageSpec, Trainer, steps_per_epoch
 from pruneflow.utils import (
     atomic_torch_save,
     atomic_write_json,
+    atomic_write_text,
     resolve_device,
     rng_state,
     seed_everything,
@@ -45,10 +46,6 @@ log = logging.getLogger("pruneflow")
 
 STAGES = ("finetune", "prune", "recover")
 
-# Every nn.Linear inside the encoder blocks: timm ViT/DeiT/Swin and transformers
-# BERT-family names. Embeddings, LayerNorm, biases, pooler and task head stay dense.
-DEFAULT_INCLUDE = ["blocks.*", "*encoder.layer.*", "*.layers.*"]
-DEFAULT_EXCLUDE = ["*pooler*", "*classifier*", "*qa_outputs*", "head", "head.*", "*.head"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -471,6 +468,10 @@ class Run:
         result = build_result(self, final_model, metrics, times, speed, export)
         if distributed.is_distributed():
             result["provenance"]["distributed"] = {**distributed.info(), "fingerprints": self.rank_checks}
+        if self.cfg.get("save_model", True) and main:
+            from pruneflow.card import model_card
+
+            atomic_write_text(self.run_dir / "model" / "README.md", model_card(result))
         if main:
             atomic_write_json(self.run_dir / "result.json", result)
         self.logger.summary(result)

@@ -22,6 +22,13 @@ METHODS: dict[str, str] = {
 }
 
 
+def create(name: str, sparsity: float | None = None, steps: int = 1, **kwargs):  # noqa: ANN003, ANN201
+    """A method for your own training loop (see :mod:`pruneflow.api`)."""
+    from pruneflow.api import create as _create
+
+    return _create(name, sparsity, steps, **kwargs)
+
+
 def get_method_class(name: str) -> type[PruningMethod]:
     if name not in METHODS:
         raise invalid("method", name, sorted(METHODS))
@@ -29,4 +36,4 @@ def get_method_class(name: str) -> type[PruningMethod]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHODS", "PruneContext", "PruningMethod", "get_method_class"]
+__all__ = ["METHODS", "PruneContext", "PruningMethod", "create", "get_method_class"]

@@ -274,7 +274,7 @@ class ADMM(PruningMethod):
         bad = [(w.module_name, w.shape[-1]) for w in weights if w.shape[-1] % self.pattern.m]
         if not bad:
             return
-        from pruneflow.runner import DEFAULT_EXCLUDE
+        from pruneflow.masking import DEFAULT_EXCLUDE
 
         exclude = list(self.cfg.get("exclude") or DEFAULT_EXCLUDE)
         suggestion = exclude + exclusion_patterns([name for name, _ in bad], [w.module_name for w in weights])

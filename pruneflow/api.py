@@ -1,0 +1,233 @@
+"""Use a pruneflow method from your own training code.
+
+The same method classes the ``pruneflow`` command runs, driven from any loop::
+
+    pruner = pruneflow.methods.create("seven", sparsity=0.7, steps=1000, model=model)
+    for g in pruner.param_groups():            # movement pruning's scores (others: none)
+        optimizer.add_param_group(g)
+    for step in range(1000):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        pruner.after_optimizer_step(step)      # scores from this step's gradients, then the mask
+        optimizer.zero_grad()
+    model = pruner.end()                       # masks frozen (SPP: compressed)
+    ...                                        # go on training: pruned weights stay zero
+    pruner.remove()                            # plain weights with the zeros in place
+    print(pruneflow.sparsity_report(model))
+
+Settings are the method's config keys (``conf/method/<name>.yaml``) and are
+checked as on the command line; the sparsity schedule is ``schedule`` (cubic,
+linear, exponential, oneshot) over ``steps`` with ``initial_warmup`` /
+``final_warmup`` / ``frequency``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pruneflow.errors import UserError
+from pruneflow.masking import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_INCLUDE,
+    MaskedWeights,
+    select_prunable,
+    strip_parametrization_names,
+)
+from pruneflow.methods.base import PruneContext, PruningMethod
+from pruneflow.schedules import KINDS, Schedule
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def method_config(name: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401
+    """The method's packaged defaults merged with ``settings``; an unknown key is an error
+    that lists the valid ones (closest first)."""
+    from pruneflow.methods import METHODS
+
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=3)
+        raise UserError(f"Unknown method '{name}'. Allowed: {', '.join(sorted(METHODS))}." + (f" Did you mean {close[0]}?" if close else ""))
+    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+    for key in settings:
+        if key not in cfg:
+            close = difflib.get_close_matches(key, [str(k) for k in cfg], n=1)
+            raise UserError(
+                f"Unknown setting '{key}' for method={name}. Allowed: {', '.join(str(k) for k in cfg if k != 'name')}."
+                + (f" Did you mean {close[0]}?" if close else "")
+            )
+    return OmegaConf.merge(cfg, OmegaConf.create(settings))
+
+
+class Pruner:
+    """One method attached to one model; call it where the pruneflow trainer does."""
+
+    def __init__(self, method: PruningMethod, schedule: Schedule, steps: int) -> None:
+        self.method = method
+        self.schedule = schedule
+        self.steps = steps
+        self.model: nn.Module | None = None
+        self.weights: MaskedWeights | None = None
+        self.ended = False
+
+    # -- attaching -------------------------------------------------------------------
+    def attach(
+        self,
+        model: nn.Module,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        batches: Callable[[], Iterator[Any]] | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Pruner:
+        """Select the prunable weights (shell-style module-name patterns; default: every
+        Linear of the encoder blocks) and start pruning. ``batches`` / ``loss_fn`` are
+        needed only by methods with their own loop (SPP's search: :meth:`run`)."""
+        cfg = self.method.cfg
+        include = list(include or cfg.get("include") or DEFAULT_INCLUDE)
+        exclude = list(exclude or cfg.get("exclude") or DEFAULT_EXCLUDE)
+        weights = MaskedWeights(select_prunable(model, include, exclude, biases=bool(cfg.get("biases", False))))
+        if self.method.prunes and not len(weights):
+            raise UserError(f"No prunable weights: no nn.Linear in the model matches include={include} (minus exclude={exclude}).")
+        self.method.validate(model, weights)
+        device = next(model.parameters()).device
+        ctx = PruneContext(model=model, weights=weights, schedule=self.schedule, sparsity=self.method.sparsity,
+                           total_steps=self.steps, device=device, batches=batches, loss_fn=loss_fn)
+        self.method.setup(ctx)
+        self.model, self.weights = model, weights
+        return self
+
+    def param_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer groups for the method's own trainable tensors (movement pruning's
+        scores, with their learning rate): add them with ``optimizer.add_param_group``."""
+        out = []
+        for g in self.method.param_groups():
+            group = {k: v for k, v in g.items() if k != "pf_lr"}
+            group["lr"] = float(g["pf_lr"]) * lr_scale
+            out.append(group)
+        return out
+
+    # -- the training loop's hooks -------------------------------------------------------
+    def extra_loss(self) -> torch.Tensor | None:
+        """Add to the loss before ``backward()`` (ADMM's penalty, soft movement's L1 term)."""
+        return self.method.extra_loss()
+
+    def after_backward(self, step: int, grads_finite: bool = True) -> None:
+        self.method.after_backward(step, grads_finite=grads_finite)
+
+    def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
+        """After ``optimizer.step()`` and before ``zero_grad()`` (the method reads this
+        step's gradients); ``grads_finite=False`` on a step skipped by an fp16 scaler."""
+        if not self.ended:
+            self.method.after_optimizer_step(step, grads_finite=grads_finite)
+
+    def run(self, lr: float | None = None) -> bool:
+        """Methods with their own prune loop (SPP's search, ``steps`` long, at ``lr``): run it now."""
+        if lr is not None:
+            from pruneflow.trainer import StageSpec
+
+            self.method.ctx.extra["stage"] = StageSpec(name="prune", steps=self.steps, lr=float(lr), batch_size=0, seed=0)
+        return self.method.run_prune_stage(self.method.ctx)
+
+    def end(self) -> nn.Module:
+        """End the pruning phase: masks frozen (later hook calls change nothing), the model
+        finalised (SPP: physically compressed). Returns the model to go on training."""
+        self.method.end_prune_stage()
+        self.model = self.method.finalize(self.model)
+        self.ended = True
+        return self.model
+
+    def remove(self) -> nn.Module:
+        """Drop the mask parametrizations, leaving plain weights with the zeros in place."""
+        if not self.ended:
+            self.end()
+        if self.weights is not None and self.method.prunes:
+            self.weights.bake()
+        return self.model
+
+    @property
+    def sparsity(self) -> float:
+        """The current fraction of prunable weights at zero, counted from the weights."""
+        return sparsity_report(self.model, names=[w.name for w in self.weights])["prunable"]["sparsity"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.state_dict(), "ended": self.ended}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.ended = bool(state.get("ended", False))
+
+
+def create(
+    name: str,
+    sparsity: float | None = None,
+    steps: int = 1,
+    *,
+    model: nn.Module | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    schedule: str = "cubic",
+    initial_warmup: int | float = 0,
+    final_warmup: int | float = 0,
+    frequency: int = 1,
+    batches: Callable[[], Iterator[Any]] | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    **settings: Any,  # noqa: ANN401
+) -> Pruner:
+    """Build the method ``name`` (its config keys as keyword arguments), with the sparsity
+    schedule over ``steps`` pruning steps; attached to ``model`` when given."""
+    from pruneflow.methods import get_method_class
+    from pruneflow.runner import validate_sparsity
+
+    validate_sparsity(sparsity)
+    cfg = method_config(name, settings)
+    cls = get_method_class(name)
+    target = cls.resolve_sparsity(cfg, sparsity)
+    method = cls(cfg, target)
+    if schedule not in KINDS:
+        raise UserError(f"Invalid value for 'schedule': {schedule!r}. Allowed: {', '.join(KINDS)}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"Invalid value for 'steps': {steps!r}. Allowed: an integer >= 1 (the pruning steps).")
+    sched = Schedule.from_config(OmegaConf.create({"name": schedule, "initial_warmup": initial_warmup,
+                                                   "final_warmup": final_warmup, "frequency": frequency}),
+                                 method.schedule_target(), steps)
+    if method.prunes:
+        sched.validate()
+        method.check_schedule(sched)
+    pruner = Pruner(method, sched, steps)
+    if model is not None:
+        pruner.attach(model, include, exclude, batches=batches, loss_fn=loss_fn)
+    return pruner
+
+
+@torch.no_grad()
+def sparsity_report(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Zeros counted from the model's (effective) weights: per prunable layer, over the
+    prunable set (default: every Linear of the encoder blocks) and over all parameters."""
+    state = strip_parametrization_names(model.state_dict())
+    if names is None:
+        names = [w.name for w in select_prunable(model, list(include or DEFAULT_INCLUDE), list(exclude or DEFAULT_EXCLUDE))]
+    per_layer, zeros, total = {}, 0, 0
+    for n in names:
+        t = state[n]
+        z = int(t.numel() - t.count_nonzero())
+        per_layer[n] = round(z / max(t.numel(), 1), 6)
+        zeros += z
+        total += t.numel()
+    param_names = {n.replace(".parametrizations.", ".").removesuffix(".original") for n, _ in model.named_parameters()}
+    params = {k: v for k, v in state.items() if k in param_names}
+    all_zeros = sum(int(v.numel() - v.count_nonzero()) for v in params.values())
+    all_total = sum(v.numel() for v in params.values())
+    return {
+        "prunable": {"zeros": zeros, "total": total, "sparsity": round(zeros / max(total, 1), 6)},
+        "overall": {"zeros": all_zeros, "total": all_total, "sparsity": round(all_zeros / max(all_total, 1), 6)},
+        "per_layer": per_layer,
+    }

@@ -1,0 +1,175 @@
+"""The Python API and the trainer callbacks: the same method classes as the CLI, driven
+from a plain loop, a ``transformers.Trainer`` and a Lightning ``Trainer``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import pruneflow
+from pruneflow.errors import UserError
+from pruneflow.methods import get_method_class
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def plain_loop(method: str, steps: int = 10, **settings) -> tuple[nn.Module, pruneflow.api.Pruner]:  # noqa: ANN003
+    torch.manual_seed(0)
+    model = Tiny()
+    pruner = pruneflow.methods.create(method, steps=steps, model=model, **settings)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for g in pruner.param_groups():
+        opt.add_param_group(g)
+    for step in range(steps + 5):
+        x = torch.randn(16, 16)
+        loss = nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long())
+        extra = pruner.extra_loss()
+        (loss if extra is None else loss + extra).backward()
+        opt.step()
+        pruner.after_optimizer_step(step)
+        if step == steps - 1:
+            model = pruner.end()
+        opt.zero_grad()
+    return pruner.remove(), pruner
+
+
+@pytest.mark.parametrize("method", ["seven", "platon", "movement", "magnitude", "random"])
+def test_plain_loop_reaches_the_sparsity_counted_from_the_weights(method):
+    model, pruner = plain_loop(method, sparsity=0.75, **({"deltaT": 2} if method == "platon" else {}))
+    assert type(pruner.method) is get_method_class(method)  # the CLI's implementation, not a copy
+    weights = [model.blocks[0].weight, model.blocks[2].weight]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    report = pruneflow.sparsity_report(model)
+    assert report["prunable"]["zeros"] == zeros and report["prunable"]["total"] == total
+    if method == "platon":  # PLATON prunes biases too (its own denominator)
+        assert pruner.sparsity == pytest.approx(0.75, abs=1e-3)
+    else:
+        assert zeros / total == pytest.approx(0.75, abs=1e-3)
+    assert set(report["per_layer"]) == {"blocks.0.weight", "blocks.2.weight"}
+    assert report["overall"]["total"] == sum(p.numel() for p in model.parameters())
+    # the masks stayed frozen for the 5 steps after end(): the zeros are those at the end of pruning
+    assert not any("parametrizations" in k for k in model.state_dict())
+
+
+def test_soft_movement_and_admm_add_their_loss_terms():
+    model, pruner = plain_loop("admm", steps=8, iterations=2)
+    assert pruneflow.sparsity_report(model)["prunable"]["sparsity"] == pytest.approx(0.5)
+    with pytest.raises(UserError, match="sparsity"):
+        pruneflow.methods.create("soft_movement", sparsity=0.5)
+
+
+def test_settings_are_checked_with_the_allowed_keys():
+    with pytest.raises(UserError, match="Did you mean alpha_1"):
+        pruneflow.methods.create("seven", sparsity=0.5, steps=10, alpha1=0.8)
+    with pytest.raises(UserError, match="method.alpha_1"):
+        pruneflow.methods.create("seven", sparsity=0.5, steps=10, alpha_1=2.0)
+    with pytest.raises(UserError, match="Did you mean seven"):
+        pruneflow.methods.create("sevn", sparsity=0.5)
+    with pytest.raises(UserError, match="sparsity"):
+        pruneflow.methods.create("seven", sparsity=1.5)
+
+
+# ----------------------------------------------------------------------------- transformers.Trainer
+def tiny_bert_and_data(n: int = 64):  # noqa: ANN201
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pruneflow.models.text import train_wordpiece_tokenizer
+
+    words = ["good", "bad", "film", "plot", "very", "not", "story", "actor"]
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, 8, (6,), generator=g)) for _ in range(n)]
+    tok = train_wordpiece_tokenizer(texts, vocab_size=60)
+    labels = [int("good" in t) for t in texts]
+    enc = tok(texts, padding="max_length", max_length=12, truncation=True)
+    ds = Dataset.from_dict({**enc, "labels": labels})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    return model, ds
+
+
+@pytest.mark.parametrize("method", ["seven", "movement"])
+def test_transformers_trainer_callback(tmp_path, method):
+    from transformers import Trainer, TrainingArguments
+
+    from pruneflow.integrations import PruningCallback
+
+    model, ds = tiny_bert_and_data()
+    callback = PruningCallback(method, sparsity=0.6, start=4, steps=12)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=1e-3,
+                             logging_steps=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+    trainer.train()
+    report = pruneflow.sparsity_report(trainer.model)  # plain weights after training (masks removed)
+    assert report["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert len(report["per_layer"]) == 12  # q, k, v, attention output, FFN in/out x 2 layers
+    logged = [h["pruning/sparsity"] for h in trainer.state.log_history if "pruning/sparsity" in h]
+    assert logged and logged[-1] == pytest.approx(0.6, abs=1e-3) and logged == sorted(logged)
+    if method == "movement":  # the scores joined the Trainer's optimizer and its LR schedule
+        groups = trainer.optimizer.param_groups
+        assert len(trainer.lr_scheduler.base_lrs) == len(groups) and trainer.lr_scheduler.base_lrs[-1] == pytest.approx(1e-2)
+        assert callback.pruner.method.score_param is groups[-1]["params"][0]
+
+
+def test_callback_refuses_what_it_cannot_run():
+    from pruneflow.integrations import PruningCallback
+
+    with pytest.raises(UserError, match="extra_loss"):
+        PruningCallback("admm")
+    callback = PruningCallback("seven", sparsity=0.5, start=10, steps=20)
+    with pytest.raises(UserError, match="does not fit"):
+        callback.window.plan(25)
+
+
+def test_lightning_callback(tmp_path):
+    L = pytest.importorskip("lightning")
+
+    from pruneflow.integrations.lightning import PruningCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Tiny()
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    module = Module()
+    callback = PruningCallback("seven", sparsity=0.5, start=2, steps=8, include=["net.blocks.*"])
+    trainer = L.Trainer(max_steps=16, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.callbacks.append(callback)
+    trainer.fit(module, data)
+    report = pruneflow.sparsity_report(module, include=["net.blocks.*"])
+    assert report["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_example_script_prunes(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "prune_plain_pytorch.py"), "magnitude", "0.6"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "magnitude: sparsity 0.6000" in out.stdout
