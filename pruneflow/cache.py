@@ -44,13 +44,47 @@ class StageCache:
     def read(self) -> dict[str, Any]:
         return json.loads(self.done_file.read_text())
 
+    def _move_aside(self, error: Exception) -> Path:
+        import time
+
+        bad = self.dir.with_name(f"{self.dir.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.dir.exists():
+            self.dir.rename(bad)
+        log.warning("The cached %s in %s is damaged (%s: %s); moved it to %s and computing it again.",
+                    self.kind, self.dir, type(error).__name__, str(error).splitlines()[0] if str(error) else "", bad)
+        return bad
+
+    def quarantine(self, error: Exception) -> Path:
+        """Move a damaged entry aside (kept for inspection) so that it is computed again."""
+        with self.lock():
+            return self._move_aside(error)
+
+    def reuse(self, compute: Callable[[Path], dict[str, Any]], load: Callable[[Path], None]) -> bool:
+        """``get_or_compute`` then ``load(dir)`` of a reused entry; a damaged entry (one that
+        does not load) is moved aside and computed again. Returns whether it was reused."""
+        _, reused = self.get_or_compute(compute)
+        if not reused:
+            return False
+        try:
+            load(self.dir)
+            return True
+        except Exception as e:  # noqa: BLE001 - truncated or otherwise unreadable files
+            self.quarantine(e)
+        self.get_or_compute(compute)
+        return False
+
     def get_or_compute(self, compute: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """Return (entry, reused). ``compute(dir)`` writes its files into ``dir`` and returns
-        the entry's metadata; it runs under the lock, once per key."""
+        the entry's metadata; it runs under the lock, once per key. An entry whose
+        metadata cannot be read is moved aside and computed again."""
         with self.lock():
             if self.exists():
-                log.info("Reusing cached %s from %s", self.kind, self.dir)
-                return self.read(), True
+                try:
+                    entry = json.loads(self.done_file.read_text())
+                    log.info("Reusing cached %s from %s", self.kind, self.dir)
+                    return entry, True
+                except (OSError, ValueError) as e:
+                    self._move_aside(e)
             self.dir.mkdir(parents=True, exist_ok=True)
             entry = compute(self.dir)
             atomic_write_json(self.dir / "key.json", self.key_material)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
+import signal
 import sys
 import textwrap
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,16 +18,139 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pruneflow.config import register_configs
-from pruneflow.errors import UserError
+from pruneflow.errors import RunStopped, UserError
 
 log = logging.getLogger("pruneflow")
 
 # conf/ sits beside the package in the source tree (editable install).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", "experiment")
+# Flags after which Hydra composes from elsewhere: the pre-check then leaves the errors to Hydra.
+OTHER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _report_error(message: str) -> None:
     print("\n" + textwrap.fill(f"pruneflow: error: {message}", width=100, break_long_words=False, break_on_hyphens=False) + "\n", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- Hydra's errors, explained
+def _options(group: str) -> list[str]:
+    root = Path(CONFIG_DIR) / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f" Closest: {', '.join(close)}." if close else ""
+
+
+def _keys_at(cfg: Any, path: str) -> list[str]:  # noqa: ANN401
+    node = cfg
+    for part in [p for p in path.split(".") if p]:
+        node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            return []
+    return [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+
+
+def explain(error: Exception, overrides: list[str], default: Any) -> str:  # noqa: ANN401
+    """One paragraph for a Hydra composition error: the key, the value, what is allowed."""
+    text = str(error)
+    cause = error.__cause__ or error
+    ctext = str(cause)
+    m = re.search(r"Could not find '/?([^'/]+)/([^']+)'", text)
+    if m:
+        group, option = m.group(1), m.group(2)
+        allowed = _options(group)
+        return f"Invalid value for '{group}': {option!r}. Allowed: {', '.join(allowed)}.{_closest(option, allowed)}"
+    full_key = re.search(r"full_key: (\S+)", ctext) or re.search(r"full_key: (\S+)", text)
+    key = full_key.group(1) if full_key else None
+    unknown = "not in struct" in ctext or re.search(r"Key '[^']+' not in '", ctext) or "Could not append to config" in text
+    if key and unknown:
+        parent, _, leaf = key.rpartition(".")
+        valid = [k for k in _keys_at(default, parent) if k != "_target_"]
+        where = f"'{parent}'" if parent else "the top level"
+        hint = f" Add a new key with +{key}=... where the key takes new entries." if parent.endswith("config_overrides") else ""
+        return (f"Unknown key '{key}' (from the command line or an experiment). Valid keys at {where}: "
+                f"{', '.join(sorted(valid))}.{_closest(leaf, valid)}{hint}")
+    if key and ("could not be converted" in ctext or "Value '" in ctext or "Unsupported value type" in ctext):
+        value = re.search(r"Value '([^']*)'", ctext)
+        kind = re.search(r"converted to (\w+)", ctext)
+        kind_name = kind.group(1) if kind else ("Boolean" if "valid bool" in ctext else "")
+        what = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}.get(kind_name, "a value of the key's type")
+        return f"Invalid value for '{key}': {value.group(1) if value else '?'!r}. Allowed: {what}."
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"The configuration could not be composed: {first} (overrides: {' '.join(overrides)}). Run `pruneflow --cfg job` to see the composed configuration, or `pruneflow --help` for the groups and options."
+
+
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` (or the folder that would hold it) cannot be written, or None."""
+    import os
+    import tempfile
+
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is read-only"
+    try:  # root passes access checks: try for real
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        return f"{p}: {e.strerror or e}"
+    return None
+
+
+def precheck(argv: list[str]) -> str | None:
+    """Compose the configuration of every sweep value before Hydra runs anything, so that
+    a misspelt key, a wrong type or an unknown option is one clear paragraph."""
+    if any(a.split("=")[0] in OTHER_CONFIG_FLAGS for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as e:  # noqa: BLE001 - Hydra's grammar errors
+        return f"Could not read the command line: {str(e).splitlines()[0]}. Overrides are key=value (e.g. sparsity=0.7, method=seven); a sweep gives values separated by commas after -m."
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    out = next((str(o.value()) for o in parsed if o.key_or_group == out_key and not o.is_sweep_override()), "outputs")
+    problem = unwritable(Path(out.split("${")[0] or "."))
+    if problem:
+        return f"Invalid value for '{out_key}': {out} cannot be written ({problem}). Allowed: a folder this user can create and write, e.g. {out_key}=outputs/my_run."
+    for o in parsed:
+        if not o.key_or_group:
+            return f"Could not read the command line: '{o.input_line}' has no key. Overrides are key=value (e.g. sparsity=0.7, method=seven)."
+    plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    base = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in plain]
+    variants = [base]
+    for i, o in enumerate(plain):
+        if o.is_sweep_override():
+            for v in list(o.sweep_string_iterator())[1:]:
+                variants.append([*base[:i], f"{o.get_key_element()}={v}", *base[i + 1 :]])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            for overrides in variants:
+                try:
+                    compose(config_name="config", overrides=overrides)
+                except Exception as e:  # noqa: BLE001 - every composition error is the user's
+                    # the valid keys under the groups this command line chose
+                    choices = [o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS]
+                    try:
+                        default = compose(config_name="config", overrides=choices)
+                    except Exception:  # noqa: BLE001 - a bad group choice itself
+                        default = compose(config_name="config")
+                    return explain(e, overrides, default)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -35,11 +162,18 @@ def _app(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         result = run(cfg, run_dir, list(hc.overrides.task))
+    except RunStopped as e:
+        log.warning("%s", e)
+        _report_error(str(e))
+        sys.exit(EXIT_CODES.get(e.signum, 1))
     except UserError as e:
+        log.error("%s", e)  # pruneflow.log keeps it too
         _report_error(str(e))
         if multirun:  # one failing job does not stop the other jobs of a sweep
-            (run_dir / "error.txt").write_text(str(e) + "\n")
+            _write_error(run_dir, str(e) + "\n")
             return None
+        if getattr(e, "before_work", False):  # a setting was wrong: leave no half-written run folder
+            _remove_if_only_hydra(run_dir)
         sys.exit(2)
     except Exception:
         from pruneflow import distributed
@@ -48,15 +182,56 @@ def _app(cfg: DictConfig) -> float | None:
         if not multirun or distributed.is_distributed():
             raise
         log.error("Job failed:\n%s", traceback.format_exc())
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        _write_error(run_dir, traceback.format_exc())
         return None
     final = result["metrics"]["final"]
     return final.get(result["main_metric"])
 
 
+def _remove_if_only_hydra(run_dir: Path) -> None:
+    """A run stopped by a wrong setting before any work: its folder holds only what Hydra
+    wrote when it started (.hydra/, the log); remove it."""
+    import shutil
+
+    logging.shutdown()  # close pruneflow.log before removing it
+    keep = {".hydra", "pruneflow.log", ".pruneflow.lock"}
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= keep:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def _write_error(run_dir: Path, text: str) -> None:
+    try:
+        (run_dir / "error.txt").write_text(text)
+    except OSError as e:  # an unwritable job directory must not hide the job's own error
+        log.error("Could not write %s: %s", run_dir / "error.txt", e)
+
+
 def main() -> None:
     register_configs()
+    message = precheck(sys.argv[1:])
+    if message:
+        _report_error(message)
+        sys.exit(2)
+    from pruneflow.stop import STOP
+
+    STOP.install()
     _app()
+    failed = sweep_failures()
+    if failed:
+        print(f"\npruneflow: {len(failed)} job(s) of the sweep failed (their error.txt):", file=sys.stderr)
+        for path, reason in failed:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        sys.exit(1)
+
+
+def sweep_failures() -> list[tuple[str, str]]:
+    """After a sweep: the jobs that failed in this launch (recorded by the sweep callback)."""
+    from pruneflow.config import SWEEP_FAILURES
+
+    return list(SWEEP_FAILURES)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class PruneflowConfig:
     sparsity: float | None = None
     seed: int = 0
     overwrite: bool = False
+    allow_config_change: bool = False  # resume a run directory whose settings changed
     save_model: bool = True
     cache: bool = True
     cache_dir: str = "outputs/.cache"
@@ -142,8 +143,41 @@ class PruneflowConfig:
 
 
 def _dirname(overrides: str) -> str:
-    """A sweep job's folder name from its overrides, safe as one path component."""
-    return (overrides or "default").replace("/", "_")[:200]
+    """A sweep job's folder name from its overrides, safe as one path component. Long
+    names are cut and end with a hash of the whole override string, so two jobs that
+    differ only past the cut still get different folders."""
+    import hashlib
+
+    name = (overrides or "default").replace("/", "_")
+    if len(name) <= 200:
+        return name
+    return name[:183] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+# Failed jobs of the sweep that just ran (filled by SweepCheck in the launching process).
+SWEEP_FAILURES: list[tuple[str, str]] = []
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object  # type: ignore[misc,assignment]
+
+
+class SweepCheck(_HydraCallback):
+    """Hydra callback: after a sweep, collect the jobs that failed (their error.txt) so
+    that ``pruneflow -m`` exits non-zero and lists them."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
+        from pathlib import Path
+
+        root = Path(str(config.hydra.sweep.dir))
+        SWEEP_FAILURES.clear()
+        for err in sorted(root.rglob("error.txt")):
+            if ".cache" in err.parts:
+                continue
+            lines = [line.strip() for line in err.read_text(errors="replace").splitlines() if line.strip()]
+            SWEEP_FAILURES.append((str(err.parent), lines[-1] if lines else "(empty error.txt)"))
 
 
 def register_configs() -> None:

@@ -13,6 +13,14 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run's state was saved."""
 
 
+class RunStopped(UserError):
+    """SIGTERM or SIGINT: a checkpoint was saved and the run stopped; the same command resumes it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def invalid(key: str, value: object, allowed: str | Iterable[object], why: str = "") -> UserError:
     """Build the standard message: which key, what was given, what is allowed."""
     if not isinstance(allowed, str):

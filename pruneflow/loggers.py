@@ -27,11 +27,15 @@ class WandbLogger(NullLogger):
     """One W&B run per job, grouped per sweep; offline runs can be uploaded with ``wandb sync``."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, mode: str | None = None) -> None:
+        lc = cfg.logger
+        mode = mode or str(lc.get("mode", "offline"))
+        if mode != "online":
+            # Offline means no network at all: W&B's error reporting (Sentry) would look up
+            # its server's address; the cloud-metadata probes (machine info) are off too.
+            os.environ["WANDB_ERROR_REPORTING"] = "false"
         import wandb
 
         self.wandb = wandb
-        lc = cfg.logger
-        mode = mode or str(lc.get("mode", "offline"))
         self.mode = mode
         group = lc.get("group") or _sweep_group()
         name = lc.get("run_name") or f"{cfg.method.name}-{cfg.model.name}-{cfg.task.name}-s{cfg.get('sparsity')}-seed{cfg.seed}"
@@ -45,7 +49,8 @@ class WandbLogger(NullLogger):
             dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
-            settings=wandb.Settings(silent=True, init_timeout=float(lc.get("init_timeout", 60))),
+            settings=wandb.Settings(silent=True, init_timeout=float(lc.get("init_timeout", 60)),
+                                    **({"x_disable_machine_info": True} if mode != "online" else {})),
         )
 
     def log(self, metrics: dict[str, Any]) -> None:

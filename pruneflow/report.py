@@ -26,7 +26,7 @@ from pruneflow.results import load_results
 
 # Overrides that do not change what a run computes (or are the row's own columns).
 NOT_A_SETTING = {
-    "method", "model", "task", "sparsity", "seed", "experiment", "overwrite", "logger", "save_model",
+    "method", "model", "task", "sparsity", "seed", "experiment", "overwrite", "allow_config_change", "logger", "save_model",
     "cache", "cache_dir", "task.path", "model.path", "trainer.device", "trainer.torch_threads",
     "trainer.checkpoint_every", "trainer.log_every", "stages.eval_batch_size",
 }

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,15 @@ from safetensors.torch import save_model as st_save_model
 
 from pruneflow import distill, distributed
 from pruneflow.cache import StageCache
-from pruneflow.errors import UserError, check_bool, invalid
+from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
 from pruneflow.methods import PruneContext, get_method_class
 from pruneflow.models import ModelBundle, build_model
 from pruneflow.results import build_result, write_predictions
 from pruneflow.schedules import Schedule
+from pruneflow.stop import STOP
+from pruneflow.stop import name as stop_name
 from pruneflow.tasks import build_task
 from pruneflow.trainer import Optim, StageSpec, Trainer, steps_per_epoch
 from pruneflow.utils import (
@@ -39,8 +43,9 @@ from pruneflow.utils import (
     rng_state,
     seed_everything,
     set_rng_state,
+    writing,
 )
-from pruneflow.validation import check_unused, validate_trainer
+from pruneflow.validation import check_unused, validate_run, validate_trainer
 
 log = logging.getLogger("pruneflow")
 
@@ -104,6 +109,7 @@ class Run:
         validate_sparsity(cfg.get("sparsity"))
         self.device = resolve_device(str(cfg.trainer.device))
         validate_trainer(cfg, cuda=self.device.type == "cuda")
+        validate_run(cfg)
         threads = cfg.trainer.get("torch_threads")
         if threads:
             torch.set_num_threads(int(threads))
@@ -146,6 +152,12 @@ class Run:
         n_train = len(self.task.train_set)
         accum = int(cfg.trainer.get("gradient_accumulation_steps", 1))
         continuous = bool(cfg.trainer.get("continuous", False))
+        for name in STAGES:
+            bs = cfg.stages[name].batch_size
+            if isinstance(bs, int) and bs * accum > n_train and stage_steps(cfg, name, n_train, accum)[0] > 0:
+                raise invalid(f"stages.{name}.batch_size", bs, f"at most {n_train // accum} here",
+                              f"The training set has {n_train} examples" + (f" and trainer.gradient_accumulation_steps={accum}" if accum > 1 else "")
+                              + ": a batch larger than it cannot be drawn.")
         specs = {}
         for i, name in enumerate(STAGES):
             steps, bs = stage_steps(cfg, name, n_train, accum)
@@ -216,16 +228,31 @@ class Run:
     # -- checkpoints ----------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
         if self.progress_path.exists():
-            return json.loads(self.progress_path.read_text())
+            try:
+                return json.loads(self.progress_path.read_text())
+            except (OSError, ValueError) as e:
+                raise self._damaged(self.progress_path, e) from e
         return {"done": {}}
+
+    def _damaged(self, path: Path, error: Exception) -> UserError:
+        return UserError(
+            f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'damaged'}): the file is "
+            "damaged, e.g. the run was killed while writing it on a full disk. Start this run over with overwrite=true "
+            f"(or delete {path.parent}); the finetune cache is kept, so a cached dense stage is not redone."
+        )
 
     def save_progress(self, progress: dict[str, Any]) -> None:
         if distributed.is_main():
-            atomic_write_json(self.progress_path, progress)
+            with writing(self.progress_path):
+                atomic_write_json(self.progress_path, progress)
 
     def save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None = None) -> None:
         if not distributed.is_main():
             return
+        with writing(self.ckpt_path):
+            self._save_checkpoint(stage, step, complete, trainer_state)
+
+    def _save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None) -> None:
         atomic_torch_save(
             {
                 "stage": stage,
@@ -242,7 +269,10 @@ class Run:
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.ckpt_path.exists():
             return None
-        return torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        try:  # weights_only: a checkpoint cannot run code when loaded
+            return torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, ...
+            raise self._damaged(self.ckpt_path, e) from e
 
     # -- stage transitions -----------------------------------------------------------------------
     def prune_context(self) -> PruneContext:
@@ -378,6 +408,10 @@ class Run:
             self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state())
             progress["done"][name] = {"metrics": metrics[name], "time_s": times[name]}
             self.save_progress(progress)
+            signum = STOP.requested()
+            if signum is not None and index + 1 < len(STAGES):
+                raise RunStopped(f"Stopped by {stop_name(signum)} after the {name} stage; its checkpoint is saved. "
+                                 "Run the same command again to resume.", signum)
 
         if predictions is None:  # every stage was already done (resumed after the last one)
             _, predictions = self.evaluate("final")
@@ -408,6 +442,13 @@ class Run:
 
     def checkpoint_fn(self, stage: str):  # noqa: ANN201
         def save(step: int, trainer_state: dict[str, Any]) -> None:
+            if trainer_state.get("diverged"):  # keep last.pt (the state to resume from) untouched
+                path, self.ckpt_path = self.ckpt_path, self.ckpt_dir / "diverged.pt"
+                try:
+                    self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state)
+                finally:
+                    self.ckpt_path = path
+                return
             self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state)
 
         return save
@@ -441,11 +482,22 @@ class Run:
                     cache.get_or_compute(store)
                 distributed.barrier()
         else:
-            _, reused = cache.get_or_compute(compute)
+            cache.reuse(compute, self.load_finetuned)
+            return
         if reused:
-            st_load_model(self.bundle.model, str(cache.dir / "model.safetensors"), device=str(self.device))
-            if self.optim is not None:
-                self.optim.load_state_dict(torch.load(cache.dir / "optimizer.pt", map_location=self.device, weights_only=True))
+            self.load_finetuned(cache.dir)
+
+    def load_finetuned(self, cache_dir: Path) -> None:
+        """The cached finetune stage: weights (and, continuous, the optimizer to continue).
+        Both files are read before anything is changed, so a damaged entry leaves the
+        model untouched for the recomputation."""
+        from safetensors.torch import load_file
+
+        load_file(str(cache_dir / "model.safetensors"))  # parses the whole file (a truncated one fails here)
+        optim = torch.load(cache_dir / "optimizer.pt", map_location=self.device, weights_only=True) if self.optim is not None else None
+        st_load_model(self.bundle.model, str(cache_dir / "model.safetensors"), device=str(self.device))
+        if optim is not None:
+            self.optim.load_state_dict(optim)
 
     def finish(self, metrics: dict[str, dict[str, float]], times: dict[str, float], predictions: dict[str, list[dict[str, Any]]], t_start: float) -> dict[str, Any]:
         from pruneflow.export import save_model
@@ -460,20 +512,37 @@ class Run:
         main = distributed.is_main()  # torchrun: only rank 0 measures and writes
         speed = measure_speed(self.cfg, self.bundle, self.task, self.device) if self.cfg.speed.enabled and main else None
         export = self.method.export_info(self.bundle, self.device) if hasattr(self.method, "export_info") else None
-        if self.cfg.get("save_model", True) and main:
-            save_model(self.bundle, self.run_dir / "model", self.method)
+        # Every output that can be written is written: one that fails is recorded in
+        # result.json ("output_errors") instead of losing the run.
+        failed: dict[str, str] = {}
+
+        def attempt(what: str, fn) -> None:  # noqa: ANN001
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - a disk or permission problem with one output
+                failed[what] = f"{type(e).__name__}: {e}"
+                log.error("Could not write %s: %s", what, failed[what])
+
+        save = self.cfg.get("save_model", True) and main
+        if save:
+            attempt("model/", lambda: save_model(self.bundle, self.run_dir / "model", self.method))
         if main:
-            write_predictions(self.run_dir, self.task, predictions)
+            attempt("predictions", lambda: write_predictions(self.run_dir, self.task, predictions))
         times["total"] = max(time.perf_counter() - t_start, sum(times.values()))
         result = build_result(self, final_model, metrics, times, speed, export)
         if distributed.is_distributed():
             result["provenance"]["distributed"] = {**distributed.info(), "fingerprints": self.rank_checks}
-        if self.cfg.get("save_model", True) and main:
+        if save and "model/" not in failed:
             from pruneflow.card import model_card
 
-            atomic_write_text(self.run_dir / "model" / "README.md", model_card(result))
+            attempt("model/README.md", lambda: atomic_write_text(self.run_dir / "model" / "README.md", model_card(result)))
+        if failed:
+            result["output_errors"] = failed
         if main:
-            atomic_write_json(self.run_dir / "result.json", result)
+            with writing(self.run_dir / "result.json"):
+                atomic_write_json(self.run_dir / "result.json", result)
+            if failed:
+                log.error("The run finished and result.json is written, but %s could not be written (see output_errors).", ", ".join(failed))
         self.logger.summary(result)
         self.logger.finish()
         return result
@@ -490,22 +559,104 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+# Settings that do not change what a run computes: a resumed run may change them.
+RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.checkpoint_every", "trainer.log_every", "logger", "speed",
+               "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size")
+
+
+def _comparable(cfg: DictConfig) -> dict[str, Any]:
+    from pruneflow.validation import _flatten
+
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE) and not k.startswith("hydra")}
+
+
+def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Resuming a run directory with different settings would mix two runs: an error
+    naming the differences, unless ``allow_config_change=true``."""
+    saved_path = run_dir / "checkpoints" / "config.json"
+    now = _comparable(cfg)
+    if not saved_path.exists():
+        if (run_dir / "checkpoints").exists() and distributed.is_main():
+            atomic_write_json(saved_path, now)
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{saved_path} cannot be read ({e}); start the run over with overwrite=true.") from e
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    if not diff:
+        return
+    listed = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    if cfg.get("allow_config_change", False):
+        log.warning("Resuming %s with changed settings (allow_config_change=true): %s", run_dir, listed)
+        atomic_write_json(saved_path, now)
+        return
+    raise UserError(
+        f"{run_dir} holds an unfinished run with other settings ({listed}). Resuming it would mix two configurations. "
+        "Run the same settings to resume it, add allow_config_change=true to resume it with these changes (e.g. a lower "
+        "learning rate after a divergence), overwrite=true to start it over, or choose another hydra.run.dir."
+    )
+
+
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if distributed.env_world_size() > 1:  # torchrun: join the group, share rank 0's run dir
         distributed.setup(resolve_device(str(cfg.trainer.device)))
         run_dir = distributed.shared_run_dir(run_dir)
-    result_path = run_dir / "result.json"
-    if result_path.exists() and not cfg.get("overwrite", False):
-        log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
-        return json.loads(result_path.read_text())
-    if cfg.get("overwrite", False):
-        import shutil
-
+    with run_lock(run_dir):
+        result_path = run_dir / "result.json"
+        if result_path.exists() and not cfg.get("overwrite", False):
+            try:
+                done = json.loads(result_path.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"{result_path} exists but cannot be read ({e}): run again with overwrite=true to redo this run.") from e
+            log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
+            return done
         if distributed.is_main():
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            result_path.unlink(missing_ok=True)
-        distributed.barrier()
-    r = Run(cfg, run_dir, overrides)
-    r.prepare()
-    return r.execute()
+            (run_dir / "error.txt").unlink(missing_ok=True)  # a failed job run again
+        if cfg.get("overwrite", False):
+            import shutil
+
+            if distributed.is_main():
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                result_path.unlink(missing_ok=True)
+            distributed.barrier()
+        fresh = not (run_dir / "checkpoints").exists()
+        try:
+            check_resume_config(cfg, run_dir)
+            r = Run(cfg, run_dir, overrides)
+            r.prepare()
+        except UserError as e:
+            e.before_work = fresh  # the CLI removes a new run folder that holds nothing yet
+            raise
+        if distributed.is_main():
+            with writing(run_dir / "checkpoints"):
+                (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                if not (run_dir / "checkpoints" / "config.json").exists():
+                    atomic_write_json(run_dir / "checkpoints" / "config.json", _comparable(cfg))
+        return r.execute()
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One process per run directory: a second one started on it stops with an error."""
+    if not distributed.is_main():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".pruneflow.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        raise UserError(
+            f"{run_dir} is in use by another pruneflow process (its lock: {run_dir / '.pruneflow.lock'}). Wait for it to "
+            "finish, or give this run another hydra.run.dir."
+        ) from e
+    try:
+        yield
+    finally:
+        lock.release()

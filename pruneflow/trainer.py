@@ -36,9 +36,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pruneflow import distributed
-from pruneflow.errors import TrainingDiverged, invalid
+from pruneflow.errors import RunStopped, TrainingDiverged, invalid
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
+from pruneflow.stop import STOP
+from pruneflow.stop import name as stop_name
 from pruneflow.tasks.base import Task
 from pruneflow.utils import progress
 
@@ -133,6 +135,14 @@ def _fault_injection(stage: str, step: int) -> None:
     target = os.environ.get("PRUNEFLOW_TEST_KILL_AT")
     if target and target == f"{stage}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_signal(stage: str, step: int) -> None:
+    """Tests set PRUNEFLOW_TEST_SIGNAL_AT=<stage>:<step>:<TERM|INT> to send the run that
+    signal after that step (a deterministic SIGTERM/SIGINT)."""
+    target = os.environ.get("PRUNEFLOW_TEST_SIGNAL_AT")
+    if target and target.rsplit(":", 1)[0] == f"{stage}:{step}":
+        os.kill(os.getpid(), getattr(signal, "SIG" + target.rsplit(":", 1)[1]))
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1) -> int:
@@ -282,8 +292,8 @@ class Trainer:
             distributed.average_gradients(model.parameters())
             loss_value = distributed.mean_scalar(loss_value, self.device)
             if not math.isfinite(loss_value):
-                if checkpoint is not None:
-                    checkpoint(step, self.state(optim, step))
+                if checkpoint is not None:  # for inspection; the last good checkpoint stays the one to resume from
+                    checkpoint(step, {**self.state(optim, step), "diverged": True})
                 raise TrainingDiverged(self._diverged_message(loss_value, step, stage, lr, max_norm))
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
@@ -314,6 +324,17 @@ class Trainer:
             if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
                 checkpoint(step + 1, self.state(optim, step + 1))
                 _fault_injection(stage.name, step + 1)
+            _fault_signal(stage.name, step + 1)
+            signum = STOP.requested()
+            if signum is not None:
+                bar.close()
+                if checkpoint is not None:
+                    checkpoint(step + 1, self.state(optim, step + 1))
+                raise RunStopped(
+                    f"Stopped by {stop_name(signum)} after step {step + 1} of {stage.steps} of the {stage.name} stage; "
+                    "a checkpoint was saved. Run the same command again to resume from it.",
+                    signum,
+                )
         bar.close()
         return {"time_s": time.perf_counter() - t0}
 
@@ -327,8 +348,10 @@ class Trainer:
             hints.append("use trainer.precision=32")
         return (
             f"The training loss became {loss_value} at step {step} of the {stage.name} stage (learning rate "
-            f"{lr:.3g} at that step). The run's state just before that step is saved in checkpoints/; a resumed run "
-            f"uses the learning rate of the command line. To go on: " + ", or ".join(hints) + "."
+            f"{lr:.3g} at that step). The diverged state is saved as checkpoints/diverged.pt; checkpoints/last.pt, "
+            f"the last checkpoint before it, is kept. To go on: " + ", or ".join(hints)
+            + ", and run the command again with allow_config_change=true: it resumes from the last checkpoint with "
+            "the new settings (the learning rate of the command line, not the saved one)."
         )
 
     def state(self, optim: Optim, step: int) -> dict[str, Any]:

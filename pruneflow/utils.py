@@ -7,6 +7,8 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +109,18 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise invalid("trainer.device", name, "auto, cpu, cuda", "No CUDA device is available here.")
     return torch.device(name)
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write (read-only folder, full disk) into one clear error naming the file."""
+    from pruneflow.errors import UserError
+
+    try:
+        yield
+    except OSError as e:
+        raise UserError(
+            f"Cannot write {path}: {e.strerror or e}. Free some disk space or make the folder writable, or choose "
+            "another output folder (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep); the same command then resumes "
+            "from the last checkpoint."
+        ) from e

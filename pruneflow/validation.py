@@ -136,3 +136,34 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]]) -> None:
                 raise UserError(
                     f"'{key}={value}' would be ignored: {why}. Remove it (or set it to null); no setting is silently ignored."
                 )
+
+
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+def validate_run(cfg: DictConfig) -> None:
+    """Top-level, logger, task and model settings that need no data to check."""
+    logger = cfg.get("logger") or {}
+    if logger.get("name") == "wandb" and str(logger.get("mode")) not in LOGGER_MODES:
+        raise invalid("logger.mode", logger.get("mode"), LOGGER_MODES, "logger=none turns W&B off.")
+    ebs = cfg.stages.get("eval_batch_size")
+    if not isinstance(ebs, int) or isinstance(ebs, bool) or ebs < 1:
+        raise invalid("stages.eval_batch_size", ebs, "an integer >= 1")
+    task = cfg.task
+    for key in ("max_train_samples", "max_eval_samples"):
+        v = task.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise invalid(f"task.{key}", v, "an integer >= 1 (the first N examples), or null for all of them")
+    if task.get("path") is not None and str(task.name) == "digits":
+        raise invalid("task.path", task.path, "null for task=digits", "digits is scikit-learn's bundled set: it reads no files.")
+    model = cfg.model
+    if model.get("family") == "hf" and model.get("path") and not model.get("pretrained", True):
+        raise UserError(
+            f"model.path={model.path} would be ignored: model={model.name} has model.pretrained=false, so it is built from "
+            "its config with random weights. Set model.pretrained=true to load the path, or remove model.path."
+        )
+    method = cfg.method
+    preset = method.get("preset")
+    if preset not in (None, "auto") and not str(task.name).startswith("glue/"):
+        raise invalid("method.preset", preset, "auto or null for a task outside GLUE",
+                      f"The presets are the authors' GLUE settings; task={task.name} is not a GLUE task.")

@@ -95,5 +95,5 @@ def test_nan_loss_stops_with_a_clear_error_and_saved_state(config, tmp_path):
 
     with pytest.raises(TrainingDiverged, match="stages.finetune.lr"):
         run(config("stages.finetune.lr=1e30", "trainer.max_grad_norm=0", "cache=false"), tmp_path / "nan")
-    assert (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / "nan" / "checkpoints" / "diverged.pt").exists()  # last.pt, if any, stays the state to resume from
     assert not (tmp_path / "nan" / "result.json").exists()

@@ -249,7 +249,7 @@ class SPP(PruningMethod):
             "steps": ctx.total_steps,
             "batch_size": getattr(spec, "batch_size", None),
             "seed": getattr(spec, "seed", None),
-            "version": 1,
+            "version": 2,  # 2: support counts stored
         }
 
         def compute_from(found: tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]], cache_dir: Path | None) -> dict[str, Any]:
@@ -277,18 +277,23 @@ class SPP(PruningMethod):
                     if distributed.is_main():
                         cache.get_or_compute(lambda d: compute_from(found, d))
                     distributed.barrier()
-            else:
-                _, self.search_reused = cache.get_or_compute(compute)
-            if self.search_reused:
-                flat = load_file(str(cache.dir / "search.safetensors"))
-                self.search = {}
-                for name, t in flat.items():
-                    k, field = name.rsplit("/", 1)
-                    self.search.setdefault(k, {})[field] = t
-                self.path = json.loads((cache.dir / "path.json").read_text())  # StageCache logged the reuse
+            else:  # a damaged entry is moved aside and searched again
+                self.search_reused = cache.reuse(compute, self.load_search)
+            if self.search_reused and distributed.is_distributed():
+                self.load_search(cache.dir)
         if ctx.run_dir is not None and distributed.is_main():
             atomic_write_json(Path(ctx.run_dir) / "spp_path.json", {"reused": self.search_reused, "cache": self.search_dir, "path": self.path})
         return True
+
+    def load_search(self, cache_dir: Path) -> None:
+        """A cached search (StageCache logged the reuse)."""
+        flat = load_file(str(cache_dir / "search.safetensors"))
+        path = json.loads((cache_dir / "path.json").read_text())
+        search: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in flat.items():
+            k, field = name.rsplit("/", 1)
+            search.setdefault(k, {})[field] = t
+        self.search, self.path = search, path
 
     def run_search(self, ctx: PruneContext) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
         model = ctx.model

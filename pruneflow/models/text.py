@@ -128,10 +128,13 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
                 f"of another size than the task needs ({head_kwargs or 'question answering'}). Use a checkpoint without "
                 "a task head (a base model) or one fine-tuned for this task."
             ) from e
-        except OSError as e:
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - missing, unreachable or damaged files
             raise UserError(
-                f"Could not load model={cfg.name} from '{source}': {e}. Offline, use model.path=<a local "
-                "directory written by save_pretrained> or the offline model=bert_tiny."
+                f"Could not load model={cfg.name} from '{source}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                "Offline, use model.path=<a local directory written by save_pretrained>, model=minilm, or the offline "
+                "model=bert_tiny; a damaged model.safetensors must be written again."
             ) from e
     else:
         arch = OmegaConf.to_container(cfg.config, resolve=True) if cfg.get("config") else None

@@ -49,13 +49,16 @@ def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
         weights = path / "model.safetensors" if path.is_dir() else path
         if not weights.exists():
             raise UserError(f"Invalid value for 'model.path': {cfg.path}. Allowed: an existing directory holding model.safetensors (timm weights) or a weights file.")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights), **_head_size(cfg.hub_id, weights)}
+        try:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights), **_head_size(cfg.hub_id, weights)}
+        except Exception as e:  # noqa: BLE001 - a damaged safetensors file
+            raise UserError(f"model.path={cfg.path}: {weights} cannot be read ({type(e).__name__}: {e}); it is not a valid safetensors file.") from e
         pretrained = True
     try:
         model = timm.create_model(cfg.hub_id, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:  # e.g. no network for pretrained weights
+    except Exception as e:  # noqa: BLE001 - e.g. no network for pretrained weights, damaged weights
         raise UserError(
-            f"Could not create timm model '{cfg.hub_id}' (model={cfg.name}, pretrained={pretrained}): {e}. "
+            f"Could not create timm model '{cfg.hub_id}' (model={cfg.name}, pretrained={pretrained}): {type(e).__name__}: {e}. "
             "Offline, set model.pretrained=false or point model.path at local weights."
         ) from e
     arch_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}

@@ -6,8 +6,9 @@ Sources, in order:
   (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``): ``data_batch_1`` ..
   ``data_batch_5``, ``test_batch``, ``batches.meta`` for CIFAR-10; ``train``,
   ``test``, ``meta`` for CIFAR-100 (the folder itself or its parent holding
-  ``cifar-10-batches-py`` / ``cifar-100-python``). These are Python pickles: only
-  point ``task.path`` at files you trust.
+  ``cifar-10-batches-py`` / ``cifar-100-python``). These are Python pickles; they are
+  read with a restricted unpickler that admits only what the CIFAR format holds
+  (dicts, lists, bytes, numbers, numpy arrays), so a crafted file cannot run code.
 - ``task.source=hub`` (default without a path): ``uoft-cs/cifar10`` / ``uoft-cs/cifar100``.
 - ``task.source=torchvision``: ``torchvision.datasets.CIFAR10/100`` downloads the
   same python version into ``task.download_dir``.
@@ -38,6 +39,40 @@ HUB = {10: ("uoft-cs/cifar10", "label"), 100: ("uoft-cs/cifar100", "fine_label")
 SOURCES = ("hub", "torchvision")
 
 
+# What a CIFAR batch file pickles besides built-in containers: numpy arrays (and, in a
+# protocol-2 pickle written by Python 3, bytes rebuilt by _codecs.encode).
+_ALLOWED = {
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Loads the CIFAR python format and nothing else: any other global (a function a
+    crafted pickle would call) is refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: ANN401
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def load_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"task.path: {path} is not a plain CIFAR batch file: it refers to {e}, which the CIFAR format never "
+            "contains (a crafted pickle could run code when loaded). It was refused; use the files of the official "
+            "cifar-10-python / cifar-100-python archives."
+        ) from e
+    except (OSError, EOFError, ValueError) as e:
+        raise UserError(f"task.path: {path} cannot be read as a CIFAR batch file ({type(e).__name__}: {e}).") from e
+
+
 def read_batches(folder: Path, num_classes: int) -> dict[str, tuple[np.ndarray, list[int]]]:
     """{"train": (images NxHxWx3 uint8, labels), "test": ...} from the python pickle files."""
     layout = LAYOUT[num_classes]
@@ -45,8 +80,7 @@ def read_batches(folder: Path, num_classes: int) -> dict[str, tuple[np.ndarray, 
     for split in ("train", "test"):
         arrays, labels = [], []
         for name in layout[split]:
-            with open(folder / name, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # the distributed format is a pickle
+            batch = load_batch(folder / name)  # the distributed format is a pickle: restricted loader
             arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels += [int(v) for v in batch[layout["labels"]]]
         out[split] = (np.ascontiguousarray(np.concatenate(arrays)), labels)

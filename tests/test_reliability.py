@@ -1,0 +1,262 @@
+"""Reliability: bad inputs rejected before any work with the key and what is allowed,
+no run silently lost or mixed up, signals and damaged files handled, untrusted files safe."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, ROOT, read_result, run_cli
+
+pytestmark = pytest.mark.slow
+
+HARNESS = Path(__file__).with_name("bad_input_harness.py")
+
+# (command line, the key the message must name, a fragment of what is allowed)
+BAD_INPUTS: list[tuple[list[str], str, str]] = [
+    # Hydra's own errors, explained: unknown keys (closest first), types, group options
+    (["metod=seven"], "metod", "Closest: method"),
+    (["trainer.lerning_rate=3"], "trainer.lerning_rate", "Valid keys at 'trainer'"),
+    (["trainer.weight_decy=0.1"], "trainer.weight_decy", "Closest: weight_decay"),
+    (["stages.prune.lr=abc"], "stages.prune.lr", "a number"),
+    (["stages.finetune.epochs=true"], "stages.finetune.epochs", "a number"),
+    (["stages.prune.steps=1.5"], "stages.prune.steps", "an integer"),
+    (["seed=abc"], "seed", "an integer"),
+    (["overwrite=maybe"], "overwrite", "true or false"),
+    (["trainer.gradient_accumulation_steps=x"], "trainer.gradient_accumulation_steps", "an integer"),
+    (["speed.batch=x"], "speed.batch", "an integer"),
+    (["sparsity=[0.5]"], "sparsity", "a number"),
+    (["trainer.max_grad_norm=[1,2]"], "trainer.max_grad_norm", "a number"),
+    (["method=sevn"], "method", "Closest: seven"),
+    (["model=bert"], "model", "bert_base"),
+    (["task=glue/sst3"], "task", "glue/sst2"),
+    (["schedule=cubicc"], "schedule", "cubic"),
+    (["logger=wandbb"], "logger", "wandb"),
+    (["trainer=fast"], "trainer", "default"),
+    (["stages=short"], "stages", "default"),
+    (["experiment=seven/glue"], "experiment", "seven/glue_bert_base"),
+    (["method=seven", "method.alpha_3=1"], "method.alpha_3", "alpha_1"),
+    (["task.max_seq_lenght=64", "task=glue/sst2"], "task.max_seq_lenght", "max_seq_length"),
+    (["model.hub=x"], "model.hub", "Valid keys at 'model'"),
+    (["schedule.warmup=3"], "schedule.warmup", "initial_warmup"),
+    (["distill.temp=2"], "distill.temp", "temperature"),
+    (["logger.modee=offline"], "logger.modee", "mode"),
+    (["-m", "method=seven,sevn"], "method", "Closest: seven"),
+    (["-m", "sparsity=0.5,abc"], "sparsity", "a number"),
+    (["=7"], "command line", "key=value"),
+    (["hydra.run.dir=/proc/pruneflow_test"], "hydra.run.dir", "cannot be written"),
+    # values checked before any data is read
+    (["sparsity=1.5"], "sparsity", "[0, 1)"),
+    (["sparsity=-0.1"], "sparsity", "[0, 1)"),
+    (["method=admm", "sparsity=0.7"], "sparsity", "method.pattern"),
+    (["method=dense", "sparsity=0.5"], "sparsity", "does not prune"),
+    (["method=admm", "method.pattern=4:2"], "method.pattern", "0 < N < M"),
+    (["method=admm", "method.pattern=abc"], "method.pattern", "2:4"),
+    (["trainer.lr_scheduler=nope"], "trainer.lr_scheduler", "linear, cosine"),
+    (["trainer.optimizer=lion"], "trainer.optimizer", "adamw"),
+    (["trainer.precision=fp8"], "trainer.precision", "32, bf16, fp16"),
+    (["trainer.precision=fp16"], "trainer.precision", "32 or bf16"),
+    (["trainer.device=gpu"], "trainer.device", "auto, cpu, cuda"),
+    (["trainer.device=cuda"], "trainer.device", "No CUDA device"),
+    (["trainer.gradient_accumulation_steps=0"], "trainer.gradient_accumulation_steps", ">= 1"),
+    (["trainer.torch_threads=-1"], "trainer.torch_threads", ">= 1"),
+    (["trainer.warmup_ratio=-1"], "trainer.warmup_ratio", "[0, 1)"),
+    (["trainer.warmup_ratio=0.1", "trainer.warmup_steps=5"], "trainer.warmup_steps", "Set only one"),
+    (["trainer.weight_decay=-1"], "trainer.weight_decay", ">= 0"),
+    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm", ">= 0"),
+    (["trainer.momentum=0.9"], "trainer.momentum", "trainer.optimizer=sgd"),
+    (["trainer.lr_scheduler=constant", "trainer.warmup_steps=10"], "trainer.lr_scheduler", "constant_with_warmup"),
+    (["trainer.adam_beta1=1.5"], "trainer.adam_beta1", "[0, 1)"),
+    (["stages.eval_batch_size=0"], "stages.eval_batch_size", ">= 1"),
+    (["stages.prune.batch_size=100000"], "stages.prune.batch_size", "at most"),
+    (["stages.prune.epochs=2", "stages.prune.steps=5"], "stages.prune.epochs", "Set only one"),
+    (["stages.prune.lr=0"], "stages.prune.lr", "a positive number"),
+    (["stages.finetune.epochs=-1"], "stages.finetune.epochs", ">= 0"),
+    (["task.max_train_samples=0"], "task.max_train_samples", ">= 1"),
+    (["task.max_train_samples=-5"], "task.max_train_samples", ">= 1"),
+    (["task.max_eval_samples=0"], "task.max_eval_samples", ">= 1"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode", "offline, online, disabled"),
+    (["task.path=/tmp"], "task.path", "null for task=digits"),
+    (["task=glue/sst2", "task.path=/nonexistent/glue"], "task.path", "does not exist"),
+    (["method=seven", "method.preset=sst2"], "method.preset", "auto or null"),
+    (["method=seven", "method.alpha_1=1.5"], "method.alpha_1", "[0, 1)"),
+    (["method=seven", "method.signed=maybe"], "method.signed", "true, false"),
+    (["method=seven", "method.scope=layer"], "method.scope", "global, local"),
+    (["method=seven", "method.granularity=block"], "method.granularity", "unstructured, head, neuron"),
+    (["method=seven", "method.selection=best"], "method.selection", "exact, authors"),
+    (["method=platon", "method.deltaT=0"], "method.deltaT", ">= 1"),
+    (["method=platon", "schedule.frequency=5"], "schedule.frequency", "method.deltaT"),
+    (["method=movement", "method.score_lr=-1"], "method.score_lr", "a positive number"),
+    (["method=soft_movement", "sparsity=0.5"], "sparsity", "method.final_lambda"),
+    (["method=spp", "method.rank=first"], "method.rank", "support_time, entry"),
+    (["method=spp", "schedule.final_warmup=3"], "schedule.final_warmup", "no sparsity schedule"),
+    (["method=dense", "stages.prune.lr=0.1"], "stages.prune.lr", "does not prune"),
+    (["schedule.final_warmup=100000"], "schedule", "cannot reach its target"),
+    (["model=bert_tiny"], "Model/task mismatch", "image model"),
+    (["distill.enabled=true", "distill.teacher=/nonexistent"], "distill.teacher", "finetuned"),
+    (["distill.enabled=true", "distill.temperature=0"], "distill.temperature", "a positive number"),
+    (["distill.enabled=true", "stages.finetune.epochs=0"], "distill.teacher=finetuned", "stages.finetune has 0"),
+    (["trainer.continuous=true"], "stages.finetune.batch_size", "one batch size"),
+]
+
+
+def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path):
+    assert len(BAD_INPUTS) >= 60
+    base = ["logger=none", "speed.enabled=false", "task.max_train_samples=256"]
+    cases = []
+    for i, (argv, _, _) in enumerate(BAD_INPUTS):
+        keys = {a.split("=")[0] for a in argv}
+        extra = [b for b in base if b.split("=")[0] not in keys and "-m" not in argv]
+        out = f"hydra.sweep.dir={tmp_path / f'sweep{i}'}" if "-m" in argv else f"hydra.run.dir={tmp_path / f'run{i}'}"
+        cases.append([*argv, *extra, *([out] if "hydra.run.dir" not in keys else []), f"cache_dir={tmp_path / 'cache'}"])
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, str(HARNESS), str(tmp_path / "cases.json"), str(tmp_path / "out.json")], cwd=tmp_path,
+                   check=True, timeout=1200, env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"})
+    results = json.loads((tmp_path / "out.json").read_text())
+    problems = []
+    for i, ((argv, key, allowed), (code, err)) in enumerate(zip(BAD_INPUTS, results, strict=True)):
+        msg = " ".join(err.split())
+        if code != 2 or "Traceback" in err or key not in msg or allowed not in msg or "pruneflow: error:" not in msg:
+            problems.append(f"{argv}: exit {code}, {msg[-300:]!r}")
+        if (tmp_path / f"run{i}").exists():  # nothing half-written for a wrong setting
+            problems.append(f"{argv}: left {tmp_path / f'run{i}'}: {sorted(p.name for p in (tmp_path / f'run{i}').iterdir())}")
+    assert not problems, "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------- no run lost or mixed up
+def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_path):
+    from pruneflow.config import _dirname
+
+    long = ",".join(f"trainer.log_every={10 + i}" for i in range(20))
+    a, b = _dirname(long + ",trainer.weight_decay=0.0"), _dirname(long + ",trainer.weight_decay=0.5")
+    assert a != b and len(a) <= 200 and len(b) <= 200
+    pad = "stages.eval_batch_size=" + "0" * 190 + "64"  # a long override: the job names are cut
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *FAST, "method=magnitude", "sparsity=0.5,1.5", "seed=0", pad, f"hydra.sweep.dir={sweep}",
+                   f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "1 job(s) of the sweep failed" in out.stderr and "sparsity" in out.stderr
+    dirs = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(dirs) == 2 and sum((d / "result.json").exists() for d in dirs) == 1
+
+
+def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
+    from filelock import FileLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = [*FAST, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}", "trainer.checkpoint_every=5"]
+    with FileLock(str(run_dir / ".pruneflow.lock")):
+        busy = run_cli(args, cwd=tmp_path)
+    assert busy.returncode == 2 and "in use by another pruneflow process" in " ".join(busy.stderr.split())
+    killed = run_cli(args, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:10"})
+    assert killed.returncode == -9
+    other = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
+    message = " ".join(other.stderr.split())
+    assert other.returncode == 2 and "stages.recover.lr: 0.001 -> 0.0005" in message and "allow_config_change=true" in message
+    allowed = run_cli([*args, "stages.recover.lr=5e-4", "allow_config_change=true"], cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
+
+
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, sig, code):
+    from safetensors.torch import load_file
+
+    args = [*FAST, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
+    ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    cmd = [*args, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c2'}"]
+    stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": f"prune:7:{sig}"})
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr and f"Stopped by SIG{sig} after step 7 of 20 of the prune stage" in " ".join(stopped.stderr.split())
+    assert not (tmp_path / "run" / "result.json").exists()
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_result(tmp_path / "ref"), read_result(tmp_path / "run")
+    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+    wa, wb = load_file(str(tmp_path / "ref" / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+# ----------------------------------------------------------------------------- damaged files
+def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed(tmp_path):
+    args = [*FAST, "method=magnitude", "sparsity=0.5", "trainer.checkpoint_every=5", f"cache_dir={tmp_path / 'c'}"]
+    run_dir = tmp_path / "run"
+    killed = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:10"})
+    assert killed.returncode == -9
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    out = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2 and "last.pt cannot be read" in out.stderr and "overwrite=true" in out.stderr and "Traceback" not in out.stderr
+    # the finetune cache entry written by that run, truncated: moved aside, computed again
+    entry = next((tmp_path / "c" / "finetune").glob("*/model.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:500])
+    again = run_cli([*args, f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = (tmp_path / "run2" / "pruneflow.log").read_text()
+    assert "is damaged" in log and "Cached finetune" in log
+    assert list((tmp_path / "c" / "finetune").glob("*.corrupt-*"))
+
+
+def test_results_are_saved_when_the_model_cannot_be(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model").write_text("a file where the model folder should go")
+    out = run_cli([*FAST, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = read_result(run_dir)
+    assert "model/" in result["output_errors"] and result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4)
+    assert (run_dir / "predictions.jsonl").exists()
+
+
+def test_divergence_is_logged_and_can_resume_with_a_lower_lr(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", "cache=false"]
+    out = run_cli([*args, "stages.finetune.lr=1e30"], cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "The training loss became" in (run_dir / "pruneflow.log").read_text()
+    again = run_cli([*args, "stages.finetune.lr=1e-3", "allow_config_change=true"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- untrusted files
+def test_a_crafted_cifar_pickle_cannot_run_code(tmp_path):
+    from pruneflow.errors import UserError
+    from pruneflow.tasks.cifar import load_batch
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (shutil.copyfile, (__file__, str(marker)))
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2))
+    with pytest.raises(UserError, match="not a plain CIFAR batch file"):
+        load_batch(path)
+    assert not marker.exists()
+    pickle.loads(path.read_bytes())  # the same file, unrestricted, does run its code:
+    assert marker.exists()  # so the check above is a real one
+
+
+def test_offline_wandb_makes_no_network_request(tmp_path):
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "trace.txt"
+    cmd = ["strace", "-f", "-e", "trace=connect", "-o", str(trace), sys.executable, "-m", "pruneflow.cli", *FAST,
+           "method=magnitude", "sparsity=0.5", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path / 'run'}", "cache=false"]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0:
+        cmd = ["unshare", "-rn", *cmd]  # no network at all, as offline should need
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    inet = [line for line in trace.read_text().splitlines() if "AF_INET" in line]
+    assert not inet, inet[:5]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
