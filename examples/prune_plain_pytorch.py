@@ -19,7 +19,7 @@ y = torch.tensor(digits.target)
 model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4)
 optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
 
-steps, prune_from, prune_steps = 600, 300, 200   # dense, then pruning on the cubic schedule, then frozen masks
+steps, prune_from, prune_steps = 400, 200, 150   # dense, then pruning on the cubic schedule, then frozen masks
 pruner = pruneflow.methods.create(method, sparsity=float(sparsity), steps=prune_steps)
 for step in range(steps):
     if step == prune_from:

@@ -3,9 +3,9 @@ step, against a plain dense training step, side by side (DESIGN.md §7).
 
 BERT-base from ``BertConfig()`` (random init, no download), batch 8 x 128 tokens.
 Dense step: forward + backward + AdamW step of the plain, unparametrized model.
-Pruned step: the same with the masks attached (parametrize), the method's score
-update after backward and its mask update (exact global top-k) after the
-optimizer step, every step, along a cubic schedule to the target sparsity.
+Pruned step: the same with the method attached as the trainer runs it (its masks,
+its score update and its mask update after the optimizer step, every step, along
+a cubic schedule to the target sparsity; PLATON with deltaT=1).
 Dense and pruned steps are interleaved (alternating which goes first); each
 ratio is median(pruned) / median(dense) over the measured steps, after warm-up
 steps (which also absorb any torch.compile time). After every step the mask is checked to hold exactly
@@ -55,23 +55,49 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
 
 
+AUTOCAST: dict = {"dtype": None}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, method=None, step: int = 0) -> tuple[float, float]:  # noqa: ANN001
-    """(step time, time inside the method's hooks) in seconds."""
+    """(step time, time inside the method's hooks) in seconds; the trainer's hook order:
+    backward, optimizer step, the method (scores from this step's gradients, then the
+    mask), zero_grad."""
+    sync()
     t0 = time.perf_counter()
-    loss = model(**batch).loss
-    loss.backward()
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=AUTOCAST["dtype"], enabled=AUTOCAST["dtype"] is not None):
+        loss = model(**batch).loss
+    extra = method.extra_loss() if method is not None else None
+    (loss if extra is None else loss + extra).backward()
     hooks = 0.0
     if method is not None:
+        sync()
         t1 = time.perf_counter()
         method.after_backward(step)
+        sync()
         hooks += time.perf_counter() - t1
     opt.step()
-    opt.zero_grad(set_to_none=True)
     if method is not None:
+        sync()
         t1 = time.perf_counter()
         method.after_optimizer_step(step)
+        sync()
         hooks += time.perf_counter() - t1
+    opt.zero_grad(set_to_none=True)
+    sync()
     return time.perf_counter() - t0, hooks
+
+
+def expected_kept(method, sparsity: float) -> int:  # noqa: ANN001
+    """What the mask must hold after an update at ``sparsity`` (global or per layer)."""
+    if method.scope == "global":
+        return kept_count(method.mask_flat.numel(), sparsity)
+    return sum(kept_count(n, sparsity) for _, n, _ in method.slices)
 
 
 def method_config(name: str, compile_mode: str):  # noqa: ANN201
@@ -93,22 +119,27 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--compile", default="auto", help="method.compile: auto | true | false")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--precision", default="32", help="32 | bf16 (autocast)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    AUTOCAST["dtype"] = torch.bfloat16 if args.precision == "bf16" else None
 
-    dense = build_model(args.layers)
+    dense = build_model(args.layers).to(device)
     dense.train()
     dense_opt = make_optimizer(dense)
     g = torch.Generator().manual_seed(0)
     batch = {
-        "input_ids": torch.randint(0, dense.config.vocab_size, (args.batch, args.seq), generator=g),
-        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+        "input_ids": torch.randint(0, dense.config.vocab_size, (args.batch, args.seq), generator=g).to(device),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device),
     }
     n_prunable = sum(w.numel() for w in select_prunable(dense, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
-    print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} threads={torch.get_num_threads()} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
+    print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} {where} precision={args.precision} "
           f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile}", flush=True)
 
     total = args.warmup + args.steps
@@ -120,8 +151,10 @@ def main() -> None:
         method = get_method_class(name)(cfg, args.sparsity)
         method.validate(model, weights)
         schedule = Schedule("cubic", args.sparsity, total)
-        method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=torch.device("cpu")))
+        method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=device))
         opt = make_optimizer(model)
+        for group in method.param_groups():  # movement pruning's scores
+            opt.add_param_group({"params": group["params"], "lr": group["pf_lr"], "weight_decay": 0.0})
         t_dense, t_pruned, t_hooks, exact = [], [], [], True
         for step in range(total):
             if step % 2:  # alternate which runs first, so drift on a shared machine hits both alike
@@ -130,8 +163,8 @@ def main() -> None:
             else:
                 td, _ = train_step(dense, dense_opt, batch)
                 tp, th = train_step(model, opt, batch, method, step)
-            expected = kept_count(weights.numel, method.ctx.schedule.sparsity(step))
-            kept = weights.num_kept()
+            expected = expected_kept(method, method.target_sparsity(step))
+            kept = method.kept_count_now()
             exact &= kept == expected
             if step >= args.warmup:
                 t_dense.append(td)
@@ -143,8 +176,9 @@ def main() -> None:
         # Quartiles of the per-step ratios (each pruned step over the dense step beside it): how
         # far apart two runs of this script may land on this machine.
         q1, _, q3 = statistics.quantiles([p / d for p, d in zip(t_pruned, t_dense, strict=True)], n=4)
-        print(f"method={name} ratio={mp / md:.3f} dense_ms={md * 1e3:.0f} pruned_ms={mp * 1e3:.0f} hooks_ms={mh * 1e3:.0f} "
-              f"step_ratio_iqr={q1:.2f}-{q3:.2f} exact_count={'ok' if exact else 'FAILED'}", flush=True)
+        print(f"method={name} ratio={mp / md:.3f} dense_ms={md * 1e3:.1f} pruned_ms={mp * 1e3:.1f} hooks_ms={mh * 1e3:.1f} "
+              f"step_ratio_iqr={q1:.2f}-{q3:.2f} dense_samples_s={args.batch / md:.1f} pruned_samples_s={args.batch / mp:.1f} "
+              f"exact_count={'ok' if exact else 'FAILED'}", flush=True)
         all_exact &= exact
         del model, weights, method, opt
         gc.collect()

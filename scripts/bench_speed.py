@@ -44,10 +44,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of each paired dimension kept")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16 (the timed models; the equality check runs in fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
 
     dense = BertForSequenceClassification(BertConfig()).eval()
     ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.seq))
@@ -82,17 +85,22 @@ def main() -> None:
     print(f"prunable weights removed: {removed:.4f}; parameters {n_dense} -> {n_comp}")
     print(f"compressed vs masked: max |diff| last hidden state {err:.2e}, logits {err_logits:.2e} -> {'equal' if ok else 'DIFFERENT'} (atol=rtol=1e-4)")
 
-    times = time_forward(
-        {
-            "dense": lambda: dense(input_ids=ids, attention_mask=mask),
-            "compressed": lambda: compressed(input_ids=ids, attention_mask=mask),
-        },
-        repeats=args.repeats,
-        warmup=args.warmup,
-    )
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dense, compressed = dense.to(device=device, dtype=dtype), compressed.to(device=device, dtype=dtype)
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.inference_mode():
+        times = time_forward(
+            {
+                "dense": lambda: dense(input_ids=ids, attention_mask=mask),
+                "compressed": lambda: compressed(input_ids=ids, attention_mask=mask),
+            },
+            repeats=args.repeats,
+            warmup=args.warmup,
+        )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(
-        f"device=cpu threads={torch.get_num_threads()} batch={args.batch}x{args.seq} attn={dense.config._attn_implementation} "
-        f"dense_ms={times['dense']:.1f} compressed_ms={times['compressed']:.1f}"
+        f"device={where} dtype={args.dtype} batch={args.batch}x{args.seq} attn={dense.config._attn_implementation} "
+        f"dense_ms={times['dense']:.2f} compressed_ms={times['compressed']:.2f}"
     )
     print(f"ratio={times['dense'] / times['compressed']:.3f}")
     if not ok:

@@ -31,6 +31,17 @@ FAST = [
 ]
 
 
+# Shorter still, for tests that start the CLI several times (resume, signals, faults):
+# each process start costs seconds, the stages should not add many more.
+SMALL = [
+    "stages.finetune.epochs=null", "stages.finetune.steps=12",
+    "stages.prune.epochs=null", "stages.prune.steps=10",
+    "stages.recover.epochs=null", "stages.recover.steps=6",
+    "task.max_train_samples=256", "task.max_eval_samples=120",
+    "logger=none", "speed.enabled=false", "trainer.checkpoint_every=3",
+]
+
+
 def make_config(overrides: list[str], tmp_path: Path) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -23,6 +23,7 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
         ["-m", *FAST, "method=magnitude", "sparsity=0.5,1.5,0.9", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"],
         cwd=tmp_path,
     )
+    assert proc.returncode == 1 and "1 job(s) of the sweep failed" in proc.stderr  # listed, exit non-zero
     failed = [p.parent.name for p in sweep.rglob("error.txt")]
     assert len(failed) == 1 and "sparsity=1.5" in failed[0]
     assert len(list(sweep.rglob("result.json"))) == 4  # 0.5 and 0.9 were skipped, not re-run

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, ROOT, read_result, run_cli
+from conftest import ROOT, SMALL, read_result, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +138,7 @@ def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_p
     assert a != b and len(a) <= 200 and len(b) <= 200
     pad = "stages.eval_batch_size=" + "0" * 190 + "64"  # a long override: the job names are cut
     sweep = tmp_path / "sweep"
-    out = run_cli(["-m", *FAST, "method=magnitude", "sparsity=0.5,1.5", "seed=0", pad, f"hydra.sweep.dir={sweep}",
+    out = run_cli(["-m", *SMALL, "method=magnitude", "sparsity=0.5,1.5", "seed=0", pad, f"hydra.sweep.dir={sweep}",
                    f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "1 job(s) of the sweep failed" in out.stderr and "sparsity" in out.stderr
@@ -151,11 +151,11 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    args = [*FAST, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}", "trainer.checkpoint_every=5"]
+    args = [*SMALL, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}"]
     with FileLock(str(run_dir / ".pruneflow.lock")):
         busy = run_cli(args, cwd=tmp_path)
     assert busy.returncode == 2 and "in use by another pruneflow process" in " ".join(busy.stderr.split())
-    killed = run_cli(args, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:10"})
+    killed = run_cli(args, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:6"})
     assert killed.returncode == -9
     other = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
     message = " ".join(other.stderr.split())
@@ -165,31 +165,40 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
 
 
+SIGNAL_ARGS = [*SMALL, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):  # noqa: ANN001, ANN201
+    tmp = tmp_path_factory.mktemp("ref")
+    ref = run_cli([*SIGNAL_ARGS, f"hydra.run.dir={tmp / 'ref'}", f"cache_dir={tmp / 'c1'}"], cwd=tmp)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return tmp / "ref"
+
+
 @pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
-def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, sig, code):
+def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, sig, code):
     from safetensors.torch import load_file
 
-    args = [*FAST, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
-    ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    args = SIGNAL_ARGS
     cmd = [*args, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c2'}"]
     stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": f"prune:7:{sig}"})
     assert stopped.returncode == code, stopped.stderr[-2000:]
-    assert "Traceback" not in stopped.stderr and f"Stopped by SIG{sig} after step 7 of 20 of the prune stage" in " ".join(stopped.stderr.split())
+    assert "Traceback" not in stopped.stderr and f"Stopped by SIG{sig} after step 7 of 10 of the prune stage" in " ".join(stopped.stderr.split())
     assert not (tmp_path / "run" / "result.json").exists()
     resumed = run_cli(cmd, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = read_result(tmp_path / "ref"), read_result(tmp_path / "run")
+    a, b = read_result(uninterrupted), read_result(tmp_path / "run")
     assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
-    wa, wb = load_file(str(tmp_path / "ref" / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    wa, wb = load_file(str(uninterrupted / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
 # ----------------------------------------------------------------------------- damaged files
 def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed(tmp_path):
-    args = [*FAST, "method=magnitude", "sparsity=0.5", "trainer.checkpoint_every=5", f"cache_dir={tmp_path / 'c'}"]
+    args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}"]
     run_dir = tmp_path / "run"
-    killed = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:10"})
+    killed = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:6"})
     assert killed.returncode == -9
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
@@ -209,7 +218,7 @@ def test_results_are_saved_when_the_model_cannot_be(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "model").write_text("a file where the model folder should go")
-    out = run_cli([*FAST, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
+    out = run_cli([*SMALL, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     result = read_result(run_dir)
     assert "model/" in result["output_errors"] and result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4)
@@ -218,7 +227,7 @@ def test_results_are_saved_when_the_model_cannot_be(tmp_path):
 
 def test_divergence_is_logged_and_can_resume_with_a_lower_lr(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*FAST, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", "cache=false"]
+    args = [*SMALL, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={run_dir}", "cache=false"]
     out = run_cli([*args, "stages.finetune.lr=1e30"], cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "The training loss became" in (run_dir / "pruneflow.log").read_text()
@@ -250,7 +259,10 @@ def test_offline_wandb_makes_no_network_request(tmp_path):
     if not shutil.which("strace"):
         pytest.skip("strace is not installed")
     trace = tmp_path / "trace.txt"
-    cmd = ["strace", "-f", "-e", "trace=connect", "-o", str(trace), sys.executable, "-m", "pruneflow.cli", *FAST,
+    tiny = [o for o in SMALL if not o.startswith(("stages.", "logger="))] + [
+        "stages.finetune.epochs=null", "stages.finetune.steps=2", "stages.prune.epochs=null", "stages.prune.steps=2",
+        "stages.recover.epochs=null", "stages.recover.steps=1"]
+    cmd = ["strace", "-f", "-e", "trace=connect", "-o", str(trace), sys.executable, "-m", "pruneflow.cli", *tiny,
            "method=magnitude", "sparsity=0.5", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path / 'run'}", "cache=false"]
     if shutil.which("unshare") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0:
         cmd = ["unshare", "-rn", *cmd]  # no network at all, as offline should need
