@@ -32,6 +32,9 @@ METHODS = {
     "soft_movement": ["method=soft_movement", "method.final_threshold=0.45", "method.final_lambda=50", "method.score_lr=0.5", "method.compile=false"],
     "magnitude": ["method=magnitude", "sparsity=0.6", "method.compile=false"],
     "random": ["method=random", "sparsity=0.6", "method.compile=false"],
+    "snip": ["method=snip", "sparsity=0.6", "method.compile=false"],
+    "grasp": ["method=grasp", "sparsity=0.6", "method.compile=false"],
+    "force": ["method=force", "sparsity=0.6", "method.compile=false", "schedule=exponential"],
     "spp": ["method=spp", "sparsity=0.4"],
     "admm": ["method=admm", "method.iterations=2"],
 }

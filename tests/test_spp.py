@@ -273,14 +273,14 @@ def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_pat
 
 @pytest.mark.slow
 def test_spp_run_killed_during_recovery_resumes_to_the_same_result(tmp_path):
-    from conftest import FAST, read_result, run_cli
+    from conftest import SMALL, read_result, run_cli
 
-    args = [*FAST, "method=spp", "sparsity=0.5", "trainer.checkpoint_every=5"]
+    args = [*SMALL, "method=spp", "sparsity=0.5"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     ref = run_cli([*args, f"hydra.run.dir={ref_dir}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     cmd = [*args, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c2'}"]
-    killed = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "recover:10"})
+    killed = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "recover:3"})
     assert killed.returncode == -9 and not (run_dir / "result.json").exists()
     resumed = run_cli(cmd, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -11,12 +11,15 @@ from pruneflow.methods.base import PruneContext, PruningMethod
 METHODS: dict[str, str] = {
     "admm": "pruneflow.methods.admm:ADMM",
     "dense": "pruneflow.methods.dense:Dense",
+    "force": "pruneflow.methods.force:Force",
+    "grasp": "pruneflow.methods.grasp:GraSP",
     "magnitude": "pruneflow.methods.magnitude:Magnitude",
     "movement": "pruneflow.methods.movement:Movement",
     "platon": "pruneflow.methods.platon:Platon",
     "random": "pruneflow.methods.random:Random",
     "seven": "pruneflow.methods.seven:Seven",
     "seven_pre": "pruneflow.methods.seven_pre:SevenPre",
+    "snip": "pruneflow.methods.snip:Snip",
     "soft_movement": "pruneflow.methods.movement:SoftMovement",
     "spp": "pruneflow.methods.spp:SPP",
 }

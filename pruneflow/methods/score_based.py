@@ -253,6 +253,29 @@ class ScoreMask(Mask):
         return _STEMask.apply(weight, scores(), self.mask)
 
 
+class _PassGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
+
+
+class PassMask(Mask):
+    """``W * mask`` whose backward hands the weights the gradient of the masked weight
+    at every entry, pruned ones included (FORCE scores pruned weights by it to let
+    them return). For scoring without weight updates only."""
+
+    frozen = False  # after the prune stage: a plain mask (pruned weights get no gradient)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.frozen or not torch.is_grad_enabled():
+            return weight * self.mask
+        return _PassGrad.apply(weight, self.mask)
+
+
 # ----------------------------------------------------------------------------- the method
 def mask_scores_(scores: torch.Tensor, mask: torch.Tensor) -> None:
     """Pruned entries score -inf (in place)."""
@@ -274,7 +297,7 @@ def kept_floor(total: int, keep: float) -> int:
 
 
 SELECTIONS = ("exact", "authors")
-MASK_MODES = ("parametrize", "inplace", "ste")
+MASK_MODES = ("parametrize", "inplace", "ste", "pass")
 
 
 class ScoreBasedMethod(PruningMethod):
@@ -382,6 +405,8 @@ class ScoreBasedMethod(PruningMethod):
             weights.attach(ReusedBufferMask)
         elif self.mask_mode == "ste":
             weights.attach(ScoreMask)
+        elif self.mask_mode == "pass":
+            weights.attach(PassMask)
         for i, w in enumerate(weights):
             if w.parametrization is not None:
                 view = self.mask_view(i)
@@ -486,7 +511,7 @@ class ScoreBasedMethod(PruningMethod):
             for i, w in enumerate(weights):  # the mask buffers are views of the flat mask again
                 w.parametrization.mask = self.mask_view(i)
         for w in weights:
-            if isinstance(w.parametrization, ScoreMask):
+            if isinstance(w.parametrization, (ScoreMask, PassMask)):
                 w.parametrization.frozen = True
 
     def state_dict(self) -> dict[str, Any]:
