@@ -26,6 +26,7 @@ log = logging.getLogger("pruneflow")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", "experiment")
 # Flags after which Hydra composes from elsewhere: the pre-check then leaves the errors to Hydra.
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")
 OTHER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -113,7 +114,12 @@ def precheck(argv: list[str]) -> str | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in argv if not a.startswith("-")]
+    args: list[str] = []
+    for i, a in enumerate(argv):
+        # Hydra flags that take a value (--cfg job, -p model): the value is no override
+        if a.startswith("-") or (i > 0 and argv[i - 1] in FLAGS_WITH_VALUE):
+            continue
+        args.append(a)
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception as e:  # noqa: BLE001 - Hydra's grammar errors

@@ -21,6 +21,9 @@ class StageConfig:
     steps: int | None = None
     lr: float = 1e-3
     batch_size: int = 32
+    # prune stage only: false = score the model without weight updates (pruning at
+    # initialisation, as SNIP/GraSP/FORCE/seven_pre always do); null = the method's own.
+    update_weights: bool | None = None
 
 
 @dataclass
@@ -101,24 +104,49 @@ class Deviation:
 
 
 @dataclass
+class SparsityDefinition:
+    """A paper's sparsity: the fraction of ``include`` (minus ``exclude``) Linear layers'
+    weights (and biases with ``biases=true``) that are zero, reported as ``removed`` or
+    ``remaining``."""
+
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    biases: bool = False
+    reports: str = "removed"  # removed | remaining
+    text: str = ""  # the paper's words, e.g. "remaining encoder Linear weights"
+
+
+@dataclass
 class ExperimentInfo:
     """What an ``experiment=`` config reproduces; ``pruneflow-report`` shows it beside the runs.
 
     Numbers are fractions like result.json's metrics (the report shows them x100).
-    ``published`` maps task -> metric -> a number (one setting) or {sparsity: number}
-    (a curve), e.g. ``{squad/v1: {f1: {0.9: 0.817}}}``. ``published_overall`` holds
-    numbers that are not one task's metric: ``glue_score`` (mean over the GLUE tasks of
-    each task's main metric) and ``params_reduction`` (1 - final/original parameters).
+    ``published`` lists what the paper printed, one entry per method, task and metric
+    (``pruneflow.published`` documents the form: curves by sparsity, "≈" and "<" points,
+    ``when`` conditions such as distillation, the dense baseline as ``method: dense``).
+    ``tolerance`` is how far a measured mean may be from a published value and count as
+    reproduced (a figure's reading precision; one point for a printed table);
+    ``tolerance_approx`` applies to "≈" points. ``published_overall`` holds numbers that
+    are not one task's metric: ``glue_score`` and ``params_reduction``.
+    ``sparsity_definition`` is the paper's: which weights count (module-name patterns,
+    biases or not) and whether it reports the fraction removed or remaining; result.json
+    reports the measured sparsity under it beside the project's own.
     """
 
     name: str = ""  # the experiment's config name, e.g. movement/squad_bert_base
     source: str = ""  # citation: authors, year, venue, table or figure
+    figure: str | None = None  # experiments drawn together in one reproduction plot
+    mark: str | None = None  # primary | author-repo | secondary | figure, approx
     note: str | None = None  # anything else a reader of the report should know
     # Where this setting differs from what the authors ran (docs/fidelity.md):
     # [{what, authors, here, restore}] - restore: the setting that gives theirs, or null.
     deviations: list[Deviation] = field(default_factory=list)
-    published: dict[str, Any] = field(default_factory=dict)
+    published: Any = None
+    tolerance: float | None = None
+    tolerance_approx: float | None = None
     published_overall: dict[str, Any] = field(default_factory=dict)
+    sparsity_definition: SparsityDefinition | None = None
+    missing: list[str] = field(default_factory=list)  # tables/rows of the paper that are not available
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``pruneflow-report DIR``: a sweep's result.json files as a table, a CSV and plots.
+"""``pruneflow-report DIR``: a sweep's result.json files as a table, a CSV, plots and
+the reproduction ledger (``pruneflow.ledger``).
 
 One row per configuration (experiment, method, model, task, target sparsity and
 any other override that differs between runs), mean ± std over seeds of every
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pruneflow.ledger import ledger_entries, ledger_markdown, plot_figures
+from pruneflow.published import PublishedPoint, find_point, published_points, same_sparsity
 from pruneflow.results import load_results
 
 # Overrides that do not change what a run computes (or are the row's own columns).
@@ -193,31 +196,42 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
 
 
 # ----------------------------------------------------------------------------- published numbers
-def published_value(info: dict[str, Any] | None, task: str, metric: str, sparsity: float | None) -> float | None:
-    """The published number for (task, metric) at a sparsity, from ``experiment_info``.
+def published_value(info: dict[str, Any] | None, task: str, metric: str, sparsity: float | None, method: str | None = None) -> float | None:
+    """The published number for (method, task, metric) at a sparsity, from ``experiment_info``."""
+    point = find_point(info, method, task, metric, sparsity) if method else _any_method_point(info, task, metric, sparsity)
+    return None if point is None else point.value
 
-    ``published`` maps task -> metric -> a number (one setting) or {sparsity: number}
-    (a curve; JSON turned the sparsity keys into strings).
-    """
-    if not info:
-        return None
-    entry = ((info.get("published") or {}).get(task) or {}).get(metric)
-    if isinstance(entry, (int, float)) and not isinstance(entry, bool):
-        return float(entry)
-    if isinstance(entry, dict) and sparsity is not None:
-        for k, v in entry.items():
-            if abs(float(k) - float(sparsity)) < 1e-9:
-                return float(v)
+
+def _any_method_point(info: dict[str, Any] | None, task: str, metric: str, sparsity: float | None) -> PublishedPoint | None:
+    for p in published_points(info):
+        if p.task == task and p.metric == metric and (p.sparsity is None or same_sparsity(p.sparsity, sparsity)):
+            return p
     return None
 
 
-def published_curve(info: dict[str, Any] | None, task: str, metric: str) -> list[tuple[float, float]]:
-    if not info:
-        return []
-    entry = ((info.get("published") or {}).get(task) or {}).get(metric)
-    if isinstance(entry, dict):
-        return sorted((float(k), float(v)) for k, v in entry.items())
-    return []
+# Methods whose sparsity follows from their settings (soft movement, L0) have no target:
+# their runs match a published sparsity when the measured one is this close.
+MEASURED_MATCH = 0.01
+
+
+def row_sparsity(row: Row) -> float | None:
+    """The sparsity a row is compared at: its target, or for methods without one the
+    measured fraction removed (under the paper's definition where the experiment gives it)."""
+    if row.target is not None:
+        return row.target
+    mean = row.stat(lambda r: r["sparsity"]["paper"]["removed"])[0]
+    if mean is None:
+        mean = row.stat(lambda r: r["sparsity"]["measured"])[0]
+    if mean is None:
+        return None
+    info = row.experiment_info()
+    grid = sorted({p.sparsity for p in published_points(info) if p.sparsity is not None}, key=lambda s: abs(s - mean))
+    return grid[0] if grid and abs(grid[0] - mean) <= MEASURED_MATCH else mean
+
+
+def row_point(row: Row, metric: str) -> PublishedPoint | None:
+    """The published number a row of runs reproduces (method, task, sparsity and settings)."""
+    return find_point(row.experiment_info(), row.method, row.task, metric, row_sparsity(row), row.runs[0].get("config") or {})
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -274,7 +288,7 @@ def task_metrics(rows: list[Row]) -> list[str]:
     return names
 
 
-def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Path, plots: dict[str, str]) -> str:
+def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Path, plots: dict[str, str], figures: list[Path] | None = None) -> str:
     sources = Sources()
     out = [f"# pruneflow report: `{root}`", ""]
     n_runs = sum(len(r.runs) for r in rows)
@@ -297,7 +311,7 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
             out += [f"Overrides common to every row: `{' '.join(sorted(common))}`", ""]
         differing = {id(r): " ".join(t for t in r.settings.split() if t not in common) for r in task_rows}
         show_settings = any(differing.values())
-        has_pub = {m: any(published_value(r.experiment_info(), task, m, r.target) is not None for r in task_rows) for m in metrics}
+        has_pub = {m: any(row_point(r, m) is not None for r in task_rows) for m in metrics}
         show_compressed = any(r.stat(lambda x: x["params"]["compressed_total"])[0] is not None for r in task_rows)
         header = (["experiment"] if show_exp else []) + ["method", "model"] + (["settings"] if show_settings else [])
         header += ["target %", "seeds"]
@@ -317,8 +331,8 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
             for m in metrics:
                 cells.append(fmt_pm(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2]))
                 if has_pub[m]:
-                    pub = published_value(info, task, m, row.target)
-                    cells.append("–" if pub is None else f"{pub * 100:.1f} [{sources.ref(info)}]")
+                    pt = row_point(row, m)
+                    cells.append("–" if pt is None else f"{pt.label()} [{sources.ref(info)}]")
             sp_mean, sp_std, _ = row.stat(lambda r: r["sparsity"]["measured"])
             flag = " !" if sp_mean is not None and row.target is not None and abs(sp_mean - row.target) > SPARSITY_TOLERANCE else ""
             cells.append(fmt_pm(sp_mean, sp_std, digits=2) + flag)
@@ -332,6 +346,9 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
         if plot:
             out += ["", f"![{task}: {main} vs sparsity]({plot})"]
     out += overall_section(rows, sources)
+    entries = ledger_entries(rows)
+    out += ledger_markdown(entries, sources.ref)
+    out += [f"![{p.stem}]({p.name})" for p in figures or []]
     experiments: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r.experiment and r.experiment_info():
@@ -454,9 +471,9 @@ def write_csv(rows: list[Row], path: Path) -> None:
             any_pub = False
             for m in metrics:
                 mean, std, _ = row.stat(lambda r, m=m: r["metrics"]["final"][m])
-                pub = published_value(info, row.task, m, row.target)
-                any_pub |= pub is not None
-                rec.update({f"{m}_mean": num(mean), f"{m}_std": num(std), f"{m}_published": num(pub)})
+                pt = row_point(row, m)
+                any_pub |= pt is not None
+                rec.update({f"{m}_mean": num(mean), f"{m}_std": num(std), f"{m}_published": num(None if pt is None else pt.value)})
             rec.update(
                 measured_sparsity_mean=num(row.stat(lambda r: r["sparsity"]["measured"])[0]),
                 measured_sparsity_std=num(row.stat(lambda r: r["sparsity"]["measured"])[1]),
@@ -516,19 +533,24 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         if yerr:
             ax.axhspan((y - yerr) * 100, (y + yerr) * 100, color="gray", alpha=0.15)
     seen: set[tuple[str, str]] = set()
-    for row in rows:  # published curves of experiment runs
-        info = row.experiment_info()
-        curve = published_curve(info, task, metric)
+    for row in rows:  # published numbers of experiment runs: curves dotted, single values as stars
         key = (row.experiment, row.method)
-        if curve and key not in seen:
-            seen.add(key)
-            xs, ys = zip(*curve, strict=True)
+        if key in seen or row.method == "dense":
+            continue
+        seen.add(key)
+        config = row.runs[0].get("config") or {}
+        pts = sorted(
+            (p.sparsity, p.value) for p in published_points(row.experiment_info())
+            if p.method in (None, row.method) and p.task == task and p.metric == metric and p.sparsity is not None and p.matches_config(config)
+        )
+        if len(pts) > 1:
+            xs, ys = zip(*pts, strict=True)
             ax.plot([x * 100 for x in xs], [y * 100 for y in ys], linestyle=":", marker="s", fillstyle="none", label=f"{row.method} (published)")
-        elif not curve:
-            pub = published_value(info, task, metric, row.target)
-            if pub is not None and key not in seen and row.target is not None:
-                seen.add(key)
-                ax.plot([row.target * 100], [pub * 100], linestyle="none", marker="*", markersize=11, label=f"{row.method} (published)")
+        elif pts or row_point(row, metric) is not None:
+            x = pts[0][0] if pts else row.target
+            y = pts[0][1] if pts else row_point(row, metric).value  # type: ignore[union-attr]
+            if x is not None:
+                ax.plot([x * 100], [y * 100], linestyle="none", marker="*", markersize=11, label=f"{row.method} (published)")
     ax.set_xlabel("measured sparsity (% of prunable weights removed)")
     ax.set_ylabel(f"{metric} (×100)")
     n_seeds = sorted({len(r.runs) for r in rows})
@@ -565,9 +587,10 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
         name = f"plot_{slug(task)}_{slug(task_rows[0].main_metric)}.png"
         plot_task(task, task_rows, out_dir / name)
         plots[task] = name
-    (out_dir / "report.md").write_text(markdown(rows, failed, unfinished, root, plots))
+    figures = plot_figures(ledger_entries(rows), out_dir, slug)
+    (out_dir / "report.md").write_text(markdown(rows, failed, unfinished, root, plots, figures))
     write_csv(rows, out_dir / "report.csv")
-    return {"rows": rows, "failed": failed, "unfinished": unfinished, "plots": [out_dir / p for p in plots.values()], "out": out_dir}
+    return {"rows": rows, "failed": failed, "unfinished": unfinished, "plots": [out_dir / p for p in plots.values()] + figures, "out": out_dir}
 
 
 def _usable(result: dict[str, Any]) -> bool:

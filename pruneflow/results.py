@@ -38,6 +38,36 @@ def sparsity_report(run: Run, model: nn.Module) -> dict[str, Any]:
     return {"measured": round(zeros / max(total, 1), 6), "per_layer": per_layer}
 
 
+@torch.no_grad()
+def paper_sparsity(definition: dict[str, Any] | None, model: nn.Module, compressed: bool) -> dict[str, Any] | None:
+    """The measured sparsity under an experiment's paper definition (``experiment_info.
+    sparsity_definition``), counted from the final weights."""
+    if not definition or not definition.get("include"):
+        return None
+    from pruneflow.masking import _matches
+
+    include, exclude = list(definition["include"]), list(definition.get("exclude") or [])
+    biases = bool(definition.get("biases", False))
+    reports = str(definition.get("reports", "removed"))
+    out: dict[str, Any] = {"definition": dict(definition)}
+    if compressed:
+        out["value"] = None
+        out["why_none"] = "the model was physically compressed; its removed weights are counted by sparsity.measured"
+        return out
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and _matches(name, include) and not _matches(name, exclude):
+            tensors = [module.weight] + ([module.bias] if biases and module.bias is not None else [])
+            for t in tensors:
+                zeros += int(t.numel() - t.count_nonzero())
+                total += t.numel()
+    removed = zeros / total if total else None
+    out["counted"] = total
+    out["removed"] = None if removed is None else round(removed, 6)
+    out["value"] = None if removed is None else round(removed if reports == "removed" else 1 - removed, 6)
+    return out
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
@@ -97,6 +127,10 @@ def build_result(run: Run, model: nn.Module, metrics: dict[str, dict[str, float]
         "overrides": list(run.overrides),
         "provenance": provenance(run.device),
     }
+    definition = (result["config"].get("experiment_info") or {}).get("sparsity_definition")
+    paper = paper_sparsity(definition, model, compressed)
+    if paper is not None:
+        result["sparsity"]["paper"] = paper
     info = run.method.summary()
     if info:
         result["method_info"] = info

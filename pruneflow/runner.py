@@ -27,7 +27,7 @@ from pruneflow.cache import StageCache
 from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
-from pruneflow.methods import PruneContext, get_method_class
+from pruneflow.methods import METHODS, PruneContext, get_method_class
 from pruneflow.models import ModelBundle, build_model
 from pruneflow.results import build_result, write_predictions
 from pruneflow.schedules import Schedule
@@ -104,6 +104,25 @@ class Run:
         self.rank_checks: dict[str, list[dict[str, str]]] = {}  # torchrun: per-rank fingerprints
 
     # -- setup ------------------------------------------------------------------------------
+    def _prune_updates_weights(self, cfg: DictConfig) -> bool:
+        """``stages.prune.update_weights``: the method's own behaviour unless set."""
+        for name in ("finetune", "recover"):
+            if cfg.stages[name].get("update_weights") not in (None, True):
+                raise invalid(f"stages.{name}.update_weights", cfg.stages[name].update_weights, "null or true",
+                              "Only the prune stage can score without weight updates.")
+        own = self.method_cls.updates_weights
+        want = cfg.stages.prune.get("update_weights")
+        if want is None or bool(want) == own:
+            return own
+        if want and not own:
+            raise invalid("stages.prune.update_weights", want, "null or false",
+                          f"method={cfg.method.name} never trains the weights in its prune stage.")
+        if not self.method_cls.scores_without_updates:
+            allowed = sorted(n for n in METHODS if get_method_class(n).scores_without_updates or not get_method_class(n).updates_weights)
+            raise invalid("stages.prune.update_weights", want, "null or true",
+                          f"method={cfg.method.name} needs weight updates to score; methods that prune without them: {', '.join(allowed)}.")
+        return False
+
     def prepare(self) -> None:
         cfg = self.cfg
         validate_sparsity(cfg.get("sparsity"))
@@ -167,7 +186,7 @@ class Run:
             # continuous: one stream of batches through all stages (one seed, offsets below)
             seed = int(cfg.seed) * 10 + (0 if continuous else i)
             specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=seed)
-        specs["prune"].weight_updates = self.method_cls.updates_weights
+        specs["prune"].weight_updates = self._prune_updates_weights(cfg)
         planned = self.method.plan_stages(
             {k: v.steps for k, v in specs.items()}, steps_per_epoch(n_train, specs["prune"].batch_size, accum), cfg.task.name
         )

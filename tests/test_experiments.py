@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from sweep_helpers import compose
 
 from pruneflow.methods import METHODS
+from pruneflow.published import find_point, published_points
 from pruneflow.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ TASK_METRICS: dict[str, set[str]] = {
 SANH_MINI = ["schedule.initial_warmup=2", "schedule.final_warmup=2", "trainer.warmup_steps=2"]  # their 5400-step phases, shrunk
 MINIATURE_OVERRIDES: dict[str, list[str]] = {
     "seven/glue_bert_base": ["method.preset=null"],
-    **{f"{m}/{t}_bert_base": SANH_MINI for m in ("movement", "magnitude") for t in ("squad", "mnli", "qqp")},
+    **{f"{m}/{t}_bert_base": SANH_MINI for m in ("movement", "magnitude", "soft_movement", "l0") for t in ("squad", "mnli", "qqp")},
 }
 
 
@@ -78,14 +80,17 @@ def test_experiment_file_is_well_formed(name: str) -> None:
     assert {"model", "task", "method"} <= set(c)
     info = cfg["experiment_info"]
     assert info["name"] == name and len(info["source"]) > 20
-    for task, metrics in (info.get("published") or {}).items():
-        assert task in TASK_METRICS, task
-        for metric, value in metrics.items():
-            assert metric in TASK_METRICS[task], (task, metric)
-            curve = value if isinstance(value, dict) else {None: value}
-            for sparsity, v in curve.items():
-                assert sparsity is None or 0 <= float(sparsity) < 1
-                assert -1 <= float(v) <= 1, "published numbers are fractions, like result.json"
+    composed = OmegaConf.to_container(compose([f"experiment={name}"]).experiment_info)
+    for p in published_points(composed):
+        assert p.task in TASK_METRICS, p.task
+        assert p.metric in TASK_METRICS[p.task], (p.task, p.metric)
+        assert p.method is None or p.method == "dense" or p.method in METHODS, p.method
+        assert p.sparsity is None or 0 <= p.sparsity < 1
+        assert -1 <= p.value <= 1, "published numbers are fractions, like result.json"
+        assert 0 < p.tolerance <= 0.05
+    definition = composed.get("sparsity_definition")
+    if definition:
+        assert definition["include"] and definition["reports"] in ("removed", "remaining") and definition["text"]
     for key, value in (info.get("published_overall") or {}).items():
         assert key in ("glue_score", "params_reduction") and 0 < float(value) < 1
     for d in info.get("deviations") or []:  # structured: the report prints them under its table
@@ -96,18 +101,35 @@ def test_experiment_file_is_well_formed(name: str) -> None:
         assert task in TASK_METRICS, task
     for s in str(sweep.get("sparsity", "")).split(",") if "sparsity" in sweep else []:
         assert 0 <= float(s) < 1
+    for m in str(sweep.get("method", "")).split(",") if "method" in sweep else []:
+        assert m in METHODS, m
 
 
-def test_published_numbers_of_design_section_6() -> None:
-    """Spot checks against DESIGN.md §6 so a typo in a config is caught."""
-    pub = {n: load(n)["experiment_info"].get("published", {}) for n in EXPERIMENTS}
-    assert pub["movement/squad_bert_base"]["squad/v1"] == {"exact_match": {0.9: 0.719, 0.97: 0.652}, "f1": {0.9: 0.817, 0.97: 0.763}}
-    assert pub["magnitude/squad_bert_base"]["squad/v1"] == {"exact_match": {0.9: 0.677, 0.97: 0.401}, "f1": {0.9: 0.785, 0.97: 0.545}}
-    assert pub["movement/mnli_bert_base"]["glue/mnli"] == {"accuracy": {0.9: 0.793, 0.97: 0.761}, "accuracy_mm": {0.9: 0.795, 0.97: 0.767}}
-    assert pub["magnitude/qqp_bert_base"]["glue/qqp"] == {"accuracy": {0.9: 0.788, 0.97: 0.721}, "f1": {0.9: 0.751, 0.97: 0.584}}
-    assert pub["seven_pre/glue_bert_base"]["glue/qqp"]["accuracy"][0.8] == 0.890
-    assert pub["seven_pre/imagenet_vit_b32"]["imagenet"]["accuracy"][0.9] == 0.530
-    assert pub["admm/glue_bert_base"] == {"glue/cola": {"matthews_correlation": 0.554}, "glue/rte": {"accuracy": 0.688}}
+def _point(name: str, method: str | None, task: str, metric: str, sparsity: float | None, **config: Any) -> float | None:
+    info = OmegaConf.to_container(compose([f"experiment={name}"]).experiment_info)
+    cfg: dict[str, Any] = {}
+    for key, value in config.items():  # distill_enabled=True -> {"distill": {"enabled": True}}
+        a, b = key.split("_", 1)
+        cfg.setdefault(a, {})[b] = value
+    p = find_point(info, method, task, metric, sparsity, cfg)
+    return None if p is None else p.value
+
+
+def test_published_numbers_of_shared_published_md() -> None:
+    """Spot checks against ../shared/published.md so a typo in a config is caught."""
+    assert _point("movement/squad_bert_base", "movement", "squad/v1", "f1", 0.9, distill_enabled=False) == 0.817
+    assert _point("movement/squad_bert_base", "movement", "squad/v1", "exact_match", 0.97, distill_enabled=True) == 0.675
+    assert _point("magnitude/squad_bert_base", "magnitude", "squad/v1", "f1", 0.97, distill_enabled=False) == 0.545
+    assert _point("movement/mnli_bert_base", "soft_movement", "glue/mnli", "accuracy_mm", 0.97, distill_enabled=True) == 0.801
+    assert _point("magnitude/qqp_bert_base", "magnitude", "glue/qqp", "f1", 0.9, distill_enabled=True) == 0.650  # not SMP's 75.9
+    assert _point("magnitude/qqp_bert_base", "l0", "glue/qqp", "accuracy", 0.97, distill_enabled=False) == 0.865
+    assert _point("magnitude/qqp_bert_base", "dense", "glue/qqp", "accuracy", None) == 0.914
+    assert _point("seven_pre/plot1_bert_base", "grasp", "glue/mrpc", "accuracy", 0.9) == 0.707
+    assert _point("seven_pre/plot1_bert_base", "seven_pre", "glue/sst2", "accuracy", 0.5) == 0.931
+    assert _point("seven_pre/plot2_bert_base", "seven_pre", "glue/qqp", "accuracy", 0.8) == 0.890
+    assert _point("seven_pre/plot2_bert_base", "force", "squad/v1", "f1", 0.6) == 0.78
+    assert _point("seven_pre/plot2_vit_b32", "seven_pre", "imagenet", "accuracy", 0.9) == 0.530
+    assert _point("admm/glue_bert_base", "admm", "glue/rte", "accuracy", 0.5) == 0.688
     assert load("spp/deit_imagenet")["experiment_info"]["published_overall"] == {"params_reduction": 0.706}
 
 
@@ -125,8 +147,9 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
     assert cfg.experiment_info.name == name
     for group in ("model", "task", "method"):
         assert cfg[group].name == choices(name)[group]
-    published = load(name)["experiment_info"].get("published") or {}
-    assert {k: dict(v) for k, v in cfg.experiment_info.published.items()} == published
+    raw = load(name)["experiment_info"].get("published")
+    if raw is not None:  # written in the experiment itself (else composed from conf/published/)
+        assert OmegaConf.to_container(cfg.experiment_info).get("published") == raw
 
 
 
@@ -232,11 +255,48 @@ def test_experiment_miniature_runs(name: str, tmp_path: Path) -> None:
     assert r["task"] == task and r["method"] == c["method"]
     assert TASK_METRICS[task] <= set(r["metrics"]["final"])
     target = r["sparsity"]["target"]
-    if c["method"] != "spp":  # SPP counts structurally removed weights against the original shapes
+    if c["method"] != "spp" and target is not None:  # SPP counts removed structures; soft movement/L0 have no target
         assert r["sparsity"]["measured"] == pytest.approx(target, abs=2e-3)
+    definition = r["config"]["experiment_info"].get("sparsity_definition")
+    if definition and c["method"] != "spp":  # the paper's count, from the saved weights
+        paper = r["sparsity"]["paper"]
+        removed = paper["removed"]
+        assert paper["value"] == pytest.approx(removed if definition["reports"] == "removed" else 1 - removed)
+        if definition["include"] == ["*encoder.layer.*"]:  # the same set as pruneflow's default: the same count
+            assert removed == pytest.approx(r["sparsity"]["measured"], abs=1e-6)
     assert report([str(tmp_path / "run")]) == 0
     md = (tmp_path / "run" / "report.md").read_text()
     assert name in md
-    published = load(name)["experiment_info"].get("published") or {}
-    if task in published:
-        assert "(published)" in md
+    info = OmegaConf.to_container(cfg.experiment_info)
+    if any(p.task == task for p in published_points(info)):
+        assert "## Reproduction ledger" in md
+
+
+@pytest.mark.slow
+def test_figure_sweep_runs_every_method_and_fills_the_ledger(tmp_path: Path) -> None:
+    """`pruneflow -m experiment=seven_pre/plot1_bert_base` runs the figure's four methods
+    (magnitude one-shot without weight updates, SNIP, GraSP, SEVEN_pre), and the report's
+    ledger sets each beside the published point, with the figure drawn."""
+    from pruneflow.report import main as report
+
+    from conftest import run_cli
+
+    name = "seven_pre/plot1_bert_base"
+    overrides, task = miniature_overrides(name, tmp_path)
+    overrides = [o for o in overrides if not o.startswith("experiment=")]
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", f"experiment={name}", *overrides, "task=glue/mrpc", "sparsity=0.5", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sweep.rglob("result.json")]
+    assert sorted(r["method"] for r in results) == ["grasp", "magnitude", "seven_pre", "snip"]
+    for r in results:
+        assert r["sparsity"]["paper"]["value"] == pytest.approx(0.5, abs=2e-3)  # SEVEN's count, pooler included
+    mag = next(r for r in results if r["method"] == "magnitude")
+    assert mag["config"]["stages"]["prune"]["update_weights"] is False
+    assert report([str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    ledger = md.split("## Reproduction ledger")[1]
+    assert "measured rows within tolerance" in ledger
+    for method, published in (("magnitude", "80.8"), ("snip", "75.3"), ("grasp", "79.3"), ("seven_pre", "86.2")):
+        assert f"| {name} | {method} | glue/mrpc | accuracy | 50 | – | {published} [" in ledger
+    assert (sweep / "figure_SEVEN-plot1-pre-pruning-BERT-base.png").exists()

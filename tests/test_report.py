@@ -136,3 +136,83 @@ def test_report_errors_clearly_without_results(tmp_path: Path, capsys: pytest.Ca
     assert "No finished run under" in err and "1 failed job(s)" in err
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- reproduction ledger
+FIGURE_INFO = {
+    "name": "seven_pre/plot1_bert_base", "source": "Xiao et al. 2024, plot1", "figure": "SEVEN plot1",
+    "tolerance": 0.002, "tolerance_approx": 0.005,
+    "published": [
+        {"method": "dense", "task": "glue/mrpc", "metric": "accuracy", "value": 0.852},
+        {"method": "snip", "task": "glue/mrpc", "metric": "accuracy", "curve": {"0.1": 0.838, "0.8": "≈0.698", "0.9": "<0.70"}},
+        {"method": "grasp", "task": "glue/mrpc", "metric": "accuracy", "curve": {"0.1": 0.860}},
+        {"method": "snip", "task": "glue/sst2", "metric": "accuracy", "curve": {"0.1": 0.926}},  # a panel not run here
+    ],
+}
+
+
+def test_ledger_rows_tolerances_and_figure(tmp_path: Path) -> None:
+    ovr = ["experiment=seven_pre/plot1_bert_base"]
+    runs = {  # (method, sparsity): accuracies of two seeds
+        ("snip", 0.1): (0.836, 0.838),   # mean 0.837: |diff| 0.001 <= 0.002
+        ("snip", 0.8): (0.690, 0.700),   # mean 0.695 vs ≈0.698: 0.003 <= 0.005
+        ("snip", 0.9): (0.650, 0.660),   # below the axis (<0.70): within
+        ("grasp", 0.1): (0.84, 0.85),    # 0.845 vs 0.860: -1.5 points, outside
+    }
+    for (method, sp), accs in runs.items():
+        for seed, acc in enumerate(accs):
+            write_result(tmp_path / f"{method}-{sp}-{seed}", method, sp, seed, 0, 0, task="glue/mrpc", experiment=FIGURE_INFO,
+                         overrides=[*ovr, f"method={method}", f"sparsity={sp}", f"seed={seed}"], metrics={"accuracy": acc})
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    ledger = md[md.index("## Reproduction ledger"):]
+    # dense is published but was not run; the SST-2 panel belongs to another run's task
+    assert "**3 of 4 measured rows within tolerance**; 1 published number(s) not run" in ledger
+    assert "| snip | glue/mrpc | accuracy | 10 | – | 83.8 [1] | 83.7 ± 0.1 (2) | -0.1 | 0.2 | yes |" in ledger
+    assert "| snip | glue/mrpc | accuracy | 80 | – | ≈69.8 [1] | 69.5 ± 0.7 (2) | -0.3 | 0.5 | yes |" in ledger
+    assert "| <70.0 [1] | 65.5 ± 0.7 (2) | -4.5 | 0.2 | yes |" in ledger
+    assert "| grasp | glue/mrpc | accuracy | 10 | – | 86.0 [1] | 84.5 ± 0.7 (2) | -1.5 | 0.2 | **no** |" in ledger
+    assert "| dense | glue/mrpc | accuracy | – | – | 85.2 [–] | not run |" in ledger
+    assert "glue/sst2" not in ledger
+    fig = tmp_path / "figure_SEVEN-plot1.png"
+    assert fig.stat().st_size > 10_000 and "![figure_SEVEN-plot1](figure_SEVEN-plot1.png)" in md
+
+
+def test_ledger_conditions_and_measured_sparsity(tmp_path: Path) -> None:
+    """Table 2/3 rows differ only in distillation (``when``); methods without a target
+    (soft movement) match the published sparsity their measured one is closest to."""
+    info = {
+        "name": "soft_movement/mnli_bert_base", "source": "Sanh et al. 2020, Tables 2-3", "tolerance": 0.01,
+        "published": [
+            {"method": "soft_movement", "task": "glue/mnli", "metric": "accuracy", "when": {"distill.enabled": False}, "curve": {"0.9": 0.807}},
+            {"method": "soft_movement", "task": "glue/mnli", "metric": "accuracy", "when": {"distill.enabled": True}, "curve": {"0.9": 0.812}},
+        ],
+    }
+    for distil, acc in ((False, 0.80), (True, 0.79)):
+        path = tmp_path / f"distill={distil}"
+        write_result(path, "soft_movement", 0.9, 0, 0, 0, task="glue/mnli", experiment=info, metrics={"accuracy": acc},
+                     overrides=["experiment=soft_movement/mnli_bert_base", f"distill.enabled={str(distil).lower()}"])
+        result = json.loads((path / "result.json").read_text())
+        result["sparsity"]["target"] = None
+        result["sparsity"]["measured"] = 0.904
+        result["config"]["distill"] = {"enabled": distil}
+        (path / "result.json").write_text(json.dumps(result))
+    assert main([str(tmp_path)]) == 0
+    ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert "**1 of 2 measured rows within tolerance**" in ledger
+    assert "| 90 | distill.enabled=False | 80.7 [1] | 80.0 (1) | -0.7 | 1.0 | yes |" in ledger
+    assert "| 90 | distill.enabled=True | 81.2 [1] | 79.0 (1) | -2.2 | 1.0 | **no** |" in ledger
+
+
+def test_published_points_forms() -> None:
+    from pruneflow.published import find_point, parse_value, published_points
+
+    assert parse_value("≈0.857", 0.002, 0.005) == (0.857, "approx", 0.005)
+    assert parse_value("<0.70", 0.002, 0.005) == (0.70, "below", 0.002)
+    with pytest.raises(ValueError, match="expected a number"):
+        parse_value("about 0.8", 0.002, 0.005)
+    pts = published_points({"published": FIGURE_INFO["published"], "tolerance": 0.002})
+    assert len(pts) == 6 and {p.kind for p in pts} == {"value", "approx", "below"}
+    assert find_point(FIGURE_INFO, "snip", "glue/mrpc", "accuracy", 0.9).label() == "<70.0"
+    assert find_point(FIGURE_INFO, "grasp", "glue/mrpc", "accuracy", 0.9) is None
+    assert find_point(FIGURE_INFO, "magnitude", "glue/mrpc", "accuracy", 0.1) is None  # not this method's number

@@ -78,6 +78,9 @@ class PruningMethod:
     #: False for methods whose prune stage does not train the weights (``seven_pre``
     #: scores without updates; SPP's search trains only its masks)
     updates_weights: ClassVar[bool] = True
+    #: True for methods that can also prune without weight updates when asked
+    #: (``stages.prune.update_weights=false``: pruning at initialisation)
+    scores_without_updates: ClassVar[bool] = False
     #: False when ``finalize`` rebuilds layers (SPP), so no optimizer state can carry over
     keeps_architecture: ClassVar[bool] = True
 

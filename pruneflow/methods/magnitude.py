@@ -21,6 +21,7 @@ def magnitude_scores_(out: torch.Tensor, W: torch.Tensor, mask: torch.Tensor) ->
 
 class Magnitude(ScoreBasedMethod):
     name = "magnitude"
+    scores_without_updates = True  # |W| needs no training: stages.prune.update_weights=false is one-shot at init
 
     def init_state(self) -> None:
         self.score_kernel = self.kernel(magnitude_scores_)

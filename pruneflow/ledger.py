@@ -1,0 +1,178 @@
+"""The reproduction ledger of ``pruneflow-report``: every published number of the
+experiments that ran, beside what pruneflow measured.
+
+For each published point (``pruneflow.published``) of an experiment present in the
+report: the runs that reproduce it (same experiment, method, task, target sparsity
+and ``when`` settings), their mean ± std over seeds, the difference and whether it is
+within the point's tolerance. Points no run reproduces are listed as not run. A
+figure (``experiment_info.figure``) is drawn as its paper draws it: published curves
+dashed, measured means with error bars, the dense baseline as a horizontal line.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pruneflow.published import PublishedPoint, published_points, same_sparsity
+
+if TYPE_CHECKING:
+    from pruneflow.report import Row
+
+
+@dataclass
+class Entry:
+    experiment: str
+    figure: str | None
+    point: PublishedPoint
+    method: str  # the point's method (the experiment's own for the legacy form)
+    row: Row | None  # the runs that reproduce it; None: not run
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.mean is None else self.mean - self.point.value
+
+    @property
+    def within(self) -> bool | None:
+        return None if self.mean is None else self.point.within(self.mean)
+
+
+def _reproduces(point: PublishedPoint, row: Row, experiment: str) -> bool:
+    if row.experiment != experiment or row.task != point.task:
+        return False
+    if point.method is not None and row.method != point.method:
+        return False
+    if point.method is None and row.method == "dense":
+        return False
+    from pruneflow.report import row_sparsity
+
+    if point.sparsity is not None and not same_sparsity(point.sparsity, row_sparsity(row)):
+        return False
+    if point.metric not in row.metric_names():
+        return False
+    return all(point.matches_config(r.get("config") or {}) for r in row.runs)
+
+
+def ledger_entries(rows: list[Row]) -> list[Entry]:
+    infos: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        info = row.experiment_info()
+        if row.experiment and info and info.get("published"):
+            infos.setdefault(row.experiment, info)
+    entries: list[Entry] = []
+    for exp, info in infos.items():
+        exp_rows = [r for r in rows if r.experiment == exp]
+        own = exp_rows[0].method if len({r.method for r in exp_rows if r.method != "dense"}) == 1 else "?"
+        tasks = {r.task for r in exp_rows}
+        for p in published_points(info):
+            if p.task not in tasks:  # a figure's other panels belong to the experiments that run them
+                continue
+            matched = [r for r in exp_rows if _reproduces(p, r, exp)]
+            method = p.method or own
+            if not matched:
+                entries.append(Entry(exp, info.get("figure"), p, method, None))
+                continue
+            for r in matched:
+                mean, std, n = r.stat(lambda x, m=p.metric: x["metrics"]["final"][m])
+                entries.append(Entry(exp, info.get("figure"), p, method, r, mean, std, n))
+    return entries
+
+
+def _pct(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{v * 100:+.1f}" if signed else f"{v * 100:.1f}"
+
+
+def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - Sources.ref
+    if not entries:
+        return []
+    measured = [e for e in entries if e.mean is not None]
+    ok = sum(1 for e in measured if e.within)
+    out = [
+        "", "## Reproduction ledger", "",
+        f"**{ok} of {len(measured)} measured rows within tolerance**; {len(entries) - len(measured)} published "
+        "number(s) not run. Published and measured ×100; measured is the mean ± std over seeds (n runs); "
+        "diff = measured − published; \"≈\" marks a value read less precisely off a figure, \"<\" a curve that left "
+        "the plot below that value (within: measured at most that plus the tolerance).",
+        "",
+        "| experiment | method | task | metric | sparsity % | condition | published | measured (n) | diff | ± tolerance | within |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        p = e.point
+        cond = " ".join(f"{k}={v}" for k, v in p.when) or "–"
+        sp = "–" if p.sparsity is None else f"{p.sparsity * 100:g}"
+        meas = "not run" if e.row is None else (
+            "–" if e.mean is None else f"{_pct(e.mean)}" + (f" ± {_pct(e.std)}" if e.std is not None else "") + f" ({e.n})"
+        )
+        within = "–" if e.within is None else ("yes" if e.within else "**no**")
+        info = e.row.experiment_info() if e.row is not None else {"source": e.experiment}
+        out.append(
+            f"| {e.experiment} | {e.method} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if e.row else '–'}] | "
+            f"{meas} | {_pct(e.diff, signed=True)} | {p.tolerance * 100:.1f} | {within} |"
+        )
+    return out
+
+
+def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # noqa: ANN001
+    """One PNG per figure, a panel per (task, metric), drawn as the paper draws it."""
+    by_figure: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        if e.figure and (e.point.sparsity is not None or e.method == "dense"):
+            by_figure[str(e.figure)].append(e)
+    paths: list[Path] = []
+    if not by_figure:
+        return paths
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for figure, fig_entries in by_figure.items():
+        panels: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+        for e in fig_entries:
+            panels[(e.point.task, e.point.metric)].append(e)
+        keys = sorted(panels)
+        fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), dpi=110, squeeze=False)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        methods = sorted({e.method for e in fig_entries if e.method != "dense"})
+        color = {m: colors[i % len(colors)] for i, m in enumerate(methods)}
+        for ax, key in zip(axes[0], keys, strict=True):
+            panel = panels[key]
+            for m in methods:
+                pub = sorted((e.point.sparsity * 100, e.point.value * 100, e.point.kind) for e in panel if e.method == m and e.point.sparsity is not None)
+                if pub:
+                    ax.plot([x for x, _, _ in pub], [y for _, y, _ in pub], linestyle="--", marker=".", color=color[m], label=f"{m} (published)")
+                    below = [(x, y) for x, y, k in pub if k == "below"]
+                    if below:
+                        ax.plot(*zip(*below, strict=True), linestyle="none", marker="v", color=color[m])
+                meas = sorted(
+                    (e.point.sparsity * 100, e.mean * 100, (e.std or 0.0) * 100)
+                    for e in panel if e.method == m and e.mean is not None and e.point.sparsity is not None
+                )
+                if meas:
+                    ax.errorbar([x for x, _, _ in meas], [y for _, y, _ in meas], yerr=[s for _, _, s in meas],
+                                linestyle="none", marker="o", capsize=3, color=color[m], label=f"{m} (pruneflow)")
+            for e in panel:
+                if e.method == "dense":
+                    ax.axhline(e.point.value * 100, color="gray", linestyle="--", linewidth=1, label="dense (published)")
+                    if e.mean is not None:
+                        ax.axhline(e.mean * 100, color="gray", linestyle="-", linewidth=1, label="dense (pruneflow)")
+            ax.set_title(f"{key[0]}: {key[1]}", fontsize=10)
+            ax.set_xlabel("sparsity (%)")
+            ax.set_ylabel(f"{key[1]} (×100)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{figure}: published (dashed) vs pruneflow (points, mean ± std)", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"figure_{slug(figure)}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
