@@ -41,6 +41,9 @@ TASK_METRICS: dict[str, set[str]] = {
 SANH_MINI = ["schedule.initial_warmup=2", "schedule.final_warmup=2", "trainer.warmup_steps=2"]  # their 5400-step phases, shrunk
 MINIATURE_OVERRIDES: dict[str, list[str]] = {
     "seven/glue_bert_base": ["method.preset=null"],
+    # PLATON's warm-ups (300-5400 steps) shrunk to the miniature's 9 prune steps
+    **{f"platon/{t}_bert_base": ["schedule.initial_warmup=2", "schedule.final_warmup=3", "method.deltaT=2"] for t in
+       ("mnli", "qqp", "qnli", "sst2", "rte", "mrpc", "cola", "stsb", "squad")},
     **{f"{m}/{t}_bert_base": SANH_MINI for m in ("movement", "magnitude", "soft_movement", "l0") for t in ("squad", "mnli", "qqp")},
 }
 
@@ -130,6 +133,9 @@ def test_published_numbers_of_shared_published_md() -> None:
     assert _point("seven_pre/plot2_bert_base", "force", "squad/v1", "f1", 0.6) == 0.78
     assert _point("seven_pre/plot2_vit_b32", "seven_pre", "imagenet", "accuracy", 0.9) == 0.530
     assert _point("admm/glue_bert_base", "admm", "glue/rte", "accuracy", 0.5) == 0.688
+    assert _point("platon/mnli_bert_base", "platon", "glue/mnli", "accuracy_mm", 0.9) == 0.822
+    assert _point("platon/cola_bert_base", "platon", "glue/cola", "matthews_correlation", 0.9) == 0.443
+    assert _point("platon/stsb_bert_base", "dense", "glue/stsb", "spearmanr", None) == 0.897
     assert load("spp/deit_imagenet")["experiment_info"]["published_overall"] == {"params_reduction": 0.706}
 
 
