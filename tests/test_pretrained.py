@@ -30,6 +30,7 @@ METHODS = {
     "platon": ["method=platon", "sparsity=0.6", "method.deltaT=2", "method.compile=false"],
     "movement": ["method=movement", "sparsity=0.6", "method.compile=false"],
     "soft_movement": ["method=soft_movement", "method.final_threshold=0.45", "method.final_lambda=50", "method.score_lr=0.5", "method.compile=false"],
+    "l0": ["method=l0", "method.score_init=0.0", "method.score_lr=1.0", "method.final_lambda=1.0"],
     "magnitude": ["method=magnitude", "sparsity=0.6", "method.compile=false"],
     "random": ["method=random", "sparsity=0.6", "method.compile=false"],
     "snip": ["method=snip", "sparsity=0.6", "method.compile=false"],

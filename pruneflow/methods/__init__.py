@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "dense": "pruneflow.methods.dense:Dense",
     "force": "pruneflow.methods.force:Force",
     "grasp": "pruneflow.methods.grasp:GraSP",
+    "l0": "pruneflow.methods.l0:L0",
     "magnitude": "pruneflow.methods.magnitude:Magnitude",
     "movement": "pruneflow.methods.movement:Movement",
     "platon": "pruneflow.methods.platon:Platon",
