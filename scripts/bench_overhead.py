@@ -3,8 +3,9 @@ step, against a plain dense training step, side by side (DESIGN.md §7).
 
 BERT-base from ``BertConfig()`` (random init, no download), batch 8 x 128 tokens.
 Dense step: forward + backward + AdamW step of the plain, unparametrized model.
-Pruned step: the same with the method attached as the trainer runs it (its masks,
-its score update and its mask update after the optimizer step, every step, along
+Pruned step: the same with the method attached as the trainer runs it (its masks as
+the trainer applies them, its score update and its mask update after the optimizer
+step, every step, along
 a cubic schedule to the target sparsity; PLATON with deltaT=1).
 Dense and pruned steps are interleaved (alternating which goes first); each
 ratio is median(pruned) / median(dense) over the measured steps, after warm-up
@@ -151,6 +152,8 @@ def main() -> None:
         method = get_method_class(name)(cfg, args.sparsity)
         method.validate(model, weights)
         schedule = Schedule("cubic", args.sparsity, total)
+        if hasattr(method, "use_zeroed_masks"):  # as pruneflow's trainer: no W * mask in the forward
+            method.use_zeroed_masks()
         method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=device))
         opt = make_optimizer(model)
         for group in method.param_groups():  # movement pruning's scores

@@ -519,3 +519,40 @@ def test_spp_search_matches_the_authors_optimizer() -> None:
         torch.testing.assert_close(ours["z"], z[i], rtol=1e-5, atol=1e-6)
         assert torch.equal(ours["support"].float(), record[i]), e.key
     assert sum(int(r.sum()) for r in record) > 0  # entries did enter the support
+
+
+# ----------------------------------------------------------------------------- zeroed masks
+@pytest.mark.parametrize("method", ["seven", "magnitude"])
+def test_zeroed_masks_train_exactly_as_the_parametrization(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's fast masks (gradients of pruned weights zeroed before clipping, pruned
+    weights zeroed after every optimizer step) give the same masks and the same model as
+    ``W * mask`` in every forward, under AdamW with weight decay and clipping."""
+    from pruneflow.methods.score_based import ScoreBasedMethod
+
+    args = [f"method={method}", "sparsity=0.6", "trainer.weight_decay=0.05", "trainer.max_grad_norm=0.5", *stages(3, 8, 3, 3e-3)]
+    runs: dict[str, tuple[list[torch.Tensor], dict[str, torch.Tensor]]] = {}
+    for mode in ("zero", "parametrize"):
+        if mode == "parametrize":
+            monkeypatch.setattr(ScoreBasedMethod, "use_zeroed_masks", lambda self: False)
+        run = prepared(tmp_path / mode, *args)
+        masks = record_masks(run)
+        zero_after_step: list[bool] = []
+        hook = run.method.after_optimizer_step
+
+        def check(step: int, grads_finite: bool = True, hook=hook, run=run, log=zero_after_step) -> None:  # noqa: ANN001
+            hook(step, grads_finite)
+            m = run.method
+            log.append(all(bool((w.param[m.mask_view(i) == 0] == 0).all()) for i, w in enumerate(m.ctx.weights)))
+
+        run.method.after_optimizer_step = check
+        run.execute()
+        assert run.method.mask_mode == mode
+        if mode == "zero":
+            assert all(zero_after_step), "a pruned weight was non-zero after an optimizer step"
+        runs[mode] = (masks, final_weights(run))
+    (zm, zw), (pm, pw) = runs["zero"], runs["parametrize"]
+    assert len(zm) == len(pm) == 8
+    for k, (a, b) in enumerate(zip(zm, pm, strict=True)):
+        assert torch.equal(a, b), f"mask differs after prune step {k}"
+    for name in pw:
+        assert torch.allclose(zw[name], pw[name], rtol=1e-5, atol=1e-7), name

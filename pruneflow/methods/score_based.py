@@ -297,7 +297,7 @@ def kept_floor(total: int, keep: float) -> int:
 
 
 SELECTIONS = ("exact", "authors")
-MASK_MODES = ("parametrize", "inplace", "ste", "pass")
+MASK_MODES = ("parametrize", "zero", "inplace", "ste", "pass")
 
 
 class ScoreBasedMethod(PruningMethod):
@@ -307,7 +307,9 @@ class ScoreBasedMethod(PruningMethod):
     #: how masks act on the model during the prune stage:
     #: ``parametrize`` W * mask in every forward (gradients of pruned weights are 0);
     #: ``inplace`` pruned weights are zeroed in place at mask updates only and train
-    #: in between (PLATON's code); ``ste`` W * mask with trainable scores (movement).
+    #: in between (PLATON's code); ``ste`` W * mask with trainable scores (movement);
+    #: ``zero`` the fast, equivalent form of ``parametrize`` that pruneflow's trainer
+    #: selects (``use_zeroed_masks``).
     mask_mode: ClassVar[str] = "parametrize"
     #: flat per-weight state buffers this method keeps (all start at 0 when pruning starts)
     state_names: ClassVar[tuple[str, ...]] = ("scores",)
@@ -337,6 +339,33 @@ class ScoreBasedMethod(PruningMethod):
         self.frozen = False  # set by end_prune_stage: later hook calls change nothing
         self.mask_mode = type(self).mask_mode
         self.zero_on_update = False  # zero pruned entries of the trainable tensors at every mask update
+
+    def use_zeroed_masks(self) -> bool:
+        """Switch ``parametrize`` to ``zero`` when the caller's loop runs the hooks as
+        pruneflow's trainer does (``after_backward`` before clipping and the optimizer
+        step, ``after_optimizer_step`` after it). Then no ``W * mask`` is computed in the
+        forward pass nor ``grad * mask`` allocated in the backward: the gradients of
+        pruned weights are zeroed in place before clipping and the pruned weights after
+        every optimizer step. Every forward sees the same weights and every kept weight
+        gets the same update as under the parametrization; only the never-read values
+        of pruned entries differ (0 here, drifting under Adam's old moments there), so
+        methods that can regrow a weight keep the parametrization. Returns whether it
+        switched. Call before ``setup``."""
+        if self.mask_mode == "parametrize" and not self.regrowth and self.ctx is None:
+            self.mask_mode = "zero"
+            return True
+        return False
+
+    @torch.no_grad()
+    def _zero_pruned(self, grads: bool) -> None:
+        tensors = [w.param.grad if grads else w.param.data for w in self.ctx.weights]
+        pairs = [(t, self.mask_view(i)) for i, t in enumerate(tensors) if t is not None]
+        if pairs:
+            torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
+
+    def after_backward(self, step: int, grads_finite: bool = True) -> None:
+        if self.mask_mode == "zero" and not self.frozen:
+            self._zero_pruned(grads=True)  # as the parametrization's backward (g * mask), before clipping
 
     # --- to override -----------------------------------------------------------
     def init_state(self) -> None:
@@ -427,6 +456,8 @@ class ScoreBasedMethod(PruningMethod):
         loops read them, after ``optimizer.step()``), then the mask on the schedule."""
         if self.frozen:
             return
+        if self.mask_mode == "zero":
+            self._zero_pruned(grads=False)  # Adam's moments and weight decay moved pruned entries
         if self.uses_gradients and grads_finite:
             self.update_scores(step)
             self.k += 1
@@ -434,8 +465,8 @@ class ScoreBasedMethod(PruningMethod):
             self.update_masks(self.target_sparsity(step))
 
     def grads(self) -> list[torch.Tensor | None]:
-        """Gradients of the prunable weights: G * mask under the parametrization (G
-        where kept), the raw G in ``inplace`` mode."""
+        """Gradients of the prunable weights: G * mask under the parametrization and in
+        ``zero`` mode (G where kept), the raw G in ``inplace`` mode."""
         return [w.param.grad for w in self.ctx.weights]
 
     def kept_count_now(self) -> int:
@@ -455,7 +486,7 @@ class ScoreBasedMethod(PruningMethod):
                     self.authors_mask_(part, sparsity, out)
                 else:
                     self.topk.mask_(part, kept_count(n, sparsity), out)
-        if self.mask_mode == "inplace" or self.zero_on_update:  # PLATON's code zeroes pruned weights in place
+        if self.mask_mode in ("inplace", "zero") or self.zero_on_update:  # PLATON's code zeroes pruned weights in place
             params = [w.param.data for w in self.ctx.weights]
             torch._foreach_mul_(params, [self.mask_view(i) for i in range(len(params))])
 
@@ -506,7 +537,7 @@ class ScoreBasedMethod(PruningMethod):
             self.update_masks(self.sparsity)
         self.frozen = True
         weights = self.ctx.weights
-        if self.mask_mode == "inplace" and not weights.attached:
+        if self.mask_mode in ("inplace", "zero") and not weights.attached:
             weights.attach(Mask, masks=[self.mask_view(i) for i in range(len(weights))])
             for i, w in enumerate(weights):  # the mask buffers are views of the flat mask again
                 w.parametrization.mask = self.mask_view(i)
