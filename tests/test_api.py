@@ -130,8 +130,12 @@ def test_transformers_trainer_callback(tmp_path, method):
 def test_callback_refuses_what_it_cannot_run():
     from pruneflow.integrations import PruningCallback
 
-    with pytest.raises(UserError, match="extra_loss"):
-        PruningCallback("admm")
+    for method in ("admm", "soft_movement", "l0"):
+        with pytest.raises(UserError, match="extra_loss"):
+            PruningCallback(method)
+    for method in ("seven_pre", "snip", "grasp", "force"):
+        with pytest.raises(UserError, match="without weight updates"):
+            PruningCallback(method)
     callback = PruningCallback("seven", sparsity=0.5, start=10, steps=20)
     with pytest.raises(UserError, match="does not fit"):
         callback.window.plan(25)
