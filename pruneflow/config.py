@@ -38,6 +38,8 @@ class StagesConfig:
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "32"  # 32 | bf16 | fp16
+    compile: bool = False  # torch.compile the model (in place)
+    pin_memory: Any = "auto"  # auto (on CUDA) | true | false
     torch_threads: int | None = None
     continuous: bool = False  # one optimizer and LR schedule across finetune -> prune -> recover
     optimizer: str = "adamw"  # adamw | adam | adamax | sgd

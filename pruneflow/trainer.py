@@ -181,6 +181,12 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.continuous = bool(cfg.get("continuous", False))
+        pin = cfg.get("pin_memory", "auto")
+        self.pin_memory = device.type == "cuda" and pin in (True, "auto")
+        if cfg.get("compile", False):
+            # nn.Module.compile compiles in place: parameter names, state_dict keys (checkpoints,
+            # safetensors) and the masks' parametrizations stay as they are.
+            bundle.model.compile()
         self.distiller: Any = None  # pruneflow.distill.Distiller, set by the runner
         # The trainable parameters, named and ordered as in the model before any mask is
         # attached: optimizers built at any stage (and on resume) list them identically.
@@ -193,6 +199,8 @@ class Trainer:
 
     # -- helpers ----------------------------------------------------------------------
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.pin_memory:  # page-locked host copy: the transfer runs asynchronously
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -270,6 +278,10 @@ class Trainer:
         log_every = int(self.cfg.get("log_every", 10))
         max_norm = float(self.cfg.get("max_grad_norm", 0) or 0)
         clip_params = [p for g in opt.param_groups for p in g["params"]]
+        # Averaged over ranks: the model's parameters and any a method trains beside them
+        # (movement, soft movement and L0 scores live outside the model).
+        in_model = {id(p) for p in model.parameters()}
+        sync_params = [*model.parameters(), *(p for p in clip_params if id(p) not in in_model)]
         running, n_running = 0.0, 0
         t0 = time.perf_counter()
         lr = stage.lr
@@ -289,7 +301,7 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             # torchrun: mean gradients over ranks before any hook reads them, so scores,
             # thresholds and masks are identical on every rank (no-ops in one process).
-            distributed.average_gradients(model.parameters())
+            distributed.average_gradients(sync_params)
             loss_value = distributed.mean_scalar(loss_value, self.device)
             if not math.isfinite(loss_value):
                 if checkpoint is not None:  # for inspection; the last good checkpoint stays the one to resume from

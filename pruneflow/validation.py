@@ -35,6 +35,13 @@ def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
             "trainer.precision", "fp16", "32 or bf16 on this device",
             "fp16 autocast with a gradient scaler is for CUDA devices; on a CPU use bf16 (or 32).",
         )
+    if not isinstance(t.get("compile", False), bool):
+        raise invalid("trainer.compile", t.get("compile"), "true or false", "true compiles the model with torch.compile.")
+    pin = t.get("pin_memory", "auto")
+    if not (isinstance(pin, bool) or pin == "auto"):
+        raise invalid("trainer.pin_memory", pin, "auto (on CUDA), true or false")
+    if pin is True and not cuda:
+        raise invalid("trainer.pin_memory", True, "auto or false on this device", "Pinned host memory only speeds up copies to a CUDA device.")
     ratio, steps = t.get("warmup_ratio"), t.get("warmup_steps")
     if not _number(ratio) or not 0 <= ratio < 1:
         raise invalid("trainer.warmup_ratio", ratio, "a number in [0, 1) (fraction of the schedule's steps)")

@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--compile", default="auto", help="method.compile: auto | true | false")
+    ap.add_argument("--model-compile", default="false", help="true: torch.compile both models, as trainer.compile=true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--precision", default="32", help="32 | bf16 (autocast)")
     args = ap.parse_args()
@@ -131,6 +132,10 @@ def main() -> None:
 
     dense = build_model(args.layers).to(device)
     dense.train()
+    model_compile = args.model_compile.lower() == "true"
+    template = copy.deepcopy(dense)  # what each method's model starts from (a compiled module does not deepcopy)
+    if model_compile:
+        dense.compile()
     dense_opt = make_optimizer(dense)
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -141,12 +146,14 @@ def main() -> None:
     n_prunable = sum(w.numel() for w in select_prunable(dense, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} {where} precision={args.precision} "
-          f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile}", flush=True)
+          f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile} model_compile={model_compile}", flush=True)
 
     total = args.warmup + args.steps
     all_exact = True
     for name in args.methods.split(","):
-        model = copy.deepcopy(dense)
+        model = copy.deepcopy(template)
+        if model_compile:  # a fresh compile of the copy (its own graph, with the method's masks)
+            model.compile()
         weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
         cfg = method_config(name, args.compile)
         method = get_method_class(name)(cfg, args.sparsity)

@@ -61,7 +61,8 @@ def test_torchrun_two_cpu_processes_identical_masks(tmp_path: Path) -> None:
     conf = tiny_config_dir(tmp_path)
     run_dir = tmp_path / "run"
     out = run_cli(
-        ["experiment=pf_tiny", "method=magnitude", "sparsity=0.8", "trainer.device=cpu", "save_model=true",
+        # movement: its scores are trained outside the model, and must be averaged too
+        ["experiment=pf_tiny", "method=movement", "sparsity=0.8", "trainer.device=cpu", "save_model=true",
          f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"],
         tmp_path, conf,
         prefix=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pruneflow.cli"],
@@ -76,7 +77,7 @@ def test_torchrun_two_cpu_processes_identical_masks(tmp_path: Path) -> None:
     assert len(after_prune) == 2 and after_prune[0] == after_prune[1]
     assert set(after_prune[0]) >= {"masks", "weights"}
     assert len(final) == 2 and final[0] == final[1]
-    assert r["sparsity"]["measured"] == pytest.approx(0.8, abs=1e-5)
+    assert r["sparsity"]["measured"] == pytest.approx(0.8, abs=1e-4)  # kept counts rounded per matrix
     # rank 0 alone wrote the outputs; the finetune stage was cached once
     assert (run_dir / "model").is_dir() and (run_dir / "predictions.jsonl").exists()
     assert len(list((tmp_path / "cache" / "finetune").glob("*/entry.json"))) == 1

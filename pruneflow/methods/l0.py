@@ -204,8 +204,9 @@ class L0(PruningMethod):
         return lam * expected_l0([self.score_view(i) for i in range(len(self.slices))])
 
     def after_backward(self, step: int, grads_finite: bool = True) -> None:
-        # torchrun: the trainer averages the model's gradients only; the scores are not
-        # model parameters, and unaveraged they (and so the gates) would differ per rank.
+        # torchrun: pruneflow's trainer averages the scores with the model; a user's DDP
+        # loop (pruneflow.methods.create) averages only the model's, and unaveraged scores
+        # (and so the gates) would differ per rank. A second mean of equal values is a no-op.
         if not self.frozen and self.score_param is not None:
             distributed.average_gradients([self.score_param])
 
