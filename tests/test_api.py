@@ -124,7 +124,7 @@ def test_transformers_trainer_callback(tmp_path, method):
     if method == "movement":  # the scores joined the Trainer's optimizer and its LR schedule
         groups = trainer.optimizer.param_groups
         assert len(trainer.lr_scheduler.base_lrs) == len(groups) and trainer.lr_scheduler.base_lrs[-1] == pytest.approx(1e-2)
-        assert callback.pruner.method.score_param is groups[-1]["params"][0]
+        assert groups[-1]["params"] == callback.pruner.method.score_params  # one trained Parameter per layer
 
 
 def test_callback_refuses_what_it_cannot_run():

@@ -111,7 +111,7 @@ def test_training_steps_match_their_loop(ramp: bool) -> None:
         final_lambda=final_lambda, score_lr=score_lr, score_init=init, initial_threshold=initial_thr, final_threshold=final_thr,
     )
     opt = adamw(model, pruner.param_groups(), lr)
-    scores = pruner.method.score_param
+    scores = pruner.method.score_param  # flat view of every layer's trainable scores
     ours: list[tuple[float, torch.Tensor]] = []
     torch.manual_seed(7)
     for step, b in enumerate(batches):
@@ -119,7 +119,7 @@ def test_training_steps_match_their_loop(ramp: bool) -> None:
         extra = pruner.extra_loss()
         loss = loss + extra if extra is not None else loss
         loss.backward()
-        nn.utils.clip_grad_norm_([*model.parameters(), scores], 1.0)
+        nn.utils.clip_grad_norm_([*model.parameters(), *pruner.method.score_params], 1.0)
         opt.step()
         pruner.after_optimizer_step(step)
         opt.zero_grad()

@@ -119,7 +119,8 @@ class L0(PruningMethod):
         self.score_lr = _number(cfg, "score_lr", 0.1, 0.0, strict=True, why="The scores' learning rate (their --mask_scores_learning_rate: 1e-1).")
         self.score_init = _number(cfg, "score_init", 2.197, why="Every score starts at it (their --mask_scale 2.197).")
         self.ramps = self.initial_threshold != self.final_threshold
-        self.score_param: nn.Parameter | None = None
+        self.score_param: torch.Tensor | None = None  # every score, flat (saved in checkpoints)
+        self.score_params: list[nn.Parameter] = []  # the trainable per-layer views of it
         self.slices: list[tuple[int, int, torch.Size]] = []
         self.step = 0  # optimizer steps taken in the prune stage: the schedule position of the next loss
         self.frozen = False
@@ -164,8 +165,11 @@ class L0(PruningMethod):
         for w in weights:
             self.slices.append((start, w.numel(), w.shape))
             start += w.numel()
-        # One flat trainable tensor (fp32 whatever the weights' dtype); each layer gets a view.
-        self.score_param = nn.Parameter(torch.full((start,), self.score_init, dtype=torch.float32, device=first.device))
+        # One flat fp32 tensor (whatever the weights' dtype); each layer trains a Parameter
+        # that is a view of it (slices of one flat Parameter would make autograd build a
+        # full-size gradient per layer).
+        self.score_param = torch.full((start,), self.score_init, dtype=torch.float32, device=first.device)
+        self.score_params = [nn.Parameter(self.score_param[s : s + n].view(shape)) for s, n, shape in self.slices]
         for i, w in enumerate(weights):
             w.parametrization.bind(lambda i=i: self.score_view(i))
         self.step = 0
@@ -175,13 +179,12 @@ class L0(PruningMethod):
         self.refresh_masks()
 
     def score_view(self, i: int) -> torch.Tensor:
-        start, n, shape = self.slices[i]
-        return self.score_param[start : start + n].view(shape)
+        return self.score_params[i]
 
     def param_groups(self) -> list[dict[str, Any]]:
-        if self.score_param is None:
+        if not self.score_params:
             return []
-        return [{"params": [self.score_param], "pf_lr": self.score_lr, "weight_decay": 0.0}]
+        return [{"params": list(self.score_params), "pf_lr": self.score_lr, "weight_decay": 0.0}]
 
     def threshold(self, step: int) -> float:
         """Their threshold at optimizer step ``step`` (0-based): the schedule's value after
@@ -207,8 +210,8 @@ class L0(PruningMethod):
         # torchrun: pruneflow's trainer averages the scores with the model; a user's DDP
         # loop (pruneflow.methods.create) averages only the model's, and unaveraged scores
         # (and so the gates) would differ per rank. A second mean of equal values is a no-op.
-        if not self.frozen and self.score_param is not None:
-            distributed.average_gradients([self.score_param])
+        if not self.frozen and self.score_params:
+            distributed.average_gradients(self.score_params)
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
