@@ -355,8 +355,7 @@ class Run:
     def setup_method(self) -> None:
         """Start the prune stage: masks attached; in a continuous run the method's own
         trainable tensors join the run's optimizer (in the same order on resume)."""
-        if hasattr(self.method, "use_zeroed_masks"):  # the trainer runs the hooks in the order it needs
-            self.method.use_zeroed_masks()
+        self.method.use_zeroed_masks()  # the trainer runs the hooks in the order this needs
         self.method.setup(self.prune_context())
         if self.optim is not None:
             for group in self.method.param_groups():

@@ -159,8 +159,7 @@ def main() -> None:
         method = get_method_class(name)(cfg, args.sparsity)
         method.validate(model, weights)
         schedule = Schedule("cubic", args.sparsity, total)
-        if hasattr(method, "use_zeroed_masks"):  # as pruneflow's trainer: no W * mask in the forward
-            method.use_zeroed_masks()
+        method.use_zeroed_masks()  # as pruneflow's trainer: no W * mask in the forward
         method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=device))
         opt = make_optimizer(model)
         for group in method.param_groups():  # movement pruning's scores

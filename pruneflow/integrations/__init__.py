@@ -27,9 +27,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 # Methods whose pruning needs its own loop or a loss term the callback cannot add.
 UNSUPPORTED = {
     "spp": "its search is its own loop: use pruneflow.methods.create('spp', ...).run(lr=...)",
-    "seven_pre": "it scores without weight updates: use pruneflow.methods.create('seven_pre', ...) in a loop without optimizer.step()",
     **{m: f"it scores without weight updates: use pruneflow.methods.create('{m}', ...) in a loop without optimizer.step()"
-       for m in ("snip", "grasp", "force")},
+       for m in ("seven_pre", "snip", "grasp", "force")},
     "admm": "it adds a penalty to the loss: call pruner.extra_loss() in your own compute_loss (pruneflow.methods.create)",
     "l0": "it adds the expected-L0 penalty to the loss: call pruner.extra_loss() in your own compute_loss (pruneflow.methods.create)",
     "soft_movement": "it adds an L1 term to the loss: call pruner.extra_loss() in your own compute_loss (pruneflow.methods.create)",

@@ -135,6 +135,13 @@ class PruningMethod:
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
+    def use_zeroed_masks(self) -> bool:
+        """Called before ``setup`` by loops that run ``after_backward`` before clipping and
+        the optimizer step and ``after_optimizer_step`` after it (pruneflow's trainer): a
+        method may then keep pruned weights at zero in place instead of masking every
+        forward pass. Returns whether it did; by default nothing changes."""
+        return False
+
     def after_backward(self, step: int, grads_finite: bool = True) -> None:
         pass
 
