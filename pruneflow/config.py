@@ -98,6 +98,27 @@ class SpeedConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Calibration data of one-shot causal-LM pruning (task=lm/...)."""
+
+    dataset: str = "c4"  # c4 | wikitext2 | local (calibration.path)
+    path: str | None = None  # a local copy (directory with a train split), or the file for dataset=local
+    nsamples: int = 128
+    seqlen: int | None = None  # tokens per sample; null = the model's max_position_embeddings (the authors')
+    seed: int = 0
+    blockwise: bool = True  # false: the whole-model reference (every block's inputs recomputed)
+
+
+@dataclass
+class AllocationConfig:
+    """Per-block sparsity of one-shot causal-LM pruning: uniform, or OWL (Yin et al. 2024)."""
+
+    name: str = "uniform"  # uniform | owl
+    owl_m: float = 5.0  # outlier: a Wanda score above owl_m x the layer's mean
+    owl_lambda: float = 0.08  # per-block sparsities spread over [s - lambda, s + lambda]
+
+
+@dataclass
 class Deviation:
     what: str = ""
     authors: str = ""  # what their code / paper does
@@ -162,6 +183,9 @@ class PruneflowConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    recovery: Any = None  # causal-LM tasks: conf/recovery/<none|full|lora>.yaml
     sparsity: float | None = None
     seed: int = 0
     overwrite: bool = False

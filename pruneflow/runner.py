@@ -133,6 +133,14 @@ class Run:
         if threads:
             torch.set_num_threads(int(threads))
         self.method_cls = get_method_class(cfg.method.name)
+        if getattr(self.method_cls, "one_shot", False):
+            raise invalid("method", cfg.method.name, sorted(n for n in METHODS if not getattr(get_method_class(n), "one_shot", False)),
+                          f"method={cfg.method.name} prunes a causal LM one shot from calibration data: use it with a causal-LM "
+                          f"task (task=lm/wikitext2 or lm/c4) and model (e.g. model=tiny_llama), not task={cfg.task.name}.")
+        check_unused(cfg, [("calibration", "calibration data is for one-shot causal-LM pruning (task=lm/...)"),
+                           ("allocation", "per-block sparsity allocation is for one-shot causal-LM pruning (task=lm/...)"),
+                           ("recovery", "recovery=full|lora is for one-shot causal-LM pruning (task=lm/...); here the "
+                            "recover stage (stages.recover) fine-tunes the pruned model")])
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
         check_unused(cfg, self.method.unused_settings(cfg))
@@ -643,9 +651,11 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
                 result_path.unlink(missing_ok=True)
             distributed.barrier()
         fresh = not (run_dir / "checkpoints").exists()
+        from pruneflow.llm.runner import LLMRun, is_lm_task
+
         try:
             check_resume_config(cfg, run_dir)
-            r = Run(cfg, run_dir, overrides)
+            r = LLMRun(cfg, run_dir, overrides) if is_lm_task(cfg) else Run(cfg, run_dir, overrides)
             r.prepare()
         except UserError as e:
             e.before_work = fresh  # the CLI removes a new run folder that holds nothing yet

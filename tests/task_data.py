@@ -201,3 +201,24 @@ def run_pipeline(run_dir: Path, overrides: list[str], speed: bool = False) -> di
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def lm_lines(n: int, seed: int = 0) -> list[str]:
+    """Lines of word-level text with some structure (repeated phrases) for causal LMs:
+    one phrase book for every split (one language), lines drawn by ``seed``."""
+    book = random.Random(1234)
+    phrases = [" ".join(book.choice(WORDS) for _ in range(4)) for _ in range(12)]
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(phrases) for _ in range(rng.randint(3, 8))) + " ." for _ in range(n)]
+
+
+def write_lm_text(folder: Path, n_train: int = 300, n_test: int = 80, eval_split: str = "test", fmt: str = "txt") -> Path:
+    """A language-modelling dataset as WikiText-2 / C4 are read: train and test (or
+    validation) splits, one row per line (.txt) or a 'text' column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", lm_lines(n_train, 0)), (eval_split, lm_lines(n_test, 1))):
+        if fmt == "txt":
+            (folder / f"{split}.txt").write_text("\n".join(rows) + "\n")
+        else:
+            write_split(folder, split, [{"text": r} for r in rows], fmt)
+    return folder

@@ -23,6 +23,19 @@ METHODS: dict[str, str] = {
     "snip": "pruneflow.methods.snip:Snip",
     "soft_movement": "pruneflow.methods.movement:SoftMovement",
     "spp": "pruneflow.methods.spp:SPP",
+    # one shot, causal LMs (task=lm/...): see pruneflow.methods.oneshot
+    "ria": "pruneflow.methods.ria:RIA",
+    "sparsegpt": "pruneflow.methods.sparsegpt:SparseGPT",
+    "wanda": "pruneflow.methods.wanda:Wanda",
+}
+
+# The methods that prune a causal LM one shot from calibration data; magnitude has a
+# one-shot form of its own there.
+ONE_SHOT_METHODS: dict[str, str] = {
+    "magnitude": "pruneflow.methods.magnitude:MagnitudeOneShot",
+    "ria": "pruneflow.methods.ria:RIA",
+    "sparsegpt": "pruneflow.methods.sparsegpt:SparseGPT",
+    "wanda": "pruneflow.methods.wanda:Wanda",
 }
 
 
@@ -40,4 +53,13 @@ def get_method_class(name: str) -> type[PruningMethod]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHODS", "PruneContext", "PruningMethod", "create", "get_method_class"]
+def get_one_shot_class(name: str):  # noqa: ANN201
+    """The one-shot (causal-LM) form of a method."""
+    if name not in ONE_SHOT_METHODS:
+        raise invalid("method", name, sorted(ONE_SHOT_METHODS),
+                      "A causal-LM task (task=lm/...) is pruned one shot from calibration data.")
+    module, cls = ONE_SHOT_METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHODS", "ONE_SHOT_METHODS", "get_one_shot_class", "PruneContext", "PruningMethod", "create", "get_method_class"]

@@ -317,6 +317,8 @@ class ScoreBasedMethod(PruningMethod):
     def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
         super().__init__(cfg, sparsity)
         self.scope = cfg.get("scope", "global")
+        if self.scope == "auto":  # magnitude: one global threshold when training (per layer one shot on LLMs)
+            self.scope = "global"
         if self.scope not in SCOPES:
             raise invalid("method.scope", self.scope, SCOPES)
         self.granularity = cfg.get("granularity", "unstructured") or "unstructured"

@@ -18,7 +18,7 @@ from pruneflow.errors import UserError
 if TYPE_CHECKING:
     from pruneflow.tasks.base import Task
 
-FAMILIES = ("timm", "hf")
+FAMILIES = ("timm", "hf", "causal_lm")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ModelBundle:
     """A model with what it needs to be fed and saved."""
 
     model: nn.Module
-    family: str  # "timm" | "hf"
+    family: str  # "timm" | "hf" | "causal_lm"
     name: str
     tokenizer: Any = None
     # How to rebuild the architecture (saved in model/config.json for timm models).
@@ -59,6 +59,15 @@ def build_model(cfg: DictConfig, task: Task) -> ModelBundle:
         from pruneflow.models.vision import build_timm_model
 
         return build_timm_model(cfg, task)
+    if family == "causal_lm":
+        from pruneflow.models.causal import build_causal_lm
+
+        return build_causal_lm(cfg, task)
+    if getattr(task, "problem", None) == "causal_lm":
+        raise UserError(
+            f"Model/task mismatch: task={task.name} prunes a causal language model, but model={cfg.name} is not one. "
+            "Choose a causal LM, e.g. model=tiny_llama (offline), opt_125m or llama2_7b."
+        )
     from pruneflow.models.text import build_hf_model
 
     return build_hf_model(cfg, task)

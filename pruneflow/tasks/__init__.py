@@ -18,6 +18,8 @@ TASKS: dict[str, str] = {
     "cifar10": "pruneflow.tasks.cifar:Cifar",
     "cifar100": "pruneflow.tasks.cifar:Cifar",
     "imagenet": "pruneflow.tasks.imagenet:ImageNet",
+    "lm/wikitext2": "pruneflow.tasks.lm:LanguageModeling",
+    "lm/c4": "pruneflow.tasks.lm:LanguageModeling",
 }
 
 

@@ -22,7 +22,7 @@ from pruneflow.errors import UserError, invalid
 log = logging.getLogger("pruneflow")
 
 # file extension -> datasets packaged builder
-BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
 PATH_HELP = (
     "a directory with one file per split named by the Hub's split names (train, validation, validation_matched, "
     "validation_mismatched, test) with the extension .parquet, .jsonl, .json or .csv, or a folder written by "

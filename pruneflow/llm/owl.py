@@ -1,0 +1,46 @@
+"""OWL, outlier-weighted layerwise sparsity (Yin et al., ICML 2024).
+
+On the dense model, each block's outlier ratio is the percentage of its Wanda scores
+``|W| * ||X_j||`` (all its Linears together) above ``owl_m`` times their mean. Ratios
+are min-max scaled to ``[0, 2 * owl_lambda]``, shifted so that their mean is the kept
+fraction ``1 - s``, and each block gets sparsity ``1 - ratio``: blocks with more outliers
+are pruned less, the average stays ``s``. As the authors' ``prune_wanda_outlier``
+(luuyin/OWL); the per-block sparsities then drive whichever method the run uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pruneflow.llm.blocks import BlockPruner
+from pruneflow.methods.oneshot import LayerPruner
+
+
+def outlier_ratio(metrics: list[torch.Tensor], m: float) -> float:
+    """Percentage of scores above ``m`` times the mean score (over all given layers)."""
+    flat = torch.cat([x.flatten().float() for x in metrics])
+    return float((flat > m * flat.mean()).sum()) / flat.numel() * 100
+
+
+def allocate(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.max() == r.min():  # no spread to weight by: uniform
+        return [sparsity] * len(r)
+    r = (r - r.min()) / (r.max() - r.min()) * lam * 2
+    kept = r - r.mean() + (1 - sparsity)
+    return [float(max(1 - k, 0.0)) for k in kept]
+
+
+def owl_sparsities(pruner: BlockPruner, samples: torch.Tensor, sparsity: float, m: float, lam: float) -> list[float]:
+    from pruneflow.methods.wanda import Wanda
+
+    wanda = Wanda(OmegaConf.create({"name": "wanda", "pattern": None}), sparsity)
+    ratios: list[float] = []
+
+    def visit(_i: int, pruners: dict[str, LayerPruner]) -> None:
+        ratios.append(outlier_ratio([p.metric() for p in pruners.values()], m))
+
+    pruner.dense_pass(samples, wanda, visit)
+    return allocate(ratios, sparsity, lam)

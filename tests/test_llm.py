@@ -1,0 +1,355 @@
+"""One-shot pruning of causal LMs (DESIGN.md §9) on the offline tiny_llama.
+
+Each method's mask is checked against an independent transcription of its authors'
+rule (numpy, float64, written from the papers' / repositories' definitions), the
+perplexity against a hand computation from the logits, and the pipeline end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from task_data import compose, write_lm_text
+from torch import nn
+
+from pruneflow.errors import RunStopped, UserError
+from pruneflow.methods.magnitude import MagnitudeOneShot
+from pruneflow.methods.oneshot import parse_pattern
+from pruneflow.methods.ria import RIA
+from pruneflow.methods.sparsegpt import SparseGPT
+from pruneflow.methods.wanda import Wanda
+
+# random weights (no pre-training) unless a test asks for it: the masks are what is checked
+LM = ["model=tiny_llama", "model.pretrain.steps=0", "task=lm/wikitext2", "calibration.dataset=wikitext2",
+      "calibration.nsamples=8", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def lm_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_lm_text(tmp_path_factory.mktemp("lm") / "wikitext2")
+
+
+def run_lm(run_dir: Path, lm_text: Path, *overrides: str) -> dict:
+    from pruneflow.runner import run
+
+    ov = [*LM, f"task.path={lm_text}", *overrides]
+    run(compose(ov), run_dir, ov)
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def method_cfg(name: str, **kw: object) -> OmegaConf:
+    return OmegaConf.create({"name": name, "pattern": None, **kw})
+
+
+def make_layer(rows: int = 16, cols: int = 32, seed: int = 0) -> tuple[nn.Linear, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(cols, rows, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(rows, cols, generator=g))
+    # calibration inputs with unequal channel scales, so activations matter
+    scale = torch.rand(cols, generator=g) * 3 + 0.1
+    batches = [torch.randn(1, 24, cols, generator=g) * scale for _ in range(5)]
+    return layer, batches
+
+
+def prune_with(method, layer: nn.Linear, batches: list[torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
+    pruner = method.layer_pruner(layer)
+    for b in batches:
+        pruner.add_batch(b)
+    pruner.prune(method.sparsity)
+    return layer.weight.detach().clone()
+
+
+# ----------------------------------------------------------------------------- references
+def ref_norms(batches: list[torch.Tensor]) -> np.ndarray:
+    """||X_j||_2^2 over all calibration tokens, divided by the number of samples (Wanda)."""
+    X = np.concatenate([b.reshape(-1, b.shape[-1]).double().numpy() for b in batches])
+    return (X**2).sum(0) / len(batches)
+
+
+def ref_drop_rowwise(metric: np.ndarray, sparsity: float) -> np.ndarray:
+    k = int(metric.shape[1] * sparsity)
+    drop = np.zeros(metric.shape, bool)
+    for r in range(metric.shape[0]):
+        drop[r, np.argsort(metric[r], kind="stable")[:k]] = True
+    return drop
+
+
+def ref_drop_nm(metric: np.ndarray, n: int, m: int) -> np.ndarray:
+    drop = np.zeros(metric.shape, bool)
+    for r in range(metric.shape[0]):
+        for c in range(0, metric.shape[1], m):
+            drop[r, c + np.argsort(metric[r, c:c + m], kind="stable")[: m - n]] = True
+    return drop
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
+def test_wanda_mask_is_its_formula(pattern: str | None) -> None:
+    layer, batches = make_layer()
+    W0 = layer.weight.detach().double().numpy().copy()
+    method = Wanda(method_cfg("wanda", pattern=pattern), Wanda.resolve_sparsity(method_cfg("wanda", pattern=pattern), 0.5))
+    W = prune_with(method, layer, batches).numpy()
+    metric = np.abs(W0) * np.sqrt(ref_norms(batches))[None, :]
+    drop = ref_drop_rowwise(metric, 0.5) if pattern is None else ref_drop_nm(metric, *parse_pattern(pattern))
+    assert ((W == 0) == drop).all()
+    assert np.allclose(W[~drop], W0[~drop])  # no weight update
+    if pattern is None:
+        assert (drop.sum(1) == 16).all()  # per output row
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_ria_mask_is_its_formula(pattern: str | None) -> None:
+    layer, batches = make_layer(seed=1)
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("ria", pattern=pattern, a=0.5)
+    W = prune_with(RIA(cfg, RIA.resolve_sparsity(cfg, 0.5)), layer, batches).numpy()
+    A = np.abs(W0)
+    metric = (A / A.sum(0, keepdims=True) + A / A.sum(1, keepdims=True)) * np.sqrt(ref_norms(batches))[None, :] ** 0.5
+    drop = ref_drop_rowwise(metric, 0.5) if pattern is None else ref_drop_nm(metric, 2, 4)
+    assert ((W == 0) == drop).all()
+
+
+def test_magnitude_one_shot_is_one_threshold_per_layer() -> None:
+    layer, _ = make_layer(seed=2)
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("magnitude", scope="auto")
+    W = prune_with(MagnitudeOneShot(cfg, 0.3), layer, []).numpy()
+    thresh = np.sort(np.abs(W0).ravel())[int(W0.size * 0.3)]
+    assert ((W == 0) == (np.abs(W0) <= thresh)).all()
+    assert abs((W == 0).mean() - 0.3) < 2 / W0.size  # one layer-wide threshold, not per row
+    with pytest.raises(UserError, match="method.scope"):
+        MagnitudeOneShot(method_cfg("magnitude", scope="global"), 0.5)
+
+
+def ref_sparsegpt(W0: np.ndarray, batches: list[torch.Tensor], sparsity: float, nm: tuple[int, int] | None, block: int, damp: float = 0.01) -> np.ndarray:
+    """SparseGPT transcribed column by column in float64: H = 2/S sum X X^T, dampened;
+    U = upper Cholesky factor of H^-1; masks chosen per block of ``block`` columns by
+    w^2 / U_jj^2; each column's error e = (w - q) / U_jj is subtracted from all later
+    columns as e * U[j, later] (no lazy batching: the update is applied at once)."""
+    X = np.concatenate([b.reshape(-1, b.shape[-1]).double().numpy() for b in batches])
+    H = 2 * X.T @ X / len(batches)
+    H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: U^T U = H^-1
+    W = W0.copy()
+    cols = W.shape[1]
+    drop = np.zeros(W.shape, bool)
+    for c in range(cols):
+        if c % block == 0 and nm is None:
+            seg = W[:, c:c + block] ** 2 / np.diag(U)[c:c + block][None, :] ** 2
+            thresh = np.sort(seg.ravel())[int(seg.size * sparsity)]
+            drop[:, c:c + block] = seg <= thresh
+        if nm is not None and c % nm[1] == 0:
+            seg = W[:, c:c + nm[1]] ** 2 / np.diag(U)[c:c + nm[1]][None, :] ** 2
+            for r in range(W.shape[0]):
+                drop[r, c + np.argsort(seg[r], kind="stable")[: nm[1] - nm[0]]] = True
+        w = W[:, c].copy()
+        q = np.where(drop[:, c], 0.0, w)
+        err = (w - q) / U[c, c]
+        W[:, c:] -= np.outer(err, U[c, c:])
+        W[:, c] = q
+    return W
+
+
+@pytest.mark.parametrize("pattern,block", [(None, 8), (None, 128), ("2:4", 8)])
+def test_sparsegpt_matches_a_column_by_column_transcription(pattern: str | None, block: int) -> None:
+    layer, batches = make_layer(rows=12, cols=32, seed=3)
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("sparsegpt", pattern=pattern, block_size=block, dampening=0.01)
+    W = prune_with(SparseGPT(cfg, SparseGPT.resolve_sparsity(cfg, 0.5)), layer, batches).double().numpy()
+    ref = ref_sparsegpt(W0, batches, 0.5, parse_pattern(pattern), block)
+    assert ((W == 0) == (ref == 0)).all()
+    assert np.allclose(W, ref, atol=1e-4)
+    assert not np.allclose(W[W != 0], W0[W != 0])  # the kept weights were updated
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda() -> None:
+    layer, batches = make_layer(rows=32, cols=64, seed=4)
+    W0 = layer.weight.detach().clone()
+    X = torch.cat([b.reshape(-1, 64) for b in batches])
+    errors = {}
+    for name, method in (("magnitude", MagnitudeOneShot(method_cfg("magnitude", scope="auto"), 0.5)),
+                         ("wanda", Wanda(method_cfg("wanda"), 0.5)),
+                         ("sparsegpt", SparseGPT(method_cfg("sparsegpt", block_size=128, dampening=0.01), 0.5))):
+        with torch.no_grad():
+            layer.weight.copy_(W0)
+        W = prune_with(method, layer, batches)
+        errors[name] = float(((X @ W0.T - X @ W.T) ** 2).sum())
+        assert abs(float((W == 0).float().mean()) - 0.5) < 0.01
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_pattern_and_sparsity_settings_are_checked() -> None:
+    with pytest.raises(UserError, match="method.pattern"):
+        parse_pattern("4:2")
+    with pytest.raises(UserError, match="conflicts with method.pattern"):
+        Wanda.resolve_sparsity(method_cfg("wanda", pattern="2:4"), 0.3)
+    assert Wanda.resolve_sparsity(method_cfg("wanda", pattern="4:8"), None) == 0.5
+    with pytest.raises(UserError, match="method.block_size"):
+        SparseGPT(method_cfg("sparsegpt", pattern="2:4", block_size=6, dampening=0.01), 0.5)
+
+
+# ----------------------------------------------------------------------------- perplexity, calibration
+def test_perplexity_is_the_hand_computed_one() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.tasks.lm import perplexity
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 50, (53,))
+    out = perplexity(model, ids, seqlen=16, device=torch.device("cpu"))
+    assert out["windows"] == 3  # 53 // 16; the last 5 tokens are dropped
+    nll = 0.0
+    with torch.no_grad():
+        for w in range(3):
+            chunk = ids[w * 16:(w + 1) * 16]
+            logp = torch.log_softmax(model(input_ids=chunk[None]).logits[0].double(), -1)
+            for t in range(15):  # 15 predicted tokens per window, weighted by seqlen=16 as the authors do
+                nll -= float(logp[t, chunk[t + 1]]) * 16 / 15
+    assert out["perplexity"] == pytest.approx(math.exp(nll / 48), rel=1e-5)
+
+
+def test_calibration_windows_follow_the_authors_rule(lm_text: Path) -> None:
+    from pruneflow.llm.calibration import calibration_samples
+    from pruneflow.models.causal import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer((lm_text / "train.txt").read_text().splitlines(), vocab_size=300)
+    cal = OmegaConf.create({"dataset": "wikitext2", "path": None, "nsamples": 4, "seqlen": 32, "seed": 7})
+    task = OmegaConf.create({"name": "lm/wikitext2", "path": str(lm_text)})
+    got = calibration_samples(cal, task, tok, 32)
+    rows = (lm_text / "train.txt").read_text().splitlines()
+    ids = tok(" ".join(rows), return_tensors="pt").input_ids[0]
+    rng = random.Random(7)
+    want = []
+    for _ in range(4):
+        i = rng.randint(0, ids.numel() - 32 - 1)
+        want.append(ids[i:i + 32])
+    assert torch.equal(got, torch.stack(want))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "ria", "magnitude"])
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: str, pattern: str | None) -> None:
+    extra = ["sparsity=0.5"] if pattern is None else [f"method.pattern='{pattern}'"]
+    r = run_lm(tmp_path / "run", lm_text, f"method={method}", *extra)
+    sp = r["sparsity"]
+    assert sp["target"] == 0.5
+    # counted from the saved weights
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    names = [k for k in state if ".layers." in k and k.endswith("proj.weight")]
+    assert set(names) == set(sp["per_layer"]) and len(names) == 14
+    zeros = sum(int((state[k] == 0).sum()) for k in names)
+    total = sum(state[k].numel() for k in names)
+    assert sp["measured"] == pytest.approx(zeros / total, abs=1e-6)
+    if pattern is None:
+        assert abs(sp["measured"] - 0.5) < (0.01 if method == "sparsegpt" else 1e-3)
+    else:
+        assert sp["pattern_verified"] is True and sp["measured"] == 0.5
+        for k in names:
+            assert int((state[k].reshape(state[k].shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+    m = r["metrics"]
+    assert set(m) == {"dense", "prune", "final"} and math.isfinite(m["final"]["perplexity"])
+    assert m["final"]["perplexity"] != m["dense"]["perplexity"]
+    assert r["calibration"]["nsamples"] == 8 and r["calibration"]["seqlen"] == 128
+    assert r["evaluation"]["windows"] >= 1 and r["evaluation"]["seqlen"] == 128
+    assert r["memory"]["peak_cpu_rss_bytes"] > 0 and r["time_s"]["prune"] > 0
+
+
+def test_blockwise_gives_the_masks_of_the_whole_model_reference(tmp_path: Path, lm_text: Path) -> None:
+    a = run_lm(tmp_path / "blockwise", lm_text, "method=wanda")
+    b = run_lm(tmp_path / "whole", lm_text, "method=wanda", "calibration.blockwise=false")
+    from safetensors.torch import load_file
+
+    sa = load_file(str(tmp_path / "blockwise" / "model" / "model.safetensors"))
+    sb = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    assert all(torch.equal(sa[k] == 0, sb[k] == 0) for k in sa)
+    assert a["metrics"]["final"]["perplexity"] == pytest.approx(b["metrics"]["final"]["perplexity"], rel=1e-6)
+
+
+def test_a_stopped_prune_resumes_from_its_last_block(tmp_path: Path, lm_text: Path) -> None:
+    from pruneflow.stop import STOP
+
+    whole = run_lm(tmp_path / "whole", lm_text, "method=sparsegpt")
+    STOP.signum = signal.SIGTERM  # as if SIGTERM arrived during block 0
+    try:
+        with pytest.raises(RunStopped, match="after block 0"):
+            run_lm(tmp_path / "stopped", lm_text, "method=sparsegpt")
+    finally:
+        STOP.signum = None
+    assert json.loads((tmp_path / "stopped" / "checkpoints" / "progress.json").read_text())["blocks_done"] == 1
+    resumed = run_lm(tmp_path / "stopped", lm_text, "method=sparsegpt")
+    assert resumed["metrics"]["final"] == whole["metrics"]["final"]
+    assert resumed["sparsity"]["per_layer"] == whole["sparsity"]["per_layer"]
+
+
+def test_owl_allocation_keeps_the_mean_sparsity(tmp_path: Path, lm_text: Path) -> None:
+    r = run_lm(tmp_path / "owl", lm_text, "method=wanda", "sparsity=0.6", "allocation.name=owl", "allocation.owl_lambda=0.05")
+    per_block = r["allocation"]["per_block"]
+    assert len(per_block) == 2 and sum(per_block) / 2 == pytest.approx(0.6, abs=1e-9)
+    assert all(0.55 - 1e-9 <= s <= 0.65 + 1e-9 for s in per_block)
+    assert r["sparsity"]["per_block"] == pytest.approx(per_block, abs=0.01)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["method=seven"], "prunes while training"),
+    (["method=wanda", "stages.recover.epochs=2"], "stages.recover.epochs=2"),
+    (["method=wanda", "method.pattern='2:3'"], "method.pattern"),
+    (["method=wanda", "calibration.nsamples=0"], "calibration.nsamples"),
+    (["method=wanda", "task.seqlen=4096"], "task.seqlen"),
+    (["method=wanda", "allocation.name=owl", "method.pattern='2:4'"], "allocation.name"),
+    (["method=wanda", "recovery=full", "recovery.steps=-1"], "recovery.steps"),
+])
+def test_bad_llm_settings_are_one_clear_error(tmp_path: Path, lm_text: Path, overrides: list[str], needle: str) -> None:
+    with pytest.raises(UserError, match=needle.replace(".", r"\.").replace("=", "=")):
+        run_lm(tmp_path / "bad", lm_text, *overrides)
+
+
+def test_one_shot_methods_refuse_encoder_tasks_and_models(tmp_path: Path, lm_text: Path) -> None:
+    from pruneflow.runner import run
+
+    ov = ["method=wanda", "logger=none"]
+    with pytest.raises(UserError, match="causal LM one shot"):
+        run(compose(ov), tmp_path / "x", ov)
+    ov = ["method=wanda", "logger=none", "model=bert_tiny", "task=lm/wikitext2", f"task.path={lm_text}", "calibration.dataset=wikitext2"]
+    with pytest.raises(UserError, match="model=bert_tiny is not one"):
+        run(compose(ov), tmp_path / "y", ov)
+
+
+def test_tiny_llama_pretraining_and_recovery(tmp_path: Path, lm_text: Path) -> None:
+    """A briefly trained tiny LLaMA: magnitude pruning raises its perplexity, SparseGPT's
+    reconstruction much less; full recovery keeps the zeros and lowers it again; LoRA keeps the sparse
+    weights untouched and saves its adapters apart."""
+    from safetensors.torch import load_file
+
+    pre = ["model.pretrain.steps=60", "model.pretrain.batch_size=8", "model.pretrain.seqlen=32", "task.seqlen=64",
+           "calibration.seqlen=64", "sparsity=0.8"]
+    mag = run_lm(tmp_path / "mag", lm_text, "method=magnitude", *pre)
+    assert mag["pretrain"]["last_loss"] < mag["pretrain"]["first_loss"] - 1.0
+    dense = mag["metrics"]["dense"]["perplexity"]
+    assert dense < 20  # trained: far below the vocabulary size (~500) of a random model
+    full = run_lm(tmp_path / "full", lm_text, "method=sparsegpt", *pre, "recovery=full", "recovery.steps=20", "recovery.lr=1e-3")
+    assert full["metrics"]["dense"]["perplexity"] == pytest.approx(dense)  # the same pre-trained model
+    assert full["metrics"]["prune"]["perplexity"] < mag["metrics"]["prune"]["perplexity"]
+    assert mag["metrics"]["prune"]["perplexity"] > dense * 1.05
+    assert full["metrics"]["recover"]["perplexity"] < full["metrics"]["prune"]["perplexity"]
+    assert full["metrics"]["final"] == full["metrics"]["recover"]
+    assert abs(full["sparsity"]["measured"] - 0.8) < 0.01  # the zeros survived 20 AdamW steps
+    before = load_file(str(tmp_path / "mag" / "model" / "model.safetensors"))
+    lora = run_lm(tmp_path / "lora", lm_text, "method=magnitude", *pre, "recovery=lora", "recovery.steps=10", "recovery.lr=1e-3")
+    after = load_file(str(tmp_path / "lora" / "model" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # LoRA leaves the base weights as pruned
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    assert lora["metrics"]["recover"]["perplexity"] != lora["metrics"]["prune"]["perplexity"]
+    assert lora["sparsity"]["measured"] == mag["sparsity"]["measured"]
