@@ -19,6 +19,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 from sweep_helpers import compose
+from task_data import write_lm_text
 
 from pruneflow.methods import METHODS
 from pruneflow.published import find_point, published_points
@@ -36,7 +37,11 @@ TASK_METRICS: dict[str, set[str]] = {
     "squad/v1": {"exact_match", "f1"}, "squad/v2": {"exact_match", "f1", "has_ans_f1", "no_ans_f1"},
     "imagenet": {"accuracy", "top5"}, "cifar10": {"accuracy", "top5"}, "cifar100": {"accuracy", "top5"},
     "digits": {"accuracy", "top5"},
+    "lm/wikitext2": {"perplexity"}, "lm/c4": {"perplexity"},
 }
+# zero-shot accuracies that causal-LM experiments publish (lm-evaluation-harness task/metric)
+ZERO_SHOT_METRICS = {f"{t}/{m}" for t in ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+                     for m in ("acc", "acc_norm")} | {"average/acc"}
 # Extra overrides a miniature needs: presets that would set paper-length stages are switched off.
 SANH_MINI = ["schedule.initial_warmup=2", "schedule.final_warmup=2", "trainer.warmup_steps=2"]  # their 5400-step phases, shrunk
 MINIATURE_OVERRIDES: dict[str, list[str]] = {
@@ -88,10 +93,10 @@ def test_experiment_file_is_well_formed(name: str) -> None:
     composed = OmegaConf.to_container(compose([f"experiment={name}"]).experiment_info)
     for p in published_points(composed):
         assert p.task in TASK_METRICS, p.task
-        assert p.metric in TASK_METRICS[p.task], (p.task, p.metric)
+        assert p.metric in TASK_METRICS[p.task] | (ZERO_SHOT_METRICS if p.task.startswith("lm/") else set()), (p.task, p.metric)
         assert p.method is None or p.method == "dense" or p.method in METHODS, p.method
         assert p.sparsity is None or 0 <= p.sparsity < 1
-        assert -1 <= p.value <= 1, "published numbers are fractions, like result.json"
+        assert p.metric == "perplexity" or -1 <= p.value <= 1, "published numbers are fractions (perplexities raw), like result.json"
         assert 0 < p.tolerance <= 0.05
     definition = composed.get("sparsity_definition")
     if definition:
@@ -225,6 +230,12 @@ def miniature_overrides(name: str, tmp: Path) -> tuple[list[str], str]:
     """Offline overrides for an experiment, and the task the miniature runs."""
     c = choices(name)
     task = c["task"]
+    if task.startswith("lm/"):  # one shot: no stages; tiny_llama on local text, no zero-shot download
+        data = write_lm_text(tmp / "data", eval_split="test" if task == "lm/wikitext2" else "validation")
+        return [f"experiment={name}", "logger=none", "save_model=false", "trainer.device=cpu", "trainer.torch_threads=1",
+                "model=tiny_llama", "model.pretrain.steps=0", f"task.path={data}", "task.zero_shot=[]",
+                "calibration.nsamples=4", "calibration.seqlen=null", "task.seqlen=null", *([] if task == "lm/c4" else ["calibration.dataset=wikitext2"]),
+                *MINIATURE_OVERRIDES.get(name, [])], task
     steps = ["stages.finetune.steps=3", "stages.prune.steps=9", "stages.recover.steps=2", "stages.eval_batch_size=32"]
     steps += [f"stages.{s}.epochs=null" for s in ("finetune", "prune", "recover")]
     steps += [f"stages.{s}.batch_size=8" for s in ("finetune", "prune", "recover")]

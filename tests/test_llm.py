@@ -105,16 +105,30 @@ def test_wanda_mask_is_its_formula(pattern: str | None) -> None:
         assert (drop.sum(1) == 16).all()  # per output row
 
 
-@pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_ria_mask_is_its_formula(pattern: str | None) -> None:
+@pytest.mark.parametrize("pattern,per_row,realloc", [(None, False, False), (None, True, False), ("2:4", False, False), ("2:4", False, True)])
+def test_ria_mask_is_its_formula(pattern: str | None, per_row: bool, realloc: bool) -> None:
     layer, batches = make_layer(seed=1)
     W0 = layer.weight.detach().double().numpy().copy()
-    cfg = method_cfg("ria", pattern=pattern, a=0.5)
+    cfg = method_cfg("ria", pattern=pattern, a=0.5, per_outneuron=per_row, reallocation=realloc)
     W = prune_with(RIA(cfg, RIA.resolve_sparsity(cfg, 0.5)), layer, batches).numpy()
     A = np.abs(W0)
     metric = (A / A.sum(0, keepdims=True) + A / A.sum(1, keepdims=True)) * np.sqrt(ref_norms(batches))[None, :] ** 0.5
-    drop = ref_drop_rowwise(metric, 0.5) if pattern is None else ref_drop_nm(metric, 2, 4)
+    if pattern is None and per_row:
+        drop = ref_drop_rowwise(metric, 0.5)
+    elif pattern is None:  # their default: one threshold over the layer, <=
+        drop = metric <= np.sort(metric.ravel())[int(metric.size * 0.5)]
+    elif not realloc:
+        drop = ref_drop_nm(metric, 2, 4)
+    else:  # columns ranked by summed score, cut in 4 quarters, dealt into the groups' positions
+        ranked = list(np.argsort(metric.sum(0), kind="stable"))
+        q = len(ranked) // 4
+        parts = [ranked[0:q], ranked[q:2 * q][::-1], ranked[2 * q:3 * q], ranked[3 * q:][::-1]]
+        order = [parts[k][g] for g in range(q) for k in range(4)]
+        drop = np.zeros_like(metric, dtype=bool)
+        drop[:, order] = ref_drop_nm(metric[:, order], 2, 4)
+        assert not (drop == ref_drop_nm(metric, 2, 4)).all()  # the permutation changed the groups
     assert ((W == 0) == drop).all()
+    assert abs((W == 0).mean() - 0.5) < 2 / W.size
 
 
 def test_magnitude_one_shot_is_one_threshold_per_layer() -> None:

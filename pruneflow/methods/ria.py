@@ -1,20 +1,42 @@
 """RIA, relative importance and activations (Zhang et al., ICLR 2024, "Plug-and-Play"),
 one shot.
 
-Score of ``W[i, j]``: ``(|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** a``,
-the weight relative to its output row and to its input column, times the input channel's
-norm to the power ``a`` (0.5). Unstructured: the lowest ``int(in_features * sparsity)`` of
-each output row are removed; N:M: the lowest M-N of every M inputs of a row. No weight
-update. As the authors' ``prune_ria`` (biomedical-cybernetics/Relative-importance-and-
-activation-pruning).
+Score of ``W[i, j]``: ``(|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||_2 ** a``:
+the weight relative to its input column and to its output row, times the input
+channel's norm to the power ``a`` (0.5). As the authors' ``prune_ria``
+(biomedical-cybernetics/Relative-importance-and-activation-pruning @ 7bc55b0,
+lib/prune.py):
+
+- unstructured: one threshold per layer, everything at or below the value at index
+  ``int(n * sparsity)`` of the sorted scores removed (``method.per_outneuron=true``:
+  the lowest ``int(in_features * sparsity)`` of each row, their ``--per_outneuron``);
+- N:M: the lowest M-N of every M consecutive inputs of a row; with
+  ``method.reallocation=true`` (their ``--reallocation``, importance "sum") the input
+  channels are first permuted so that strong and weak channels share groups: channels
+  sorted by their summed score, cut into M equal parts, part k's channels dealt to
+  position k of every group (every other part in reverse order). The mask is chosen
+  in that order and mapped back, so the weights stay in place.
+
+No weight update (their ``--reconstruction`` and ``--lsa`` refinements are not offered).
 """
 
 from __future__ import annotations
 
 import torch
 
-from pruneflow.errors import invalid
-from pruneflow.methods.oneshot import InputNorms, LayerPruner, OneShotMethod
+from pruneflow.errors import check_bool, invalid
+from pruneflow.methods.oneshot import InputNorms, LayerPruner, OneShotMethod, prune_lowest_per_layer, prune_lowest_per_row, prune_nm
+
+
+def reallocation_order(metric: torch.Tensor, m: int) -> torch.Tensor:
+    """RIA's heuristic channel reallocation: the column order in which N:M groups are cut."""
+    cols = metric.shape[1]
+    ranked = torch.sort(metric.sum(dim=0))[1]
+    index = torch.zeros_like(ranked)
+    for k in range(1, m + 1):
+        part = ranked[int(cols * (k - 1) / m):int(cols * k / m)]
+        index[k - 1::m] = part if k % 2 == 1 else part.flip(0)
+    return index
 
 
 class RIAPruner(LayerPruner):
@@ -30,6 +52,19 @@ class RIAPruner(LayerPruner):
         relative = A / A.sum(dim=0, keepdim=True) + A / A.sum(dim=1, keepdim=True)
         return relative * self.norms.sq.sqrt().reshape(1, -1) ** self.method.a
 
+    def pruned_mask(self, metric: torch.Tensor, sparsity: float) -> torch.Tensor:
+        method: RIA = self.method  # type: ignore[assignment]
+        if method.pattern is not None:
+            if not method.reallocation:
+                return prune_nm(metric, *method.pattern)
+            index = reallocation_order(metric, method.pattern[1])
+            mask = torch.zeros_like(metric, dtype=torch.bool)
+            mask[:, index] = prune_nm(metric[:, index], *method.pattern)
+            return mask
+        if method.per_outneuron:
+            return prune_lowest_per_row(metric, sparsity)
+        return prune_lowest_per_layer(metric, sparsity)
+
     def free(self) -> None:
         del self.norms
 
@@ -43,6 +78,12 @@ class RIA(OneShotMethod):
         self.a = cfg.get("a", 0.5)
         if isinstance(self.a, bool) or not isinstance(self.a, (int, float)) or self.a < 0:
             raise invalid("method.a", self.a, "a number >= 0 (the power of the activation norm; the authors use 0.5)")
+        self.per_outneuron = check_bool(cfg.get("per_outneuron", False), "method.per_outneuron")
+        self.reallocation = check_bool(cfg.get("reallocation", False), "method.reallocation")
+        if self.reallocation and self.pattern is None:
+            raise invalid("method.reallocation", True, "false for unstructured sparsity", "Channel reallocation arranges N:M groups (method.pattern).")
+        if self.per_outneuron and self.pattern is not None:
+            raise invalid("method.per_outneuron", True, "false with method.pattern", "N:M groups are already within each row.")
 
     def summary(self) -> dict:
-        return {**super().summary(), "a": self.a}
+        return {**super().summary(), "a": self.a, "per_outneuron": self.per_outneuron, "reallocation": self.reallocation}
