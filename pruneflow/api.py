@@ -188,6 +188,9 @@ def create(
     validate_sparsity(sparsity)
     cfg = method_config(name, settings)
     cls = get_method_class(name)
+    if getattr(cls, "one_shot", False):
+        raise UserError(f"method={name} prunes a causal LM one shot from calibration data, not along a training loop: "
+                        f"use pruneflow.llm.prune_causal_lm(model, calibration_ids, method={name!r}, sparsity=...).")
     target = cls.resolve_sparsity(cfg, sparsity)
     method = cls(cfg, target)
     if schedule not in KINDS:

@@ -367,3 +367,22 @@ def test_tiny_llama_pretraining_and_recovery(tmp_path: Path, lm_text: Path) -> N
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
     assert lora["metrics"]["recover"]["perplexity"] != lora["metrics"]["prune"]["perplexity"]
     assert lora["sparsity"]["measured"] == mag["sparsity"]["measured"]
+
+
+def test_prune_causal_lm_from_your_own_code() -> None:
+    """The API prunes as the CLI does: the same masks as the method's own pruners."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.api import create
+    from pruneflow.llm import prune_causal_lm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)).eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    rep = prune_causal_lm(model, ids, method="wanda", pattern="2:4")
+    assert rep["target"] == 0.5 and rep["measured"] == 0.5 and rep["per_block"] == [0.5, 0.5]
+    W = model.model.layers[1].mlp.down_proj.weight
+    assert int((W.reshape(W.shape[0], -1, 4) != 0).sum(-1).max()) == 2
+    with pytest.raises(UserError, match="prune_causal_lm"):
+        create("wanda", 0.5)

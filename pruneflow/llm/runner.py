@@ -281,6 +281,9 @@ class LLMRun:
                 for k in ("acc", "acc_norm"):
                     if m.get(k) is not None:
                         metrics[last][f"{t}/{k}"] = m[k]
+            for k, v in (zero_shot.get("average") or {}).items():
+                if v is not None and len(tasks) > 1:
+                    metrics[last][f"average/{k}"] = v
         metrics["final"] = dict(metrics[last])
         self.logger.log({f"final/{k}": v for k, v in metrics["final"].items()})
         return self.finish(metrics, times, zero_shot, t_start, progress["sparsities"])

@@ -25,7 +25,14 @@ from __future__ import annotations
 import torch
 
 from pruneflow.errors import check_bool, invalid
-from pruneflow.methods.oneshot import InputNorms, LayerPruner, OneShotMethod, prune_lowest_per_layer, prune_lowest_per_row, prune_nm
+from pruneflow.methods.oneshot import (
+    InputNorms,
+    LayerPruner,
+    OneShotMethod,
+    prune_lowest_per_layer,
+    prune_lowest_per_row,
+    prune_nm,
+)
 
 
 def reallocation_order(metric: torch.Tensor, m: int) -> torch.Tensor:
