@@ -144,7 +144,7 @@ def test_zero_shot_matches_hand_computed_accuracy(lm, tmp_path: Path, monkeypatc
         return out
 
     monkeypatch.setattr(HFLM, "loglikelihood", spy)
-    res = evaluate_zero_shot(model, tokenizer, names, batch_size=4, include_path=str(tmp_path))
+    res = evaluate_zero_shot(model, tokenizer, names, batch_size=4, include_path=str(tmp_path), offline=True)
 
     import lm_eval
 
@@ -170,7 +170,7 @@ def test_zero_shot_matches_hand_computed_accuracy(lm, tmp_path: Path, monkeypatc
 def test_zero_shot_limit_and_errors(lm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer = lm
     write_task(tmp_path, "mc_small", docs())
-    res = evaluate_zero_shot(model, tokenizer, ["mc_small"], limit=3, include_path=str(tmp_path))
+    res = evaluate_zero_shot(model, tokenizer, ["mc_small"], limit=3, include_path=str(tmp_path), offline=True)
     assert res["tasks"]["mc_small"]["n"] == 3
 
     import lm_eval.tasks
@@ -182,15 +182,16 @@ def test_zero_shot_limit_and_errors(lm, tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalOnly)
     with pytest.raises(UserError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]"):
-        evaluate_zero_shot(model, tokenizer, ["mc_small", "no_such_task"], include_path=str(tmp_path))
+        evaluate_zero_shot(model, tokenizer, ["mc_small", "no_such_task"], include_path=str(tmp_path), offline=True)
     with pytest.raises(UserError, match="not a folder"):
-        evaluate_zero_shot(model, tokenizer, ["mc_small"], include_path=str(tmp_path / "missing"))
+        evaluate_zero_shot(model, tokenizer, ["mc_small"], include_path=str(tmp_path / "missing"), offline=True)
     assert set(PAPER_TASKS) == {"boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                                 "openbookqa", "piqa"}
 
 
-def test_zero_shot_runs_in_the_pipeline_and_lands_in_result_json(tmp_path: Path) -> None:
+def test_zero_shot_runs_in_the_pipeline_and_lands_in_result_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`task.zero_shot` on a local task: both accuracies and the harness version in result.json."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a user without network: no Hub lookups at all
     from task_data import write_lm_text
     from test_llm import run_lm
 

@@ -87,14 +87,15 @@ def _metric(entry: dict[str, Any], name: str) -> Any:
 
 def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int = 8, limit: int | None = None,
                        include_path: str | None = None, device: str | None = "cpu", seed: int = 0,
-                       offline: bool = True) -> dict[str, Any]:
+                       offline: bool | None = None) -> dict[str, Any]:
     """Zero-shot (num_fewshot=0) lm-eval accuracy of an already-loaded transformers causal LM.
 
     ``tasks`` are lm-eval task/group names (see PAPER_TASKS) or YAML paths; ``include_path`` is a
     folder of extra task YAMLs (e.g. on local jsonl files). ``limit`` caps the examples per task.
     The model is moved to ``device`` (unless it is spread over devices with a device_map, or
-    ``device`` is None). With ``offline`` (default) no Hub request is made: hub datasets must
-    already be in the datasets cache.
+    ``device`` is None). With ``offline`` no Hub request is made: hub datasets must already be
+    in the datasets cache; None (default) follows ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``,
+    so on a machine with network the tasks' datasets are downloaded on first use.
 
     Returns ``{"harness": {"name", "version"}, "tasks": {name: {"acc", "acc_norm", "acc_stderr",
     "acc_norm_stderr", "n"}}, "average": {"acc", "acc_norm"}}``; acc_norm is None when the task
@@ -107,6 +108,8 @@ def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_si
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"zero-shot include_path {include_path!r} is not a folder of lm-eval task YAMLs")
 
+    if offline is None:
+        offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     with _offline() if offline else contextlib.nullcontext():
         task_manager = None
         if include_path is not None:
