@@ -386,3 +386,15 @@ def test_prune_causal_lm_from_your_own_code() -> None:
     assert int((W.reshape(W.shape[0], -1, 4) != 0).sum(-1).max()) == 2
     with pytest.raises(UserError, match="prune_causal_lm"):
         create("wanda", 0.5)
+
+
+def test_owl_outlier_ratio_and_allocation_by_hand() -> None:
+    from pruneflow.llm.owl import allocate, outlier_ratio
+
+    a, b = torch.tensor([[1.0, 1.0], [1.0, 13.0]]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # mean of all 8 scores = 20/8 = 2.5; above 2 x 2.5 = 5: only 13 -> 1 of 8 = 12.5 %
+    assert outlier_ratio([a, b], 2.0) == pytest.approx(12.5)
+    # ratios 1, 3, 2 -> scaled to [0, 0.16] -> 0, 0.16, 0.08; mean-shifted to kept 1 - 0.7
+    assert allocate([1.0, 3.0, 2.0], 0.7, 0.08) == pytest.approx([0.78, 0.62, 0.70])
+    assert allocate([1.0, 1.0], 0.5, 0.08) == [0.5, 0.5]  # no spread: uniform
+    assert allocate([0.0, 1.0], 0.01, 0.5)[1] == 0.01  # a block pushed to <= 0 gets 0.01, as theirs

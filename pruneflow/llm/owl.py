@@ -4,8 +4,10 @@ On the dense model, each block's outlier ratio is the percentage of its Wanda sc
 ``|W| * ||X_j||`` (all its Linears together) above ``owl_m`` times their mean. Ratios
 are min-max scaled to ``[0, 2 * owl_lambda]``, shifted so that their mean is the kept
 fraction ``1 - s``, and each block gets sparsity ``1 - ratio``: blocks with more outliers
-are pruned less, the average stays ``s``. As the authors' ``prune_wanda_outlier``
-(luuyin/OWL); the per-block sparsities then drive whichever method the run uses.
+are pruned less, the average stays ``s``. As the authors' ``prune_wanda_outlier`` and
+``check_outlier_mean`` (luuyin/OWL @ dddb7a4, lib/prune_all.py; their README's LLaMA
+commands use ``--Hyper_m 5 --Lamda 0.08``); the per-block sparsities then drive
+whichever method the run uses.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def allocate(ratios: list[float], sparsity: float, lam: float) -> list[float]:
         return [sparsity] * len(r)
     r = (r - r.min()) / (r.max() - r.min()) * lam * 2
     kept = r - r.mean() + (1 - sparsity)
-    return [float(max(1 - k, 0.0)) for k in kept]
+    return [float(1 - k) if 1 - k > 0 else 0.01 for k in kept]  # theirs: a block at <= 0 gets 0.01
 
 
 def owl_sparsities(pruner: BlockPruner, samples: torch.Tensor, sparsity: float, m: float, lam: float) -> list[float]:
