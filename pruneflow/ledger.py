@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pruneflow.published import PublishedPoint, published_points, same_sparsity
+from pruneflow.published import (
+    PublishedPoint,
+    fmt_metric,
+    metric_scale,
+    published_points,
+    same_sparsity,
+)
 
 if TYPE_CHECKING:
     from pruneflow.report import Row
@@ -74,6 +80,13 @@ def ledger_entries(rows: list[Row]) -> list[Entry]:
                 continue
             matched = [r for r in exp_rows if _reproduces(p, r, exp)]
             method = p.method or own
+            if not matched and p.method == "dense":
+                # causal-LM runs evaluate the dense model before pruning (metrics.dense): one row is enough
+                lm_rows = [r for r in exp_rows if r.task == p.task and all(p.metric in ((x.get("metrics") or {}).get("dense") or {}) for x in r.runs)]
+                if lm_rows:
+                    mean, std, n = lm_rows[0].stat(lambda x, m=p.metric: x["metrics"]["dense"][m])
+                    entries.append(Entry(exp, info.get("figure"), p, method, lm_rows[0], mean, std, n))
+                    continue
             if not matched:
                 entries.append(Entry(exp, info.get("figure"), p, method, None))
                 continue
@@ -81,12 +94,6 @@ def ledger_entries(rows: list[Row]) -> list[Entry]:
                 mean, std, n = r.stat(lambda x, m=p.metric: x["metrics"]["final"][m])
                 entries.append(Entry(exp, info.get("figure"), p, method, r, mean, std, n))
     return entries
-
-
-def _pct(v: float | None, signed: bool = False) -> str:
-    if v is None:
-        return "–"
-    return f"{v * 100:+.1f}" if signed else f"{v * 100:.1f}"
 
 
 def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - Sources.ref
@@ -97,7 +104,7 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
     out = [
         "", "## Reproduction ledger", "",
         f"**{ok} of {len(measured)} measured rows within tolerance**; {len(entries) - len(measured)} published "
-        "number(s) not run. Published and measured ×100; measured is the mean ± std over seeds (n runs); "
+        "number(s) not run. Published and measured ×100 (perplexity as is; its tolerance is relative); measured is the mean ± std over seeds (n runs); "
         "diff = measured − published; \"≈\" marks a value read less precisely off a figure, \"<\" a curve that left "
         "the plot below that value (within: measured at most that plus the tolerance).",
         "",
@@ -108,14 +115,15 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
         p = e.point
         cond = " ".join(f"{k}={v}" for k, v in p.when) or "–"
         sp = "–" if p.sparsity is None else f"{p.sparsity * 100:g}"
+        m = p.metric
         meas = "not run" if e.row is None else (
-            "–" if e.mean is None else f"{_pct(e.mean)}" + (f" ± {_pct(e.std)}" if e.std is not None else "") + f" ({e.n})"
+            "–" if e.mean is None else fmt_metric(e.mean, m) + (f" ± {fmt_metric(e.std, m)}" if e.std is not None else "") + f" ({e.n})"
         )
         within = "–" if e.within is None else ("yes" if e.within else "**no**")
         info = e.row.experiment_info() if e.row is not None else {"source": e.experiment}
         out.append(
             f"| {e.experiment} | {e.method} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if e.row else '–'}] | "
-            f"{meas} | {_pct(e.diff, signed=True)} | {p.tolerance * 100:.1f} | {within} |"
+            f"{meas} | {fmt_metric(e.diff, m, signed=True)} | {p.tolerance_label()} | {within} |"
         )
     return out
 
@@ -145,15 +153,16 @@ def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # no
         color = {m: colors[i % len(colors)] for i, m in enumerate(methods)}
         for ax, key in zip(axes[0], keys, strict=True):
             panel = panels[key]
+            k = metric_scale(key[1])
             for m in methods:
-                pub = sorted((e.point.sparsity * 100, e.point.value * 100, e.point.kind) for e in panel if e.method == m and e.point.sparsity is not None)
+                pub = sorted((e.point.sparsity * 100, e.point.value * k, e.point.kind) for e in panel if e.method == m and e.point.sparsity is not None)
                 if pub:
                     ax.plot([x for x, _, _ in pub], [y for _, y, _ in pub], linestyle="--", marker=".", color=color[m], label=f"{m} (published)")
                     below = [(x, y) for x, y, k in pub if k == "below"]
                     if below:
                         ax.plot(*zip(*below, strict=True), linestyle="none", marker="v", color=color[m])
                 meas = sorted(
-                    (e.point.sparsity * 100, e.mean * 100, (e.std or 0.0) * 100)
+                    (e.point.sparsity * 100, e.mean * k, (e.std or 0.0) * k)
                     for e in panel if e.method == m and e.mean is not None and e.point.sparsity is not None
                 )
                 if meas:
@@ -161,12 +170,12 @@ def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # no
                                 linestyle="none", marker="o", capsize=3, color=color[m], label=f"{m} (pruneflow)")
             for e in panel:
                 if e.method == "dense":
-                    ax.axhline(e.point.value * 100, color="gray", linestyle="--", linewidth=1, label="dense (published)")
+                    ax.axhline(e.point.value * k, color="gray", linestyle="--", linewidth=1, label="dense (published)")
                     if e.mean is not None:
-                        ax.axhline(e.mean * 100, color="gray", linestyle="-", linewidth=1, label="dense (pruneflow)")
+                        ax.axhline(e.mean * k, color="gray", linestyle="-", linewidth=1, label="dense (pruneflow)")
             ax.set_title(f"{key[0]}: {key[1]}", fontsize=10)
             ax.set_xlabel("sparsity (%)")
-            ax.set_ylabel(f"{key[1]} (×100)")
+            ax.set_ylabel(key[1] if k == 1 else f"{key[1]} (×100)")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"{figure}: published (dashed) vs pruneflow (points, mean ± std)", fontsize=10)

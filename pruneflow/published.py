@@ -10,6 +10,8 @@ metric, as ``../shared/published.md`` transcribes it::
       - {method: magnitude, task: glue/mnli, metric: accuracy, sparsity: 0.9, value: 0.783,
          when: {distill.enabled: true}}                      # only runs with that setting
 
+Perplexities (``metric: perplexity``) are stored as printed (e.g. 6.42) and their
+``tolerance`` is relative (0.05: within 5 %); every other metric is a fraction.
 A value is a number; ``"≈x"`` is a point read less precisely (``tolerance_approx``,
 e.g. hidden behind another marker) and ``"<x"`` a curve that left the plot below x.
 ``tolerance`` (default for the experiment, or per entry) is how far a measured mean may
@@ -26,6 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_TOLERANCE = 0.01  # one point (metrics are fractions) where a paper prints a table
+# Metrics that are not fractions: shown as they are (not x100), lower is better, and an
+# experiment's ``tolerance`` for them is relative (0.05: within 5 % of the published value).
+RAW_METRICS = ("perplexity",)
+
+
+def metric_scale(metric: str) -> float:
+    """What a metric is multiplied by for display: 100 for fractions, 1 for perplexity."""
+    return 1.0 if metric in RAW_METRICS else 100.0
+
+
+def fmt_metric(value: float | None, metric: str, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    scaled = value * metric_scale(metric)
+    digits = 2 if metric in RAW_METRICS else 1
+    return f"{scaled:+.{digits}f}" if signed else f"{scaled:.{digits}f}"
 _NUMBER = re.compile(r"^\s*(?P<op>[≈~<])?\s*(?P<num>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -45,12 +63,20 @@ class PublishedPoint:
 
     def label(self) -> str:
         prefix = {"approx": "≈", "below": "<"}.get(self.kind, "")
-        return f"{prefix}{self.value * 100:.1f}"
+        return f"{prefix}{fmt_metric(self.value, self.metric)}"
+
+    @property
+    def allowed(self) -> float:
+        """The tolerance in the metric's units (relative for perplexity)."""
+        return self.tolerance * abs(self.value) if self.metric in RAW_METRICS else self.tolerance
+
+    def tolerance_label(self) -> str:
+        return f"{self.tolerance * 100:g} %" if self.metric in RAW_METRICS else f"{self.tolerance * 100:.1f}"
 
     def within(self, measured: float) -> bool:
         if self.kind == "below":
-            return measured <= self.value + self.tolerance
-        return abs(measured - self.value) <= self.tolerance + 1e-12
+            return measured <= self.value + self.allowed
+        return abs(measured - self.value) <= self.allowed + 1e-12
 
     def matches_config(self, config: dict[str, Any]) -> bool:
         return all(_lookup(config, key) == want for key, want in self.when)

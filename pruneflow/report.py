@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from pruneflow.ledger import ledger_entries, ledger_markdown, plot_figures
-from pruneflow.published import PublishedPoint, find_point, published_points, same_sparsity
+from pruneflow.published import (
+    RAW_METRICS,
+    PublishedPoint,
+    find_point,
+    metric_scale,
+    published_points,
+    same_sparsity,
+)
 from pruneflow.results import load_results
 
 # Overrides that do not change what a run computes (or are the row's own columns).
@@ -127,7 +134,7 @@ def settings_of(result: dict[str, Any]) -> str:
     for key, value in _override_items(result.get("overrides", [])):
         if key in NOT_A_SETTING or key.startswith(NOT_A_SETTING_PREFIXES):
             continue
-        keep.append(f"{key}={value}")
+        keep.append(f"{key}={value.replace(chr(92) + ':', ':')}")  # Hydra's sweep escapes ':' (2\:4)
     return " ".join(sorted(keep))
 
 
@@ -294,7 +301,7 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
     n_runs = sum(len(r.runs) for r in rows)
     out.append(
         f"{n_runs} finished run(s) in {len(rows)} configuration(s); {len(failed)} failed, {len(unfinished)} unfinished. "
-        "Metrics ×100, mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
+        "Metrics ×100 (perplexity as is: lower is better), mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
         "`!` marks a measured sparsity more than 0.5 points from its target. Time: wall time of the whole "
         "run (a finetune stage reused from the cache counts as ~0 s)."
     )
@@ -329,7 +336,7 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
                 cells.append(_md_escape(differing[id(row)]) or "–")
             cells += ["–" if row.target is None else f"{row.target * 100:g}", f"{len(row.runs)} ({','.join(map(str, row.seeds))})"]
             for m in metrics:
-                cells.append(fmt_pm(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2]))
+                cells.append(fmt_pm(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2], scale=metric_scale(m), digits=2 if m in RAW_METRICS else 1))
                 if has_pub[m]:
                     pt = row_point(row, m)
                     cells.append("–" if pt is None else f"{pt.label()} [{sources.ref(info)}]")
@@ -508,6 +515,7 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric = rows[0].main_metric
+    k = metric_scale(metric)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     dense: dict[str, tuple[float, float | None]] = {}
@@ -520,7 +528,7 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         if row.method == "dense":
             dense[label] = (y, yerr)
         else:
-            lines[label].append((x * 100, y * 100, (yerr or 0.0) * 100))
+            lines[label].append((x * 100, y * k, (yerr or 0.0) * k))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n_lines = len(lines)
     for i, (label, pts) in enumerate(sorted(lines.items())):
@@ -529,9 +537,9 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         dodge = (i - (n_lines - 1) / 2) * 0.4  # keeps error bars at the same sparsity apart
         ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", capsize=3, label=label, color=colors[i % len(colors)])
     for label, (y, yerr) in dense.items():
-        ax.axhline(y * 100, color="gray", linestyle="--", linewidth=1, label=f"{label} ({y * 100:.1f})")
+        ax.axhline(y * k, color="gray", linestyle="--", linewidth=1, label=f"{label} ({y * k:.{2 if k == 1 else 1}f})")
         if yerr:
-            ax.axhspan((y - yerr) * 100, (y + yerr) * 100, color="gray", alpha=0.15)
+            ax.axhspan((y - yerr) * k, (y + yerr) * k, color="gray", alpha=0.15)
     seen: set[tuple[str, str]] = set()
     for row in rows:  # published numbers of experiment runs: curves dotted, single values as stars
         key = (row.experiment, row.method)
@@ -545,14 +553,14 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         )
         if len(pts) > 1:
             xs, ys = zip(*pts, strict=True)
-            ax.plot([x * 100 for x in xs], [y * 100 for y in ys], linestyle=":", marker="s", fillstyle="none", label=f"{row.method} (published)")
+            ax.plot([x * 100 for x in xs], [y * k for y in ys], linestyle=":", marker="s", fillstyle="none", label=f"{row.method} (published)")
         elif pts or row_point(row, metric) is not None:
             x = pts[0][0] if pts else row.target
             y = pts[0][1] if pts else row_point(row, metric).value  # type: ignore[union-attr]
             if x is not None:
-                ax.plot([x * 100], [y * 100], linestyle="none", marker="*", markersize=11, label=f"{row.method} (published)")
+                ax.plot([x * 100], [y * k], linestyle="none", marker="*", markersize=11, label=f"{row.method} (published)")
     ax.set_xlabel("measured sparsity (% of prunable weights removed)")
-    ax.set_ylabel(f"{metric} (×100)")
+    ax.set_ylabel(metric if k == 1 else f"{metric} (×100)")
     n_seeds = sorted({len(r.runs) for r in rows})
     ax.set_title(f"{task}: {metric} vs sparsity (mean ± std over {'/'.join(map(str, n_seeds))} seed(s))", fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -216,3 +216,34 @@ def test_published_points_forms() -> None:
     assert find_point(FIGURE_INFO, "snip", "glue/mrpc", "accuracy", 0.9).label() == "<70.0"
     assert find_point(FIGURE_INFO, "grasp", "glue/mrpc", "accuracy", 0.9) is None
     assert find_point(FIGURE_INFO, "magnitude", "glue/mrpc", "accuracy", 0.1) is None  # not this method's number
+
+
+def test_causal_lm_perplexity_report_and_ledger(tmp_path: Path) -> None:
+    """Perplexity is shown as is (not x100), runs that differ only in method.pattern are
+    separate rows, the dense line comes from metrics.dense, and the ledger's perplexity
+    tolerance is relative (5 % of the published value)."""
+    exp = {"name": "wanda/llama2_7b", "source": "Wanda README", "tolerance": 0.05, "published": [
+        {"method": "dense", "task": "lm/wikitext2", "metric": "perplexity", "value": 5.12},
+        {"method": "wanda", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 6.42, "when": {"method.pattern": None}},
+        {"method": "wanda", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 11.02, "when": {"method.pattern": "2:4"}},
+    ]}
+    root = tmp_path / "lm"
+    for pattern, ppl in ((None, 6.61), ("2:4", 12.5)):  # 6.61 is within 5 % of 6.42; 12.5 is 13 % above 11.02
+        path = root / f"pattern={pattern}"
+        write_result(path, "wanda", 0.5, 0, 0, 0, task="lm/wikitext2", experiment=exp, metrics={"perplexity": ppl},
+                     overrides=["experiment=wanda/llama2_7b", f"method.pattern={pattern if pattern else 'null'}".replace(":", "\\:")])
+        r = json.loads((path / "result.json").read_text())
+        r["metrics"] = {"dense": {"perplexity": 5.2}, "prune": {"perplexity": ppl}, "final": {"perplexity": ppl}}
+        r["config"]["method"] = {"name": "wanda", "pattern": pattern}
+        (path / "result.json").write_text(json.dumps(r))
+    assert main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    table = md[md.index("## lm/wikitext2"):md.index("## Reproduction ledger")]
+    assert "| 6.61 |" in table and "| 12.50 |" in table and "661" not in table
+    assert "method.pattern=2:4" in table and "method.pattern=null" in table  # two rows, unescaped
+    ledger = md[md.index("## Reproduction ledger"):]
+    assert "**2 of 3 measured rows within tolerance**" in ledger
+    lines = {line.split("|")[2].strip() + line.split("|")[6].strip(): line for line in ledger.splitlines() if line.startswith("| wanda/")}
+    assert "| 5.12 [" in lines["dense–"] and "5.20 (1)" in lines["dense–"] and "| yes |" in lines["dense–"]
+    assert "| 6.42 [" in lines["wandamethod.pattern=None"] and "| yes |" in lines["wandamethod.pattern=None"]
+    assert "+1.48" in lines["wandamethod.pattern=2:4"] and "| **no** |" in lines["wandamethod.pattern=2:4"] and "| 5 % |" in lines["wandamethod.pattern=2:4"]
