@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pruneflow.published import (
     PublishedPoint,
     fmt_metric,
+    metric_label,
     metric_scale,
     published_points,
     same_sparsity,
@@ -46,6 +47,12 @@ class Entry:
     @property
     def within(self) -> bool | None:
         return None if self.mean is None else self.point.within(self.mean)
+
+    @property
+    def series(self) -> str:
+        """The curve a point belongs to in a figure: its method, and its ``when`` (a 2:4
+        number is not a point of the unstructured curve)."""
+        return " ".join([self.method, *(f"{k}={v}" for k, v in self.point.when)])
 
 
 def _reproduces(point: PublishedPoint, row: Row, experiment: str) -> bool:
@@ -106,7 +113,7 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
         f"**{ok} of {len(measured)} measured rows within tolerance**; {len(entries) - len(measured)} published "
         "number(s) not run. Published and measured ×100 (perplexity as is; its tolerance is relative); measured is the mean ± std over seeds (n runs); "
         "diff = measured − published; \"≈\" marks a value read less precisely off a figure, \"<\" a curve that left "
-        "the plot below that value (within: measured at most that plus the tolerance).",
+        "the plot below that value (within: measured at most that plus the tolerance), \">\" one that left it above.",
         "",
         "| experiment | method | task | metric | sparsity % | condition | published | measured (n) | diff | ± tolerance | within |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -149,21 +156,22 @@ def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # no
         keys = sorted(panels)
         fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), dpi=110, squeeze=False)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        methods = sorted({e.method for e in fig_entries if e.method != "dense"})
+        methods = sorted({e.series for e in fig_entries if e.method != "dense"})
         color = {m: colors[i % len(colors)] for i, m in enumerate(methods)}
         for ax, key in zip(axes[0], keys, strict=True):
             panel = panels[key]
             k = metric_scale(key[1])
             for m in methods:
-                pub = sorted((e.point.sparsity * 100, e.point.value * k, e.point.kind) for e in panel if e.method == m and e.point.sparsity is not None)
+                pub = sorted((e.point.sparsity * 100, e.point.value * k, e.point.kind) for e in panel if e.series == m and e.point.sparsity is not None)
                 if pub:
                     ax.plot([x for x, _, _ in pub], [y for _, y, _ in pub], linestyle="--", marker=".", color=color[m], label=f"{m} (published)")
-                    below = [(x, y) for x, y, k in pub if k == "below"]
-                    if below:
-                        ax.plot(*zip(*below, strict=True), linestyle="none", marker="v", color=color[m])
+                    for kind, marker in (("below", "v"), ("above", "^")):  # the curve left the plot there
+                        off = [(x, y) for x, y, kd in pub if kd == kind]
+                        if off:
+                            ax.plot(*zip(*off, strict=True), linestyle="none", marker=marker, color=color[m])
                 meas = sorted(
                     (e.point.sparsity * 100, e.mean * k, (e.std or 0.0) * k)
-                    for e in panel if e.method == m and e.mean is not None and e.point.sparsity is not None
+                    for e in panel if e.series == m and e.mean is not None and e.point.sparsity is not None
                 )
                 if meas:
                     ax.errorbar([x for x, _, _ in meas], [y for _, y, _ in meas], yerr=[s for _, _, s in meas],
@@ -175,7 +183,7 @@ def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # no
                         ax.axhline(e.mean * k, color="gray", linestyle="-", linewidth=1, label="dense (pruneflow)")
             ax.set_title(f"{key[0]}: {key[1]}", fontsize=10)
             ax.set_xlabel("sparsity (%)")
-            ax.set_ylabel(key[1] if k == 1 else f"{key[1]} (×100)")
+            ax.set_ylabel(metric_label(key[1]))
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"{figure}: published (dashed) vs pruneflow (points, mean ± std)", fontsize=10)

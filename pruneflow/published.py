@@ -9,15 +9,23 @@ metric, as ``../shared/published.md`` transcribes it::
       - {method: dense, task: glue/mrpc, metric: accuracy, value: 0.852}
       - {method: magnitude, task: glue/mnli, metric: accuracy, sparsity: 0.9, value: 0.783,
          when: {distill.enabled: true}}                      # only runs with that setting
+      - {method: wanda, task: lm/wikitext2, metric: perplexity, sparsity: 0.5, value: 6.42,
+         when: {method.pattern: null}}                       # unstructured runs only
+      - {method: wanda, task: lm/wikitext2, metric: perplexity, sparsity: 0.5, value: 11.02,
+         when: {method.pattern: "2:4"}}                      # quoted: YAML reads 2:4 as 124
 
-Perplexities (``metric: perplexity``) are stored as printed (e.g. 6.42) and their
-``tolerance`` is relative (0.05: within 5 %); every other metric is a fraction.
-A value is a number; ``"≈x"`` is a point read less precisely (``tolerance_approx``,
-e.g. hidden behind another marker) and ``"<x"`` a curve that left the plot below x.
+Perplexities (``metric: perplexity``; see ``is_raw``) are stored as printed (e.g. 6.42),
+shown as is (not x100), lower is better, and their ``tolerance`` is relative (0.05:
+within 5 % of the published value; 5 % unless the entry or the experiment gives one).
+Every other metric is a fraction, shown x100, with an absolute ``tolerance`` (0.01 = one
+point unless given). A value is a number; ``"≈x"`` is a point read less precisely
+(``tolerance_approx``, e.g. hidden behind another marker), ``"<x"`` a curve that left
+the plot below x and ``">x"`` one that left it above x (a perplexity that blew up).
 ``tolerance`` (default for the experiment, or per entry) is how far a measured mean may
-be from the published value and still count as reproduced. ``method: dense`` rows are
-the paper's dense baseline. The older form ``{task: {metric: value | {sparsity:
-value}}}`` is read as rows of the experiment's own method.
+be from the published value and still count as reproduced. ``when`` keys are dotted
+config paths; ``null`` matches a run whose setting is null or absent. ``method: dense``
+rows are the paper's dense baseline. The older form ``{task: {metric: value |
+{sparsity: value}}}`` is read as rows of the experiment's own method.
 """
 
 from __future__ import annotations
@@ -28,23 +36,48 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_TOLERANCE = 0.01  # one point (metrics are fractions) where a paper prints a table
-# Metrics that are not fractions: shown as they are (not x100), lower is better, and an
-# experiment's ``tolerance`` for them is relative (0.05: within 5 % of the published value).
-RAW_METRICS = ("perplexity",)
+# Perplexity moves a little with fp16 kernels and library versions, in proportion to its size.
+DEFAULT_RELATIVE_TOLERANCE = 0.05
+# Metrics that are not fractions (the last part of the name, "wikitext/word_perplexity"
+# included): shown as they are (not x100), lower is better, tolerance relative.
+RAW_METRICS = ("perplexity", "ppl", "loss", "nll", "bits_per_byte")
+
+
+def is_raw(metric: str) -> bool:
+    """A metric that is not a fraction in [0, 1] (perplexity, loss)."""
+    last = metric.rsplit("/", 1)[-1]
+    return last in RAW_METRICS or last.endswith("perplexity")
 
 
 def metric_scale(metric: str) -> float:
     """What a metric is multiplied by for display: 100 for fractions, 1 for perplexity."""
-    return 1.0 if metric in RAW_METRICS else 100.0
+    return 1.0 if is_raw(metric) else 100.0
+
+
+def lower_is_better(metric: str) -> bool:
+    """Perplexity and loss fall as a model gets better; every fraction here rises."""
+    return is_raw(metric)
+
+
+def metric_digits(metric: str) -> int:
+    """Decimals shown: 2 for perplexity (6.42), 1 for a fraction x100 (71.3)."""
+    return 2 if is_raw(metric) else 1
+
+
+def metric_label(metric: str) -> str:
+    """An axis or column label saying how the numbers are shown."""
+    return f"{metric} (lower is better)" if lower_is_better(metric) else f"{metric} (×100)"
 
 
 def fmt_metric(value: float | None, metric: str, signed: bool = False) -> str:
     if value is None:
         return "–"
     scaled = value * metric_scale(metric)
-    digits = 2 if metric in RAW_METRICS else 1
+    digits = metric_digits(metric)
     return f"{scaled:+.{digits}f}" if signed else f"{scaled:.{digits}f}"
-_NUMBER = re.compile(r"^\s*(?P<op>[≈~<])?\s*(?P<num>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
+
+
+_NUMBER = re.compile(r"^\s*(?P<op>[≈~<>])?\s*(?P<num>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -56,30 +89,40 @@ class PublishedPoint:
     metric: str
     sparsity: float | None  # None: any sparsity (a dense baseline, or a one-setting table)
     value: float
-    kind: str  # "value" | "approx" | "below" (the curve left the plot under ``value``)
+    kind: str  # "value" | "approx" | "below" / "above" (the curve left the plot under / over ``value``)
     tolerance: float
     when: tuple[tuple[str, Any], ...] = field(default=())
     mark: str = ""
 
     def label(self) -> str:
-        prefix = {"approx": "≈", "below": "<"}.get(self.kind, "")
+        prefix = {"approx": "≈", "below": "<", "above": ">"}.get(self.kind, "")
         return f"{prefix}{fmt_metric(self.value, self.metric)}"
 
     @property
     def allowed(self) -> float:
         """The tolerance in the metric's units (relative for perplexity)."""
-        return self.tolerance * abs(self.value) if self.metric in RAW_METRICS else self.tolerance
+        return self.tolerance * abs(self.value) if is_raw(self.metric) else self.tolerance
 
     def tolerance_label(self) -> str:
-        return f"{self.tolerance * 100:g} %" if self.metric in RAW_METRICS else f"{self.tolerance * 100:.1f}"
+        return f"{self.tolerance * 100:g} %" if is_raw(self.metric) else f"{self.tolerance * 100:.1f}"
 
     def within(self, measured: float) -> bool:
         if self.kind == "below":
             return measured <= self.value + self.allowed
+        if self.kind == "above":
+            return measured >= self.value - self.allowed
         return abs(measured - self.value) <= self.allowed + 1e-12
 
     def matches_config(self, config: dict[str, Any]) -> bool:
-        return all(_lookup(config, key) == want for key, want in self.when)
+        return all(same_setting(_lookup(config, key), want) for key, want in self.when)
+
+
+def same_setting(got: Any, want: Any) -> bool:  # noqa: ANN401
+    """A run's setting against a ``when`` value; null (None) matches only a setting that
+    is null or absent (``method.pattern: null`` is the unstructured run)."""
+    if want is None or got is None:
+        return want is None and got is None
+    return bool(got == want)
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:  # noqa: ANN401
@@ -99,12 +142,14 @@ def parse_value(raw: Any, tol: float, tol_approx: float) -> tuple[float, str, fl
         return float(raw), "value", tol
     m = _NUMBER.match(str(raw))
     if not m:
-        raise ValueError(f"published value {raw!r}: expected a number, '≈<number>' or '<<number>'")
+        raise ValueError(f"published value {raw!r}: expected a number, '≈<number>', '<<number>' or '><number>'")
     op, value = m.group("op"), float(m.group("num"))
     if op in ("≈", "~"):
         return value, "approx", tol_approx
     if op == "<":
         return value, "below", tol
+    if op == ">":
+        return value, "above", tol
     return value, "value", tol
 
 
@@ -112,8 +157,9 @@ def published_points(info: dict[str, Any] | None) -> list[PublishedPoint]:
     """Every published number of an experiment, one point per sparsity."""
     if not info or not info.get("published"):
         return []
-    tol = float(info.get("tolerance") or DEFAULT_TOLERANCE)
-    tol_approx = float(info.get("tolerance_approx") or tol)
+    # None: each metric's default (an absolute point for fractions, 5 % for perplexity)
+    tol = None if info.get("tolerance") is None else float(info["tolerance"])
+    tol_approx = None if info.get("tolerance_approx") is None else float(info["tolerance_approx"])
     mark = str(info.get("mark") or "")
     entries = info["published"]
     if isinstance(entries, dict):  # legacy: {task: {metric: value | {sparsity: value}}}
@@ -124,9 +170,14 @@ def published_points(info: dict[str, Any] | None) -> list[PublishedPoint]:
         ]
     points: list[PublishedPoint] = []
     for e in entries:
-        e_tol = float(e.get("tolerance", tol))
-        e_tol_approx = float(e.get("tolerance_approx", max(tol_approx, e_tol)))
+        default = tol if tol is not None else (DEFAULT_RELATIVE_TOLERANCE if is_raw(str(e["metric"])) else DEFAULT_TOLERANCE)
+        e_tol = float(e.get("tolerance", default))
+        e_tol_approx = float(e.get("tolerance_approx", max(default if tol_approx is None else tol_approx, e_tol)))
         when = tuple(sorted((str(k), v) for k, v in (e.get("when") or {}).items()))
+        for k, v in when:
+            if k.endswith(".pattern") and isinstance(v, int) and not isinstance(v, bool):
+                # a silent never-match otherwise: no run's pattern is the number 124
+                raise ValueError(f"published 'when: {{{k}: {v}}}': write the N:M pattern quoted (\"2:4\"); unquoted, YAML reads 2:4 as the base-60 number 124")
         common = {"method": e.get("method"), "task": str(e["task"]), "metric": str(e["metric"]), "when": when, "mark": str(e.get("mark", mark))}
         if "curve" in e:
             items = [(float(s), v) for s, v in (e["curve"] or {}).items()]

@@ -1,9 +1,10 @@
 """``pruneflow-report DIR``: a sweep's result.json files as a table, a CSV, plots and
 the reproduction ledger (``pruneflow.ledger``).
 
-One row per configuration (experiment, method, model, task, target sparsity and
-any other override that differs between runs), mean ± std over seeds of every
-metric of the task, the measured sparsity, parameter counts and time. Rows of
+One row per configuration (experiment, method, model, task, target sparsity, N:M
+pattern and any other override that differs between runs), mean ± std over seeds of
+every metric of the task, the measured sparsity, parameter counts and time. Fractions
+are shown x100, perplexity as it is (``pruneflow.published.metric_scale``). Rows of
 ``experiment=`` runs show the published number beside the measured one, with
 the source (``experiment_info`` in the run's resolved config). Failed jobs
 (``error.txt``) and unfinished ones are listed, not averaged in.
@@ -25,9 +26,11 @@ from typing import Any
 
 from pruneflow.ledger import ledger_entries, ledger_markdown, plot_figures
 from pruneflow.published import (
-    RAW_METRICS,
     PublishedPoint,
     find_point,
+    lower_is_better,
+    metric_digits,
+    metric_label,
     metric_scale,
     published_points,
     same_sparsity,
@@ -36,7 +39,7 @@ from pruneflow.results import load_results
 
 # Overrides that do not change what a run computes (or are the row's own columns).
 NOT_A_SETTING = {
-    "method", "model", "task", "sparsity", "seed", "experiment", "overwrite", "allow_config_change", "logger", "save_model",
+    "method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", "overwrite", "allow_config_change", "logger", "save_model",
     "cache", "cache_dir", "task.path", "model.path", "trainer.device", "trainer.torch_threads",
     "trainer.checkpoint_every", "trainer.log_every", "stages.eval_batch_size",
 }
@@ -69,11 +72,13 @@ class Row:
     task: str
     target: float | None
     settings: str
+    pattern: str | None = None  # N:M of a semi-structured run (config.method.pattern); None: unstructured
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple:
-        return (self.task, self.experiment, self.model, self.method, self.settings, self.target if self.target is not None else -1)
+        return (self.task, self.experiment, self.model, self.method, self.pattern or "", self.settings,
+                self.target if self.target is not None else -1)
 
     @property
     def main_metric(self) -> str:
@@ -138,6 +143,32 @@ def settings_of(result: dict[str, Any]) -> str:
     return " ".join(sorted(keep))
 
 
+def pattern_of(result: dict[str, Any]) -> str | None:
+    """The run's N:M pattern ("2:4"), None for unstructured: from the resolved config, so
+    runs that set it in an experiment or through the API are told apart as well."""
+    method = (result.get("config") or {}).get("method")
+    pattern = method.get("pattern") if isinstance(method, dict) else None
+    if pattern is None:
+        pattern = (result.get("sparsity") or {}).get("pattern")
+    return None if pattern is None else str(pattern)
+
+
+def dense_baseline(run: dict[str, Any], metric: str) -> float:
+    """The unpruned model's metric: after the finetune stage, or for causal LMs (which
+    have no finetune stage) the evaluation before pruning, ``metrics.dense``."""
+    for stage in ("finetune", "dense"):
+        value = (run["metrics"].get(stage) or {}).get(metric)
+        if value is not None:
+            return value
+    raise KeyError(metric)
+
+
+def has_dense_stage(rows: list[Row], metric: str) -> bool:
+    """Whether runs carry their own dense evaluation (causal LMs): the table and plot then
+    show it, as there is no ``method=dense`` row to compare with."""
+    return any(metric in (r["metrics"].get("dense") or {}) for row in rows for r in row.runs)
+
+
 def experiment_name(result: dict[str, Any]) -> str:
     info = (result.get("config") or {}).get("experiment_info") or {}
     if info.get("name"):
@@ -152,7 +183,7 @@ def group_results(results: list[dict[str, Any]]) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for r in results:
         target = (r.get("sparsity") or {}).get("target")
-        ident = (experiment_name(r), r["method"], r["model"], r["task"], target, settings_of(r))
+        ident = (experiment_name(r), r["method"], r["model"], r["task"], target, settings_of(r), pattern_of(r))
         if ident not in rows:
             rows[ident] = Row(*ident)
         rows[ident].runs.append(r)
@@ -260,6 +291,15 @@ def fmt_count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def fmt_stat(mean: float | None, std: float | None, metric: str) -> str:
+    """mean ± std of a metric as the report shows it (x100 for fractions, perplexity as is)."""
+    return fmt_pm(mean, std, scale=metric_scale(metric), digits=metric_digits(metric))
+
+
+def metric_header(metric: str) -> str:
+    return f"{metric} ↓" if lower_is_better(metric) else metric
+
+
 def fmt_target(t: float | None) -> str:
     return "–" if t is None else f"{t:g}"
 
@@ -301,7 +341,7 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
     n_runs = sum(len(r.runs) for r in rows)
     out.append(
         f"{n_runs} finished run(s) in {len(rows)} configuration(s); {len(failed)} failed, {len(unfinished)} unfinished. "
-        "Metrics ×100 (perplexity as is: lower is better), mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
+        "Metrics ×100 (perplexity as is; ↓: lower is better), mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
         "`!` marks a measured sparsity more than 0.5 points from its target. Time: wall time of the whole "
         "run (a finetune stage reused from the cache counts as ~0 s)."
     )
@@ -320,26 +360,34 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
         show_settings = any(differing.values())
         has_pub = {m: any(row_point(r, m) is not None for r in task_rows) for m in metrics}
         show_compressed = any(r.stat(lambda x: x["params"]["compressed_total"])[0] is not None for r in task_rows)
-        header = (["experiment"] if show_exp else []) + ["method", "model"] + (["settings"] if show_settings else [])
-        header += ["target %", "seeds"]
+        show_pattern = any(r.pattern for r in task_rows)
+        show_dense = has_dense_stage(task_rows, main)
+        header = (["experiment"] if show_exp else []) + ["method", "model"] + (["pattern"] if show_pattern else [])
+        header += (["settings"] if show_settings else []) + ["target %", "seeds"]
         for m in metrics:
-            header.append(f"**{m}**" if m == main else m)
+            header.append(f"**{metric_header(m)}**" if m == main else metric_header(m))
             if has_pub[m]:
                 header.append(f"{m} (published)")
+            if m == main and show_dense:
+                header.append(f"{m} (dense)")
         header += ["measured sparsity %", "nonzero params"] + (["compressed params"] if show_compressed else []) + ["time (s)"]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---" for _ in header) + "|")
         for row in task_rows:
             info = row.experiment_info()
             cells = ([row.experiment or "–"] if show_exp else []) + [row.method, row.model]
+            if show_pattern:
+                cells.append(row.pattern or "unstructured")
             if show_settings:
                 cells.append(_md_escape(differing[id(row)]) or "–")
             cells += ["–" if row.target is None else f"{row.target * 100:g}", f"{len(row.runs)} ({','.join(map(str, row.seeds))})"]
             for m in metrics:
-                cells.append(fmt_pm(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2], scale=metric_scale(m), digits=2 if m in RAW_METRICS else 1))
+                cells.append(fmt_stat(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2], m))
                 if has_pub[m]:
                     pt = row_point(row, m)
                     cells.append("–" if pt is None else f"{pt.label()} [{sources.ref(info)}]")
+                if m == main and show_dense:
+                    cells.append(fmt_stat(*row.stat(lambda r, m=m: dense_baseline(r, m))[:2], m))
             sp_mean, sp_std, _ = row.stat(lambda r: r["sparsity"]["measured"])
             flag = " !" if sp_mean is not None and row.target is not None and abs(sp_mean - row.target) > SPARSITY_TOLERANCE else ""
             cells.append(fmt_pm(sp_mean, sp_std, digits=2) + flag)
@@ -410,9 +458,9 @@ def overall_values(rows: list[Row]) -> list[dict[str, Any]]:
     for row in rows:
         info = row.experiment_info() or {}
         if info.get("published_overall"):
-            groups[(row.experiment, row.method, row.model, row.target, row.settings)].append(row)
+            groups[(row.experiment, row.method, row.model, row.target, row.settings, row.pattern)].append(row)
     out = []
-    for (exp, method, model, target, settings), members in groups.items():
+    for (exp, method, model, target, settings, _pattern), members in groups.items():
         info = members[0].experiment_info()
         for key, published in info["published_overall"].items():
             measured, detail = None, ""
@@ -452,7 +500,8 @@ def overall_section(rows: list[Row], sources: Sources) -> list[str]:
 
 def write_csv(rows: list[Row], path: Path) -> None:
     metrics = task_metrics(rows)
-    fields = ["experiment", "method", "model", "task", "settings", "target_sparsity", "n_runs", "seeds", "main_metric", "main_mean", "main_std"]
+    fields = ["experiment", "method", "model", "task", "pattern", "settings", "target_sparsity", "n_runs", "seeds", "main_metric", "main_mean", "main_std",
+              "main_dense_mean"]
     for m in metrics:
         fields += [f"{m}_mean", f"{m}_std", f"{m}_published"]
     fields += [
@@ -471,9 +520,10 @@ def write_csv(rows: list[Row], path: Path) -> None:
             main_mean, main_std, _ = row.stat(lambda r: r["metrics"]["final"][r["main_metric"]])
             rec: dict[str, Any] = {
                 "experiment": row.experiment, "method": row.method, "model": row.model, "task": row.task,
-                "settings": row.settings, "target_sparsity": "" if row.target is None else row.target,
+                "pattern": row.pattern or "", "settings": row.settings, "target_sparsity": "" if row.target is None else row.target,
                 "n_runs": len(row.runs), "seeds": " ".join(map(str, row.seeds)), "main_metric": row.main_metric,
                 "main_mean": num(main_mean), "main_std": num(main_std),
+                "main_dense_mean": num(row.stat(lambda r: dense_baseline(r, r["main_metric"]))[0]),
             }
             any_pub = False
             for m in metrics:
@@ -499,6 +549,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
 def line_label(row: Row, rows: list[Row]) -> str:
     """The method, plus whatever else differs between the task's lines."""
     parts = [row.method]
+    if len({r.pattern for r in rows}) > 1:
+        parts.append(row.pattern or "unstructured")
     if len({r.model for r in rows}) > 1:
         parts.append(row.model)
     if len({r.experiment for r in rows}) > 1 and row.experiment:
@@ -531,21 +583,31 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
             lines[label].append((x * 100, y * k, (yerr or 0.0) * k))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n_lines = len(lines)
+    line_color = {label: colors[i % len(colors)] for i, label in enumerate(sorted(lines))}
     for i, (label, pts) in enumerate(sorted(lines.items())):
         pts.sort()
         xs, ys, es = zip(*pts, strict=True)
         dodge = (i - (n_lines - 1) / 2) * 0.4  # keeps error bars at the same sparsity apart
         ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", capsize=3, label=label, color=colors[i % len(colors)])
+    if not dense and has_dense_stage(rows, metric):
+        # causal LMs: each run evaluated its dense model first (one line per model)
+        for model in sorted({r.model for r in rows}):
+            members = [r for r in rows if r.model == model]
+            y, yerr, _ = mean_std([v for r in members for v in r.values(lambda x: dense_baseline(x, metric))])
+            if y is not None:
+                dense[f"dense · {model}" if len({r.model for r in rows}) > 1 else "dense"] = (y, yerr)
     for label, (y, yerr) in dense.items():
-        ax.axhline(y * k, color="gray", linestyle="--", linewidth=1, label=f"{label} ({y * k:.{2 if k == 1 else 1}f})")
+        ax.axhline(y * k, color="gray", linestyle="--", linewidth=1, label=f"{label} ({fmt_stat(y, None, metric)})")
         if yerr:
             ax.axhspan((y - yerr) * k, (y + yerr) * k, color="gray", alpha=0.15)
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str | None]] = set()
     for row in rows:  # published numbers of experiment runs: curves dotted, single values as stars
-        key = (row.experiment, row.method)
+        key = (row.experiment, row.method, row.pattern)  # 2:4 and unstructured have their own numbers
         if key in seen or row.method == "dense":
             continue
         seen.add(key)
+        pub_label = " · ".join([row.method] + ([row.pattern or "unstructured"] if len({r.pattern for r in rows}) > 1 else []))
+        style = {"color": line_color[line_label(row, rows)]} if line_label(row, rows) in line_color else {}  # as its measured line
         config = row.runs[0].get("config") or {}
         pts = sorted(
             (p.sparsity, p.value) for p in published_points(row.experiment_info())
@@ -553,14 +615,14 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         )
         if len(pts) > 1:
             xs, ys = zip(*pts, strict=True)
-            ax.plot([x * 100 for x in xs], [y * k for y in ys], linestyle=":", marker="s", fillstyle="none", label=f"{row.method} (published)")
+            ax.plot([x * 100 for x in xs], [y * k for y in ys], linestyle=":", marker="s", fillstyle="none", label=f"{pub_label} (published)", **style)
         elif pts or row_point(row, metric) is not None:
             x = pts[0][0] if pts else row.target
             y = pts[0][1] if pts else row_point(row, metric).value  # type: ignore[union-attr]
             if x is not None:
-                ax.plot([x * 100], [y * k], linestyle="none", marker="*", markersize=11, label=f"{row.method} (published)")
+                ax.plot([x * 100], [y * k], linestyle="none", marker="*", markersize=11, label=f"{pub_label} (published)", **style)
     ax.set_xlabel("measured sparsity (% of prunable weights removed)")
-    ax.set_ylabel(metric if k == 1 else f"{metric} (×100)")
+    ax.set_ylabel(metric_label(metric))
     n_seeds = sorted({len(r.runs) for r in rows})
     ax.set_title(f"{task}: {metric} vs sparsity (mean ± std over {'/'.join(map(str, n_seeds))} seed(s))", fontsize=10)
     ax.grid(True, alpha=0.3)

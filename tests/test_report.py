@@ -240,10 +240,138 @@ def test_causal_lm_perplexity_report_and_ledger(tmp_path: Path) -> None:
     md = (root / "report.md").read_text()
     table = md[md.index("## lm/wikitext2"):md.index("## Reproduction ledger")]
     assert "| 6.61 |" in table and "| 12.50 |" in table and "661" not in table
-    assert "method.pattern=2:4" in table and "method.pattern=null" in table  # two rows, unescaped
+    # two rows; the pattern is the row's own column (unescaped), not a setting
+    assert "| wanda | tiny_vit | unstructured |" in table and "| wanda | tiny_vit | 2:4 |" in table
+    assert "method.pattern" not in table and "\\:" not in table
     ledger = md[md.index("## Reproduction ledger"):]
     assert "**2 of 3 measured rows within tolerance**" in ledger
     lines = {line.split("|")[2].strip() + line.split("|")[6].strip(): line for line in ledger.splitlines() if line.startswith("| wanda/")}
     assert "| 5.12 [" in lines["dense–"] and "5.20 (1)" in lines["dense–"] and "| yes |" in lines["dense–"]
     assert "| 6.42 [" in lines["wandamethod.pattern=None"] and "| yes |" in lines["wandamethod.pattern=None"]
     assert "+1.48" in lines["wandamethod.pattern=2:4"] and "| **no** |" in lines["wandamethod.pattern=2:4"] and "| 5 % |" in lines["wandamethod.pattern=2:4"]
+
+
+# ----------------------------------------------------------------------------- causal LMs
+WANDA_INFO = {  # no ``tolerance``: perplexity defaults to 5 % of the published value
+    "name": "wanda/llama2_7b", "source": "Wanda README, LLaMA-2 results",
+    "published": [
+        {"method": "dense", "task": "lm/wikitext2", "metric": "perplexity", "value": 5.12},
+        {"method": "wanda", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 6.42, "when": {"method.pattern": None}},
+        {"method": "wanda", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 11.02, "when": {"method.pattern": "2:4"}},
+        {"method": "sparsegpt", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 6.51, "when": {"method.pattern": None}},
+        {"method": "sparsegpt", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 10.17, "when": {"method.pattern": "2:4"}},
+    ],
+}
+
+
+def write_lm_result(path: Path, method: str, pattern: str | None, ppl: float, *, seed: int = 0, dense: float = 5.20,
+                    experiment: dict | None = None, overrides: list[str] | None = None) -> None:
+    """A result.json as pruneflow/llm/runner.py (finish) writes it, with made-up numbers."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".hydra").mkdir(exist_ok=True)
+    sparsity = {"target": 0.5, "measured": 0.5, "overall": 0.32, "per_layer": {"model.layers.0.mlp.up_proj": 0.5}, "per_block": [0.5]}
+    if pattern is not None:
+        sparsity.update(pattern=pattern, pattern_verified=True)
+    final = {"perplexity": ppl, "arc_easy/acc": 0.71, "arc_easy/acc_norm": 0.69}
+    result = {
+        "method": method, "model": "tiny_llama", "task": "lm/wikitext2", "seed": seed, "main_metric": "perplexity",
+        "sparsity": sparsity,
+        "params": {"total": 1000, "prunable": 800, "nonzero": 600, "compressed_total": None},
+        "metrics": {"dense": {"perplexity": dense}, "prune": {"perplexity": ppl}, "final": final},
+        "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 4096, "seed": 0},
+        "evaluation": {"split": "test", "seqlen": 4096, "windows": 80},
+        "memory": {"peak_cpu_rss_bytes": 1 << 30},
+        "time_s": {"eval_dense": 1.0, "prune": 5.0, "total": 8.0},
+        "config": {"method": {"name": method, "pattern": pattern}, "experiment_info": experiment},
+        "overrides": [f"method={method}", f"seed={seed}"] if overrides is None else overrides,
+    }
+    (path / "result.json").write_text(json.dumps(result))
+
+
+def test_lm_sweep_perplexity_patterns_and_relative_tolerance(tmp_path: Path) -> None:
+    """`-m experiment=wanda/llama2_7b method=wanda,sparsegpt method.pattern=null,2:4`:
+    perplexity unscaled, one row per pattern, dense from metrics.dense, 5 % ledger tolerance."""
+    root = tmp_path / "sweep"
+    runs = {  # (method, pattern): perplexity of each seed
+        ("wanda", None): (6.40, 6.44),   # mean 6.42 = published
+        ("wanda", "2:4"): (12.50,),      # 13 % above 11.02: not reproduced
+        ("sparsegpt", None): (6.80,),    # 4.5 % above 6.51: reproduced
+        ("sparsegpt", "2:4"): (10.78,),  # 6 % above 10.17: not reproduced
+    }
+    for (method, pattern), ppls in runs.items():
+        for seed, ppl in enumerate(ppls):
+            escaped = "null" if pattern is None else pattern.replace(":", "\\:")  # as Hydra's sweep writes it
+            write_lm_result(root / f"{method}-{pattern}-{seed}", method, pattern, ppl, seed=seed, experiment=WANDA_INFO,
+                            overrides=["experiment=wanda/llama2_7b", f"method={method}", f"method.pattern={escaped}", f"seed={seed}"])
+    assert main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    table = md[md.index("## lm/wikitext2"):md.index("## Reproduction ledger")]
+    ledger = md[md.index("## Reproduction ledger"):md.index("## Sources")]
+    assert "| **perplexity ↓** | perplexity (published) | perplexity (dense) |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| wanda/llama2_7b |")]
+    assert len(rows) == 4  # 2 methods x (unstructured, 2:4), not merged
+    assert rows[2].startswith("| wanda/llama2_7b | wanda | tiny_llama | unstructured | 50 | 2 (0,1) | 6.42 ± 0.03 | 6.42 [1] | 5.20 ± 0.00 |")
+    assert rows[3].startswith("| wanda/llama2_7b | wanda | tiny_llama | 2:4 | 50 | 1 (0) | 12.50 | 11.02 [1] | 5.20 |")
+    assert "| 71.0 |" in rows[0]  # zero-shot accuracies are fractions: x100
+    assert "642" not in table and "642" not in ledger and "1250" not in table
+    assert "**3 of 5 measured rows within tolerance**" in ledger
+    lines = {(ln.split("|")[2].strip(), ln.split("|")[6].strip()): ln for ln in ledger.splitlines() if ln.startswith("| wanda/")}
+    assert "| 5.12 [1] | 5.20 (1) | +0.08 | 5 % | yes |" in lines[("dense", "–")]
+    assert "| 6.42 [1] | 6.42 ± 0.03 (2) | +0.00 | 5 % | yes |" in lines[("wanda", "method.pattern=None")]
+    assert "| 11.02 [1] | 12.50 (1) | +1.48 | 5 % | **no** |" in lines[("wanda", "method.pattern=2:4")]
+    assert "| 6.51 [1] | 6.80 (1) | +0.29 | 5 % | yes |" in lines[("sparsegpt", "method.pattern=None")]
+    assert "| 10.17 [1] | 10.78 (1) | +0.61 | 5 % | **no** |" in lines[("sparsegpt", "method.pattern=2:4")]
+    csv_rows = read_csv(root / "report.csv")
+    assert sorted((r["method"], r["pattern"]) for r in csv_rows) == [("sparsegpt", ""), ("sparsegpt", "2:4"), ("wanda", ""), ("wanda", "2:4")]
+    wanda = next(r for r in csv_rows if r["method"] == "wanda" and r["pattern"] == "")
+    assert float(wanda["main_mean"]) == pytest.approx(6.42) and float(wanda["perplexity_published"]) == pytest.approx(6.42)
+    assert float(wanda["main_dense_mean"]) == pytest.approx(5.20) and wanda["settings"] == ""
+    assert (root / "plot_lm-wikitext2_perplexity.png").stat().st_size > 10_000
+
+
+def test_lm_pattern_from_config_alone_keeps_rows_apart(tmp_path: Path) -> None:
+    """Runs started through the API (no overrides) at the same sparsity: the pattern comes
+    from config.method.pattern, so unstructured, 2:4 and 4:8 are three rows."""
+    for pattern, ppl in ((None, 6.5), ("2:4", 11.0), ("4:8", 8.0)):
+        write_lm_result(tmp_path / f"p{pattern}".replace(":", "_"), "wanda", pattern, ppl, overrides=[])
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| wanda | tiny_llama | unstructured | 50 | 1 (0) | 6.50 | 5.20 |" in md
+    assert "| wanda | tiny_llama | 2:4 | 50 | 1 (0) | 11.00 | 5.20 |" in md
+    assert "| wanda | tiny_llama | 4:8 | 50 | 1 (0) | 8.00 | 5.20 |" in md
+    assert [r["pattern"] for r in read_csv(tmp_path / "report.csv")] == ["", "2:4", "4:8"]
+
+
+def test_perplexity_helpers_tolerances_and_when_null() -> None:
+    from pruneflow.published import (
+        find_point,
+        fmt_metric,
+        lower_is_better,
+        metric_scale,
+        published_points,
+    )
+
+    assert metric_scale("perplexity") == 1.0 and metric_scale("wikitext/word_perplexity") == 1.0
+    assert metric_scale("arc_easy/acc") == 100.0 and metric_scale("accuracy") == 100.0
+    assert lower_is_better("perplexity") and not lower_is_better("arc_easy/acc_norm")
+    assert fmt_metric(6.4211, "perplexity") == "6.42" and fmt_metric(0.7134, "arc_easy/acc") == "71.3"
+    # default tolerances: 5 % (relative) for perplexity, one point for fractions; the experiment's wins
+    mixed = [{"method": "wanda", "task": "lm/wikitext2", "metric": "perplexity", "sparsity": 0.5, "value": 6.42},
+             {"method": "wanda", "task": "lm/wikitext2", "metric": "arc_easy/acc", "sparsity": 0.5, "value": 0.71}]
+    assert [p.tolerance for p in published_points({"published": mixed})] == [0.05, 0.01]
+    assert [p.tolerance for p in published_points({"published": mixed, "tolerance": 0.02})] == [0.02, 0.02]
+    ppl = published_points({"published": mixed})[0]
+    assert ppl.within(6.42 * 1.049) and ppl.within(6.42 * 0.951) and not ppl.within(6.42 * 1.051)
+    assert ppl.label() == "6.42" and ppl.tolerance_label() == "5 %"
+    # a perplexity curve that left a figure above 100: reproduced by anything at least that high
+    (above,) = published_points({"published": [{"method": "magnitude", "task": "lm/wikitext2", "metric": "perplexity", "curve": {"0.8": ">100"}}]})
+    assert above.kind == "above" and above.label() == ">100.00" and above.within(300.0) and not above.within(90.0)
+    # when: {method.pattern: null} is the unstructured run (null or no such key), never 2:4
+    pt = find_point(WANDA_INFO, "wanda", "lm/wikitext2", "perplexity", 0.5, {"method": {"pattern": None}})
+    assert pt is not None and pt.value == 6.42
+    assert find_point(WANDA_INFO, "wanda", "lm/wikitext2", "perplexity", 0.5, {"method": {"name": "wanda"}}).value == 6.42
+    assert find_point(WANDA_INFO, "wanda", "lm/wikitext2", "perplexity", 0.5, {"method": {"pattern": "2:4"}}).value == 11.02
+    assert find_point(WANDA_INFO, "wanda", "lm/wikitext2", "perplexity", 0.5, {"method": {"pattern": "4:8"}}) is None
+    # an unquoted 2:4 in YAML is the number 124: said, not silently never matched
+    with pytest.raises(ValueError, match="quoted"):
+        published_points({"published": [{**mixed[0], "when": {"method.pattern": 124}}]})
