@@ -18,7 +18,7 @@ pruned blocks (the same masks, more time and memory; ``scripts/bench_llm_memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -193,24 +193,32 @@ class BlockPruner:
             p.prune(sparsity)
             p.free()
 
-    @torch.no_grad()
-    def dense_pass(self, samples: torch.Tensor, method: OneShotMethod, visit: Callable[[int, dict[str, LayerPruner]], None]) -> None:
-        """Feed the calibration set through the unpruned blocks, handing each block's
-        pruners (their statistics collected) to ``visit`` (OWL's outlier count)."""
+    def _through_blocks(self, samples: torch.Tensor, desc: str) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
+        """Each block's calibration inputs in turn (the block on the device); once the
+        caller is done with block i, its outputs from its current weights become block
+        i+1's inputs."""
         inps, kwargs = self.capture(samples)
         kwargs = _to(kwargs, self.device)
         outs = torch.empty_like(inps)
-        for i in progress(range(len(self.blocks)), desc="statistics"):
+        for i in progress(range(len(self.blocks)), desc=desc):
             if self.offload:
                 self.blocks[i].to(self.device)
-            pruners = self.collect(i, inps, kwargs, method)
-            visit(i, pruners)
-            for p in pruners.values():
-                p.free()
+            yield i, inps, kwargs
             self.forward_block(i, inps, kwargs, outs)
             inps, outs = outs, inps
             if self.offload:
                 self.blocks[i].to("cpu")
+                torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def dense_pass(self, samples: torch.Tensor, method: OneShotMethod, visit: Callable[[int, dict[str, LayerPruner]], None]) -> None:
+        """Feed the calibration set through the unpruned blocks, handing each block's
+        pruners (their statistics collected) to ``visit`` (OWL's outlier count)."""
+        for i, inps, kwargs in self._through_blocks(samples, "statistics"):
+            pruners = self.collect(i, inps, kwargs, method)
+            visit(i, pruners)
+            for p in pruners.values():
+                p.free()
 
     def run(self, samples: torch.Tensor, sparsities: list[float], start: int = 0,
             on_block_done: Callable[[int], None] | None = None, blockwise: bool = True) -> None:
@@ -218,21 +226,11 @@ class BlockPruner:
         from a checkpoint: they are only run forward)."""
         if not blockwise:
             return self.run_whole(samples, sparsities, start, on_block_done)
-        inps, kwargs = self.capture(samples)
-        kwargs = _to(kwargs, self.device)
-        outs = torch.empty_like(inps)
-        for i in progress(range(len(self.blocks)), desc="prune blocks"):
-            if self.offload:
-                self.blocks[i].to(self.device)
+        for i, inps, kwargs in self._through_blocks(samples, "prune blocks"):
             if i >= start:
                 self.prune_block(i, inps, kwargs, sparsities[i])
-            self.forward_block(i, inps, kwargs, outs)
-            inps, outs = outs, inps
-            if self.offload:
-                self.blocks[i].to("cpu")
-                torch.cuda.empty_cache()
-            if i >= start and on_block_done is not None:
-                on_block_done(i)
+                if on_block_done is not None:
+                    on_block_done(i)
         return None
 
     @torch.no_grad()

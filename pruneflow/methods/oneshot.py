@@ -120,6 +120,20 @@ class LayerPruner:
         """Drop the statistics (a 7B block's Hessians are large)."""
 
 
+class ActivationNormPruner(LayerPruner):
+    """A pruner whose score uses the input channels' norms (Wanda, RIA)."""
+
+    def __init__(self, layer: nn.Linear, method: OneShotMethod) -> None:
+        super().__init__(layer, method)
+        self.norms = InputNorms(layer.in_features, layer.weight.device)
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        self.norms.add(inp)
+
+    def free(self) -> None:
+        del self.norms
+
+
 class OneShotMethod(PruningMethod):
     """A method that prunes a causal LM once, layer by layer, from calibration inputs."""
 

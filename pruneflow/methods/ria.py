@@ -26,8 +26,7 @@ import torch
 
 from pruneflow.errors import check_bool, invalid
 from pruneflow.methods.oneshot import (
-    InputNorms,
-    LayerPruner,
+    ActivationNormPruner,
     OneShotMethod,
     prune_lowest_per_layer,
     prune_lowest_per_row,
@@ -46,14 +45,7 @@ def reallocation_order(metric: torch.Tensor, m: int) -> torch.Tensor:
     return index
 
 
-class RIAPruner(LayerPruner):
-    def __init__(self, layer: torch.nn.Linear, method: OneShotMethod) -> None:
-        super().__init__(layer, method)
-        self.norms = InputNorms(layer.in_features, layer.weight.device)
-
-    def add_batch(self, inp: torch.Tensor) -> None:
-        self.norms.add(inp)
-
+class RIAPruner(ActivationNormPruner):
     def metric(self) -> torch.Tensor:
         A = self.layer.weight.data.abs().float()
         relative = A / A.sum(dim=0, keepdim=True) + A / A.sum(dim=1, keepdim=True)
@@ -71,9 +63,6 @@ class RIAPruner(LayerPruner):
         if method.per_outneuron:
             return prune_lowest_per_row(metric, sparsity)
         return prune_lowest_per_layer(metric, sparsity)
-
-    def free(self) -> None:
-        del self.norms
 
 
 class RIA(OneShotMethod):

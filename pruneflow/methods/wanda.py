@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow.methods.oneshot import InputNorms, LayerPruner, OneShotMethod
+from pruneflow.methods.oneshot import ActivationNormPruner, OneShotMethod
 
 
-class WandaPruner(LayerPruner):
-    def __init__(self, layer: torch.nn.Linear, method: OneShotMethod) -> None:
-        super().__init__(layer, method)
-        self.norms = InputNorms(layer.in_features, layer.weight.device)
-
-    def add_batch(self, inp: torch.Tensor) -> None:
-        self.norms.add(inp)
-
+class WandaPruner(ActivationNormPruner):
     def metric(self) -> torch.Tensor:
         return self.layer.weight.data.abs().float() * self.norms.sq.sqrt().reshape(1, -1)
-
-    def free(self) -> None:
-        del self.norms
 
 
 class Wanda(OneShotMethod):
