@@ -107,6 +107,7 @@ class CalibrationConfig:
     seqlen: int | None = None  # tokens per sample; null = the model's max_position_embeddings (the authors')
     seed: int = 0
     blockwise: bool = True  # false: the whole-model reference (every block's inputs recomputed)
+    batch_size: int = 1  # windows per scoring step of the gradient-scored methods (seven_pre, snip, force)
 
 
 @dataclass

@@ -23,8 +23,10 @@ from safetensors.torch import load_file, save_file
 from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.llm import calibration
 from pruneflow.llm.blocks import BlockPruner
+from pruneflow.llm.gradient import GRADIENT_METHODS
 from pruneflow.loggers import make_logger
-from pruneflow.methods import ONE_SHOT_METHODS, get_one_shot_class
+from pruneflow.methods import ONE_SHOT_METHODS, get_method_class, get_one_shot_class
+from pruneflow.methods.oneshot import OneShotMethod, check_nm_layer
 from pruneflow.models import build_model
 from pruneflow.results import paper_sparsity, provenance
 from pruneflow.stop import STOP
@@ -74,30 +76,52 @@ class LLMRun:
 
         validate_sparsity(cfg.get("sparsity"))
         name = str(cfg.method.name)
-        if name not in ONE_SHOT_METHODS:
-            raise invalid("method", name, sorted(ONE_SHOT_METHODS),
-                          f"task={cfg.task.name} prunes a causal LM one shot from calibration data; method={name} prunes "
-                          "while training on a task loss (encoder tasks such as glue/* and squad/*).")
+        allowed = sorted([*ONE_SHOT_METHODS, *GRADIENT_METHODS])
+        if name not in allowed:
+            raise invalid("method", name, allowed,
+                          f"task={cfg.task.name} prunes a causal LM from calibration data without training it; method={name} "
+                          "prunes while training on a task loss (encoder tasks such as glue/* and squad/*).")
         self.device = resolve_device(str(cfg.trainer.device))
         validate_run(cfg)
         threads = cfg.trainer.get("torch_threads")
         if threads:
             torch.set_num_threads(int(threads))
-        cls = get_one_shot_class(name)
-        self.sparsity = cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
+        # seven_pre, snip, force score from gradients of the whole model (pruneflow.llm.gradient)
+        self.gradient = name in GRADIENT_METHODS
+        cls = get_method_class(name) if self.gradient else get_one_shot_class(name)
+        requested = cfg.get("sparsity")
+        if requested is None and self.gradient:
+            requested = OneShotMethod.default_sparsity if cfg.method.get("pattern") is None else None
+        self.sparsity = cls.resolve_sparsity(cfg.method, requested)
         self.method = cls(cfg.method, self.sparsity)
-        check_unused(cfg, list(TRAINING_ONLY) + self.method.unused_settings(cfg))
+        unused = [item for item in TRAINING_ONLY if not (self.gradient and item[0] == "schedule")]
+        if not self.gradient:
+            unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
+                                                     "(calibration.batch_size is the batch of the gradient-scored methods)"))
+        check_unused(cfg, unused + self.method.unused_settings(cfg))
         calibration.check_config(cfg.calibration)
         self.offload = check_bool(cfg.model.get("offload", False), "model.offload")
         self.blockwise = check_bool(cfg.calibration.get("blockwise", True), "calibration.blockwise")
         if self.offload and not self.blockwise:
             raise invalid("model.offload", True, "false with calibration.blockwise=false",
                           "The whole-model reference keeps every block on the device.")
+        if self.offload and self.gradient:
+            raise invalid("model.offload", True, "false with method=" + name,
+                          f"method={name} back-propagates through the whole model at every scoring step, so the whole "
+                          "model must be on the device.")
         alloc = cfg.get("allocation") or {}
         if alloc.get("name") not in ALLOCATIONS:
             raise invalid("allocation.name", alloc.get("name"), ALLOCATIONS)
         if alloc.get("name") == "owl" and self.method.pattern is not None:
             raise invalid("allocation.name", "owl", "uniform with method.pattern (N:M)", "N:M fixes every layer's sparsity at 1 - N/M.")
+        if alloc.get("name") == "owl" and self.gradient:
+            raise invalid("allocation.name", "owl", f"uniform with method={name}",
+                          f"method={name} ranks its own scores across the model (method.scope), not per block.")
+        if self.gradient:
+            bs = cfg.calibration.get("batch_size", 1)
+            if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+                raise invalid("calibration.batch_size", bs, "an integer >= 1 (calibration windows per scoring step)")
+            self.score_batch = int(bs)
         self.recovery = self.check_recovery(cfg.get("recovery") or {"name": "none"})
         pre = cfg.model.get("pretrain") or {}
         self.pretrain_steps = int(pre.get("steps") or 0)
@@ -131,7 +155,15 @@ class LLMRun:
                             f"method.include={cfg.method.get('include')} (minus method.exclude={cfg.method.get('exclude')}).")
         for i in range(n_blocks):
             for lname, lin in self.pruner.linears(i).items():
-                self.method.check_layer(f"{self.pruner.blocks_name}.{i}.{lname}", lin)
+                check_nm_layer(self.method.pattern, f"{self.pruner.blocks_name}.{i}.{lname}", lin.in_features)
+        if self.gradient:
+            from pruneflow.llm.gradient import n_steps
+            from pruneflow.schedules import Schedule
+
+            steps = n_steps(int(cfg.calibration.nsamples), self.score_batch)
+            self.schedule = Schedule.from_config(cfg.schedule, self.method.schedule_target(), steps)
+            self.schedule.validate()
+            self.method.check_schedule(self.schedule)
         self.total_params = sum(p.numel() for p in self.model.parameters())
 
     @staticmethod
@@ -200,9 +232,11 @@ class LLMRun:
             self.model.to("cpu")
         return out
 
-    def sparsities(self, samples: torch.Tensor) -> list[float]:
+    def sparsities(self, samples: torch.Tensor) -> list[float] | None:
         n = len(self.pruner.blocks)
         alloc = self.cfg.allocation
+        if self.gradient and self.method.scope == "global" and self.method.pattern is None:
+            return None  # one ranking across the model: per-block sparsity follows from the scores
         if alloc.name == "uniform":
             return [self.sparsity] * n
         from pruneflow.llm.owl import owl_sparsities
@@ -256,7 +290,12 @@ class LLMRun:
                     raise RunStopped(f"Stopped by {stop_name(signum)} after block {i} of {n_blocks}; its checkpoint is saved. "
                                      "Run the same command again to resume.", signum)
 
-            self.pruner.run(samples, progress["sparsities"], start=done, on_block_done=block_done, blockwise=self.blockwise)
+            if self.gradient:
+                self.prune_with_gradients(samples, progress)
+                for i in range(n_blocks):
+                    block_done(i)
+            else:
+                self.pruner.run(samples, progress["sparsities"], start=done, on_block_done=block_done, blockwise=self.blockwise)
             del samples
             log.info("Pruned %d blocks in %.1f s", n_blocks - done, time.perf_counter() - t0)
         if "prune" not in metrics:
@@ -287,6 +326,31 @@ class LLMRun:
         metrics["final"] = dict(metrics[last])
         self.logger.log({f"final/{k}": v for k, v in metrics["final"].items()})
         return self.finish(metrics, times, zero_shot, t_start, progress["sparsities"])
+
+    def prune_with_gradients(self, samples: torch.Tensor, progress: dict[str, Any]) -> None:
+        """seven_pre / snip / force: scoring steps of the whole model (not resumable
+        mid-way: a stopped run scores again from the first batch)."""
+        from pruneflow.llm.gradient import prunable_weights, score_and_prune, scoring_batches
+
+        linears = {f"{self.pruner.blocks_name}.{i}.{n}": lin for i in range(len(self.pruner.blocks))
+                   for n, lin in self.pruner.linears(i).items()}
+        weights = prunable_weights(linears)
+        self.method.validate(self.model, weights)
+        batches = scoring_batches(samples, self.score_batch)
+
+        def on_step(step: int, loss: float) -> None:
+            self.logger.log({"prune/step": step, "prune/loss": loss})
+            signum = STOP.requested()
+            if signum is not None and step + 1 < len(batches):
+                raise RunStopped(f"Stopped by {stop_name(signum)} at scoring step {step} of {len(batches)}; nothing of "
+                                 f"method={self.method.name}'s scoring is kept. Run the same command again to score from "
+                                 "the first batch.", signum)
+
+        losses = score_and_prune(self.model, self.method, weights, batches, self.schedule, self.device, on_step)
+        uses_schedule = not any(key == "schedule" for key, _ in self.method.unused_settings(self.cfg))
+        progress["scoring"] = {"steps": len(batches), "batch_size": self.score_batch, "whole_model": True,
+                               "schedule": self.schedule.kind if uses_schedule else None, "scope": self.method.scope,
+                               "first_loss": losses[0], "last_loss": losses[-1]}
 
     def train_windows(self, seqlen: int) -> torch.Tensor:
         from pruneflow.llm.train import text_windows
@@ -460,6 +524,9 @@ class LLMRun:
         if paper is not None:
             result["sparsity"]["paper"] = paper
         info = self.method.summary()
+        if self.gradient:
+            info = {**info, "pattern": None if self.method.pattern is None else "{}:{}".format(*self.method.pattern),
+                    "scoring": self.progress().get("scoring")}
         if info:
             result["method_info"] = info
         if failed:

@@ -38,6 +38,28 @@ def parse_pattern(value: Any) -> tuple[int, int] | None:  # noqa: ANN401
     raise invalid("method.pattern", value, 'null (unstructured) or "N:M" with 0 < N < M, N weights kept in every M (e.g. "2:4", "4:8")')
 
 
+def pattern_sparsity(cfg: DictConfig, requested: float | None, default: float) -> float:
+    """The sparsity of a run: ``1 - N/M`` when ``method.pattern`` is N:M (a different
+    explicit ``sparsity`` is an error), else ``requested`` or the method's default."""
+    pattern = parse_pattern(cfg.get("pattern"))
+    if pattern is None:
+        return default if requested is None else float(requested)
+    implied = 1 - pattern[0] / pattern[1]
+    if requested is not None and abs(float(requested) - implied) > 1e-9:
+        raise UserError(
+            f"'sparsity={requested}' conflicts with method.pattern={cfg.pattern}: N:M keeps {pattern[0]} of every "
+            f"{pattern[1]} weights, sparsity {implied:g}. Leave sparsity=null (or set it to {implied:g})."
+        )
+    return implied
+
+
+def check_nm_layer(pattern: tuple[int, int] | None, name: str, in_features: int) -> None:
+    """N:M groups run along a layer's inputs: M must divide their number."""
+    if pattern is not None and in_features % pattern[1]:
+        raise invalid("method.pattern", f"{pattern[0]}:{pattern[1]}", f"an M that divides {in_features}",
+                      f"The layer {name} has {in_features} inputs, not a multiple of M={pattern[1]}.")
+
+
 def prune_nm(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean mask of the pruned entries: in every M consecutive columns of each row,
     the M-N lowest ``metric`` values (ties: the first columns, as ``torch.topk`` on CPU
@@ -147,21 +169,10 @@ class OneShotMethod(PruningMethod):
 
     @classmethod
     def resolve_sparsity(cls, cfg: DictConfig, requested: float | None) -> float:
-        pattern = parse_pattern(cfg.get("pattern"))
-        if pattern is None:
-            return super().resolve_sparsity(cfg, requested)
-        implied = 1 - pattern[0] / pattern[1]
-        if requested is not None and abs(float(requested) - implied) > 1e-9:
-            raise UserError(
-                f"'sparsity={requested}' conflicts with method.pattern={cfg.pattern}: N:M keeps {pattern[0]} of every "
-                f"{pattern[1]} weights, sparsity {implied:g}. Leave sparsity=null (or set it to {implied:g})."
-            )
-        return implied
+        return pattern_sparsity(cfg, requested, cls.default_sparsity)
 
     def check_layer(self, name: str, layer: nn.Linear) -> None:
-        if self.pattern is not None and layer.in_features % self.pattern[1]:
-            raise invalid("method.pattern", f"{self.pattern[0]}:{self.pattern[1]}", f"an M that divides {layer.in_features}",
-                          f"The layer {name} has {layer.in_features} inputs, not a multiple of M={self.pattern[1]}.")
+        check_nm_layer(self.pattern, name, layer.in_features)
 
     def layer_pruner(self, layer: nn.Linear) -> LayerPruner:
         return self.pruner_class(layer, self)

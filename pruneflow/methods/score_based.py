@@ -33,6 +33,7 @@ from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.fused import MODES, Kernel, want_compile
 from pruneflow.masking import Mask, MaskedWeights
 from pruneflow.methods.base import PruneContext, PruningMethod
+from pruneflow.methods.oneshot import check_nm_layer, parse_pattern, pattern_sparsity, prune_nm
 from pruneflow.topk import TopK, kept_count, topk_mask
 
 log = logging.getLogger("pruneflow")
@@ -334,6 +335,14 @@ class ScoreBasedMethod(PruningMethod):
         self.regrowth = check_bool(cfg.get("regrowth", self.default_regrowth), "method.regrowth")
         if self.granularity != "unstructured" and self.selection != "exact":
             raise invalid("method.selection", self.selection, "exact", f"with method.granularity={self.granularity} units are ranked exactly.")
+        # N:M (``method.pattern``, where a method's config offers it): the N highest scores
+        # of every M consecutive inputs of a row are kept, the projection ADMM and 2:4
+        # kernels use; the mask is set once the schedule reaches its target.
+        self.pattern = parse_pattern(cfg.get("pattern"))
+        if self.pattern is not None and self.granularity != "unstructured":
+            raise invalid("method.granularity", self.granularity, "unstructured with method.pattern (N:M groups are of single weights)")
+        if self.pattern is not None and self.selection != "exact":
+            raise invalid("method.selection", self.selection, "exact with method.pattern (N:M keeps exactly N of every M)")
         self.units: list[UnitGroup] | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.k = 0  # score updates taken, for bias corrections
@@ -341,6 +350,10 @@ class ScoreBasedMethod(PruningMethod):
         self.frozen = False  # set by end_prune_stage: later hook calls change nothing
         self.mask_mode = type(self).mask_mode
         self.zero_on_update = False  # zero pruned entries of the trainable tensors at every mask update
+
+    @classmethod
+    def resolve_sparsity(cls, cfg, requested: float | None) -> float:  # noqa: ANN001
+        return pattern_sparsity(cfg, requested, cls.default_sparsity)
 
     def use_zeroed_masks(self) -> bool:
         """Switch ``parametrize`` to ``zero`` when the caller's loop runs the hooks as
@@ -414,6 +427,11 @@ class ScoreBasedMethod(PruningMethod):
 
     # --- machinery ---------------------------------------------------------------
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
+        if self.pattern is not None:
+            for w in weights:
+                if w.attr != "weight":
+                    raise invalid("method.biases", True, "false with method.pattern (N:M groups are weight-matrix inputs)")
+                check_nm_layer(self.pattern, w.module_name, w.shape[1])
         if self.granularity != "unstructured":
             if any(w.attr != "weight" for w in weights):
                 raise invalid("method.biases", True, "false", f"with method.granularity={self.granularity} (units own weight matrices).")
@@ -476,9 +494,15 @@ class ScoreBasedMethod(PruningMethod):
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
+        if self.pattern is not None and sparsity < self.sparsity - 1e-9:
+            return  # N:M has one level: the mask waits for the schedule's target
         scores = self.selection_scores()
         self.scores_masked = False
-        if self.units is not None:
+        if self.pattern is not None:
+            for i, (start, n, shape) in enumerate(self.slices):
+                keep = ~prune_nm(scores[start : start + n].view(shape), *self.pattern)
+                self.mask_view(i).copy_(keep)
+        elif self.units is not None:
             self._select_units(scores, sparsity)
         else:
             groups = [(0, scores.numel())] if self.scope == "global" else [(start, n) for start, n, _ in self.slices]
@@ -511,6 +535,8 @@ class ScoreBasedMethod(PruningMethod):
 
     def kept_target(self) -> int:
         """Weights kept at the target sparsity, as the selection counts them."""
+        if self.pattern is not None:
+            return sum(n // self.pattern[1] * self.pattern[0] for _, n, _ in self.slices)
         if self.units is None:
             count = (lambda n: kept_floor(n, 1.0 - self.sparsity)) if self.selection == "authors" else (lambda n: kept_count(n, self.sparsity))
             if self.scope == "global":
