@@ -225,3 +225,18 @@ def test_bad_gradient_settings_are_one_clear_error(tmp_path: Path, lm_text: Path
 
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         run_lm(tmp_path / "bad", lm_text, *overrides)
+
+
+def test_prune_causal_lm_scores_with_gradients_from_your_own_code() -> None:
+    from pruneflow.llm import prune_causal_lm
+
+    model, ids = tiny_lm()
+    ref = ref_seven_pre(model, ids, 0.5)
+    rep = prune_causal_lm(model, ids, method="seven_pre", scope="global", compile=False)
+    assert rep["target"] == 0.5 and rep["measured"] == pytest.approx(0.5, abs=1e-4)
+    got = {n: (lin.weight.detach() != 0).numpy() for n, lin in linears(model).items()}
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 4
+    from pruneflow.errors import UserError
+
+    with pytest.raises(UserError, match="offload"):
+        prune_causal_lm(tiny_lm()[0], ids, method="snip", offload=True)
