@@ -23,7 +23,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check pruneflow tests scripts
+	$(BIN)/ruff check pruneflow hydra_plugins tests scripts
 
 clean:
 	rm -rf $(VENV) outputs/.cache

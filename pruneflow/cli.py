@@ -105,6 +105,16 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
+def _table_rows(compose: Any, overrides: list[str]) -> list[list[str]]:  # noqa: ANN401
+    """The rows of a table experiment (``hydra.sweeper.rows``), or [] for any other command."""
+    try:
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - the composition error is reported below
+        return []
+    rows = cfg.hydra.sweeper.get("rows") if "rows" in cfg.hydra.sweeper else None
+    return [[str(o) for o in row] for row in rows or []]
+
+
 def precheck(argv: list[str]) -> str | None:
     """Compose the configuration of every sweep value before Hydra runs anything, so that
     a misspelt key, a wrong type or an unknown option is one clear paragraph."""
@@ -133,6 +143,8 @@ def precheck(argv: list[str]) -> str | None:
     for o in parsed:
         if not o.key_or_group:
             return f"Could not read the command line: '{o.input_line}' has no key. Overrides are key=value (e.g. sparsity=0.7, method=seven)."
+    if any(o.key_or_group == "hydra.searchpath" for o in parsed):  # config groups from elsewhere: Hydra checks
+        return None
     plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     base = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in plain]
     variants = [base]
@@ -143,6 +155,15 @@ def precheck(argv: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            rows = _table_rows(compose, base)
+            if rows and not multirun:
+                name = next((a for a in base if a.startswith("experiment=")), "this experiment")
+                return (f"'{name}' is a table of {len(rows)} runs (hydra.sweeper.rows): run it as a sweep, "
+                        f"pruneflow -m {' '.join(args)}; or run one of its rows, e.g. pruneflow {' '.join(rows[0])}.")
+            if rows:  # every row, with this command line's settings
+                from hydra_plugins.pruneflow_rows_sweeper.rows_sweeper import merge_row
+
+                variants = [merge_row(v, row) for v in variants for row in rows]
             for overrides in variants:
                 try:
                     compose(config_name="config", overrides=overrides)

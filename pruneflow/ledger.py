@@ -72,34 +72,43 @@ def _reproduces(point: PublishedPoint, row: Row, experiment: str) -> bool:
 
 
 def ledger_entries(rows: list[Row]) -> list[Entry]:
-    infos: dict[str, dict[str, Any]] = {}
+    """Every published point of the experiments that ran, with the rows that reproduce it.
+
+    Experiments of one figure or table (the same ``experiment_info.figure``, e.g. Sanh et
+    al.'s per-method experiments, which all carry the whole table) are one group: each
+    published number is listed once, matched against the rows of every experiment in it."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}  # figure (or experiment) -> experiment -> info
     for row in rows:
         info = row.experiment_info()
         if row.experiment and info and info.get("published"):
-            infos.setdefault(row.experiment, info)
+            groups.setdefault(str(info.get("figure") or row.experiment), {}).setdefault(row.experiment, info)
     entries: list[Entry] = []
-    for exp, info in infos.items():
-        exp_rows = [r for r in rows if r.experiment == exp]
+    for key, infos in groups.items():
+        names = list(infos)
+        info = infos[names[0]]
+        label = names[0] if len(names) == 1 else key
+        points = list(dict.fromkeys(p for i in infos.values() for p in published_points(i)))  # each number once
+        exp_rows = [r for r in rows if r.experiment in infos]
         own = exp_rows[0].method if len({r.method for r in exp_rows if r.method != "dense"}) == 1 else "?"
         tasks = {r.task for r in exp_rows}
-        for p in published_points(info):
+        for p in points:
             if p.task not in tasks:  # a figure's other panels belong to the experiments that run them
                 continue
-            matched = [r for r in exp_rows if _reproduces(p, r, exp)]
+            matched = [r for r in exp_rows if _reproduces(p, r, r.experiment)]
             method = p.method or own
             if not matched and p.method == "dense":
                 # causal-LM runs evaluate the dense model before pruning (metrics.dense): one row is enough
                 lm_rows = [r for r in exp_rows if r.task == p.task and all(p.metric in ((x.get("metrics") or {}).get("dense") or {}) for x in r.runs)]
                 if lm_rows:
                     mean, std, n = lm_rows[0].stat(lambda x, m=p.metric: x["metrics"]["dense"][m])
-                    entries.append(Entry(exp, info.get("figure"), p, method, lm_rows[0], mean, std, n))
+                    entries.append(Entry(lm_rows[0].experiment, info.get("figure"), p, method, lm_rows[0], mean, std, n))
                     continue
             if not matched:
-                entries.append(Entry(exp, info.get("figure"), p, method, None))
+                entries.append(Entry(label, info.get("figure"), p, method, None))
                 continue
             for r in matched:
                 mean, std, n = r.stat(lambda x, m=p.metric: x["metrics"]["final"][m])
-                entries.append(Entry(exp, info.get("figure"), p, method, r, mean, std, n))
+                entries.append(Entry(r.experiment, info.get("figure"), p, method, r, mean, std, n))
     return entries
 
 

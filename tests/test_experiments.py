@@ -27,7 +27,10 @@ from pruneflow.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+ALL_EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+# Tables (hydra.sweeper.rows): one sweep over per-method experiments; tested apart below.
+TABLES = [n for n in ALL_EXPERIMENTS if "rows:" in (CONF / "experiment" / f"{n}.yaml").read_text()]
+EXPERIMENTS = [n for n in ALL_EXPERIMENTS if n not in TABLES]
 
 # DESIGN.md §5: metric keys per task.
 TASK_METRICS: dict[str, set[str]] = {
@@ -319,3 +322,85 @@ def test_figure_sweep_runs_every_method_and_fills_the_ledger(tmp_path: Path) -> 
     for method, published in (("magnitude", "80.8"), ("snip", "75.3"), ("grasp", "79.3"), ("seven_pre", "86.2")):
         assert f"| {name} | {method} | glue/mrpc | accuracy | 50 | – | {published} [" in ledger
     assert (sweep / "figure_SEVEN-plot1-pre-pruning-BERT-base.png").exists()
+
+
+# ----------------------------------------------------------------------------- tables
+def table_rows(name: str) -> list[list[str]]:
+    return [[str(o) for o in row] for row in load(name)["hydra"]["sweeper"]["rows"]]
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_table_rows_cover_every_published_method_and_sparsity(name: str) -> None:
+    """Every method the table publishes has rows; every row is an existing experiment whose
+    published numbers are the table's; magnitude and movement run each published sparsity."""
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n") and "Source:" in text
+    assert load(name)["defaults"] == [{"override /hydra/sweeper": "rows"}]
+    rows = table_rows(name)
+    by_method: dict[str, list[list[str]]] = {}
+    figures = set()
+    for row in rows:
+        exp = next(o.split("=", 1)[1] for o in row if o.startswith("experiment="))
+        assert exp in EXPERIMENTS, exp
+        cfg = compose(row)  # the row composes as a run
+        by_method.setdefault(str(cfg.method.name), []).append(row)
+        figures.add(cfg.experiment_info.figure)
+        info = OmegaConf.to_container(cfg.experiment_info)
+    assert len(figures) == 1 and None not in figures  # one ledger group, one plot
+    published = {p.method for p in published_points(info)} - {"dense"}
+    assert set(by_method) == published
+    points = published_points(info)
+    for method in ("magnitude", "movement"):
+        ran = sorted(float(o.split("=")[1]) for row in by_method[method] for o in row if o.startswith("sparsity="))
+        assert ran == sorted({p.sparsity for p in points if p.method == method}), method
+    for method in ("soft_movement", "l0"):  # their sparsity follows from the penalty: a grid of it
+        assert len({o for row in by_method[method] for o in row if o.startswith("method.final_lambda=")}) >= 3
+
+
+def test_merge_row_replaces_the_command_lines_key() -> None:
+    from hydra_plugins.pruneflow_rows_sweeper.rows_sweeper import merge_row
+
+    job = ["experiment=sanh2020/squad_table2", "seed=1", "sparsity=0.5"]
+    assert merge_row(job, ["experiment=movement/squad_bert_base", "sparsity=0.97"]) == [
+        "seed=1", "experiment=movement/squad_bert_base", "sparsity=0.97"]
+
+
+def test_a_table_without_multirun_is_one_clear_error() -> None:
+    from pruneflow.cli import precheck
+
+    message = precheck([f"experiment={TABLES[0]}"])
+    assert message is not None and "is a table of 12 runs" in message and "pruneflow -m" in message
+    assert precheck(["-m", f"experiment={TABLES[0]}", "method.no_such_key=1"]) is not None  # rows are checked too
+
+
+@pytest.mark.slow
+def test_a_table_runs_as_one_sweep_and_fills_one_ledger(tmp_path: Path) -> None:
+    """A table of three rows (the miniature of Sanh et al.'s, each row with its own settings)
+    and seeds from the command line: every row runs once per seed, and the report's ledger
+    lists the table's published numbers once, measured rows beside them."""
+    from pruneflow.report import main as report
+
+    from conftest import run_cli
+
+    overrides, _ = miniature_overrides("movement/squad_bert_base", tmp_path)
+    common = [o for o in overrides if not o.startswith("experiment=") and o not in SANH_MINI]
+    table = tmp_path / "conf" / "experiment" / "mini" / "table.yaml"
+    table.parent.mkdir(parents=True)
+    mini = ", ".join(SANH_MINI)
+    table.write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: rows\nhydra:\n  sweeper:\n    rows:\n"
+        f"      - [experiment=magnitude/squad_bert_base, sparsity=0.9, {mini}]\n"
+        f"      - [experiment=movement/squad_bert_base, sparsity=0.97, {mini}]\n"
+        "      - [experiment=l0/squad_bert_base, method.final_lambda=50, trainer.warmup_steps=2]\n")
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "experiment=mini/table", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", *common, "seed=0,1",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sweep.rglob("result.json")]
+    assert sorted((r["method"], r["seed"]) for r in results) == [(m, s) for m in ("l0", "magnitude", "movement") for s in (0, 1)]
+    assert report([str(sweep)]) == 0
+    ledger = (sweep / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert ledger.count("| squad/v1 | f1 | 90 | distill.enabled=False |") == 4  # each published number once
+    assert "| magnitude/squad_bert_base | magnitude | squad/v1 | f1 | 90 | distill.enabled=False | 78.5" in ledger
+    assert "(2) |" in ledger  # measured over the two seeds
+    assert (sweep / "figure_Sanh-et-al.-2020-Tables-2-and-3-SQuAD-v1.1.png").exists()
