@@ -346,6 +346,17 @@ def test_table_rows_cover_every_published_method_and_sparsity(name: str) -> None
         by_method.setdefault(str(cfg.method.name), []).append(row)
         figures.add(cfg.experiment_info.figure)
         info = OmegaConf.to_container(cfg.experiment_info)
+    if name.startswith("platon/"):  # every per-task experiment; MNLI and RTE at 80, 85, 90 % with the script's beta2
+        tasks = {next(o for o in row if o.startswith("experiment=")) for row in rows}
+        assert tasks == {f"experiment={n}" for n in EXPERIMENTS if n.startswith("platon/")}
+        for task, betas in (("mnli", {0.8: 0.95, 0.85: 0.9, 0.9: 0.85}), ("rte", {0.8: 0.95, 0.85: 0.65, 0.9: 0.95})):
+            got = {}
+            for row in rows:
+                if row[0] == f"experiment=platon/{task}_bert_base":
+                    cfg = compose(row)
+                    got[float(cfg.sparsity)] = float(cfg.method.beta2)
+            assert got == betas, task
+        return
     assert len(figures) == 1 and None not in figures  # one ledger group, one plot
     published = {p.method for p in published_points(info)} - {"dense"}
     assert set(by_method) == published
@@ -368,9 +379,9 @@ def test_merge_row_replaces_the_command_lines_key() -> None:
 def test_a_table_without_multirun_is_one_clear_error() -> None:
     from pruneflow.cli import precheck
 
-    message = precheck([f"experiment={TABLES[0]}"])
+    message = precheck(["experiment=sanh2020/squad_table2"])
     assert message is not None and "is a table of 12 runs" in message and "pruneflow -m" in message
-    assert precheck(["-m", f"experiment={TABLES[0]}", "method.no_such_key=1"]) is not None  # rows are checked too
+    assert precheck(["-m", "experiment=sanh2020/squad_table2", "method.no_such_key=1"]) is not None  # rows are checked too
 
 
 @pytest.mark.slow
