@@ -218,19 +218,26 @@ class ReusedBufferMask(Mask):
 
 
 class _STEMask(torch.autograd.Function):
-    """``W * mask`` whose mask came from trainable scores: the gradient reaches the
-    weights masked (``g * mask``) and the scores straight through (``g * W``, Sanh et
-    al.'s estimator: the mask's gradient is given to the scores unchanged)."""
+    """``W * mask`` written into a reused buffer, whose mask came from trainable scores:
+    the gradient reaches the weights masked (``g * mask``) and the scores straight
+    through (``g * W``, Sanh et al.'s estimator: the mask's gradient is given to the
+    scores unchanged). As ``_MaskInto``: no weight-sized allocation for the forward's
+    output nor for the weights' gradient (the incoming one is masked in place)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        torch.mul(weight, mask, out=out)
         ctx.save_for_backward(weight, mask)
-        return weight * mask
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         weight, mask = ctx.saved_tensors
-        return grad * mask, grad * weight, None
+        g_scores = grad * weight  # before grad is masked in place
+        if grad.is_contiguous() and grad.shape == mask.shape and grad.dtype == mask.dtype and not grad.requires_grad:
+            return grad.mul_(mask), g_scores, None, None
+        return grad * mask, g_scores, None, None
 
 
 class ScoreMask(Mask):
@@ -251,7 +258,11 @@ class ScoreMask(Mask):
         scores = self.__dict__.get("_scores")
         if self.frozen or scores is None or not torch.is_grad_enabled():
             return weight * self.mask
-        return _STEMask.apply(weight, scores(), self.mask)
+        out = self.__dict__.get("_out")
+        if out is None or out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
+            out = torch.empty_like(weight, requires_grad=False)
+            self.__dict__["_out"] = out
+        return _STEMask.apply(weight, scores(), self.mask, out.detach())
 
 
 class _PassGrad(torch.autograd.Function):
