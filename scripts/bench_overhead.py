@@ -53,7 +53,12 @@ def build_model(layers: int) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    """AdamW as pruneflow's trainer builds it (fused where torch has the kernel)."""
+    from pruneflow.trainer import fused_ok
+
+    params = list(model.parameters())
+    fused = {"fused": True} if fused_ok([{"params": params}]) else {}
+    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, **fused)
 
 
 AUTOCAST: dict = {"dtype": None}
