@@ -67,3 +67,11 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
 
 def read_result(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lm_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small WikiText-2-shaped text folder (train/test .txt) for the causal-LM tests."""
+    from task_data import write_lm_text
+
+    return write_lm_text(tmp_path_factory.mktemp("lm") / "wikitext2")

@@ -222,3 +222,11 @@ def write_lm_text(folder: Path, n_train: int = 300, n_test: int = 80, eval_split
         else:
             write_split(folder, split, [{"text": r} for r in rows], fmt)
     return folder
+
+
+def run_overrides(run_dir: Path, overrides: list[str]) -> dict:
+    """Run the pipeline in-process as the CLI composes ``overrides``; the result.json."""
+    from pruneflow.runner import run
+
+    run(compose(overrides), run_dir, overrides)
+    return json.loads((run_dir / "result.json").read_text())

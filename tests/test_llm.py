@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from task_data import compose, write_lm_text
+from task_data import compose, run_overrides
 from torch import nn
 
 from pruneflow.errors import RunStopped, UserError
@@ -32,17 +32,8 @@ LM = ["model=tiny_llama", "model.pretrain.steps=0", "task=lm/wikitext2", "calibr
       "calibration.nsamples=8", "logger=none"]
 
 
-@pytest.fixture(scope="module")
-def lm_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_lm_text(tmp_path_factory.mktemp("lm") / "wikitext2")
-
-
 def run_lm(run_dir: Path, lm_text: Path, *overrides: str) -> dict:
-    from pruneflow.runner import run
-
-    ov = [*LM, f"task.path={lm_text}", *overrides]
-    run(compose(ov), run_dir, ov)
-    return json.loads((run_dir / "result.json").read_text())
+    return run_overrides(run_dir, [*LM, f"task.path={lm_text}", *overrides])
 
 
 def method_cfg(name: str, **kw: object) -> OmegaConf:

@@ -10,7 +10,6 @@ end on the offline tiny_llama.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from task_data import compose, write_lm_text
+from task_data import run_overrides
 
 from pruneflow.llm.gradient import prunable_weights, score_and_prune, scoring_batches
 from pruneflow.methods.seven_pre import SevenPre
@@ -172,17 +171,8 @@ LM = ["model=tiny_llama", "model.pretrain.steps=0", "task=lm/wikitext2", "calibr
       "calibration.nsamples=4", "logger=none", "task.max_eval_windows=8"]
 
 
-@pytest.fixture(scope="module")
-def lm_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_lm_text(tmp_path_factory.mktemp("lm") / "wikitext2")
-
-
 def run_lm(run_dir: Path, lm_text: Path, *overrides: str) -> dict:
-    from pruneflow.runner import run
-
-    ov = [*LM, f"task.path={lm_text}", *overrides]
-    run(compose(ov), run_dir, ov)
-    return json.loads((run_dir / "result.json").read_text())
+    return run_overrides(run_dir, [*LM, f"task.path={lm_text}", *overrides])
 
 
 @pytest.mark.parametrize("method,extra", [

@@ -28,13 +28,7 @@ def prune_causal_lm(model: nn.Module, calibration_ids: torch.Tensor, method: str
     from pruneflow.api import method_config
     from pruneflow.errors import invalid
     from pruneflow.llm.blocks import BlockPruner
-    from pruneflow.llm.gradient import (
-        GRADIENT_METHODS,
-        n_steps,
-        prunable_weights,
-        score_and_prune,
-        scoring_batches,
-    )
+    from pruneflow.llm.gradient import GRADIENT_METHODS, n_steps, prune_blocks_with_gradients
     from pruneflow.methods import get_method_class, get_one_shot_class
     from pruneflow.methods.oneshot import OneShotMethod
     from pruneflow.runner import validate_sparsity
@@ -56,12 +50,9 @@ def prune_causal_lm(model: nn.Module, calibration_ids: torch.Tensor, method: str
             raise invalid("offload", True, f"False with method={method} (it back-propagates through the whole model)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise invalid("batch_size", batch_size, "an integer >= 1 (calibration windows per scoring step)")
-        linears = {f"{pruner.blocks_name}.{i}.{n}": lin for i in range(len(pruner.blocks)) for n, lin in pruner.linears(i).items()}
-        weights = prunable_weights(linears)
-        impl.validate(model, weights)
         plan = Schedule(kind=schedule, target=impl.schedule_target(), total_steps=n_steps(calibration_ids.shape[0], batch_size))
         plan.validate()
-        score_and_prune(model, impl, weights, scoring_batches(calibration_ids, batch_size), plan, dev)
+        prune_blocks_with_gradients(pruner, impl, calibration_ids, batch_size, plan, dev)
     else:
         pruner.run(calibration_ids, [target] * len(pruner.blocks))
     per_block, zeros, total = [], 0, 0

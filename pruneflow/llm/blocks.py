@@ -120,6 +120,10 @@ class BlockPruner:
     def linears(self, index: int) -> dict[str, nn.Linear]:
         return block_linears(self.blocks[index], self.include, self.exclude)
 
+    def named_linears(self) -> dict[str, nn.Linear]:
+        """Every prunable Linear of every block, by its module name in the model."""
+        return {f"{self.blocks_name}.{i}.{n}": lin for i in range(len(self.blocks)) for n, lin in self.linears(i).items()}
+
     def weight_names(self, index: int) -> dict[str, str]:
         """Block-local Linear name -> the weight's name in the model's state dict."""
         return {n: f"{self.blocks_name}.{index}.{n}.weight" for n in self.linears(index)}

@@ -22,7 +22,7 @@ def time_semi_structured(run: LLMRun, repeats: int = 10) -> dict[str, Any]:
     model = run.model.to(run.device)
     if model.dtype not in (torch.float16, torch.bfloat16):
         return {"available": False, "reason": f"model dtype {model.dtype}: semi-structured kernels need model.dtype=float16 or bfloat16"}
-    names = [f"{run.pruner.blocks_name}.{i}.{n}" for i in range(len(run.pruner.blocks)) for n in run.pruner.linears(i)]
+    names = list(run.pruner.named_linears())
     eligible = [n for n in names if all(d % 64 == 0 for d in model.get_submodule(n).weight.shape)]
     if not eligible:
         return {"available": False, "reason": "no prunable layer has both dimensions multiples of 64"}

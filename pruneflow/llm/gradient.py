@@ -51,6 +51,16 @@ def n_steps(nsamples: int, batch_size: int) -> int:
     return math.ceil(nsamples / batch_size)
 
 
+def prune_blocks_with_gradients(pruner, method: ScoreBasedMethod, samples: torch.Tensor, batch_size: int,  # noqa: ANN001
+                                schedule: Schedule, device: torch.device,
+                                on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """The prunable Linears of a :class:`~pruneflow.llm.blocks.BlockPruner`'s blocks, scored
+    on ``samples`` in batches of ``batch_size`` and pruned (the CLI's and the API's path)."""
+    weights = prunable_weights(pruner.named_linears())
+    method.validate(pruner.model, weights)
+    return score_and_prune(pruner.model, method, weights, scoring_batches(samples, batch_size), schedule, device, on_step)
+
+
 def score_and_prune(
     model: nn.Module,
     method: ScoreBasedMethod,

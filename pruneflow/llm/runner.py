@@ -153,9 +153,8 @@ class LLMRun:
         if not any(self.pruner.linears(i) for i in range(n_blocks)):
             raise UserError(f"No prunable weights: no nn.Linear in the decoder blocks of model={cfg.model.name} matches "
                             f"method.include={cfg.method.get('include')} (minus method.exclude={cfg.method.get('exclude')}).")
-        for i in range(n_blocks):
-            for lname, lin in self.pruner.linears(i).items():
-                check_nm_layer(self.method.pattern, f"{self.pruner.blocks_name}.{i}.{lname}", lin.in_features)
+        for name, lin in self.pruner.named_linears().items():
+            check_nm_layer(self.method.pattern, name, lin.in_features)
         if self.gradient:
             from pruneflow.llm.gradient import n_steps
             from pruneflow.schedules import Schedule
@@ -330,25 +329,21 @@ class LLMRun:
     def prune_with_gradients(self, samples: torch.Tensor, progress: dict[str, Any]) -> None:
         """seven_pre / snip / force: scoring steps of the whole model (not resumable
         mid-way: a stopped run scores again from the first batch)."""
-        from pruneflow.llm.gradient import prunable_weights, score_and_prune, scoring_batches
+        from pruneflow.llm.gradient import prune_blocks_with_gradients
 
-        linears = {f"{self.pruner.blocks_name}.{i}.{n}": lin for i in range(len(self.pruner.blocks))
-                   for n, lin in self.pruner.linears(i).items()}
-        weights = prunable_weights(linears)
-        self.method.validate(self.model, weights)
-        batches = scoring_batches(samples, self.score_batch)
+        steps = self.schedule.total_steps
 
         def on_step(step: int, loss: float) -> None:
             self.logger.log({"prune/step": step, "prune/loss": loss})
             signum = STOP.requested()
-            if signum is not None and step + 1 < len(batches):
-                raise RunStopped(f"Stopped by {stop_name(signum)} at scoring step {step} of {len(batches)}; nothing of "
+            if signum is not None and step + 1 < steps:
+                raise RunStopped(f"Stopped by {stop_name(signum)} at scoring step {step} of {steps}; nothing of "
                                  f"method={self.method.name}'s scoring is kept. Run the same command again to score from "
                                  "the first batch.", signum)
 
-        losses = score_and_prune(self.model, self.method, weights, batches, self.schedule, self.device, on_step)
+        losses = prune_blocks_with_gradients(self.pruner, self.method, samples, self.score_batch, self.schedule, self.device, on_step)
         uses_schedule = not any(key == "schedule" for key, _ in self.method.unused_settings(self.cfg))
-        progress["scoring"] = {"steps": len(batches), "batch_size": self.score_batch, "whole_model": True,
+        progress["scoring"] = {"steps": steps, "batch_size": self.score_batch, "whole_model": True,
                                "schedule": self.schedule.kind if uses_schedule else None, "scope": self.method.scope,
                                "first_loss": losses[0], "last_loss": losses[-1]}
 
@@ -390,7 +385,7 @@ class LLMRun:
         windows = self.train_windows(seqlen)
         if self.offload:
             self.model.to(self.device)
-        linears = {f"{self.pruner.blocks_name}.{i}.{n}": lin for i in range(len(self.pruner.blocks)) for n, lin in self.pruner.linears(i).items()}
+        linears = self.pruner.named_linears()
         common = {"steps": int(rec["steps"]), "lr": float(rec["lr"]), "batch_size": int(rec["batch_size"]), "seed": int(self.cfg.seed),
                   "device": self.device, "warmup_steps": int(rec.get("warmup_steps") or 0),
                   "max_grad_norm": float(rec.get("max_grad_norm") or 0.0), "weight_decay": float(rec.get("weight_decay") or 0.0)}
