@@ -41,6 +41,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (in place)
     pin_memory: Any = "auto"  # auto (on CUDA) | true | false
     torch_threads: int | None = None
+    keep_freed_memory: Any = "auto"  # auto (on CPU) | true | false: glibc reuses freed memory
     continuous: bool = False  # one optimizer and LR schedule across finetune -> prune -> recover
     optimizer: str = "adamw"  # adamw | adam | adamax | sgd
     gradient_accumulation_steps: int = 1

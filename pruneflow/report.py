@@ -40,7 +40,7 @@ from pruneflow.results import load_results
 # Overrides that do not change what a run computes (or are the row's own columns).
 NOT_A_SETTING = {
     "method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", "overwrite", "allow_config_change", "logger", "save_model",
-    "cache", "cache_dir", "task.path", "model.path", "trainer.device", "trainer.torch_threads",
+    "cache", "cache_dir", "task.path", "model.path", "trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory",
     "trainer.checkpoint_every", "trainer.log_every", "stages.eval_batch_size",
 }
 NOT_A_SETTING_PREFIXES = ("hydra.", "hydra/", "logger.", "speed.")

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pruneflow import __version__
+from pruneflow import __version__, allocator
 from pruneflow.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        "keep_freed_memory": allocator.applied(),
         "versions": versions,
     }
 

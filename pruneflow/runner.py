@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from pruneflow import distill, distributed
+from pruneflow.allocator import keep_freed_memory
 from pruneflow.cache import StageCache
 from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
@@ -132,6 +134,10 @@ class Run:
         threads = cfg.trainer.get("torch_threads")
         if threads:
             torch.set_num_threads(int(threads))
+        keep = cfg.trainer.get("keep_freed_memory", "auto")
+        if keep is True or (keep == "auto" and self.device.type == "cpu"):
+            if not keep_freed_memory() and keep is True:
+                log.warning("trainer.keep_freed_memory=true has no effect here: it needs Linux with glibc (this is %s).", sys.platform)
         self.method_cls = get_method_class(cfg.method.name)
         if getattr(self.method_cls, "one_shot", False):
             raise invalid("method", cfg.method.name, sorted(n for n in METHODS if not getattr(get_method_class(n), "one_shot", False)),
@@ -346,7 +352,7 @@ class Run:
             "seed": int(c.seed),
             "stage": OmegaConf.to_container(c.stages.finetune, resolve=True),
             "steps": self.plan.stages["finetune"].steps,
-            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if k not in ("checkpoint_every", "log_every", "device", "torch_threads")},
+            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if k not in ("checkpoint_every", "log_every", "device", "torch_threads", "keep_freed_memory")},
             "version": 2,
         }
         if self.optim is not None:  # continuous: the finetune LR depends on the whole schedule
@@ -588,7 +594,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 # Settings that do not change what a run computes: a resumed run may change them.
-RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.checkpoint_every", "trainer.log_every", "logger", "speed",
+RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory", "trainer.checkpoint_every", "trainer.log_every", "logger", "speed",
                "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size")
 
 

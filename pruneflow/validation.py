@@ -74,6 +74,9 @@ def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
         v = t.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise invalid(f"trainer.{key}", v, f"an integer >= {low}")
+    keep = t.get("keep_freed_memory", "auto")
+    if not (isinstance(keep, bool) or keep == "auto"):
+        raise invalid("trainer.keep_freed_memory", keep, "auto (on CPU), true or false")
     threads = t.get("torch_threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise invalid("trainer.torch_threads", threads, "an integer >= 1, or null for torch's default")

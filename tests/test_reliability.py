@@ -76,6 +76,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["trainer.device=cuda"], "trainer.device", "No CUDA device"),
     (["trainer.gradient_accumulation_steps=0"], "trainer.gradient_accumulation_steps", ">= 1"),
     (["trainer.torch_threads=-1"], "trainer.torch_threads", ">= 1"),
+    (["trainer.keep_freed_memory=maybe"], "trainer.keep_freed_memory", "auto (on CPU), true or false"),
     (["trainer.warmup_ratio=-1"], "trainer.warmup_ratio", "[0, 1)"),
     (["trainer.warmup_ratio=0.1", "trainer.warmup_steps=5"], "trainer.warmup_steps", "Set only one"),
     (["trainer.weight_decay=-1"], "trainer.weight_decay", ">= 0"),
