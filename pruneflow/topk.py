@@ -9,8 +9,12 @@ CPU. Instead (the classic sample-then-select):
 2. one pass over all scores counts those above the bracket and marks those in it;
 3. the exact k-th largest is found among the few scores inside the bracket.
 
-A bracket that misses (rare) is widened until it is the whole range, so the
-result is always exact. Ties at the threshold are broken by position (earlier
+Selections repeated on the same tensor (a method's scores, every step) start
+from the last threshold instead of a sample: the scores move little between two
+steps, so a narrow bracket around it (shifted by the change of ``n_keep``) holds
+the new k-th largest and skips the sample's quantiles; on a miss the sampled
+bracket is used. A bracket that misses (rare) is widened until it is the whole
+range, so the result is always exact and does not depend on the guess. Ties at the threshold are broken by position (earlier
 entries kept) so that a mask holds exactly ``n_keep`` ones.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +75,8 @@ class TopK:
         self.sample_size = sample_size
         self.seed = seed
         self._samples: dict[tuple[int, str], torch.Tensor] = {}
+        self._warm: dict[tuple, _Guess] = {}  # per scored tensor (address, size, device): the last selection
+        self._backoff: dict[tuple, list[int]] = {}  # per tensor: guesses missed in a row, selections left to sample
 
     def _sample_index(self, n: int, device: torch.device) -> torch.Tensor:
         key = (n, str(device))
@@ -104,7 +111,17 @@ class TopK:
             flat_out.copy_(above)
             flat_out[ties[:need]] = 1
             return
-        vals, pos_fn, need = self._bracket(x, n_keep)
+        key = (x.data_ptr(), n, str(x.device))
+        # A tensor whose guesses keep missing (scores that move a lot between steps)
+        # samples for 1, 2, 4, ... 64 selections before guessing again.
+        backoff = self._backoff.setdefault(key, [0, 0])
+        guess = self._warm.get(key) if backoff[1] == 0 else None
+        backoff[1] = max(backoff[1] - 1, 0)
+        vals, pos_fn, need, band = self._bracket(x, n_keep, guess)
+        if guess is not None:
+            hit = band[3] is not None
+            backoff[0] = 0 if hit else backoff[0] + 1
+            backoff[1] = 0 if hit else 2 ** min(backoff[0] - 1, 6)
         thr = torch.kthvalue(vals, vals.numel() - need + 1).values  # need-th largest in the band
         need_ties = need - int(torch.count_nonzero(vals > thr))
         is_tie = vals == thr
@@ -113,13 +130,83 @@ class TopK:
         else:  # keep the first `need_ties` positions holding the threshold value
             self.write_gt(x, thr, flat_out)
             flat_out[pos_fn(is_tie)[:need_ties]] = 1
+        self._remember(key, float(thr), n_keep, *band)
 
-    def _bracket(self, x: torch.Tensor, n_keep: int):  # noqa: ANN202
+    def _remember(self, key: tuple, thr: float, n_keep: int, lo: float, hi: float, n_band: int, predicted: float | None) -> None:
+        """Keep this selection's threshold as the next one's guess for the same tensor.
+
+        The band's score density turns a change of ``n_keep`` into a shift of the guess;
+        its half-width is 4x this step's miss of the guess (the sampled bracket's half
+        width after a sampled step), shrinking by at most half per step, and wide
+        enough to hold about 64 scores. A guess whose band would hold more scores than
+        the last sampled bracket did is dropped: sampling is cheaper then (scores that
+        move fast between steps, as SEVEN's)."""
+        width = hi - lo
+        if not (math.isfinite(thr) and math.isfinite(width) and width > 0 and n_band > 0):
+            self._warm.pop(key, None)  # ties everywhere or an unbounded band: sample next time
+            return
+        density = n_band / width
+        old = self._warm.get(key)
+        if predicted is None:  # a sampled bracket: its size caps the guesses' bands
+            half, cap = width / 2, n_band
+        else:
+            half, cap = max(4 * abs(thr - predicted), 0.5 * old.half), old.cap
+        half = max(half, 32 / density)
+        if 2 * half * density > cap:  # the scores moved too much for a narrow guess: sample
+            self._warm.pop(key, None)
+            return
+        self._warm[key] = _Guess(thr, n_keep, density, half, cap)
+
+    def _band(self, xb: torch.Tensor, tail: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_keep: int):  # noqa: ANN202
+        """One pass: how many of the n_keep largest lie inside [lo, hi] (``need``),
+        how many scores it holds, and where (per block of BLOCK scores, and in the tail)."""
+        n_above, per_block = self.band(xb, lo, hi)
+        tail_in = (tail >= lo) & (tail <= hi)
+        need = n_keep - int(n_above) - int(torch.count_nonzero(tail > hi))
+        n_band = int(per_block.sum()) + int(torch.count_nonzero(tail_in))
+        return need, n_band, per_block, tail_in
+
+    def _bracket(self, x: torch.Tensor, n_keep: int, guess: _Guess | None):  # noqa: ANN202
         """The scores inside a bracket [lo, hi] that holds the n_keep-th largest, a
-        function giving the positions of a subset of them, and how many are kept."""
+        function giving the positions of a subset of them, how many are kept, and the
+        band (lo, hi, its size, the guessed threshold or None) for the next guess.
+
+        With a guess from the last selection in this tensor (the scores of a method
+        move little from one step to the next) the bracket is around it, narrow, and
+        needs no sample; if it misses, the sampled bracket below is used."""
         n = x.numel()
         n_main = n - n % BLOCK
         xb, tail = x[:n_main].view(-1, BLOCK), x[n_main:]
+        lowest = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
+        predicted = None
+        if guess is not None:
+            predicted = guess.thr - (n_keep - guess.n_keep) / guess.density
+            lo = torch.maximum(torch.tensor(predicted - guess.half, dtype=x.dtype, device=x.device), lowest)
+            hi = torch.tensor(predicted + guess.half, dtype=x.dtype, device=x.device)
+            need, n_band, per_block, tail_in = self._band(xb, tail, lo, hi, n_keep)
+            if not 1 <= need <= n_band:
+                predicted = None
+        if predicted is None:
+            lo, hi, need, n_band, per_block, tail_in = self._sampled_band(x, xb, tail, n_keep, lowest)
+        blocks = torch.nonzero(per_block).squeeze(1)
+        rows = torch.index_select(xb, 0, blocks)
+        in_rows = ((rows >= lo) & (rows <= hi)).view(-1)
+        sel = torch.nonzero(in_rows).squeeze(1)
+        vals = torch.cat([rows.view(-1)[sel], tail[tail_in]])
+
+        def positions(subset: torch.Tensor) -> torch.Tensor:
+            """Ascending positions in x of the band scores selected by ``subset``."""
+            p_main = blocks[sel // BLOCK] * BLOCK + sel % BLOCK
+            p_tail = torch.nonzero(tail_in).squeeze(1) + n_main
+            return torch.cat([p_main, p_tail])[subset]
+
+        low = float(lo) if float(lo) > float(lowest) else -math.inf  # clamped above -inf: no width to learn from
+        return vals, positions, need, (low, float(hi), n_band, predicted)
+
+    def _sampled_band(self, x: torch.Tensor, xb: torch.Tensor, tail: torch.Tensor, n_keep: int, lowest: torch.Tensor):  # noqa: ANN202
+        """The bracket from two quantiles of the fixed sample, widened until it holds
+        the n_keep-th largest score."""
+        n = x.numel()
         sample = x[self._sample_index(n, x.device)]
         m = sample.numel()
 
@@ -133,34 +220,29 @@ class TopK:
         inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
         # -inf marks pruned weights of no-regrowth methods (most of the scores at high
         # sparsity): the bracket excludes them unless the last, whole-range attempt needs them.
-        lowest = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
         for attempt in range(4):
             i_hi, i_lo = math.floor(pos - margin), math.ceil(pos + margin)
             last = attempt == 3  # the whole range: cannot miss
             hi = largest(i_hi) if i_hi >= 0 and not last else inf
             lo = (torch.maximum(largest(i_lo), lowest) if i_lo < m else lowest) if not last else -inf
-            n_above, per_block = self.band(xb, lo, hi)
-            tail_in = (tail >= lo) & (tail <= hi)
-            need = n_keep - int(n_above) - int(torch.count_nonzero(tail > hi))
-            n_band = int(per_block.sum()) + int(torch.count_nonzero(tail_in))
+            need, n_band, per_block, tail_in = self._band(xb, tail, lo, hi, n_keep)
             if 1 <= need <= n_band:
-                break
+                return lo, hi, need, n_band, per_block, tail_in
             margin *= 8
-        else:
-            raise RuntimeError("top-k selection failed: the scores contain NaN")
-        blocks = torch.nonzero(per_block).squeeze(1)
-        rows = torch.index_select(xb, 0, blocks)
-        in_rows = ((rows >= lo) & (rows <= hi)).view(-1)
-        sel = torch.nonzero(in_rows).squeeze(1)
-        vals = torch.cat([rows.view(-1)[sel], tail[tail_in]])
+        raise RuntimeError("top-k selection failed: the scores contain NaN")
 
-        def positions(subset: torch.Tensor) -> torch.Tensor:
-            """Ascending positions in x of the band scores selected by ``subset``."""
-            p_main = blocks[sel // BLOCK] * BLOCK + sel % BLOCK
-            p_tail = torch.nonzero(tail_in).squeeze(1) + n_main
-            return torch.cat([p_main, p_tail])[subset]
 
-        return vals, positions, need
+@dataclass
+class _Guess:
+    """The last selection in one tensor: its threshold and kept count, the score
+    density around it (scores per unit of score), the next bracket's half-width and
+    the most scores a guessed bracket may hold."""
+
+    thr: float
+    n_keep: int
+    density: float
+    half: float
+    cap: int  # scores in the last sampled bracket
 
 
 _EAGER = TopK(compiled=False)

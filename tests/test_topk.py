@@ -97,3 +97,34 @@ def test_local_topk_per_tensor() -> None:
 def test_kept_count_rounds_to_nearest_weight() -> None:
     assert kept_count(1000, 0.7) == 300
     assert kept_count(10, 0.33) == 7
+
+
+def test_repeated_selection_starts_from_the_last_threshold() -> None:
+    """A method's scores drift a little each step and n_keep follows a schedule (0.5 %
+    of the weights per step here): the selection reuses the last threshold (no
+    sample) and stays exact; when the scores jump, the guess misses and the sampled
+    bracket takes over, still exact."""
+    n = DIRECT_MAX * 4 + 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g)
+    out = torch.empty(n)
+    tk = TopK()
+    sampled = []
+    real = tk._sampled_band
+    tk._sampled_band = lambda *a: sampled.append(1) or real(*a)  # type: ignore[method-assign]
+    for step, frac in enumerate([0.9, 0.895, 0.89, 0.89, 0.885, 0.88, 0.88]):
+        n_keep = int(frac * n)
+        tk.mask_(x, n_keep, out)
+        assert torch.equal(out, reference_mask(x, n_keep)), step
+        x.add_(torch.randn(n, generator=g), alpha=1e-3)
+    assert len(sampled) == 1  # only the first selection sampled
+    x.copy_(torch.rand(n, generator=g) * 100)  # far from the last threshold
+    tk.mask_(x, n // 3, out)
+    assert torch.equal(out, reference_mask(x, n // 3))
+    assert len(sampled) == 2
+    # After a miss the next selection samples without guessing; the one after guesses again.
+    for expect in (3, 3):
+        x.add_(torch.randn(n, generator=g), alpha=1e-3)
+        tk.mask_(x, n // 3, out)
+        assert torch.equal(out, reference_mask(x, n // 3))
+        assert len(sampled) == expect
