@@ -5,8 +5,11 @@ BERT-base from ``BertConfig()`` (random init, no download), batch 8 x 128 tokens
 Dense step: forward + backward + AdamW step of the plain, unparametrized model.
 Pruned step: the same with the method attached as the trainer runs it (its masks as
 the trainer applies them, its score update and its mask update after the optimizer
-step, every step, along
-a cubic schedule to the target sparsity; PLATON with deltaT=1).
+step, every step; PLATON with deltaT=1). The steps measured are consecutive steps
+from the first third of the cubic ramp of a ``--prune-steps`` prune stage (1000:
+short for BERT-base on GLUE), so the kept count changes every step, by as much as
+a real run's does. The process keeps freed memory as the trainer does on CPU
+(``trainer.keep_freed_memory``).
 Dense and pruned steps are interleaved (alternating which goes first); each
 ratio is median(pruned) / median(dense) over the measured steps, after warm-up
 steps (which also absorb any torch.compile time). After every step the mask is checked to hold exactly
@@ -39,6 +42,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pruneflow.allocator import applied as kept_freed_memory  # noqa: E402
+from pruneflow.allocator import keep_freed_memory  # noqa: E402
 from pruneflow.masking import MaskedWeights, select_prunable  # noqa: E402
 from pruneflow.methods import PruneContext, get_method_class  # noqa: E402
 from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # noqa: E402
@@ -123,6 +128,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="measured steps per method (single steps vary by several %% even on an idle machine)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured first steps (allocator and compile warm-up)")
     ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--prune-steps", type=int, default=1000, help="length of the prune stage whose cubic ramp the measured steps come from")
+    ap.add_argument("--keep-freed-memory", default="auto", help="auto (on CPU, as the trainer) | true | false")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--compile", default="auto", help="method.compile: auto | true | false")
     ap.add_argument("--model-compile", default="false", help="true: torch.compile both models, as trainer.compile=true")
@@ -131,6 +138,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep = args.keep_freed_memory.lower()
+    if keep == "true" or (keep == "auto" and args.device == "cpu"):
+        keep_freed_memory()
     torch.manual_seed(0)
     device = torch.device(args.device)
     AUTOCAST["dtype"] = torch.bfloat16 if args.precision == "bf16" else None
@@ -151,9 +161,13 @@ def main() -> None:
     n_prunable = sum(w.numel() for w in select_prunable(dense, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} {where} precision={args.precision} "
-          f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile} model_compile={model_compile}", flush=True)
+          f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile} model_compile={model_compile} "
+          f"prune_steps={args.prune_steps} keep_freed_memory={kept_freed_memory()}", flush=True)
 
     total = args.warmup + args.steps
+    first = args.prune_steps // 3  # the schedule's step of the first (warm-up) step
+    if not 0 < total <= args.prune_steps - first:
+        sys.exit(f"--prune-steps {args.prune_steps} is too short for {total} steps from its first third")
     all_exact = True
     for name in args.methods.split(","):
         model = copy.deepcopy(template)
@@ -163,15 +177,15 @@ def main() -> None:
         cfg = method_config(name, args.compile)
         method = get_method_class(name)(cfg, args.sparsity)
         method.validate(model, weights)
-        schedule = Schedule("cubic", args.sparsity, total)
+        schedule = Schedule("cubic", args.sparsity, args.prune_steps)
         method.use_zeroed_masks()  # as pruneflow's trainer: no W * mask in the forward
-        method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=total, device=device))
+        method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=args.sparsity, total_steps=args.prune_steps, device=device))
         opt = make_optimizer(model)
         for group in method.param_groups():  # movement pruning's scores
             opt.add_param_group({"params": group["params"], "lr": group["pf_lr"], "weight_decay": 0.0})
         t_dense, t_pruned, t_hooks, exact = [], [], [], True
-        for step in range(total):
-            if step % 2:  # alternate which runs first, so drift on a shared machine hits both alike
+        for i, step in enumerate(range(first, first + total)):
+            if i % 2:  # alternate which runs first, so drift on a shared machine hits both alike
                 tp, th = train_step(model, opt, batch, method, step)
                 td, _ = train_step(dense, dense_opt, batch)
             else:
@@ -180,7 +194,7 @@ def main() -> None:
             expected = expected_kept(method, method.target_sparsity(step))
             kept = method.kept_count_now()
             exact &= kept == expected
-            if step >= args.warmup:
+            if i >= args.warmup:
                 t_dense.append(td)
                 t_pruned.append(tp)
                 t_hooks.append(th)

@@ -26,6 +26,8 @@ import copy
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from pruneflow.allocator import applied as kept_freed_memory
+from pruneflow.allocator import keep_freed_memory
 from pruneflow.compress import (
     CompressedBertSelfAttention,
     PairedMasks,
@@ -74,9 +76,14 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of each paired dimension kept")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--dtype", default="fp32", help="fp32 | bf16 (the timed models; the equality check runs in fp32)")
+    ap.add_argument("--keep-freed-memory", default="auto", help="auto (on CPU, as pruneflow runs) | true | false")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_mode = args.keep_freed_memory.lower()
+    if keep_mode == "true" or (keep_mode == "auto" and args.device == "cpu"):
+        keep_freed_memory()
+    print(f"keep_freed_memory={kept_freed_memory()}")
     torch.manual_seed(0)
     device = torch.device(args.device)
 
