@@ -368,3 +368,43 @@ def test_readme_example_method_runs() -> None:
     method.setup(PruneContext(model=model, weights=weights, schedule=Schedule("cubic", 0.5, 4), sparsity=0.5, total_steps=4, device=torch.device("cpu")))
     masks = train_steps(model, method, 4)
     assert int(masks[-1].sum()) == weights.numel // 2 and float(method.state["scores"].max()) > 0
+
+
+def test_compiled_kernels_match_eager() -> None:
+    """``method.compile`` (auto on CPU from 8M prunable weights, so no other test here
+    compiles): the fused score updates and top-k passes give what the eager ones do."""
+    from pruneflow.fused import Kernel
+    from pruneflow.methods.seven import seven_step_
+    from pruneflow.topk import DIRECT_MAX, TopK
+
+    g = torch.Generator().manual_seed(0)
+    state = [torch.rand(5000, generator=g) for _ in range(5)]
+    eager, fused = [t.clone() for t in state], [t.clone() for t in state]
+    platon = Kernel(platon_window_step_, compiled=True)
+    for local in (0, 1, 2, 0):  # both branches: a window's first step and a running mean
+        platon_window_step_(*eager, local, 0.85, 0.95)
+        platon(*fused, local, 0.85, 0.95)
+    assert platon.compiled_fn is not None  # it compiled, and did not fall back to eager
+    for a, b in zip(eager, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    S, m, v, W, G = (torch.rand(5000, generator=g) for _ in range(5))
+    mask = (torch.rand(5000, generator=g) > 0.3).float()
+    eager, fused = [t.clone() for t in (S, m, v)], [t.clone() for t in (S, m, v)]
+    seven = Kernel(seven_step_, compiled=True)
+    for c1, c2 in ((5.0, 10.0), (2.8, 5.3)):
+        seven_step_(*eager, W, G, mask, 0.8, 0.9, c1, c2, False, float("-inf"))
+        seven(*fused, W, G, mask, 0.8, 0.9, c1, c2, False, float("-inf"))
+    assert seven.compiled_fn is not None
+    for a, b in zip(eager, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    x = torch.randn(DIRECT_MAX * 2 + 7, generator=g)
+    x[::5] = float("-inf")  # pruned entries of a no-regrowth method
+    out_eager, out_fused = torch.empty_like(x), torch.empty_like(x)
+    fused_topk = TopK(compiled=True)
+    for n_keep in (len(x) // 3, len(x) // 3 - 1000):  # the second starts from the first's threshold
+        TopK(compiled=False).mask_(x, n_keep, out_eager)
+        fused_topk.mask_(x, n_keep, out_fused)
+        assert torch.equal(out_eager, out_fused) and int(out_fused.sum()) == n_keep
+    assert fused_topk.band.compiled_fn is not None

@@ -96,6 +96,9 @@ class Platon(ScoreBasedMethod):
 
     def init_state(self) -> None:
         self.zero_on_update = True  # their masks zero the weights in place (strict mode too: regrown weights start at 0)
+        # One fused pass per layer when compiled (BERT-base on CPU): eager, the update is
+        # 8 passes over the weights' size and a temporary for |Iw - Ibar|.
+        self.step_kernel = self.kernel(platon_window_step_)
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
@@ -103,7 +106,8 @@ class Platon(ScoreBasedMethod):
         for i, (w, grad) in enumerate(zip(self.ctx.weights, self.grads(), strict=True)):
             if grad is None:
                 continue
-            platon_window_step_(self.view("ipt", i), self.view("ibar", i), self.view("unc", i), w.param.detach(), grad, local, self.beta1, self.beta2)
+            self.step_kernel(self.view("ipt", i).view(-1), self.view("ibar", i).view(-1), self.view("unc", i).view(-1),
+                             w.param.detach().reshape(-1), grad.reshape(-1), local, self.beta1, self.beta2)
 
     def selection_scores(self) -> torch.Tensor:
         scores = platon_scores(self.state["ibar"], self.state["unc"], out=self.state["scores"])
