@@ -54,6 +54,17 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def apply_setting(mode: bool | str, device_type: str) -> bool:
+    """``trainer.keep_freed_memory`` (or a benchmark's ``--keep-freed-memory``):
+    ``auto`` applies it on CPU, ``true`` everywhere (with a warning where it cannot
+    apply), ``false`` never. Returns whether this process keeps freed memory."""
+    mode = str(mode).lower()
+    if mode == "true" or (mode == "auto" and device_type == "cpu"):
+        if not keep_freed_memory() and mode == "true":
+            log.warning("trainer.keep_freed_memory=true has no effect here: it needs Linux with glibc (this is %s).", sys.platform)
+    return applied()
+
+
 def applied() -> bool:
     """Whether this process keeps freed memory (set by ``keep_freed_memory``)."""
     return bool(_applied)

@@ -14,6 +14,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+# Settings that do not change what a run computes: a resumed run may change them, the
+# finetune cache ignores them and a report does not list them as a run's settings.
+RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory", "trainer.checkpoint_every", "trainer.log_every", "logger",
+               "speed", "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size")
+
 
 @dataclass
 class StageConfig:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pruneflow.config import RESUME_FREE
 from pruneflow.ledger import ledger_entries, ledger_markdown, plot_figures
 from pruneflow.published import (
     PublishedPoint,
@@ -37,12 +38,8 @@ from pruneflow.published import (
 )
 from pruneflow.results import load_results
 
-# Overrides that do not change what a run computes (or are the row's own columns).
-NOT_A_SETTING = {
-    "method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", "overwrite", "allow_config_change", "logger", "save_model",
-    "cache", "cache_dir", "task.path", "model.path", "trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory",
-    "trainer.checkpoint_every", "trainer.log_every", "stages.eval_batch_size",
-}
+# Overrides that are the row's own columns, name where data lives, or do not change what a run computes.
+NOT_A_SETTING = {"method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", "task.path", "model.path", *RESUME_FREE}
 NOT_A_SETTING_PREFIXES = ("hydra.", "hydra/", "logger.", "speed.")
 # |measured - target| above this marks a run that did not reach its target sparsity.
 SPARSITY_TOLERANCE = 0.005

@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from pruneflow import distill, distributed
-from pruneflow.allocator import keep_freed_memory
+from pruneflow import allocator, distill, distributed
 from pruneflow.cache import StageCache
+from pruneflow.config import RESUME_FREE
 from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
@@ -134,10 +133,7 @@ class Run:
         threads = cfg.trainer.get("torch_threads")
         if threads:
             torch.set_num_threads(int(threads))
-        keep = cfg.trainer.get("keep_freed_memory", "auto")
-        if keep is True or (keep == "auto" and self.device.type == "cpu"):
-            if not keep_freed_memory() and keep is True:
-                log.warning("trainer.keep_freed_memory=true has no effect here: it needs Linux with glibc (this is %s).", sys.platform)
+        allocator.apply_setting(cfg.trainer.get("keep_freed_memory", "auto"), self.device.type)
         self.method_cls = get_method_class(cfg.method.name)
         if getattr(self.method_cls, "one_shot", False):
             raise invalid("method", cfg.method.name, sorted(n for n in METHODS if not getattr(get_method_class(n), "one_shot", False)),
@@ -352,7 +348,7 @@ class Run:
             "seed": int(c.seed),
             "stage": OmegaConf.to_container(c.stages.finetune, resolve=True),
             "steps": self.plan.stages["finetune"].steps,
-            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if k not in ("checkpoint_every", "log_every", "device", "torch_threads", "keep_freed_memory")},
+            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if f"trainer.{k}" not in RESUME_FREE},
             "version": 2,
         }
         if self.optim is not None:  # continuous: the finetune LR depends on the whole schedule
@@ -591,11 +587,6 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors(v)]
     return []
-
-
-# Settings that do not change what a run computes: a resumed run may change them.
-RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory", "trainer.checkpoint_every", "trainer.log_every", "logger", "speed",
-               "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size")
 
 
 def _comparable(cfg: DictConfig) -> dict[str, Any]:

@@ -65,18 +65,20 @@ class TopK:
     ``compiled`` fuses each pass over the scores with ``torch.compile``. The
     random sample is fixed per size (seeded), so masks are deterministic and equal
     on every process. Memory: no score-sized temporaries (the band pass writes one
-    float per block of 16 scores).
+    float per block of 16 scores). ``remember``: start each selection in a tensor
+    from the last one in it (for a method's persistent score buffers; temporaries
+    would only fill the table with addresses that do not come back).
     """
 
-    def __init__(self, compiled: bool = False, sample_size: int = SAMPLE_SIZE, seed: int = 0) -> None:
+    def __init__(self, compiled: bool = False, sample_size: int = SAMPLE_SIZE, seed: int = 0, remember: bool = False) -> None:
         self.band = Kernel(_band_blocks, compiled)
         self.write_gt = Kernel(_write_gt, compiled)
         self.write_ge = Kernel(_write_ge, compiled)
         self.sample_size = sample_size
         self.seed = seed
         self._samples: dict[tuple[int, str], torch.Tensor] = {}
-        self._warm: dict[tuple, _Guess] = {}  # per scored tensor (address, size, device): the last selection
-        self._backoff: dict[tuple, list[int]] = {}  # per tensor: guesses missed in a row, selections left to sample
+        self.remember = remember
+        self._tensors: dict[tuple, _Tensor] = {}  # per scored tensor (address, size, device)
 
     def _sample_index(self, n: int, device: torch.device) -> torch.Tensor:
         key = (n, str(device))
@@ -111,17 +113,11 @@ class TopK:
             flat_out.copy_(above)
             flat_out[ties[:need]] = 1
             return
-        key = (x.data_ptr(), n, str(x.device))
-        # A tensor whose guesses keep missing (scores that move a lot between steps)
-        # samples for 1, 2, 4, ... 64 selections before guessing again.
-        backoff = self._backoff.setdefault(key, [0, 0])
-        guess = self._warm.get(key) if backoff[1] == 0 else None
-        backoff[1] = max(backoff[1] - 1, 0)
+        state = self._tensors.setdefault((x.data_ptr(), n, str(x.device)), _Tensor()) if self.remember else None
+        guess = state.next_guess() if state is not None else None
         vals, pos_fn, need, band = self._bracket(x, n_keep, guess)
         if guess is not None:
-            hit = band[3] is not None
-            backoff[0] = 0 if hit else backoff[0] + 1
-            backoff[1] = 0 if hit else 2 ** min(backoff[0] - 1, 6)
+            state.count(hit=band[3] is not None)
         thr = torch.kthvalue(vals, vals.numel() - need + 1).values  # need-th largest in the band
         need_ties = need - int(torch.count_nonzero(vals > thr))
         is_tie = vals == thr
@@ -130,32 +126,8 @@ class TopK:
         else:  # keep the first `need_ties` positions holding the threshold value
             self.write_gt(x, thr, flat_out)
             flat_out[pos_fn(is_tie)[:need_ties]] = 1
-        self._remember(key, float(thr), n_keep, *band)
-
-    def _remember(self, key: tuple, thr: float, n_keep: int, lo: float, hi: float, n_band: int, predicted: float | None) -> None:
-        """Keep this selection's threshold as the next one's guess for the same tensor.
-
-        The band's score density turns a change of ``n_keep`` into a shift of the guess;
-        its half-width is 4x this step's miss of the guess (the sampled bracket's half
-        width after a sampled step), shrinking by at most half per step, and wide
-        enough to hold about 64 scores. A guess whose band would hold more scores than
-        the last sampled bracket did is dropped: sampling is cheaper then (scores that
-        move fast between steps, as SEVEN's)."""
-        width = hi - lo
-        if not (math.isfinite(thr) and math.isfinite(width) and width > 0 and n_band > 0):
-            self._warm.pop(key, None)  # ties everywhere or an unbounded band: sample next time
-            return
-        density = n_band / width
-        old = self._warm.get(key)
-        if predicted is None:  # a sampled bracket: its size caps the guesses' bands
-            half, cap = width / 2, n_band
-        else:
-            half, cap = max(4 * abs(thr - predicted), 0.5 * old.half), old.cap
-        half = max(half, 32 / density)
-        if 2 * half * density > cap:  # the scores moved too much for a narrow guess: sample
-            self._warm.pop(key, None)
-            return
-        self._warm[key] = _Guess(thr, n_keep, density, half, cap)
+        if state is not None:
+            state.guess = _next_guess(state.guess, float(thr), n_keep, *band)
 
     def _band(self, xb: torch.Tensor, tail: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_keep: int):  # noqa: ANN202
         """One pass: how many of the n_keep largest lie inside [lo, hi] (``need``),
@@ -243,6 +215,51 @@ class _Guess:
     density: float
     half: float
     cap: int  # scores in the last sampled bracket
+
+
+@dataclass
+class _Tensor:
+    """What ``TopK(remember=True)`` keeps per scored tensor. A tensor whose guesses
+    keep missing (scores that move a lot between steps) samples for 1, 2, 4, ... 64
+    selections before guessing again."""
+
+    guess: _Guess | None = None
+    misses: int = 0  # guesses missed in a row
+    skip: int = 0  # selections left to sample without guessing
+
+    def next_guess(self) -> _Guess | None:
+        if self.skip:
+            self.skip -= 1
+            return None
+        return self.guess
+
+    def count(self, hit: bool) -> None:
+        self.misses = 0 if hit else self.misses + 1
+        self.skip = 0 if hit else 2 ** min(self.misses - 1, 6)
+
+
+def _next_guess(old: _Guess | None, thr: float, n_keep: int, lo: float, hi: float, n_band: int, predicted: float | None) -> _Guess | None:
+    """This selection's threshold as the next one's guess in the same tensor (None:
+    sample next time).
+
+    The band's score density turns a change of ``n_keep`` into a shift of the guess;
+    its half-width is 4x this step's miss of the guess (the sampled bracket's half
+    width after a sampled step), shrinking by at most half per step, and wide enough
+    to hold about 64 scores. A guess whose band would hold more scores than the last
+    sampled bracket did is dropped: sampling is cheaper then (scores that move fast
+    between steps, as SEVEN's)."""
+    width = hi - lo
+    if not (math.isfinite(thr) and math.isfinite(width) and width > 0 and n_band > 0):
+        return None  # ties everywhere or an unbounded band
+    density = n_band / width
+    if predicted is None:  # a sampled bracket: its size caps the guesses' bands
+        half, cap = width / 2, n_band
+    else:
+        half, cap = max(4 * abs(thr - predicted), 0.5 * old.half), old.cap
+    half = max(half, 32 / density)
+    if 2 * half * density > cap:  # the scores moved too much for a narrow guess
+        return None
+    return _Guess(thr, n_keep, density, half, cap)
 
 
 _EAGER = TopK(compiled=False)

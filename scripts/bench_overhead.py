@@ -42,8 +42,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pruneflow.allocator import applied as kept_freed_memory  # noqa: E402
-from pruneflow.allocator import keep_freed_memory  # noqa: E402
+from pruneflow import allocator  # noqa: E402
 from pruneflow.masking import MaskedWeights, select_prunable  # noqa: E402
 from pruneflow.methods import PruneContext, get_method_class  # noqa: E402
 from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # noqa: E402
@@ -138,9 +137,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep = args.keep_freed_memory.lower()
-    if keep == "true" or (keep == "auto" and args.device == "cpu"):
-        keep_freed_memory()
+    allocator.apply_setting(args.keep_freed_memory, torch.device(args.device).type)
     torch.manual_seed(0)
     device = torch.device(args.device)
     AUTOCAST["dtype"] = torch.bfloat16 if args.precision == "bf16" else None
@@ -162,7 +159,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} {where} precision={args.precision} "
           f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile} model_compile={model_compile} "
-          f"prune_steps={args.prune_steps} keep_freed_memory={kept_freed_memory()}", flush=True)
+          f"prune_steps={args.prune_steps} keep_freed_memory={allocator.applied()}", flush=True)
 
     total = args.warmup + args.steps
     first = args.prune_steps // 3  # the schedule's step of the first (warm-up) step

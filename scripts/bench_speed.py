@@ -26,8 +26,7 @@ import copy
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from pruneflow.allocator import applied as kept_freed_memory
-from pruneflow.allocator import keep_freed_memory
+from pruneflow import allocator
 from pruneflow.compress import (
     CompressedBertSelfAttention,
     PairedMasks,
@@ -80,10 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_mode = args.keep_freed_memory.lower()
-    if keep_mode == "true" or (keep_mode == "auto" and args.device == "cpu"):
-        keep_freed_memory()
-    print(f"keep_freed_memory={kept_freed_memory()}")
+    print(f"keep_freed_memory={allocator.apply_setting(args.keep_freed_memory, torch.device(args.device).type)}")
     torch.manual_seed(0)
     device = torch.device(args.device)
 

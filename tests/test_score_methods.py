@@ -402,7 +402,7 @@ def test_compiled_kernels_match_eager() -> None:
     x = torch.randn(DIRECT_MAX * 2 + 7, generator=g)
     x[::5] = float("-inf")  # pruned entries of a no-regrowth method
     out_eager, out_fused = torch.empty_like(x), torch.empty_like(x)
-    fused_topk = TopK(compiled=True)
+    fused_topk = TopK(compiled=True, remember=True)
     for n_keep in (len(x) // 3, len(x) // 3 - 1000):  # the second starts from the first's threshold
         TopK(compiled=False).mask_(x, n_keep, out_eager)
         fused_topk.mask_(x, n_keep, out_fused)

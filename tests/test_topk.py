@@ -108,7 +108,7 @@ def test_repeated_selection_starts_from_the_last_threshold() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, generator=g)
     out = torch.empty(n)
-    tk = TopK()
+    tk = TopK(remember=True)
     sampled = []
     real = tk._sampled_band
     tk._sampled_band = lambda *a: sampled.append(1) or real(*a)  # type: ignore[method-assign]

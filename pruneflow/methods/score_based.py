@@ -476,7 +476,7 @@ class ScoreBasedMethod(PruningMethod):
         self.compiled = want_compile(self.compile_mode, total, first.device)
         if self.compiled:
             log.info("Compiling the per-step pruning kernels with torch.compile (%d prunable weights).", total)
-        self.topk = TopK(compiled=self.compiled)
+        self.topk = TopK(compiled=self.compiled, remember=True)
         self.mask_scores = self.kernel(mask_scores_)
         self.k = 0
         self.frozen = False
