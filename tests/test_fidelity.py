@@ -522,7 +522,7 @@ def test_spp_search_matches_the_authors_optimizer() -> None:
 
 
 # ----------------------------------------------------------------------------- zeroed masks
-@pytest.mark.parametrize("method", ["seven", "magnitude"])
+@pytest.mark.parametrize("method", ["seven", "magnitude", "random"])
 def test_zeroed_masks_train_exactly_as_the_parametrization(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The trainer's fast masks (gradients of pruned weights zeroed before clipping, pruned
     weights zeroed after every optimizer step) give the same masks and the same model as
@@ -556,3 +556,32 @@ def test_zeroed_masks_train_exactly_as_the_parametrization(tmp_path: Path, metho
         assert torch.equal(a, b), f"mask differs after prune step {k}"
     for name in pw:
         assert torch.allclose(zw[name], pw[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("method", ["seven", "magnitude", "random"])
+def test_zeroed_masks_zero_the_weights_once_per_mask_step(tmp_path: Path, method: str) -> None:
+    """Methods whose scores never read a pruned weight leave the zeroing after the
+    optimizer step to the mask update at mask steps (one pass over the weights, not
+    two); other steps zero them directly. Either way they are zero afterwards (the
+    test above)."""
+    run = prepared(tmp_path, f"method={method}", "sparsity=0.6", "schedule.frequency=2", *stages(3, 8, 3, 3e-3))
+    m = run.method
+    calls: list[tuple[int, bool]] = []  # (step, whether it is a mask step) of each direct zeroing
+    current = {"step": -1}
+    zero, hook = m._zero_pruned, m.after_optimizer_step
+
+    def counted(grads: bool) -> None:
+        if not grads:
+            calls.append((current["step"], m.is_mask_step(current["step"])))
+        zero(grads)
+
+    def check(step: int, grads_finite: bool = True) -> None:
+        current["step"] = step
+        hook(step, grads_finite)
+
+    m._zero_pruned, m.after_optimizer_step = counted, check
+    run.execute()
+    assert m.mask_mode == "zero" and type(m).pruned_weights_unread
+    assert calls, "no step zeroed the weights directly"
+    assert all(not mask_step for _, mask_step in calls), "a mask step zeroed the weights before the mask update"
+    assert len(calls) == 8 - sum(m.is_mask_step(s) for s in range(8)) > 0, calls  # every other step

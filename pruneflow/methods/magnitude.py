@@ -24,6 +24,7 @@ def magnitude_scores_(out: torch.Tensor, W: torch.Tensor, mask: torch.Tensor) ->
 class Magnitude(ScoreBasedMethod):
     name = "magnitude"
     scores_without_updates = True  # |W| needs no training: stages.prune.update_weights=false is one-shot at init
+    pruned_weights_unread = True  # scores of pruned entries: -inf without regrowth (zero mode has none)
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
         return [("method.pattern", "N:M magnitude pruning is for causal-LM tasks (task=lm/...); on this path "

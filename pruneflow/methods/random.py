@@ -14,6 +14,7 @@ from pruneflow.methods.score_based import ScoreBasedMethod
 class Random(ScoreBasedMethod):
     name = "random"
     scores_without_updates = True
+    pruned_weights_unread = True  # the scores never read the weights
 
     def init_state(self) -> None:
         self.state["scores"].uniform_()  # the global RNG, seeded per stage by the runner

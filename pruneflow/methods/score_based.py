@@ -323,6 +323,11 @@ class ScoreBasedMethod(PruningMethod):
     #: ``zero`` the fast, equivalent form of ``parametrize`` that pruneflow's trainer
     #: selects (``use_zeroed_masks``).
     mask_mode: ClassVar[str] = "parametrize"
+    #: whether ``update_scores`` and ``selection_scores`` (without regrowth) give pruned
+    #: entries the same scores whatever their weights hold (SEVEN masks them to -inf,
+    #: magnitude too, random ignores weights): then in ``zero`` mode the pruned weights
+    #: are zeroed once per mask step, by the mask update, instead of twice
+    pruned_weights_unread: ClassVar[bool] = False
     #: flat per-weight state buffers this method keeps (all start at 0 when pruning starts)
     state_names: ClassVar[tuple[str, ...]] = ("scores",)
 
@@ -487,12 +492,17 @@ class ScoreBasedMethod(PruningMethod):
         loops read them, after ``optimizer.step()``), then the mask on the schedule."""
         if self.frozen:
             return
-        if self.mask_mode == "zero":
-            self._zero_pruned(grads=False)  # Adam's moments and weight decay moved pruned entries
+        mask_step = self.is_mask_step(step)
+        # Adam's moments and weight decay moved pruned entries: zero them again. At a mask
+        # step the mask update does it (after choosing the new mask), so when the scores
+        # never read a pruned weight's value, zeroing before it too is one pass for nothing.
+        deferred = mask_step and self.pruned_weights_unread and self.pattern is None
+        if self.mask_mode == "zero" and not deferred:
+            self._zero_pruned(grads=False)
         if self.uses_gradients and grads_finite:
             self.update_scores(step)
             self.k += 1
-        if self.is_mask_step(step):
+        if mask_step:
             self.update_masks(self.target_sparsity(step))
 
     def grads(self) -> list[torch.Tensor | None]:

@@ -115,6 +115,7 @@ class Seven(ScoreBasedMethod):
     name = "seven"
     uses_gradients = True
     state_names: ClassVar[tuple[str, ...]] = ("scores", "m", "v")
+    pruned_weights_unread = True  # pruned entries get no gradient and score -inf
 
     def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
         super().__init__(cfg, sparsity)
