@@ -17,7 +17,8 @@ section() {  # section TITLE SECONDS COMMAND...: run with a limit, drop the per-
   echo "## $title"
   timeout "$limit" "$@" | grep -v '^#   '
   local rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then echo "!! section failed (exit $rc${rc:+; 124 = over its ${limit} s limit})"; status=1; fi
+  if [ "$rc" -eq 124 ]; then echo "!! section over its ${limit} s limit"; status=1
+  elif [ "$rc" -ne 0 ]; then echo "!! section failed (exit $rc)"; status=1; fi
 }
 $PY - <<'PYEOF'
 import torch

@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = BERT-base)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=8, help="measured steps per method (single steps vary by several %% even on an idle machine)")
+    ap.add_argument("--steps", type=int, default=10, help="measured steps per method (single steps vary by several %% even on an idle machine)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured first steps (allocator and compile warm-up)")
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--prune-steps", type=int, default=1000, help="length of the prune stage whose cubic ramp the measured steps come from")
