@@ -381,12 +381,15 @@ def test_compiled_kernels_match_eager() -> None:
     state = [torch.rand(5000, generator=g) for _ in range(5)]
     eager, fused = [t.clone() for t in state], [t.clone() for t in state]
     platon = Kernel(platon_window_step_, compiled=True)
-    for local in (0, 1, 2, 0):  # both branches: a window's first step and a running mean
-        platon_window_step_(*eager, local, 0.85, 0.95)
-        platon(*fused, local, 0.85, 0.95)
+    scores_eager, scores_fused = torch.zeros(5000), torch.zeros(5000)
+    for local, mask_step in ((0, False), (1, False), (2, True), (0, True)):  # both branches: a window's first step and a running mean
+        platon_window_step_(*eager, local, 0.85, 0.95, scores_eager if mask_step else None)
+        platon(*fused, local, 0.85, 0.95, scores_fused if mask_step else None)
     assert platon.compiled_fn is not None  # it compiled, and did not fall back to eager
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scores_fused, platon_scores(fused[1], fused[2]), rtol=0, atol=0)  # ibar * unc after the update
+    torch.testing.assert_close(scores_eager, scores_fused, rtol=1e-6, atol=1e-7)
 
     S, m, v, W, G = (torch.rand(5000, generator=g) for _ in range(5))
     mask = (torch.rand(5000, generator=g) > 0.3).float()

@@ -39,15 +39,20 @@ from pruneflow.schedules import Schedule
 
 
 def platon_window_step_(
-    ipt: torch.Tensor, ibar: torch.Tensor, unc: torch.Tensor, W: torch.Tensor, G: torch.Tensor, local_step: int, beta1: float, beta2: float
+    ipt: torch.Tensor, ibar: torch.Tensor, unc: torch.Tensor, W: torch.Tensor, G: torch.Tensor, local_step: int, beta1: float, beta2: float,
+    scores: torch.Tensor | None = None,
 ) -> None:
-    """One PLATON update in place; ``local_step`` = g mod deltaT (0 starts a window)."""
+    """One PLATON update in place; ``local_step`` = g mod deltaT (0 starts a window).
+    With ``scores`` (a mask step), also their selection score ``ibar * unc`` from the
+    updated averages, in the same pass."""
     if local_step == 0:
         ibar.mul_(beta1).add_(ipt, alpha=1 - beta1)
         unc.mul_(beta2).add_((ipt - ibar).abs_(), alpha=1 - beta2)
         torch.mul(W, G, out=ipt).abs_()
     else:
         ipt.mul_(local_step).add_((W * G).abs_()).div_(local_step + 1)
+    if scores is not None:
+        platon_scores(ibar, unc, out=scores)
 
 
 def platon_scores(ibar: torch.Tensor, unc: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +87,7 @@ class Platon(ScoreBasedMethod):
         self.delta_t = int(dt)
         self.strict = check_bool(cfg.get("strict_masks", False), "method.strict_masks")
         self.mask_mode = "parametrize" if self.strict else "inplace"
+        self.scores_fresh = False  # the scores buffer holds ibar * unc of the last update
 
     def check_schedule(self, schedule: Schedule) -> None:
         if schedule.frequency != 1:
@@ -99,18 +105,29 @@ class Platon(ScoreBasedMethod):
         # One fused pass per layer when compiled (BERT-base on CPU): eager, the update is
         # 8 passes over the weights' size and a temporary for |Iw - Ibar|.
         self.step_kernel = self.kernel(platon_window_step_)
+        self.scores_fresh = False
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
         local = (step + 1) % self.delta_t
-        for i, (w, grad) in enumerate(zip(self.ctx.weights, self.grads(), strict=True)):
+        # At a mask step the kernel also writes the selection scores (saves a pass over
+        # ibar and unc); selection_scores then uses them if every layer was updated.
+        fuse = self.is_mask_step(step)
+        grads = self.grads()
+        for i, (w, grad) in enumerate(zip(self.ctx.weights, grads, strict=True)):
             if grad is None:
                 continue
             self.step_kernel(self.view("ipt", i).view(-1), self.view("ibar", i).view(-1), self.view("unc", i).view(-1),
-                             w.param.detach().reshape(-1), grad.reshape(-1), local, self.beta1, self.beta2)
+                             w.param.detach().reshape(-1), grad.reshape(-1), local, self.beta1, self.beta2,
+                             self.view("scores", i).view(-1) if fuse else None)
+        self.scores_fresh = fuse and all(g is not None for g in grads)
 
     def selection_scores(self) -> torch.Tensor:
-        scores = platon_scores(self.state["ibar"], self.state["unc"], out=self.state["scores"])
+        if self.scores_fresh:
+            scores = self.state["scores"]
+        else:
+            scores = platon_scores(self.state["ibar"], self.state["unc"], out=self.state["scores"])
+        self.scores_fresh = False
         if not self.regrowth:
             self.mask_scores(scores, self.mask_flat)
         return scores
