@@ -105,7 +105,6 @@ class Platon(ScoreBasedMethod):
         # One fused pass per layer when compiled (BERT-base on CPU): eager, the update is
         # 8 passes over the weights' size and a temporary for |Iw - Ibar|.
         self.step_kernel = self.kernel(platon_window_step_)
-        self.scores_fresh = False
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:

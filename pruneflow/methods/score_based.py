@@ -496,6 +496,7 @@ class ScoreBasedMethod(PruningMethod):
         # Adam's moments and weight decay moved pruned entries: zero them again. At a mask
         # step the mask update does it (after choosing the new mask), so when the scores
         # never read a pruned weight's value, zeroing before it too is one pass for nothing.
+        # (N:M masks wait for the schedule's target without an update, so they zero here.)
         deferred = mask_step and self.pruned_weights_unread and self.pattern is None
         if self.mask_mode == "zero" and not deferred:
             self._zero_pruned(grads=False)
