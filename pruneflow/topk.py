@@ -13,7 +13,9 @@ Selections repeated on the same tensor (a method's scores, every step) start
 from the last threshold instead of a sample: the scores move little between two
 steps, so a narrow bracket around it (shifted by the change of ``n_keep``) holds
 the new k-th largest and skips the sample's quantiles; on a miss the sampled
-bracket is used. A bracket that misses (rare) is widened until it is the whole
+bracket is used. Per-matrix selections (``masks_``) share the counting pass and the
+pass writing the mask across the matrices whose last threshold is known. A bracket
+that misses (rare) is widened until it is the whole
 range, so the result is always exact and does not depend on the guess. Ties at the threshold are broken by position (earlier
 entries kept) so that a mask holds exactly ``n_keep`` ones.
 """
@@ -48,6 +50,21 @@ def _band_blocks(xb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[
     return torch.count_nonzero(xb > hi), inband.sum(1)
 
 
+def _band_rows(x3: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_band_blocks`` for many tensors at once: scores viewed as (rows, blocks, BLOCK)
+    with one bracket per row. Returns #(x > hi) per row and the in-band count per block.
+    Both come from one sum per block, (x >= lo) + 31 (x > hi) = in-band + 32 above (at
+    most 528, exact in float32): one reduction, so one loop over the scores (two
+    reductions took two loops)."""
+    v = ((x3 >= lo).to(torch.float32) + (x3 > hi).to(torch.float32) * 31).sum(2)
+    above = torch.floor(v * (1 / 32))
+    return above.sum(1, dtype=torch.float64), v - 32 * above
+
+
+def _write_ge_rows(x2: torch.Tensor, thr: torch.Tensor, out2: torch.Tensor) -> None:
+    out2.copy_(x2 >= thr)
+
+
 def _write_gt(x: torch.Tensor, thr: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(x > thr)
 
@@ -57,6 +74,8 @@ def _write_ge(x: torch.Tensor, thr: torch.Tensor, out: torch.Tensor) -> None:
 
 
 BLOCK = 16
+#: blocks per row when one tensor's counting pass runs as rows (``_band_rows``)
+ROW_BLOCKS = 1 << 16
 
 
 class TopK:
@@ -74,6 +93,8 @@ class TopK:
         self.band = Kernel(_band_blocks, compiled)
         self.write_gt = Kernel(_write_gt, compiled)
         self.write_ge = Kernel(_write_ge, compiled)
+        self.band_rows = Kernel(_band_rows, compiled)
+        self.write_rows = Kernel(_write_ge_rows, compiled)
         self.sample_size = sample_size
         self.seed = seed
         self._samples: dict[tuple[int, str], torch.Tensor] = {}
@@ -98,23 +119,35 @@ class TopK:
         keeping exactly the ``n_keep`` largest scores."""
         x = scores.reshape(-1)
         flat_out = out.view(-1)
+        if self._trivial(x, n_keep, flat_out):
+            return
+        state = self._state(x)
+        self._select(x, n_keep, flat_out, state, state.next_guess() if state is not None else None)
+
+    def _trivial(self, x: torch.Tensor, n_keep: int, flat_out: torch.Tensor) -> bool:
+        """Keep all, keep none, or a tensor small enough for a direct kthvalue: done here."""
         n = x.numel()
         if n_keep >= n:
             flat_out.fill_(1)
-            return
-        if n_keep <= 0:
+        elif n_keep <= 0:
             flat_out.zero_()
-            return
-        if n <= DIRECT_MAX:
+        elif n <= DIRECT_MAX:
             thr = torch.kthvalue(x, n - n_keep + 1).values
             above = x > thr
             need = n_keep - int(torch.count_nonzero(above))
             ties = torch.nonzero(x == thr).squeeze(1)
             flat_out.copy_(above)
             flat_out[ties[:need]] = 1
-            return
-        state = self._tensors.setdefault((x.data_ptr(), n, str(x.device)), _Tensor()) if self.remember else None
-        guess = state.next_guess() if state is not None else None
+        else:
+            return False
+        return True
+
+    def _state(self, x: torch.Tensor) -> _Tensor | None:
+        if not self.remember:
+            return None
+        return self._tensors.setdefault((x.data_ptr(), x.numel(), str(x.device)), _Tensor())
+
+    def _select(self, x: torch.Tensor, n_keep: int, flat_out: torch.Tensor, state: _Tensor | None, guess: _Guess | None) -> None:
         vals, pos_fn, need, band = self._bracket(x, n_keep, guess)
         if guess is not None:
             state.count(hit=band[3] is not None)
@@ -129,13 +162,109 @@ class TopK:
         if state is not None:
             state.guess = _next_guess(state.guess, float(thr), n_keep, *band)
 
+    @torch.no_grad()
+    def masks_(self, scores: torch.Tensor, segments: Sequence[tuple[int, int]], n_keeps: Sequence[int], out: torch.Tensor) -> None:
+        """Per-segment top-k (``method.scope=local``): ``out[start:start+n]`` keeps the
+        ``n_keeps[i]`` largest of ``scores[start:start+n]`` for each ``(start, n)`` in
+        ``segments``. The same masks (and remembered guesses) as ``mask_`` on each segment.
+
+        With ``remember``, segments that tile one range, all multiples of a common row
+        length, share their passes: every segment with a guess is bracketed in one band
+        pass and written in one write pass over the whole range (per segment, 72 of them
+        at BERT-base, the fixed cost of a dozen small ops each took as long as the passes).
+        The others (no guess, a missed guess, small or trivial segments) are then selected
+        one by one, as ``mask_`` does."""
+        x_all, out_all = scores.reshape(-1), out.view(-1)
+        rows = _tiled_rows(segments) if self.remember and len(segments) > 1 else None
+        if rows is None:
+            for (start, n), k in zip(segments, n_keeps, strict=True):
+                self.mask_(x_all[start : start + n], k, out_all[start : start + n])
+            return
+        row_len, row_seg = rows
+        s0, end = segments[0][0], segments[-1][0] + segments[-1][1]
+        x, flat_out = x_all[s0:end], out_all[s0:end]
+        lowest = float(torch.finfo(x.dtype).min)
+        states, guesses, brackets = [], [], []
+        for (start, n), k in zip(segments, n_keeps, strict=True):
+            xs = x_all[start : start + n]
+            big = 0 < k < n and n > DIRECT_MAX
+            state = self._state(xs) if big else None
+            guess = state.next_guess() if state is not None else None
+            states.append(state)
+            guesses.append(guess)
+            # A segment without a guess gets an empty bracket above everything: nothing
+            # in its band, nothing written as kept (it is selected on its own below).
+            brackets.append(_guessed_bracket(guess, k, lowest) if guess is not None else (math.inf, math.inf, None))
+        todo = [i for i, gs in enumerate(guesses) if gs is None]
+        if len(todo) < len(segments):
+            lo = torch.tensor([b[0] for b in brackets], dtype=x.dtype, device=x.device)
+            hi = torch.tensor([b[1] for b in brackets], dtype=x.dtype, device=x.device)
+            lo_l, hi_l = lo.tolist(), hi.tolist()
+            seg_of_row = row_seg.to(x.device)
+            x3 = x.view(-1, row_len // BLOCK, BLOCK)
+            above_rows, per_block = self.band_rows(x3, lo[seg_of_row].view(-1, 1, 1), hi[seg_of_row].view(-1, 1, 1))
+            n_seg = len(segments)
+            above = torch.zeros(n_seg, dtype=torch.float64, device=x.device).index_add_(0, seg_of_row, above_rows)
+            in_band = torch.zeros(n_seg, dtype=torch.float64, device=x.device).index_add_(0, seg_of_row, per_block.sum(1, dtype=torch.float64))
+            above_l, in_band_l = [int(a) for a in above.tolist()], [int(b) for b in in_band.tolist()]
+            blocks = torch.nonzero(per_block.view(-1)).squeeze(1)
+            rows_x = torch.index_select(x.view(-1, BLOCK), 0, blocks)
+            seg_of_block = seg_of_row[blocks // (row_len // BLOCK)]
+            in_rows = ((rows_x >= lo[seg_of_block].unsqueeze(1)) & (rows_x <= hi[seg_of_block].unsqueeze(1))).view(-1)
+            sel = torch.nonzero(in_rows).squeeze(1)
+            vals = rows_x.view(-1)[sel]
+            positions = blocks[sel // BLOCK] * BLOCK + sel % BLOCK  # ascending, so grouped by segment
+            thr_seg = [math.inf] * n_seg
+            ties: list[torch.Tensor] = []
+            offset = 0
+            for i, k in enumerate(n_keeps):
+                count, offset = in_band_l[i], offset + in_band_l[i]
+                if guesses[i] is None:
+                    continue
+                need = k - above_l[i]
+                if not 1 <= need <= count:  # missed: this segment samples on its own below
+                    states[i].count(hit=False)
+                    todo.append(i)
+                    continue
+                states[i].count(hit=True)
+                v = vals[offset - count : offset]
+                thr = torch.kthvalue(v, count - need + 1).values
+                need_ties = need - int(torch.count_nonzero(v > thr))
+                is_tie = v == thr
+                t = float(thr)
+                if need_ties == int(torch.count_nonzero(is_tie)):
+                    thr_seg[i] = t
+                elif t < math.inf:  # x >= the next float above thr is x > thr; then the first ties
+                    thr_seg[i] = float(torch.nextafter(thr, thr.new_tensor(math.inf)))
+                    ties.append(positions[offset - count : offset][is_tie][:need_ties])
+                else:  # +inf scores tied at the threshold: on its own below
+                    todo.append(i)
+                    continue
+                low, high = lo_l[i], hi_l[i]  # as float32 held them
+                states[i].guess = _next_guess(states[i].guess, t, k, low if low > lowest else -math.inf, high, count, brackets[i][2])
+            thr_rows = torch.tensor(thr_seg, dtype=x.dtype, device=x.device)[seg_of_row].view(-1, 1)
+            self.write_rows(x.view(-1, row_len), thr_rows, flat_out.view(-1, row_len))
+            for pos in ties:
+                flat_out[pos] = 1
+        for i in sorted(todo):
+            (start, n), k = segments[i], n_keeps[i]
+            xs, os = x_all[start : start + n], out_all[start : start + n]
+            if not self._trivial(xs, k, os):
+                self._select(xs, k, os, states[i], None)
+
     def _band(self, xb: torch.Tensor, tail: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_keep: int):  # noqa: ANN202
         """One pass: how many of the n_keep largest lie inside [lo, hi] (``need``),
         how many scores it holds, and where (per block of BLOCK scores, and in the tail)."""
-        n_above, per_block = self.band(xb, lo, hi)
+        n_blocks = xb.shape[0]
+        row = min(n_blocks & -n_blocks, ROW_BLOCKS)  # the largest power of two dividing it, capped
+        if row >= ROW_BLOCKS // 64:  # as rows: one reduction per block, vectorised (see _band_rows)
+            above_rows, per_block = self.band_rows(xb.view(-1, row, BLOCK), lo, hi)
+            n_above, per_block = above_rows.sum(), per_block.view(-1)
+        else:
+            n_above, per_block = self.band(xb, lo, hi)
         tail_in = (tail >= lo) & (tail <= hi)
         need = n_keep - int(n_above) - int(torch.count_nonzero(tail > hi))
-        n_band = int(per_block.sum()) + int(torch.count_nonzero(tail_in))
+        n_band = int(per_block.sum(dtype=torch.float64)) + int(torch.count_nonzero(tail_in))
         return need, n_band, per_block, tail_in
 
     def _bracket(self, x: torch.Tensor, n_keep: int, guess: _Guess | None):  # noqa: ANN202
@@ -152,9 +281,9 @@ class TopK:
         lowest = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
         predicted = None
         if guess is not None:
-            predicted = guess.thr - (n_keep - guess.n_keep) / guess.density
-            lo = torch.maximum(torch.tensor(predicted - guess.half, dtype=x.dtype, device=x.device), lowest)
-            hi = torch.tensor(predicted + guess.half, dtype=x.dtype, device=x.device)
+            low, high, predicted = _guessed_bracket(guess, n_keep, float(lowest))
+            lo = torch.tensor(low, dtype=x.dtype, device=x.device)
+            hi = torch.tensor(high, dtype=x.dtype, device=x.device)
             need, n_band, per_block, tail_in = self._band(xb, tail, lo, hi, n_keep)
             if not 1 <= need <= n_band:
                 predicted = None
@@ -202,6 +331,29 @@ class TopK:
                 return lo, hi, need, n_band, per_block, tail_in
             margin *= 8
         raise RuntimeError("top-k selection failed: the scores contain NaN")
+
+
+#: shortest row for ``TopK.masks_``'s shared passes (shorter: too many rows to be worth it)
+MIN_ROW = 1 << 14
+
+
+def _tiled_rows(segments: Sequence[tuple[int, int]]) -> tuple[int, torch.Tensor] | None:
+    """If the segments tile one range and share a row length (their gcd, a multiple of
+    BLOCK and at least MIN_ROW): that length and the segment of each row; else None."""
+    row = 0
+    for (start, n), (nxt, _) in zip(segments, list(segments[1:]) + [(segments[-1][0] + segments[-1][1], 0)], strict=True):
+        if start + n != nxt:
+            return None
+        row = math.gcd(row, n)
+    if row % BLOCK or row < MIN_ROW:
+        return None
+    return row, torch.repeat_interleave(torch.arange(len(segments)), torch.tensor([n // row for _, n in segments]))
+
+
+def _guessed_bracket(guess: _Guess, n_keep: int, lowest: float) -> tuple[float, float, float]:
+    """The bracket around the last threshold, shifted by the change of n_keep: (lo, hi, predicted)."""
+    predicted = guess.thr - (n_keep - guess.n_keep) / guess.density
+    return max(predicted - guess.half, lowest), predicted + guess.half, predicted
 
 
 @dataclass

@@ -411,3 +411,13 @@ def test_compiled_kernels_match_eager() -> None:
         fused_topk.mask_(x, n_keep, out_fused)
         assert torch.equal(out_eager, out_fused) and int(out_fused.sum()) == n_keep
     assert fused_topk.band.compiled_fn is not None
+    # Per-matrix selection (scope=local): the second call shares its passes across matrices.
+    y = torch.randn(1 << 20, generator=g)
+    segments, shared = [(0, 1 << 19), (1 << 19, 1 << 19)], TopK(compiled=True, remember=True)
+    out_shared, out_eager = torch.empty_like(y), torch.empty_like(y)
+    for keep in ([200_000, 300_000], [199_000, 299_500]):
+        shared.masks_(y, segments, keep, out_shared)
+        for (start, n), k in zip(segments, keep, strict=True):
+            TopK(compiled=False).mask_(y[start : start + n], k, out_eager[start : start + n])
+        assert torch.equal(out_shared, out_eager)
+    assert shared.band_rows.compiled_fn is not None and shared.write_rows.compiled_fn is not None

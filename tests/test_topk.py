@@ -32,7 +32,8 @@ def test_small_with_ties(n_keep: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "neg_inf", "constant"])
-@pytest.mark.parametrize("n, frac", [(DIRECT_MAX * 2 + 13, 0.3), (DIRECT_MAX + 5, 0.97), (DIRECT_MAX * 3, 0.01)])
+# n_blocks (n // 16) even: the counting pass runs as rows; odd (the last): as one (blocks, 16) view
+@pytest.mark.parametrize("n, frac", [(DIRECT_MAX * 2 + 13, 0.3), (DIRECT_MAX + 5, 0.97), (DIRECT_MAX * 3, 0.01), (DIRECT_MAX * 2 + 53, 0.5)])
 def test_large_sampled_path_is_exact(kind: str, n: int, frac: float) -> None:
     g = torch.Generator().manual_seed(n)
     x = torch.rand(n, generator=g)
@@ -128,3 +129,77 @@ def test_repeated_selection_starts_from_the_last_threshold() -> None:
         tk.mask_(x, n // 3, out)
         assert torch.equal(out, reference_mask(x, n // 3))
         assert len(sampled) == expect
+
+
+def _segments(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for n in sizes:
+        out.append((start, n))
+        start += n
+    return out
+
+
+def test_segments_share_their_passes_and_select_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``masks_`` (per-matrix selection, ``scope=local``): each segment keeps exactly its
+    own n_keep largest, as ``mask_`` on it alone, and both remember the same guesses,
+    through drift, a jump (a missed guess), keep-all, a segment too small to sample,
+    pruned (-inf) entries and ties at the threshold. Segments with a guess share one
+    band pass and one write pass (counted), the rest go one by one (counted)."""
+    # 2^19, 2^20 and 3 * 2^18 sample; 2^15 is small enough for a direct kthvalue.
+    sizes = [1 << 19, 1 << 20, 3 << 18, 1 << 15, 1 << 19]
+    segs = _segments(sizes)
+    total = sum(sizes)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(total, generator=g)
+    s4 = slice(segs[4][0], segs[4][0] + sizes[4])
+    x[s4] = torch.round(x[s4] * 8) / 8  # few distinct values: the threshold is tied
+    x[segs[1][0] : segs[1][0] + 5000] = float("-inf")
+    shared, one_by_one = TopK(remember=True), TopK(remember=True)
+    calls = {"band_rows": 0, "partial_ties": 0}
+    band_rows, select, nextafter = shared.band_rows, shared._select, torch.nextafter
+    monkeypatch.setattr(shared, "band_rows", lambda *a: calls.__setitem__("band_rows", calls["band_rows"] + 1) or band_rows(*a))
+    alone: list[set[int]] = []  # per step, the starts of the segments selected one by one
+
+    def spy_select(xs: torch.Tensor, *a: object) -> None:
+        alone[-1].add((xs.data_ptr() - x.data_ptr()) // x.element_size())
+        select(xs, *a)
+
+    monkeypatch.setattr(shared, "_select", spy_select)
+    monkeypatch.setattr(torch, "nextafter", lambda *a: calls.__setitem__("partial_ties", calls["partial_ties"] + 1) or nextafter(*a))
+    out_shared, out_one = torch.empty(total), torch.empty(total)
+    for step in range(10):
+        keep = [kept_count(n, 0.3 + 0.01 * step) for n in sizes]
+        if step == 5:
+            x[segs[2][0] : segs[2][0] + sizes[2]] *= 50  # far from its last threshold: a miss
+        if step == 7:
+            keep[1] = sizes[1]
+        alone.append(set())
+        shared.masks_(x, segs, keep, out_shared)
+        for (start, n), k in zip(segs, keep, strict=True):
+            one_by_one.mask_(x[start : start + n], k, out_one[start : start + n])
+            assert torch.equal(out_shared[start : start + n], reference_mask(x[start : start + n], k)), (step, start)
+        assert torch.equal(out_shared, out_one), step
+        assert shared._tensors == one_by_one._tensors, step
+        x[: segs[4][0]] += torch.randn(segs[4][0], generator=g) * 1e-3
+    starts = [start for start, _ in segs]
+    assert alone[0] == {starts[0], starts[1], starts[2], starts[4]}  # no guesses yet (the small one is direct)
+    # Then the drifting segments share the passes, but for the jump (a missed guess, then
+    # one sampled selection); the tied one (guesses dropped: no score density to learn
+    # from) samples on its own.
+    assert all(alone[step] <= {starts[4]} for step in (1, 2, 3, 4, 7))
+    assert all(starts[0] not in a for a in alone[1:])
+    assert starts[2] in alone[5] and starts[2] in alone[6]
+    assert calls["band_rows"] >= 8 and calls["partial_ties"] >= 1
+
+
+def test_segments_that_cannot_share_rows_go_one_by_one() -> None:
+    """Segments with a gap between them (or sizes without a common row) select one by one."""
+    x = torch.randn(3 << 19, generator=torch.Generator().manual_seed(1))
+    out = torch.zeros(3 << 19)
+    segs = [(0, 1 << 19), ((1 << 19) + 16, (1 << 19) - 16)]  # a gap of 16
+    tk = TopK(remember=True)
+    for _ in range(2):
+        tk.masks_(x, segs, [1000, 2000], out)
+    assert torch.equal(out[: 1 << 19], reference_mask(x[: 1 << 19], 1000))
+    assert torch.equal(out[(1 << 19) + 16 : 1 << 20], reference_mask(x[(1 << 19) + 16 : 1 << 20], 2000))
+    assert not out[1 << 19 : (1 << 19) + 16].any() and not out[1 << 20 :].any()

@@ -526,14 +526,15 @@ class ScoreBasedMethod(PruningMethod):
                 self.mask_view(i).copy_(keep)
         elif self.units is not None:
             self._select_units(scores, sparsity)
-        else:
+        elif self.selection == "authors":
             groups = [(0, scores.numel())] if self.scope == "global" else [(start, n) for start, n, _ in self.slices]
             for start, n in groups:
-                part, out = scores[start : start + n], self.mask_flat[start : start + n]
-                if self.selection == "authors":
-                    self.authors_mask_(part, sparsity, out)
-                else:
-                    self.topk.mask_(part, kept_count(n, sparsity), out)
+                self.authors_mask_(scores[start : start + n], sparsity, self.mask_flat[start : start + n])
+        elif self.scope == "global":
+            self.topk.mask_(scores, kept_count(scores.numel(), sparsity), self.mask_flat)
+        else:  # per matrix, the matrices' passes shared
+            groups = [(start, n) for start, n, _ in self.slices]
+            self.topk.masks_(scores, groups, [kept_count(n, sparsity) for _, n in groups], self.mask_flat)
         if self.mask_mode in ("inplace", "zero") or self.zero_on_update:  # PLATON's code zeroes pruned weights in place
             params = [w.param.data for w in self.ctx.weights]
             torch._foreach_mul_(params, [self.mask_view(i) for i in range(len(params))])
