@@ -100,6 +100,8 @@ class TopK:
         self._samples: dict[tuple[int, str], torch.Tensor] = {}
         self.remember = remember
         self._tensors: dict[tuple, _Tensor] = {}  # per scored tensor (address, size, device)
+        # masks_'s row layout per (segments, device): the same every step of a run
+        self._tiles: dict[tuple, tuple[int, torch.Tensor] | None] = {}
 
     def _sample_index(self, n: int, device: torch.device) -> torch.Tensor:
         key = (n, str(device))
@@ -175,7 +177,13 @@ class TopK:
         53-72 ms one by one). The others (no guess, a missed guess, small or trivial segments) are then selected
         one by one, as ``mask_`` does."""
         x_all, out_all = scores.reshape(-1), out.view(-1)
-        rows = _tiled_rows(segments) if self.remember and len(segments) > 1 else None
+        rows = None
+        if self.remember and len(segments) > 1:
+            key = (tuple(segments), str(scores.device))
+            if key not in self._tiles:
+                tiles = _tiled_rows(segments)
+                self._tiles[key] = None if tiles is None else (tiles[0], tiles[1].to(scores.device))
+            rows = self._tiles[key]
         if rows is None:
             for (start, n), k in zip(segments, n_keeps, strict=True):
                 self.mask_(x_all[start : start + n], k, out_all[start : start + n])
@@ -200,7 +208,7 @@ class TopK:
             lo = torch.tensor([b[0] for b in brackets], dtype=x.dtype, device=x.device)
             hi = torch.tensor([b[1] for b in brackets], dtype=x.dtype, device=x.device)
             lo_l, hi_l = lo.tolist(), hi.tolist()
-            seg_of_row = row_seg.to(x.device)
+            seg_of_row = row_seg
             x3 = x.view(-1, row_len // BLOCK, BLOCK)
             above_rows, per_block = self.band_rows(x3, lo[seg_of_row].view(-1, 1, 1), hi[seg_of_row].view(-1, 1, 1))
             n_seg = len(segments)
