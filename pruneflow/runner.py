@@ -46,7 +46,7 @@ from pruneflow.utils import (
     set_rng_state,
     writing,
 )
-from pruneflow.validation import check_unused, validate_run, validate_trainer
+from pruneflow.validation import check_unused, explicit_settings, validate_run, validate_trainer
 
 log = logging.getLogger("pruneflow")
 
@@ -139,13 +139,14 @@ class Run:
             raise invalid("method", cfg.method.name, sorted(n for n in METHODS if not getattr(get_method_class(n), "one_shot", False)),
                           f"method={cfg.method.name} prunes a causal LM one shot from calibration data: use it with a causal-LM "
                           f"task (task=lm/wikitext2 or lm/c4) and model (e.g. model=tiny_llama), not task={cfg.task.name}.")
+        explicit = explicit_settings(cfg)  # composes the groups' defaults once for both checks
         check_unused(cfg, [("calibration", "calibration data is for one-shot causal-LM pruning (task=lm/...)"),
                            ("allocation", "per-block sparsity allocation is for one-shot causal-LM pruning (task=lm/...)"),
                            ("recovery", "recovery=full|lora is for one-shot causal-LM pruning (task=lm/...); here the "
-                            "recover stage (stages.recover) fine-tunes the pruned model")])
+                            "recover stage (stages.recover) fine-tunes the pruned model")], explicit)
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
-        check_unused(cfg, self.method.unused_settings(cfg))
+        check_unused(cfg, self.method.unused_settings(cfg), explicit)
         distill.validate(cfg)
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)

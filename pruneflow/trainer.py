@@ -74,18 +74,39 @@ def fused_ok(groups: Sequence[dict[str, Any]]) -> bool:
 
 
 class LRSchedule:
-    """Learning-rate multiplier as a function of the optimizer step: one of
-    ``transformers``' schedules (the same functions ``get_scheduler`` builds)."""
+    """Learning-rate multiplier as a function of the optimizer step: ``transformers``'
+    schedules (``get_scheduler``'s LambdaLR functions, with their default arguments),
+    written out here because importing ``transformers.optimization`` pulls in its
+    Trainer's utilities (peft, scipy, pandas): 2-3 s of every run's start-up on a 2-core
+    VM. tests/test_schedules.py checks each against ``get_scheduler`` step by step."""
 
     def __init__(self, name: str, total_steps: int, warmup_steps: int) -> None:
-        from transformers import get_scheduler
-
+        if name not in LR_SCHEDULERS:
+            raise invalid("trainer.lr_scheduler", name, LR_SCHEDULERS)
         self.name, self.total_steps, self.warmup_steps = name, max(int(total_steps), 1), int(warmup_steps)
-        dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-        self._fn = get_scheduler(name, dummy, num_warmup_steps=self.warmup_steps, num_training_steps=self.total_steps).lr_lambdas[0]
 
     def factor(self, step: int) -> float:
-        return float(self._fn(step))
+        name, total, warmup = self.name, self.total_steps, self.warmup_steps
+        if name == "constant":
+            return 1.0
+        if step < warmup:  # every schedule but constant warms up linearly from 0
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        if name == "linear":
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+        if name == "cosine":  # half a cycle
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+        if name == "cosine_with_restarts":  # one cycle
+            return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
+        if name == "polynomial":  # power 1 from the base LR (1 here: a factor) down to lr_end=1e-7
+            lr_end = 1e-7
+            if step > total:
+                return lr_end
+            return (1.0 - lr_end) * (1 - (step - warmup) / max(1, total - warmup)) + lr_end
+        if name == "constant_with_warmup":
+            return 1.0
+        timescale = warmup or 10_000  # inverse_sqrt
+        return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
 
 
 class Optim:

@@ -134,11 +134,13 @@ def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in mine.items() if k not in ("hydra",) and not k.startswith("hydra.") and theirs.get(k, object()) != v}
 
 
-def check_unused(cfg: DictConfig, unused: list[tuple[str, str]]) -> None:
-    """A setting the run would ignore is an error (unless set to null or 0: "not used")."""
+def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None) -> None:
+    """A setting the run would ignore is an error (unless set to null or 0: "not used").
+    ``explicit``: ``explicit_settings(cfg)`` if the caller has it (one composition, ~0.5 s)."""
     if not unused:
         return
-    explicit = explicit_settings(cfg)
+    if explicit is None:
+        explicit = explicit_settings(cfg)
     for prefix, why in unused:
         for key, value in explicit.items():
             unset = value is None or (not isinstance(value, bool) and value == 0)

@@ -1,4 +1,5 @@
-"""CIFAR (python pickle batches) and ImageNet (ImageFolder): loading, timm preprocessing, end to end."""
+"""Digits (scikit-learn's bundled images), CIFAR (python pickle batches) and ImageNet
+(ImageFolder): loading, timm preprocessing, end to end."""
 
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ def loaded(overrides: list[str]):  # noqa: ANN201
     task = build_task(cfg.task, 0)
     task.load()
     return cfg, task
+
+
+def test_digits_are_scikit_learns_images_and_split() -> None:
+    """The digits task reads scikit-learn's file itself and keeps its split in a file:
+    both equal what ``load_digits`` and ``train_test_split`` give."""
+    from omegaconf import OmegaConf
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from pruneflow.tasks.digits import Digits, load_digits_arrays
+
+    ref = load_digits()
+    images, target = load_digits_arrays()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    tr, ev = train_test_split(np.arange(len(ref.target)), test_size=0.2, stratify=ref.target, random_state=0)
+    task = Digits(OmegaConf.create({"name": "digits", "max_train_samples": None, "max_eval_samples": None}))
+    task.load()
+    expect_x = torch.tensor(ref.images, dtype=torch.float32).unsqueeze(1) / 16.0 * 2.0 - 1.0
+    assert torch.equal(task.train_set.images, expect_x[tr]) and torch.equal(task.train_set.labels, torch.tensor(ref.target[tr]))
+    assert torch.equal(task.eval_sets["validation"].images, expect_x[ev])
+    assert torch.equal(task.eval_sets["validation"].labels, torch.tensor(ref.target[ev]))
 
 
 def test_cifar10_batches_read_pixel_exact(tmp_path: Path) -> None:

@@ -1,12 +1,14 @@
-"""trainer.compile and trainer.pin_memory: what they change on the model and the batches."""
+"""trainer.compile, trainer.pin_memory and trainer.lr_scheduler: what they change on the
+model, the batches and the learning rate."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pruneflow.trainer import Trainer
+from pruneflow.trainer import LR_SCHEDULERS, LRSchedule, Trainer
 
 
 def _trainer(model: nn.Module, **settings: object) -> Trainer:
@@ -29,3 +31,19 @@ def test_pinned_batches_only_on_cuda():
     assert trainer.pin_memory is False  # a CPU run: nothing to copy
     batch = trainer.to_device({"x": torch.ones(2)})
     assert torch.equal(batch["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULERS)
+def test_lr_schedules_are_transformers_schedules(name):
+    """Each factor equals ``transformers.get_scheduler``'s LambdaLR at every step (and past
+    the end), with and without warm-up, for short and long schedules."""
+    from transformers import get_scheduler
+
+    for total, warmup in ((1, 0), (7, 0), (7, 3), (100, 10), (1000, 0), (40, 40)):
+        ours = LRSchedule(name, total, warmup)
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        theirs = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+        for step in range(total + 3):
+            if name == "polynomial" and step == total == warmup:
+                continue  # transformers divides by zero there (a step no run takes)
+            assert ours.factor(step) == pytest.approx(float(theirs(step)), rel=1e-12, abs=1e-15), (name, total, warmup, step)

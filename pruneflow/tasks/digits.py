@@ -2,10 +2,23 @@
 
 A fixed stratified 80/20 split (split seed 0, whatever the run's seed): 1,437
 training and 360 evaluation images. Pixels 0..16 are scaled to [-1, 1].
+
+The images are read from the file scikit-learn ships (``digits.csv.gz``, what
+``load_digits`` reads) and the split is stored beside this module (``digits_split.json``,
+what ``train_test_split(..., stratify=target, random_state=0)`` gave): importing
+scikit-learn (scipy, pandas) cost 2-3 s of every run's start-up on a 2-core VM, and a
+stored split cannot change with the installed scikit-learn. tests/test_tasks_image.py
+checks both against scikit-learn's functions.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -31,18 +44,33 @@ class Digits(ImageClassificationTask):
     eval_splits = ("validation",)
 
     def load(self) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        data = load_digits()
-        x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0 * 2.0 - 1.0
-        y = torch.tensor(data.target, dtype=torch.long)
-        idx = torch.arange(len(y))
-        tr, ev = train_test_split(idx.numpy(), test_size=0.2, stratify=y.numpy(), random_state=0)
-        tr, ev = torch.as_tensor(tr), torch.as_tensor(ev)
+        images, target = load_digits_arrays()
+        x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0 * 2.0 - 1.0
+        y = torch.tensor(target, dtype=torch.long)
+        split = json.loads(SPLIT_FILE.read_text())
+        tr, ev = torch.tensor(split["train"]), torch.tensor(split["validation"])
         n_train = self.cfg.get("max_train_samples")
         n_eval = self.cfg.get("max_eval_samples")
         tr = tr[: n_train or None]
         ev = ev[: n_eval or None]
         self.train_set = TensorImageDataset(x[tr], y[tr])
         self.eval_sets = {"validation": TensorImageDataset(x[ev], y[ev])}
+
+
+SPLIT_FILE = Path(__file__).with_name("digits_split.json")
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (images (1797, 8, 8) float64, target (1797,) int), as
+    ``sklearn.datasets.load_digits`` gives them, without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(r) / "datasets" / "data" / "digits.csv.gz" for r in roots), None)
+    if path is None or not path.is_file():  # another layout: scikit-learn's own loader
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        return data.images, data.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
