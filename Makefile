@@ -16,11 +16,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install  ## the main job on the offline default
 	$(BIN)/pruneflow $(ARGS)
 
+# one test worker per core (pytest-xdist); JOBS=0 runs the tests one after another
+JOBS ?= auto
+
 test: install  ## the whole suite, slow end-to-end tests included (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow"
 
 lint: install
 	$(BIN)/ruff check pruneflow hydra_plugins tests scripts

@@ -134,12 +134,10 @@ class TopK:
         elif n_keep <= 0:
             flat_out.zero_()
         elif n <= DIRECT_MAX:
-            thr = torch.kthvalue(x, n - n_keep + 1).values
-            above = x > thr
-            need = n_keep - int(torch.count_nonzero(above))
-            ties = torch.nonzero(x == thr).squeeze(1)
-            flat_out.copy_(above)
-            flat_out[ties[:need]] = 1
+            thr, is_tie, need_ties, all_ties = _threshold(x, n_keep)
+            flat_out.copy_(x >= thr if all_ties else x > thr)
+            if not all_ties:
+                flat_out[torch.nonzero(is_tie).squeeze(1)[:need_ties]] = 1
         else:
             return False
         return True
@@ -153,10 +151,8 @@ class TopK:
         vals, pos_fn, need, band = self._bracket(x, n_keep, guess)
         if guess is not None:
             state.count(hit=band[3] is not None)
-        thr = torch.kthvalue(vals, vals.numel() - need + 1).values  # need-th largest in the band
-        need_ties = need - int(torch.count_nonzero(vals > thr))
-        is_tie = vals == thr
-        if need_ties == int(torch.count_nonzero(is_tie)):
+        thr, is_tie, need_ties, all_ties = _threshold(vals, need)
+        if all_ties:
             self.write_ge(x, thr, flat_out)
         else:  # keep the first `need_ties` positions holding the threshold value
             self.write_gt(x, thr, flat_out)
@@ -236,11 +232,9 @@ class TopK:
                     continue
                 states[i].count(hit=True)
                 v = vals[offset - count : offset]
-                thr = torch.kthvalue(v, count - need + 1).values
-                need_ties = need - int(torch.count_nonzero(v > thr))
-                is_tie = v == thr
+                thr, is_tie, need_ties, all_ties = _threshold(v, need)
                 t = float(thr)
-                if need_ties == int(torch.count_nonzero(is_tie)):
+                if all_ties:
                     thr_seg[i] = t
                 elif t < math.inf:  # x >= the next float above thr is x > thr; then the first ties
                     thr_seg[i] = float(torch.nextafter(thr, thr.new_tensor(math.inf)))
@@ -339,6 +333,16 @@ class TopK:
                 return lo, hi, need, n_band, per_block, tail_in
             margin *= 8
         raise RuntimeError("top-k selection failed: the scores contain NaN")
+
+
+def _threshold(vals: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """The ``need``-th largest of ``vals``, which of ``vals`` equal it, how many of those
+    are kept (ties at the threshold: the first by position), and whether that is all of
+    them (then ``>= threshold`` is the mask). The one tie rule of every selection here."""
+    thr = torch.kthvalue(vals, vals.numel() - need + 1).values
+    is_tie = vals == thr
+    need_ties = need - int(torch.count_nonzero(vals > thr))
+    return thr, is_tie, need_ties, need_ties == int(torch.count_nonzero(is_tie))
 
 
 #: shortest row for ``TopK.masks_``'s shared passes (shorter: too many rows to be worth it)

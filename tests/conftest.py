@@ -8,7 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+# `make test` runs the suite on every core (pytest-xdist, one worker per core): each worker
+# and the runs it starts then use one thread, as two 2-thread workers on 2 cores spin-wait
+# on each other (an in-process test took 4x its time alone). Before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -16,6 +23,8 @@ from pruneflow.cli import CONFIG_DIR
 from pruneflow.config import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # Small stages for the offline default: a full pipeline in a few seconds.
 FAST = [

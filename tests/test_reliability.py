@@ -117,11 +117,18 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
 ]
 
 
-def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path):
+BAD_INPUT_SHARDS = 3
+
+
+@pytest.mark.parametrize("shard", range(BAD_INPUT_SHARDS))
+def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
+    """Every BAD_INPUTS command line as a user would type it; in shards, so that parallel
+    test workers share them (~2 s each: Hydra composes each command line several times)."""
     assert len(BAD_INPUTS) >= 60
     base = ["logger=none", "speed.enabled=false", "task.max_train_samples=256"]
     cases = []
-    for i, (argv, _, _) in enumerate(BAD_INPUTS):
+    mine = [(i, case) for i, case in enumerate(BAD_INPUTS) if i % BAD_INPUT_SHARDS == shard]
+    for i, (argv, _, _) in mine:
         keys = {a.split("=")[0] for a in argv}
         extra = [b for b in base if b.split("=")[0] not in keys and "-m" not in argv]
         out = f"hydra.sweep.dir={tmp_path / f'sweep{i}'}" if "-m" in argv else f"hydra.run.dir={tmp_path / f'run{i}'}"
@@ -131,7 +138,7 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path):
                    check=True, timeout=1200, env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"})
     results = json.loads((tmp_path / "out.json").read_text())
     problems = []
-    for i, ((argv, key, allowed), (code, err)) in enumerate(zip(BAD_INPUTS, results, strict=True)):
+    for (i, (argv, key, allowed)), (code, err) in zip(mine, results, strict=True):
         msg = " ".join(err.split())
         if code != 2 or "Traceback" in err or key not in msg or allowed not in msg or "pruneflow: error:" not in msg:
             problems.append(f"{argv}: exit {code}, {msg[-300:]!r}")
