@@ -78,7 +78,7 @@ class LRSchedule:
     schedules (``get_scheduler``'s LambdaLR functions, with their default arguments),
     written out here because importing ``transformers.optimization`` pulls in its
     Trainer's utilities (peft, scipy, pandas): 2-3 s of every run's start-up on a 2-core
-    VM. tests/test_schedules.py checks each against ``get_scheduler`` step by step."""
+    VM. tests/test_trainer_options.py checks each against ``get_scheduler`` step by step."""
 
     def __init__(self, name: str, total_steps: int, warmup_steps: int) -> None:
         if name not in LR_SCHEDULERS:
