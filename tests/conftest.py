@@ -15,7 +15,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -23,8 +22,6 @@ from pruneflow.cli import CONFIG_DIR
 from pruneflow.config import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
 
 # Small stages for the offline default: a full pipeline in a few seconds.
 FAST = [
