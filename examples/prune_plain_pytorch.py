@@ -16,7 +16,7 @@ torch.manual_seed(0)
 digits = load_digits()  # scikit-learn's bundled 8x8 digits: real data, no download
 x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
 y = torch.tensor(digits.target)
-model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4)
+model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4)
 optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
 
 steps, prune_from, prune_steps = 400, 200, 150   # dense, then pruning on the cubic schedule, then frozen masks
