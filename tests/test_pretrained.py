@@ -59,7 +59,7 @@ def test_every_method_on_pretrained_minilm(tmp_path, sst2, name):
     overrides = [
         "model=minilm", "task=glue/sst2", f"task.path={sst2}", "task.max_seq_length=32",
         *(o for o in STAGES if name != "dense" or not o.startswith("stages.prune")), *METHODS[name],
-        "logger=none", "cache=false", "speed.enabled=false", "stages.eval_batch_size=24", "trainer.torch_threads=2",
+        "logger=none", "cache=false", "speed.enabled=false", "stages.eval_batch_size=24",
     ]
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
