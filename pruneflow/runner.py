@@ -626,7 +626,14 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    run_dir = Path(run_dir)
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, Path(run_dir), overrides)
+    finally:  # trainer.torch_threads is this run's setting, not the calling process's
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[str, Any]:
     if distributed.env_world_size() > 1:  # torchrun: join the group, share rank 0's run dir
         distributed.setup(resolve_device(str(cfg.trainer.device)))
         run_dir = distributed.shared_run_dir(run_dir)

@@ -97,3 +97,15 @@ def test_nan_loss_stops_with_a_clear_error_and_saved_state(config, tmp_path):
         run(config("stages.finetune.lr=1e30", "trainer.max_grad_norm=0", "cache=false"), tmp_path / "nan")
     assert (tmp_path / "nan" / "checkpoints" / "diverged.pt").exists()  # last.pt, if any, stays the state to resume from
     assert not (tmp_path / "nan" / "result.json").exists()
+
+
+def test_torch_threads_applies_to_the_run_only(config, tmp_path):
+    """trainer.torch_threads sets the run's threads; the calling process gets its own back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        result = run(config("method=magnitude", "sparsity=0.5", "trainer.torch_threads=1"), tmp_path / "run", [])
+        assert result["provenance"]["torch_threads"] == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
