@@ -243,7 +243,8 @@ class TopK:
                     todo.append(i)
                     continue
                 low, high = lo_l[i], hi_l[i]  # as float32 held them
-                states[i].guess = _next_guess(states[i].guess, t, k, low if low > lowest else -math.inf, high, count, brackets[i][2])
+                low = low if low > lowest else float(v.min())  # clamped: the band starts at its lowest score
+                states[i].guess = _next_guess(states[i].guess, t, k, low, high, count, brackets[i][2])
             thr_rows = torch.tensor(thr_seg, dtype=x.dtype, device=x.device)[seg_of_row].view(-1, 1)
             self.write_rows(x.view(-1, row_len), thr_rows, flat_out.view(-1, row_len))
             for pos in ties:
@@ -303,7 +304,9 @@ class TopK:
             p_tail = torch.nonzero(tail_in).squeeze(1) + n_main
             return torch.cat([p_main, p_tail])[subset]
 
-        low = float(lo) if float(lo) > float(lowest) else -math.inf  # clamped above -inf: no width to learn from
+        # A bracket clamped at the lowest float (the rest are -inf: pruned entries of a method
+        # without regrowth) starts, for the density, at its lowest score.
+        low = float(lo) if float(lo) > float(lowest) or vals.numel() == 0 else float(vals.min())
         return vals, positions, need, (low, float(hi), n_band, predicted)
 
     def _sampled_band(self, x: torch.Tensor, xb: torch.Tensor, tail: torch.Tensor, n_keep: int, lowest: torch.Tensor):  # noqa: ANN202
@@ -363,8 +366,9 @@ def _tiled_rows(segments: Sequence[tuple[int, int]]) -> tuple[int, torch.Tensor]
 
 
 def _guessed_bracket(guess: _Guess, n_keep: int, lowest: float) -> tuple[float, float, float]:
-    """The bracket around the last threshold, shifted by the change of n_keep: (lo, hi, predicted)."""
-    predicted = guess.thr - (n_keep - guess.n_keep) / guess.density
+    """The bracket around the last threshold, shifted by the change of n_keep and by the
+    last selection's drift: (lo, hi, predicted)."""
+    predicted = guess.thr - (n_keep - guess.n_keep) / guess.density + guess.trend
     return max(predicted - guess.half, lowest), predicted + guess.half, predicted
 
 
@@ -379,6 +383,11 @@ class _Guess:
     density: float
     half: float
     cap: int  # scores in the last sampled bracket
+    # How far the threshold moved at the last selection beyond what the change of n_keep
+    # explains. Scores that accumulate (SEVEN's sum) or whose averages are still rising
+    # (PLATON's) drift steadily: extrapolating the drift keeps a narrow bracket on them.
+    trend: float = 0.0
+    usable: bool = True  # False: its band would hold more scores than sampling reads
 
 
 @dataclass
@@ -395,7 +404,7 @@ class _Tensor:
         if self.skip:
             self.skip -= 1
             return None
-        return self.guess
+        return self.guess if self.guess is not None and self.guess.usable else None
 
     def count(self, hit: bool) -> None:
         self.misses = 0 if hit else self.misses + 1
@@ -406,24 +415,28 @@ def _next_guess(old: _Guess | None, thr: float, n_keep: int, lo: float, hi: floa
     """This selection's threshold as the next one's guess in the same tensor (None:
     sample next time).
 
-    The band's score density turns a change of ``n_keep`` into a shift of the guess;
-    its half-width is 4x this step's miss of the guess (the sampled bracket's half
-    width after a sampled step), shrinking by at most half per step, and wide enough
-    to hold about 64 scores. A guess whose band would hold more scores than the last
-    sampled bracket did is dropped: sampling is cheaper then (scores that move fast
-    between steps, as SEVEN's)."""
+    The band's score density turns a change of ``n_keep`` into a shift of the guess,
+    and the drift of this selection (its threshold against the last one's, shifted
+    so) is assumed to repeat. The half-width is 4x this step's miss of the guess (the
+    sampled bracket's half width after a sampled step), shrinking by at most half per
+    step, and wide enough to hold about 64 scores. A guess whose band would hold more
+    scores than the last sampled bracket did is kept only for its threshold (the next
+    drift), not offered: sampling is cheaper then."""
     width = hi - lo
     if not (math.isfinite(thr) and math.isfinite(width) and width > 0 and n_band > 0):
         return None  # ties everywhere or an unbounded band
     density = n_band / width
+    trend = 0.0
+    if old is not None:
+        trend = thr - (old.thr - (n_keep - old.n_keep) / old.density)
+        if not math.isfinite(trend):
+            trend = 0.0
     if predicted is None:  # a sampled bracket: its size caps the guesses' bands
         half, cap = width / 2, n_band
     else:
         half, cap = max(4 * abs(thr - predicted), 0.5 * old.half), old.cap
     half = max(half, 32 / density)
-    if 2 * half * density > cap:  # the scores moved too much for a narrow guess
-        return None
-    return _Guess(thr, n_keep, density, half, cap)
+    return _Guess(thr, n_keep, density, half, cap, trend, usable=predicted is None or 2 * half * density <= cap)
 
 
 _EAGER = TopK(compiled=False)
