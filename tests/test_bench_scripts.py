@@ -1,0 +1,64 @@
+"""The speed scripts run, at toy sizes on the CPU, and ``scripts/bench_gpu.sh`` calls them
+with flags they accept: it has never run on a GPU here, and must work unchanged the
+first time one is available (issue 15). The figures themselves are not checked."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_overhead_prints_every_method_with_exact_counts() -> None:
+    out = run_script("bench_overhead.py", "--threads", "1", "--layers", "1", "--batch", "2", "--seq", "16",
+                     "--steps", "2", "--warmup", "1", "--prune-steps", "30")
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^method=(\w+) ratio=[\d.]+ .*$", out, re.M)}
+    assert set(lines) == {"seven", "platon", "movement", "magnitude", "random"}
+    assert all(line.endswith("exact_count=ok") for line in lines.values()), lines
+
+
+@pytest.mark.slow
+def test_bench_speed_checks_the_compressed_model_against_the_masked_one() -> None:
+    out = run_script("bench_speed.py", "--threads", "1", "--batch", "1", "--seq", "16", "--repeats", "1", "--warmup", "1")
+    assert "-> equal" in out
+    assert re.search(r"^ratio=[\d.]+ hand_shrunk_ratio=[\d.]+ compressed_vs_hand_shrunk=[\d.]+$", out, re.M), out
+
+
+def test_bench_semi_structured_reports_no_gpu_instead_of_failing() -> None:
+    out = run_script("bench_semi_structured.py", "--batch", "1", "--seq", "16")
+    assert out.strip().splitlines()[-1].startswith("semi_structured=unavailable")
+
+
+def gpu_script_calls() -> list[tuple[str, list[str]]]:
+    """(script, its arguments) for every ``$PY scripts/<name>.py ...`` in bench_gpu.sh."""
+    text = (SCRIPTS / "bench_gpu.sh").read_text().replace("\\\n", " ")
+    calls = []
+    for m in re.finditer(r"\$PY scripts/(\w+\.py)([^\n]*)", text):
+        calls.append((m.group(1), shlex.split(m.group(2))))
+    return calls
+
+
+def test_bench_gpu_sh_is_valid_bash_and_passes_only_flags_its_scripts_accept() -> None:
+    subprocess.run(["bash", "-n", str(SCRIPTS / "bench_gpu.sh")], check=True)
+    calls = gpu_script_calls()
+    assert {name for name, _ in calls} == {"bench_overhead.py", "bench_speed.py", "bench_semi_structured.py"}
+    for name, args in calls:
+        # the flags its argparse defines (read from the source: --help would import torch)
+        accepted = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", (SCRIPTS / name).read_text()))
+        assert accepted, name
+        flags = {a for a in args if a.startswith("--")}
+        assert flags <= accepted, f"{name}: bench_gpu.sh passes {sorted(flags - accepted)}, not among {sorted(accepted)}"
