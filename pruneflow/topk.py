@@ -11,8 +11,9 @@ CPU. Instead (the classic sample-then-select):
 
 Selections repeated on the same tensor (a method's scores, every step) start
 from the last threshold instead of a sample: the scores move little between two
-steps, so a narrow bracket around it (shifted by the change of ``n_keep``) holds
-the new k-th largest and skips the sample's quantiles; on a miss the sampled
+steps, or drift steadily (a running sum), so a narrow bracket around it (shifted by
+the change of ``n_keep`` and by the last drift) holds the new k-th largest and skips
+the sample's quantiles; on a miss the sampled
 bracket is used. Per-matrix selections (``masks_``) share the counting pass and the
 pass writing the mask across the matrices whose last threshold is known. A bracket
 that misses (rare) is widened until it is the whole
