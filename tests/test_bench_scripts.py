@@ -46,10 +46,7 @@ def test_bench_semi_structured_reports_no_gpu_instead_of_failing() -> None:
 def gpu_script_calls() -> list[tuple[str, list[str]]]:
     """(script, its arguments) for every ``$PY scripts/<name>.py ...`` in bench_gpu.sh."""
     text = (SCRIPTS / "bench_gpu.sh").read_text().replace("\\\n", " ")
-    calls = []
-    for m in re.finditer(r"\$PY scripts/(\w+\.py)([^\n]*)", text):
-        calls.append((m.group(1), shlex.split(m.group(2))))
-    return calls
+    return [(m.group(1), shlex.split(m.group(2))) for m in re.finditer(r"\$PY scripts/(\w+\.py)([^\n]*)", text)]
 
 
 def test_bench_gpu_sh_is_valid_bash_and_passes_only_flags_its_scripts_accept() -> None:
