@@ -128,12 +128,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured first steps (allocator and compile warm-up)")
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--prune-steps", type=int, default=1000, help="length of the prune stage whose cubic ramp the measured steps come from")
-    ap.add_argument("--keep-freed-memory", default="auto", help="auto (on CPU, as the trainer) | true | false")
+    ap.add_argument("--keep-freed-memory", default="auto", choices=["auto", "true", "false"], help="auto (on CPU, as the trainer) | true | false")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--compile", default="auto", help="method.compile: auto | true | false")
-    ap.add_argument("--model-compile", default="false", help="true: torch.compile both models, as trainer.compile=true")
+    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="method.compile: auto | true | false")
+    ap.add_argument("--model-compile", default="false", choices=["true", "false"], help="true: torch.compile both models, as trainer.compile=true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--precision", default="32", help="32 | bf16 (autocast)")
+    ap.add_argument("--precision", default="32", choices=["32", "bf16"], help="32 | bf16 (autocast)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,7 +144,7 @@ def main() -> None:
 
     dense = build_model(args.layers).to(device)
     dense.train()
-    model_compile = args.model_compile.lower() == "true"
+    model_compile = args.model_compile == "true"
     template = copy.deepcopy(dense)  # what each method's model starts from (a compiled module does not deepcopy)
     if model_compile:
         dense.compile()

@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of each paired dimension kept")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16 (the timed models; the equality check runs in fp32)")
-    ap.add_argument("--keep-freed-memory", default="auto", help="auto (on CPU, as pruneflow runs) | true | false")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 | bf16 (the timed models; the equality check runs in fp32)")
+    ap.add_argument("--keep-freed-memory", default="auto", choices=["auto", "true", "false"], help="auto (on CPU, as pruneflow runs) | true | false")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

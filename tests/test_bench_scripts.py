@@ -4,6 +4,7 @@ first time one is available (issue 15). The figures themselves are not checked."
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -59,3 +60,39 @@ def test_bench_gpu_sh_is_valid_bash_and_passes_only_flags_its_scripts_accept() -
         assert accepted, name
         flags = {a for a in args if a.startswith("--")}
         assert flags <= accepted, f"{name}: bench_gpu.sh passes {sorted(flags - accepted)}, not among {sorted(accepted)}"
+
+
+# What bench_gpu.sh's python commands get here: the CPU instead of cuda, and toy sizes
+# after its own flags (argparse keeps the last value of a repeated flag).
+TOY_FLAGS = {
+    "scripts/bench_overhead.py": "--layers 1 --batch 2 --seq 16 --steps 2 --warmup 2 --prune-steps 30 --threads 1",
+    "scripts/bench_speed.py": "--batch 1 --seq 16 --repeats 1 --warmup 1 --threads 1",
+    "scripts/bench_semi_structured.py": "--batch 1 --seq 16 --repeats 1",
+}
+
+
+@pytest.mark.slow
+def test_bench_gpu_sh_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path: Path) -> None:
+    """The whole script, unchanged, through its ``PYTHON`` override: bf16 autocast, the
+    compiled models of section 1b and the section bookkeeping run as they will on a GPU."""
+    cases = "\n".join(f'  {script}) extra=({flags});;' for script, flags in TOY_FLAGS.items())
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'args=(); for a in "$@"; do [ "$a" = cuda ] && a=cpu; args+=("$a"); done\n'
+        f'extra=(); case "$1" in\n{cases}\nesac\n'
+        f'exec {shlex.quote(sys.executable)} "${{args[@]}}" "${{extra[@]}}"\n'
+    )
+    wrapper.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPTS / "bench_gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": str(wrapper)})
+    out = proc.stdout
+    assert proc.returncode == 0 and "!!" not in out, out[-3000:] + proc.stderr[-3000:]
+    assert [line for line in out.splitlines() if line.startswith("## ")] == [
+        "## " + line.split('"')[1] for line in (SCRIPTS / "bench_gpu.sh").read_text().splitlines() if line.startswith("section \"")
+    ]
+    methods = re.findall(r"^method=(\w+) ratio=[\d.]+ .*exact_count=ok$", out, re.M)
+    assert methods == ["seven", "platon", "movement", "magnitude", "random", "seven"], out
+    assert "model_compile=True" in out and "precision=bf16" in out
+    assert re.search(r"^ratio=[\d.]+ hand_shrunk_ratio=[\d.]+ compressed_vs_hand_shrunk=[\d.]+$", out, re.M), out
+    assert re.search(r"^semi_structured=unavailable ", out, re.M), out
