@@ -65,3 +65,29 @@ def test_authors_protocols_resume_to_the_same_result(tmp_path, name, kill_at):
     wa = load_file(str(ref_dir / "model" / "model.safetensors"))
     wb = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+class _OnAnotherDevice:
+    """Stands in for a tensor that ``torch.load(map_location="cuda")`` put on a GPU:
+    usable only after ``.cpu()`` (numpy() and torch's generators take CPU tensors)."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def cpu(self):
+        return self._t
+
+
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_run_device():
+    import random
+
+    import numpy as np
+    import torch
+
+    from pruneflow.utils import rng_state, set_rng_state
+
+    state = rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    moved = {**state, "numpy": _OnAnotherDevice(state["numpy"]), "torch": _OnAnotherDevice(state["torch"])}
+    set_rng_state(moved)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
