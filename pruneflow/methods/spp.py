@@ -130,7 +130,7 @@ def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tens
     cat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
     order = rank_entries(cat(entry_steps), cat(zs), cat(ms), cat(supports) if supports is not None else None)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
+    rank[order] = torch.arange(order.numel(), device=order.device)
     return list(torch.split(rank, sizes))
 
 
@@ -443,7 +443,8 @@ class SPP(PruningMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("search") is not None:
-            self.search = {k: dict(v) for k, v in state["search"].items()}
+            # on the CPU, as the search left them (a checkpoint loads onto the run's device)
+            self.search = {k: {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()} for k, v in state["search"].items()}
             self.path = list(state.get("path", []))
             self.search_reused = state.get("search_reused")
             self.search_dir = state.get("search_dir")
