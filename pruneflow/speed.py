@@ -14,22 +14,31 @@ from pruneflow.models import ModelBundle
 from pruneflow.tasks.base import Task
 
 
+def _sync(device: torch.device | None) -> None:
+    """Wait for the GPU the timed work runs on (``synchronize()`` alone waits for the
+    current device only: cuda:0 in a run on cuda:1 that never set it)."""
+    if device is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    elif torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def time_forward(fns: dict[str, Any], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+def time_forward(fns: dict[str, Any], repeats: int = 10, warmup: int = 2, device: torch.device | None = None) -> dict[str, float]:
     """Median milliseconds per call for each function, calls interleaved so that
-    machine noise hits all of them alike."""
+    machine noise hits all of them alike. ``device``: where the work runs (None: the
+    current CUDA device, if any)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _sync(device)
             samples[k].append((time.perf_counter() - t0) * 1000)
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -46,5 +55,6 @@ def measure_speed(cfg: DictConfig, bundle: ModelBundle, task: Task, device: torc
     times = time_forward(
         {"dense": lambda: dense_bundle.forward(batch), "final": lambda: bundle.forward(batch)},
         repeats=int(cfg.speed.get("repeats", 10)),
+        device=device,
     )
     return {"device": str(device), "batch": batch_size, "dense_ms": round(times["dense"], 3), "final_ms": round(times["final"], 3)}

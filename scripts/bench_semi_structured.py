@@ -37,6 +37,7 @@ def semi_structured_copy(model: torch.nn.Module, names: list[str], probe: torch.
             sparse = to_semi_structured(copy.deepcopy(model), names)
             with torch.inference_mode():
                 sparse.get_submodule(names[0])(probe)  # some backends fail only at the first matmul
+            torch.cuda.synchronize()  # (and asynchronously: surface it here)
             return sparse, backend
         except RuntimeError as e:
             errors.append(f"{backend}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")

@@ -28,11 +28,11 @@ def time_semi_structured(run: LLMRun, repeats: int = 10) -> dict[str, Any]:
         return {"available": False, "reason": "no prunable layer has both dimensions multiples of 64"}
     ids = run.task.eval_ids[: run.seqlen].reshape(1, -1).to(run.device)
     dense_logits = model(input_ids=ids).logits.float()
-    dense = time_forward({"dense": lambda: model(input_ids=ids)}, repeats=repeats)["dense"]
+    dense = time_forward({"dense": lambda: model(input_ids=ids)}, repeats=repeats, device=ids.device)["dense"]
     # in place: the model is saved already and not used after this
     to_semi_structured(model, eligible)
     diff = float((model(input_ids=ids).logits.float() - dense_logits).abs().max())
-    sparse = time_forward({"sparse": lambda: model(input_ids=ids)}, repeats=repeats)["sparse"]
+    sparse = time_forward({"sparse": lambda: model(input_ids=ids)}, repeats=repeats, device=ids.device)["sparse"]
     return {"available": True, "dtype": str(model.dtype).removeprefix("torch."), "tokens": int(ids.numel()),
             "layers": len(eligible), "skipped_layers": [n for n in names if n not in eligible],
             "dense_ms": round(dense, 3), "sparse_ms": round(sparse, 3), "speedup": round(dense / max(sparse, 1e-9), 3),

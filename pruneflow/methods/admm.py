@@ -478,6 +478,7 @@ class ADMM(PruningMethod):
             times = time_forward(
                 {"dense": lambda: dense_bundle.forward(batch), "sparse": lambda: sparse_bundle.forward(batch)},
                 repeats=int(export.get("repeats", 20)),
+                device=torch.device(device),
             )
         del dense, sparse
         return {
