@@ -24,9 +24,10 @@ $PY - <<'PYEOF'
 import torch
 print(f"# torch {torch.__version__}, CUDA {torch.version.cuda}, device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 PYEOF
-section "1. pruning-step overhead and training throughput (BERT-base, batch 32x128, bf16)" 150 \
+section "1. pruning-step overhead and training throughput (BERT-base, batch 32x128, bf16)" 120 \
   $PY scripts/bench_overhead.py --device cuda --precision bf16 --batch 32 --seq 128 --steps 10 --warmup 3 --compile false
-section "1b. seven with trainer.compile=true (torch.compile of both models; compile time in the warm-up)" 150 \
+# 1b compiles BERT-base forward and backward twice (dense, then the pruned copy): the longest limit.
+section "1b. seven with trainer.compile=true (torch.compile of both models; compile time in the warm-up)" 180 \
   $PY scripts/bench_overhead.py --device cuda --precision bf16 --batch 32 --seq 128 --steps 10 --warmup 3 --compile false --model-compile true --methods seven
 section "2. SPP: compressed (50 % structured) vs dense forward (batch 32x128, bf16)" 70 \
   $PY scripts/bench_speed.py --device cuda --dtype bf16 --batch 32 --seq 128 --repeats 30

@@ -53,7 +53,9 @@ from pruneflow.topk import kept_count  # noqa: E402
 def build_model(layers: int) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(num_hidden_layers=layers))
+    # problem_type set as pruneflow's models set it: left None, the first forward sets it
+    # and a compiled model (--model-compile) compiles a second time.
+    return BertForSequenceClassification(BertConfig(num_hidden_layers=layers, problem_type="single_label_classification"))
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
