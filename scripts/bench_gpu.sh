@@ -7,6 +7,10 @@
 # Needs no network (random-init BERT-base shapes). A failing section is reported and
 # the next one still runs. Run from the repository root:
 #   bash scripts/bench_gpu.sh            # uses .venv/bin/python if present
+#   PYTHON=python3 bash scripts/bench_gpu.sh
+# Without `make install` the interpreter needs only torch, transformers >= 5 and
+# omegaconf (pruneflow itself comes from this checkout through PYTHONPATH); checked
+# with transformers 5.17 and 5.25.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

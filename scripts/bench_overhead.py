@@ -43,9 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pruneflow import allocator  # noqa: E402
-from pruneflow.masking import MaskedWeights, select_prunable  # noqa: E402
+from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable  # noqa: E402
 from pruneflow.methods import PruneContext, get_method_class  # noqa: E402
-from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # noqa: E402
 from pruneflow.schedules import Schedule  # noqa: E402
 from pruneflow.topk import kept_count  # noqa: E402
 
