@@ -5,6 +5,7 @@ Every message names the key, the value given and what is allowed (``invalid``).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig
@@ -16,6 +17,26 @@ PRECISIONS = ("32", "bf16", "fp16")
 
 def _number(value: Any) -> bool:  # noqa: ANN401
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compile_toolchain_missing(cuda: bool) -> str | None:
+    """What torch.compile's default backend would lack to build kernels, or None: on CUDA
+    Triton, on a CPU a C++ compiler. (Otherwise the run fails at its first step, after the
+    data and model are loaded, with a long compiler traceback.)"""
+    if cuda:
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton (pip install triton)"
+    try:  # Inductor's own search: $CXX, else g++ (it runs `<compiler> --version`)
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:  # another torch layout: let torch.compile report it
+        return None
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return f"a C++ compiler ({os.environ.get('CXX') or 'g++'}; set CXX to use another)"
+    return None
 
 
 def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
@@ -37,6 +58,8 @@ def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
         )
     if not isinstance(t.get("compile", False), bool):
         raise invalid("trainer.compile", t.get("compile"), "true or false", "true compiles the model with torch.compile.")
+    if t.get("compile", False) and (missing := compile_toolchain_missing(cuda)):
+        raise invalid("trainer.compile", True, "false on this machine", f"torch.compile (Inductor) builds its kernels with {missing}, which is not available here.")
     pin = t.get("pin_memory", "auto")
     if not (isinstance(pin, bool) or pin == "auto"):
         raise invalid("trainer.pin_memory", pin, "auto (on CUDA), true or false")

@@ -47,3 +47,18 @@ def test_lr_schedules_are_transformers_schedules(name):
             if name == "polynomial" and step == total == warmup:
                 continue  # transformers divides by zero there (a step no run takes)
             assert ours.factor(step) == pytest.approx(float(theirs(step)), rel=1e-12, abs=1e-15), (name, total, warmup, step)
+
+
+def test_compile_without_a_compiler_is_refused_before_any_work(tmp_path):
+    """trainer.compile=true where Inductor finds no C++ compiler (CXX points nowhere): one
+    paragraph naming the key before data or model load, instead of a compiler traceback
+    at the first training step."""
+    from conftest import run_cli
+
+    out = run_cli(["method=magnitude", "sparsity=0.5", "trainer.compile=true", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                  cwd=tmp_path, env={"CXX": str(tmp_path / "no-such-g++")})
+    assert out.returncode == 2, out.stderr[-2000:]
+    msg = " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr
+    assert "Invalid value for 'trainer.compile': True" in msg and "no-such-g++" in msg
+    assert not (tmp_path / "run" / "result.json").exists()
