@@ -9,8 +9,8 @@
 #   bash scripts/bench_gpu.sh            # uses .venv/bin/python if present
 #   PYTHON=python3 bash scripts/bench_gpu.sh
 # Without `make install` the interpreter needs only torch, transformers >= 5 and
-# omegaconf (pruneflow itself comes from this checkout through PYTHONPATH); checked
-# with transformers 5.17 and 5.25 (on a CPU, at toy sizes).
+# omegaconf (with its antlr4-python3-runtime; pruneflow itself comes from this checkout
+# through PYTHONPATH); checked with transformers 5.17 and 5.25 (on a CPU, at toy sizes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
