@@ -17,16 +17,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 
-def run_script(name: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+# Toy sizes for each script on the CPU. bench_gpu.sh's calls get them after their own
+# flags (argparse keeps the last value of a repeated flag).
+TOY_FLAGS = {
+    "bench_overhead.py": "--layers 1 --batch 2 --seq 16 --steps 2 --warmup 2 --prune-steps 30 --threads 1",
+    "bench_speed.py": "--batch 1 --seq 16 --repeats 1 --warmup 1 --threads 1",
+    "bench_semi_structured.py": "--batch 1 --seq 16 --repeats 1",
+}
+
+
+def run_script(name: str) -> str:
+    """``name`` at its toy sizes."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *shlex.split(TOY_FLAGS[name])], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
 
 @pytest.mark.slow
 def test_bench_overhead_prints_every_method_with_exact_counts() -> None:
-    out = run_script("bench_overhead.py", "--threads", "1", "--layers", "1", "--batch", "2", "--seq", "16",
-                     "--steps", "2", "--warmup", "1", "--prune-steps", "30")
+    out = run_script("bench_overhead.py")
     lines = {m.group(1): m.group(0) for m in re.finditer(r"^method=(\w+) ratio=[\d.]+ .*$", out, re.M)}
     assert set(lines) == {"seven", "platon", "movement", "magnitude", "random"}
     assert all(line.endswith("exact_count=ok") for line in lines.values()), lines
@@ -34,13 +43,13 @@ def test_bench_overhead_prints_every_method_with_exact_counts() -> None:
 
 @pytest.mark.slow
 def test_bench_speed_checks_the_compressed_model_against_the_masked_one() -> None:
-    out = run_script("bench_speed.py", "--threads", "1", "--batch", "1", "--seq", "16", "--repeats", "1", "--warmup", "1")
+    out = run_script("bench_speed.py")
     assert "-> equal" in out
     assert re.search(r"^ratio=[\d.]+ hand_shrunk_ratio=[\d.]+ compressed_vs_hand_shrunk=[\d.]+$", out, re.M), out
 
 
 def test_bench_semi_structured_reports_no_gpu_instead_of_failing() -> None:
-    out = run_script("bench_semi_structured.py", "--batch", "1", "--seq", "16")
+    out = run_script("bench_semi_structured.py")
     assert out.strip().splitlines()[-1].startswith("semi_structured=unavailable")
 
 
@@ -62,20 +71,12 @@ def test_bench_gpu_sh_is_valid_bash_and_passes_only_flags_its_scripts_accept() -
         assert flags <= accepted, f"{name}: bench_gpu.sh passes {sorted(flags - accepted)}, not among {sorted(accepted)}"
 
 
-# What bench_gpu.sh's python commands get here: the CPU instead of cuda, and toy sizes
-# after its own flags (argparse keeps the last value of a repeated flag).
-TOY_FLAGS = {
-    "scripts/bench_overhead.py": "--layers 1 --batch 2 --seq 16 --steps 2 --warmup 2 --prune-steps 30 --threads 1",
-    "scripts/bench_speed.py": "--batch 1 --seq 16 --repeats 1 --warmup 1 --threads 1",
-    "scripts/bench_semi_structured.py": "--batch 1 --seq 16 --repeats 1",
-}
-
 
 @pytest.mark.slow
 def test_bench_gpu_sh_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path: Path) -> None:
     """The whole script, unchanged, through its ``PYTHON`` override: bf16 autocast, the
     compiled models of section 1b and the section bookkeeping run as they will on a GPU."""
-    cases = "\n".join(f'  {script}) extra=({flags});;' for script, flags in TOY_FLAGS.items())
+    cases = "\n".join(f'  scripts/{script}) extra=({flags});;' for script, flags in TOY_FLAGS.items())
     wrapper = tmp_path / "python"
     wrapper.write_text(
         "#!/usr/bin/env bash\n"
