@@ -65,6 +65,10 @@ def explain(error: Exception, overrides: list[str], default: Any) -> str:  # noq
         group, option = m.group(1), m.group(2)
         allowed = _options(group)
         return f"Invalid value for '{group}': {option!r}. Allowed: {', '.join(allowed)}.{_closest(option, allowed)}"
+    m = re.search(r"An item is already at '([^']+)'", text)
+    if m:
+        return (f"'+{m.group(1)}=...' adds a key, but '{m.group(1)}' is already set in the composed configuration "
+                f"(overrides: {' '.join(overrides)}). Set it without the '+': {m.group(1)}=...")
     full_key = re.search(r"full_key: (\S+)", ctext) or re.search(r"full_key: (\S+)", text)
     key = full_key.group(1) if full_key else None
     unknown = "not in struct" in ctext or re.search(r"Key '[^']+' not in '", ctext) or "Could not append to config" in text
@@ -165,11 +169,13 @@ def precheck(argv: list[str]) -> str | None:
                 from hydra_plugins.pruneflow_rows_sweeper.rows_sweeper import merge_row
 
                 variants = [merge_row(v, row) for v in variants for row in rows]
+            # a key added with +key=... that nothing reads: one more composition per variant
+            adds = any(o.input_line.startswith("+") for o in plain)
             for overrides in variants:
-                if overrides is base and base_composed:  # each composition costs ~0.5 s on a 2-core VM
+                if overrides is base and base_composed and not adds:  # each composition costs ~0.5 s on a 2-core VM
                     continue
                 try:
-                    compose(config_name="config", overrides=overrides)
+                    cfg = compose(config_name="config", overrides=overrides)
                 except Exception as e:  # noqa: BLE001 - every composition error is the user's
                     # the valid keys under the groups this command line chose
                     choices = [o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS]
@@ -178,6 +184,12 @@ def precheck(argv: list[str]) -> str | None:
                     except Exception:  # noqa: BLE001 - a bad group choice itself
                         default = compose(config_name="config")
                     return explain(e, overrides, default)
+                if adds:
+                    from pruneflow.validation import unknown_key_problem
+
+                    problem = unknown_key_problem(cfg)
+                    if problem:
+                        return problem
     finally:
         GlobalHydra.instance().clear()
     return None

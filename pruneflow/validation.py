@@ -110,17 +110,20 @@ def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
 
 # ----------------------------------------------------------------------------- settings a run does not use
 GROUPS = ("model", "task", "method", "schedule", "logger")
+# Groups whose choice is itself a setting that a run may not use (recovery=lora outside
+# task=lm/...): explicit_settings counts choosing one as setting it.
+SETTING_GROUPS = ("recovery",)
 
 
-def group_defaults(cfg: DictConfig) -> DictConfig | None:
-    """The config that the chosen group options give by themselves (no experiment, no
-    command-line values); None when it cannot be composed (e.g. a config from elsewhere)."""
+def group_defaults(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> DictConfig | None:
+    """The config that the chosen options of ``groups`` give by themselves (no experiment,
+    no command-line values); None when it cannot be composed (e.g. a config from elsewhere)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from pruneflow.cli import CONFIG_DIR
 
-    choices = [f"{g}={cfg[g].name}" for g in GROUPS if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name")]
+    choices = [f"{g}={cfg[g].name}" for g in groups if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name")]
     try:
         if GlobalHydra.instance().is_initialized():  # inside the pruneflow app (or a test's compose context)
             return compose(config_name="config", overrides=choices)
@@ -147,13 +150,68 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:  # noqa: ANN401
     return out
 
 
+# Top-level keys that hold no setting: an experiment's description, read by the report.
+DESCRIPTION_KEYS = ("hydra", "experiment_info")
+# Mappings handed on whole to a library, so they take keys no config here names: timm's
+# create_model and create_transform kwargs, a transformers config and overrides of it.
+PASS_THROUGH = ("kwargs", "augment_kwargs", "config", "config_overrides")
+
+
+def added_keys(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """Dotted keys of a run's config (``mine``, flattened) that its groups' defaults
+    (``theirs``) do not define, i.e. keys added with ``+key=value``: nothing reads them.
+    New entries are fine under a mapping that is empty or null by default
+    (``model.config_overrides: {}``), and a key may replace a whole section."""
+    open_maps = [k for k, v in theirs.items() if v is None or v == {}]
+    known_parents = {k.rsplit(".", i)[0] for k in theirs for i in range(1, k.count(".") + 1)}
+    open_maps += [k for k in known_parents | set(theirs) if k.rpartition(".")[2] in PASS_THROUGH]
+    return [k for k in mine
+            if k not in theirs and k not in known_parents and k.split(".")[0] not in DESCRIPTION_KEYS
+            and not any(k.startswith(m + ".") for m in open_maps)]
+
+
+def unknown_key_message(key: str, value: Any, theirs: dict[str, Any]) -> str:  # noqa: ANN401
+    """One paragraph for a key that ``added_keys`` found."""
+    import difflib
+
+    known = {k.rsplit(".", i)[0] for k in theirs for i in range(k.count(".") + 1)}
+    parent = key.rpartition(".")[0]
+    while parent and parent not in known:  # name the deepest section that exists
+        parent = parent.rpartition(".")[0]
+    depth = parent.count(".") + 1 if parent else 0
+    valid = sorted({k.split(".")[depth] for k in theirs if k.startswith(parent + ".") or not parent}
+                   - set(DESCRIPTION_KEYS))
+    close = difflib.get_close_matches(key[len(parent) + 1 if parent else 0:].split(".")[0], valid, n=3, cutoff=0.5)
+    where = f"'{parent}'" if parent else "the top level"
+    open_maps = sorted(k for k in known if k.rpartition(".")[2] in PASS_THROUGH and not k.startswith("hydra"))
+    return (f"Unknown key '{key}' (set to {value!r} with +{key}=... or by an experiment): no part of pruneflow reads "
+            f"it, so it would be silently ignored. Valid keys at {where}: {', '.join(valid)}."
+            + (f" Closest: {', '.join(close)}." if close else "")
+            + (f" New entries are taken only under {', '.join(open_maps)}." if open_maps else ""))
+
+
+def _unknown_key_problem(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    unknown = added_keys(mine, theirs)
+    return unknown_key_message(unknown[0], mine[unknown[0]], theirs) if unknown else None
+
+
+def unknown_key_problem(cfg: DictConfig) -> str | None:
+    """The message for the first key of ``cfg`` that its groups do not define, or None."""
+    default = group_defaults(cfg, GROUPS + SETTING_GROUPS)
+    return None if default is None else _unknown_key_problem(_flatten(cfg), _flatten(default))
+
+
 def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
     """Dotted keys (and values) that the command line or an experiment set to something
-    other than the chosen groups' defaults."""
+    other than the chosen groups' defaults. A key no group defines is an error."""
     default = group_defaults(cfg)
     if default is None:
         return {}
     mine, theirs = _flatten(cfg), _flatten(default)
+    chosen = [g for g in SETTING_GROUPS if theirs.get(f"{g}.name") != mine.get(f"{g}.name")]
+    problem = unknown_key_problem(cfg) if chosen else _unknown_key_problem(mine, theirs)  # a second composition
+    if problem:
+        raise UserError(problem)
     return {k: v for k, v in mine.items() if k not in ("hydra",) and not k.startswith("hydra.") and theirs.get(k, object()) != v}
 
 

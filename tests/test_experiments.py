@@ -24,6 +24,7 @@ from task_data import write_lm_text
 from pruneflow.methods import METHODS
 from pruneflow.published import find_point, published_points
 from pruneflow.tasks import TASKS
+from pruneflow.validation import unknown_key_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -166,6 +167,8 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
     raw = load(name)["experiment_info"].get("published")
     if raw is not None:  # written in the experiment itself (else composed from conf/published/)
         assert OmegaConf.to_container(cfg.experiment_info).get("published") == raw
+    if not stubs.exists():  # every key the experiment sets is one that a group defines
+        assert unknown_key_problem(cfg) is None
 
 
 

@@ -47,6 +47,14 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["schedule.warmup=3"], "schedule.warmup", "initial_warmup"),
     (["distill.temp=2"], "distill.temp", "temperature"),
     (["logger.modee=offline"], "logger.modee", "mode"),
+    # keys added with +key=... that nothing reads
+    (["+foo=1"], "foo", "Valid keys at the top level"),
+    (["method=magnitude", "+method.beta1=0.85"], "method.beta1", "Valid keys at 'method'"),
+    (["+stages.finetune.lrr=1"], "stages.finetune.lrr", "Closest: lr"),
+    (["+model.config_overrides.hidden_dropout_prob=0"], "model.config_overrides.hidden_dropout_prob", "model.kwargs"),
+    (["-m", "sparsity=0.5,0.7", "+method.foo=1"], "method.foo", "Valid keys at 'method'"),
+    (["method=seven", "+method.signed=true"], "method.signed", "without the '+'"),
+    (["recovery=lora"], "recovery", "task=lm/"),
     (["-m", "method=seven,sevn"], "method", "Closest: seven"),
     (["-m", "sparsity=0.5,abc"], "sparsity", "a number"),
     (["=7"], "command line", "key=value"),
@@ -294,3 +302,15 @@ def test_offline_wandb_makes_no_network_request(tmp_path):
     inet = [line for line in trace.read_text().splitlines() if "AF_INET" in line]
     assert not inet, inet[:5]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_added_keys_are_found_outside_pass_through_mappings_and_descriptions():
+    from pruneflow.validation import added_keys
+
+    theirs = {"seed": 0, "model.kwargs.img_size": 8, "model.config_overrides": {}, "task.path": None,
+              "stages.finetune.lr": 1e-3, "stages.finetune.epochs": 3}
+    fine = {"model.kwargs.drop_rate": 0.1, "model.config_overrides.classifier_dropout": 0.0, "task.path.train": "a.csv",
+            "stages.finetune": None, "experiment_info.name": "x", "hydra.run.dir": "out"}
+    assert added_keys({**theirs, **fine}, theirs) == []
+    assert added_keys({**theirs, "foo": 1, "stages.finetune.lrr": 1, "model.kwarg.x": 1}, theirs) == [
+        "foo", "stages.finetune.lrr", "model.kwarg.x"]
