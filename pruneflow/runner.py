@@ -29,7 +29,7 @@ from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
 from pruneflow.methods import METHODS, PruneContext, get_method_class
-from pruneflow.models import ModelBundle, build_model
+from pruneflow.models import ModelBundle, build_model, check_pairing
 from pruneflow.results import build_result, write_predictions
 from pruneflow.schedules import Schedule
 from pruneflow.stop import STOP
@@ -160,6 +160,7 @@ class Run:
             )
         seed_everything(int(cfg.seed))
         self.task = build_task(cfg.task, int(cfg.seed))
+        check_pairing(cfg.model, self.task)  # before any data is read
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)

@@ -118,6 +118,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["method=dense", "stages.prune.lr=0.1"], "stages.prune.lr", "does not prune"),
     (["schedule.final_warmup=100000"], "schedule", "cannot reach its target"),
     (["model=bert_tiny"], "Model/task mismatch", "image model"),
+    (["task=glue/sst2", "model=tiny_vit"], "Model/task mismatch", "text model"),  # before the data is looked for
     (["distill.enabled=true", "distill.teacher=/nonexistent"], "distill.teacher", "finetuned"),
     (["distill.enabled=true", "distill.temperature=0"], "distill.temperature", "a positive number"),
     (["distill.enabled=true", "stages.finetune.epochs=0"], "distill.teacher=finetuned", "stages.finetune has 0"),

@@ -27,7 +27,7 @@ from pruneflow.llm.gradient import GRADIENT_METHODS
 from pruneflow.loggers import make_logger
 from pruneflow.methods import ONE_SHOT_METHODS, get_method_class, get_one_shot_class
 from pruneflow.methods.oneshot import OneShotMethod, check_nm_layer
-from pruneflow.models import build_model
+from pruneflow.models import build_model, check_pairing
 from pruneflow.results import paper_sparsity, provenance
 from pruneflow.stop import STOP
 from pruneflow.stop import name as stop_name
@@ -135,6 +135,7 @@ class LLMRun:
 
         seed_everything(int(cfg.seed))
         self.task = build_task(cfg.task, int(cfg.seed))
+        check_pairing(cfg.model, self.task)  # before any data is read
         self.task.load()
         self.bundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)

@@ -51,10 +51,38 @@ class ModelBundle:
         return auto.from_config(self.model.config)
 
 
-def build_model(cfg: DictConfig, task: Task) -> ModelBundle:
+def check_pairing(cfg: DictConfig, task: Task) -> None:
+    """A model family that cannot run the task is an error; it needs only the task's kind,
+    so runners call it before any data is read."""
     family = cfg.get("family")
     if family not in FAMILIES:
         raise UserError(f"Invalid value for 'model.family': {family!r}. Allowed: {', '.join(FAMILIES)}.")
+    causal = getattr(task, "problem", None) == "causal_lm"
+    if family == "timm" and task.modality != "image":
+        raise UserError(
+            f"Model/task mismatch: model={cfg.name} is an image model (timm) but task={task.name} is a "
+            f"{task.modality} task. Choose a text model for it (e.g. model=bert_tiny or model=bert_base)."
+        )
+    if family == "causal_lm" and not causal:
+        raise UserError(
+            f"Model/task mismatch: model={cfg.name} is a causal language model, which is pruned one shot and evaluated "
+            f"by perplexity: use it with task=lm/wikitext2 or task=lm/c4, not task={task.name}."
+        )
+    if family == "hf" and causal:
+        raise UserError(
+            f"Model/task mismatch: task={task.name} prunes a causal language model, but model={cfg.name} is not one. "
+            "Choose a causal LM, e.g. model=tiny_llama (offline), opt_125m or llama2_7b."
+        )
+    if family == "hf" and task.modality != "text":
+        raise UserError(
+            f"Model/task mismatch: model={cfg.name} is a text model (transformers) but task={task.name} is an "
+            f"{task.modality} task. Choose an image model for it (e.g. model=tiny_vit or model=deit_small)."
+        )
+
+
+def build_model(cfg: DictConfig, task: Task) -> ModelBundle:
+    check_pairing(cfg, task)
+    family = cfg.get("family")
     if family == "timm":
         from pruneflow.models.vision import build_timm_model
 
@@ -63,11 +91,6 @@ def build_model(cfg: DictConfig, task: Task) -> ModelBundle:
         from pruneflow.models.causal import build_causal_lm
 
         return build_causal_lm(cfg, task)
-    if getattr(task, "problem", None) == "causal_lm":
-        raise UserError(
-            f"Model/task mismatch: task={task.name} prunes a causal language model, but model={cfg.name} is not one. "
-            "Choose a causal LM, e.g. model=tiny_llama (offline), opt_125m or llama2_7b."
-        )
     from pruneflow.models.text import build_hf_model
 
     return build_hf_model(cfg, task)

@@ -51,11 +51,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000):  # noqa: 
 def build_causal_lm(cfg: DictConfig, task: Task) -> ModelBundle:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if getattr(task, "problem", None) != "causal_lm":
-        raise UserError(
-            f"Model/task mismatch: model={cfg.name} is a causal language model, which is pruned one shot and evaluated "
-            f"by perplexity: use it with task=lm/wikitext2 or task=lm/c4, not task={task.name}."
-        )
     dtype = model_dtype(cfg)
     trust = check_bool(cfg.get("trust_remote_code", False), "model.trust_remote_code")
     source = cfg.get("path") or cfg.get("hub_id")

@@ -103,11 +103,6 @@ def _auto_class(task: Task):  # noqa: ANN202
 def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
     from transformers import AutoConfig, AutoTokenizer
 
-    if task.modality != "text":
-        raise UserError(
-            f"Model/task mismatch: model={cfg.name} is a text model (transformers) but task={task.name} is an "
-            f"{task.modality} task. Choose an image model for it (e.g. model=tiny_vit or model=deit_small)."
-        )
     auto = _auto_class(task)
     head_kwargs: dict[str, Any] = {}
     if task.problem != "question_answering":

@@ -35,11 +35,6 @@ def _head_size(architecture: str, weights: Path) -> dict[str, int]:
 def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
     import timm
 
-    if task.modality != "image":
-        raise UserError(
-            f"Model/task mismatch: model={cfg.name} is an image model (timm) but task={task.name} is a "
-            f"{task.modality} task. Choose a text model for it (e.g. model=bert_tiny or model=bert_base)."
-        )
     kwargs = model_kwargs(cfg)
     kwargs["num_classes"] = task.num_labels
     kwargs.setdefault("in_chans", task.image_channels)
