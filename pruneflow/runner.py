@@ -598,6 +598,28 @@ def _comparable(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE) and not k.startswith("hydra")}
 
 
+def _differences(saved_path: Path, now: dict[str, Any]) -> str:
+    """The settings in which ``now`` differs from those saved at ``saved_path``, listed ("" if none)."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{saved_path} cannot be read ({e}); start the run over with overwrite=true.") from e
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+
+
+def check_finished_config(cfg: DictConfig, run_dir: Path) -> None:
+    """A finished run is skipped only for its own settings: with others, its result.json
+    would stand for a run that was never made."""
+    saved_path = run_dir / "checkpoints" / "config.json"
+    listed = _differences(saved_path, _comparable(cfg)) if saved_path.exists() else ""
+    if listed:
+        raise UserError(
+            f"{run_dir} holds a finished run with other settings ({listed}); its result.json is not a result for "
+            "these. Choose another hydra.run.dir, or overwrite=true to replace that run."
+        )
+
+
 def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
     """Resuming a run directory with different settings would mix two runs: an error
     naming the differences, unless ``allow_config_change=true``."""
@@ -607,14 +629,9 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         if (run_dir / "checkpoints").exists() and distributed.is_main():
             atomic_write_json(saved_path, now)
         return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{saved_path} cannot be read ({e}); start the run over with overwrite=true.") from e
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
-    if not diff:
+    listed = _differences(saved_path, now)
+    if not listed:
         return
-    listed = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
     if cfg.get("allow_config_change", False):
         log.warning("Resuming %s with changed settings (allow_config_change=true): %s", run_dir, listed)
         atomic_write_json(saved_path, now)
@@ -645,6 +662,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[st
                 done = json.loads(result_path.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"{result_path} exists but cannot be read ({e}): run again with overwrite=true to redo this run.") from e
+            check_finished_config(cfg, run_dir)
             log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
             return done
         if distributed.is_main():

@@ -242,6 +242,11 @@ def validate_run(cfg: DictConfig) -> None:
     ebs = cfg.stages.get("eval_batch_size")
     if not isinstance(ebs, int) or isinstance(ebs, bool) or ebs < 1:
         raise invalid("stages.eval_batch_size", ebs, "an integer >= 1")
+    speed = cfg.get("speed") or {}
+    for key in ("batch", "repeats"):  # checked now, not when the finished run measures latency
+        v = speed.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise invalid(f"speed.{key}", v, "an integer >= 1", "speed.enabled=false skips the latency measurement.")
     task = cfg.task
     for key in ("max_train_samples", "max_eval_samples"):
         v = task.get(key)

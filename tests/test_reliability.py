@@ -31,6 +31,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["overwrite=maybe"], "overwrite", "true or false"),
     (["trainer.gradient_accumulation_steps=x"], "trainer.gradient_accumulation_steps", "an integer"),
     (["speed.batch=x"], "speed.batch", "an integer"),
+    (["speed.batch=0"], "speed.batch", ">= 1"),  # was a traceback after the whole run
+    (["speed.repeats=0"], "speed.repeats", ">= 1"),
     (["sparsity=[0.5]"], "sparsity", "a number"),
     (["trainer.max_grad_norm=[1,2]"], "trainer.max_grad_norm", "a number"),
     (["method=sevn"], "method", "Closest: seven"),
@@ -190,6 +192,14 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
     allowed = run_cli([*args, "stages.recover.lr=5e-4", "allow_config_change=true"], cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
+    # finished: the same settings are skipped; other settings are not answered with its result
+    before = (run_dir / "result.json").read_bytes()
+    same = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
+    assert same.returncode == 0 and "this run is finished, skipping it" in same.stderr + same.stdout
+    finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
+    message = " ".join(finished.stderr.split())
+    assert finished.returncode == 2 and "holds a finished run with other settings (sparsity: 0.5 -> 0.6" in message, message[-800:]
+    assert (run_dir / "result.json").read_bytes() == before
 
 
 SIGNAL_ARGS = [*SMALL, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
