@@ -542,11 +542,17 @@ class Run:
             self.weights.bake()
         self.check_ranks("final", "the final weights")
         main = distributed.is_main()  # torchrun: only rank 0 measures and writes
-        speed = measure_speed(self.cfg, self.bundle, self.task, self.device) if self.cfg.speed.enabled and main else None
-        export = self.method.export_info(self.bundle, self.device) if hasattr(self.method, "export_info") else None
         # Every output that can be written is written: one that fails is recorded in
         # result.json ("output_errors") instead of losing the run.
         failed: dict[str, str] = {}
+        speed = None
+        if self.cfg.speed.enabled and main:
+            try:
+                speed = measure_speed(self.cfg, self.bundle, self.task, self.device)
+            except Exception as e:  # noqa: BLE001 - e.g. no memory left for the dense copy it times beside the model
+                failed["speed"] = f"{type(e).__name__}: {e}"
+                log.error("Could not measure speed: %s", failed["speed"])
+        export = self.method.export_info(self.bundle, self.device) if hasattr(self.method, "export_info") else None
 
         def attempt(what: str, fn) -> None:  # noqa: ANN001
             try:
@@ -574,7 +580,7 @@ class Run:
             with writing(self.run_dir / "result.json"):
                 atomic_write_json(self.run_dir / "result.json", result)
             if failed:
-                log.error("The run finished and result.json is written, but %s could not be written (see output_errors).", ", ".join(failed))
+                log.error("The run finished and result.json is written, but %s could not be made (see output_errors).", ", ".join(failed))
         self.logger.summary(result)
         self.logger.finish()
         return result

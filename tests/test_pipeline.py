@@ -109,3 +109,18 @@ def test_torch_threads_applies_to_the_run_only(config, tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_results_are_saved_when_the_speed_measurement_fails(config, tmp_path, monkeypatch):
+    import pruneflow.speed
+
+    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(pruneflow.speed, "measure_speed", out_of_memory)
+    run_dir = tmp_path / "run"
+    result = run(config("method=magnitude", "sparsity=0.5", "speed.enabled=true"), run_dir, [])
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk["speed"] is None and "out of memory" in on_disk["output_errors"]["speed"]
+    assert on_disk["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4) == result["sparsity"]["measured"]
+    assert (run_dir / "model" / "model.safetensors").exists()
