@@ -355,6 +355,8 @@ class Trainer:
                 else:
                     opt.step()
                 optim.step += 1
+            elif self.scaler is not None:  # no step, but update() ends this step's unscale_ (else the next one raises)
+                self.scaler.update()
             # The hook sees this step's gradients and the updated weights (SEVEN reads both).
             if method is not None:
                 method.after_optimizer_step(step, grads_finite=finite)

@@ -124,3 +124,14 @@ def test_results_are_saved_when_the_speed_measurement_fails(config, tmp_path, mo
     assert on_disk["speed"] is None and "out of memory" in on_disk["output_errors"]["speed"]
     assert on_disk["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4) == result["sparsity"]["measured"]
     assert (run_dir / "model" / "model.safetensors").exists()
+
+
+def test_fp16_scaler_runs_a_prune_stage_without_weight_updates(config, tmp_path, monkeypatch):
+    """seven_pre scores without optimizer steps: the fp16 scaler's unscale_ must be closed by
+    update() every step (torch's CPU GradScaler stands in for CUDA's here)."""
+    import pruneflow.runner
+
+    check = pruneflow.runner.validate_trainer
+    monkeypatch.setattr(pruneflow.runner, "validate_trainer", lambda cfg, cuda: check(cfg, cuda=True))
+    result = run(config("method=seven_pre", "sparsity=0.5", "trainer.precision=fp16"), tmp_path / "run", [])
+    assert result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4)
