@@ -157,36 +157,39 @@ DESCRIPTION_KEYS = ("hydra", "experiment_info")
 PASS_THROUGH = ("kwargs", "augment_kwargs", "config", "config_overrides")
 
 
+def _paths(flat: dict[str, Any]) -> set[str]:
+    """Every dotted key of a flattened config and every section above one."""
+    return {k.rsplit(".", i)[0] for k in flat for i in range(k.count(".") + 1)}
+
+
 def added_keys(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     """Dotted keys of a run's config (``mine``, flattened) that its groups' defaults
     (``theirs``) do not define, i.e. keys added with ``+key=value``: nothing reads them.
     New entries are fine under a mapping that is empty or null by default
     (``model.config_overrides: {}``), and a key may replace a whole section."""
+    known = _paths(theirs)
     open_maps = [k for k, v in theirs.items() if v is None or v == {}]
-    known_parents = {k.rsplit(".", i)[0] for k in theirs for i in range(1, k.count(".") + 1)}
-    open_maps += [k for k in known_parents | set(theirs) if k.rpartition(".")[2] in PASS_THROUGH]
+    open_maps += [k for k in known if k.rpartition(".")[2] in PASS_THROUGH]
     return [k for k in mine
-            if k not in theirs and k not in known_parents and k.split(".")[0] not in DESCRIPTION_KEYS
-            and not any(k.startswith(m + ".") for m in open_maps)]
+            if k not in known and k.split(".")[0] not in DESCRIPTION_KEYS and not any(k.startswith(m + ".") for m in open_maps)]
 
 
 def unknown_key_message(key: str, value: Any, theirs: dict[str, Any]) -> str:  # noqa: ANN401
     """One paragraph for a key that ``added_keys`` found."""
-    import difflib
+    from pruneflow.cli import _closest
 
-    known = {k.rsplit(".", i)[0] for k in theirs for i in range(k.count(".") + 1)}
+    known = _paths(theirs)
     parent = key.rpartition(".")[0]
     while parent and parent not in known:  # name the deepest section that exists
         parent = parent.rpartition(".")[0]
     depth = parent.count(".") + 1 if parent else 0
     valid = sorted({k.split(".")[depth] for k in theirs if k.startswith(parent + ".") or not parent}
                    - set(DESCRIPTION_KEYS))
-    close = difflib.get_close_matches(key[len(parent) + 1 if parent else 0:].split(".")[0], valid, n=3, cutoff=0.5)
     where = f"'{parent}'" if parent else "the top level"
     open_maps = sorted(k for k in known if k.rpartition(".")[2] in PASS_THROUGH and not k.startswith("hydra"))
     return (f"Unknown key '{key}' (set to {value!r} with +{key}=... or by an experiment): no part of pruneflow reads "
             f"it, so it would be silently ignored. Valid keys at {where}: {', '.join(valid)}."
-            + (f" Closest: {', '.join(close)}." if close else "")
+            + _closest(key[len(parent) + 1 if parent else 0:].split(".")[0], valid)
             + (f" New entries are taken only under {', '.join(open_maps)}." if open_maps else ""))
 
 
