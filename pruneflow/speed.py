@@ -50,6 +50,8 @@ def measure_speed(cfg: DictConfig, bundle: ModelBundle, task: Task, device: torc
     batch = task.collate([ds[i % len(ds)] for i in range(batch_size)])
     batch = {k: v.to(device) for k, v in batch.items()}
     dense: nn.Module = bundle.fresh_architecture().to(device).eval()
+    if (cfg.get("trainer") or {}).get("compile", False):  # the final model runs compiled: so does the one it is timed against
+        dense.compile()
     bundle.model.eval()
     dense_bundle = ModelBundle(model=dense, family=bundle.family, name=bundle.name, arch=bundle.arch)
     times = time_forward(

@@ -354,7 +354,7 @@ class Trainer:
                     self.scaler.update()
                 else:
                     opt.step()
-                optim.step += 1
+                optim.step += finite  # a step the scaler skipped does not advance the LR schedule (as accelerate's)
             elif self.scaler is not None:  # no step, but update() ends this step's unscale_ (else the next one raises)
                 self.scaler.update()
             # The hook sees this step's gradients and the updated weights (SEVEN reads both).

@@ -108,6 +108,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         raise invalid("trainer.device", name, "auto, cpu, cuda, cuda:<index>")
+    if name.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise invalid("trainer.device", name, "cuda or auto under torchrun",
+                      "torchrun gives each process its own GPU (cuda:LOCAL_RANK); an index would put every process on that one GPU.")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise invalid("trainer.device", name, "auto, cpu, cuda", "No CUDA device is available here.")
     return torch.device(name)

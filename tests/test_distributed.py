@@ -81,3 +81,15 @@ def test_torchrun_two_cpu_processes_identical_masks(tmp_path: Path) -> None:
     # rank 0 alone wrote the outputs; the finetune stage was cached once
     assert (run_dir / "model").is_dir() and (run_dir / "predictions.jsonl").exists()
     assert len(list((tmp_path / "cache" / "finetune").glob("*/entry.json"))) == 1
+
+
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun gives each rank cuda:LOCAL_RANK (``trainer.device=cuda``): cuda:0 would put
+    every rank on one GPU."""
+    from pruneflow.errors import UserError
+    from pruneflow.utils import resolve_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="trainer.device.*cuda or auto under torchrun"):
+        resolve_device("cuda:0")
+    assert resolve_device("cpu").type == "cpu"

@@ -15,6 +15,7 @@ import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -436,6 +437,32 @@ def test_fp16_overflow_never_reaches_the_scores(tmp_path: Path) -> None:
         assert bool(torch.isfinite(run.method.selection_scores()[kept]).all()), method
         assert run.trainer.scaler.get_scale() < 2.0**16  # the overflow was seen and the step skipped
         assert run.method.k == 5, method  # 6 steps, the overflowing one not scored
+        assert run.optim.step == 5, method  # nor counted by the LR schedule
+
+
+def test_spp_search_under_fp16_scales_its_loss_and_skips_an_overflow_step_whole(tmp_path: Path) -> None:
+    """SPP's search under fp16 autocast runs its own gradient scaler: a step with inf
+    gradients leaves the masks, Z and Γ untouched (else they turn NaN for good)."""
+    run = prepared(tmp_path, "method=spp", "sparsity=0.5", *stages(0, 6, 0))
+    run.trainer.autocast_dtype = torch.float16
+    run.trainer.scaler = torch.amp.GradScaler("cpu")
+    calls = {"n": 0}
+
+    def poison(module: torch.nn.Module, inputs: Any, out: torch.Tensor) -> None:  # noqa: ANN401
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out.register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    run.bundle.model.head.register_forward_hook(poison)
+    run.execute()
+    assert calls["n"] == 6
+    search = run.method.search
+    assert search
+    for key, fields in search.items():
+        for name in ("z", "m"):
+            assert bool(torch.isfinite(fields[name]).all()), (key, name)
+    assert len(run.method.path) == 6
 
 
 def test_authors_counts_round_down(tmp_path: Path) -> None:

@@ -126,6 +126,19 @@ def test_results_are_saved_when_the_speed_measurement_fails(config, tmp_path, mo
     assert (run_dir / "model" / "model.safetensors").exists()
 
 
+def test_a_compiled_model_is_timed_against_a_compiled_dense_one(config, tmp_path, monkeypatch):
+    """trainer.compile=true: speed.final_ms is the compiled model's, so the dense model it is
+    compared with is compiled too (torch.compile itself is recorded, not run, here)."""
+    import pruneflow.validation
+
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    monkeypatch.setattr(pruneflow.validation, "compile_toolchain_missing", lambda cuda: None)
+    result = run(config("method=magnitude", "sparsity=0.5", "speed.enabled=true", "trainer.compile=true"), tmp_path / "run", [])
+    assert result["speed"]["dense_ms"] > 0
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]  # the trained model, then the dense copy
+
+
 def test_fp16_scaler_runs_a_prune_stage_without_weight_updates(config, tmp_path, monkeypatch):
     """seven_pre scores without optimizer steps: the fp16 scaler's unscale_ must be closed by
     update() every step (torch's CPU GradScaler stands in for CUDA's here)."""

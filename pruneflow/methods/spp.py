@@ -145,6 +145,7 @@ class SPP(PruningMethod):
     name = "spp"
     default_sparsity = 0.5
     updates_weights = False  # the search trains only the masks (W frozen)
+    trains_without_weight_updates = True  # at stages.prune.lr
     keeps_architecture = False  # finalize() builds smaller layers
 
     def __init__(self, cfg: DictConfig, sparsity: float) -> None:
@@ -296,6 +297,8 @@ class SPP(PruningMethod):
         self.search, self.path = search, path
 
     def run_search(self, ctx: PruneContext) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+        from pruneflow.trainer import grads_finite
+
         model = ctx.model
         masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed, sites=self.mask_sites)
         trainable = {p: p.requires_grad for p in model.parameters()}
@@ -313,6 +316,11 @@ class SPP(PruningMethod):
         path: list[dict[str, Any]] = []
         z_lr = self.z_lr(ctx.total_steps)
         data = ctx.batches()
+        # trainer.precision=fp16: the search's own gradient scaler (small mask gradients would
+        # flush to zero in fp16); a step it skips for inf/NaN gradients is skipped whole, Z and
+        # Γ included (their optimizer updates them in its step()). Their search runs in fp32.
+        scaler = torch.amp.GradScaler(ctx.device.type) if getattr(ctx.extra.get("trainer"), "scaler", None) is not None else None
+        taken = 0  # optimizer steps taken (Adam's bias correction counts these)
         model.train()
         masks.attach()
         try:
@@ -321,18 +329,28 @@ class SPP(PruningMethod):
                 batch = distributed.shard(next(data))  # torchrun: this rank's share of the batch
                 loss = ctx.loss_fn(model, batch)
                 coupling = sum(((m - g) ** 2).sum() for m, g in zip(params, gamma, strict=True)) / (2 * self.nu)
-                (loss + coupling).backward()
+                total = loss + coupling
+                (scaler.scale(total) if scaler is not None else total).backward()
                 distributed.average_gradients(params)  # identical masks, Z and Γ on every rank
                 value = distributed.mean_scalar(float(loss.detach()), ctx.device)
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"The loss became {value} at step {step} of the SPP search. Lower stages.prune.lr (now {self.lr:g}).")
-                opt.step()
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                    finite = grads_finite(scaler, opt)
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    finite = True
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
+                taken += finite
                 # the authors' Z step is Adam's bias-corrected step size of this step
-                step_lr = self.lr / (1 - beta1 ** (step + 1)) if self.z_lr_setting == "adam" else z_lr
+                step_lr = self.lr / (1 - beta1 ** max(taken, 1)) if self.z_lr_setting == "adam" else z_lr
                 with torch.no_grad():
                     for i, m in enumerate(params):
-                        z[i], gamma[i] = lbi_update(m, z[i], gamma[i], step_lr, self.kappa, self.lam)
+                        if finite:
+                            z[i], gamma[i] = lbi_update(m, z[i], gamma[i], step_lr, self.kappa, self.lam)
                         entry[i] = record_entries(entry[i], gamma[i], step)
                         if step % self.check_every == 0:  # their step_record: checks spent in the support
                             support[i] += (gamma[i] != 0).long()
