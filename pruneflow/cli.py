@@ -85,6 +85,9 @@ def explain(error: Exception, overrides: list[str], default: Any) -> str:  # noq
         kind_name = kind.group(1) if kind else ("Boolean" if "valid bool" in ctext else "")
         what = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}.get(kind_name, "a value of the key's type")
         return f"Invalid value for '{key}': {value.group(1) if value else '?'!r}. Allowed: {what}."
+    if key and "is not a ListConfig" in ctext:
+        given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")
+        return f"Invalid value for '{key}': {given!r}. Allowed: a list in brackets, e.g. {key}=[a,b] (or {key}=[] for none)."
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"The configuration could not be composed: {first} (overrides: {' '.join(overrides)}). Run `pruneflow --cfg job` to see the composed configuration, or `pruneflow --help` for the groups and options."
 
@@ -109,15 +112,44 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
-def _table_rows(compose: Any, overrides: list[str]) -> tuple[list[list[str]], bool]:  # noqa: ANN401
-    """The rows of a table experiment (``hydra.sweeper.rows``), or [] for any other command,
-    and whether ``overrides`` composed (then they need no second composition)."""
+def _sweeper_settings(compose: Any, overrides: list[str]) -> tuple[list[list[str]], list[str], bool]:  # noqa: ANN401
+    """The rows of a table experiment (``hydra.sweeper.rows``) and the swept values an
+    experiment sets (``hydra.sweeper.params``, as key=values), [] for a command without
+    them; and whether ``overrides`` composed (then they need no second composition)."""
     try:
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception:  # noqa: BLE001 - the composition error is reported below
-        return [], False
-    rows = cfg.hydra.sweeper.get("rows") if "rows" in cfg.hydra.sweeper else None
-    return [[str(o) for o in row] for row in rows or []], True
+        return [], [], False
+    sweeper = cfg.hydra.sweeper
+    rows = sweeper.get("rows") if "rows" in sweeper else None
+    params = sweeper.get("params") if "params" in sweeper else None
+    return [[str(o) for o in row] for row in rows or []], [f"{k}={v}" for k, v in (params or {}).items()], True
+
+
+# Sweeps up to this many jobs are checked job by job; larger ones one swept value at a time.
+MAX_CHECKED_JOBS = 64
+
+
+def sweep_variants(plain: list[Any]) -> tuple[list[str], list[list[str]]]:  # noqa: ANN401
+    """The first job's overrides and those of every job of the sweep (the product of the
+    swept values, as Hydra's basic sweeper runs them), or, for a larger sweep, every
+    swept value once with the first value of the others."""
+    import itertools
+    import math
+
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line] for o in plain]
+
+    def line(i: int, v: str) -> str:
+        return f"{plain[i].get_key_element()}={v}" if plain[i].is_sweep_override() else v
+
+    base = [line(i, vs[0]) for i, vs in enumerate(values)]
+    if math.prod(len(vs) for vs in values) <= MAX_CHECKED_JOBS:
+        combos = itertools.product(*values)
+        return base, [base, *([line(i, v) for i, v in enumerate(c)] for c in itertools.islice(combos, 1, None))]
+    variants = [base]
+    for i, vs in enumerate(values):
+        variants += [[*base[:i], line(i, v), *base[i + 1 :]] for v in vs[1:]]
+    return base, variants
 
 
 def precheck(argv: list[str]) -> str | None:
@@ -151,16 +183,20 @@ def precheck(argv: list[str]) -> str | None:
     if any(o.key_or_group == "hydra.searchpath" for o in parsed):  # config groups from elsewhere: Hydra checks
         return None
     plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    base = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in plain]
-    variants = [base]
-    for i, o in enumerate(plain):
-        if o.is_sweep_override():
-            for v in list(o.sweep_string_iterator())[1:]:
-                variants.append([*base[:i], f"{o.get_key_element()}={v}", *base[i + 1 :]])
+    several = next((o for o in plain if o.is_sweep_override()), None)
+    if several is not None and not multirun:
+        return (f"'{several.input_line}' gives '{several.get_key_element()}' several values: run them as a sweep with -m "
+                f"(pruneflow -m {' '.join(args)}), or quote a value meant as one string: {several.get_key_element()}='a,b'.")
+    base, variants = sweep_variants(plain)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            rows, base_composed = _table_rows(compose, base)
+            rows, params, base_composed = _sweeper_settings(compose, base)
+            given = {o.get_key_element() for o in plain}
+            params = [o for o in OverridesParser.create().parse_overrides(params) if o.get_key_element() not in given]
+            if multirun and params:  # the command line's values take precedence, as in Hydra's sweeper
+                base, variants = sweep_variants([*params, *plain])
+                base_composed = False
             if rows and not multirun:
                 name = next((a for a in base if a.startswith("experiment=")), "this experiment")
                 return (f"'{name}' is a table of {len(rows)} runs (hydra.sweeper.rows): run it as a sweep, "
@@ -171,8 +207,12 @@ def precheck(argv: list[str]) -> str | None:
                 variants = [merge_row(v, row) for v in variants for row in rows]
             # a key added with +key=... that nothing reads: one more composition per variant
             adds = any(o.input_line.startswith("+") for o in plain)
+            # a sweep: every job's settings are checked now, not when its turn comes hours later
+            jobs = multirun
+            if jobs and len(variants) > 8:
+                print(f"pruneflow: checking the settings of {len(variants)} jobs ...", file=sys.stderr)
             for overrides in variants:
-                if overrides is base and base_composed and not adds:  # each composition costs ~0.5 s on a 2-core VM
+                if overrides is base and base_composed and not adds and not jobs:  # each composition costs ~0.5 s on a 2-core VM
                     continue
                 try:
                     cfg = compose(config_name="config", overrides=overrides)
@@ -190,6 +230,13 @@ def precheck(argv: list[str]) -> str | None:
                     problem = unknown_key_problem(cfg)
                     if problem:
                         return problem
+                if jobs:
+                    from pruneflow.runner import check_settings
+
+                    try:
+                        check_settings(cfg)
+                    except UserError as e:
+                        return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {e}"
     finally:
         GlobalHydra.instance().clear()
     return None
@@ -205,11 +252,11 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg, run_dir, list(hc.overrides.task))
     except RunStopped as e:
-        log.warning("%s", e)
+        _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
         sys.exit(EXIT_CODES.get(e.signum, 1))
     except UserError as e:
-        log.error("%s", e)  # pruneflow.log keeps it too
+        _log_to_file(logging.ERROR, str(e))
         _report_error(str(e))
         if multirun:  # one failing job does not stop the other jobs of a sweep
             _write_error(run_dir, str(e) + "\n")
@@ -228,6 +275,14 @@ def _app(cfg: DictConfig) -> float | None:
         return None
     final = result["metrics"]["final"]
     return final.get(result["main_metric"])
+
+
+def _log_to_file(level: int, message: str) -> None:
+    """Into pruneflow.log only: the terminal gets the message once, as one paragraph."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _remove_if_only_hydra(run_dir: Path) -> None:

@@ -46,7 +46,13 @@ from pruneflow.utils import (
     set_rng_state,
     writing,
 )
-from pruneflow.validation import check_unused, explicit_settings, validate_run, validate_trainer
+from pruneflow.validation import (
+    check_unused,
+    explicit_settings,
+    switched_off,
+    validate_run,
+    validate_trainer,
+)
 
 log = logging.getLogger("pruneflow")
 
@@ -124,16 +130,14 @@ class Run:
                           f"method={cfg.method.name} needs weight updates to score; methods that prune without them: {', '.join(allowed)}.")
         return False
 
-    def prepare(self) -> None:
+    def check_settings(self) -> None:
+        """Every check that needs no data and changes nothing: run first by ``prepare`` and,
+        for every job of a sweep, by the CLI before the first job starts."""
         cfg = self.cfg
         validate_sparsity(cfg.get("sparsity"))
         self.device = resolve_device(str(cfg.trainer.device))
         validate_trainer(cfg, cuda=self.device.type == "cuda")
         validate_run(cfg)
-        threads = cfg.trainer.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
-        allocator.apply_setting(cfg.trainer.get("keep_freed_memory", "auto"), self.device.type)
         self.method_cls = get_method_class(cfg.method.name)
         if getattr(self.method_cls, "one_shot", False):
             raise invalid("method", cfg.method.name, sorted(n for n in METHODS if not getattr(get_method_class(n), "one_shot", False)),
@@ -143,14 +147,17 @@ class Run:
         check_unused(cfg, [("calibration", "calibration data is for one-shot causal-LM pruning (task=lm/...)"),
                            ("allocation", "per-block sparsity allocation is for one-shot causal-LM pruning (task=lm/...)"),
                            ("recovery", "recovery=full|lora is for one-shot causal-LM pruning (task=lm/...); here the "
-                            "recover stage (stages.recover) fine-tunes the pruned model")], explicit)
+                            "recover stage (stages.recover) fine-tunes the pruned model"), *switched_off(cfg)], explicit)
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
         check_unused(cfg, self.method.unused_settings(cfg), explicit)
         distill.validate(cfg)
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
-
+        self.prune_updates_weights = self._prune_updates_weights(cfg)
+        if self.method.prunes and not self.prune_updates_weights and not self.method_cls.trains_without_weight_updates:
+            check_unused(cfg, [("stages.prune.lr", f"the prune stage of method={cfg.method.name} makes no weight updates "
+                                                   "(stages.prune.update_weights=false or the method's own rule)")], explicit)
         path = cfg.task.get("path")
         if path is not None and not Path(str(path)).exists():
             raise UserError(
@@ -158,9 +165,17 @@ class Run:
                 "file per split (train, validation, ...) as .parquet/.jsonl/.json/.csv, a DatasetDict.save_to_disk "
                 "folder, or an ImageFolder; or task.path=null to load from the Hugging Face Hub."
             )
-        seed_everything(int(cfg.seed))
         self.task = build_task(cfg.task, int(cfg.seed))
-        check_pairing(cfg.model, self.task)  # before any data is read
+        check_pairing(cfg.model, self.task)
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.check_settings()
+        threads = cfg.trainer.get("torch_threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        allocator.apply_setting(cfg.trainer.get("keep_freed_memory", "auto"), self.device.type)
+        seed_everything(int(cfg.seed))
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)
@@ -198,7 +213,7 @@ class Run:
             # continuous: one stream of batches through all stages (one seed, offsets below)
             seed = int(cfg.seed) * 10 + (0 if continuous else i)
             specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=seed)
-        specs["prune"].weight_updates = self._prune_updates_weights(cfg)
+        specs["prune"].weight_updates = self.prune_updates_weights
         planned = self.method.plan_stages(
             {k: v.steps for k, v in specs.items()}, steps_per_epoch(n_train, specs["prune"].batch_size, accum), cfg.task.name
         )
@@ -380,6 +395,12 @@ class Run:
         self.logger = make_logger(cfg, self.run_dir) if distributed.is_main() else NullLogger()
         progress = self.progress()
         ckpt = self.load_checkpoint()
+        if ckpt is None and progress["done"]:  # the stages' metrics without their weights
+            raise UserError(
+                f"{self.ckpt_path} is missing, but {self.progress_path} records finished stages ({', '.join(progress['done'])}): "
+                "resuming would train from the start and report those stages' old metrics. Start this run over with "
+                "overwrite=true; the finetune cache is kept, so a cached dense stage is not redone."
+            )
         start_index = 0
         resume_trainer: dict[str, Any] | None = None
         if ckpt is not None and self.distill is not None and self.distill.teacher == "finetuned" and self.teacher_path.exists():
@@ -647,6 +668,14 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         "Run the same settings to resume it, add allow_config_change=true to resume it with these changes (e.g. a lower "
         "learning rate after a divergence), overwrite=true to start it over, or choose another hydra.run.dir."
     )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The checks of one run that need no data (the CLI runs them for each job of a sweep
+    before the first starts). Raises ``UserError``."""
+    from pruneflow.llm.runner import LLMRun, is_lm_task
+
+    (LLMRun if is_lm_task(cfg) else Run)(cfg, Path(".")).check_settings()
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

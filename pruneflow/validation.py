@@ -5,6 +5,7 @@ Every message names the key, the value given and what is allowed (``invalid``).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -113,6 +114,20 @@ GROUPS = ("model", "task", "method", "schedule", "logger")
 # Groups whose choice is itself a setting that a run may not use (recovery=lora outside
 # task=lm/...): explicit_settings counts choosing one as setting it.
 SETTING_GROUPS = ("recovery",)
+# Groups whose choice is a setting though every option has the same keys: choosing
+# schedule=linear for method=spp (which has no schedule) is setting schedule.name.
+CHOICE_SETTINGS = ("schedule",)
+
+
+@functools.cache
+def default_choices() -> dict[str, str]:
+    """The option each group of conf/config.yaml's defaults list picks (model: tiny_vit, ...)."""
+    from omegaconf import OmegaConf
+
+    from pruneflow.cli import CONFIG_DIR
+
+    entries = OmegaConf.to_container(OmegaConf.load(os.path.join(CONFIG_DIR, "config.yaml"))).get("defaults", [])
+    return {str(k): str(v) for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
 def group_defaults(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> DictConfig | None:
@@ -215,7 +230,12 @@ def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
     problem = unknown_key_problem(cfg) if chosen else _unknown_key_problem(mine, theirs)  # a second composition
     if problem:
         raise UserError(problem)
-    return {k: v for k, v in mine.items() if k not in ("hydra",) and not k.startswith("hydra.") and theirs.get(k, object()) != v}
+    explicit = {k: v for k, v in mine.items() if k not in ("hydra",) and not k.startswith("hydra.") and theirs.get(k, object()) != v}
+    for g in CHOICE_SETTINGS:
+        name = mine.get(f"{g}.name")
+        if name is not None and default_choices().get(g) not in (None, name):
+            explicit[f"{g}.name"] = name
+    return explicit
 
 
 def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None) -> None:
@@ -229,9 +249,22 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
         for key, value in explicit.items():
             unset = value is None or (not isinstance(value, bool) and value == 0)
             if not unset and (key == prefix or key.startswith(prefix + ".")):
-                raise UserError(
-                    f"'{key}={value}' would be ignored: {why}. Remove it (or set it to null); no setting is silently ignored."
-                )
+                group = key.removesuffix(".name")
+                if key.endswith(".name") and group in SETTING_GROUPS + CHOICE_SETTINGS:  # a group's option was chosen
+                    key = group
+                shown = str(value).lower() if isinstance(value, bool) else value
+                raise UserError(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.")
+
+
+def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Sections that a switch or a choice turns off (``check_unused``'s list)."""
+    out = []
+    if (cfg.get("logger") or {}).get("name") == "none":
+        out.append(("logger", "logger=none logs to no service; logger=wandb uses logger.*"))
+    d = cfg.get("distill")
+    if d is not None and d.get("enabled") is False:
+        out.append(("distill", "distillation is off (distill.enabled=false); distill.enabled=true uses distill.*"))
+    return out
 
 
 LOGGER_MODES = ("offline", "online", "disabled")

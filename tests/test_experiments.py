@@ -49,7 +49,7 @@ ZERO_SHOT_METRICS = {f"{t}/{m}" for t in ("boolq", "rte", "hellaswag", "winogran
 # Extra overrides a miniature needs: presets that would set paper-length stages are switched off.
 SANH_MINI = ["schedule.initial_warmup=2", "schedule.final_warmup=2", "trainer.warmup_steps=2"]  # their 5400-step phases, shrunk
 MINIATURE_OVERRIDES: dict[str, list[str]] = {
-    "seven/glue_bert_base": ["method.preset=null"],
+    "seven/glue_bert_base": ["method.preset=null", "method.lengthen_to_fit=false"],
     # PLATON's warm-ups (300-5400 steps) shrunk to the miniature's 9 prune steps
     **{f"platon/{t}_bert_base": ["schedule.initial_warmup=2", "schedule.final_warmup=3", "method.deltaT=2"] for t in
        ("mnli", "qqp", "qnli", "sst2", "rte", "mrpc", "cola", "stsb", "squad")},
@@ -170,6 +170,16 @@ def test_experiment_composes(name: str, tmp_path: Path) -> None:
     if not stubs.exists():  # every key the experiment sets is one that a group defines
         assert unknown_key_problem(cfg) is None
 
+
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
+def test_every_job_of_an_experiment_passes_the_checks_made_before_a_sweep(name: str) -> None:
+    """``pruneflow -m experiment=<name>`` checks every job's settings (its table rows,
+    its hydra.sweeper.params) before the first starts: a shipped experiment passes them."""
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+
+    register_configs()
+    assert precheck(["-m", f"experiment={name}"]) is None
 
 
 # ----------------------------------------------------------------------------- local data

@@ -8,7 +8,8 @@ pytestmark = pytest.mark.slow
 def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(
-        ["-m", *FAST, "method=magnitude,random", "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"],
+        ["-m", *FAST, "method=magnitude,random", "sparsity=0.5,0.9", "stages.recover.batch_size=32", f"hydra.sweep.dir={sweep}",
+         f"cache_dir={tmp_path / 'c'}"],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -18,13 +19,15 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
     assert got == [("magnitude", 0.5), ("magnitude", 0.9), ("random", 0.5), ("random", 0.9)]
     assert all(f"method={m},sparsity={s}" in j.name for j, (m, s) in zip(jobs, got, strict=True))
 
-    # Re-launching only runs what is missing; a bad job fails alone.
+    # Re-launching only runs what is missing; a job that fails once its data is read (a batch
+    # larger than the 512 examples; a wrong value would stop the sweep before any job) fails alone.
     proc = run_cli(
-        ["-m", *FAST, "method=magnitude", "sparsity=0.5,1.5,0.9", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"],
+        ["-m", *FAST, "method=magnitude", "sparsity=0.5,0.9", "stages.recover.batch_size=32,1000", f"hydra.sweep.dir={sweep}",
+         f"cache_dir={tmp_path / 'c'}"],
         cwd=tmp_path,
     )
-    assert proc.returncode == 1 and "1 job(s) of the sweep failed" in proc.stderr  # listed, exit non-zero
+    assert proc.returncode == 1 and "2 job(s) of the sweep failed" in proc.stderr  # listed, exit non-zero
     failed = [p.parent.name for p in sweep.rglob("error.txt")]
-    assert len(failed) == 1 and "sparsity=1.5" in failed[0]
+    assert len(failed) == 2 and all("stages.recover.batch_size=1000" in f for f in failed)
     assert len(list(sweep.rglob("result.json"))) == 4  # 0.5 and 0.9 were skipped, not re-run
     assert (proc.stdout + proc.stderr).count("this run is finished") == 2

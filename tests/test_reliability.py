@@ -59,6 +59,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["recovery=lora"], "recovery", "task=lm/"),
     (["-m", "method=seven,sevn"], "method", "Closest: seven"),
     (["-m", "sparsity=0.5,abc"], "sparsity", "a number"),
+    (["sparsity=0.5,0.7"], "sparsity", "-m"),
+    (["trainer.freeze=abc"], "trainer.freeze", "a list in brackets"),
     (["=7"], "command line", "key=value"),
     (["hydra.run.dir=/proc/pruneflow_test"], "hydra.run.dir", "cannot be written"),
     # values checked before any data is read
@@ -121,10 +123,24 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["schedule.final_warmup=100000"], "schedule", "cannot reach its target"),
     (["model=bert_tiny"], "Model/task mismatch", "image model"),
     (["task=glue/sst2", "model=tiny_vit"], "Model/task mismatch", "text model"),  # before the data is looked for
+    (["task=lm/wikitext2", "method=wanda"], "Model/task mismatch", "model=tiny_llama"),  # not a text model it would refuse
     (["distill.enabled=true", "distill.teacher=/nonexistent"], "distill.teacher", "finetuned"),
     (["distill.enabled=true", "distill.temperature=0"], "distill.temperature", "a positive number"),
     (["distill.enabled=true", "stages.finetune.epochs=0"], "distill.teacher=finetuned", "stages.finetune has 0"),
     (["trainer.continuous=true"], "stages.finetune.batch_size", "one batch size"),
+    # settings a run would ignore
+    (["method=spp", "schedule=linear"], "'schedule=linear' would be ignored", "no sparsity schedule"),
+    (["method=seven_pre", "stages.prune.lr=0.1"], "stages.prune.lr", "no weight updates"),
+    (["method=magnitude", "stages.prune.update_weights=false", "stages.prune.lr=0.1"], "stages.prune.lr", "no weight updates"),
+    (["method=seven", "method.total_epochs=20"], "method.total_epochs", "method.preset=auto"),
+    (["method=seven", "method.lengthen_to_fit=true"], "method.lengthen_to_fit=true", "method.preset=auto"),
+    (["distill.temperature=3"], "distill.temperature", "distill.enabled=true"),
+    (["logger=none", "logger.mode=online"], "logger.mode", "logger=wandb"),
+    (["task=lm/wikitext2", "model=opt_125m", "method=wanda", "recovery=full"], "model.dtype", "bfloat16 or float32"),
+    # a sweep: every job checked before the first starts (only the product has spp with linear)
+    (["-m", "sparsity=0.5,1.5"], "sparsity=1.5", "[0, 1)"),
+    (["-m", "schedule=cubic,linear", "method=magnitude,spp"], "schedule=linear method=spp", "no sparsity schedule"),
+    (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
 ]
 
 
@@ -141,7 +157,8 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
     mine = [(i, case) for i, case in enumerate(BAD_INPUTS) if i % BAD_INPUT_SHARDS == shard]
     for i, (argv, _, _) in mine:
         keys = {a.split("=")[0] for a in argv}
-        extra = [b for b in base if b.split("=")[0] not in keys and "-m" not in argv]
+        lm = any(a.startswith("task=lm/") for a in argv)  # causal-LM runs have no task.max_train_samples, no speed.*
+        extra = [b for b in base if b.split("=")[0] not in keys and "-m" not in argv and not (lm and b.split(".")[0] in ("task", "speed"))]
         out = f"hydra.sweep.dir={tmp_path / f'sweep{i}'}" if "-m" in argv else f"hydra.run.dir={tmp_path / f'run{i}'}"
         cases.append([*argv, *extra, *([out] if "hydra.run.dir" not in keys else []), f"cache_dir={tmp_path / 'cache'}"])
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -153,8 +170,9 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
         msg = " ".join(err.split())
         if code != 2 or "Traceback" in err or key not in msg or allowed not in msg or "pruneflow: error:" not in msg:
             problems.append(f"{argv}: exit {code}, {msg[-300:]!r}")
-        if (tmp_path / f"run{i}").exists():  # nothing half-written for a wrong setting
-            problems.append(f"{argv}: left {tmp_path / f'run{i}'}: {sorted(p.name for p in (tmp_path / f'run{i}').iterdir())}")
+        for left in (tmp_path / f"run{i}", tmp_path / f"sweep{i}"):  # nothing half-written for a wrong setting
+            if left.exists():
+                problems.append(f"{argv}: left {left}: {sorted(p.name for p in left.iterdir())}")
     assert not problems, "\n".join(problems)
 
 
@@ -167,10 +185,10 @@ def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_p
     assert a != b and len(a) <= 200 and len(b) <= 200
     pad = "stages.eval_batch_size=" + "0" * 190 + "64"  # a long override: the job names are cut
     sweep = tmp_path / "sweep"
-    out = run_cli(["-m", *SMALL, "method=magnitude", "sparsity=0.5,1.5", "seed=0", pad, f"hydra.sweep.dir={sweep}",
-                   f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
+    out = run_cli(["-m", *SMALL, "method=magnitude", "sparsity=0.5", "stages.recover.batch_size=32,1000", "seed=0", pad,
+                   f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)  # 1000 > 256 examples: fails at run time
     assert out.returncode == 1, out.stderr[-2000:]
-    assert "1 job(s) of the sweep failed" in out.stderr and "sparsity" in out.stderr
+    assert "1 job(s) of the sweep failed" in out.stderr and "batch_size" in out.stderr
     dirs = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(dirs) == 2 and sum((d / "result.json").exists() for d in dirs) == 1
 
@@ -242,6 +260,12 @@ def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed
     out = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     said = " ".join(out.stderr.split())  # the message is wrapped to the terminal: where depends on the path's length
     assert out.returncode == 2 and "last.pt cannot be read" in said and "overwrite=true" in said and "Traceback" not in said
+    last.unlink()  # deleted: the finetune stage's recorded metrics have no weights to resume from
+    out = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "last.pt is missing" in said and "finetune" in said and "Traceback" not in said
+    assert " ".join((out.stdout + out.stderr).split()).count("last.pt is missing") == 1  # one paragraph, no log line
+    assert "last.pt is missing" in (run_dir / "pruneflow.log").read_text()
     # the finetune cache entry written by that run, truncated: moved aside, computed again
     entry = next((tmp_path / "c" / "finetune").glob("*/model.safetensors"))
     entry.write_bytes(entry.read_bytes()[:500])

@@ -33,7 +33,7 @@ from pruneflow.stop import STOP
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks import build_task
 from pruneflow.utils import atomic_write_json, resolve_device, seed_everything, writing
-from pruneflow.validation import check_unused, validate_run
+from pruneflow.validation import check_unused, switched_off, validate_run
 
 log = logging.getLogger("pruneflow")
 
@@ -41,7 +41,7 @@ log = logging.getLogger("pruneflow")
 TRAINING_ONLY = (
     ("stages.finetune", "a causal-LM task prunes a pretrained model one shot: there is no fine-tuning stage"),
     ("stages.prune", "one-shot pruning of a causal LM has no training steps (calibration.* sets its data)"),
-    ("stages.recover", "recovery training of pruned causal LMs (LoRA / full fine-tuning) is not built yet"),
+    ("stages.recover", "a pruned causal LM is fine-tuned by recovery=full|lora (recovery.*), not by stages.recover"),
     ("schedule", "one-shot pruning has no sparsity schedule"),
     ("distill", "one-shot pruning of a causal LM does not train, so there is nothing to distil"),
     ("speed", "causal-LM runs record pruning time and peak memory instead of a latency benchmark"),
@@ -70,7 +70,8 @@ class LLMRun:
         self.progress_path = self.ckpt_dir / "progress.json"
 
     # -- settings --------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def check_settings(self) -> None:
+        """Every check that needs no data and changes nothing (see ``Run.check_settings``)."""
         cfg = self.cfg
         from pruneflow.runner import validate_sparsity
 
@@ -83,9 +84,6 @@ class LLMRun:
                           "prunes while training on a task loss (encoder tasks such as glue/* and squad/*).")
         self.device = resolve_device(str(cfg.trainer.device))
         validate_run(cfg)
-        threads = cfg.trainer.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
         # seven_pre, snip, force score from gradients of the whole model (pruneflow.llm.gradient)
         self.gradient = name in GRADIENT_METHODS
         cls = get_method_class(name) if self.gradient else get_one_shot_class(name)
@@ -98,7 +96,7 @@ class LLMRun:
         if not self.gradient:
             unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
                                                      "(calibration.batch_size is the batch of the gradient-scored methods)"))
-        check_unused(cfg, unused + self.method.unused_settings(cfg))
+        check_unused(cfg, unused + self.method.unused_settings(cfg) + switched_off(cfg))
         calibration.check_config(cfg.calibration)
         self.offload = check_bool(cfg.model.get("offload", False), "model.offload")
         self.blockwise = check_bool(cfg.calibration.get("blockwise", True), "calibration.blockwise")
@@ -123,6 +121,11 @@ class LLMRun:
                 raise invalid("calibration.batch_size", bs, "an integer >= 1 (calibration windows per scoring step)")
             self.score_batch = int(bs)
         self.recovery = self.check_recovery(cfg.get("recovery") or {"name": "none"})
+        if self.recovery["name"] == "full" and str(cfg.model.get("dtype")) == "float16":
+            # AdamW on float16 weights: eps=1e-8 underflows to 0 and small updates vanish (inf/NaN weights)
+            raise invalid("model.dtype", "float16", "bfloat16 or float32 with recovery=full",
+                          "recovery=full trains every weight with AdamW in the model's dtype, which float16 cannot "
+                          "hold (no fp32 master weights here); recovery=lora trains float32 adapters on float16 weights.")
         pre = cfg.model.get("pretrain") or {}
         self.pretrain_steps = int(pre.get("steps") or 0)
         if self.pretrain_steps and cfg.model.get("pretrained", True):
@@ -132,10 +135,16 @@ class LLMRun:
             v = cfg.task.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise invalid(f"task.{key}", v, "an integer >= 1, or null for all examples")
-
-        seed_everything(int(cfg.seed))
         self.task = build_task(cfg.task, int(cfg.seed))
-        check_pairing(cfg.model, self.task)  # before any data is read
+        check_pairing(cfg.model, self.task)
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.check_settings()
+        threads = cfg.trainer.get("torch_threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        seed_everything(int(cfg.seed))
         self.task.load()
         self.bundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)

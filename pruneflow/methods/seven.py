@@ -176,7 +176,9 @@ class Seven(ScoreBasedMethod):
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
         task = str(cfg.task.name).split("/")[-1]
         if self.preset is None or (self.preset == "auto" and task not in PRESETS):
-            return []
+            why = ("method.total_epochs and method.lengthen_to_fit plan the stages of a preset (method.preset=auto on a "
+                   "GLUE task, or a GLUE task name); without one, stages.* set the stage lengths")
+            return [("method.total_epochs", why), ("method.lengthen_to_fit", why)]
         why = f"method.preset={self.preset} sets the stage lengths (t_i, iter_num and the rest of method.total_epochs)"
         return [(f"stages.{stage}.{key}", why) for stage in ("finetune", "prune", "recover") for key in ("epochs", "steps")]
 

@@ -59,9 +59,11 @@ def check_pairing(cfg: DictConfig, task: Task) -> None:
         raise UserError(f"Invalid value for 'model.family': {family!r}. Allowed: {', '.join(FAMILIES)}.")
     causal = getattr(task, "problem", None) == "causal_lm"
     if family == "timm" and task.modality != "image":
+        kind, examples = (("causal language model", "model=tiny_llama (offline), opt_125m or llama2_7b") if causal
+                          else ("text model", "model=bert_tiny or model=bert_base"))
         raise UserError(
             f"Model/task mismatch: model={cfg.name} is an image model (timm) but task={task.name} is a "
-            f"{task.modality} task. Choose a text model for it (e.g. model=bert_tiny or model=bert_base)."
+            f"{task.modality} task. Choose a {kind} for it (e.g. {examples})."
         )
     if family == "causal_lm" and not causal:
         raise UserError(
