@@ -207,8 +207,10 @@ def precheck(argv: list[str]) -> str | None:
                 variants = [merge_row(v, row) for v in variants for row in rows]
             # a key added with +key=... that nothing reads: one more composition per variant
             adds = any(o.input_line.startswith("+") for o in plain)
-            # a sweep: every job's settings are checked now, not when its turn comes hours later
+            # a sweep: every job's settings are checked now, not when its turn comes hours later;
+            # jobs sent to Slurm start elsewhere, so this machine's devices say nothing about them
             jobs = multirun
+            here = not any(o.key_or_group == "hydra/launcher" and "slurm" in str(o.value()) for o in parsed)
             if jobs and len(variants) > 8:
                 print(f"pruneflow: checking the settings of {len(variants)} jobs ...", file=sys.stderr)
             for overrides in variants:
@@ -234,7 +236,7 @@ def precheck(argv: list[str]) -> str | None:
                     from pruneflow.runner import check_settings
 
                     try:
-                        check_settings(cfg)
+                        check_settings(cfg, here)
                     except UserError as e:
                         return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {e}"
     finally:

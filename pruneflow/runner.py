@@ -130,13 +130,18 @@ class Run:
                           f"method={cfg.method.name} needs weight updates to score; methods that prune without them: {', '.join(allowed)}.")
         return False
 
-    def check_settings(self) -> None:
+    def check_settings(self, here: bool = True) -> None:
         """Every check that needs no data and changes nothing: run first by ``prepare`` and,
-        for every job of a sweep, by the CLI before the first job starts."""
+        for every job of a sweep, by the CLI before the first job starts. ``here=False``:
+        the job runs on another machine (Slurm), so this one's devices are not checked."""
         cfg = self.cfg
         validate_sparsity(cfg.get("sparsity"))
-        self.device = resolve_device(str(cfg.trainer.device))
-        validate_trainer(cfg, cuda=self.device.type == "cuda")
+        if here:
+            self.device = resolve_device(str(cfg.trainer.device))
+            cuda = self.device.type == "cuda"
+        else:
+            cuda = str(cfg.trainer.device) != "cpu"
+        validate_trainer(cfg, cuda=cuda, here=here)
         validate_run(cfg)
         self.method_cls = get_method_class(cfg.method.name)
         if getattr(self.method_cls, "one_shot", False):
@@ -670,12 +675,13 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
     )
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_settings(cfg: DictConfig, here: bool = True) -> None:
     """The checks of one run that need no data (the CLI runs them for each job of a sweep
-    before the first starts). Raises ``UserError``."""
+    before the first starts; ``here=False`` for jobs that start on other machines).
+    Raises ``UserError``."""
     from pruneflow.llm.runner import LLMRun, is_lm_task
 
-    (LLMRun if is_lm_task(cfg) else Run)(cfg, Path(".")).check_settings()
+    (LLMRun if is_lm_task(cfg) else Run)(cfg, Path(".")).check_settings(here)
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -40,8 +40,9 @@ def compile_toolchain_missing(cuda: bool) -> str | None:
     return None
 
 
-def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
-    """``trainer.*``: allowed names, ranges and combinations."""
+def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
+    """``trainer.*``: allowed names, ranges and combinations. ``here=False``: the run will
+    start on another machine (a Slurm job), whose compilers are not known here."""
     from pruneflow.trainer import LR_SCHEDULERS, OPTIMIZERS
 
     t = cfg.trainer
@@ -59,7 +60,7 @@ def validate_trainer(cfg: DictConfig, cuda: bool) -> None:
         )
     if not isinstance(t.get("compile", False), bool):
         raise invalid("trainer.compile", t.get("compile"), "true or false", "true compiles the model with torch.compile.")
-    if t.get("compile", False) and (missing := compile_toolchain_missing(cuda)):
+    if t.get("compile", False) and here and (missing := compile_toolchain_missing(cuda)):
         raise invalid("trainer.compile", True, "false on this machine", f"torch.compile (Inductor) builds its kernels with {missing}, which is not available here.")
     pin = t.get("pin_memory", "auto")
     if not (isinstance(pin, bool) or pin == "auto"):

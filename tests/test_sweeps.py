@@ -25,16 +25,18 @@ def job(sweep: Path, part: str) -> Path:
 def test_joblib_sweep_isolates_failures_and_relaunch_skips_finished(tmp_path: Path) -> None:
     conf = tiny_config_dir(tmp_path)
     sweep = tmp_path / "sweep"
-    args = ["experiment=pf_tiny", "method=magnitude", "sparsity=0.5,1.5", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"]
+    # a batch larger than the 128 examples: a job that fails once its data is read
+    args = ["experiment=pf_tiny", "method=magnitude", "sparsity=0.5", "stages.recover.batch_size=32,1000", f"hydra.sweep.dir={sweep}",
+            f"cache_dir={tmp_path / 'cache'}"]
     # trainer.torch_threads=null: the thread count per job is joblib's choice
     first = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.torch_threads=null", *args], tmp_path, conf)
     assert first.returncode == 1, first.stderr[-3000:]  # the sweep ran both jobs and reports the failed one
-    assert "1 job(s) of the sweep failed" in first.stderr and "sparsity=1.5" in first.stderr
-    good, bad = job(sweep, "sparsity=0.5"), job(sweep, "sparsity=1.5")
+    assert "1 job(s) of the sweep failed" in first.stderr and "stages.recover.batch_size=1000" in first.stderr
+    good, bad = job(sweep, "stages.recover.batch_size=32"), job(sweep, "stages.recover.batch_size=1000")
     r = result(good)
     assert r["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-5)
     assert not (bad / "result.json").exists()
-    assert "Invalid value for 'sparsity': 1.5" in (bad / "error.txt").read_text()
+    assert "Invalid value for 'stages.recover.batch_size': 1000" in (bad / "error.txt").read_text()
     # joblib's loky workers limit each job's threads so that 2 jobs share the cores
     assert 1 <= r["provenance"]["torch_threads"] <= max(1, (os.cpu_count() or 1) // 2)
 
@@ -45,14 +47,14 @@ def test_joblib_sweep_isolates_failures_and_relaunch_skips_finished(tmp_path: Pa
     assert second.returncode == 1, second.stderr[-3000:]
     assert (good / "result.json").stat().st_mtime_ns == good_mtime
     assert "this run is finished, skipping it" in (good / "pruneflow.log").read_text()
-    assert "Invalid value for 'sparsity': 1.5" in (bad / "error.txt").read_text()  # failed again, sweep went on
+    assert "Invalid value for 'stages.recover.batch_size': 1000" in (bad / "error.txt").read_text()  # failed again, sweep went on
 
     # the report lists the failed job and tabulates the finished one
     from pruneflow.report import main
 
     assert main([str(sweep)]) == 0
     md = (sweep / "report.md").read_text()
-    assert "1 failed" in md and "sparsity=1.5" in md
+    assert "1 failed" in md and "stages.recover.batch_size=1000" in md
     assert "| magnitude | tiny_vit | 50 | 1 (0) |" in md
 
 
@@ -70,3 +72,18 @@ def test_submitit_local_two_jobs(tmp_path: Path) -> None:
         assert r["seed"] == s and r["method"] == "random"
         assert r["sparsity"]["measured"] == pytest.approx(0.6, abs=1e-5)
     assert (sweep / ".submitit").is_dir()  # the jobs really went through submitit
+
+
+def test_the_sweep_precheck_leaves_a_slurm_jobs_devices_to_its_node() -> None:
+    """Every job of a sweep is checked before the first starts, on this machine: a CUDA
+    device is required of local jobs only (a Slurm login node has no GPU)."""
+    import torch
+
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+
+    register_configs()
+    if not torch.cuda.is_available():
+        assert "No CUDA device" in (precheck(["-m", "trainer.device=cuda", "sparsity=0.5,0.7"]) or "")
+    assert precheck(["-m", "hydra/launcher=submitit_slurm", "trainer.device=cuda", "sparsity=0.5,0.7"]) is None
+    assert "[0, 1)" in (precheck(["-m", "hydra/launcher=submitit_slurm", "trainer.device=cuda", "sparsity=0.5,1.7"]) or "")

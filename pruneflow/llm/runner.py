@@ -70,7 +70,7 @@ class LLMRun:
         self.progress_path = self.ckpt_dir / "progress.json"
 
     # -- settings --------------------------------------------------------------------------
-    def check_settings(self) -> None:
+    def check_settings(self, here: bool = True) -> None:
         """Every check that needs no data and changes nothing (see ``Run.check_settings``)."""
         cfg = self.cfg
         from pruneflow.runner import validate_sparsity
@@ -82,7 +82,8 @@ class LLMRun:
             raise invalid("method", name, allowed,
                           f"task={cfg.task.name} prunes a causal LM from calibration data without training it; method={name} "
                           "prunes while training on a task loss (encoder tasks such as glue/* and squad/*).")
-        self.device = resolve_device(str(cfg.trainer.device))
+        if here:  # a Slurm job's devices are not this machine's
+            self.device = resolve_device(str(cfg.trainer.device))
         validate_run(cfg)
         # seven_pre, snip, force score from gradients of the whole model (pruneflow.llm.gradient)
         self.gradient = name in GRADIENT_METHODS
