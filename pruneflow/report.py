@@ -161,9 +161,10 @@ def dense_baseline(run: dict[str, Any], metric: str) -> float:
 
 
 def has_dense_stage(rows: list[Row], metric: str) -> bool:
-    """Whether runs carry their own dense evaluation (causal LMs): the table and plot then
-    show it, as there is no ``method=dense`` row to compare with."""
-    return any(metric in (r["metrics"].get("dense") or {}) for row in rows for r in row.runs)
+    """Whether runs carry their own dense evaluation (after the finetune stage, or a causal
+    LM's before pruning): the table shows it beside each row, and the plot draws it when
+    no ``method=dense`` row is there to compare with."""
+    return any(metric in (r["metrics"].get(stage) or {}) for row in rows for r in row.runs for stage in ("finetune", "dense"))
 
 
 def experiment_name(result: dict[str, Any]) -> str:

@@ -75,7 +75,9 @@ def test_report_rows_mean_std_and_failures(sweep: Path, tmp_path: Path) -> None:
     assert by[("dense", "0.0")]["accuracy_std"] == ""  # one seed: no std
 
     md = (out / "report.md").read_text()
-    assert "| magnitude | tiny_vit | 50 | 2 (0,1) | 92.0 ± 2.8 | 100.0 ± 0.0 | 50.00 ± 0.00 |" in md
+    # each row's own dense model (metrics.finetune, 90 %) beside its pruned one
+    assert "| **accuracy** | accuracy (dense) | top5 |" in md
+    assert "| magnitude | tiny_vit | 50 | 2 (0,1) | 92.0 ± 2.8 | 90.0 ± 0.0 | 100.0 ± 0.0 | 50.00 ± 0.00 |" in md
     assert "60.00 !" in md  # measured 60 % for a 70 % target is flagged
     assert "method=random,sparsity=1.5" in md and "Invalid value for 'sparsity': 1.5" in md
     assert "method=magnitude,seed=2,sparsity=0.5" in md and "stages done: finetune" in md
