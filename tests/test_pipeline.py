@@ -145,6 +145,6 @@ def test_fp16_scaler_runs_a_prune_stage_without_weight_updates(config, tmp_path,
     import pruneflow.runner
 
     check = pruneflow.runner.validate_trainer
-    monkeypatch.setattr(pruneflow.runner, "validate_trainer", lambda cfg, cuda: check(cfg, cuda=True))
+    monkeypatch.setattr(pruneflow.runner, "validate_trainer", lambda cfg, cuda, here=True: check(cfg, cuda=True, here=here))
     result = run(config("method=seven_pre", "sparsity=0.5", "trainer.precision=fp16"), tmp_path / "run", [])
     assert result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4)
