@@ -209,12 +209,11 @@ def precheck(argv: list[str]) -> str | None:
             adds = any(o.input_line.startswith("+") for o in plain)
             # a sweep: every job's settings are checked now, not when its turn comes hours later;
             # jobs sent to Slurm start elsewhere, so this machine's devices say nothing about them
-            jobs = multirun
             here = not any(o.key_or_group == "hydra/launcher" and "slurm" in str(o.value()) for o in parsed)
-            if jobs and len(variants) > 8:
+            if multirun and len(variants) > 8:
                 print(f"pruneflow: checking the settings of {len(variants)} jobs ...", file=sys.stderr)
             for overrides in variants:
-                if overrides is base and base_composed and not adds and not jobs:  # each composition costs ~0.5 s on a 2-core VM
+                if overrides is base and base_composed and not adds and not multirun:  # each composition costs ~0.5 s on a 2-core VM
                     continue
                 try:
                     cfg = compose(config_name="config", overrides=overrides)
@@ -232,7 +231,7 @@ def precheck(argv: list[str]) -> str | None:
                     problem = unknown_key_problem(cfg)
                     if problem:
                         return problem
-                if jobs:
+                if multirun:
                     from pruneflow.runner import check_settings
 
                     try:

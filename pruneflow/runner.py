@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -53,6 +53,9 @@ from pruneflow.validation import (
     validate_run,
     validate_trainer,
 )
+
+if TYPE_CHECKING:  # pruneflow.llm.runner imports this module
+    from pruneflow.llm.runner import LLMRun
 
 log = logging.getLogger("pruneflow")
 
@@ -175,12 +178,8 @@ class Run:
 
     def prepare(self) -> None:
         cfg = self.cfg
-        self.check_settings()
-        threads = cfg.trainer.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        begin(self)
         allocator.apply_setting(cfg.trainer.get("keep_freed_memory", "auto"), self.device.type)
-        seed_everything(int(cfg.seed))
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)
@@ -673,6 +672,16 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         "Run the same settings to resume it, add allow_config_change=true to resume it with these changes (e.g. a lower "
         "learning rate after a divergence), overwrite=true to start it over, or choose another hydra.run.dir."
     )
+
+
+def begin(run: Run | LLMRun) -> None:
+    """The first steps of both runners' ``prepare``: the data-free checks, then this run's
+    torch threads and seed."""
+    run.check_settings()
+    threads = run.cfg.trainer.get("torch_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed_everything(int(run.cfg.seed))
 
 
 def check_settings(cfg: DictConfig, here: bool = True) -> None:

@@ -140,12 +140,10 @@ class LLMRun:
         check_pairing(cfg.model, self.task)
 
     def prepare(self) -> None:
+        from pruneflow.runner import begin
+
         cfg = self.cfg
-        self.check_settings()
-        threads = cfg.trainer.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
-        seed_everything(int(cfg.seed))
+        begin(self)
         self.task.load()
         self.bundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)
