@@ -1,12 +1,18 @@
 """Fine-tune once, prune many: a file-locked cache of stage results.
 
 Entries live in ``<cache_dir>/<kind>/<key>/`` where the key hashes everything the
-result depends on. A lock file makes parallel sweep jobs wait for the one job
-that computes an entry instead of computing it twice.
+result depends on: the settings, and the code that computed it (a hash of
+pruneflow's source and the versions of the libraries that train and load models),
+so that an upgrade or an edit never reuses an entry that older code computed. A
+lock file makes parallel sweep jobs wait for the one job that computes an entry
+instead of computing it twice.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
 from collections.abc import Callable
@@ -20,9 +26,35 @@ from pruneflow.utils import atomic_write_json, stable_hash
 
 log = logging.getLogger("pruneflow")
 
+#: libraries whose version can change a cached result (training, models, data loading)
+LIBRARIES = ("torch", "transformers", "datasets", "timm", "safetensors")
+
+
+def source_hash(root: Path) -> str:
+    """Hash of every ``*.py`` file under ``root`` (paths and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def code_fingerprint() -> dict[str, str]:
+    """What every cache key includes besides its settings: pruneflow's source and the
+    installed versions of ``LIBRARIES``."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return {"pruneflow_source": source_hash(Path(__file__).resolve().parent), **versions}
+
 
 class StageCache:
     def __init__(self, root: str | Path, kind: str, key_material: dict[str, Any]) -> None:
+        key_material = {**key_material, "code": code_fingerprint()}
         self.key = stable_hash(key_material)
         self.dir = Path(root) / kind / self.key
         self.kind = kind

@@ -71,6 +71,40 @@ def test_finetune_is_cached_across_methods_and_sparsities(config, tmp_path, capl
     assert b["sparsity"]["measured"] == pytest.approx(0.9, abs=1e-4)
 
 
+def test_a_finetune_cached_by_other_code_is_not_reused(config, tmp_path, caplog, monkeypatch):
+    """The cache key holds the code: an entry made by an older pruneflow (or other library
+    versions) is computed again, not reused with the new code's settings."""
+    from pruneflow import cache
+
+    run(config("method=magnitude", "sparsity=0.5"), tmp_path / "a")
+    edited = {**cache.code_fingerprint(), "pruneflow_source": "0" * 16}
+    monkeypatch.setattr(cache, "code_fingerprint", lambda: edited)
+    caplog.set_level("INFO", logger="pruneflow")
+    run(config("method=magnitude", "sparsity=0.5"), tmp_path / "b")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("Reusing cached finetune" in m for m in messages)
+    assert any("Cached finetune" in m for m in messages)
+    entries = [d for d in (tmp_path / "cache" / "finetune").iterdir() if d.is_dir()]
+    codes = {json.loads((d / "key.json").read_text())["code"]["pruneflow_source"] for d in entries}
+    assert len(codes) == 2 and "0" * 16 in codes
+
+
+def test_source_hash_follows_every_python_file(tmp_path):
+    from pruneflow.cache import source_hash
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = source_hash(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert source_hash(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert source_hash(tmp_path) != first
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")  # same content, other place
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert source_hash(tmp_path) != first
+
+
 def test_dense_method_skips_the_prune_stage(config, tmp_path):
     r = run(config("method=dense", "stages.prune.steps=0"), tmp_path / "d")
     assert set(r["metrics"]) == {"finetune", "recover", "final"}
