@@ -26,8 +26,8 @@ log = logging.getLogger("pruneflow")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", "experiment")
 # Flags after which Hydra composes from elsewhere: the pre-check then leaves the errors to Hydra.
-FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")
-OTHER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun", "--config-dir", "-cd")
+OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -157,7 +157,8 @@ def precheck(argv: list[str]) -> str | None:
     a misspelt key, a wrong type or an unknown option is one clear paragraph."""
     if any(a.split("=")[0] in OTHER_CONFIG_FLAGS for a in argv):
         return None
-    from hydra import compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -182,6 +183,17 @@ def precheck(argv: list[str]) -> str | None:
             return f"Could not read the command line: '{o.input_line}' has no key. Overrides are key=value (e.g. sparsity=0.7, method=seven)."
     if any(o.key_or_group == "hydra.searchpath" for o in parsed):  # config groups from elsewhere: Hydra checks
         return None
+    # --config-dir DIR: the user's own configs (experiments, models) beside the shipped ones,
+    # composed here as Hydra will compose them; a missing folder is Hydra's error to report.
+    extra = [v for i, a in enumerate(argv) for v in ([argv[i + 1]] if a in ("--config-dir", "-cd") and i + 1 < len(argv) else
+                                                     [a.split("=", 1)[1]] if a.startswith("--config-dir=") else [])]
+    if any(not Path(d).is_dir() for d in extra):
+        return None
+    search = ["hydra.searchpath=[" + ",".join(f"'file://{Path(d).resolve()}'" for d in extra) + "]"] if extra else []
+
+    def compose(config_name: str, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> Any:  # noqa: ANN401
+        return hydra_compose(config_name=config_name, overrides=[*search, *overrides], **kw)
+
     plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     several = next((o for o in plain if o.is_sweep_override()), None)
     if several is not None and not multirun:
@@ -288,7 +300,9 @@ def _log_to_file(level: int, message: str) -> None:
 
 def _remove_if_only_hydra(run_dir: Path) -> None:
     """A run stopped by a wrong setting before any work: its folder holds only what Hydra
-    wrote when it started (.hydra/, the log); remove it."""
+    wrote when it started (.hydra/, the log); remove it, and the default layout's day
+    folder (``outputs/<YYYY-MM-DD>/``) when that leaves it empty."""
+    import re
     import shutil
 
     logging.shutdown()  # close pruneflow.log before removing it
@@ -296,6 +310,9 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
     try:
         if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= keep:
             shutil.rmtree(run_dir)
+            day = run_dir.parent
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day.name) and not any(day.iterdir()):
+                day.rmdir()
     except OSError:
         pass
 

@@ -176,6 +176,22 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
     assert not problems, "\n".join(problems)
 
 
+def test_a_refused_run_leaves_no_empty_folders_in_the_default_layout(tmp_path):
+    """outputs/<day>/<time>/ of a run refused for a setting is removed, and the day folder
+    too when nothing else is in it; another run's folder of the same day stays."""
+    import datetime
+
+    first = run_cli(["sparsity=1.5", "logger=none"], cwd=tmp_path)
+    assert first.returncode == 2 and "sparsity" in first.stderr
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or [p.name for p in outputs.iterdir()] == []
+    day = outputs / datetime.datetime.now().strftime("%Y-%m-%d")
+    (day / "00-00-00").mkdir(parents=True)
+    again = run_cli(["sparsity=1.5", "logger=none"], cwd=tmp_path)
+    assert again.returncode == 2
+    assert [p.name for p in day.iterdir()] == ["00-00-00"]
+
+
 # ----------------------------------------------------------------------------- no run lost or mixed up
 def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_path):
     from pruneflow.config import _dirname

@@ -87,3 +87,27 @@ def test_the_sweep_precheck_leaves_a_slurm_jobs_devices_to_its_node() -> None:
         assert "No CUDA device" in (precheck(["-m", "trainer.device=cuda", "sparsity=0.5,0.7"]) or "")
     assert precheck(["-m", "hydra/launcher=submitit_slurm", "trainer.device=cuda", "sparsity=0.5,0.7"]) is None
     assert "[0, 1)" in (precheck(["-m", "hydra/launcher=submitit_slurm", "trainer.device=cuda", "sparsity=0.5,1.7"]) or "")
+
+
+def test_a_sweep_with_its_own_config_dir_is_checked_before_any_job(tmp_path: Path) -> None:
+    """--config-dir: the user's experiments compose in the pre-check as in Hydra, so a
+    wrong value in any job stops the sweep before the first job starts."""
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+
+    register_configs()
+    conf = tiny_config_dir(tmp_path)
+    assert precheck(["--config-dir", str(conf), "-m", "experiment=pf_tiny", "sparsity=0.5,0.7"]) is None
+    assert precheck([f"--config-dir={conf}", "-m", "experiment=pf_tiny", "sparsity=0.5,0.7"]) is None
+    bad = precheck(["-cd", str(conf), "-m", "experiment=pf_tiny", "sparsity=0.5,1.5"])
+    assert bad is not None and "sparsity=1.5" in bad and "no job was started" in bad
+    # the user's experiment is composed: a key it sets cannot be misspelt on the command line either
+    typo = precheck(["--config-dir", str(conf), "-m", "experiment=pf_tiny", "task.max_train_sample=64", "seed=0,1"])
+    assert typo is not None and "task.max_train_sample" in typo
+
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", "experiment=pf_tiny", "method=magnitude", "sparsity=0.5,1.5", f"hydra.sweep.dir={sweep}",
+                   f"cache_dir={tmp_path / 'cache'}"], tmp_path, conf)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "sparsity=1.5" in out.stderr and "no job was started" in out.stderr
+    assert not sweep.exists()
