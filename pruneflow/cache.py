@@ -27,14 +27,18 @@ from pruneflow.utils import atomic_write_json, stable_hash
 log = logging.getLogger("pruneflow")
 
 #: libraries whose version can change a cached result (training, models, data loading)
-LIBRARIES = ("torch", "transformers", "datasets", "timm", "safetensors")
+LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "timm", "safetensors", "peft")
 
 
 def source_hash(root: Path) -> str:
-    """Hash of every ``*.py`` file under ``root`` (paths and contents)."""
+    """Hash of every ``*.py`` file under ``root`` (paths and contents). Hidden names are
+    left out: editors' lock links (``.#x.py``) and notebook checkpoints are no code."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -152,6 +152,26 @@ def sweep_variants(plain: list[Any]) -> tuple[list[str], list[list[str]]]:  # no
     return base, variants
 
 
+def _long_flag(arg: str, flag: str, shortest: int) -> bool:
+    """``arg`` (before any ``=``) is ``flag`` or an abbreviation of it argparse accepts."""
+    name = arg.split("=", 1)[0]
+    return len(name) >= shortest and flag.startswith(name)
+
+
+def config_dir_arg(argv: list[str]) -> str | None:
+    """The folder given with --config-dir / -cd (any form argparse reads: ``-cd DIR``,
+    ``-cd=DIR``, ``--config-dir=DIR``, ``--config-d DIR``); the last one, as Hydra takes it."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == "-cd" or (a.startswith("--") and "=" not in a and _long_flag(a, "--config-dir", len("--config-d"))):
+            found = argv[i + 1] if i + 1 < len(argv) else found
+        elif a.startswith("-cd="):
+            found = a[len("-cd="):]
+        elif a.startswith("--") and "=" in a and _long_flag(a, "--config-dir", len("--config-d")):
+            found = a.split("=", 1)[1]
+    return found
+
+
 def precheck(argv: list[str]) -> str | None:
     """Compose the configuration of every sweep value before Hydra runs anything, so that
     a misspelt key, a wrong type or an unknown option is one clear paragraph."""
@@ -165,7 +185,9 @@ def precheck(argv: list[str]) -> str | None:
     args: list[str] = []
     for i, a in enumerate(argv):
         # Hydra flags that take a value (--cfg job, -p model): the value is no override
-        if a.startswith("-") or (i > 0 and argv[i - 1] in FLAGS_WITH_VALUE):
+        prev = argv[i - 1] if i > 0 else ""
+        takes_value = prev in FLAGS_WITH_VALUE or (prev.startswith("--") and "=" not in prev and _long_flag(prev, "--config-dir", len("--config-d")))
+        if a.startswith("-") or takes_value:
             continue
         args.append(a)
     try:
@@ -185,11 +207,10 @@ def precheck(argv: list[str]) -> str | None:
         return None
     # --config-dir DIR: the user's own configs (experiments, models) beside the shipped ones,
     # composed here as Hydra will compose them; a missing folder is Hydra's error to report.
-    extra = [v for i, a in enumerate(argv) for v in ([argv[i + 1]] if a in ("--config-dir", "-cd") and i + 1 < len(argv) else
-                                                     [a.split("=", 1)[1]] if a.startswith("--config-dir=") else [])]
-    if any(not Path(d).is_dir() for d in extra):
-        return None
-    search = ["hydra.searchpath=[" + ",".join(f"'file://{Path(d).resolve()}'" for d in extra) + "]"] if extra else []
+    extra = config_dir_arg(argv)
+    if extra is not None and (not Path(extra).is_dir() or "'" in extra or "\\" in extra):
+        return None  # a missing folder, or a path this override cannot quote: Hydra reports or runs it
+    search = [f"hydra.searchpath=['file://{Path(extra).resolve()}']"] if extra is not None else []
 
     def compose(config_name: str, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> Any:  # noqa: ANN401
         return hydra_compose(config_name=config_name, overrides=[*search, *overrides], **kw)
@@ -275,7 +296,7 @@ def _app(cfg: DictConfig) -> float | None:
             _write_error(run_dir, str(e) + "\n")
             return None
         if getattr(e, "before_work", False):  # a setting was wrong: leave no half-written run folder
-            _remove_if_only_hydra(run_dir)
+            _remove_if_only_hydra(run_dir, default_layout=_default_run_dir(hc))
         sys.exit(2)
     except Exception:
         from pruneflow import distributed
@@ -298,11 +319,23 @@ def _log_to_file(level: int, message: str) -> None:
             handler.handle(record)
 
 
-def _remove_if_only_hydra(run_dir: Path) -> None:
+def _default_run_dir(hc: Any) -> bool:  # noqa: ANN401 - Hydra's config node
+    """Whether ``hydra.run.dir`` is conf/config.yaml's (``outputs/<day>/<time>``), unresolved."""
+    from omegaconf import OmegaConf
+
+    try:
+        raw = hc.run._get_node("dir")._value()
+        shipped = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra.run._get_node("dir")._value()
+    except Exception:  # noqa: BLE001 - any other shape: not the default layout
+        return False
+    return raw == shipped
+
+
+def _remove_if_only_hydra(run_dir: Path, default_layout: bool = False) -> None:
     """A run stopped by a wrong setting before any work: its folder holds only what Hydra
-    wrote when it started (.hydra/, the log); remove it, and the default layout's day
-    folder (``outputs/<YYYY-MM-DD>/``) when that leaves it empty."""
-    import re
+    wrote when it started (.hydra/, the log); remove it. In the default layout, also its
+    day folder (``outputs/<YYYY-MM-DD>/``) when that leaves it empty; a folder of the
+    user's own ``hydra.run.dir`` is never removed above the run's."""
     import shutil
 
     logging.shutdown()  # close pruneflow.log before removing it
@@ -311,7 +344,7 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
         if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= keep:
             shutil.rmtree(run_dir)
             day = run_dir.parent
-            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day.name) and not any(day.iterdir()):
+            if default_layout and not any(day.iterdir()):
                 day.rmdir()
     except OSError:
         pass

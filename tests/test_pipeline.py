@@ -100,8 +100,13 @@ def test_source_hash_follows_every_python_file(tmp_path):
     assert source_hash(tmp_path) == first
     (tmp_path / "sub" / "b.py").write_text("y = 3\n")
     assert source_hash(tmp_path) != first
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    # an editor's lock link to nowhere and a notebook checkpoint are not code: same hash, no error
+    (tmp_path / ".#a.py").symlink_to(tmp_path / "nowhere")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.py").write_text("x = 5\n")
+    assert source_hash(tmp_path) == first
     (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")  # same content, other place
-    (tmp_path / "b.py").write_text("y = 2\n")
     assert source_hash(tmp_path) != first
 
 

@@ -190,6 +190,11 @@ def test_a_refused_run_leaves_no_empty_folders_in_the_default_layout(tmp_path):
     again = run_cli(["sparsity=1.5", "logger=none"], cwd=tmp_path)
     assert again.returncode == 2
     assert [p.name for p in day.iterdir()] == ["00-00-00"]
+    # a date-named folder of the user's own hydra.run.dir is theirs: only the run's folder goes
+    (tmp_path / "mine" / "2024-01-01").mkdir(parents=True)
+    own = run_cli(["sparsity=1.5", "logger=none", "hydra.run.dir=mine/2024-01-01/run"], cwd=tmp_path)
+    assert own.returncode == 2
+    assert (tmp_path / "mine" / "2024-01-01").is_dir() and not (tmp_path / "mine" / "2024-01-01" / "run").exists()
 
 
 # ----------------------------------------------------------------------------- no run lost or mixed up

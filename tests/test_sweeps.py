@@ -99,8 +99,20 @@ def test_a_sweep_with_its_own_config_dir_is_checked_before_any_job(tmp_path: Pat
     conf = tiny_config_dir(tmp_path)
     assert precheck(["--config-dir", str(conf), "-m", "experiment=pf_tiny", "sparsity=0.5,0.7"]) is None
     assert precheck([f"--config-dir={conf}", "-m", "experiment=pf_tiny", "sparsity=0.5,0.7"]) is None
+    assert precheck([f"-cd={conf}", "-m", "experiment=pf_tiny", "sparsity=0.5,0.7"]) is None
+    assert precheck(["--config-d", str(conf), "-m", "experiment=pf_tiny", "sparsity=0.5,0.7"]) is None  # argparse's abbreviation
     bad = precheck(["-cd", str(conf), "-m", "experiment=pf_tiny", "sparsity=0.5,1.5"])
     assert bad is not None and "sparsity=1.5" in bad and "no job was started" in bad
+    # Hydra takes the last --config-dir only: so does the check
+    other = tmp_path / "other"
+    (other / "experiment").mkdir(parents=True)
+    (other / "experiment" / "pf_tiny.yaml").write_text("# @package _global_\nsparsity: 1.5\n")
+    assert precheck(["-cd", str(other), "-cd", str(conf), "-m", "experiment=pf_tiny", "seed=0,1"]) is None
+    assert "sparsity" in (precheck(["-cd", str(conf), "-cd", str(other), "-m", "experiment=pf_tiny", "seed=0,1"]) or "")
+    # a folder name the override cannot quote: left to Hydra (no crash)
+    quoted = tmp_path / "o'brien"
+    quoted.mkdir()
+    assert precheck(["-cd", str(quoted), "-m", "sparsity=0.5,0.7"]) is None
     # the user's experiment is composed: a key it sets cannot be misspelt on the command line either
     typo = precheck(["--config-dir", str(conf), "-m", "experiment=pf_tiny", "task.max_train_sample=64", "seed=0,1"])
     assert typo is not None and "task.max_train_sample" in typo
