@@ -36,9 +36,14 @@ def _report_error(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- Hydra's errors, explained
-def _options(group: str) -> list[str]:
-    root = Path(CONFIG_DIR) / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")) if root.is_dir() else []
+def _options(group: str, config_dir: str | None = None) -> list[str]:
+    """The options of a config group: the shipped ones and those of --config-dir's folder."""
+    found = set()
+    for base in (CONFIG_DIR, config_dir):
+        root = Path(base) / group if base is not None else None
+        if root is not None and root.is_dir():
+            found |= {str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")}
+    return sorted(found)
 
 
 def _closest(word: str, choices: list[str]) -> str:
@@ -55,15 +60,16 @@ def _keys_at(cfg: Any, path: str) -> list[str]:  # noqa: ANN401
     return [str(k) for k in node.keys()] if hasattr(node, "keys") else []
 
 
-def explain(error: Exception, overrides: list[str], default: Any) -> str:  # noqa: ANN401
-    """One paragraph for a Hydra composition error: the key, the value, what is allowed."""
+def explain(error: Exception, overrides: list[str], default: Any, config_dir: str | None = None) -> str:  # noqa: ANN401
+    """One paragraph for a Hydra composition error: the key, the value, what is allowed
+    (group options from ``config_dir`` too, the command's --config-dir)."""
     text = str(error)
     cause = error.__cause__ or error
     ctext = str(cause)
     m = re.search(r"Could not find '/?([^'/]+)/([^']+)'", text)
     if m:
         group, option = m.group(1), m.group(2)
-        allowed = _options(group)
+        allowed = _options(group, config_dir)
         return f"Invalid value for '{group}': {option!r}. Allowed: {', '.join(allowed)}.{_closest(option, allowed)}"
     m = re.search(r"An item is already at '([^']+)'", text)
     if m:
@@ -257,7 +263,7 @@ def precheck(argv: list[str]) -> str | None:
                         default = compose(config_name="config", overrides=choices)
                     except Exception:  # noqa: BLE001 - a bad group choice itself
                         default = compose(config_name="config")
-                    return explain(e, overrides, default)
+                    return explain(e, overrides, default, extra)
                 if adds:
                     from pruneflow.validation import unknown_key_problem
 

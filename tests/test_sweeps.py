@@ -109,6 +109,9 @@ def test_a_sweep_with_its_own_config_dir_is_checked_before_any_job(tmp_path: Pat
     (other / "experiment" / "pf_tiny.yaml").write_text("# @package _global_\nsparsity: 1.5\n")
     assert precheck(["-cd", str(other), "-cd", str(conf), "-m", "experiment=pf_tiny", "seed=0,1"]) is None
     assert "sparsity" in (precheck(["-cd", str(conf), "-cd", str(other), "-m", "experiment=pf_tiny", "seed=0,1"]) or "")
+    # a misspelt option of the user's own group is offered from their folder
+    typo_option = precheck(["-cd", str(conf), "-m", "experiment=pf_tinyy", "seed=0,1"]) or ""
+    assert "Closest: pf_tiny" in typo_option
     # a folder name the override cannot quote: left to Hydra (no crash)
     quoted = tmp_path / "o'brien"
     quoted.mkdir()
