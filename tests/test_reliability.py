@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT, SMALL, read_result, run_cli
 
@@ -336,6 +337,31 @@ def test_a_crafted_cifar_pickle_cannot_run_code(tmp_path):
     assert not marker.exists()
     pickle.loads(path.read_bytes())  # the same file, unrestricted, does run its code:
     assert marker.exists()  # so the check above is a real one
+
+
+def test_a_crafted_cifar_meta_file_cannot_run_code(tmp_path):
+    """The meta file (class names) is a pickle too: a task.path whose batch files are plain
+    but whose meta file is crafted is refused before the pickle runs anything."""
+    from task_data import write_cifar
+
+    from pruneflow.errors import UserError
+    from pruneflow.tasks.cifar import Cifar
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (shutil.copyfile, (__file__, str(marker)))
+
+    folder = write_cifar(tmp_path / "c10", 10, n_per_batch=4, n_test=6)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": Evil()}, protocol=2))
+    task = Cifar(OmegaConf.create({"name": "cifar10", "path": str(folder)}))
+    with pytest.raises(UserError, match="not a plain CIFAR batch file"):
+        task.load()
+    assert not marker.exists()
+    (folder / "batches.meta").write_bytes(pickle.dumps(3))  # plain, but no meta dict
+    with pytest.raises(UserError, match="not a CIFAR meta file"):
+        task.load()
 
 
 def test_offline_wandb_makes_no_network_request(tmp_path):

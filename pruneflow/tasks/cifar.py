@@ -114,8 +114,10 @@ class Cifar(TimmImageTask):
             folder = self._folder()
             meta = folder / LAYOUT[self.num_labels]["meta"]
             if meta.is_file():
-                with open(meta, "rb") as f:
-                    names = pickle.load(f, encoding="bytes").get(LAYOUT[self.num_labels]["names"], [])
+                info = load_batch(meta)  # a pickle too: the same restricted loader
+                if not isinstance(info, dict):
+                    raise UserError(f"task.path: {meta} is not a CIFAR meta file (a pickled dict of class names); it holds a {type(info).__name__}.")
+                names = info.get(LAYOUT[self.num_labels]["names"], [])
                 self.class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
             try:
                 return read_batches(folder, self.num_labels)
