@@ -52,13 +52,17 @@ def load_model(path: str | Path) -> nn.Module:
     else:
         from transformers import (
             AutoConfig,
+            AutoModelForCausalLM,
             AutoModelForQuestionAnswering,
             AutoModelForSequenceClassification,
         )
 
         hf_config = AutoConfig.from_pretrained(path)
         archs = hf_config.architectures or []
-        auto = AutoModelForQuestionAnswering if any("QuestionAnswering" in a for a in archs) else AutoModelForSequenceClassification
+        # the head the run trained, as config.json names it (causal LMs: task=lm/...)
+        auto = (AutoModelForQuestionAnswering if any("QuestionAnswering" in a for a in archs)
+                else AutoModelForCausalLM if any("CausalLM" in a for a in archs)
+                else AutoModelForSequenceClassification)
         if not extra:
             return auto.from_pretrained(path)
         model = auto.from_config(hf_config)

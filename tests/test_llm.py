@@ -270,6 +270,12 @@ def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: s
     assert r["calibration"]["nsamples"] == 8 and r["calibration"]["seqlen"] == 128
     assert r["evaluation"]["windows"] >= 1 and r["evaluation"]["seqlen"] == 128
     assert r["memory"]["peak_cpu_rss_bytes"] > 0 and r["time_s"]["prune"] > 0
+    if method == "wanda" and pattern is None:  # the saved folder loads back as the causal LM it is
+        import pruneflow
+
+        loaded = pruneflow.load_model(tmp_path / "run" / "model")
+        assert type(loaded).__name__ == "LlamaForCausalLM"
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()) and len(loaded.state_dict()) == len(state)
 
 
 def test_blockwise_gives_the_masks_of_the_whole_model_reference(tmp_path: Path, lm_text: Path) -> None:
