@@ -498,15 +498,18 @@ class Run:
         return self.optim.state_dict() if self.optim is not None else None
 
     def checkpoint_fn(self, stage: str):  # noqa: ANN201
-        def save(step: int, trainer_state: dict[str, Any]) -> None:
+        def save(step: int, trainer_state: dict[str, Any]) -> bool:
+            """Writes the checkpoint; for a diverged state, returns whether a last.pt to
+            resume from exists (the message says where a re-run starts)."""
             if trainer_state.get("diverged"):  # keep last.pt (the state to resume from) untouched
                 path, self.ckpt_path = self.ckpt_path, self.ckpt_dir / "diverged.pt"
                 try:
                     self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state)
                 finally:
                     self.ckpt_path = path
-                return
+                return path.exists()
             self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state)
+            return True
 
         return save
 

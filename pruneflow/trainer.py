@@ -346,9 +346,10 @@ class Trainer:
             distributed.average_gradients(sync_params)
             loss_value = distributed.mean_scalar(loss_value, self.device)
             if not math.isfinite(loss_value):
+                resumable = False
                 if checkpoint is not None:  # for inspection; the last good checkpoint stays the one to resume from
-                    checkpoint(step, {**self.state(optim, step), "diverged": True})
-                raise TrainingDiverged(self._diverged_message(loss_value, step, stage, lr, max_norm))
+                    resumable = bool(checkpoint(step, {**self.state(optim, step), "diverged": True}))
+                raise TrainingDiverged(self._diverged_message(loss_value, step, stage, lr, max_norm, resumable))
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
             # fp16: an overflow step is skipped by the scaler; no method may score its gradients.
@@ -394,7 +395,7 @@ class Trainer:
         bar.close()
         return {"time_s": time.perf_counter() - t0}
 
-    def _diverged_message(self, loss_value: float, step: int, stage: StageSpec, lr: float, max_norm: float) -> str:
+    def _diverged_message(self, loss_value: float, step: int, stage: StageSpec, lr: float, max_norm: float, resumable: bool) -> str:
         hints = [f"lower stages.{stage.name}.lr (now {stage.lr:g})"]
         if max_norm <= 0:
             hints.append("enable gradient clipping (trainer.max_grad_norm=1.0)")
@@ -402,12 +403,16 @@ class Trainer:
             hints.append(f"clip harder (trainer.max_grad_norm is {max_norm:g})")
         if self.autocast_dtype is not None:
             hints.append("use trainer.precision=32")
+        if resumable:
+            kept = "; checkpoints/last.pt, the last checkpoint before it, is kept"
+            again = "it resumes from the last checkpoint with the new settings (the learning rate of the command line, not the saved one)"
+        else:
+            kept = " (no checkpoint had been written before it: trainer.checkpoint_every sets how often)"
+            again = "it starts the run again with the new settings"
         return (
             f"The training loss became {loss_value} at step {step} of the {stage.name} stage (learning rate "
-            f"{lr:.3g} at that step). The diverged state is saved as checkpoints/diverged.pt; checkpoints/last.pt, "
-            f"the last checkpoint before it, is kept. To go on: " + ", or ".join(hints)
-            + ", and run the command again with allow_config_change=true: it resumes from the last checkpoint with "
-            "the new settings (the learning rate of the command line, not the saved one)."
+            f"{lr:.3g} at that step). The diverged state is saved as checkpoints/diverged.pt{kept}. To go on: "
+            + ", or ".join(hints) + f", and run the command again with allow_config_change=true: {again}."
         )
 
     def state(self, optim: Optim, step: int) -> dict[str, Any]:

@@ -132,10 +132,17 @@ def test_finished_run_is_not_run_again(config, tmp_path, caplog):
 def test_nan_loss_stops_with_a_clear_error_and_saved_state(config, tmp_path):
     from pruneflow.errors import TrainingDiverged
 
-    with pytest.raises(TrainingDiverged, match="stages.finetune.lr"):
+    with pytest.raises(TrainingDiverged, match="stages.finetune.lr") as first:
         run(config("stages.finetune.lr=1e30", "trainer.max_grad_norm=0", "cache=false"), tmp_path / "nan")
     assert (tmp_path / "nan" / "checkpoints" / "diverged.pt").exists()  # last.pt, if any, stays the state to resume from
     assert not (tmp_path / "nan" / "result.json").exists()
+    # at the first step there is no last.pt: the message says the re-run starts over, not that one is kept
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+    assert "no checkpoint had been written" in str(first.value) and "last.pt" not in str(first.value)
+    with pytest.raises(TrainingDiverged, match="stages.prune.lr") as later:  # after the finetune stage's checkpoint
+        run(config("method=magnitude", "stages.prune.lr=1e30", "trainer.max_grad_norm=0", "cache=false"), tmp_path / "nan2")
+    assert (tmp_path / "nan2" / "checkpoints" / "last.pt").exists()
+    assert "checkpoints/last.pt, the last checkpoint before it, is kept" in str(later.value)
 
 
 def test_torch_threads_applies_to_the_run_only(config, tmp_path):
