@@ -274,7 +274,7 @@ def precheck(argv: list[str]) -> str | None:
                     from pruneflow.runner import check_settings
 
                     try:
-                        check_settings(cfg, here)
+                        check_settings(cfg, here, overrides)
                     except UserError as e:
                         return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {e}"
     finally:

@@ -151,7 +151,7 @@ class Run:
             raise invalid("method", cfg.method.name, sorted(n for n in METHODS if not getattr(get_method_class(n), "one_shot", False)),
                           f"method={cfg.method.name} prunes a causal LM one shot from calibration data: use it with a causal-LM "
                           f"task (task=lm/wikitext2 or lm/c4) and model (e.g. model=tiny_llama), not task={cfg.task.name}.")
-        explicit = explicit_settings(cfg)  # composes the groups' defaults once for both checks
+        explicit = explicit_settings(cfg, self.overrides)  # composes the groups' defaults once for both checks
         check_unused(cfg, [("calibration", "calibration data is for one-shot causal-LM pruning (task=lm/...)"),
                            ("allocation", "per-block sparsity allocation is for one-shot causal-LM pruning (task=lm/...)"),
                            ("recovery", "recovery=full|lora is for one-shot causal-LM pruning (task=lm/...); here the "
@@ -687,13 +687,13 @@ def begin(run: Run | LLMRun) -> None:
     seed_everything(int(run.cfg.seed))
 
 
-def check_settings(cfg: DictConfig, here: bool = True) -> None:
+def check_settings(cfg: DictConfig, here: bool = True, overrides: list[str] | None = None) -> None:
     """The checks of one run that need no data (the CLI runs them for each job of a sweep
-    before the first starts; ``here=False`` for jobs that start on other machines).
-    Raises ``UserError``."""
+    before the first starts; ``here=False`` for jobs that start on other machines;
+    ``overrides``: the job's command line). Raises ``UserError``."""
     from pruneflow.llm.runner import LLMRun, is_lm_task
 
-    (LLMRun if is_lm_task(cfg) else Run)(cfg, Path(".")).check_settings(here)
+    (LLMRun if is_lm_task(cfg) else Run)(cfg, Path("."), overrides).check_settings(here)
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

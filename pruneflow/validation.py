@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig
@@ -220,9 +221,34 @@ def unknown_key_problem(cfg: DictConfig) -> str | None:
     return None if default is None else _unknown_key_problem(_flatten(cfg), _flatten(default))
 
 
-def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
+# Config groups whose choice is no setting a run could ignore (every run uses a model, a task, ...)
+NOT_SETTINGS = ("model", "task", "method", "logger", "stages", "trainer", "experiment", "published")
+
+
+def typed_settings(mine: dict[str, Any], typed: Sequence[str]) -> dict[str, Any]:
+    """The dotted keys (with the run's values) that the command line names, even at their
+    default value: ``schedule=cubic`` for a method without a schedule is a setting the
+    run would ignore as much as ``schedule=linear`` is. A whole section (``distill={...}``)
+    names every key under it; choices of the model/task/method/logger groups are no setting.
+    A value that switches off (null, false, 0) is left out: typed at its default it undoes
+    an experiment's value (``method.lengthen_to_fit=false``), which must stay possible."""
+    out: dict[str, Any] = {}
+    for line in typed:
+        if line.startswith("~") or "=" not in line:
+            continue
+        key = line.lstrip("+").split("=", 1)[0].strip()
+        if key.startswith("hydra") or key in NOT_SETTINGS:
+            continue
+        if key in SETTING_GROUPS + CHOICE_SETTINGS:
+            key = f"{key}.name"
+        out.update({k: v for k, v in mine.items() if (k == key or k.startswith(key + ".")) and v is not None and v is not False and v != 0})
+    return out
+
+
+def explicit_settings(cfg: DictConfig, typed: Sequence[str] = ()) -> dict[str, Any]:
     """Dotted keys (and values) that the command line or an experiment set to something
-    other than the chosen groups' defaults. A key no group defines is an error."""
+    other than the chosen groups' defaults, and those the command line (``typed``, its
+    overrides) names at their default value. A key no group defines is an error."""
     default = group_defaults(cfg)
     if default is None:
         return {}
@@ -236,16 +262,17 @@ def explicit_settings(cfg: DictConfig) -> dict[str, Any]:
         name = mine.get(f"{g}.name")
         if name is not None and default_choices().get(g) not in (None, name):
             explicit[f"{g}.name"] = name
-    return explicit
+    return {**typed_settings(mine, typed), **explicit}
 
 
-def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None) -> None:
+def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None, typed: Sequence[str] = ()) -> None:
     """A setting the run would ignore is an error (unless set to null or 0: "not used").
-    ``explicit``: ``explicit_settings(cfg)`` if the caller has it (one composition, ~0.5 s)."""
+    ``explicit``: ``explicit_settings(cfg, typed)`` if the caller has it (one composition,
+    ~0.5 s); ``typed``: the command line's overrides, when it has not."""
     if not unused:
         return
     if explicit is None:
-        explicit = explicit_settings(cfg)
+        explicit = explicit_settings(cfg, typed)
     for prefix, why in unused:
         for key, value in explicit.items():
             unset = value is None or (not isinstance(value, bool) and value == 0)

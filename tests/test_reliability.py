@@ -140,7 +140,12 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["task=lm/wikitext2", "model=opt_125m", "method=wanda", "recovery=full"], "model.dtype", "bfloat16 or float32"),
     # a sweep: every job checked before the first starts (only the product has spp with linear)
     (["-m", "sparsity=0.5,1.5"], "sparsity=1.5", "[0, 1)"),
-    (["-m", "schedule=cubic,linear", "method=magnitude,spp"], "schedule=linear method=spp", "no sparsity schedule"),
+    (["-m", "schedule=cubic,linear", "method=magnitude,spp"], "schedule=cubic method=spp", "no sparsity schedule"),
+    # typed at its default value, an unused setting is still one the run would ignore
+    (["method=spp", "schedule=cubic"], "'schedule=cubic' would be ignored", "no sparsity schedule"),
+    (["method=dense", "stages.prune.epochs=4"], "'stages.prune.epochs=4", "Remove it"),
+    (["logger=none", "logger.mode=offline"], "'logger.mode=offline' would be ignored", "logger=wandb uses logger.*"),
+    (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
 ]
 

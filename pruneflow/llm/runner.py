@@ -97,7 +97,7 @@ class LLMRun:
         if not self.gradient:
             unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
                                                      "(calibration.batch_size is the batch of the gradient-scored methods)"))
-        check_unused(cfg, unused + self.method.unused_settings(cfg) + switched_off(cfg))
+        check_unused(cfg, unused + self.method.unused_settings(cfg) + switched_off(cfg), typed=self.overrides)
         calibration.check_config(cfg.calibration)
         self.offload = check_bool(cfg.model.get("offload", False), "model.offload")
         self.blockwise = check_bool(cfg.calibration.get("blockwise", True), "calibration.blockwise")
