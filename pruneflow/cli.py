@@ -26,7 +26,7 @@ log = logging.getLogger("pruneflow")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", "experiment")
 # Flags after which Hydra composes from elsewhere: the pre-check then leaves the errors to Hydra.
-FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun", "--config-dir", "-cd")
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")  # and --config-dir: _is_config_dir_flag
 OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -158,10 +158,9 @@ def sweep_variants(plain: list[Any]) -> tuple[list[str], list[list[str]]]:  # no
     return base, variants
 
 
-def _long_flag(arg: str, flag: str, shortest: int) -> bool:
-    """``arg`` (before any ``=``) is ``flag`` or an abbreviation of it argparse accepts."""
-    name = arg.split("=", 1)[0]
-    return len(name) >= shortest and flag.startswith(name)
+def _is_config_dir_flag(name: str) -> bool:
+    """``-cd``, ``--config-dir`` or an abbreviation of it that argparse accepts (``--config-d``)."""
+    return name == "-cd" or (len(name) >= len("--config-d") and "--config-dir".startswith(name))
 
 
 def config_dir_arg(argv: list[str]) -> str | None:
@@ -169,12 +168,9 @@ def config_dir_arg(argv: list[str]) -> str | None:
     ``-cd=DIR``, ``--config-dir=DIR``, ``--config-d DIR``); the last one, as Hydra takes it."""
     found = None
     for i, a in enumerate(argv):
-        if a == "-cd" or (a.startswith("--") and "=" not in a and _long_flag(a, "--config-dir", len("--config-d"))):
-            found = argv[i + 1] if i + 1 < len(argv) else found
-        elif a.startswith("-cd="):
-            found = a[len("-cd="):]
-        elif a.startswith("--") and "=" in a and _long_flag(a, "--config-dir", len("--config-d")):
-            found = a.split("=", 1)[1]
+        name, eq, value = a.partition("=")
+        if _is_config_dir_flag(name):
+            found = value if eq else argv[i + 1] if i + 1 < len(argv) else found
     return found
 
 
@@ -192,8 +188,7 @@ def precheck(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         # Hydra flags that take a value (--cfg job, -p model): the value is no override
         prev = argv[i - 1] if i > 0 else ""
-        takes_value = prev in FLAGS_WITH_VALUE or (prev.startswith("--") and "=" not in prev and _long_flag(prev, "--config-dir", len("--config-d")))
-        if a.startswith("-") or takes_value:
+        if a.startswith("-") or prev in FLAGS_WITH_VALUE or _is_config_dir_flag(prev):
             continue
         args.append(a)
     try:

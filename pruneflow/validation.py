@@ -122,6 +122,14 @@ CHOICE_SETTINGS = ("schedule",)
 
 
 @functools.cache
+def config_groups() -> frozenset[str]:
+    """The config groups of conf/ (model, task, method, ...)."""
+    from pruneflow.cli import CONFIG_DIR
+
+    return frozenset(e.name for e in os.scandir(CONFIG_DIR) if e.is_dir())
+
+
+@functools.cache
 def default_choices() -> dict[str, str]:
     """The option each group of conf/config.yaml's defaults list picks (model: tiny_vit, ...)."""
     from omegaconf import OmegaConf
@@ -221,10 +229,6 @@ def unknown_key_problem(cfg: DictConfig) -> str | None:
     return None if default is None else _unknown_key_problem(_flatten(cfg), _flatten(default))
 
 
-# Config groups whose choice is no setting a run could ignore (every run uses a model, a task, ...)
-NOT_SETTINGS = ("model", "task", "method", "logger", "stages", "trainer", "experiment", "published")
-
-
 def typed_settings(mine: dict[str, Any], typed: Sequence[str]) -> dict[str, Any]:
     """The dotted keys (with the run's values) that the command line names, even at their
     default value: ``schedule=cubic`` for a method without a schedule is a setting the
@@ -237,10 +241,10 @@ def typed_settings(mine: dict[str, Any], typed: Sequence[str]) -> dict[str, Any]
         if line.startswith("~") or "=" not in line:
             continue
         key = line.lstrip("+").split("=", 1)[0].strip()
-        if key.startswith("hydra") or key in NOT_SETTINGS:
-            continue
         if key in SETTING_GROUPS + CHOICE_SETTINGS:
             key = f"{key}.name"
+        elif key.startswith("hydra") or key in config_groups():  # every run has a model, a task, ...: no setting
+            continue
         out.update({k: v for k, v in mine.items() if (k == key or k.startswith(key + ".")) and v is not None and v is not False and v != 0})
     return out
 
