@@ -155,17 +155,17 @@ class Run:
         check_unused(cfg, [("calibration", "calibration data is for one-shot causal-LM pruning (task=lm/...)"),
                            ("allocation", "per-block sparsity allocation is for one-shot causal-LM pruning (task=lm/...)"),
                            ("recovery", "recovery=full|lora is for one-shot causal-LM pruning (task=lm/...); here the "
-                            "recover stage (stages.recover) fine-tunes the pruned model"), *switched_off(cfg)], explicit)
+                            "recover stage (stages.recover) fine-tunes the pruned model"), *switched_off(cfg)], explicit, self.overrides)
         self.sparsity = self.method_cls.resolve_sparsity(cfg.method, cfg.get("sparsity"))
         self.method = self.method_cls(cfg.method, self.sparsity)
-        check_unused(cfg, self.method.unused_settings(cfg), explicit)
+        check_unused(cfg, self.method.unused_settings(cfg), explicit, self.overrides)
         distill.validate(cfg)
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
         self.prune_updates_weights = self._prune_updates_weights(cfg)
         if self.method.prunes and not self.prune_updates_weights and not self.method_cls.trains_without_weight_updates:
             check_unused(cfg, [("stages.prune.lr", f"the prune stage of method={cfg.method.name} makes no weight updates "
-                                                   "(stages.prune.update_weights=false or the method's own rule)")], explicit)
+                                                   "(stages.prune.update_weights=false or the method's own rule)")], explicit, self.overrides)
         path = cfg.task.get("path")
         if path is not None and not Path(str(path)).exists():
             raise UserError(

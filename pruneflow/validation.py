@@ -269,14 +269,26 @@ def explicit_settings(cfg: DictConfig, typed: Sequence[str] = ()) -> dict[str, A
     return {**typed_settings(mine, typed), **explicit}
 
 
+def typed_text(typed: Sequence[str]) -> dict[str, str]:
+    """Each ``key=value`` of the command line as typed (``stages.prune.epochs=4``, which
+    the float-typed config holds as 4.0): messages quote the user's own words."""
+    out = {}
+    for line in typed:
+        if "=" in line and not line.startswith("~"):
+            key, value = line.lstrip("+").split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
 def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None, typed: Sequence[str] = ()) -> None:
     """A setting the run would ignore is an error (unless set to null or 0: "not used").
     ``explicit``: ``explicit_settings(cfg, typed)`` if the caller has it (one composition,
-    ~0.5 s); ``typed``: the command line's overrides, when it has not."""
+    ~0.5 s); ``typed``: the command line's overrides (to compute it, and to quote them)."""
     if not unused:
         return
     if explicit is None:
         explicit = explicit_settings(cfg, typed)
+    as_typed = typed_text(typed)
     for prefix, why in unused:
         for key, value in explicit.items():
             unset = value is None or (not isinstance(value, bool) and value == 0)
@@ -284,7 +296,7 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
                 group = key.removesuffix(".name")
                 if key.endswith(".name") and group in SETTING_GROUPS + CHOICE_SETTINGS:  # a group's option was chosen
                     key = group
-                shown = str(value).lower() if isinstance(value, bool) else value
+                shown = as_typed.get(key, str(value).lower() if isinstance(value, bool) else value)
                 raise UserError(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.")
 
 

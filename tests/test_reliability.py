@@ -143,7 +143,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["-m", "schedule=cubic,linear", "method=magnitude,spp"], "schedule=cubic method=spp", "no sparsity schedule"),
     # typed at its default value, an unused setting is still one the run would ignore
     (["method=spp", "schedule=cubic"], "'schedule=cubic' would be ignored", "no sparsity schedule"),
-    (["method=dense", "stages.prune.epochs=4"], "'stages.prune.epochs=4", "Remove it"),
+    (["method=dense", "stages.prune.epochs=4"], "'stages.prune.epochs=4' would be ignored", "Remove it"),  # as typed, not 4.0
     (["logger=none", "logger.mode=offline"], "'logger.mode=offline' would be ignored", "logger=wandb uses logger.*"),
     (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
