@@ -11,9 +11,13 @@ head). The script
 2. times dense and compressed forward passes side by side (interleaved,
    warm-up, medians) and prints ``ratio=<dense ms / compressed ms>``, with a
    BERT shrunk by hand to half its heads (whole heads) and half its FFN neurons
-   timed beside them (``hand_shrunk_ratio``, ``compressed_vs_hand_shrunk``).
+   timed beside them (``hand_shrunk_ratio``, ``compressed_vs_hand_shrunk``),
+3. counts each model's FLOPs (its Linear layers, counted by
+   ``torch.utils.flop_counter``, plus the two attention products) and prints the
+   rate each ran at beside a plain 1024 x 1024 float32 matmul's timed in the same run:
+   a speed-up above the FLOP ratio needs the smaller model to run at a higher rate.
 
-Target: ratio >= 1.8 on a 2-core CPU.
+Target: ratio >= 1.8 on a 2-core CPU (DESIGN.md; the speed issue asks 2.4).
 
     python scripts/bench_speed.py [--repeats 10] [--threads N] [--batch 8] [--seq 128]
 """
@@ -24,6 +28,7 @@ import argparse
 import copy
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForSequenceClassification
 
 from pruneflow import allocator
@@ -63,6 +68,20 @@ def hand_shrunk(model: BertForSequenceClassification, keep: float) -> BertForSeq
         slice_linear(pb.fc2, cols=ffn)
         pb.block.attention.self = CompressedBertSelfAttention(pb.attn, pb.qk_dim, pb.v_dim, pb.scale)
     return model
+
+
+@torch.no_grad()
+def forward_flops(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """FLOPs of one forward: the matmuls of its Linear layers as torch's FLOP counter
+    counts them, plus q·k^T and attention·v (2·s²·width each per sequence; counted here
+    because the counter has no formula for every CPU attention kernel)."""
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, attention_mask=mask)
+    linear = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) in ("aten.addmm", "aten.mm"))
+    b, s = ids.shape
+    attn = sum(2 * b * s * s * (m.query.out_features + m.value.out_features) for m in model.modules()
+               if isinstance(getattr(m, "query", None), torch.nn.Linear) and isinstance(getattr(m, "value", None), torch.nn.Linear))
+    return float(linear + attn)
 
 
 def main() -> None:
@@ -124,6 +143,8 @@ def main() -> None:
     dense, compressed = dense.to(device=device, dtype=dtype), compressed.to(device=device, dtype=dtype)
     hand = hand.to(device=device, dtype=dtype)
     ids, mask = ids.to(device), mask.to(device)
+    flops = {name: forward_flops(m, ids, mask) for name, m in (("dense", dense), ("compressed", compressed), ("hand_shrunk", hand))}
+    a, b = torch.randn(1024, 1024, device=device, dtype=dtype), torch.randn(1024, 1024, device=device, dtype=dtype)
     with torch.inference_mode():
         times = time_forward(
             {
@@ -134,6 +155,7 @@ def main() -> None:
             repeats=args.repeats,
             warmup=args.warmup,
         )
+        matmul_ms = time_forward({"mm": lambda: [a @ b for _ in range(20)]}, repeats=args.repeats, warmup=1, device=device)["mm"] / 20
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(
         f"device={where} dtype={args.dtype} batch={args.batch}x{args.seq} attn={dense.config._attn_implementation} "
@@ -141,6 +163,11 @@ def main() -> None:
     )
     print(f"ratio={times['dense'] / times['compressed']:.3f} hand_shrunk_ratio={times['dense'] / times['hand_shrunk']:.3f} "
           f"compressed_vs_hand_shrunk={times['hand_shrunk'] / times['compressed']:.3f}")
+    rate = {k: flops[k] / times[k] / 1e6 for k in flops}  # GFLOP/s
+    print(f"gflop: dense={flops['dense'] / 1e9:.1f} compressed={flops['compressed'] / 1e9:.1f} hand_shrunk={flops['hand_shrunk'] / 1e9:.1f} "
+          f"flop_ratio={flops['dense'] / flops['compressed']:.3f}")
+    print(f"gflop_per_s: dense={rate['dense']:.1f} compressed={rate['compressed']:.1f} hand_shrunk={rate['hand_shrunk']:.1f} "
+          f"matmul_1024={2 * 1024**3 / matmul_ms / 1e6:.1f}")
     if not ok:
         raise SystemExit(1)
 

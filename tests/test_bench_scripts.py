@@ -46,6 +46,27 @@ def test_bench_speed_checks_the_compressed_model_against_the_masked_one() -> Non
     out = run_script("bench_speed.py")
     assert "-> equal" in out
     assert re.search(r"^ratio=[\d.]+ hand_shrunk_ratio=[\d.]+ compressed_vs_hand_shrunk=[\d.]+$", out, re.M), out
+    assert re.search(r"^gflop_per_s: dense=[\d.]+ compressed=[\d.]+ hand_shrunk=[\d.]+ matmul_1024=[\d.]+$", out, re.M), out
+
+
+def test_bench_speed_counts_flops_as_by_hand() -> None:
+    """The FLOPs that bench_speed divides its times by, for a small BERT counted by hand."""
+    import importlib.util
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPTS / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    h, inter, layers, b, s = 32, 64, 2, 3, 5
+    model = BertForSequenceClassification(BertConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                                                     num_attention_heads=4, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (b, s))
+    per_token = layers * (4 * h * h + 2 * h * inter)  # q, k, v, o; fc1, fc2 (multiply-adds)
+    attention = layers * 2 * b * s * s * (h + h)  # q k^T and attention v, all heads
+    head = b * (h * h + h * 2)  # pooler and classifier, on the first token only
+    assert bench.forward_flops(model, ids, torch.ones_like(ids)) == 2 * b * s * per_token + attention + 2 * head
 
 
 def test_bench_semi_structured_reports_no_gpu_instead_of_failing() -> None:
@@ -96,4 +117,5 @@ def test_bench_gpu_sh_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path: Path)
     assert methods == ["seven", "platon", "movement", "magnitude", "random", "seven"], out
     assert "model_compile=True" in out and "precision=bf16" in out
     assert re.search(r"^ratio=[\d.]+ hand_shrunk_ratio=[\d.]+ compressed_vs_hand_shrunk=[\d.]+$", out, re.M), out
+    assert re.search(r"^gflop_per_s: dense=[\d.]+ compressed=[\d.]+ hand_shrunk=[\d.]+ matmul_1024=[\d.]+$", out, re.M), out
     assert re.search(r"^semi_structured=unavailable ", out, re.M), out
