@@ -198,7 +198,7 @@ def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # no
         fig.suptitle(f"{figure}: published (dashed) vs pruneflow (points, mean ± std)", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"figure_{slug(figure)}.png"
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")  # holds the suptitle, which tight_layout left clipped on one panel
         plt.close(fig)
         paths.append(path)
     return paths

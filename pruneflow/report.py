@@ -19,6 +19,7 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,9 @@ from pruneflow.published import (
 )
 from pruneflow.results import load_results
 
-# Overrides that are the row's own columns, name where data lives, or do not change what a run computes.
-NOT_A_SETTING = {"method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", "task.path", "model.path", *RESUME_FREE}
+# Overrides that are the row's own columns or do not change what a run computes. (model.path
+# and task.path are settings: runs from other weights or other data are another configuration.)
+NOT_A_SETTING = {"method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", *RESUME_FREE}
 NOT_A_SETTING_PREFIXES = ("hydra.", "hydra/", "logger.", "speed.")
 # |measured - target| above this marks a run that did not reach its target sparsity.
 SPARSITY_TOLERANCE = 0.005
@@ -71,6 +73,9 @@ class Row:
     settings: str
     pattern: str | None = None  # N:M of a semi-structured run (config.method.pattern); None: unstructured
     runs: list[dict[str, Any]] = field(default_factory=list)
+    # earlier runs of a seed that ``runs`` already has (a sweep launched twice): one seed is
+    # one sample, so they are listed, not averaged in
+    repeats: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple:
@@ -86,15 +91,7 @@ class Row:
         return sorted({int(r.get("seed", 0)) for r in self.runs})
 
     def values(self, getter) -> list[float]:  # noqa: ANN001
-        out = []
-        for r in self.runs:
-            try:
-                v = getter(r)
-            except (KeyError, TypeError):
-                continue
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out.append(float(v))
-        return out
+        return [v for v in (finite_value(r, getter) for r in self.runs) if v is not None]
 
     def metric_names(self) -> list[str]:
         names: list[str] = [self.main_metric]
@@ -109,6 +106,15 @@ class Row:
 
     def experiment_info(self) -> dict[str, Any] | None:
         return (self.runs[0].get("config") or {}).get("experiment_info")
+
+
+def finite_value(run: dict[str, Any], getter) -> float | None:  # noqa: ANN001
+    """``getter(run)`` if it is a finite number, else None (missing, null, NaN)."""
+    try:
+        v = getter(run)
+    except (KeyError, TypeError):
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -130,13 +136,43 @@ def _override_items(overrides: list[str]) -> list[tuple[str, str]]:
     return items
 
 
+def _config_value(config: dict[str, Any], key: str) -> Any:  # noqa: ANN401
+    """The resolved config's value at a dotted key (KeyError if there is none)."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def _canonical(value: Any) -> str | None:  # noqa: ANN401
+    """One spelling per value (``true``/``True``, ``1e-3``/``0.001``); None for a section."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, list):
+        return json.dumps(value, separators=(",", ":"))
+    return None
+
+
 def settings_of(result: dict[str, Any]) -> str:
-    """Overrides that distinguish configurations beyond the row's named columns."""
+    """Overrides that distinguish configurations beyond the row's named columns, each
+    with the value the run resolved (a single run keeps ``true`` as typed, a sweep's job
+    ``True``: one configuration)."""
     keep = []
+    config = result.get("config") or {}
     for key, value in _override_items(result.get("overrides", [])):
         if key in NOT_A_SETTING or key.startswith(NOT_A_SETTING_PREFIXES):
             continue
-        keep.append(f"{key}={value.replace(chr(92) + ':', ':')}")  # Hydra's sweep escapes ':' (2\:4)
+        try:
+            resolved = _canonical(_config_value(config, key))
+        except KeyError:  # a group's option (schedule=linear) or an older result without its config
+            resolved = None
+        keep.append(f"{key}={resolved if resolved is not None else value.replace(chr(92) + ':', ':')}")  # Hydra's sweep escapes ':' (2\:4)
     return " ".join(sorted(keep))
 
 
@@ -185,6 +221,14 @@ def group_results(results: list[dict[str, Any]]) -> list[Row]:
         if ident not in rows:
             rows[ident] = Row(*ident)
         rows[ident].runs.append(r)
+    for row in rows.values():  # the latest run of each seed
+        latest: dict[int, dict[str, Any]] = {}
+        for r in sorted(row.runs, key=lambda r: r.get("_mtime", 0.0)):
+            seed = int(r.get("seed", 0))
+            if seed in latest:
+                row.repeats.append(latest[seed])
+            latest[seed] = r
+        row.runs = [r for r in row.runs if latest.get(int(r.get("seed", 0))) is r]
     return sorted(rows.values(), key=lambda row: row.key)
 
 
@@ -401,7 +445,8 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
     out += overall_section(rows, sources)
     entries = ledger_entries(rows)
     out += ledger_markdown(entries, sources.ref)
-    out += [f"![{p.stem}]({p.name})" for p in figures or []]
+    for p in figures or []:  # a blank line first: a line right after a table is read as one more row
+        out += ["", f"![{p.stem}]({p.name})"]
     experiments: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r.experiment and r.experiment_info():
@@ -417,11 +462,28 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
                 line += f". Note: {info['note']}"
             out.append(line)
         out += deviations_section(experiments)
+    repeats = [(row, r) for row in rows for r in row.repeats]
+    if repeats:
+        out += ["", "## Repeated runs (not in the table)", "",
+                "Earlier runs of a configuration and seed that a later run repeats: one seed counts once, "
+                "so the table uses the latest run of each seed.", "",
+                "| job | overrides | repeated by |", "|---|---|---|"]
+        for row, r in repeats:
+            later = next(x for x in row.runs if int(x.get("seed", 0)) == int(r.get("seed", 0)))
+            out.append(f"| `{_rel(r, root)}` | {_md_escape(' '.join(r.get('overrides') or [])) or '–'} | `{_rel(later, root)}` |")
     for title, jobs in (("Failed runs (not in the table)", failed), ("Unfinished runs (not in the table)", unfinished)):
         if jobs:
             out += ["", f"## {title}", "", "| job | overrides | reason |", "|---|---|---|"]
             out += [f"| `{j.path}` | {_md_escape(j.overrides) or '–'} | {_md_escape(j.reason)} |" for j in jobs]
     return "\n".join(out) + "\n"
+
+
+def _rel(result: dict[str, Any], root: Path) -> str:
+    path = Path(result.get("_path", ""))
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)
 
 
 def deviations_section(experiments: dict[str, dict[str, Any]]) -> list[str]:
@@ -545,17 +607,40 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 
 def line_label(row: Row, rows: list[Row]) -> str:
-    """The method, plus whatever else differs between the task's lines."""
+    """The method, plus whatever else differs between the task's lines: pruned lines among
+    themselves, dense lines among themselves (a dense run's stage settings differ from
+    every pruned run's, which says nothing about either)."""
     parts = [row.method]
+    rows = [r for r in rows if (r.method == "dense") == (row.method == "dense")]
     if len({r.pattern for r in rows}) > 1:
         parts.append(row.pattern or "unstructured")
     if len({r.model for r in rows}) > 1:
         parts.append(row.model)
     if len({r.experiment for r in rows}) > 1 and row.experiment:
         parts.append(row.experiment)
-    if len({r.settings for r in rows}) > 1 and row.settings:
-        parts.append(row.settings)
+    common = set.intersection(*(set(r.settings.split()) for r in rows))
+    differing = " ".join(t for t in row.settings.split() if t not in common)  # as the table's settings column
+    if differing:
+        parts.append(differing)
     return " · ".join(parts)
+
+
+def dense_lines(rows: list[Row], metric: str) -> dict[str, tuple[float, float | None]]:
+    """The plot's dense reference when no ``method=dense`` row is there: each run's own
+    dense evaluation (after fine-tuning, or a causal LM's before pruning), one line per
+    model, mean ± std over the dense models. Every row of a seed shares its fine-tuned
+    model, so each (seed, value) counts once: a value per row would narrow the band."""
+    out: dict[str, tuple[float, float | None]] = {}
+    for model in sorted({r.model for r in rows}):
+        values = ((int(x.get("seed", 0)), finite_value(x, lambda x: dense_baseline(x, metric))) for r in rows if r.model == model for x in r.runs)
+        models = {(seed, v) for seed, v in values if v is not None}
+        y, yerr, _ = mean_std([v for _, v in sorted(models)])
+        if y is None:
+            continue
+        label = f"dense · {model}" if len({r.model for r in rows}) > 1 else "dense"
+        n_seeds = len({seed for seed, _ in models})
+        out[label + (f" · {len(models)} fine-tuned models" if len(models) > n_seeds else "")] = (y, yerr)
+    return out
 
 
 def plot_task(task: str, rows: list[Row], path: Path) -> None:
@@ -588,12 +673,7 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
         dodge = (i - (n_lines - 1) / 2) * 0.4  # keeps error bars at the same sparsity apart
         ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", capsize=3, label=label, color=colors[i % len(colors)])
     if not dense and has_dense_stage(rows, metric):
-        # causal LMs: each run evaluated its dense model first (one line per model)
-        for model in sorted({r.model for r in rows}):
-            members = [r for r in rows if r.model == model]
-            y, yerr, _ = mean_std([v for r in members for v in r.values(lambda x: dense_baseline(x, metric))])
-            if y is not None:
-                dense[f"dense · {model}" if len({r.model for r in rows}) > 1 else "dense"] = (y, yerr)
+        dense = dense_lines(rows, metric)
     for label, (y, yerr) in dense.items():
         ax.axhline(y * k, color="gray", linestyle="--", linewidth=1, label=f"{label} ({fmt_stat(y, None, metric)})")
         if yerr:
@@ -624,9 +704,12 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
     n_seeds = sorted({len(r.runs) for r in rows})
     ax.set_title(f"{task}: {metric} vs sparsity (mean ± std over {'/'.join(map(str, n_seeds))} seed(s))", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    # below the axes, labels wrapped: a line's settings can be long, and inside the axes
+    # the legend covered the lines; bbox_inches="tight" grows the figure to hold it
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, [textwrap.fill(t, 70, subsequent_indent="  ") for t in labels], fontsize=8,
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -685,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(len(r.runs) for r in info['rows'])} runs in {len(info['rows'])} configurations -> {out / 'report.md'}, {out / 'report.csv'}")
     for p in info["plots"]:
         print(f"plot: {p}")
+    repeats = sum(len(r.repeats) for r in info["rows"])
+    if repeats:
+        print(f"{repeats} earlier run(s) of a configuration and seed that a later run repeats: left out, listed in report.md", file=sys.stderr)
     if info["failed"] or info["unfinished"]:
         print(f"{len(info['failed'])} failed and {len(info['unfinished'])} unfinished job(s) listed in report.md", file=sys.stderr)
     return 0

@@ -158,5 +158,6 @@ def load_results(root: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         r["_path"] = str(p.parent)
+        r["_mtime"] = p.stat().st_mtime  # which of two runs of one configuration and seed is the later
         out.append(r)
     return out

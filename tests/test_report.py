@@ -178,6 +178,8 @@ def test_ledger_rows_tolerances_and_figure(tmp_path: Path) -> None:
     assert "glue/sst2" not in ledger
     fig = tmp_path / "figure_SEVEN-plot1.png"
     assert fig.stat().st_size > 10_000 and "![figure_SEVEN-plot1](figure_SEVEN-plot1.png)" in md
+    # a line right after a table is one more row of it in Markdown: the figure gets a blank line
+    assert "|\n\n![figure_SEVEN-plot1]" in md
 
 
 def test_ledger_conditions_and_measured_sparsity(tmp_path: Path) -> None:
@@ -377,3 +379,74 @@ def test_perplexity_helpers_tolerances_and_when_null() -> None:
     # an unquoted 2:4 in YAML is the number 124: said, not silently never matched
     with pytest.raises(ValueError, match="quoted"):
         published_points({"published": [{**mixed[0], "when": {"method.pattern": 124}}]})
+
+
+def test_a_seed_run_twice_counts_once_and_the_repeat_is_listed(tmp_path: Path) -> None:
+    """A sweep launched twice (each launch its own time-stamped folder) and reported over
+    outputs/: the same seed is one sample, not two (n and the std would be wrong)."""
+    import os
+
+    for launch, accs in (("first", (0.90, 0.94)), ("second", (0.91, 0.93))):
+        for seed, acc in enumerate(accs):
+            d = tmp_path / launch / f"seed={seed}"
+            write_result(d, "random", 0.5, seed, acc, 1.0)
+            t = 1_000_000 + (100 if launch == "second" else 0) + seed
+            os.utime(d / "result.json", (t, t))
+    out = tmp_path / "report"
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    (row,) = read_csv(out / "report.csv")
+    assert row["n_runs"] == "2" and row["seeds"] == "0 1"
+    assert float(row["accuracy_mean"]) == pytest.approx(0.92)  # the later launch's 0.91 and 0.93
+    assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev([0.91, 0.93]))
+    md = (out / "report.md").read_text()
+    repeats = md[md.index("## Repeated runs (not in the table)"):]
+    assert "| `first/seed=0` | method=random sparsity=0.5 seed=0 | `second/seed=0` |" in repeats
+    assert "| `first/seed=1` |" in repeats and "`second/seed=1` |" in repeats
+
+
+def test_runs_from_other_weights_or_data_are_other_rows(tmp_path: Path) -> None:
+    """model.path (your own checkpoint) and task.path (your own data) change what a run computes."""
+    write_result(tmp_path / "hub", "magnitude", 0.5, 0, 0.90, 1.0)
+    write_result(tmp_path / "mine", "magnitude", 0.5, 0, 0.80, 1.0,
+                 overrides=["method=magnitude", "sparsity=0.5", "seed=0", "model.path=/ckpt/mine"])
+    write_result(tmp_path / "data", "magnitude", 0.5, 0, 0.70, 1.0,
+                 overrides=["method=magnitude", "sparsity=0.5", "seed=0", "task.path=/data/other"])
+    assert main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    rows = {r["settings"]: r for r in read_csv(tmp_path / "r" / "report.csv")}
+    assert set(rows) == {"", "model.path=/ckpt/mine", "task.path=/data/other"}
+    assert [rows[k]["n_runs"] for k in sorted(rows)] == ["1", "1", "1"]
+
+
+def test_one_configuration_however_its_values_are_spelled(tmp_path: Path) -> None:
+    """A single run keeps ``true``/``1e-3`` as typed, a sweep's jobs get ``True``/``0.001``:
+    the resolved values are what make a configuration."""
+    for seed, (regrowth, lr) in enumerate((("true", "1e-3"), ("True", "0.001"), ("True", "1.0e-03"))):
+        d = tmp_path / f"run{seed}"
+        write_result(d, "magnitude", 0.5, seed, 0.9, 1.0,
+                     overrides=["method=magnitude", "sparsity=0.5", f"seed={seed}", f"method.regrowth={regrowth}", f"stages.prune.lr={lr}"])
+        result = json.loads((d / "result.json").read_text())
+        result["config"].update(method={"name": "magnitude", "regrowth": True}, stages={"prune": {"lr": 0.001}})
+        (d / "result.json").write_text(json.dumps(result))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    (row,) = read_csv(tmp_path / "r" / "report.csv")
+    assert row["n_runs"] == "3" and row["settings"] == "method.regrowth=true stages.prune.lr=0.001"
+
+
+def test_plot_labels_and_dense_band() -> None:
+    """Legend labels carry only what differs between lines (as the table's settings column);
+    the dense band counts each seed's dense model once, not once per row."""
+    from pruneflow.report import Row, dense_lines, line_label
+
+    def run(seed: int, dense: float) -> dict:
+        return {"seed": seed, "main_metric": "accuracy", "metrics": {"finetune": {"accuracy": dense}, "final": {"accuracy": 0.5}}}
+
+    rows = [Row("", m, "tiny_vit", "digits", sp, f"stages.prune.epochs=2 method.regrowth={g}",
+                runs=[run(0, 0.9417), run(1, 0.9306)]) for m in ("seven", "random") for sp in (0.5, 0.7) for g in ("true", "false")]
+    assert line_label(rows[0], rows) == "seven · method.regrowth=true"
+    dense_row = Row("", "dense", "tiny_vit", "digits", 0.0, "stages.prune.epochs=0", runs=[run(0, 0.9)])
+    assert line_label(rows[0], [*rows, dense_row]) == "seven · method.regrowth=true"  # not the settings dense lacks
+    assert line_label(dense_row, [*rows, dense_row]) == "dense"
+    lines = dense_lines(rows, "accuracy")
+    assert lines == {"dense": (pytest.approx((0.9417 + 0.9306) / 2), pytest.approx(statistics.stdev([0.9417, 0.9306])))}
+    rows[0].runs[0] = run(0, 0.95)  # a row fine-tuned with other settings: another dense model, said so
+    assert list(dense_lines(rows, "accuracy")) == ["dense · 3 fine-tuned models"]
