@@ -182,6 +182,52 @@ def test_every_job_of_an_experiment_passes_the_checks_made_before_a_sweep(name: 
     assert precheck(["-m", f"experiment={name}"]) is None
 
 
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(experiment, arguments) of every ``pruneflow ...`` command in an experiment file's
+    comments ("One point: ...", "Dense baseline: ..."), without its trailing remark in
+    parentheses; commands with a placeholder (``<dir>``) or a path of the user's are left out."""
+    import re
+    import shlex
+
+    out = []
+    for name in ALL_EXPERIMENTS:
+        for line in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines():
+            m = re.match(r"^#.*?\bpruneflow (.*)$", line)
+            if m is None:
+                continue
+            text = re.split(r"\s\(|\s#", m.group(1))[0]
+            args = shlex.split(text)
+            plain_sweep = args == ["-m", f"experiment={name}"]  # test_every_job_of_an_experiment_... checks it
+            if "experiment=" in text and "<" not in text and "/data/" not in text and not plain_sweep:
+                out.append((name, args))
+    return out
+
+
+def test_the_commands_in_experiment_comments_pass_the_checks() -> None:
+    """A command an experiment file tells its user to type passes the checks made before
+    any work (a sweep's, job by job; a single run's on its composed config)."""
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+    from pruneflow.runner import check_settings
+
+    register_configs()
+    commands = documented_commands()
+    assert len(commands) >= 20
+    problems = []
+    for name, args in commands:
+        if "-m" in args:  # this machine has no GPU: a sweep for one is checked without the device
+            problem = precheck([a for a in args if a != "trainer.device=cuda"])
+        else:
+            try:
+                check_settings(compose(args), False, args)
+                problem = None
+            except Exception as e:  # noqa: BLE001 - collected, each with its command
+                problem = str(e)
+        if problem:
+            problems.append(f"{name}: pruneflow {' '.join(args)}\n  -> {problem}")
+    assert not problems, "\n".join(problems)
+
+
 # ----------------------------------------------------------------------------- local data
 WORDS = "the a movie film good bad great awful plot actor story fun dull long short very not".split()
 
