@@ -42,8 +42,11 @@ def sparsity_report(run: Run, model: nn.Module) -> dict[str, Any]:
 def paper_sparsity(definition: dict[str, Any] | None, model: nn.Module, compressed: bool) -> dict[str, Any] | None:
     """The measured sparsity under an experiment's paper definition (``experiment_info.
     sparsity_definition``), counted from the final weights."""
-    if not definition or not definition.get("include"):
+    if not definition:
         return None
+    if not definition.get("include"):  # a definition in words only: stated, not counted here
+        return {"definition": dict(definition), "value": None,
+                "why_none": "the paper's definition names no layer set to count (see definition.text)"}
     from pruneflow.masking import _matches
 
     include, exclude = list(definition["include"]), list(definition.get("exclude") or [])

@@ -102,9 +102,14 @@ def test_experiment_file_is_well_formed(name: str) -> None:
         assert p.sparsity is None or 0 <= p.sparsity < 1
         assert p.metric == "perplexity" or -1 <= p.value <= 1, "published numbers are fractions (perplexities raw), like result.json"
         assert 0 < p.tolerance <= 0.05
+    # every paper setting states its paper's sparsity definition (published.md: they differ;
+    # a table's rows are experiments, each stating its own)
     definition = composed.get("sparsity_definition")
+    assert definition, "experiment_info.sparsity_definition is missing"
     if definition:
-        assert definition["include"] and definition["reports"] in ("removed", "remaining") and definition["text"]
+        assert definition["text"]
+        if definition.get("include"):  # counted from the weights; else stated in words only
+            assert definition["reports"] in ("removed", "remaining")
     for key, value in (info.get("published_overall") or {}).items():
         assert key in ("glue_score", "params_reduction") and 0 < float(value) < 1
     for d in info.get("deviations") or []:  # structured: the report prints them under its table
@@ -339,7 +344,10 @@ def test_experiment_miniature_runs(name: str, tmp_path: Path) -> None:
     if c["method"] != "spp" and target is not None:  # SPP counts removed structures; soft movement/L0 have no target
         assert r["sparsity"]["measured"] == pytest.approx(target, abs=2e-3)
     definition = r["config"]["experiment_info"].get("sparsity_definition")
-    if definition and c["method"] != "spp":  # the paper's count, from the saved weights
+    if definition and not definition.get("include"):  # stated in words only: recorded, not counted
+        paper = r["sparsity"]["paper"]
+        assert paper["definition"] == definition and paper["value"] is None and "no layer set" in paper["why_none"]
+    elif definition and c["method"] != "spp":  # the paper's count, from the saved weights
         paper = r["sparsity"]["paper"]
         removed = paper["removed"]
         assert paper["value"] == pytest.approx(removed if definition["reports"] == "removed" else 1 - removed)
