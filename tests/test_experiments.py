@@ -478,7 +478,7 @@ def test_a_table_runs_as_one_sweep_and_fills_one_ledger(tmp_path: Path) -> None:
     assert sorted((r["method"], r["seed"]) for r in results) == [(m, s) for m in ("l0", "magnitude", "movement") for s in (0, 1)]
     assert report([str(sweep)]) == 0
     ledger = (sweep / "report.md").read_text().split("## Reproduction ledger")[1]
-    assert ledger.count("| squad/v1 | f1 | 90 | distill.enabled=False |") == 4  # each published number once
-    assert "| magnitude/squad_bert_base | magnitude | squad/v1 | f1 | 90 | distill.enabled=False | 78.5" in ledger
+    assert ledger.count("| squad/v1 | f1 | 90 | distill.enabled=false |") == 4  # each published number once
+    assert "| magnitude/squad_bert_base | magnitude | squad/v1 | f1 | 90 | distill.enabled=false | 78.5" in ledger
     assert "(2) |" in ledger  # measured over the two seeds
     assert (sweep / "figure_Sanh-et-al.-2020-Tables-2-and-3-SQuAD-v1.1.png").exists()

@@ -204,8 +204,8 @@ def test_ledger_conditions_and_measured_sparsity(tmp_path: Path) -> None:
     assert main([str(tmp_path)]) == 0
     ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
     assert "**1 of 2 measured rows within tolerance**" in ledger
-    assert "| 90 | distill.enabled=False | 80.7 [1] | 80.0 (1) | -0.7 | 1.0 | yes |" in ledger
-    assert "| 90 | distill.enabled=True | 81.2 [1] | 79.0 (1) | -2.2 | 1.0 | **no** |" in ledger
+    assert "| 90 | distill.enabled=false | 80.7 [1] | 80.0 (1) | -0.7 | 1.0 | yes |" in ledger
+    assert "| 90 | distill.enabled=true | 81.2 [1] | 79.0 (1) | -2.2 | 1.0 | **no** |" in ledger
 
 
 def test_published_points_forms() -> None:
