@@ -39,6 +39,7 @@ from pruneflow import distributed
 from pruneflow.errors import RunStopped, TrainingDiverged, invalid
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
+from pruneflow.optimizers import MtDnnAdamax
 from pruneflow.stop import STOP
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks.base import Task
@@ -47,8 +48,12 @@ from pruneflow.utils import progress
 log = logging.getLogger("pruneflow")
 
 # transformers' LambdaLR schedules (``get_scheduler``); reduce_lr_on_plateau needs a metric per step.
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-OPTIMIZERS = ("adamw", "adam", "adamax", "sgd")
+TRANSFORMERS_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+# warmup_linear_mtdnn: pytorch-pretrained-bert 0.6.0's warmup_linear, as mt-dnn (PLATON's GLUE
+# code) steps it inside its Adamax: x = step / total; x / warmup_ratio during the warm-up,
+# then 1 - x (a jump down at the end of the warm-up, not a ramp from the peak).
+LR_SCHEDULERS = (*TRANSFORMERS_SCHEDULERS, "warmup_linear_mtdnn")
+OPTIMIZERS = ("adamw", "adam", "adamax", "adamax_mtdnn", "sgd")
 
 
 @dataclass
@@ -80,15 +85,19 @@ class LRSchedule:
     Trainer's utilities (peft, scipy, pandas): 2-3 s of every run's start-up on a 2-core
     VM. tests/test_trainer_options.py checks each against ``get_scheduler`` step by step."""
 
-    def __init__(self, name: str, total_steps: int, warmup_steps: int) -> None:
+    def __init__(self, name: str, total_steps: int, warmup_steps: int, warmup_ratio: float = 0.0) -> None:
         if name not in LR_SCHEDULERS:
             raise invalid("trainer.lr_scheduler", name, LR_SCHEDULERS)
         self.name, self.total_steps, self.warmup_steps = name, max(int(total_steps), 1), int(warmup_steps)
+        self.warmup_ratio = float(warmup_ratio)  # warmup_linear_mtdnn's warm-up, a fraction as theirs
 
     def factor(self, step: int) -> float:
         name, total, warmup = self.name, self.total_steps, self.warmup_steps
         if name == "constant":
             return 1.0
+        if name == "warmup_linear_mtdnn":
+            x, w = step / total, self.warmup_ratio
+            return x / w if x < w else 1.0 - x
         if step < warmup:  # every schedule but constant warms up linearly from 0
             return float(step) / float(max(1, warmup))
         progress = float(step - warmup) / float(max(1, total - warmup))
@@ -277,11 +286,13 @@ class Trainer:
             opt = torch.optim.Adam(groups, lr=1.0, betas=betas, eps=eps, **fused)
         elif name == "adamax":
             opt = torch.optim.Adamax(groups, lr=1.0, betas=betas, eps=eps)
+        elif name == "adamax_mtdnn":  # PLATON's GLUE optimizer (pruneflow.optimizers)
+            opt = MtDnnAdamax(groups, lr=1.0, betas=betas, eps=eps)
         elif name == "sgd":
             opt = torch.optim.SGD(groups, lr=1.0, momentum=float(cfg.get("momentum", 0.0)))
         else:
             raise invalid("trainer.optimizer", name, OPTIMIZERS)
-        return Optim(opt, LRSchedule(str(cfg.lr_scheduler), total_steps, self.warmup_steps(total_steps)))
+        return Optim(opt, LRSchedule(str(cfg.lr_scheduler), total_steps, self.warmup_steps(total_steps), float(cfg.get("warmup_ratio") or 0.0)))
 
     # -- the loop -----------------------------------------------------------------------
     def train(

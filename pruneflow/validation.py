@@ -78,6 +78,11 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
             f"Both 'trainer.warmup_ratio' ({ratio}) and 'trainer.warmup_steps' ({steps}) are set. Set only one, "
             "e.g. trainer.warmup_ratio=0 or trainer.warmup_steps=null."
         )
+    if str(t.get("lr_scheduler")) == "warmup_linear_mtdnn" and steps is not None:
+        raise invalid(
+            "trainer.warmup_steps", steps, "null with trainer.lr_scheduler=warmup_linear_mtdnn",
+            "mt-dnn's warmup_linear takes its warm-up as a fraction of the steps: set trainer.warmup_ratio (their --warmup, 0.1).",
+        )
     if str(t.get("lr_scheduler")) == "constant" and (ratio or steps):
         raise invalid(
             "trainer.lr_scheduler", "constant", ", ".join(LR_SCHEDULERS),

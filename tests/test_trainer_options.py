@@ -8,7 +8,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pruneflow.trainer import LR_SCHEDULERS, EpochBatches, LRSchedule, Trainer
+from pruneflow.optimizers import MtDnnAdamax
+from pruneflow.trainer import (
+    TRANSFORMERS_SCHEDULERS,
+    EpochBatches,
+    LRSchedule,
+    Optim,
+    Trainer,
+    decay_groups,
+)
 
 
 def _trainer(model: nn.Module, **settings: object) -> Trainer:
@@ -58,7 +66,7 @@ def test_batches_follow_one_permutation_per_epoch_drawn_once(monkeypatch):
     assert [next(resumed) for _ in range(5)] == got[6:]
 
 
-@pytest.mark.parametrize("name", LR_SCHEDULERS)
+@pytest.mark.parametrize("name", TRANSFORMERS_SCHEDULERS)
 def test_lr_schedules_are_transformers_schedules(name):
     """Each factor equals ``transformers.get_scheduler``'s LambdaLR at every step (and past
     the end), with and without warm-up, for short and long schedules."""
@@ -87,3 +95,67 @@ def test_compile_without_a_compiler_is_refused_before_any_work(tmp_path):
     assert "Traceback" not in out.stderr
     assert "Invalid value for 'trainer.compile': True" in msg and "no-such-g++" in msg
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+# --- mt-dnn's Adamax and warmup_linear (PLATON's GLUE code), transcribed from
+# module/bert_optim.py and pytorch-pretrained-bert 0.6.0's optimization.py, in their form
+def _their_warmup_linear(x: float, warmup: float) -> float:
+    if x < warmup:
+        return x / warmup
+    return 1.0 - x
+
+
+def _their_adamax_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, t_total: int, warmup: float,
+                       betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    if len(state) == 0:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_inf"] = torch.zeros_like(p)
+    exp_avg, exp_inf = state["exp_avg"], state["exp_inf"]
+    beta1, beta2 = betas
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    norm_buf = torch.cat([exp_inf.mul_(beta2).unsqueeze(0), grad.abs().add_(eps).unsqueeze_(0)], 0)
+    torch.max(norm_buf, 0, keepdim=False, out=(exp_inf, exp_inf.new().long()))
+    update = exp_avg / (exp_inf + eps)
+    if weight_decay > 0.0:
+        update += weight_decay * p
+    lr_scheduled = lr * _their_warmup_linear(state["step"] / t_total, warmup)
+    p.add_(-(lr_scheduled * update))
+    state["step"] += 1
+
+
+def test_adamax_mtdnn_and_warmup_linear_mtdnn_step_as_mt_dnn():
+    """trainer.optimizer=adamax_mtdnn with trainer.lr_scheduler=warmup_linear_mtdnn moves the
+    weights as mt-dnn's Adamax does, step by step: no bias correction, eps twice, decoupled
+    weight decay on all but biases and LayerNorm (their no_decay names), the LR jumping from
+    the warm-up's peak to 1 - x; and an optimizer restored from its state_dict goes on the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
+    names = dict(model.named_parameters())
+    theirs = {n: p.detach().clone() for n, p in names.items()}
+    their_state: dict[str, dict] = {n: {} for n in names}
+    decayed = {n for n in names if not any(nd in n for nd in ("bias", "1.weight"))}  # "1." is the LayerNorm
+    lr, total, warmup, betas, eps, wd = 1e-2, 12, 0.3, (0.85, 0.95), 0.1, 0.01  # a large eps: its two places show
+
+    def build() -> Optim:
+        opt = MtDnnAdamax(decay_groups(list(model.named_parameters()), wd), lr=1.0, betas=betas, eps=eps)
+        return Optim(opt, LRSchedule("warmup_linear_mtdnn", total, 0, warmup_ratio=warmup))
+
+    optim = build()
+    grads = [{n: torch.randn_like(p) for n, p in names.items()} for _ in range(total)]
+    for step, g in enumerate(grads):
+        if step == 6:  # resume from a checkpoint halfway
+            saved = optim.state_dict()
+            optim = build()
+            optim.load_state_dict(saved)
+        optim.set_lr(lr)
+        for n, p in names.items():
+            p.grad = g[n].clone()
+            _their_adamax_step(theirs[n], g[n].clone(), their_state[n], lr, total, warmup, betas, eps, wd if n in decayed else 0.0)
+        optim.optimizer.step()
+        optim.step += 1
+        for n, p in names.items():
+            torch.testing.assert_close(p.detach(), theirs[n], rtol=0, atol=1e-7, msg=f"{n} at step {step}")
+    # the schedule: 0 at step 0, the warm-up's peak, then the jump to 1 - x
+    sched = LRSchedule("warmup_linear_mtdnn", 10, 0, warmup_ratio=0.2)
+    assert [sched.factor(s) for s in (0, 1, 2, 3)] == [0.0, pytest.approx(0.5), pytest.approx(0.8), pytest.approx(0.7)]
