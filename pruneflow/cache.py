@@ -80,6 +80,35 @@ class StageCache:
     def read(self) -> dict[str, Any]:
         return json.loads(self.done_file.read_text())
 
+    @property
+    def sums_file(self) -> Path:
+        return self.dir / "sha256.json"
+
+    def _digests(self) -> dict[str, str]:
+        """SHA-256 of every file the entry's computation wrote (relative path: digest)."""
+        out = {}
+        for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.dir).as_posix()
+            if rel in ("entry.json", "key.json", "sha256.json"):
+                continue
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+        return out
+
+    def _verify(self) -> None:
+        """A file changed since it was cached (overwritten bytes parse as well as the right
+        ones): ValueError naming it. Entries written before checksums were kept pass."""
+        if not self.sums_file.exists():
+            return
+        expected = json.loads(self.sums_file.read_text())
+        found = self._digests()
+        for rel, digest in expected.items():
+            if found.get(rel) != digest:
+                raise ValueError(f"{rel} {'is missing' if rel not in found else 'does not match its SHA-256 from when it was cached'}")
+
     def _move_aside(self, error: Exception) -> Path:
         import time
 
@@ -117,6 +146,7 @@ class StageCache:
             if self.exists():
                 try:
                     entry = json.loads(self.done_file.read_text())
+                    self._verify()
                     log.info("Reusing cached %s from %s", self.kind, self.dir)
                     return entry, True
                 except (OSError, ValueError) as e:
@@ -124,6 +154,7 @@ class StageCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             entry = compute(self.dir)
             atomic_write_json(self.dir / "key.json", self.key_material)
+            atomic_write_json(self.sums_file, self._digests())  # before entry.json, which marks the entry done
             atomic_write_json(self.done_file, entry)
             log.info("Cached %s in %s", self.kind, self.dir)
             return entry, False
