@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import signal
 import sys
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from pruneflow.config import register_configs
 from pruneflow.errors import RunStopped, UserError
+from pruneflow.utils import unwritable
 
 log = logging.getLogger("pruneflow")
 
@@ -98,26 +100,6 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
     return f"The configuration could not be composed: {first} (overrides: {' '.join(overrides)}). Run `pruneflow --cfg job` to see the composed configuration, or `pruneflow --help` for the groups and options."
 
 
-def unwritable(path: Path) -> str | None:
-    """Why ``path`` (or the folder that would hold it) cannot be written, or None."""
-    import os
-    import tempfile
-
-    p = path.resolve()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is a file"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} is read-only"
-    try:  # root passes access checks: try for real
-        with tempfile.TemporaryFile(dir=p):
-            pass
-    except OSError as e:
-        return f"{p}: {e.strerror or e}"
-    return None
-
-
 def _sweeper_settings(compose: Any, overrides: list[str]) -> tuple[list[list[str]], list[str], bool]:  # noqa: ANN401
     """The rows of a table experiment (``hydra.sweeper.rows``) and the swept values an
     experiment sets (``hydra.sweeper.params``, as key=values), [] for a command without
@@ -174,6 +156,23 @@ def config_dir_arg(argv: list[str]) -> str | None:
     return found
 
 
+def dirname_excluded(parsed: list[Any]) -> set[str]:
+    """The keys a sweep job's folder name leaves out: conf/config.yaml's exclude_keys, or
+    the command line's own value of them."""
+    given = next((o for o in parsed if o.key_or_group == "hydra.job.config.override_dirname.exclude_keys"), None)
+    if given is not None:
+        return {str(k) for k in given.value() or []}
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(os.path.join(CONFIG_DIR, "config.yaml"))
+    return {str(k) for k in OmegaConf.select(conf, "hydra.job.config.override_dirname.exclude_keys", default=[]) or []}
+
+
+def _first_value(override: Any) -> str:  # noqa: ANN401
+    values = list(override.sweep_iterator()) if override.is_discrete_sweep() else []
+    return str(values[0]) if values else "..."
+
+
 def precheck(argv: list[str]) -> str | None:
     """Compose the configuration of every sweep value before Hydra runs anything, so that
     a misspelt key, a wrong type or an unknown option is one clear paragraph."""
@@ -217,6 +216,14 @@ def precheck(argv: list[str]) -> str | None:
         return hydra_compose(config_name=config_name, overrides=[*search, *overrides], **kw)
 
     plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    shared = [o for o in plain if o.is_sweep_override() and o.get_key_element() in dirname_excluded(parsed)]
+    if multirun and shared:
+        key = shared[0].get_key_element()
+        return (f"'{shared[0].input_line}' sweeps '{key}', which job folder names leave out "
+                "(hydra.job.config.override_dirname.exclude_keys: settings that do not change what a run computes), so "
+                f"its jobs would share one folder and the later ones would find the first one's result. Run one sweep per "
+                f"value, each with its own hydra.sweep.dir (e.g. pruneflow -m ... {key}={_first_value(shared[0])} "
+                f"hydra.sweep.dir=outputs/sweeps/{key.replace('/', '_')}={_first_value(shared[0])}).")
     several = next((o for o in plain if o.is_sweep_override()), None)
     if several is not None and not multirun:
         return (f"'{several.input_line}' gives '{several.get_key_element()}' several values: run them as a sweep with -m "

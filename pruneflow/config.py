@@ -226,8 +226,16 @@ except ImportError:  # pragma: no cover
 
 
 class SweepCheck(_HydraCallback):
-    """Hydra callback: after a sweep, collect the jobs that failed (their error.txt) so
-    that ``pruneflow -m`` exits non-zero and lists them."""
+    """Hydra callback: after a sweep, collect the jobs that failed in this launch (their
+    error.txt, written since it started) so that ``pruneflow -m`` exits non-zero and lists
+    them. A failure of an earlier launch into the same sweep folder is not this one's."""
+
+    started: float | None = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
+        import time
+
+        self.started = time.time()
 
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         from pathlib import Path
@@ -236,6 +244,8 @@ class SweepCheck(_HydraCallback):
         SWEEP_FAILURES.clear()
         for err in sorted(root.rglob("error.txt")):
             if ".cache" in err.parts:
+                continue
+            if self.started is not None and err.stat().st_mtime < self.started - 2:  # 2 s: coarse file-system clocks
                 continue
             lines = [line.strip() for line in err.read_text(errors="replace").splitlines() if line.strip()]
             SWEEP_FAILURES.append((str(err.parent), lines[-1] if lines else "(empty error.txt)"))

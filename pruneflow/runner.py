@@ -44,6 +44,7 @@ from pruneflow.utils import (
     rng_state,
     seed_everything,
     set_rng_state,
+    unwritable,
     writing,
 )
 from pruneflow.validation import (
@@ -142,6 +143,9 @@ class Run:
         if here:
             self.device = resolve_device(str(cfg.trainer.device))
             cuda = self.device.type == "cuda"
+            if cfg.get("cache", True) and (problem := unwritable(Path(str(cfg.cache_dir)))):
+                raise invalid("cache_dir", cfg.cache_dir, "a folder this user can create and write, or cache=false",
+                              f"The stage cache cannot be written there ({problem}).")
         else:
             cuda = str(cfg.trainer.device) != "cpu"
         validate_trainer(cfg, cuda=cuda, here=here)
@@ -625,28 +629,37 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _comparable(cfg: DictConfig) -> dict[str, Any]:
+def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     from pruneflow.validation import _flatten
 
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat = _flatten(container)
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE) and not k.startswith("hydra")}
 
 
-def _differences(saved_path: Path, now: dict[str, Any]) -> str:
-    """The settings in which ``now`` differs from those saved at ``saved_path``, listed ("" if none)."""
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{saved_path} cannot be read ({e}); start the run over with overwrite=true.") from e
+def _differences(saved_path: Path, now: dict[str, Any], saved: dict[str, Any] | None = None) -> str:
+    """The settings in which ``now`` differs from those saved at ``saved_path`` (or given
+    as ``saved``), listed ("" if none)."""
+    if saved is None:
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{saved_path} cannot be read ({e}); start the run over with overwrite=true.") from e
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
     return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
 
 
-def check_finished_config(cfg: DictConfig, run_dir: Path) -> None:
+def check_finished_config(cfg: DictConfig, run_dir: Path, done: dict[str, Any]) -> None:
     """A finished run is skipped only for its own settings: with others, its result.json
-    would stand for a run that was never made."""
+    would stand for a run that was never made. The settings are its checkpoints' or, once
+    checkpoints/ was deleted (to free space after a sweep), its result.json's."""
     saved_path = run_dir / "checkpoints" / "config.json"
-    listed = _differences(saved_path, _comparable(cfg)) if saved_path.exists() else ""
+    if saved_path.exists():
+        listed = _differences(saved_path, _comparable(cfg))
+    elif isinstance(done.get("config"), dict):
+        listed = _differences(run_dir / "result.json", _comparable(cfg), _comparable(done["config"]))
+    else:
+        listed = ""
     if listed:
         raise UserError(
             f"{run_dir} holds a finished run with other settings ({listed}); its result.json is not a result for "
@@ -715,7 +728,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[st
                 done = json.loads(result_path.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"{result_path} exists but cannot be read ({e}): run again with overwrite=true to redo this run.") from e
-            check_finished_config(cfg, run_dir)
+            check_finished_config(cfg, run_dir, done)
             log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
             return done
         if distributed.is_main():

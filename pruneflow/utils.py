@@ -141,3 +141,20 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
             "another output folder (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep); the same command then resumes "
             "from the last checkpoint."
         ) from e
+
+
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` (or the folder that would hold it) cannot be written, or None."""
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is read-only"
+    try:  # root passes access checks: try for real
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        return f"{p}: {e.strerror or e}"
+    return None

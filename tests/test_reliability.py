@@ -4,6 +4,7 @@ no run silently lost or mixed up, signals and damaged files handled, untrusted f
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -141,6 +142,9 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     # a sweep: every job checked before the first starts (only the product has spp with linear)
     (["-m", "sparsity=0.5,1.5"], "sparsity=1.5", "[0, 1)"),
     (["-m", "schedule=cubic,linear", "method=magnitude,spp"], "schedule=cubic method=spp", "no sparsity schedule"),
+    (["cache_dir=/proc/pruneflow-cache"], "cache_dir", "cache=false"),  # before the data, not at the finetune stage's end
+    # a swept key that job folder names leave out: its jobs would share one folder
+    (["-m", "trainer.torch_threads=1,2"], "trainer.torch_threads", "its own hydra.sweep.dir"),
     # typed at its default value, an unused setting is still one the run would ignore
     (["method=spp", "schedule=cubic"], "'schedule=cubic' would be ignored", "no sparsity schedule"),
     (["method=dense", "stages.prune.epochs=4"], "'stages.prune.epochs=4' would be ignored", "Remove it"),  # as typed, not 4.0
@@ -166,7 +170,8 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
         lm = any(a.startswith("task=lm/") for a in argv)  # causal-LM runs have no task.max_train_samples, no speed.*
         extra = [b for b in base if b.split("=")[0] not in keys and "-m" not in argv and not (lm and b.split(".")[0] in ("task", "speed"))]
         out = f"hydra.sweep.dir={tmp_path / f'sweep{i}'}" if "-m" in argv else f"hydra.run.dir={tmp_path / f'run{i}'}"
-        cases.append([*argv, *extra, *([out] if "hydra.run.dir" not in keys else []), f"cache_dir={tmp_path / 'cache'}"])
+        cache = [f"cache_dir={tmp_path / 'cache'}"] if "cache_dir" not in keys else []
+        cases.append([*argv, *extra, *([out] if "hydra.run.dir" not in keys else []), *cache])
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     subprocess.run([sys.executable, str(HARNESS), str(tmp_path / "cases.json"), str(tmp_path / "out.json")], cwd=tmp_path,
                    check=True, timeout=1200, env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"})
@@ -218,6 +223,12 @@ def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_p
     assert "1 job(s) of the sweep failed" in out.stderr and "batch_size" in out.stderr
     dirs = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(dirs) == 2 and sum((d / "result.json").exists() for d in dirs) == 1
+    # a later launch into the same folder whose own job succeeds: the earlier failure is not its own
+    (err,) = sweep.glob("*/error.txt")
+    os.utime(err, (err.stat().st_mtime - 60, err.stat().st_mtime - 60))
+    again = run_cli(["-m", *SMALL, "method=magnitude", "sparsity=0.5", "stages.recover.batch_size=32", "seed=0", pad,
+                     f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert again.returncode == 0 and "failed" not in again.stderr, again.stderr[-2000:]
 
 
 def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
@@ -239,6 +250,14 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
     # finished: the same settings are skipped; other settings are not answered with its result
     before = (run_dir / "result.json").read_bytes()
+    same = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
+    assert same.returncode == 0 and "this run is finished, skipping it" in same.stderr + same.stdout
+    finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
+    message = " ".join(finished.stderr.split())
+    assert finished.returncode == 2 and "holds a finished run with other settings (sparsity: 0.5 -> 0.6" in message, message[-800:]
+    assert (run_dir / "result.json").read_bytes() == before
+    # checkpoints/ deleted to free space: result.json still says which settings it is for
+    shutil.rmtree(run_dir / "checkpoints")
     same = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
     assert same.returncode == 0 and "this run is finished, skipping it" in same.stderr + same.stdout
     finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
