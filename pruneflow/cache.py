@@ -43,6 +43,24 @@ def source_hash(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def path_fingerprint(path: str | None, deep: bool = True) -> list[list[Any]] | None:
+    """What a cache key holds of a local path the settings name (``model.path``,
+    ``task.path``): each file's name, size and modification time, so that other weights
+    or data at the same path make another key. ``deep=False`` lists only the top level
+    (an ImageFolder's million images: its class folders' times change when files come or go)."""
+    if not path:
+        return None
+    root = Path(str(path))
+    if not root.exists():
+        return None
+    entries = [root] if root.is_file() else sorted(root.rglob("*") if deep else root.iterdir())
+    out = []
+    for p in entries:
+        st = p.stat()
+        out.append([p.relative_to(root).as_posix() if p != root else ".", st.st_size if p.is_file() else -1, st.st_mtime_ns])
+    return out
+
+
 @functools.cache
 def code_fingerprint() -> dict[str, str]:
     """What every cache key includes besides its settings: pruneflow's source and the

@@ -23,7 +23,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from pruneflow import allocator, distill, distributed
-from pruneflow.cache import StageCache
+from pruneflow.cache import StageCache, path_fingerprint
 from pruneflow.config import RESUME_FREE
 from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.loggers import NullLogger, make_logger
@@ -375,6 +375,9 @@ class Run:
             "steps": self.plan.stages["finetune"].steps,
             "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if f"trainer.{k}" not in RESUME_FREE},
             "version": 2,
+            # what lies at the paths: other weights or data at the same path are another entry
+            "model_files": path_fingerprint(c.model.get("path")),
+            "task_files": path_fingerprint(c.task.get("path"), deep=False),
         }
         if self.optim is not None:  # continuous: the finetune LR depends on the whole schedule
             key["schedule"] = {"total_steps": self.optim.schedule.total_steps, "warmup_steps": self.optim.schedule.warmup_steps}

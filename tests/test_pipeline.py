@@ -194,3 +194,28 @@ def test_fp16_scaler_runs_a_prune_stage_without_weight_updates(config, tmp_path,
     monkeypatch.setattr(pruneflow.runner, "validate_trainer", lambda cfg, cuda, here=True: check(cfg, cuda=True, here=here))
     result = run(config("method=seven_pre", "sparsity=0.5", "trainer.precision=fp16"), tmp_path / "run", [])
     assert result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_other_weights_at_the_same_model_path_are_fine_tuned_again(config, tmp_path, caplog):
+    """The finetune cache keys on what lies at model.path, not only the path string: a
+    user who puts another checkpoint there gets it fine-tuned, not the old one's entry."""
+    import os
+    import shutil
+
+    run(config("method=magnitude", "sparsity=0.5"), tmp_path / "a")
+    run(config("method=magnitude", "sparsity=0.9"), tmp_path / "b")
+    mine = tmp_path / "mine"
+    shutil.copytree(tmp_path / "a" / "model", mine)
+    caplog.set_level("INFO", logger="pruneflow")
+    run(config("method=random", "sparsity=0.5", f"model.path={mine}"), tmp_path / "c")
+    caplog.clear()
+    run(config("method=random", "sparsity=0.7", f"model.path={mine}"), tmp_path / "c2")  # the same files: reused
+    assert any("Reusing cached finetune" in r.getMessage() for r in caplog.records)
+    shutil.rmtree(mine)
+    shutil.copytree(tmp_path / "b" / "model", mine)  # other weights, same path
+    for f in mine.iterdir():  # copytree keeps times: make sure they differ from the first copy's
+        os.utime(f, ns=(f.stat().st_mtime_ns + 10**9, f.stat().st_mtime_ns + 10**9))
+    caplog.clear()
+    run(config("method=random", "sparsity=0.5", f"model.path={mine}"), tmp_path / "d")
+    assert not any("Reusing cached finetune" in r.getMessage() for r in caplog.records)
+    assert any("Cached finetune" in r.getMessage() for r in caplog.records)
