@@ -4,6 +4,7 @@ resumes it exactly. A second signal stops at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -20,8 +21,10 @@ class StopRequest:
                 return
 
     def handle(self, signum: int, frame: Any) -> None:  # noqa: ANN401
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if self.signum is not None:  # the second: stop at once, with the exit code a scheduler expects
+            os.write(2, (f"\npruneflow: stopped at once by a second {name(signum)}; the last checkpoint saved before it "
+                         "is kept: run the same command again to resume from it.\n").encode())
+            os._exit(128 + signum)  # no unwinding: a traceback through whatever was running helps no one
         self.signum = signum
 
     def requested(self) -> int | None:

@@ -186,11 +186,13 @@ def _fault_injection(stage: str, step: int) -> None:
 
 
 def _fault_signal(stage: str, step: int) -> None:
-    """Tests set PRUNEFLOW_TEST_SIGNAL_AT=<stage>:<step>:<TERM|INT> to send the run that
-    signal after that step (a deterministic SIGTERM/SIGINT)."""
+    """Tests set PRUNEFLOW_TEST_SIGNAL_AT=<stage>:<step>:<TERM|INT>[x2] to send the run that
+    signal after that step (a deterministic SIGTERM/SIGINT; x2: twice, at once)."""
     target = os.environ.get("PRUNEFLOW_TEST_SIGNAL_AT")
     if target and target.rsplit(":", 1)[0] == f"{stage}:{step}":
-        os.kill(os.getpid(), getattr(signal, "SIG" + target.rsplit(":", 1)[1]))
+        sig = target.rsplit(":", 1)[1]
+        for _ in range(2 if sig.endswith("x2") else 1):
+            os.kill(os.getpid(), getattr(signal, "SIG" + sig.removesuffix("x2")))
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1) -> int:

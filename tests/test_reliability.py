@@ -295,6 +295,19 @@ def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, s
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_second_signal_stops_at_once_with_the_signals_exit_code(tmp_path, uninterrupted):
+    """Ctrl-C twice (or a scheduler's second SIGTERM): exit 143/130 at once with one line, no
+    traceback; the checkpoint saved before it is kept and the same command resumes exactly."""
+    cmd = [*SIGNAL_ARGS, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c2'}"]
+    stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": "prune:7:TERMx2"})
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr and "stopped at once by a second SIGTERM" in " ".join(stopped.stderr.split())
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_result(uninterrupted), read_result(tmp_path / "run")
+    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+
+
 # ----------------------------------------------------------------------------- damaged files
 def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed(tmp_path):
     args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}"]
