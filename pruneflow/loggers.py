@@ -23,6 +23,22 @@ class NullLogger:
         pass
 
 
+def run_id(run_dir: str | os.PathLike) -> str:
+    """The W&B run id of a run folder: made on its first launch, kept in ``.wandb_run_id``."""
+    import secrets
+
+    from pruneflow.utils import atomic_write_text
+
+    path = Path(run_dir) / ".wandb_run_id"
+    if path.exists():
+        rid = path.read_text().strip()
+        if rid:
+            return rid
+    rid = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids
+    atomic_write_text(path, rid + "\n")
+    return rid
+
+
 class WandbLogger(NullLogger):
     """One W&B run per job, grouped per sweep; offline runs can be uploaded with ``wandb sync``."""
 
@@ -40,6 +56,10 @@ class WandbLogger(NullLogger):
         group = lc.get("group") or _sweep_group()
         name = lc.get("run_name") or f"{cfg.method.name}-{cfg.model.name}-{cfg.task.name}-s{cfg.get('sparsity')}-seed{cfg.seed}"
         self.run = wandb.init(
+            # one W&B run per run folder: a resumed run goes on in it (wandb sync uploads the
+            # offline folders of its launches as one run), overwrite=true starts a new one
+            id=run_id(run_dir),
+            resume="allow",
             project=lc.get("project", "pruneflow"),
             entity=lc.get("entity"),
             group=group,
@@ -107,6 +127,9 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> NullLogger:
                 _one_line(e), run_dir, run_dir,
             )
             try:
+                import wandb
+
+                wandb.teardown()  # the failed online start still holds the run id: release it
                 return WandbLogger(cfg, run_dir, mode="offline")
             except Exception as e2:  # noqa: BLE001
                 e = e2

@@ -652,6 +652,26 @@ def _differences(saved_path: Path, now: dict[str, Any], saved: dict[str, Any] | 
     return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
 
 
+# What a run writes into its folder (besides Hydra's .hydra/ and the log of the run now
+# going): overwrite=true removes them, so that nothing of the replaced run is left beside
+# the new one's result (its model/ when save_model=false, its W&B run, its predictions).
+RUN_OUTPUTS = ("result.json", "checkpoints", "model", "adapter", "predictions.jsonl", "predictions_*.jsonl",
+               "spp_path.json", "error.txt", "wandb", ".wandb_run_id")
+
+
+def remove_run_outputs(run_dir: Path) -> list[str]:
+    """Delete ``RUN_OUTPUTS`` in ``run_dir`` (nothing else: the folder may hold the user's
+    own files); returns the names removed."""
+    import shutil
+
+    removed = []
+    for pattern in RUN_OUTPUTS:
+        for path in sorted(run_dir.glob(pattern)):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def check_finished_config(cfg: DictConfig, run_dir: Path, done: dict[str, Any]) -> None:
     """A finished run is skipped only for its own settings: with others, its result.json
     would stand for a run that was never made. The settings are its checkpoints' or, once
@@ -737,11 +757,10 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[st
         if distributed.is_main():
             (run_dir / "error.txt").unlink(missing_ok=True)  # a failed job run again
         if cfg.get("overwrite", False):
-            import shutil
-
             if distributed.is_main():
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-                result_path.unlink(missing_ok=True)
+                removed = remove_run_outputs(run_dir)
+                if removed:
+                    log.info("overwrite=true: removed the previous run's %s from %s", ", ".join(removed), run_dir)
             distributed.barrier()
         fresh = not (run_dir / "checkpoints").exists()
         from pruneflow.llm.runner import LLMRun, is_lm_task

@@ -92,3 +92,22 @@ def test_run_online_without_login_finishes_offline(tmp_path: Path, no_wandb_logi
     assert (tmp_path / "run" / "result.json").exists()
     assert len(offline_runs(tmp_path / "run")) == 1
     assert "logging offline instead" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_in_its_wandb_run_and_overwrite_starts_a_new_one(tmp_path: Path, no_wandb_login: None) -> None:
+    """Every launch of one run folder (the first, and each resume after a stop) logs to one W&B
+    run id, so ``wandb sync`` uploads one run per job; overwrite=true removes it with the rest."""
+    from pruneflow.runner import remove_run_outputs
+
+    for _ in range(2):
+        logger = make_logger(logger_cfg(), tmp_path)
+        logger.log({"prune/loss": 1.0})
+        logger.finish()
+    runs = offline_runs(tmp_path)
+    ids = {r.name.split("-")[3] for r in runs}  # offline-run-<date>_<time>-<id>[-<n>]
+    assert len(runs) == 2 and ids == {(tmp_path / ".wandb_run_id").read_text().strip()}
+    assert {"wandb", ".wandb_run_id"} <= set(remove_run_outputs(tmp_path)) and not (tmp_path / "wandb").exists()
+    make_logger(logger_cfg(), tmp_path).finish()
+    (new,) = offline_runs(tmp_path)
+    assert new.name.split("-")[3] not in ids
