@@ -216,7 +216,8 @@ def precheck(argv: list[str]) -> str | None:
         return hydra_compose(config_name=config_name, overrides=[*search, *overrides], **kw)
 
     plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    shared = [o for o in plain if o.is_sweep_override() and o.get_key_element() in dirname_excluded(parsed)]
+    excluded = dirname_excluded(parsed) if multirun else set()
+    shared = [o for o in plain if o.is_sweep_override() and o.get_key_element() in excluded]
     if multirun and shared:
         key = shared[0].get_key_element()
         return (f"'{shared[0].input_line}' sweeps '{key}', which job folder names leave out "

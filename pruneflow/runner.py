@@ -667,7 +667,10 @@ def remove_run_outputs(run_dir: Path) -> list[str]:
     removed = []
     for pattern in RUN_OUTPUTS:
         for path in sorted(run_dir.glob(pattern)):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path.name)
     return removed
 
