@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pruneflow.published import (
     PublishedPoint,
+    as_typed,
     fmt_metric,
     metric_label,
     metric_scale,
@@ -28,11 +29,6 @@ from pruneflow.published import (
 if TYPE_CHECKING:
     from pruneflow.report import Row
 
-
-
-def _shown(value: object) -> str:
-    """A condition's value as a command line writes it (``true``, not Python's ``True``)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 @dataclass
 class Entry:
@@ -57,7 +53,7 @@ class Entry:
     def series(self) -> str:
         """The curve a point belongs to in a figure: its method, and its ``when`` (a 2:4
         number is not a point of the unstructured curve)."""
-        return " ".join([self.method, *(f"{k}={_shown(v)}" for k, v in self.point.when)])
+        return " ".join([self.method, *(f"{k}={as_typed(v)}" for k, v in self.point.when)])
 
 
 def _reproduces(point: PublishedPoint, row: Row, experiment: str) -> bool:
@@ -134,7 +130,7 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
     ]
     for e in entries:
         p = e.point
-        cond = " ".join(f"{k}={_shown(v)}" for k, v in p.when) or "–"
+        cond = " ".join(f"{k}={as_typed(v)}" for k, v in p.when) or "–"
         sp = "–" if p.sparsity is None else f"{p.sparsity * 100:g}"
         m = p.metric
         meas = "not run" if e.row is None else (

@@ -35,6 +35,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+
+def as_typed(value: Any) -> str:  # noqa: ANN401
+    """A setting's value as a command line writes it: ``true``, not Python's ``True``
+    (messages, report rows and ledger conditions)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 DEFAULT_TOLERANCE = 0.01  # one point (metrics are fractions) where a paper prints a table
 # Perplexity moves a little with fp16 kernels and library versions, in proportion to its size.
 DEFAULT_RELATIVE_TOLERANCE = 0.05

@@ -29,6 +29,7 @@ from pruneflow.config import RESUME_FREE
 from pruneflow.ledger import ledger_entries, ledger_markdown, plot_figures
 from pruneflow.published import (
     PublishedPoint,
+    as_typed,
     find_point,
     lower_is_better,
     metric_digits,
@@ -148,12 +149,10 @@ def _config_value(config: dict[str, Any], key: str) -> Any:  # noqa: ANN401
 
 def _canonical(value: Any) -> str | None:  # noqa: ANN401
     """One spelling per value (``true``/``True``, ``1e-3``/``0.001``); None for a section."""
-    if isinstance(value, bool):
-        return str(value).lower()
     if value is None:
         return "null"
-    if isinstance(value, (int, float, str)):
-        return str(value)
+    if isinstance(value, (bool, int, float, str)):
+        return as_typed(value)
     if isinstance(value, list):
         return json.dumps(value, separators=(",", ":"))
     return None

@@ -640,14 +640,16 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE) and not k.startswith("hydra")}
 
 
-def _differences(saved_path: Path, now: dict[str, Any], saved: dict[str, Any] | None = None) -> str:
-    """The settings in which ``now`` differs from those saved at ``saved_path`` (or given
-    as ``saved``), listed ("" if none)."""
-    if saved is None:
-        try:
-            saved = json.loads(saved_path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{saved_path} cannot be read ({e}); start the run over with overwrite=true.") from e
+def _saved_settings(path: Path) -> dict[str, Any]:
+    """A run's settings as ``check_resume_config`` saved them (checkpoints/config.json)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); start the run over with overwrite=true.") from e
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """The settings in which ``now`` differs from ``saved``, listed ("" if none)."""
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
     return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
 
@@ -681,9 +683,9 @@ def check_finished_config(cfg: DictConfig, run_dir: Path, done: dict[str, Any]) 
     checkpoints/ was deleted (to free space after a sweep), its result.json's."""
     saved_path = run_dir / "checkpoints" / "config.json"
     if saved_path.exists():
-        listed = _differences(saved_path, _comparable(cfg))
+        listed = _differences(_saved_settings(saved_path), _comparable(cfg))
     elif isinstance(done.get("config"), dict):
-        listed = _differences(run_dir / "result.json", _comparable(cfg), _comparable(done["config"]))
+        listed = _differences(_comparable(done["config"]), _comparable(cfg))
     else:
         listed = ""
     if listed:
@@ -702,7 +704,7 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         if (run_dir / "checkpoints").exists() and distributed.is_main():
             atomic_write_json(saved_path, now)
         return
-    listed = _differences(saved_path, now)
+    listed = _differences(_saved_settings(saved_path), now)
     if not listed:
         return
     if cfg.get("allow_config_change", False):

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pruneflow.errors import UserError, invalid
+from pruneflow.published import as_typed
 
 PRECISIONS = ("32", "bf16", "fp16")
 
@@ -242,10 +243,7 @@ def typed_settings(mine: dict[str, Any], typed: Sequence[str]) -> dict[str, Any]
     A value that switches off (null, false, 0) is left out: typed at its default it undoes
     an experiment's value (``method.lengthen_to_fit=false``), which must stay possible."""
     out: dict[str, Any] = {}
-    for line in typed:
-        if line.startswith("~") or "=" not in line:
-            continue
-        key = line.lstrip("+").split("=", 1)[0].strip()
+    for key in typed_text(typed):
         if key in SETTING_GROUPS + CHOICE_SETTINGS:
             key = f"{key}.name"
         elif key.startswith("hydra") or key in config_groups():  # every run has a model, a task, ...: no setting
@@ -293,7 +291,7 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
         return
     if explicit is None:
         explicit = explicit_settings(cfg, typed)
-    as_typed = typed_text(typed)
+    typed_values = typed_text(typed)
     for prefix, why in unused:
         for key, value in explicit.items():
             unset = value is None or (not isinstance(value, bool) and value == 0)
@@ -301,7 +299,7 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
                 group = key.removesuffix(".name")
                 if key.endswith(".name") and group in SETTING_GROUPS + CHOICE_SETTINGS:  # a group's option was chosen
                     key = group
-                shown = as_typed.get(key, str(value).lower() if isinstance(value, bool) else value)
+                shown = typed_values.get(key, as_typed(value))
                 raise UserError(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.")
 
 

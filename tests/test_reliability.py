@@ -250,20 +250,15 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
     # finished: the same settings are skipped; other settings are not answered with its result
     before = (run_dir / "result.json").read_bytes()
-    same = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
-    assert same.returncode == 0 and "this run is finished, skipping it" in same.stderr + same.stdout
-    finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
-    message = " ".join(finished.stderr.split())
-    assert finished.returncode == 2 and "holds a finished run with other settings (sparsity: 0.5 -> 0.6" in message, message[-800:]
-    assert (run_dir / "result.json").read_bytes() == before
-    # checkpoints/ deleted to free space: result.json still says which settings it is for
-    shutil.rmtree(run_dir / "checkpoints")
-    same = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
-    assert same.returncode == 0 and "this run is finished, skipping it" in same.stderr + same.stdout
-    finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
-    message = " ".join(finished.stderr.split())
-    assert finished.returncode == 2 and "holds a finished run with other settings (sparsity: 0.5 -> 0.6" in message, message[-800:]
-    assert (run_dir / "result.json").read_bytes() == before
+    for checkpoints_deleted in (False, True):  # deleted to free space: result.json still says which settings it is for
+        if checkpoints_deleted:
+            shutil.rmtree(run_dir / "checkpoints")
+        same = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
+        assert same.returncode == 0 and "this run is finished, skipping it" in same.stderr + same.stdout
+        finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
+        message = " ".join(finished.stderr.split())
+        assert finished.returncode == 2 and "holds a finished run with other settings (sparsity: 0.5 -> 0.6" in message, message[-800:]
+        assert (run_dir / "result.json").read_bytes() == before
 
 
 SIGNAL_ARGS = [*SMALL, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
