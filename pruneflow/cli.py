@@ -31,6 +31,7 @@ GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", 
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")  # and --config-dir: _is_config_dir_flag
 OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOPPED_FILE = "stopped.txt"  # in a sweep job's folder: why it stopped (or did not start)
 
 
 def _report_error(message: str) -> None:
@@ -292,11 +293,30 @@ def _app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:
+        from pruneflow.stop import STOP, name
+
+        # A job in a launcher's worker process (joblib, submitit_local): Ctrl-C stops it with a
+        # checkpoint (not a traceback), and so does a signal sent to the launching process only.
+        STOP.install()
+        STOP.watch(Path(hc.sweep.dir))
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+        signum = STOP.requested()
+        if signum is not None:
+            _write_stopped(run_dir, f"Not started: the sweep was stopped by {name(signum)} before this job began. "
+                                    "Run the same command again to run it.")
+            return None
     try:
         result = run(cfg, run_dir, list(hc.overrides.task))
     except RunStopped as e:
         _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
+        if multirun:
+            _write_stopped(run_dir, str(e))
+            from pruneflow.stop import STOP
+
+            if not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
+                return None
         sys.exit(EXIT_CODES.get(e.signum, 1))
     except UserError as e:
         _log_to_file(logging.ERROR, str(e))
@@ -359,6 +379,14 @@ def _remove_if_only_hydra(run_dir: Path, default_layout: bool = False) -> None:
         pass
 
 
+def _write_stopped(run_dir: Path, text: str) -> None:
+    """A sweep's job that a signal stopped (or kept from starting): the launcher lists it."""
+    try:
+        (run_dir / STOPPED_FILE).write_text(text + "\n")
+    except OSError as e:
+        log.error("Could not write %s: %s", run_dir / STOPPED_FILE, e)
+
+
 def _write_error(run_dir: Path, text: str) -> None:
     try:
         (run_dir / "error.txt").write_text(text)
@@ -372,15 +400,28 @@ def main() -> None:
     if message:
         _report_error(message)
         sys.exit(2)
+    from pruneflow.config import SWEEP_STOPPED
     from pruneflow.stop import STOP
 
+    STOP.launcher_pid = os.getpid()
     STOP.install()
-    _app()
+    try:
+        _app()
+    finally:  # a request left in the sweep folder would stop the next launch's jobs (it also clears it)
+        STOP.forget_stop_file()
     failed = sweep_failures()
     if failed:
         print(f"\npruneflow: {len(failed)} job(s) of the sweep failed (their error.txt):", file=sys.stderr)
         for path, reason in failed:
             print(f"  {path}: {reason}", file=sys.stderr)
+    if SWEEP_STOPPED:
+        print(f"\npruneflow: {len(SWEEP_STOPPED)} job(s) of the sweep were stopped (their {STOPPED_FILE}); run the same "
+              "command again to resume them (finished jobs are not run again):", file=sys.stderr)
+        for path, reason in SWEEP_STOPPED:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    if STOP.signum is not None or SWEEP_STOPPED:
+        sys.exit(EXIT_CODES.get(STOP.signum, 1))  # type: ignore[arg-type]
+    if failed:
         sys.exit(1)
 
 

@@ -215,8 +215,9 @@ def _dirname(overrides: str) -> str:
     return name[:183] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-# Failed jobs of the sweep that just ran (filled by SweepCheck in the launching process).
+# Failed and stopped jobs of the sweep that just ran (filled by SweepCheck in the launching process).
 SWEEP_FAILURES: list[tuple[str, str]] = []
+SWEEP_STOPPED: list[tuple[str, str]] = []
 
 
 try:
@@ -227,28 +228,38 @@ except ImportError:  # pragma: no cover
 
 class SweepCheck(_HydraCallback):
     """Hydra callback: after a sweep, collect the jobs that failed in this launch (their
-    error.txt, written since it started) so that ``pruneflow -m`` exits non-zero and lists
-    them. A failure of an earlier launch into the same sweep folder is not this one's."""
+    error.txt, written since it started) and the jobs a signal stopped (stopped.txt), so
+    that ``pruneflow -m`` exits non-zero and lists them. A failure of an earlier launch
+    into the same sweep folder is not this one's. As the sweep starts, it tells the stop
+    handler where the jobs will look for a stop request (``pruneflow.stop``)."""
 
     started: float | None = None
 
     def on_multirun_start(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         import time
+        from pathlib import Path
+
+        from pruneflow.stop import STOP
 
         self.started = time.time()
+        STOP.share_with_jobs(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         from pathlib import Path
 
+        from pruneflow.stop import STOP
+
+        STOP.forget_stop_file()
         root = Path(str(config.hydra.sweep.dir))
-        SWEEP_FAILURES.clear()
-        for err in sorted(root.rglob("error.txt")):
-            if ".cache" in err.parts:
-                continue
-            if self.started is not None and err.stat().st_mtime < self.started - 2:  # 2 s: coarse file-system clocks
-                continue
-            lines = [line.strip() for line in err.read_text(errors="replace").splitlines() if line.strip()]
-            SWEEP_FAILURES.append((str(err.parent), lines[-1] if lines else "(empty error.txt)"))
+        for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, "stopped.txt")):
+            found.clear()
+            for path in sorted(root.rglob(file)):
+                if ".cache" in path.parts:
+                    continue
+                if self.started is not None and path.stat().st_mtime < self.started - 2:  # 2 s: coarse file-system clocks
+                    continue
+                lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+                found.append((str(path.parent), lines[-1] if lines else f"(empty {file})"))
 
 
 def register_configs() -> None:

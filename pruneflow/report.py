@@ -270,6 +270,8 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
                 reason = f"no result.json; stages done: {', '.join(done) or 'none'} (resume with the same command)"
             except Exception:  # noqa: BLE001
                 pass
+        if (d / "stopped.txt").exists() and not result.exists():  # a signal stopped the sweep: the job says where
+            reason = _last_line((d / "stopped.txt").read_text(errors="replace"))
         unfinished.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), reason))
     return failed, unfinished
 
@@ -725,6 +727,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
             f"No finished run under '{root}': no readable result.json was found "
             f"({len(failed)} failed job(s) with error.txt, {len(unfinished)} unfinished). "
             "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir)."
+            + "".join(f"\n  {job.path}: {job.reason}" for job in [*failed, *unfinished][:20])
         )
     out_dir = Path(out) if out is not None else root
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -658,7 +658,7 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
 # going): overwrite=true removes them, so that nothing of the replaced run is left beside
 # the new one's result (its model/ when save_model=false, its W&B run, its predictions).
 RUN_OUTPUTS = ("result.json", "checkpoints", "model", "adapter", "predictions.jsonl", "predictions_*.jsonl",
-               "spp_path.json", "error.txt", "wandb", ".wandb_run_id")
+               "spp_path.json", "error.txt", "stopped.txt", "wandb", ".wandb_run_id")
 
 
 def remove_run_outputs(run_dir: Path) -> list[str]:

@@ -1,17 +1,30 @@
 """SIGTERM (schedulers, ``timeout``) and SIGINT (Ctrl-C) ask a run to stop: the trainer
 saves a checkpoint at the end of the current step and stops cleanly; the same command
-resumes it exactly. A second signal stops at once."""
+resumes it exactly. A second signal stops at once.
+
+A sweep whose jobs run in other processes (``hydra/launcher=joblib``,
+``submitit_local``) passes the request on through a file in the sweep folder
+(``STOP_FILE``): the launching process writes it when it gets the signal, and every
+job reads it at each step. A signal sent only to the launching process (``kill
+<pid>``, a container's stop) then stops every job with a checkpoint, and the jobs do
+not count the file as a second signal when Ctrl-C reaches them directly too."""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
+
+STOP_FILE = ".pruneflow-stop"  # in hydra.sweep.dir; holds the signal's number
 
 
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received = 0  # signals this process got itself (a request read from STOP_FILE is not one)
+        self.launcher_pid: int | None = None  # the process that runs the command (and launches a sweep's jobs)
+        self.stop_file: Path | None = None
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -21,16 +34,51 @@ class StopRequest:
                 return
 
     def handle(self, signum: int, frame: Any) -> None:  # noqa: ANN401
-        if self.signum is not None:  # the second: stop at once, with the exit code a scheduler expects
+        self.received += 1
+        if self.received > 1:  # the second: stop at once, with the exit code a scheduler expects
             os.write(2, (f"\npruneflow: stopped at once by a second {name(signum)}; the last checkpoint saved before it "
                          "is kept: run the same command again to resume from it.\n").encode())
             os._exit(128 + signum)  # no unwinding: a traceback through whatever was running helps no one
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        if self.in_launcher() and self.stop_file is not None:
+            self._write_stop_file()
+
+    def in_launcher(self) -> bool:
+        return self.launcher_pid == os.getpid()
+
+    def share_with_jobs(self, sweep_dir: Path) -> None:
+        """In the launching process, as a sweep starts: its jobs will read the request
+        from ``sweep_dir``. A request left there by an earlier launch is removed."""
+        self.stop_file = sweep_dir / STOP_FILE
+        self.stop_file.unlink(missing_ok=True)
+        if self.signum is not None:  # asked to stop before the jobs were launched
+            self._write_stop_file()
+
+    def watch(self, sweep_dir: Path) -> None:
+        """In a sweep's job: also stop when the launching process was asked to."""
+        self.stop_file = sweep_dir / STOP_FILE
+
+    def forget_stop_file(self) -> None:
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)
+
+    def _write_stop_file(self) -> None:
+        try:
+            self.stop_file.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            self.stop_file.write_text(str(self.signum))  # type: ignore[union-attr]
+        except OSError:  # an unwritable sweep folder: jobs that got the signal themselves still stop
+            pass
 
     def requested(self) -> int | None:
         """The signal that asked to stop (the same answer on every torchrun rank)."""
         from pruneflow import distributed
 
+        if self.signum is None and self.stop_file is not None and not self.in_launcher():
+            try:
+                self.signum = int(self.stop_file.read_text())
+            except (OSError, ValueError):  # no request (or one being written: read at the next step)
+                pass
         if distributed.is_distributed():
             return distributed.broadcast_object(self.signum)
         return self.signum
