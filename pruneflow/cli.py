@@ -10,6 +10,7 @@ import signal
 import sys
 import textwrap
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,7 @@ def _app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    record = hydra_record(cfg)
     if multirun:
         from pruneflow.stop import STOP, name
 
@@ -303,11 +305,15 @@ def _app(cfg: DictConfig) -> float | None:
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)
         signum = STOP.requested()
         if signum is not None:
+            from pruneflow.runner import holds_run
+
+            if not holds_run(run_dir):  # the report lists the job by its .hydra/ record
+                record(run_dir)
             _write_stopped(run_dir, f"Not started: the sweep was stopped by {name(signum)} before this job began. "
                                     "Run the same command again to run it.")
             return None
     try:
-        result = run(cfg, run_dir, list(hc.overrides.task))
+        result = run(cfg, run_dir, list(hc.overrides.task), record=record)
     except RunStopped as e:
         _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
@@ -338,6 +344,36 @@ def _app(cfg: DictConfig) -> float | None:
         return None
     final = result["metrics"]["final"]
     return final.get(result["main_metric"])
+
+
+RECORD_DIR = ".hydra"
+
+
+def hydra_record(cfg: DictConfig) -> Callable[[Path], None]:
+    """What Hydra writes into a job's folder as it starts (``.hydra/config.yaml``,
+    ``hydra.yaml``, ``overrides.yaml``), written by the runner once the folder is this
+    command's instead (conf/config.yaml sets ``hydra.output_subdir: null``): Hydra's
+    would also replace the record of a run in the folder when the runner then refuses
+    the command (other settings, the folder in use by another process). The text is
+    taken now, before the run changes anything."""
+    from omegaconf import OmegaConf
+
+    hydra_cfg = OmegaConf.create(OmegaConf.to_container(HydraConfig.instance().cfg, resolve=False))
+    hydra_cfg.hydra.output_subdir = RECORD_DIR  # where the record is, as Hydra's own says
+    texts = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        "overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task),
+    }
+
+    def write(run_dir: Path) -> None:
+        from pruneflow.utils import atomic_write_text
+
+        (run_dir / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            atomic_write_text(run_dir / RECORD_DIR / name, text)
+
+    return write
 
 
 def _log_to_file(level: int, message: str) -> None:

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -654,7 +654,7 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
 
 
-# What a run writes into its folder (besides Hydra's .hydra/ and the log of the run now
+# What a run writes into its folder (besides the command's .hydra/ record and the log of the run now
 # going): overwrite=true removes them, so that nothing of the replaced run is left beside
 # the new one's result (its model/ when save_model=false, its W&B run, its predictions).
 RUN_OUTPUTS = ("result.json", "checkpoints", "model", "adapter", "predictions.jsonl", "predictions_*.jsonl",
@@ -737,19 +737,35 @@ def check_settings(cfg: DictConfig, here: bool = True, overrides: list[str] | No
     (LLMRun if is_lm_task(cfg) else Run)(cfg, Path("."), overrides).check_settings(here)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None,
+        record: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """``record(run_dir)`` writes the command's record (the CLI: ``.hydra/``) once the
+    folder is this command's: at once in a folder that holds no run, and in one that
+    holds a run only once its settings are accepted (resumed, or ``overwrite=true``).
+    A refused command, or one answered from a finished run, leaves the record of the
+    run in the folder as it was."""
     threads = torch.get_num_threads()
     try:
-        return _run(cfg, Path(run_dir), overrides)
+        return _run(cfg, Path(run_dir), overrides, record)
     finally:  # trainer.torch_threads is this run's setting, not the calling process's
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[str, Any]:
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run (finished, or with checkpoints to resume from)."""
+    return (run_dir / "result.json").exists() or (run_dir / "checkpoints").exists()
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, record: Callable[[Path], None] | None = None) -> dict[str, Any]:
     if distributed.env_world_size() > 1:  # torchrun: join the group, share rank 0's run dir
         distributed.setup(resolve_device(str(cfg.trainer.device)))
         run_dir = distributed.shared_run_dir(run_dir)
+    if not distributed.is_main():
+        record = None
     with run_lock(run_dir):
+        if record is not None and not holds_run(run_dir):
+            record(run_dir)
+            record = None
         result_path = run_dir / "result.json"
         if result_path.exists() and not cfg.get("overwrite", False):
             try:
@@ -772,6 +788,8 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[st
 
         try:
             check_resume_config(cfg, run_dir)
+            if record is not None:  # the settings fit the run in the folder: this command's record replaces its
+                record(run_dir)
             r = LLMRun(cfg, run_dir, overrides) if is_lm_task(cfg) else Run(cfg, run_dir, overrides)
             r.prepare()
         except UserError as e:

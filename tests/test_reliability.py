@@ -242,12 +242,21 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
     assert busy.returncode == 2 and "in use by another pruneflow process" in " ".join(busy.stderr.split())
     killed = run_cli(args, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:6"})
     assert killed.returncode == -9
+
+    def record() -> dict[str, bytes]:  # the command's .hydra/ record of the run in the folder
+        return {p.name: p.read_bytes() for p in sorted((run_dir / ".hydra").iterdir())}
+
+    first = record()
+    assert sorted(first) == ["config.yaml", "hydra.yaml", "overrides.yaml"] and b"sparsity=0.5" in first["overrides.yaml"]
     other = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
     message = " ".join(other.stderr.split())
     assert other.returncode == 2 and "stages.recover.lr: 0.001 -> 0.0005" in message and "allow_config_change=true" in message
+    assert record() == first  # a refused command leaves the run's record alone
     allowed = run_cli([*args, "stages.recover.lr=5e-4", "allow_config_change=true"], cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
+    accepted = record()
+    assert b"stages.recover.lr=5e-4" in accepted["overrides.yaml"]  # an accepted change is the run's record now
     # finished: the same settings are skipped; other settings are not answered with its result
     before = (run_dir / "result.json").read_bytes()
     for checkpoints_deleted in (False, True):  # deleted to free space: result.json still says which settings it is for
@@ -258,7 +267,7 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
         finished = run_cli([*args, "sparsity=0.6"], cwd=tmp_path)
         message = " ".join(finished.stderr.split())
         assert finished.returncode == 2 and "holds a finished run with other settings (sparsity: 0.5 -> 0.6" in message, message[-800:]
-        assert (run_dir / "result.json").read_bytes() == before
+        assert (run_dir / "result.json").read_bytes() == before and record() == accepted
 
 
 SIGNAL_ARGS = [*SMALL, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
