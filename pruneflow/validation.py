@@ -317,6 +317,30 @@ def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
 LOGGER_MODES = ("offline", "online", "disabled")
 
 
+def refuse_compressed(path: str, model_name: str) -> None:
+    """A run starts from a full-size model; a structurally compressed one (SPP's
+    ``model/``: heads and FFN neurons removed) would fail to load with a list of size
+    mismatches that names neither the cause nor the way out."""
+    import json
+    from pathlib import Path
+
+    where = Path(path)
+    for meta_file in (where / "pruneflow.json", where / "config.json"):  # transformers' save / timm's
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        meta = meta if meta_file.name == "pruneflow.json" else meta.get("pruneflow")
+        if isinstance(meta, dict) and meta.get("compressed"):
+            raise UserError(
+                f"model.path={path} holds a structurally compressed model ({meta_file.name}: pruneflow.compressed is "
+                f"true): its attention heads and FFN neurons were removed, so its layers are smaller than model={model_name}'s "
+                "and a run cannot start from it. Point model.path at a full-size model (dense, or a masked model/ of an "
+                f"unstructured method); to evaluate or use the compressed one, load it in Python with "
+                f"pruneflow.load_model('{path}')."
+            )
+
+
 def validate_run(cfg: DictConfig) -> None:
     """Top-level, logger, task and model settings that need no data to check."""
     logger = cfg.get("logger") or {}
@@ -343,6 +367,8 @@ def validate_run(cfg: DictConfig) -> None:
             f"model.path={model.path} would be ignored: model={model.name} has model.pretrained=false, so it is built from "
             "its config with random weights. Set model.pretrained=true to load the path, or remove model.path."
         )
+    if model.get("path"):
+        refuse_compressed(str(model.path), str(model.name))
     method = cfg.method
     preset = method.get("preset")
     if preset not in (None, "auto") and not str(task.name).startswith("glue/"):

@@ -255,6 +255,7 @@ def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_pat
     preds = [json.loads(line) for line in (tmp_path / "s5" / "predictions.jsonl").read_text().splitlines()]
     with torch.no_grad():
         assert model(x).argmax(-1).tolist() == [p["prediction"] for p in preds]
+    assert_refused_as_a_starting_point(tmp_path / "s5" / "model", "config.json", "model=tiny_vit")
 
     # Another sparsity reuses the search: nested structures, measured ≈ target.
     caplog.clear()
@@ -317,3 +318,15 @@ def test_spp_compresses_a_bert_model_end_to_end(config, tmp_path):
     task.prepare(bundle)
     metrics, _ = task.evaluate_all(bundle, 64, torch.device("cpu"))
     assert metrics["accuracy"] == pytest.approx(r["metrics"]["final"]["accuracy"], abs=1e-9)
+    assert_refused_as_a_starting_point(model_dir, "pruneflow.json", "model=bert_tiny", "model.pretrained=true", "task=glue/sst2", f"task.path={data}")
+
+
+def assert_refused_as_a_starting_point(model_dir, meta: str, *overrides: str) -> None:  # noqa: ANN001
+    """A compressed model/ as model.path: one paragraph before any work, naming the cause and
+    pruneflow.load_model (it was a list of size mismatches, blamed on being offline)."""
+    from conftest import run_cli
+
+    out = run_cli([*overrides, f"model.path={model_dir}", "logger=none"], cwd=model_dir.parent)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "Traceback" not in said, said[-2000:]
+    assert f"{meta}: pruneflow.compressed is true" in said and "pruneflow.load_model(" in said and "mismatch" not in said
