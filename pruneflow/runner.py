@@ -316,6 +316,7 @@ class Run:
                 "method": self.method.state_dict(),
                 "trainer": trainer_state,
                 "rng": rng_state(),
+                "torch_threads": torch.get_num_threads(),
             },
             self.ckpt_path,
         )
@@ -419,6 +420,11 @@ class Run:
         if ckpt is not None:
             start_index = STAGES.index(ckpt["stage"])
             log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
+            was, now = ckpt.get("torch_threads"), torch.get_num_threads()
+            if was is not None and was != now and self.device.type == "cpu":
+                # torch splits CPU reductions by thread: the sums (and so the weights) change in the last bits
+                log.warning("Resuming with %d torch threads; the checkpoint was written with %d. The result can differ from "
+                            "an uninterrupted run's in the last bits; trainer.torch_threads=%d resumes exactly.", now, was, was)
             if start_index >= STAGES.index("prune") and self.method.prunes and self.plan.runs("prune"):
                 self.setup_method()
                 self.method.load_state_dict(ckpt["method"])

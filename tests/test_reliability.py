@@ -270,6 +270,18 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
         assert (run_dir / "result.json").read_bytes() == before and record() == accepted
 
 
+def test_resuming_with_another_thread_count_says_the_result_may_differ(tmp_path):
+    """torch_threads is left out of the resume check (joblib picks it per job) but changes
+    CPU sums in the last bits: a resume with another count says so and how to resume exactly."""
+    args = [*SMALL, "method=magnitude", "sparsity=0.5", f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c'}"]
+    killed = run_cli([*args, "trainer.torch_threads=1"], cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:6"})
+    assert killed.returncode == -9
+    resumed = run_cli([*args, "trainer.torch_threads=2"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = " ".join((tmp_path / "run" / "pruneflow.log").read_text().split())
+    assert "Resuming with 2 torch threads; the checkpoint was written with 1" in log and "trainer.torch_threads=1 resumes exactly" in log
+
+
 SIGNAL_ARGS = [*SMALL, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
 
 
