@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pruneflow.config import register_configs
+from pruneflow.config import local_process_launcher, register_configs
 from pruneflow.errors import RunStopped, UserError
 from pruneflow.utils import unwritable
 
@@ -301,7 +301,8 @@ def _app(cfg: DictConfig) -> float | None:
         # A job in a launcher's worker process (joblib, submitit_local): Ctrl-C stops it with a
         # checkpoint (not a traceback), and so does a signal sent to the launching process only.
         STOP.install()
-        STOP.watch(Path(hc.sweep.dir))
+        if local_process_launcher(hc):
+            STOP.watch(Path(hc.sweep.dir))
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)
         signum = STOP.requested()
         if signum is not None:

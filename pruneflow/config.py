@@ -226,12 +226,23 @@ except ImportError:  # pragma: no cover
     _HydraCallback = object  # type: ignore[misc,assignment]
 
 
+# Launchers whose jobs run in other processes on this machine (joblib, submitit_local): a
+# signal to the launching process is passed on to them (pruneflow.stop). The basic launcher
+# runs jobs in the launching process; Slurm jobs are the cluster's to stop.
+LOCAL_PROCESS_LAUNCHERS = (".JoblibLauncher", ".LocalLauncher")
+
+
+def local_process_launcher(hydra_cfg: Any) -> bool:  # noqa: ANN401 - Hydra's config node
+    return str(hydra_cfg.launcher.get("_target_", "")).endswith(LOCAL_PROCESS_LAUNCHERS)
+
+
 class SweepCheck(_HydraCallback):
     """Hydra callback: after a sweep, collect the jobs that failed in this launch (their
     error.txt, written since it started) and the jobs a signal stopped (stopped.txt), so
     that ``pruneflow -m`` exits non-zero and lists them. A failure of an earlier launch
-    into the same sweep folder is not this one's. As the sweep starts, it tells the stop
-    handler where the jobs will look for a stop request (``pruneflow.stop``)."""
+    into the same sweep folder is not this one's. As a sweep of local worker processes
+    starts, it tells the stop handler where the jobs will look for a stop request
+    (``pruneflow.stop``)."""
 
     started: float | None = None
 
@@ -239,10 +250,14 @@ class SweepCheck(_HydraCallback):
         import time
         from pathlib import Path
 
-        from pruneflow.stop import STOP
+        from pruneflow.stop import STOP, STOP_FILE, quiet_idle_joblib_workers
 
         self.started = time.time()
-        STOP.share_with_jobs(Path(str(config.hydra.sweep.dir)))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier launch's, if it was killed
+        if local_process_launcher(config.hydra):
+            STOP.share_with_jobs(sweep_dir)
+            quiet_idle_joblib_workers()
 
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         from pathlib import Path

@@ -2,15 +2,19 @@
 saves a checkpoint at the end of the current step and stops cleanly; the same command
 resumes it exactly. A second signal stops at once.
 
-A sweep whose jobs run in other processes (``hydra/launcher=joblib``,
+A sweep whose jobs run in other processes on this machine (``hydra/launcher=joblib``,
 ``submitit_local``) passes the request on through a file in the sweep folder
 (``STOP_FILE``): the launching process writes it when it gets the signal, and every
 job reads it at each step. A signal sent only to the launching process (``kill
 <pid>``, a container's stop) then stops every job with a checkpoint, and the jobs do
-not count the file as a second signal when Ctrl-C reaches them directly too."""
+not count the file as a second signal when Ctrl-C reaches them directly too.
+joblib's workers ignore both signals until a job installs the handler: a
+KeyboardInterrupt in a worker waiting for a job (``n_jobs`` above the job count, or
+the sweep's last jobs) would abort the sweep and kill the workers saving a checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -48,8 +52,9 @@ class StopRequest:
         return self.launcher_pid == os.getpid()
 
     def share_with_jobs(self, sweep_dir: Path) -> None:
-        """In the launching process, as a sweep starts: its jobs will read the request
-        from ``sweep_dir``. A request left there by an earlier launch is removed."""
+        """In the launching process, as a sweep of local worker processes starts: its
+        jobs will read the request from ``sweep_dir`` (a request left there by an earlier
+        launch is removed)."""
         self.stop_file = sweep_dir / STOP_FILE
         self.stop_file.unlink(missing_ok=True)
         if self.signum is not None:  # asked to stop before the jobs were launched
@@ -85,6 +90,32 @@ class StopRequest:
 
 
 STOP = StopRequest()
+
+
+def _ignore_until_a_job_starts() -> None:
+    """joblib worker initializer (runs in each new worker process)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def quiet_idle_joblib_workers() -> None:
+    """Have joblib's loky workers start with SIGINT and SIGTERM ignored. Hydra's joblib
+    launcher asks for ``backend="loky"`` by name, so the name is registered again with
+    the initializer (the only way to give one through ``Parallel``). Left as it is if
+    joblib's internals have moved."""
+    try:
+        from joblib import register_parallel_backend
+        from joblib._parallel_backends import LokyBackend
+    except ImportError as e:
+        logging.getLogger("pruneflow").debug("joblib workers keep their signal handlers: %s", e)
+        return
+
+    class QuietLokyBackend(LokyBackend):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+            kwargs.setdefault("initializer", _ignore_until_a_job_starts)
+            super().__init__(*args, **kwargs)
+
+    register_parallel_backend("loky", QuietLokyBackend)
 
 
 def name(signum: int) -> str:
