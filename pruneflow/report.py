@@ -448,7 +448,7 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
     out += ledger_markdown(entries, sources.ref)
     for p in figures or []:  # a blank line first: a line right after a table is read as one more row
         out += ["", f"![{p.stem}]({p.name})"]
-    experiments: dict[str, dict[str, Any]] = {}
+    experiments: dict[str, dict[str, Any]] = sweep_experiments(root)
     for r in rows:
         if r.experiment and r.experiment_info():
             experiments.setdefault(r.experiment, r.experiment_info())
@@ -485,6 +485,26 @@ def _rel(result: dict[str, Any], root: Path) -> str:
         return str(path.relative_to(root)) or "."
     except ValueError:
         return str(path)
+
+
+def sweep_experiments(root: Path) -> dict[str, dict[str, Any]]:
+    """The experiment a sweep was launched with (``multirun.yaml``, Hydra's record of the
+    launch). A paper table's jobs each carry a row's experiment (``experiment=...`` in
+    the row), so the table's own source and deviations (e.g. a penalty grid instead of
+    the authors' per-run choice) are in no job's result.json."""
+    from omegaconf import OmegaConf
+
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.rglob("multirun.yaml")):
+        if ".cache" in path.parts:
+            continue
+        try:
+            info = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("experiment_info")  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - a damaged record: the jobs' own experiments still show
+            continue
+        if isinstance(info, dict) and info.get("name"):
+            found.setdefault(str(info["name"]), info)
+    return found
 
 
 def deviations_section(experiments: dict[str, dict[str, Any]]) -> list[str]:

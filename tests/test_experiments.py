@@ -466,7 +466,10 @@ def test_a_table_runs_as_one_sweep_and_fills_one_ledger(tmp_path: Path) -> None:
     table.parent.mkdir(parents=True)
     mini = ", ".join(SANH_MINI)
     table.write_text(
-        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: rows\nhydra:\n  sweeper:\n    rows:\n"
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: rows\n"
+        "experiment_info:\n  name: mini/table\n  source: a miniature of Sanh et al.'s table\n  deviations:\n"
+        "    - {what: the table's own choice, authors: theirs, here: ours, restore: null}\n"
+        "hydra:\n  sweeper:\n    rows:\n"
         f"      - [experiment=magnitude/squad_bert_base, sparsity=0.9, {mini}]\n"
         f"      - [experiment=movement/squad_bert_base, sparsity=0.97, {mini}]\n"
         "      - [experiment=l0/squad_bert_base, method.final_lambda=50, trainer.warmup_steps=2]\n")
@@ -482,3 +485,8 @@ def test_a_table_runs_as_one_sweep_and_fills_one_ledger(tmp_path: Path) -> None:
     assert "| magnitude/squad_bert_base | magnitude | squad/v1 | f1 | 90 | distill.enabled=false | 78.5" in ledger
     assert "(2) |" in ledger  # measured over the two seeds
     assert (sweep / "figure_Sanh-et-al.-2020-Tables-2-and-3-SQuAD-v1.1.png").exists()
+    # the table's own source and deviations (its jobs carry the rows' experiments)
+    md = (sweep / "report.md").read_text()
+    assert "- `mini/table`: a miniature of Sanh et al.'s table" in md
+    assert "### Deviations from the authors' setting: `mini/table`" in md and "| the table's own choice | theirs | ours | – |" in md
+    assert "### Deviations from the authors' setting: `movement/squad_bert_base`" in md
