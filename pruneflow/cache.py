@@ -90,10 +90,31 @@ class StageCache:
         return self.done_file.exists()
 
     @contextmanager
-    def lock(self, timeout: float = -1):  # noqa: ANN201
+    def lock(self):  # noqa: ANN201
+        """The entry's lock, waited for as long as another process holds it (it is computing
+        the entry), but not past a stop request: SIGTERM/SIGINT while waiting stops the run."""
+        from filelock import Timeout
+
+        from pruneflow.errors import RunStopped
+        from pruneflow.stop import STOP, name
+
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.dir) + ".lock", timeout=timeout):
+        lock = FileLock(str(self.dir) + ".lock")
+        while True:
+            try:
+                lock.acquire(timeout=1.0)
+                break
+            except Timeout:
+                signum = STOP.requested_here()  # not the collective: other ranks are elsewhere
+                if signum is not None:
+                    raise RunStopped(
+                        f"Stopped by {name(signum)} while waiting for another process to compute the cached {self.kind} "
+                        f"({self.dir}); this run had not started training. Run the same command again.", signum
+                    ) from None
+        try:
             yield
+        finally:
+            lock.release()
 
     def read(self) -> dict[str, Any]:
         return json.loads(self.done_file.read_text())

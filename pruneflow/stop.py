@@ -76,16 +76,22 @@ class StopRequest:
             pass
 
     def requested(self) -> int | None:
-        """The signal that asked to stop (the same answer on every torchrun rank)."""
+        """The signal that asked to stop (the same answer on every torchrun rank: a
+        collective, so every rank must call it at the same point)."""
         from pruneflow import distributed
 
+        signum = self.requested_here()
+        if distributed.is_distributed():
+            return distributed.broadcast_object(signum)
+        return signum
+
+    def requested_here(self) -> int | None:
+        """The signal that asked this process to stop (or its sweep, through the stop file)."""
         if self.signum is None and self.stop_file is not None and not self.in_launcher():
             try:
                 self.signum = int(self.stop_file.read_text())
             except (OSError, ValueError):  # no request (or one being written: read at the next step)
                 pass
-        if distributed.is_distributed():
-            return distributed.broadcast_object(self.signum)
         return self.signum
 
 

@@ -282,6 +282,39 @@ def test_resuming_with_another_thread_count_says_the_result_may_differ(tmp_path)
     assert "Resuming with 2 torch threads; the checkpoint was written with 1" in log and "trainer.torch_threads=1 resumes exactly" in log
 
 
+def test_a_run_waiting_for_another_process_cache_entry_stops_on_a_signal(tmp_path):
+    """A job waits while another computes the finetune it shares (the entry's lock); a
+    SIGTERM then stops it at once with one paragraph, not after the other job's training."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from filelock import FileLock
+
+    args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}"]
+    first = run_cli([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (lock_path,) = (tmp_path / "c" / "finetune").glob("*.lock")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HYDRA_FULL_ERROR": "0"}
+    with FileLock(str(lock_path)):  # "another process" computing the entry
+        waiting = subprocess.Popen([sys.executable, "-m", "pruneflow.cli", *args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "b" / ".hydra").exists() and waiting.poll() is None:
+            time.sleep(0.2)  # the run has its folder (and its stop handler); it then loads the data and waits
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the lock
+        waiting.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = waiting.communicate(timeout=30)
+        finally:
+            waiting.kill()
+    said = " ".join(stderr.split())
+    assert waiting.returncode == 143 and "Traceback" not in said, said[-2000:]
+    assert "Stopped by SIGTERM while waiting for another process to compute the cached finetune" in said
+
+
 SIGNAL_ARGS = [*SMALL, "method=seven", "sparsity=0.7", "trainer.checkpoint_every=50"]
 
 
