@@ -289,15 +289,14 @@ def precheck(argv: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    from pruneflow.runner import run
+    from pruneflow.runner import holds_run, run
+    from pruneflow.stop import STOP, name
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     record = hydra_record(cfg)
     if multirun:
-        from pruneflow.stop import STOP, name
-
         # A job in a launcher's worker process (joblib, submitit_local): Ctrl-C stops it with a
         # checkpoint (not a traceback), and so does a signal sent to the launching process only.
         STOP.install()
@@ -306,8 +305,6 @@ def _app(cfg: DictConfig) -> float | None:
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)
         signum = STOP.requested()
         if signum is not None:
-            from pruneflow.runner import holds_run
-
             if not holds_run(run_dir):  # the report lists the job by its .hydra/ record
                 record(run_dir)
             _write_stopped(run_dir, f"Not started: the sweep was stopped by {name(signum)} before this job began. "
@@ -320,8 +317,6 @@ def _app(cfg: DictConfig) -> float | None:
         _report_error(str(e))
         if multirun:
             _write_stopped(run_dir, str(e))
-            from pruneflow.stop import STOP
-
             if not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
                 return None
         sys.exit(EXIT_CODES.get(e.signum, 1))
