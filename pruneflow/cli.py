@@ -307,7 +307,7 @@ def _app(cfg: DictConfig) -> float | None:
         if signum is not None:
             if not holds_run(run_dir):  # the report lists the job by its .hydra/ record
                 record(run_dir)
-            _write_stopped(run_dir, f"Not started: the sweep was stopped by {name(signum)} before this job began. "
+            _write_job_file(run_dir, STOPPED_FILE, f"Not started: the sweep was stopped by {name(signum)} before this job began. "
                                     "Run the same command again to run it.")
             return None
     try:
@@ -316,7 +316,7 @@ def _app(cfg: DictConfig) -> float | None:
         _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
         if multirun:
-            _write_stopped(run_dir, str(e))
+            _write_job_file(run_dir, STOPPED_FILE, str(e))
             if not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
                 return None
         sys.exit(EXIT_CODES.get(e.signum, 1))
@@ -324,7 +324,7 @@ def _app(cfg: DictConfig) -> float | None:
         _log_to_file(logging.ERROR, str(e))
         _report_error(str(e))
         if multirun:  # one failing job does not stop the other jobs of a sweep
-            _write_error(run_dir, str(e) + "\n")
+            _write_job_file(run_dir, "error.txt", str(e))
             return None
         if getattr(e, "before_work", False):  # a setting was wrong: leave no half-written run folder
             _remove_if_only_hydra(run_dir, default_layout=_default_run_dir(hc))
@@ -336,7 +336,7 @@ def _app(cfg: DictConfig) -> float | None:
         if not multirun or distributed.is_distributed():
             raise
         log.error("Job failed:\n%s", traceback.format_exc())
-        _write_error(run_dir, traceback.format_exc())
+        _write_job_file(run_dir, "error.txt", traceback.format_exc())
         return None
     final = result["metrics"]["final"]
     return final.get(result["main_metric"])
@@ -411,19 +411,13 @@ def _remove_if_only_hydra(run_dir: Path, default_layout: bool = False) -> None:
         pass
 
 
-def _write_stopped(run_dir: Path, text: str) -> None:
-    """A sweep's job that a signal stopped (or kept from starting): the launcher lists it."""
+def _write_job_file(run_dir: Path, name: str, text: str) -> None:
+    """A sweep job's error.txt (it failed) or stopped.txt (a signal stopped it, or kept it
+    from starting): the launcher lists the job with the file's last line."""
     try:
-        (run_dir / STOPPED_FILE).write_text(text + "\n")
-    except OSError as e:
-        log.error("Could not write %s: %s", run_dir / STOPPED_FILE, e)
-
-
-def _write_error(run_dir: Path, text: str) -> None:
-    try:
-        (run_dir / "error.txt").write_text(text)
+        (run_dir / name).write_text(text if text.endswith("\n") else text + "\n")
     except OSError as e:  # an unwritable job directory must not hide the job's own error
-        log.error("Could not write %s: %s", run_dir / "error.txt", e)
+        log.error("Could not write %s: %s", run_dir / name, e)
 
 
 def main() -> None:

@@ -262,9 +262,6 @@ class SweepCheck(_HydraCallback):
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         from pathlib import Path
 
-        from pruneflow.stop import STOP
-
-        STOP.forget_stop_file()
         root = Path(str(config.hydra.sweep.dir))
         for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, "stopped.txt")):
             found.clear()

@@ -53,10 +53,8 @@ class StopRequest:
 
     def share_with_jobs(self, sweep_dir: Path) -> None:
         """In the launching process, as a sweep of local worker processes starts: its
-        jobs will read the request from ``sweep_dir`` (a request left there by an earlier
-        launch is removed)."""
+        jobs will read the request from ``sweep_dir``."""
         self.stop_file = sweep_dir / STOP_FILE
-        self.stop_file.unlink(missing_ok=True)
         if self.signum is not None:  # asked to stop before the jobs were launched
             self._write_stop_file()
 

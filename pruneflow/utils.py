@@ -58,6 +58,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it can only be read by
+    setting it, and a file another thread creates in that instant gets mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
