@@ -215,6 +215,36 @@ def _dirname(overrides: str) -> str:
     return name[:183] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
+# The folder each default-layout run took in this process, by its timestamped name.
+_FRESH_DIRS: dict[str, str] = {}
+
+
+def _fresh_dir(base: str) -> str:
+    """``hydra.run.dir``'s default (``outputs/<day>/<time>``): a folder no other command
+    has. Two commands started in the same second (``pruneflow ... &`` in a loop) would
+    otherwise share one, and the second would be refused. The folder is created here,
+    atomically, so only one command gets ``base``; the next gets ``base-2``, and so on.
+    Under torchrun every rank gets ``base`` and the runner moves them all to rank 0's."""
+    import os
+    from pathlib import Path
+
+    if base in _FRESH_DIRS:
+        return _FRESH_DIRS[base]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return base
+    path = Path(base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        _FRESH_DIRS[base] = str(candidate)
+        return str(candidate)
+    return base  # 10,000 commands in one second: let the run lock refuse the rest
+
+
 # Failed and stopped jobs of the sweep that just ran (filled by SweepCheck in the launching process).
 SWEEP_FAILURES: list[tuple[str, str]] = []
 SWEEP_STOPPED: list[tuple[str, str]] = []
@@ -278,6 +308,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="pruneflow_schema", node=PruneflowConfig)
     if not OmegaConf.has_resolver("pf_dirname"):
         OmegaConf.register_new_resolver("pf_dirname", _dirname)
+    if not OmegaConf.has_resolver("pf_fresh_dir"):
+        # cached: every later read of hydra.run.dir in this config gives the folder taken first
+        OmegaConf.register_new_resolver("pf_fresh_dir", _fresh_dir, use_cache=True)
 
 
 # Launchers (joblib, submitit) import this module in their workers: resolvers must exist there too.

@@ -209,6 +209,59 @@ def test_a_refused_run_leaves_no_empty_folders_in_the_default_layout(tmp_path):
 
 
 # ----------------------------------------------------------------------------- no run lost or mixed up
+def _claim_default_folder(base: str, queue) -> None:  # noqa: ANN001 - one racing command's process
+    from pruneflow.config import _fresh_dir
+
+    queue.put(_fresh_dir(base))
+
+
+def test_commands_started_in_the_same_second_get_their_own_default_folders(tmp_path, monkeypatch):
+    """`pruneflow ... &` in a loop: commands resolving the same outputs/<day>/<time> each
+    get a folder of their own (<time>, <time>-2, ...), claimed atomically, for runs and
+    for sweeps; every later read of the setting gives the folder the command took."""
+    import datetime
+    import multiprocessing
+
+    import hydra.core.utils
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pruneflow import config
+
+    base = str(tmp_path / "race" / "12-00-00")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    racers = [ctx.Process(target=_claim_default_folder, args=(base, queue)) for _ in range(4)]
+    for r in racers:
+        r.start()
+    taken = sorted(queue.get(timeout=120) for _ in racers)
+    for r in racers:
+        r.join(10)
+    assert taken == sorted([base, base + "-2", base + "-3", base + "-4"])
+    assert all(Path(t).is_dir() for t in taken)
+
+    # the shipped config goes through it: a folder of the same second (another command's) is not reused
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206
+            return cls(2026, 1, 31, 12, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    monkeypatch.setattr(config, "_FRESH_DIRS", {})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "2026-01-31" / "12-00-00").mkdir(parents=True)
+    (tmp_path / "outputs" / "multirun" / "2026-01-31" / "12-00-00").mkdir(parents=True)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    assert cfg.hydra.run.dir == "outputs/2026-01-31/12-00-00-2" == cfg.hydra.run.dir
+    assert cfg.hydra.sweep.dir == "outputs/multirun/2026-01-31/12-00-00-2" == cfg.hydra.sweep.dir
+    assert (tmp_path / cfg.hydra.run.dir).is_dir() and (tmp_path / cfg.hydra.sweep.dir).is_dir()
+
+
 def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_path):
     from pruneflow.config import _dirname
 
