@@ -113,6 +113,7 @@ class Run:
         self.ckpt_path = self.ckpt_dir / "last.pt"
         self.progress_path = self.ckpt_dir / "progress.json"
         self.rank_checks: dict[str, list[dict[str, str]]] = {}  # torchrun: per-rank fingerprints
+        self.finetune_source: dict[str, Any] | None = None  # the dense finetune's cache entry (result's provenance)
 
     # -- setup ------------------------------------------------------------------------------
     def _prune_updates_weights(self, cfg: DictConfig) -> bool:
@@ -440,6 +441,7 @@ class Run:
                 resume_trainer = ckpt["trainer"]
                 set_rng_state(ckpt["rng"])
         metrics: dict[str, dict[str, float]] = {k: v["metrics"] for k, v in progress["done"].items()}
+        self.finetune_source = (progress["done"].get("finetune") or {}).get("source")
         times: dict[str, float] = {k: v["time_s"] for k, v in progress["done"].items()}
         predictions: dict[str, list[dict[str, Any]]] | None = None
 
@@ -477,6 +479,8 @@ class Run:
             self.logger.log({f"{name}/{k}": v for k, v in metrics[name].items()})
             self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state())
             progress["done"][name] = {"metrics": metrics[name], "time_s": times[name]}
+            if name == "finetune":
+                progress["done"][name]["source"] = self.finetune_source
             self.save_progress(progress)
             signum = STOP.requested()
             if signum is not None and index + 1 < len(STAGES):
@@ -537,7 +541,7 @@ class Run:
             st_save_model(self.bundle.model, str(cache_dir / "model.safetensors"))
             if self.optim is not None:
                 atomic_torch_save(self.optim.state_dict(), cache_dir / "optimizer.pt")
-            return {"steps": spec.steps, "continuous": self.optim is not None}
+            return {"steps": spec.steps, "continuous": self.optim is not None, "computed_by": self.computed_by()}
 
         def compute(cache_dir: Path | None) -> dict[str, Any]:
             train()
@@ -545,6 +549,7 @@ class Run:
 
         if not self.cfg.get("cache", True):
             train()
+            self.finetune_source = {"cache": None, "reused": False}
             return
         cache = StageCache(Path(self.cfg.cache_dir), "finetune", self.finetune_key())
         if distributed.is_distributed():  # every rank trains (collectives); rank 0 stores
@@ -554,11 +559,38 @@ class Run:
                 if distributed.is_main():
                     cache.get_or_compute(store)
                 distributed.barrier()
+            else:
+                self.load_finetuned(cache.dir)
         else:
-            cache.reuse(compute, self.load_finetuned)
-            return
-        if reused:
-            self.load_finetuned(cache.dir)
+            reused = cache.reuse(compute, self.load_finetuned)
+        self.finetune_source = self.cached_finetune_source(cache, reused)
+
+    def computed_by(self) -> dict[str, Any]:
+        """Where and how a cache entry was computed: a later run reusing it records this."""
+        import datetime
+        import socket
+
+        return {"run_dir": str(self.run_dir), "host": socket.gethostname(), "device": str(self.device),
+                "torch_threads": torch.get_num_threads(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def cached_finetune_source(self, cache: StageCache, reused: bool) -> dict[str, Any]:
+        """The finetune entry this run used, for result.json's provenance. The cache key
+        leaves out the device and thread count (a dense model fine-tuned on one machine
+        serves a sweep on another), so a reuse computed elsewhere says so: a fresh
+        fine-tuning here could differ from it in the last bits."""
+        try:
+            by = json.loads(cache.done_file.read_text()).get("computed_by")
+        except (OSError, ValueError):
+            by = None
+        if reused and isinstance(by, dict):
+            here = self.computed_by()
+            other_device = torch.device(str(by.get("device", here["device"]))).type != self.device.type
+            other_threads = self.device.type == "cpu" and by.get("torch_threads", here["torch_threads"]) != here["torch_threads"]
+            if other_device or other_threads:
+                log.warning("The cached finetune was computed on %s with %s torch threads (%s); this run uses %s with %d. "
+                            "A finetune computed here could differ from it in the last bits; cache=false computes it here.",
+                            by.get("device"), by.get("torch_threads"), by.get("run_dir"), here["device"], here["torch_threads"])
+        return {"cache": str(cache.dir), "reused": reused, "computed_by": by}
 
     def load_finetuned(self, cache_dir: Path) -> None:
         """The cached finetune stage: weights (and, continuous, the optimizer to continue).
@@ -609,6 +641,8 @@ class Run:
             attempt("predictions", lambda: write_predictions(self.run_dir, self.task, predictions))
         times["total"] = max(time.perf_counter() - t_start, sum(times.values()))
         result = build_result(self, final_model, metrics, times, speed, export)
+        if self.finetune_source is not None:
+            result["provenance"]["finetune"] = self.finetune_source
         if distributed.is_distributed():
             result["provenance"]["distributed"] = {**distributed.info(), "fingerprints": self.rank_checks}
         if save and "model/" not in failed:

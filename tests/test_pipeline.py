@@ -1,6 +1,7 @@
 """End-to-end runs on the offline default (tiny ViT on digits) with short stages."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,22 @@ def test_finetune_is_cached_across_methods_and_sparsities(config, tmp_path, capl
     assert any("Reusing cached finetune" in r.getMessage() for r in caplog.records)
     assert a["metrics"]["finetune"] == b["metrics"]["finetune"]
     assert b["sparsity"]["measured"] == pytest.approx(0.9, abs=1e-4)
+    # result.json says which entry the dense model came from and which run computed it
+    made, used = a["provenance"]["finetune"], b["provenance"]["finetune"]
+    assert made["reused"] is False and used["reused"] is True and made["cache"] == used["cache"]
+    assert Path(used["cache"]).parent == tmp_path / "cache" / "finetune"
+    assert made["computed_by"] == used["computed_by"] and used["computed_by"]["run_dir"] == str(tmp_path / "a")
+    assert used["computed_by"]["torch_threads"] == torch.get_num_threads()
+    assert not any("computed on" in r.getMessage() for r in caplog.records)  # same machine: no note
+    # an entry computed with another thread count is reused, and the run says so
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    caplog.clear()
+    c = run(config("method=random", "sparsity=0.7", f"trainer.torch_threads={other}"), tmp_path / "c")
+    assert torch.get_num_threads() == threads and c["provenance"]["finetune"]["reused"] is True
+    (note,) = [r.getMessage() for r in caplog.records if "The cached finetune was computed on" in r.getMessage()]
+    assert f"with {threads} torch threads ({tmp_path / 'a'}); this run uses cpu with {other}" in note
+    assert "cache=false" in note
 
 
 def test_a_finetune_cached_by_other_code_is_not_reused(config, tmp_path, caplog, monkeypatch):

@@ -35,6 +35,9 @@ def test_kill_and_resume_gives_the_same_result(tmp_path, reference, kill_at):
     a, b = read_result(ref_dir), read_result(run_dir)
     assert a["metrics"] == b["metrics"]
     assert a["sparsity"] == b["sparsity"]
+    # the finetune's cache entry is in the result also when the resumed process skipped that stage
+    source = b["provenance"]["finetune"]
+    assert source["cache"].startswith(str(tmp_path / "c2")) and source["computed_by"]["run_dir"] == str(run_dir)
     wa = load_file(str(ref_dir / "model" / "model.safetensors"))
     wb = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all((wa[k] == wb[k]).all() for k in wa)
