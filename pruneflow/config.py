@@ -226,12 +226,15 @@ def _fresh_dir(base: str) -> str:
     atomically, so only one command gets ``base``; the next gets ``base-2``, and so on.
     Under torchrun every rank gets ``base`` and the runner moves them all to rank 0's."""
     import os
+    import sys
     from pathlib import Path
 
     if base in _FRESH_DIRS:
         return _FRESH_DIRS[base]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return base
+    if any(a in ("-c", "--cfg", "-i", "--info") or a.startswith(("--cfg=", "--info=")) for a in sys.argv[1:]):
+        return base  # the command only prints its config (--cfg all --resolve): it takes no folder
     path = Path(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):

@@ -260,6 +260,10 @@ def test_commands_started_in_the_same_second_get_their_own_default_folders(tmp_p
     assert cfg.hydra.run.dir == "outputs/2026-01-31/12-00-00-2" == cfg.hydra.run.dir
     assert cfg.hydra.sweep.dir == "outputs/multirun/2026-01-31/12-00-00-2" == cfg.hydra.sweep.dir
     assert (tmp_path / cfg.hydra.run.dir).is_dir() and (tmp_path / cfg.hydra.sweep.dir).is_dir()
+    # a command that only prints its config, resolved, takes no folder
+    shown = run_cli(["--cfg", "all", "--resolve"], cwd=tmp_path / "race")
+    assert shown.returncode == 0 and "dir: outputs/" in shown.stdout
+    assert sorted(p.name for p in (tmp_path / "race").iterdir()) == [Path(t).name for t in taken]
 
 
 def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_path):
