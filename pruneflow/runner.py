@@ -582,7 +582,7 @@ class Run:
             by = json.loads(cache.done_file.read_text()).get("computed_by")
         except (OSError, ValueError):
             by = None
-        if reused and isinstance(by, dict):
+        if reused and isinstance(by, dict) and distributed.is_main():  # once, not per rank
             here = self.computed_by()
             other_device = torch.device(str(by.get("device", here["device"]))).type != self.device.type
             other_threads = self.device.type == "cpu" and by.get("torch_threads", here["torch_threads"]) != here["torch_threads"]
