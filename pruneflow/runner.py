@@ -590,7 +590,7 @@ class Run:
                 log.warning("The cached finetune was computed on %s with %s torch threads (%s); this run uses %s with %d. "
                             "A finetune computed here could differ from it in the last bits; cache=false computes it here.",
                             by.get("device"), by.get("torch_threads"), by.get("run_dir"), here["device"], here["torch_threads"])
-        return {"cache": str(cache.dir), "reused": reused, "computed_by": by}
+        return {"cache": str(Path(cache.dir).absolute()), "reused": reused, "computed_by": by}
 
     def load_finetuned(self, cache_dir: Path) -> None:
         """The cached finetune stage: weights (and, continuous, the optimizer to continue).
