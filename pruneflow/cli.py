@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from pruneflow.config import local_process_launcher, register_configs
 from pruneflow.errors import RunStopped, UserError
+from pruneflow.stop import STOPPED_FILE
 from pruneflow.utils import unwritable
 
 log = logging.getLogger("pruneflow")
@@ -32,7 +33,6 @@ GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", 
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")  # and --config-dir: _is_config_dir_flag
 OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-STOPPED_FILE = "stopped.txt"  # in a sweep job's folder: why it stopped (or did not start)
 
 
 def _report_error(message: str) -> None:

@@ -295,8 +295,10 @@ class SweepCheck(_HydraCallback):
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         from pathlib import Path
 
+        from pruneflow.stop import STOPPED_FILE
+
         root = Path(str(config.hydra.sweep.dir))
-        for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, "stopped.txt")):
+        for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, STOPPED_FILE)):
             found.clear()
             for path in sorted(root.rglob(file)):
                 if ".cache" in path.parts:

@@ -39,12 +39,25 @@ def save_model(bundle: ModelBundle, out_dir: Path, method: Any = None) -> None:
     atomic_write_json(out_dir / "config.json", cfg)
 
 
+def saved_metadata(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """What ``save_model`` added to rebuild a model (SPP: ``compressed`` and the kept
+    units), with the file it is in: ``pruneflow.json`` beside a transformers model, the
+    ``pruneflow`` entry of a timm model's ``config.json``. None for a plain model."""
+    path = Path(path)
+    extra_file = path / "pruneflow.json"
+    if extra_file.exists():
+        return extra_file, json.loads(extra_file.read_text())
+    config_file = path / "config.json"
+    extra = json.loads(config_file.read_text()).get("pruneflow") if config_file.exists() else None
+    return (config_file, extra) if extra else None
+
+
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild and load a model written by ``save_model`` (masked or compressed)."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    extra_file = path / "pruneflow.json"
-    extra = json.loads(extra_file.read_text()) if extra_file.exists() else config.get("pruneflow")
+    saved = saved_metadata(path)
+    extra = saved[1] if saved is not None else None
     if config.get("library") == "timm":
         import timm
 

@@ -39,6 +39,7 @@ from pruneflow.published import (
     same_sparsity,
 )
 from pruneflow.results import load_results
+from pruneflow.stop import STOPPED_FILE
 
 # Overrides that are the row's own columns or do not change what a run computes. (model.path
 # and task.path are settings: runs from other weights or other data are another configuration.)
@@ -270,8 +271,8 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
                 reason = f"no result.json; stages done: {', '.join(done) or 'none'} (resume with the same command)"
             except Exception:  # noqa: BLE001
                 pass
-        if (d / "stopped.txt").exists() and not result.exists():  # a signal stopped the sweep: the job says where
-            reason = _last_line((d / "stopped.txt").read_text(errors="replace"))
+        if (d / STOPPED_FILE).exists() and not result.exists():  # a signal stopped the sweep: the job says where
+            reason = _last_line((d / STOPPED_FILE).read_text(errors="replace"))
         unfinished.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), reason))
     return failed, unfinished
 

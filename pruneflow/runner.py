@@ -32,7 +32,7 @@ from pruneflow.methods import METHODS, PruneContext, get_method_class
 from pruneflow.models import ModelBundle, build_model, check_pairing
 from pruneflow.results import build_result, write_predictions
 from pruneflow.schedules import Schedule
-from pruneflow.stop import STOP
+from pruneflow.stop import STOP, STOPPED_FILE
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks import build_task
 from pruneflow.trainer import Optim, StageSpec, Trainer, steps_per_epoch
@@ -583,13 +583,13 @@ class Run:
         except (OSError, ValueError):
             by = None
         if reused and isinstance(by, dict) and distributed.is_main():  # once, not per rank
-            here = self.computed_by()
-            other_device = torch.device(str(by.get("device", here["device"]))).type != self.device.type
-            other_threads = self.device.type == "cpu" and by.get("torch_threads", here["torch_threads"]) != here["torch_threads"]
+            threads = torch.get_num_threads()
+            other_device = torch.device(str(by.get("device", self.device))).type != self.device.type
+            other_threads = self.device.type == "cpu" and by.get("torch_threads", threads) != threads
             if other_device or other_threads:
                 log.warning("The cached finetune was computed on %s with %s torch threads (%s); this run uses %s with %d. "
                             "A finetune computed here could differ from it in the last bits; cache=false computes it here.",
-                            by.get("device"), by.get("torch_threads"), by.get("run_dir"), here["device"], here["torch_threads"])
+                            by.get("device"), by.get("torch_threads"), by.get("run_dir"), self.device, threads)
         return {"cache": str(Path(cache.dir).absolute()), "reused": reused, "computed_by": by}
 
     def load_finetuned(self, cache_dir: Path) -> None:
@@ -698,7 +698,7 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
 # going): overwrite=true removes them, so that nothing of the replaced run is left beside
 # the new one's result (its model/ when save_model=false, its W&B run, its predictions).
 RUN_OUTPUTS = ("result.json", "checkpoints", "model", "adapter", "predictions.jsonl", "predictions_*.jsonl",
-               "spp_path.json", "error.txt", "stopped.txt", "wandb", ".wandb_run_id")
+               "spp_path.json", "error.txt", STOPPED_FILE, "wandb", ".wandb_run_id")
 
 
 def remove_run_outputs(run_dir: Path) -> list[str]:

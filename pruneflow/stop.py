@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 STOP_FILE = ".pruneflow-stop"  # in hydra.sweep.dir; holds the signal's number
+STOPPED_FILE = "stopped.txt"  # in a sweep job's folder: why it stopped (or did not start)
 
 
 class StopRequest:

@@ -321,24 +321,21 @@ def refuse_compressed(path: str, model_name: str) -> None:
     """A run starts from a full-size model; a structurally compressed one (SPP's
     ``model/``: heads and FFN neurons removed) would fail to load with a list of size
     mismatches that names neither the cause nor the way out."""
-    import json
-    from pathlib import Path
+    from pruneflow.export import saved_metadata
 
-    where = Path(path)
-    for meta_file in (where / "pruneflow.json", where / "config.json"):  # transformers' save / timm's
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            continue
-        meta = meta if meta_file.name == "pruneflow.json" else meta.get("pruneflow")
-        if isinstance(meta, dict) and meta.get("compressed"):
-            raise UserError(
-                f"model.path={path} holds a structurally compressed model ({meta_file.name}: pruneflow.compressed is "
-                f"true): its attention heads and FFN neurons were removed, so its layers are smaller than model={model_name}'s "
-                "and a run cannot start from it. Point model.path at a full-size model (dense, or a masked model/ of an "
-                f"unstructured method); to evaluate or use the compressed one, load it in Python with "
-                f"pruneflow.load_model('{path}')."
-            )
+    try:
+        saved = saved_metadata(path)
+    except (OSError, ValueError, AttributeError):  # not a saved model/ (the model loader says what it is)
+        return
+    meta_file, meta = saved if saved is not None else (None, None)
+    if isinstance(meta, dict) and meta.get("compressed"):
+        raise UserError(
+            f"model.path={path} holds a structurally compressed model ({meta_file.name}: pruneflow.compressed is "
+            f"true): its attention heads and FFN neurons were removed, so its layers are smaller than model={model_name}'s "
+            "and a run cannot start from it. Point model.path at a full-size model (dense, or a masked model/ of an "
+            f"unstructured method); to evaluate or use the compressed one, load it in Python with "
+            f"pruneflow.load_model('{path}')."
+        )
 
 
 def validate_run(cfg: DictConfig) -> None:
