@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 # Settings that do not change what a run computes: a resumed run may change them, the
 # finetune cache ignores them and a report does not list them as a run's settings.
+# (stages.name only names the recipe: its values are compared one by one.)
 RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory", "trainer.checkpoint_every", "trainer.log_every", "logger",
-               "speed", "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size")
+               "speed", "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size", "stages.name")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class StageConfig:
 
 @dataclass
 class StagesConfig:
+    name: str = "default"  # the recipe (conf/stages/<name>.yaml); pretrained models choose their own
     finetune: StageConfig = field(default_factory=StageConfig)
     prune: StageConfig = field(default_factory=StageConfig)
     recover: StageConfig = field(default_factory=StageConfig)

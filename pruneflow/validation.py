@@ -118,7 +118,7 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------- settings a run does not use
-GROUPS = ("model", "task", "method", "schedule", "logger")
+GROUPS = ("model", "task", "method", "schedule", "stages", "logger")
 # Groups whose choice is itself a setting that a run may not use (recovery=lora outside
 # task=lm/...): explicit_settings counts choosing one as setting it.
 SETTING_GROUPS = ("recovery",)
