@@ -168,7 +168,7 @@ class Run:
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
         self.prune_updates_weights = self._prune_updates_weights(cfg)
-        if self.method.prunes and not self.prune_updates_weights and not self.method_cls.trains_without_weight_updates:
+        if self.method.prunes and not self.prune_updates_weights:
             check_unused(cfg, [("stages.prune.lr", f"the prune stage of method={cfg.method.name} makes no weight updates "
                                                    "(stages.prune.update_weights=false or the method's own rule)")], explicit, self.overrides)
         path = cfg.task.get("path")

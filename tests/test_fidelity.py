@@ -443,7 +443,7 @@ def test_fp16_overflow_never_reaches_the_scores(tmp_path: Path) -> None:
 def test_spp_search_under_fp16_scales_its_loss_and_skips_an_overflow_step_whole(tmp_path: Path) -> None:
     """SPP's search under fp16 autocast runs its own gradient scaler: a step with inf
     gradients leaves the masks, Z and Γ untouched (else they turn NaN for good)."""
-    run = prepared(tmp_path, "method=spp", "sparsity=0.5", *stages(0, 6, 0))
+    run = prepared(tmp_path, "method=spp", "sparsity=0.5", *(o for o in stages(0, 6, 0) if not o.startswith("stages.prune.lr")))
     run.trainer.autocast_dtype = torch.float16
     run.trainer.scaler = torch.amp.GradScaler("cpu")
     calls = {"n": 0}
@@ -507,7 +507,7 @@ def test_spp_search_matches_the_authors_optimizer() -> None:
     weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
     ctx = PruneContext(model=model, weights=weights, schedule=None, sparsity=0.5, total_steps=steps, device=torch.device("cpu"),
                        batches=batches, loss_fn=loss_fn, extra={"stage": StageSpec("prune", steps, lr, 16, 0)})
-    cfg = {"name": "spp", "optimizer": "adam", "adam_eps": 1e-4, "kappa": 1.0, "lambda": lam, "nu": 1e30, "z_lr": "adam",
+    cfg = {"name": "spp", "search_lr": lr, "optimizer": "adam", "adam_eps": 1e-4, "kappa": 1.0, "lambda": lam, "nu": 1e30, "z_lr": "adam",
            "rank": "support_time", "check_every": 10, "grouping": "attention_mlp", "mask_sites": "authors", "share_heads": True,
            "include": None, "exclude": None}
     method = SPP(OmegaConf.create(cfg), 0.5)

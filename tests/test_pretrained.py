@@ -42,7 +42,7 @@ METHODS = {
 
 
 NO_PRUNE_STAGE = ("dense",)
-SCORING_ONLY = ("seven_pre", "snip", "grasp", "force")  # no weight updates: stages.prune.lr is not used
+SCORING_ONLY = ("seven_pre", "snip", "grasp", "force", "spp")  # no weight updates (SPP: method.search_lr): stages.prune.lr is not used
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["method=movement", "method.score_lr=-1"], "method.score_lr", "a positive number"),
     (["method=soft_movement", "sparsity=0.5"], "sparsity", "method.final_lambda"),
     (["method=spp", "method.rank=first"], "method.rank", "support_time, entry"),
+    (["method=spp", "method.search_lr=0"], "method.search_lr", "a positive number"),
+    (["method=spp", "stages.prune.lr=0.001"], "stages.prune.lr", "trains its masks at method.search_lr"),
     (["method=spp", "schedule.final_warmup=3"], "schedule.final_warmup", "no sparsity schedule"),
     (["method=dense", "stages.prune.lr=0.1"], "stages.prune.lr", "does not prune"),
     (["schedule.final_warmup=100000"], "schedule", "cannot reach its target"),

@@ -123,7 +123,7 @@ def test_search_path_only_grows_and_leaves_the_weights_untouched():
     method = SPP(OmegaConf.create(SPP_CFG), 0.5)
     method.validate(model, ctx.weights)
     method.setup(ctx)
-    method.lr = 0.01  # what run_prune_stage takes from stages.prune.lr
+    method.lr = 0.01  # method.search_lr
     search, path = method.run_search(ctx)
 
     after = model.state_dict()
@@ -147,13 +147,13 @@ def test_search_path_only_grows_and_leaves_the_weights_untouched():
 
 
 def test_search_follows_the_authors_settings():
-    """lr from the prune stage, Adam eps 1e-4, Z stepped by Adam's bias-corrected step size,
+    """lr from method.search_lr (the prune stage's lr is for weights), Adam eps 1e-4, Z stepped by Adam's bias-corrected step size,
     support counted every check_every steps; ranked in the attention and FFN pools."""
     model, ctx = _vit_problem(steps=25)
     from pruneflow.trainer import StageSpec
 
     ctx.extra["stage"] = StageSpec(name="prune", steps=25, lr=0.05, batch_size=16, seed=0)
-    method = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "lambda": 0.5, "check_every": 5}), 0.5)
+    method = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "lambda": 0.5, "check_every": 5, "search_lr": 0.05}), 0.5)
     method.validate(model, ctx.weights)
     method.setup(ctx)
     method.run_prune_stage(ctx)
@@ -171,7 +171,7 @@ def test_search_follows_the_authors_settings():
     # One step: Adam's step size at t = 1 is lr / (1 - 0.9), so Z_1 = 0.5 * M_1 (Γ_0 = 0).
     model, ctx = _vit_problem(steps=1)
     ctx.extra["stage"] = StageSpec(name="prune", steps=1, lr=0.05, batch_size=16, seed=0)
-    one = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam"}), 0.5)
+    one = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "search_lr": 0.05}), 0.5)
     one.validate(model, ctx.weights)
     one.setup(ctx)
     one.run_prune_stage(ctx)
@@ -234,6 +234,7 @@ def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_pat
     assert params["compressed_total"] is not None and params["compressed_total"] < 0.6 * params["total"]
     assert r5["sparsity"]["measured"] == pytest.approx(0.5, abs=0.01)
     assert r5["method_info"]["search_reused"] is False
+    assert r5["method_info"]["search_lr"] == 1e-3  # method.search_lr, the authors' rate
 
     # Measured sparsity recounted from the saved weights' shapes against the original ones.
     state = load_file(str(tmp_path / "s5" / "model" / "model.safetensors"))

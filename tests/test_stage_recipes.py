@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from sweep_helpers import compose
 from task_data import glue_rows, write_split
 
+from pruneflow.methods import METHODS, get_method_class
+from pruneflow.runner import run
 from pruneflow.validation import explicit_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,18 +61,31 @@ def test_a_recipe_is_no_setting_of_its_own() -> None:
     assert explicit == {"stages.prune.epochs": 1.0}
 
 
+def test_spp_searches_its_masks_at_its_own_rate_whatever_the_recipe(config, tmp_path: Path) -> None:  # noqa: ANN001
+    """SPP's search trains masks, not weights: it runs at method.search_lr (the authors' 1e-3),
+    not at a recipe's weight-training rate (1e-4 for pretrained ViTs, 2e-5 for BERT)."""
+    result = run(config("method=spp", "sparsity=0.5", "stages=pretrained_vision", "speed.enabled=false"), tmp_path / "run")
+    assert result["config"]["stages"]["prune"]["lr"] == 1e-4
+    assert result["method_info"]["search_lr"] == 1e-3
+    result = run(config("method=spp", "sparsity=0.5", "method.search_lr=0.01", "speed.enabled=false"), tmp_path / "run2")
+    assert result["method_info"]["search_lr"] == 0.01
+
+
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_an_experiment_does_not_depend_on_its_models_recipe(name: str) -> None:
     """A paper setting pins every stage value its run uses, so a recipe can change without
-    changing any experiment (a scoring-only prune stage has no learning rate to pin)."""
-    a = OmegaConf.to_container(compose([f"experiment={name}"]).stages)
+    changing any experiment (a prune stage without weight updates, scoring-only or SPP's
+    search, has no learning rate to pin)."""
+    cfg = compose([f"experiment={name}"])
+    a = OmegaConf.to_container(cfg.stages)
     b = OmegaConf.to_container(compose([f"experiment={name}", "stages=default"]).stages)
+    trains = cfg.method.name in METHODS and get_method_class(cfg.method.name).updates_weights and a["prune"]["update_weights"] is not False
     for stage in STAGES:
         for key in ("epochs", "steps", "lr", "batch_size", "update_weights"):
-            if stage == "prune" and key == "lr" and a["prune"]["update_weights"] is False:
+            if stage == "prune" and key == "lr" and not trains:
                 continue
             assert a[stage][key] == b[stage][key], (stage, key)
     assert a["eval_batch_size"] == b["eval_batch_size"]
@@ -81,8 +96,6 @@ def test_pretrained_minilm_learns_with_its_default_stages(tmp_path: Path) -> Non
     """The command a user types without stage settings: the pretrained MiniLM learns an
     easy sentiment task (under the from-scratch recipe it stayed at chance, 0.41 on the
     same kind of data)."""
-    from pruneflow.runner import run
-
     data = tmp_path / "sst2"
     write_split(data, "train", glue_rows("sst2", 256), "jsonl")
     write_split(data, "validation", glue_rows("sst2", 64, seed=1), "jsonl")

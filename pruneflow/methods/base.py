@@ -81,8 +81,6 @@ class PruningMethod:
     #: True for methods that can also prune without weight updates when asked
     #: (``stages.prune.update_weights=false``: pruning at initialisation)
     scores_without_updates: ClassVar[bool] = False
-    #: True for methods that train something else at ``stages.prune.lr`` when the weights stay (SPP: its masks)
-    trains_without_weight_updates: ClassVar[bool] = False
     #: False when ``finalize`` rebuilds layers (SPP), so no optimizer state can carry over
     keeps_architecture: ClassVar[bool] = True
 

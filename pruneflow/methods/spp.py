@@ -145,7 +145,6 @@ class SPP(PruningMethod):
     name = "spp"
     default_sparsity = 0.5
     updates_weights = False  # the search trains only the masks (W frozen)
-    trains_without_weight_updates = True  # at stages.prune.lr
     keeps_architecture = False  # finalize() builds smaller layers
 
     def __init__(self, cfg: DictConfig, sparsity: float) -> None:
@@ -153,9 +152,9 @@ class SPP(PruningMethod):
         self.optimizer = str(cfg.get("optimizer", "adam"))
         if self.optimizer not in OPTIMIZERS:
             raise invalid("method.optimizer", self.optimizer, OPTIMIZERS)
-        for key, lo in (("kappa", 0.0), ("nu", 0.0), ("adam_eps", 0.0)):
-            v = cfg.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= lo:
+        for key, default in (("kappa", None), ("nu", None), ("adam_eps", None), ("search_lr", 1e-3)):
+            v = cfg.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise invalid(f"method.{key}", v, "a positive number")
         lam = cfg.get("lambda")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
@@ -181,7 +180,9 @@ class SPP(PruningMethod):
             raise invalid("method.mask_sites", self.mask_sites, MASK_SITES, "authors: q and k rows, v, fc1 rows (before the activation).")
         self.kappa, self.nu, self.lam = float(cfg.kappa), float(cfg.nu), float(lam)
         self.adam_eps = float(cfg.get("adam_eps", 1e-4))
-        self.lr = 1e-3  # the prune stage's lr (stages.prune.lr), set in run_prune_stage
+        # The masks' learning rate is the method's, not the prune stage's: W stays frozen, and a
+        # stage recipe's rate is one for fine-tuning weights (2e-5 for BERT), not masks in [0, 1].
+        self.lr = float(cfg.get("search_lr", 1e-3))
         self.z_lr_setting = z_lr
         self.share_heads = check_bool(cfg.get("share_heads", True), "method.share_heads")
         self.compressed = False
@@ -196,7 +197,9 @@ class SPP(PruningMethod):
     # -- configuration ------------------------------------------------------------------------
     def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
         return [("schedule", "method=spp has no sparsity schedule: one search ranks every mask entry and the model is "
-                             "compressed to `sparsity` afterwards")]
+                             "compressed to `sparsity` afterwards"),
+                ("stages.prune.lr", "method=spp's search keeps the weights frozen and trains its masks at method.search_lr "
+                                    "(the authors' 1e-3); set that instead")]
 
     def _allowed(self, pb: PairedBlock, kind: str) -> bool:
         """A dimension type is searched where all weights it owns are prunable."""
@@ -242,8 +245,6 @@ class SPP(PruningMethod):
     # -- the search -----------------------------------------------------------------------------
     def run_prune_stage(self, ctx: PruneContext) -> bool:
         spec = ctx.extra.get("stage")
-        if spec is not None:  # the search's learning rate is the prune stage's
-            self.lr = float(spec.lr)
         key = {
             "finetuned": ctx.cache_key,
             "search": self.search_settings(),
@@ -334,7 +335,7 @@ class SPP(PruningMethod):
                 distributed.average_gradients(params)  # identical masks, Z and Γ on every rank
                 value = distributed.mean_scalar(float(loss.detach()), ctx.device)
                 if not math.isfinite(value):
-                    raise TrainingDiverged(f"The loss became {value} at step {step} of the SPP search. Lower stages.prune.lr (now {self.lr:g}).")
+                    raise TrainingDiverged(f"The loss became {value} at step {step} of the SPP search. Lower method.search_lr (now {self.lr:g}).")
                 if scaler is not None:
                     scaler.unscale_(opt)
                     finite = grads_finite(scaler, opt)
@@ -443,6 +444,7 @@ class SPP(PruningMethod):
             "search_reused": self.search_reused,
             "search_cache": self.search_dir,
             "search_steps": len(self.path),
+            "search_lr": self.lr,
             "path_file": "spp_path.json",
             "entered_at_end": {k: v for k, v in (self.path[-1] if self.path else {}).items() if k.startswith("entered_")},
             "path_sparsity_at_end": self.path[-1]["sparsity"] if self.path else None,
