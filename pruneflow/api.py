@@ -128,11 +128,14 @@ class Pruner:
             self.method.after_optimizer_step(step, grads_finite=grads_finite)
 
     def run(self, lr: float | None = None) -> bool:
-        """Methods with their own prune loop (SPP's search, ``steps`` long, at ``lr``): run it now."""
+        """Methods with their own prune loop (SPP's search, ``steps`` long): run it now.
+        ``lr``: SPP's mask learning rate, as ``create("spp", search_lr=...)`` sets it."""
         if lr is not None:
-            from pruneflow.trainer import StageSpec
+            from pruneflow.methods.spp import SPP
 
-            self.method.ctx.extra["stage"] = StageSpec(name="prune", steps=self.steps, lr=float(lr), batch_size=0, seed=0)
+            if not isinstance(self.method, SPP):
+                raise UserError(f"run(lr={lr}): method={self.method.name}'s prune loop has no learning rate; lr is SPP's search rate.")
+            self.method.lr = float(lr)
         return self.method.run_prune_stage(self.method.ctx)
 
     def end(self) -> nn.Module:

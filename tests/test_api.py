@@ -74,6 +74,33 @@ def test_soft_movement_and_admm_add_their_loss_terms():
         pruneflow.methods.create("soft_movement", sparsity=0.5)
 
 
+def test_spp_searches_at_its_search_lr():
+    """SPP's masks train at search_lr (default 1e-3, the authors'); run(lr=...) sets the same
+    rate; methods without a search loop of their own refuse an lr."""
+    import timm
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+
+    def vit() -> nn.Module:
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=32, depth=1,
+                                 num_heads=2, num_classes=3, in_chans=1)
+
+    def batches():  # noqa: ANN202
+        while True:
+            yield {"pixel_values": x, "labels": y}
+
+    def loss_fn(m: nn.Module, b: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b["pixel_values"]), b["labels"])
+
+    assert pruneflow.methods.create("spp", sparsity=0.3, steps=3, model=vit(), batches=batches, loss_fn=loss_fn).method.lr == 1e-3
+    pruner = pruneflow.methods.create("spp", sparsity=0.3, steps=3, model=vit(), batches=batches, loss_fn=loss_fn, search_lr=0.05)
+    assert pruner.method.lr == 0.05
+    assert pruner.run(lr=0.01) and pruner.method.search_settings()["lr"] == 0.01
+    with pytest.raises(UserError, match="no learning rate"):
+        pruneflow.methods.create("magnitude", sparsity=0.5, steps=2, model=Tiny()).run(lr=0.1)
+
+
 def test_settings_are_checked_with_the_allowed_keys():
     with pytest.raises(UserError, match="Did you mean alpha_1"):
         pruneflow.methods.create("seven", sparsity=0.5, steps=10, alpha1=0.8)
