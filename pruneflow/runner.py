@@ -51,6 +51,7 @@ from pruneflow.validation import (
     check_unused,
     explicit_settings,
     switched_off,
+    typed_text,
     validate_run,
     validate_trainer,
 )
@@ -70,6 +71,20 @@ def validate_sparsity(value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= float(value) < 1):
         raise invalid("sparsity", value, "a number in [0, 1) — the fraction of prunable weights removed — or null for the method's default")
+
+
+def recipe_note(cfg: DictConfig, overrides: list[str] | None) -> str | None:
+    """A model trained from random weights under its config's recipe for pretrained
+    weights (``model=deit_tiny model.pretrained=false`` gets ``stages=pretrained_vision``):
+    the note to log, or None. A recipe typed on the command line is the user's choice."""
+    recipe = str(cfg.stages.get("name") or "")
+    if not recipe.startswith("pretrained") or "stages" in typed_text(overrides or []):
+        return None
+    if cfg.model.get("pretrained", True) is not False or cfg.model.get("path"):
+        return None
+    return (f"model.pretrained=false trains {cfg.model.name} from random weights, but stages={recipe} (its default, "
+            f"finetune lr {cfg.stages.finetune.lr:g}) is a recipe for fine-tuning pretrained weights; stages=default is "
+            "the from-scratch one (stages=<name> on the command line chooses and silences this).")
 
 
 def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tuple[int, StageSpec | None]:
@@ -184,6 +199,8 @@ class Run:
     def prepare(self) -> None:
         cfg = self.cfg
         begin(self)
+        if (note := recipe_note(cfg, self.overrides)) is not None:
+            log.warning(note)
         allocator.apply_setting(cfg.trainer.get("keep_freed_memory", "auto"), self.device.type)
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)

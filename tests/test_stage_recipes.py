@@ -13,7 +13,7 @@ from sweep_helpers import compose
 from task_data import glue_rows, write_split
 
 from pruneflow.methods import METHODS, get_method_class
-from pruneflow.runner import run
+from pruneflow.runner import recipe_note, run
 from pruneflow.validation import explicit_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,17 @@ def test_spp_searches_its_masks_at_its_own_rate_whatever_the_recipe(config, tmp_
     assert result["method_info"]["search_lr"] == 1e-3
     result = run(config("method=spp", "sparsity=0.5", "method.search_lr=0.01", "speed.enabled=false"), tmp_path / "run2")
     assert result["method_info"]["search_lr"] == 0.01
+
+
+def test_a_model_trained_from_scratch_under_a_pretrained_recipe_is_noted() -> None:
+    typed = ["model=deit_tiny", "model.pretrained=false"]
+    note = recipe_note(compose(typed), typed)
+    assert note is not None and "stages=pretrained_vision" in note and "stages=default" in note
+    for typed in (["model=deit_tiny"],                                                       # pretrained weights
+                  ["model=deit_tiny", "model.pretrained=false", "stages=pretrained_vision"],  # chosen on the command line
+                  ["model=deit_tiny", "model.pretrained=false", "model.path=/weights"],       # the user's own weights
+                  ["model=tiny_vit"], ["model=bert_tiny"]):                                  # from scratch, from-scratch recipe
+        assert recipe_note(compose(typed), typed) is None, typed
 
 
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
