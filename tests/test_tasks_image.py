@@ -145,6 +145,19 @@ def test_head_that_does_not_fit(tmp_path: Path) -> None:
         task.prepare(bundle)
 
 
+def test_a_model_of_another_input_size_is_refused_on_digits() -> None:
+    """DeiT-Tiny takes 224x224 inputs, digits are 8x8 tensors: one error naming both sizes
+    and the settings that fit, before training (was a shape error from inside timm at
+    the first step); the architecture built at 8x8 is accepted."""
+    cfg, task = loaded(["model=deit_tiny", "model.pretrained=false", "task=digits"])
+    with pytest.raises(UserError, match=r"8x8 images.*model=deit_tiny takes 224x224.*\+model.kwargs.img_size=8"):
+        task.prepare(build_model(cfg.model, task))
+    cfg, task = loaded(["model=deit_tiny", "model.pretrained=false", "+model.kwargs.img_size=8", "+model.kwargs.patch_size=4", "task=digits"])
+    bundle = build_model(cfg.model, task)
+    task.prepare(bundle)
+    assert bundle.model(task.train_set[0]["pixel_values"][None]).shape == (1, 10)
+
+
 def test_image_metrics_top5() -> None:
     logits = torch.tensor([[0.0, 1, 2, 3, 4, 5], [5.0, 4, 3, 2, 1, 0], [0.0, 1, 9, 0, 0, 0]])
     labels = torch.tensor([5, 5, 1])  # top-1 hit, top-5 miss (rank 6), top-5 hit (rank 2)

@@ -40,6 +40,7 @@ class Digits(ImageClassificationTask):
     name = "digits"
     num_labels = 10
     image_channels = 1
+    image_size = (8, 8)
     main_split = "validation"
     eval_splits = ("validation",)
 

@@ -29,8 +29,24 @@ class ImageClassificationTask(Task):
     problem = "single_label_classification"
     main_metric = "accuracy"
 
+    #: the (height, width) of the task's ready-made image tensors (digits: 8x8); None: decoded
+    #: and resized to each model's input size (TimmImageTask)
+    image_size: tuple[int, int] | None = None
+
     def prepare(self, bundle: ModelBundle) -> None:  # data is already tensors
-        pass
+        """A fixed-size model must take this task's image size: else one clear error
+        now, not a shape error from inside timm at the first training step."""
+        size = getattr(getattr(bundle.model, "patch_embed", None), "img_size", None)
+        if self.image_size is None or size is None or getattr(bundle.model.patch_embed, "dynamic_img_size", False):
+            return
+        size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+        if size != self.image_size:
+            h, w = self.image_size
+            raise UserError(
+                f"task={self.name} has {h}x{w} images with {self.image_channels} channel(s), but model={bundle.name} takes "
+                f"{size[0]}x{size[1]} inputs. Use model=tiny_vit (built for {h}x{w}), or build this architecture from "
+                f"scratch at that size: model.pretrained=false +model.kwargs.img_size={h} +model.kwargs.patch_size=4."
+            )
 
     def evaluate(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[dict[str, float], list[dict[str, Any]]]:
         logits = torch.cat(self.predict(bundle, split, batch_size, device, desc))
