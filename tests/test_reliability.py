@@ -125,7 +125,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["method=spp", "schedule.final_warmup=3"], "schedule.final_warmup", "no sparsity schedule"),
     (["method=dense", "stages.prune.lr=0.1"], "stages.prune.lr", "does not prune"),
     (["schedule.final_warmup=100000"], "schedule", "cannot reach its target"),
-    (["model=bert_tiny"], "Model/task mismatch", "image model"),
+    (["model=bert_tiny"], "Model/task mismatch", "model=tiny_vit, built for its 8x8 images"),
+    (["model=deit_tiny", "model.pretrained=false"], "model=deit_tiny takes 224x224 inputs", "+model.kwargs.img_size=8"),  # was timm's shape error
     (["task=glue/sst2", "model=tiny_vit"], "Model/task mismatch", "text model"),  # before the data is looked for
     (["task=lm/wikitext2", "method=wanda"], "Model/task mismatch", "model=tiny_llama"),  # not a text model it would refuse
     (["distill.enabled=true", "distill.teacher=/nonexistent"], "distill.teacher", "finetuned"),

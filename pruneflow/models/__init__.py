@@ -78,7 +78,9 @@ def check_pairing(cfg: DictConfig, task: Task) -> None:
     if family == "hf" and task.modality != "text":
         raise UserError(
             f"Model/task mismatch: model={cfg.name} is a text model (transformers) but task={task.name} is an "
-            f"{task.modality} task. Choose an image model for it (e.g. model=tiny_vit or model=deit_small)."
+            f"{task.modality} task. Choose an image model for it (e.g. "
+            + ("model=tiny_vit, built for its {}x{} images).".format(*task.image_size) if getattr(task, "image_size", None)
+               else "model=tiny_vit or model=deit_small).")
         )
 
 
