@@ -138,6 +138,7 @@ def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tens
 # (q-k and v-o together) in one pool and FFN neurons in another.
 GROUPINGS = {"attention_mlp": (("qk", "vo"), ("ffn",)), "per_type": (("qk",), ("vo",), ("ffn",))}
 RANKS = ("support_time", "entry")
+SEARCH_LR = 1e-3  # the masks' learning rate in the authors' search (--lr-search)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -152,7 +153,7 @@ class SPP(PruningMethod):
         self.optimizer = str(cfg.get("optimizer", "adam"))
         if self.optimizer not in OPTIMIZERS:
             raise invalid("method.optimizer", self.optimizer, OPTIMIZERS)
-        for key, default in (("kappa", None), ("nu", None), ("adam_eps", None), ("search_lr", 1e-3)):
+        for key, default in (("kappa", None), ("nu", None), ("adam_eps", None), ("search_lr", SEARCH_LR)):
             v = cfg.get(key, default)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise invalid(f"method.{key}", v, "a positive number")
@@ -182,7 +183,7 @@ class SPP(PruningMethod):
         self.adam_eps = float(cfg.get("adam_eps", 1e-4))
         # The masks' learning rate is the method's, not the prune stage's: W stays frozen, and a
         # stage recipe's rate is one for fine-tuning weights (2e-5 for BERT), not masks in [0, 1].
-        self.lr = float(cfg.get("search_lr", 1e-3))
+        self.lr = float(cfg.get("search_lr", SEARCH_LR))
         self.z_lr_setting = z_lr
         self.share_heads = check_bool(cfg.get("share_heads", True), "method.share_heads")
         self.compressed = False

@@ -24,6 +24,15 @@ from pruneflow.models import ModelBundle
 from pruneflow.tasks.base import Task
 
 
+def fixed_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(height, width) a timm ViT-family model was built for (``patch_embed.img_size``,
+    which follows an ``img_size`` given at creation), or None for a model without one."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 class ImageClassificationTask(Task):
     modality = "image"
     problem = "single_label_classification"
@@ -36,10 +45,9 @@ class ImageClassificationTask(Task):
     def prepare(self, bundle: ModelBundle) -> None:  # data is already tensors
         """A fixed-size model must take this task's image size: else one clear error
         now, not a shape error from inside timm at the first training step."""
-        size = getattr(getattr(bundle.model, "patch_embed", None), "img_size", None)
+        size = fixed_input_size(bundle.model)
         if self.image_size is None or size is None or getattr(bundle.model.patch_embed, "dynamic_img_size", False):
             return
-        size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
         if size != self.image_size:
             h, w = self.image_size
             raise UserError(
@@ -133,10 +141,9 @@ class TimmImageTask(ImageClassificationTask):
         from timm.data import resolve_data_config
 
         config = resolve_data_config({}, model=model)
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-            config["input_size"] = (self.image_channels, int(h), int(w))
+        size = fixed_input_size(model)
+        if size is not None:
+            config["input_size"] = (self.image_channels, *size)
         overrides = self._dict("data_config")
         if "input_size" in overrides:
             overrides["input_size"] = tuple(overrides["input_size"])
