@@ -466,7 +466,7 @@ def test_spp_search_under_fp16_scales_its_loss_and_skips_an_overflow_step_whole(
 
 
 def test_authors_counts_round_down(tmp_path: Path) -> None:
-    """SEVEN's authors keep int(r * n) (plus ties); the default keeps round((1 - s) n)."""
+    """SEVEN's authors keep int(r * n) (plus ties); the default keeps n - round(s n)."""
     run = prepared(tmp_path, "method=seven", "sparsity=0.7", "method.selection=authors", *stages(2, 3, 0))
     run.execute()
     n = run.weights.numel

@@ -241,6 +241,33 @@ def test_calibration_windows_follow_the_authors_rule(lm_text: Path) -> None:
     assert torch.equal(got, torch.stack(want))
 
 
+def test_c4_calibration_follows_the_authors_rule(lm_text: Path) -> None:
+    """Wanda's get_c4, transcribed: per sample, random documents until one has more than
+    seqlen tokens, then a random window of it; one random.Random(seed) stream for both."""
+    from pruneflow.llm.calibration import calibration_samples
+    from pruneflow.models.causal import train_bpe_tokenizer
+
+    rows = (lm_text / "train.txt").read_text().splitlines()
+    tok = train_bpe_tokenizer(rows, vocab_size=300)
+    lengths = [tok(r, return_tensors="pt").input_ids.shape[1] for r in rows]
+    seqlen = sorted(lengths)[len(lengths) // 2]  # about half the documents are too short: rejections happen
+    cal = OmegaConf.create({"dataset": "c4", "path": str(lm_text), "nsamples": 6, "seqlen": seqlen, "seed": 3})
+    got = calibration_samples(cal, OmegaConf.create({"name": "lm/wikitext2", "path": None}), tok, seqlen)
+    random.seed(3)
+    want, rejected = [], 0
+    for _ in range(6):
+        while True:
+            i = random.randint(0, len(rows) - 1)
+            enc = tok(rows[i], return_tensors="pt")
+            if enc.input_ids.shape[1] > seqlen:
+                break
+            rejected += 1
+        i = random.randint(0, enc.input_ids.shape[1] - seqlen - 1)
+        want.append(enc.input_ids[0, i:i + seqlen])
+    assert rejected > 0
+    assert torch.equal(got, torch.stack(want))
+
+
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "ria", "magnitude"])
 @pytest.mark.parametrize("pattern", [None, "2:4"])

@@ -374,6 +374,7 @@ def test_compiled_kernels_match_eager() -> None:
     """``method.compile`` (auto on CPU from 8M prunable weights, so no other test here
     compiles): the fused score updates and top-k passes give what the eager ones do."""
     from pruneflow.fused import Kernel
+    from pruneflow.methods.magnitude import magnitude_scores_
     from pruneflow.methods.seven import seven_step_
     from pruneflow.topk import DIRECT_MAX, TopK
 
@@ -401,6 +402,15 @@ def test_compiled_kernels_match_eager() -> None:
     assert seven.compiled_fn is not None
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    W = torch.randn(5000, generator=g)
+    out_eager, out_fused = torch.empty(5000), torch.empty(5000)
+    magnitude = Kernel(magnitude_scores_, compiled=True)
+    magnitude_scores_(out_eager, W, mask)
+    magnitude(out_fused, W, mask)
+    assert magnitude.compiled_fn is not None
+    assert torch.equal(out_eager, out_fused)  # |W| and -inf: no arithmetic to reorder
+    assert torch.equal(out_fused[mask == 0], torch.full((int((mask == 0).sum()),), float("-inf")))
 
     x = torch.randn(DIRECT_MAX * 2 + 7, generator=g)
     x[::5] = float("-inf")  # pruned entries of a no-regrowth method
