@@ -4,13 +4,15 @@ experiments that ran, beside what pruneflow measured.
 For each published point (``pruneflow.published``) of an experiment present in the
 report: the runs that reproduce it (same experiment, method, task, target sparsity
 and ``when`` settings), their mean ± std over seeds, the difference and whether it is
-within the point's tolerance. Points no run reproduces are listed as not run. A
+within the point's tolerance (rows of another model than the experiment's are shown
+without a verdict and not counted). Points no run reproduces are listed as not run. A
 figure (``experiment_info.figure``) is drawn as its paper draws it: published curves
 dashed, measured means with error bars, the dense baseline as a horizontal line.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +48,41 @@ class Entry:
         return None if self.mean is None else self.mean - self.point.value
 
     @property
+    def other_model(self) -> str | None:
+        """The row's model where it is not the one the experiment's paper used (a smaller
+        stand-in such as ``model=minilm`` under a BERT-base experiment): shown beside the
+        published number, but no reproduction either way."""
+        if self.row is None:
+            return None
+        paper = experiment_model(self.row.experiment)
+        return self.row.model if paper is not None and self.row.model != paper else None
+
+    @property
     def within(self) -> bool | None:
-        return None if self.mean is None else self.point.within(self.mean)
+        return None if self.mean is None or self.other_model else self.point.within(self.mean)
 
     @property
     def series(self) -> str:
         """The curve a point belongs to in a figure: its method, and its ``when`` (a 2:4
         number is not a point of the unstructured curve)."""
         return " ".join([self.method, *(f"{k}={as_typed(v)}" for k, v in self.point.when)])
+
+
+@functools.cache
+def experiment_model(experiment: str) -> str | None:
+    """The model an experiment config runs (its ``override /model`` default), None where
+    the config is not in conf/experiment/ or chooses no model."""
+    from omegaconf import OmegaConf
+
+    from pruneflow.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml"
+    if not experiment or not path.is_file():
+        return None
+    for item in OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []:
+        if isinstance(item, dict) and "override /model" in item:
+            return str(item["override /model"])
+    return None
 
 
 def _reproduces(point: PublishedPoint, row: Row, experiment: str) -> bool:
@@ -116,12 +145,16 @@ def ledger_entries(rows: list[Row]) -> list[Entry]:
 def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - Sources.ref
     if not entries:
         return []
-    measured = [e for e in entries if e.mean is not None]
+    measured = [e for e in entries if e.mean is not None and not e.other_model]
+    stand_ins = [e for e in entries if e.mean is not None and e.other_model]
     ok = sum(1 for e in measured if e.within)
+    others = sorted({f"model={e.other_model} under {e.row.experiment}, whose paper used {experiment_model(e.row.experiment)}" for e in stand_ins if e.row})
     out = [
         "", "## Reproduction ledger", "",
-        f"**{ok} of {len(measured)} measured rows within tolerance**; {len(entries) - len(measured)} published "
-        "number(s) not run. Published and measured ×100 (perplexity as is; its tolerance is relative); measured is the mean ± std over seeds (n runs); "
+        f"**{ok} of {len(measured)} measured rows within tolerance**; {len(entries) - len(measured) - len(stand_ins)} published "
+        "number(s) not run"
+        + (f"; {len(stand_ins)} row(s) of another model than the paper's, shown but not counted ({'; '.join(others)})" if stand_ins else "")
+        + ". Published and measured ×100 (perplexity as is; its tolerance is relative); measured is the mean ± std over seeds (n runs); "
         "diff = measured − published; \"≈\" marks a value read less precisely off a figure, \"<\" a curve that left "
         "the plot below that value (within: measured at most that plus the tolerance), \">\" one that left it above.",
         "",
@@ -136,7 +169,7 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
         meas = "not run" if e.row is None else (
             "–" if e.mean is None else fmt_metric(e.mean, m) + (f" ± {fmt_metric(e.std, m)}" if e.std is not None else "") + f" ({e.n})"
         )
-        within = "–" if e.within is None else ("yes" if e.within else "**no**")
+        within = f"– (model {e.other_model})" if e.other_model else "–" if e.within is None else ("yes" if e.within else "**no**")
         info = e.row.experiment_info() if e.row is not None else {"source": e.experiment}
         out.append(
             f"| {e.experiment} | {e.method} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if e.row else '–'}] | "

@@ -15,12 +15,13 @@ SOURCE = "Sanh, Wolf & Rush (2020), Table 2"
 
 
 def write_result(path: Path, method: str, sparsity: float, seed: int, acc: float, top5: float, *, measured: float | None = None,
-                 task: str = "digits", experiment: dict | None = None, overrides: list[str] | None = None, metrics: dict | None = None) -> None:
+                 task: str = "digits", experiment: dict | None = None, overrides: list[str] | None = None, metrics: dict | None = None,
+                 model: str = "tiny_vit") -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / ".hydra").mkdir(exist_ok=True)
     final = metrics or {"accuracy": acc, "top5": top5}
     result = {
-        "method": method, "model": "tiny_vit", "task": task, "seed": seed,
+        "method": method, "model": model, "task": task, "seed": seed,
         "main_metric": next(iter(final)),
         "sparsity": {"target": sparsity, "measured": sparsity if measured is None else measured, "overall": sparsity * 0.9, "per_layer": {}},
         "params": {"total": 1000, "prunable": 900, "nonzero": int(1000 - 900 * sparsity), "compressed_total": None},
@@ -164,7 +165,7 @@ def test_ledger_rows_tolerances_and_figure(tmp_path: Path) -> None:
     for (method, sp), accs in runs.items():
         for seed, acc in enumerate(accs):
             write_result(tmp_path / f"{method}-{sp}-{seed}", method, sp, seed, 0, 0, task="glue/mrpc", experiment=FIGURE_INFO,
-                         overrides=[*ovr, f"method={method}", f"sparsity={sp}", f"seed={seed}"], metrics={"accuracy": acc})
+                         overrides=[*ovr, f"method={method}", f"sparsity={sp}", f"seed={seed}"], metrics={"accuracy": acc}, model="bert_base")
     assert main([str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     ledger = md[md.index("## Reproduction ledger"):]
@@ -194,7 +195,7 @@ def test_ledger_conditions_and_measured_sparsity(tmp_path: Path) -> None:
     }
     for distil, acc in ((False, 0.80), (True, 0.79)):
         path = tmp_path / f"distill={distil}"
-        write_result(path, "soft_movement", 0.9, 0, 0, 0, task="glue/mnli", experiment=info, metrics={"accuracy": acc},
+        write_result(path, "soft_movement", 0.9, 0, 0, 0, task="glue/mnli", experiment=info, metrics={"accuracy": acc}, model="bert_base",
                      overrides=["experiment=soft_movement/mnli_bert_base", f"distill.enabled={str(distil).lower()}"])
         result = json.loads((path / "result.json").read_text())
         result["sparsity"]["target"] = None
@@ -206,6 +207,25 @@ def test_ledger_conditions_and_measured_sparsity(tmp_path: Path) -> None:
     assert "**1 of 2 measured rows within tolerance**" in ledger
     assert "| 90 | distill.enabled=false | 80.7 [1] | 80.0 (1) | -0.7 | 1.0 | yes |" in ledger
     assert "| 90 | distill.enabled=true | 81.2 [1] | 79.0 (1) | -2.2 | 1.0 | **no** |" in ledger
+
+
+def test_ledger_shows_a_stand_in_model_but_does_not_count_it(tmp_path: Path) -> None:
+    """``experiment=seven_pre/plot1_bert_base model=bert_tiny``: a smaller model under a
+    BERT-base experiment is set beside the paper's number, with no verdict either way,
+    and is left out of the count; the paper's model in the same sweep is judged."""
+    ovr = ["experiment=seven_pre/plot1_bert_base", "method=snip", "sparsity=0.1"]
+    write_result(tmp_path / "paper", "snip", 0.1, 0, 0, 0, task="glue/mrpc", experiment=FIGURE_INFO, overrides=ovr,
+                 metrics={"accuracy": 0.837}, model="bert_base")
+    write_result(tmp_path / "tiny", "snip", 0.1, 0, 0, 0, task="glue/mrpc", experiment=FIGURE_INFO, overrides=[*ovr, "model=bert_tiny"],
+                 metrics={"accuracy": 0.60}, model="bert_tiny")
+    assert main([str(tmp_path)]) == 0
+    ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert "**1 of 1 measured rows within tolerance**; 4 published number(s) not run; 1 row(s) of another model" in ledger
+    assert "model=bert_tiny under seven_pre/plot1_bert_base, whose paper used bert_base" in ledger
+    rows = [line for line in ledger.splitlines() if line.startswith("| seven_pre/plot1_bert_base | snip | glue/mrpc | accuracy | 10 |")]
+    assert len(rows) == 2
+    assert any(r.endswith("| 83.7 (1) | -0.1 | 0.2 | yes |") for r in rows)
+    assert any(r.endswith("| 60.0 (1) | -23.8 | 0.2 | – (model bert_tiny) |") for r in rows)
 
 
 def test_published_points_forms() -> None:
@@ -234,7 +254,7 @@ def test_causal_lm_perplexity_report_and_ledger(tmp_path: Path) -> None:
     root = tmp_path / "lm"
     for pattern, ppl in ((None, 6.61), ("2:4", 12.5)):  # 6.61 is within 5 % of 6.42; 12.5 is 13 % above 11.02
         path = root / f"pattern={pattern}"
-        write_result(path, "wanda", 0.5, 0, 0, 0, task="lm/wikitext2", experiment=exp, metrics={"perplexity": ppl},
+        write_result(path, "wanda", 0.5, 0, 0, 0, task="lm/wikitext2", experiment=exp, metrics={"perplexity": ppl}, model="llama2_7b",
                      overrides=["experiment=wanda/llama2_7b", f"method.pattern={pattern if pattern else 'null'}".replace(":", "\\:")])
         r = json.loads((path / "result.json").read_text())
         r["metrics"] = {"dense": {"perplexity": 5.2}, "prune": {"perplexity": ppl}, "final": {"perplexity": ppl}}
@@ -245,7 +265,7 @@ def test_causal_lm_perplexity_report_and_ledger(tmp_path: Path) -> None:
     table = md[md.index("## lm/wikitext2"):md.index("## Reproduction ledger")]
     assert "| 6.61 |" in table and "| 12.50 |" in table and "661" not in table
     # two rows; the pattern is the row's own column (unescaped), not a setting
-    assert "| wanda | tiny_vit | unstructured |" in table and "| wanda | tiny_vit | 2:4 |" in table
+    assert "| wanda | llama2_7b | unstructured |" in table and "| wanda | llama2_7b | 2:4 |" in table
     assert "method.pattern" not in table and "\\:" not in table
     ledger = md[md.index("## Reproduction ledger"):]
     assert "**2 of 3 measured rows within tolerance**" in ledger
@@ -269,7 +289,7 @@ WANDA_INFO = {  # no ``tolerance``: perplexity defaults to 5 % of the published 
 
 
 def write_lm_result(path: Path, method: str, pattern: str | None, ppl: float, *, seed: int = 0, dense: float = 5.20,
-                    experiment: dict | None = None, overrides: list[str] | None = None) -> None:
+                    experiment: dict | None = None, overrides: list[str] | None = None, model: str = "tiny_llama") -> None:
     """A result.json as pruneflow/llm/runner.py (finish) writes it, with made-up numbers."""
     path.mkdir(parents=True, exist_ok=True)
     (path / ".hydra").mkdir(exist_ok=True)
@@ -278,7 +298,7 @@ def write_lm_result(path: Path, method: str, pattern: str | None, ppl: float, *,
         sparsity.update(pattern=pattern, pattern_verified=True)
     final = {"perplexity": ppl, "arc_easy/acc": 0.71, "arc_easy/acc_norm": 0.69}
     result = {
-        "method": method, "model": "tiny_llama", "task": "lm/wikitext2", "seed": seed, "main_metric": "perplexity",
+        "method": method, "model": model, "task": "lm/wikitext2", "seed": seed, "main_metric": "perplexity",
         "sparsity": sparsity,
         "params": {"total": 1000, "prunable": 800, "nonzero": 600, "compressed_total": None},
         "metrics": {"dense": {"perplexity": dense}, "prune": {"perplexity": ppl}, "final": final},
@@ -305,7 +325,7 @@ def test_lm_sweep_perplexity_patterns_and_relative_tolerance(tmp_path: Path) -> 
     for (method, pattern), ppls in runs.items():
         for seed, ppl in enumerate(ppls):
             escaped = "null" if pattern is None else pattern.replace(":", "\\:")  # as Hydra's sweep writes it
-            write_lm_result(root / f"{method}-{pattern}-{seed}", method, pattern, ppl, seed=seed, experiment=WANDA_INFO,
+            write_lm_result(root / f"{method}-{pattern}-{seed}", method, pattern, ppl, seed=seed, experiment=WANDA_INFO, model="llama2_7b",
                             overrides=["experiment=wanda/llama2_7b", f"method={method}", f"method.pattern={escaped}", f"seed={seed}"])
     assert main([str(root)]) == 0
     md = (root / "report.md").read_text()
@@ -314,8 +334,8 @@ def test_lm_sweep_perplexity_patterns_and_relative_tolerance(tmp_path: Path) -> 
     assert "| **perplexity ↓** | perplexity (published) | perplexity (dense) |" in table
     rows = [line for line in table.splitlines() if line.startswith("| wanda/llama2_7b |")]
     assert len(rows) == 4  # 2 methods x (unstructured, 2:4), not merged
-    assert rows[2].startswith("| wanda/llama2_7b | wanda | tiny_llama | unstructured | 50 | 2 (0,1) | 6.42 ± 0.03 | 6.42 [1] | 5.20 ± 0.00 |")
-    assert rows[3].startswith("| wanda/llama2_7b | wanda | tiny_llama | 2:4 | 50 | 1 (0) | 12.50 | 11.02 [1] | 5.20 |")
+    assert rows[2].startswith("| wanda/llama2_7b | wanda | llama2_7b | unstructured | 50 | 2 (0,1) | 6.42 ± 0.03 | 6.42 [1] | 5.20 ± 0.00 |")
+    assert rows[3].startswith("| wanda/llama2_7b | wanda | llama2_7b | 2:4 | 50 | 1 (0) | 12.50 | 11.02 [1] | 5.20 |")
     assert "| 71.0 |" in rows[0]  # zero-shot accuracies are fractions: x100
     assert "642" not in table and "642" not in ledger and "1250" not in table
     assert "**3 of 5 measured rows within tolerance**" in ledger
