@@ -83,7 +83,7 @@ class LoggerConfig:
     group: str | None = None
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
-    init_timeout: float = 60.0
+    init_timeout: float = 30.0
 
 
 @dataclass

@@ -69,7 +69,7 @@ class WandbLogger(NullLogger):
             dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
-            settings=wandb.Settings(silent=True, init_timeout=float(lc.get("init_timeout", 60)),
+            settings=wandb.Settings(silent=True, init_timeout=float(lc.get("init_timeout", 30)),
                                     **({"x_disable_machine_info": True} if mode != "online" else {})),
         )
 
