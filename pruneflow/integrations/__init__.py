@@ -87,8 +87,8 @@ class PruningWindow:
         return self.pruner.sparsity if self.pruner is not None and self.pruner.model is not None else None
 
 
-class PruningCallback(TrainerCallback):
-    """Run a pruneflow method inside a ``transformers.Trainer``.
+class WindowCallback:
+    """The constructor and the end of training both callbacks share.
 
     ``start`` / ``steps``: the pruning window in optimizer steps (or fractions of the
     training steps); ``schedule``: ``{"schedule": "cubic", "initial_warmup": 0, ...}``;
@@ -104,6 +104,15 @@ class PruningCallback(TrainerCallback):
     @property
     def pruner(self) -> Pruner | None:
         return self.window.pruner
+
+    def remove_masks(self) -> None:
+        """Plain weights with the zeros in place, unless ``keep_masks``."""
+        if self.pruner is not None and self.pruner.model is not None and not self.keep_masks:
+            self.pruner.remove()
+
+
+class PruningCallback(WindowCallback, TrainerCallback):
+    """Run a pruneflow method inside a ``transformers.Trainer`` (settings: :class:`WindowCallback`)."""
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.plan(int(state.max_steps))
@@ -124,8 +133,7 @@ class PruningCallback(TrainerCallback):
                 state.log_history[-1]["pruning/sparsity"] = sparsity
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
-        if self.pruner is not None and self.pruner.model is not None and not self.keep_masks:
-            self.pruner.remove()
+        self.remove_masks()
 
 
-__all__ = ["PruningCallback", "PruningWindow"]
+__all__ = ["PruningCallback", "PruningWindow", "WindowCallback"]

@@ -3,16 +3,13 @@
     from pruneflow.integrations.lightning import PruningCallback
     trainer = lightning.Trainer(max_steps=1000, callbacks=[PruningCallback("seven", sparsity=0.7, start=200, steps=500)])
 
-The same window as the ``transformers`` callback (:class:`pruneflow.integrations.PruningWindow`).
+The same window and settings as the ``transformers`` callback (:class:`pruneflow.integrations.WindowCallback`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from pruneflow.errors import UserError
-from pruneflow.integrations import PruningWindow
+from pruneflow.integrations import WindowCallback
 
 try:
     import lightning as L
@@ -20,16 +17,8 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     raise UserError("pruneflow.integrations.lightning needs Lightning: pip install lightning (or pruneflow[lightning]).") from e
 
 
-class PruningCallback(L.Callback):
-    def __init__(self, method: str, sparsity: float | None = None, start: int | float = 0, steps: int | float = 0.5,
-                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-                 schedule: dict[str, Any] | None = None, keep_masks: bool = False, **settings: Any) -> None:  # noqa: ANN401
-        self.window = PruningWindow(method, sparsity, start, steps, include, exclude, schedule, settings)
-        self.keep_masks = keep_masks
-
-    @property
-    def pruner(self):  # noqa: ANN201
-        return self.window.pruner
+class PruningCallback(WindowCallback, L.Callback):
+    """Run a pruneflow method inside a Lightning ``Trainer`` (settings: :class:`WindowCallback`)."""
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         self.window.plan(int(trainer.estimated_stepping_batches))
@@ -46,5 +35,4 @@ class PruningCallback(L.Callback):
             pl_module.log("pruning/sparsity", sparsity, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        if self.pruner is not None and self.pruner.model is not None and not self.keep_masks:
-            self.pruner.remove()
+        self.remove_masks()
