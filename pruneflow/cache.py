@@ -30,13 +30,23 @@ log = logging.getLogger("pruneflow")
 LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "timm", "safetensors", "peft")
 
 
-def source_hash(root: Path) -> str:
-    """Hash of every ``*.py`` file under ``root`` (paths and contents). Hidden names are
-    left out: editors' lock links (``.#x.py``) and notebook checkpoints are no code."""
+# Modules that cannot change what a cached stage computes: they read results (the report,
+# its ledger and published numbers), write the model card, upload, log to W&B, or run
+# inside another trainer. A release that only touches them keeps every cached fine-tune
+# (hours of GPU time for a BERT-base task) instead of recomputing it.
+NOT_IN_STAGES = ("report.py", "ledger.py", "published.py", "card.py", "push.py", "loggers.py", "integrations/")
+
+
+def source_hash(root: Path, skip: tuple[str, ...] = ()) -> str:
+    """Hash of every ``*.py`` file under ``root`` (paths and contents) but ``skip`` (file
+    names relative to ``root``; a name ending in ``/`` is a folder). Hidden names are left
+    out: editors' lock links (``.#x.py``) and notebook checkpoints are no code."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if any(rel.as_posix() == s or (s.endswith("/") and rel.as_posix().startswith(s)) for s in skip):
             continue
         h.update(rel.as_posix().encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
@@ -71,7 +81,7 @@ def code_fingerprint() -> dict[str, str]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "absent"
-    return {"pruneflow_source": source_hash(Path(__file__).resolve().parent), **versions}
+    return {"pruneflow_source": source_hash(Path(__file__).resolve().parent, NOT_IN_STAGES), **versions}
 
 
 class StageCache:

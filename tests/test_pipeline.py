@@ -127,6 +127,28 @@ def test_source_hash_follows_every_python_file(tmp_path):
     assert source_hash(tmp_path) != first
 
 
+def test_source_hash_skips_what_cannot_change_a_stage(tmp_path):
+    """The report, the model card, uploads, W&B and the callbacks are left out of the cache
+    key: a release that only touches them keeps the cached fine-tunes."""
+    from pruneflow.cache import NOT_IN_STAGES, source_hash
+
+    (tmp_path / "integrations").mkdir()
+    for name in ("trainer.py", "report.py", "integrations/lightning.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    first = source_hash(tmp_path, NOT_IN_STAGES)
+    (tmp_path / "report.py").write_text("x = 2\n")
+    (tmp_path / "integrations" / "lightning.py").write_text("x = 2\n")
+    assert source_hash(tmp_path, NOT_IN_STAGES) == first
+    assert source_hash(tmp_path) != source_hash(tmp_path, NOT_IN_STAGES)
+    (tmp_path / "trainer.py").write_text("x = 2\n")
+    assert source_hash(tmp_path, NOT_IN_STAGES) != first
+    # every name is a module of the package (a renamed one would silently join the key again)
+    import pruneflow
+
+    root = Path(pruneflow.__file__).parent
+    assert all((root / name).exists() for name in NOT_IN_STAGES)
+
+
 def test_dense_method_skips_the_prune_stage(config, tmp_path):
     r = run(config("method=dense", "stages.prune.steps=0"), tmp_path / "d")
     assert set(r["metrics"]) == {"finetune", "recover", "final"}
