@@ -212,13 +212,15 @@ def plot_figures(entries: list[Entry], out_dir: Path, slug) -> list[Path]:  # no
                         off = [(x, y) for x, y, kd in pub if kd == kind]
                         if off:
                             ax.plot(*zip(*off, strict=True), linestyle="none", marker=marker, color=color[m])
-                meas = sorted(
-                    (e.point.sparsity * 100, e.mean * k, (e.std or 0.0) * k)
-                    for e in panel if e.series == m and e.mean is not None and e.point.sparsity is not None
-                )
-                if meas:
-                    ax.errorbar([x for x, _, _ in meas], [y for _, y, _ in meas], yerr=[s for _, _, s in meas],
-                                linestyle="none", marker="o", capsize=3, color=color[m], label=f"{m} (pruneflow)")
+                for other in sorted({e.other_model or "" for e in panel if e.series == m}):  # a stand-in model: its own hollow points
+                    meas = sorted(
+                        (e.point.sparsity * 100, e.mean * k, (e.std or 0.0) * k)
+                        for e in panel if e.series == m and (e.other_model or "") == other and e.mean is not None and e.point.sparsity is not None
+                    )
+                    if meas:
+                        ax.errorbar([x for x, _, _ in meas], [y for _, y, _ in meas], yerr=[s for _, _, s in meas],
+                                    linestyle="none", marker="o", capsize=3, color=color[m], fillstyle="none" if other else "full",
+                                    label=f"{m} (pruneflow, model {other})" if other else f"{m} (pruneflow)")
             for e in panel:
                 if e.method == "dense":
                     ax.axhline(e.point.value * k, color="gray", linestyle="--", linewidth=1, label="dense (published)")
