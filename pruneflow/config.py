@@ -311,8 +311,20 @@ class SweepCheck(_HydraCallback):
                 found.append((str(path.parent), lines[-1] if lines else f"(empty {file})"))
 
 
+def _times(factor: float, value: float | None) -> float | None:
+    """``${pf_times:2,${trainer.warmup_steps}}``: a setting the authors give as a multiple
+    of another (Sanh et al.'s final_warmup = 2 x warmup_steps), so that overriding the
+    base scales both as in their scripts."""
+    if value is None:
+        return None
+    out = factor * value
+    return int(out) if isinstance(value, int) and float(out).is_integer() else out
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="pruneflow_schema", node=PruneflowConfig)
+    if not OmegaConf.has_resolver("pf_times"):
+        OmegaConf.register_new_resolver("pf_times", _times)
     if not OmegaConf.has_resolver("pf_dirname"):
         OmegaConf.register_new_resolver("pf_dirname", _dirname)
     if not OmegaConf.has_resolver("pf_fresh_dir"):

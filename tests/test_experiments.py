@@ -443,6 +443,26 @@ def test_merge_row_replaces_the_command_lines_key() -> None:
         "seed=1", "experiment=movement/squad_bert_base", "sparsity=0.97"]
 
 
+@pytest.mark.parametrize("family", ["magnitude", "movement", "soft_movement"])
+def test_sanh_warmups_are_multiples_of_warmup_steps(family: str) -> None:
+    """Sanh et al.'s threshold warm-ups are 1 and 2 x warmup_steps in their scripts: 5400 and
+    10800 as shipped, and trainer.warmup_steps=N scales all three, so one override shortens
+    every row of a table for a miniature run (L0's rows take no schedule setting)."""
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+
+    register_configs()
+    for task in ("mnli", "qqp", "squad"):
+        cfg = compose([f"experiment={family}/{task}_bert_base"])
+        assert (cfg.schedule.initial_warmup, cfg.schedule.final_warmup, cfg.trainer.warmup_steps) == (5400, 10800, 5400)
+        cfg = compose([f"experiment={family}/{task}_bert_base", "trainer.warmup_steps=3"])
+        assert (cfg.schedule.initial_warmup, cfg.schedule.final_warmup) == (3, 6)
+        cfg = compose([f"experiment={family}/{task}_bert_base", "trainer.warmup_steps=3", "schedule.final_warmup=4"])
+        assert (cfg.schedule.initial_warmup, cfg.schedule.final_warmup) == (3, 4)  # a typed value still wins
+        if family == "movement":  # once per table: every row, L0's included, takes the override
+            assert precheck(["-m", f"experiment=sanh2020/{task}_table2", "trainer.warmup_steps=2"]) is None
+
+
 def test_a_table_without_multirun_is_one_clear_error() -> None:
     from pruneflow.cli import precheck
 
