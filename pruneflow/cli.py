@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pruneflow.config import local_process_launcher, register_configs
+from pruneflow.console import guard_console
 from pruneflow.errors import RunStopped, UserError
 from pruneflow.stop import STOPPED_FILE
 from pruneflow.utils import unwritable
@@ -292,6 +293,7 @@ def _app(cfg: DictConfig) -> float | None:
     from pruneflow.runner import holds_run, run
     from pruneflow.stop import STOP, name
 
+    guard_console()  # again in a launcher's worker process (joblib, submitit)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -421,6 +423,7 @@ def _write_job_file(run_dir: Path, name: str, text: str) -> None:
 
 
 def main() -> None:
+    guard_console()  # a dropped `| tee` or SSH session must not end the run
     register_configs()
     message = precheck(sys.argv[1:])
     if message:

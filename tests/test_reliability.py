@@ -418,6 +418,45 @@ def test_a_second_signal_stops_at_once_with_the_signals_exit_code(tmp_path, unin
 
 
 # ----------------------------------------------------------------------------- damaged files
+def test_a_guarded_stream_outlives_its_reader():
+    """A write to a pipe whose reader is gone points the descriptor at /dev/null and goes
+    on (no BrokenPipeError); other errors still raise."""
+    from pruneflow.console import GuardedStream
+
+    read_end, write_end = os.pipe()
+    raw = os.fdopen(write_end, "w", buffering=1)
+    stream = GuardedStream(raw)
+    stream.write("before\n")
+    assert os.read(read_end, 100) == b"before\n"
+    os.close(read_end)
+    with pytest.raises(BrokenPipeError):  # what the unguarded stream does
+        raw.write("x\n")
+        raw.flush()
+    stream.write("after\n")  # the guard: no error, the descriptor now goes nowhere
+    stream.flush()
+    assert stream.lost and os.readlink(f"/proc/self/fd/{write_end}") == os.devnull
+    assert stream.isatty() is False and stream.fileno() == write_end  # everything else is the stream's
+    raw.close()
+    with pytest.raises(ValueError):  # closed by its owner, not a lost reader: not hidden
+        GuardedStream(raw).write("x")
+
+
+def test_a_run_goes_on_when_its_console_pipe_breaks(tmp_path):
+    """`pruneflow ... | tee run.txt` and the tee is killed (a Slurm job step, a dropped SSH
+    session): the run finishes as if nothing happened, and its log says what was lost.
+    Unguarded, the first progress-bar write raised BrokenPipeError: exit code 1, nothing
+    in the log, the stage's progress since the last checkpoint gone."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "pruneflow.cli", *SMALL, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout.read(1)  # the run has started writing
+    proc.stdout.close()  # the reader goes away
+    assert proc.wait(timeout=600) == 0
+    assert read_result(tmp_path / "run")["sparsity"]["measured"] > 0
+    log = (tmp_path / "run" / "pruneflow.log").read_text()
+    assert log.count("The console's reader went away (broken pipe)") == 1 and "recover:" in log
+
+
 def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed(tmp_path):
     args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}"]
     run_dir = tmp_path / "run"
