@@ -21,21 +21,18 @@ from typing import Any, TextIO
 NOTE = "The console's reader went away (broken pipe): the run goes on, logging to pruneflow.log only."
 
 
-_NOTED: list[bool] = []  # one note per process, whichever stream broke first
+_noted = False  # one note per process, whichever stream broke first
 
 
 def _note_in_log_files() -> None:
-    if _NOTED:
+    global _noted
+    if _noted:
         return
-    _NOTED.append(True)
+    _noted = True
     record = logging.getLogger("pruneflow").makeRecord("pruneflow", logging.WARNING, __file__, 0, NOTE, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
-
-
-def _broken(error: BaseException) -> bool:
-    return isinstance(error, BrokenPipeError) or (isinstance(error, OSError) and error.errno in (errno.EPIPE,))
 
 
 class GuardedStream:
@@ -61,7 +58,7 @@ class GuardedStream:
         try:
             return getattr(self._stream, name)(*args)
         except OSError as e:
-            if not _broken(e):
+            if e.errno != errno.EPIPE:  # BrokenPipeError's; any other failure is not a lost reader
                 raise
             self._lose()
             try:
