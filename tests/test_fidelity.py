@@ -474,11 +474,13 @@ def test_authors_counts_round_down(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- SPP
-def test_spp_search_matches_the_authors_optimizer() -> None:
+@pytest.mark.parametrize("steps", [1, 11, 30])  # the first step and support check; the second check; a search where entries entered
+def test_spp_search_matches_the_authors_optimizer(steps: int) -> None:
     """adamw_spp.py's update (Adam on the masks, eps 1e-4, Z += lr_t/(1-b1^t) * (M - Γ),
     Γ = relu(relu(1 - λ/|Z|) Z)) and deit/engine.py's step_record (+1 where Γ != 0 every
     `interval` batches), transcribed here, against pruneflow's search with the coupling
-    term made inert (their code adds it after backward())."""
+    term made inert (their code adds it after backward()): M, Z and the record after 1, 11
+    and 30 steps."""
     import timm
     from omegaconf import OmegaConf
 
@@ -493,7 +495,7 @@ def test_spp_search_matches_the_authors_optimizer() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=4, num_classes=4, in_chans=1)
     reference = copy.deepcopy(model)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 4, (64,))
-    steps, lr, lam = 30, 0.05, 0.5
+    lr, lam = 0.05, 0.5
 
     def batches():  # noqa: ANN202
         g = torch.Generator().manual_seed(1)
@@ -545,7 +547,8 @@ def test_spp_search_matches_the_authors_optimizer() -> None:
         torch.testing.assert_close(ours["m"], alphas[i].detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours["z"], z[i], rtol=1e-5, atol=1e-6)
         assert torch.equal(ours["support"].float(), record[i]), e.key
-    assert sum(int(r.sum()) for r in record) > 0  # entries did enter the support
+    if steps == 30:
+        assert sum(int(r.sum()) for r in record) > 0  # entries did enter the support
 
 
 # ----------------------------------------------------------------------------- zeroed masks
