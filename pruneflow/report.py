@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pruneflow.config import RESUME_FREE
-from pruneflow.ledger import ledger_entries, ledger_markdown, plot_figures
+from pruneflow.ledger import experiment_model, ledger_entries, ledger_markdown, plot_figures
 from pruneflow.published import (
     PublishedPoint,
     as_typed,
@@ -588,7 +588,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
         fields += [f"{m}_mean", f"{m}_std", f"{m}_published"]
     fields += [
         "measured_sparsity_mean", "measured_sparsity_std", "overall_sparsity_mean", "params_total", "params_nonzero_mean",
-        "params_compressed_total_mean", "time_s_mean", "time_s_std", "published_source", "run_dirs",
+        "params_compressed_total_mean", "time_s_mean", "time_s_std", "published_source", "published_model", "run_dirs",
     ]
 
     def num(v: float | None) -> str:
@@ -623,6 +623,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 time_s_mean=num(row.stat(lambda r: r["time_s"]["total"])[0]),
                 time_s_std=num(row.stat(lambda r: r["time_s"]["total"])[1]),
                 published_source=str(info.get("source", "")) if info and any_pub else "",
+                # the model the published numbers are of: another than `model` marks a stand-in run
+                published_model=(experiment_model(row.experiment) or "") if any_pub else "",
                 run_dirs=" ".join(r.get("_path", "") for r in row.runs),
             )
             w.writerow(rec)

@@ -226,6 +226,8 @@ def test_ledger_shows_a_stand_in_model_but_does_not_count_it(tmp_path: Path) -> 
     assert len(rows) == 2
     assert any(r.endswith("| 83.7 (1) | -0.1 | 0.2 | yes |") for r in rows)
     assert any(r.endswith("| 60.0 (1) | -23.8 | 0.2 | – (model bert_tiny) |") for r in rows)
+    csv_rows = {r["model"]: r for r in read_csv(tmp_path / "report.csv")}
+    assert csv_rows["bert_tiny"]["published_model"] == csv_rows["bert_base"]["published_model"] == "bert_base"
 
 
 def test_published_points_forms() -> None:
