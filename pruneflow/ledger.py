@@ -48,13 +48,16 @@ class Entry:
         return None if self.mean is None else self.mean - self.point.value
 
     @property
+    def paper_model(self) -> str | None:
+        """The model the experiment runs (its paper's), None where unknown or not run."""
+        return None if self.row is None else experiment_model(self.row.experiment)
+
+    @property
     def other_model(self) -> str | None:
         """The row's model where it is not the one the experiment's paper used (a smaller
         stand-in such as ``model=minilm`` under a BERT-base experiment): shown beside the
         published number, but no reproduction either way."""
-        if self.row is None:
-            return None
-        paper = experiment_model(self.row.experiment)
+        paper = self.paper_model
         return self.row.model if paper is not None and self.row.model != paper else None
 
     @property
@@ -148,7 +151,7 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
     measured = [e for e in entries if e.mean is not None and not e.other_model]
     stand_ins = [e for e in entries if e.mean is not None and e.other_model]
     ok = sum(1 for e in measured if e.within)
-    others = sorted({f"model={e.other_model} under {e.row.experiment}, whose paper used {experiment_model(e.row.experiment)}" for e in stand_ins if e.row})
+    others = sorted({f"model={e.other_model} under {e.row.experiment}, whose paper used {e.paper_model}" for e in stand_ins})
     out = [
         "", "## Reproduction ledger", "",
         f"**{ok} of {len(measured)} measured rows within tolerance**; {len(entries) - len(measured) - len(stand_ins)} published "
