@@ -25,6 +25,7 @@ linear, exponential, oneshot) over ``steps`` with ``initial_warmup`` /
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from pruneflow.masking import (
 )
 from pruneflow.methods.base import PruneContext, PruningMethod
 from pruneflow.schedules import KINDS, Schedule
+
+log = logging.getLogger(__name__)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -76,6 +79,7 @@ class Pruner:
         self.model: nn.Module | None = None
         self.weights: MaskedWeights | None = None
         self.ended = False
+        self.warned_mode = False
 
     # -- attaching -------------------------------------------------------------------
     def attach(
@@ -124,6 +128,12 @@ class Pruner:
     def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
         """After ``optimizer.step()`` and before ``zero_grad()`` (the method reads this
         step's gradients); ``grads_finite=False`` on a step skipped by an fp16 scaler."""
+        if self.method.prune_in_eval_mode and not self.ended and self.model is not None and self.model.training and not self.warned_mode:
+            # the loop is the caller's, so is the model's mode: say what the authors do
+            log.warning("method=%s scores with the model in eval mode (no dropout), as its authors' code; this loop runs it "
+                        "in train mode. Call model.eval() while scoring, or pass eval_mode=False to say train mode is meant.",
+                        self.method.name)
+            self.warned_mode = True
         if not self.ended:
             self.method.after_optimizer_step(step, grads_finite=grads_finite)
 

@@ -314,7 +314,7 @@ class Trainer:
         ``resume`` is such a state.
         """
         model = self.bundle.model
-        model.train()
+        model.train(not (stage.name == "prune" and method is not None and method.prune_in_eval_mode))
         if optim is None:
             extra = method.param_groups() if method is not None else []
             optim = self.build_optim(stage.steps if stage.weight_updates else 1, extra)

@@ -204,3 +204,21 @@ def test_example_script_prunes(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "magnitude: sparsity 0.6000" in out.stdout
+
+
+def test_snip_in_a_train_mode_loop_is_told_its_authors_score_in_eval_mode(caplog):
+    def score(eval_mode: bool | None, model_eval: bool) -> int:
+        caplog.clear()
+        model = Tiny().train(not model_eval)
+        settings = {} if eval_mode is None else {"eval_mode": eval_mode}
+        pruner = pruneflow.methods.create("snip", sparsity=0.5, steps=2, model=model, include=["blocks.*"], **settings)
+        for step in range(2):
+            x = torch.randn(8, 16)
+            nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+            pruner.after_optimizer_step(step)
+            model.zero_grad()
+        return sum("eval mode" in r.getMessage() for r in caplog.records)
+
+    assert score(None, model_eval=False) == 1  # once, not per step
+    assert score(None, model_eval=True) == 0
+    assert score(False, model_eval=False) == 0

@@ -1,10 +1,16 @@
 """SNIP, GraSP and FORCE (the baselines of SEVEN's pre-pruning figures) against
-computations written here from each paper's formula, on a small network."""
+computations written here from each paper's formula, and against transcriptions of
+their authors' code (namhoonlee/snip-public, alecwangcq/GraSP, naver/force), on a
+small network."""
 
 from __future__ import annotations
 
 import copy
+import math
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -43,6 +49,9 @@ class Task:
         return F.cross_entropy(logits, batch["labels"]), [logits]
 
 
+SEED = 7  # the prune stage's seed (GraSP's head re-initialization draws from it)
+
+
 def attach(name: str, model: nn.Module, sparsity: float, steps: int, kind: str = "cubic", **cfg):  # noqa: ANN003, ANN201
     weights = MaskedWeights(select_prunable(model, ["blocks.*"], ["head"]))
     method = get_method_class(name)(OmegaConf.create({"name": name, **cfg}), sparsity)
@@ -54,7 +63,8 @@ def attach(name: str, model: nn.Module, sparsity: float, steps: int, kind: str =
 
     bundle = type("B", (), {"model": model})()
     method.setup(PruneContext(model=model, weights=weights, schedule=Schedule(kind, sparsity, steps), sparsity=sparsity,
-                              total_steps=steps, device=torch.device("cpu"), task=Task(), batches=stream, extra={"bundle": bundle}))
+                              total_steps=steps, device=torch.device("cpu"), task=Task(), batches=stream,
+                              extra={"bundle": bundle, "stage": SimpleNamespace(seed=SEED)}))
     return method, weights, batches
 
 
@@ -95,11 +105,12 @@ def test_grasp_scores_weight_times_hessian_gradient():
     torch.manual_seed(0)
     model = Net()
     ref = copy.deepcopy(model).double()
-    method, weights, batches = attach("grasp", model, 0.5, 2, temperature=3.0)
+    method, weights, batches = attach("grasp", model, 0.5, 2, temperature=3.0, reinit_head=False)
     method.run_prune_stage(method.ctx)
+    assert torch.equal(model.head.weight, ref.head.weight.float())
     # Wang et al.: S = -theta * H g with g the gradient of the loss on logits / T; H g by
     # central finite differences of the gradient along g (float64), an independent route.
-    params = [lin.weight for lin in linears(ref)]
+    params = [lin.weight for lin in linears(ref)] + [ref.head.weight]  # g and H over every Linear, as their code
 
     def grad_at(shift: float, direction: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -116,7 +127,7 @@ def test_grasp_scores_weight_times_hessian_gradient():
     eps = 1e-4
     plus, minus = grad_at(eps, g), grad_at(-eps, g)
     hg = [(a - b) / (2 * eps) for a, b in zip(plus, minus, strict=True)]
-    expected = torch.cat([(p.detach() * h).reshape(-1) for p, h in zip(params, hg, strict=True)])  # = -S
+    expected = torch.cat([(p.detach() * h).reshape(-1) for p, h in zip(params[:2], hg[:2], strict=True)])  # = -S of the pruned
     got = method.state["scores"].double()
     assert torch.allclose(got, expected, rtol=1e-3, atol=1e-7 * float(expected.abs().max()))
     kept = method.mask_flat.bool()
@@ -152,3 +163,159 @@ def test_force_iterates_snip_on_the_pruned_network_with_regrowth():
         mask = [t.view_as(lin.weight) for t, lin in zip(torch.split(new, [lin.weight.numel() for lin in layers]), layers, strict=True)]
     assert int(masks[-1].sum()) == kept_count(masks[-1].numel(), 0.8)
     assert came_back  # a weight pruned earlier returned: FORCE, not iterative SNIP
+
+
+# ----------------------------------------------------------------------------------------
+# Transcriptions of the authors' code: their steps, their selection (method.selection=authors)
+
+
+class DropNet(Net):
+    """Net with dropout, so that the scoring mode matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 8), nn.Tanh())
+
+
+def test_snip_selection_authors_is_their_get_sparse_mask():
+    """snip/model.py: mask c = 1, grads of the loss with respect to c (= W * dL/dW), |.|
+    normalized by the sum, tf.nn.top_k of int(round(n * (1 - s))) kept; one batch with
+    is_train=False (the model in eval mode, method.eval_mode)."""
+    torch.manual_seed(0)
+    model = DropNet()
+    ref = copy.deepcopy(model)
+    method, weights, batches = attach("snip", model, 0.55, 1, selection="authors")
+    assert method.prune_in_eval_mode
+    model.eval()  # the trainer's prune stage under method.eval_mode=true (tested in test_snip_scores_in_eval_mode)
+    score_loop(model, method, batches)
+
+    ref.eval()
+    layers = [ref.blocks[0], ref.blocks[3]]
+    c = [torch.ones_like(lin.weight, requires_grad=True) for lin in layers]
+    h = torch.tanh(F.linear(batches[0]["x"], layers[0].weight * c[0], layers[0].bias))
+    h = torch.tanh(F.linear(ref.blocks[2](h), layers[1].weight * c[1], layers[1].bias))
+    loss = F.cross_entropy(ref.head(h), batches[0]["labels"])
+    cs = torch.cat([g.abs().reshape(-1) for g in torch.autograd.grad(loss, c)])
+    cs = cs / cs.sum()
+    kappa = int(round(cs.numel() * (1.0 - 0.55)))
+    expected = torch.zeros_like(cs)
+    expected[torch.topk(cs, kappa, sorted=True).indices] = 1
+    assert torch.equal(method.mask_flat, expected)
+    assert int(method.mask_flat.sum()) == kappa
+
+
+def test_snip_scores_in_eval_mode(config, tmp_path, monkeypatch):
+    """The runner's prune stage runs SNIP's forwards with the model in eval mode, unless
+    method.eval_mode=false; the other stages train in train mode."""
+    from pruneflow.methods.snip import Snip
+    from pruneflow.runner import run
+
+    seen: list[bool] = []
+    original = Snip.update_scores
+
+    def spy(self, step):  # noqa: ANN001, ANN202
+        seen.append(self.ctx.model.training)
+        return original(self, step)
+
+    monkeypatch.setattr(Snip, "update_scores", spy)
+    fast = ["stages.finetune.steps=2", "stages.prune.steps=3", "stages.recover.steps=2", "task.max_train_samples=64"]
+    run(config("method=snip", *fast), tmp_path / "a")
+    assert seen == [False, False, False]
+    seen.clear()
+    run(config("method=snip", "method.eval_mode=false", *fast), tmp_path / "b")
+    assert seen == [True, True, True]
+
+
+def grasp_authors(net: nn.Module, ratio: float, chunks: list[dict[str, torch.Tensor]], pruned: list[nn.Linear], seed: int,
+                  T: float = 200.0) -> torch.Tensor:
+    """pruner/GraSP_ImageNet.py, GraSP(): a copy, its last Linear re-initialized (Xavier
+    normal), g summed over the chunks with the loss on logits / T, then per chunk
+    z = sum(g * grad_f) back-propagated (H g into .grad), scores -theta * Hg normalized by
+    |sum| + eps, the int(n * ratio)-th largest the threshold, scores <= it kept. Their
+    weights are every Linear; the ranking here is over the layers pruneflow prunes."""
+    net = copy.deepcopy(net)
+    net.zero_grad()
+    lin = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    fresh = torch.empty_like(lin[-1].weight)
+    nn.init.xavier_normal_(fresh, generator=torch.Generator().manual_seed(seed))  # their global RNG; ours its own
+    with torch.no_grad():
+        lin[-1].weight.copy_(fresh)
+    weights = [m.weight for m in lin]
+    grad_w = None
+    for b in chunks:
+        loss = F.cross_entropy(net(b["x"]) / T, b["labels"])
+        grad_w_p = torch.autograd.grad(loss, weights, create_graph=False)
+        grad_w = list(grad_w_p) if grad_w is None else [a + g for a, g in zip(grad_w, grad_w_p, strict=True)]
+    for b in chunks:
+        loss = F.cross_entropy(net(b["x"]) / T, b["labels"])
+        grad_f = torch.autograd.grad(loss, weights, create_graph=True)
+        z = 0
+        for count in range(len(weights)):
+            z += (grad_w[count] * grad_f[count]).sum()
+        z.backward()
+    index = [lin.index(m) for m in [dict(net.named_modules())[n] for n in pruned]]
+    grads = [-lin[i].weight.data * lin[i].weight.grad for i in index]
+    all_scores = torch.cat([torch.flatten(x) for x in grads])
+    norm_factor = torch.abs(torch.sum(all_scores)) + 1e-10
+    all_scores.div_(norm_factor)
+    num_params_to_rm = int(len(all_scores) * ratio)
+    threshold, _ = torch.topk(all_scores, num_params_to_rm, sorted=True)
+    return (all_scores <= threshold[-1]).float()
+
+
+@pytest.mark.parametrize("reinit_head", [True, False])
+def test_grasp_selection_authors_is_their_grasp(reinit_head):
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    method, weights, batches = attach("grasp", model, 0.6, 3, selection="authors", reinit_head=reinit_head)
+    head_before = model.head.weight.detach().clone()
+    method.run_prune_stage(method.ctx)
+    assert torch.equal(model.head.weight, head_before)  # re-initialized for the scoring only
+    expected = grasp_authors(ref, 0.6, batches, ["blocks.0", "blocks.2"], SEED)
+    if not reinit_head:
+        assert not torch.equal(method.mask_flat, expected)  # the head's initialization matters
+        return
+    assert torch.equal(method.mask_flat, expected)
+    assert int(expected.sum()) == expected.numel() - int(expected.numel() * 0.6) + 1  # their <= keeps the threshold's entry
+
+
+def force_authors(ori_net: nn.Module, chunks: list[dict[str, torch.Tensor]], pruning_factor: float, num_steps: int,
+                  pruned: list[str]) -> list[torch.Tensor]:
+    """pruning/pruning_algos.py, iterative_pruning(prune_method=3, mode='exp', num_batches=1):
+    the dense weights kept; each step a copy of the network with the current mask's
+    weights set to 0 (no gradient hooks), saliency |w_dense * grad| on a new batch, and
+    get_mask(saliency, perc): every score >= the int(n * perc)-th largest kept. Their
+    prunable layers are every Linear; here the ones pruneflow prunes."""
+    layers = lambda net: [dict(net.named_modules())[n] for n in pruned]  # noqa: E731
+    original_weights = [m.weight.detach() for m in layers(ori_net)]
+    pruning_steps = [np.exp(0 - ((x + 1) * (0 - np.log(pruning_factor)) / num_steps)) for x in range(num_steps)]
+    net, mask, masks = copy.deepcopy(ori_net), None, []
+    for perc, b in zip(pruning_steps, chunks, strict=True):
+        net.zero_grad()
+        F.cross_entropy(net(b["x"]), b["labels"]).backward()
+        saliency = [torch.abs(w * m.weight.grad) for w, m in zip(original_weights, layers(net), strict=True)]
+        all_scores = torch.cat([torch.flatten(x) for x in saliency])
+        num_params_to_keep = int(len(all_scores) * perc)
+        threshold, _ = torch.topk(all_scores, num_params_to_keep, sorted=True)
+        mask = [(m >= threshold[-1]).float() for m in saliency]
+        net = copy.deepcopy(ori_net)
+        for m, k in zip(layers(net), mask, strict=True):
+            m.weight.data[k == 0.0] = 0.0
+        masks.append(torch.cat([k.reshape(-1) for k in mask]))
+    return masks
+
+
+def test_force_selection_authors_is_their_iterative_pruning():
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    steps = 6
+    method, weights, batches = attach("force", model, 0.9, steps, kind="exponential", selection="authors")
+    masks = score_loop(model, method, batches)
+    expected = force_authors(ref, batches, 0.1, steps, ["blocks.0", "blocks.2"])
+    n = expected[0].numel()
+    for step, (got, want) in enumerate(zip(masks, expected, strict=True)):
+        assert torch.equal(got, want), step
+        assert int(want.sum()) == int(n * 0.1 ** ((step + 1) / steps))  # no ties here: their count exactly
+    assert math.isclose(float(masks[-1].mean()), int(n * 0.1) / n)

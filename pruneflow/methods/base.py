@@ -83,6 +83,9 @@ class PruningMethod:
     scores_without_updates: ClassVar[bool] = False
     #: False when ``finalize`` rebuilds layers (SPP), so no optimizer state can carry over
     keeps_architecture: ClassVar[bool] = True
+    #: the prune stage's forward passes run with the model in eval mode (no dropout):
+    #: SNIP's authors score with ``is_train=False`` (``method.eval_mode``)
+    prune_in_eval_mode: bool = False
 
     def __init__(self, cfg: DictConfig, sparsity: float) -> None:
         self.cfg = cfg

@@ -7,13 +7,21 @@ gradient with respect to the masked weight, taken at pruned entries too, times t
 weight's original value — and recomputes the mask to the schedule's level
 (``schedule=exponential``, their kept-fraction decay, in the experiments). A weight
 pruned earlier can come back (what separates FORCE from plain iterative SNIP).
+
+As the authors' code (``naver/force``, ``pruning/pruning_algos.py``,
+``iterative_pruning`` with ``prune_method=3``): the network as masked at the step
+before, in train mode, the kept fraction ``pf ** ((k + 1) / steps)`` at step k (their
+``mode='exp'``); their ``get_mask`` keeps every score >= the ``int(n * keep)``-th
+largest (``method.selection=authors``). Their ``num_batches`` averages the mean
+gradients of that many batches per step: one batch of ``num_batches`` times the size
+(``stages.prune.batch_size``) has the same mean gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pruneflow.methods.score_based import ScoreBasedMethod
+from pruneflow.methods.score_based import ScoreBasedMethod, keep_from_kth_largest_, kept_floor
 
 
 class Force(ScoreBasedMethod):
@@ -31,3 +39,7 @@ class Force(ScoreBasedMethod):
 
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
+
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+        """Their ``get_mask``: the ``int(n * keep)``-th largest score, every score >= it kept."""
+        keep_from_kth_largest_(scores, kept_floor(scores.numel(), 1.0 - sparsity), out)

@@ -8,6 +8,14 @@ scoring batches (no graph), a second pass takes z = g(x)^T stop_grad(g) per batc
 and back-propagates it, which accumulates ``H g``. The (pre)trained model is not
 updated (as ``seven_pre``); the stage's steps are the scoring batches of each pass.
 Attention runs through the math kernel here: the fused ones have no second derivative.
+
+As the authors' code (``alecwangcq/GraSP``, ``pruner/GraSP_ImageNet.py``): the last
+``nn.Linear`` of the model (the classifier) is re-initialized with Xavier normal for
+the scoring passes (``method.reinit_head``; their CIFAR script re-initializes every
+Linear, which in their CNNs is the classifier alone) and restored afterwards; the
+train-mode forward (their ``.eval()`` is commented out); ``method.selection=authors``
+removes the scores above the ``int(n * s)``-th largest of ``-W * Hg`` (the one at it
+stays), as their ``topk(...)[-1]`` with ``<=``.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
-from pruneflow.errors import invalid
+from pruneflow.errors import check_bool, invalid
 from pruneflow.methods.base import PruneContext
-from pruneflow.methods.score_based import ScoreBasedMethod
+from pruneflow.methods.score_based import ScoreBasedMethod, keep_from_kth_smallest_
 
 
 def tempered_loss(task: Any, bundle: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:  # noqa: ANN401
@@ -45,6 +55,7 @@ class GraSP(ScoreBasedMethod):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
             raise invalid("method.temperature", t, "a positive number (the authors use 200)")
         self.temperature = float(t)
+        self.reinit_head = check_bool(cfg.get("reinit_head", True), "method.reinit_head")
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
         return [("schedule", "method=grasp prunes once, after its two scoring passes")]
@@ -52,38 +63,98 @@ class GraSP(ScoreBasedMethod):
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
 
-    def run_prune_stage(self, ctx: PruneContext) -> bool:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+        """Theirs: remove ``-score`` above its ``int(n * s)``-th largest, i.e. keep every
+        score >= its ``int(n * s)``-th smallest."""
+        keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)
 
+    def run_prune_stage(self, ctx: PruneContext) -> bool:
         bundle, task = ctx.extra["bundle"], ctx.task
         params = [w.param for w in ctx.weights]
         model = ctx.model
         model.train()
+        # H g over their weights: every Linear and Conv2d weight of the model (the head and
+        # pooler too), whether pruned or not, plus any prunable bias
+        everything = linear_and_conv_weights(model)
+        known = {id(p) for p in everything}
+        everything += [p for p in params if id(p) not in known]
+        grad_was = [p.requires_grad for p in everything]
 
         def batches():  # noqa: ANN202 - the same batches for both passes
             data = ctx.batches()
             return [next(data) for _ in range(ctx.total_steps)]
 
         chosen = batches()
+        stage = ctx.extra.get("stage")
+        head = reinit_last_linear(model, getattr(stage, "seed", None)) if self.reinit_head else None
+        try:
+            for p in everything:
+                p.requires_grad_(True)
+            self._score(task, bundle, params, everything, chosen)
+        finally:
+            for p, was in zip(everything, grad_was, strict=True):
+                p.requires_grad_(was)
+            if head is not None:
+                with torch.no_grad():
+                    head[0].copy_(head[1])
+        model.zero_grad(set_to_none=True)
+        self.update_masks(self.sparsity)
+        return True
+
+    def _score(self, task: Any, bundle: Any, params: list[torch.Tensor], everything: list[torch.Tensor],  # noqa: ANN401
+               chosen: list[dict[str, torch.Tensor]]) -> None:
+        """``self.state["scores"] = W * Hg`` of the prunable ``params``, with g and H over
+        ``everything``, summed over the scoring batches (two passes)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         with sdpa_kernel(SDPBackend.MATH):
-            g_sum = [torch.zeros_like(p) for p in params]
+            g_sum = [torch.zeros_like(p) for p in everything]
             for batch in chosen:
-                grads = torch.autograd.grad(tempered_loss(task, bundle, batch, self.temperature), params, allow_unused=True)
+                grads = torch.autograd.grad(tempered_loss(task, bundle, batch, self.temperature), everything, allow_unused=True)
                 for acc, g in zip(g_sum, grads, strict=True):
                     if g is not None:
                         acc.add_(g)
-            hg = [torch.zeros_like(p) for p in params]
+            hg = [torch.zeros_like(p) for p in everything]
             for batch in chosen:
-                grads = torch.autograd.grad(tempered_loss(task, bundle, batch, self.temperature), params, create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(tempered_loss(task, bundle, batch, self.temperature), everything, create_graph=True, allow_unused=True)
                 z = sum((g * s).sum() for g, s in zip(grads, g_sum, strict=True) if g is not None)
-                second = torch.autograd.grad(z, params, allow_unused=True)
+                second = torch.autograd.grad(z, everything, allow_unused=True)
                 for acc, h in zip(hg, second, strict=True):
                     if h is not None:
                         acc.add_(h.detach())
-        model.zero_grad(set_to_none=True)
+        hg_of = {id(p): h for p, h in zip(everything, hg, strict=True)}
         with torch.no_grad():
-            for i, (p, h) in enumerate(zip(params, hg, strict=True)):
-                # GraSP removes the largest -W*Hg: keep the largest W*Hg
+            for i, p in enumerate(params):
+                h = hg_of[id(p)]
+                # GraSP removes the largest -W*Hg: keep the largest W*Hg (a re-initialized
+                # head, if prunable, is scored by its new weights, as theirs)
                 torch.mul(p.detach(), h, out=self.view("scores", i))
-        self.update_masks(self.sparsity)
-        return True
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The trainable weight tensor (under a mask parametrization, its original)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def linear_and_conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [weight_of(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def reinit_last_linear(model: nn.Module, seed: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Re-initialize the weight of the model's last ``nn.Linear`` (the classifier of
+    BERT, ViT and the authors' CNNs) with Xavier normal, from a generator of its own so
+    the run's other random streams are unchanged. Returns (weight, saved copy)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    head = linears[-1]
+    weight = weight_of(head)
+    saved = weight.detach().clone()
+    gen = torch.Generator(device=weight.device).manual_seed(torch.initial_seed() if seed is None else int(seed))
+    with torch.no_grad():
+        fresh = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        nn.init.xavier_normal_(fresh, generator=gen)
+        weight.copy_(fresh)
+    return weight, saved

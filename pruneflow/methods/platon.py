@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from pruneflow.errors import UserError, check_bool
-from pruneflow.methods.score_based import ScoreBasedMethod, ema_coefficient
+from pruneflow.methods.score_based import ScoreBasedMethod, ema_coefficient, keep_from_kth_smallest_
 from pruneflow.schedules import Schedule
 
 
@@ -131,12 +131,6 @@ class Platon(ScoreBasedMethod):
             self.mask_scores(scores, self.mask_flat)
         return scores
 
-    @torch.no_grad()
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
         """``kthvalue(scores, int(n * sparsity))`` and keep every score >= it."""
-        k = int(scores.numel() * sparsity + 1e-9)
-        if k <= 0:
-            out.fill_(1)
-            return
-        threshold = torch.kthvalue(scores.reshape(-1).float(), k).values
-        out.copy_((scores >= threshold).view_as(out))
+        keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)

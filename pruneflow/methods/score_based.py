@@ -308,6 +308,29 @@ def kept_floor(total: int, keep: float) -> int:
     return max(0, min(total, int(math.floor(keep * total + 1e-9))))
 
 
+@torch.no_grad()
+def keep_from_kth_largest_(scores: torch.Tensor, keep: int, out: torch.Tensor) -> None:
+    """Threshold at the ``keep``-th largest score and keep every score >= it (ties at
+    the threshold kept too): SEVEN's and FORCE's ``topk(...)[-1]`` rule."""
+    if keep <= 0:
+        out.zero_()
+        return
+    threshold = torch.topk(scores.reshape(-1), keep, sorted=False).values.min()
+    out.copy_((scores >= threshold).view_as(out))
+
+
+@torch.no_grad()
+def keep_from_kth_smallest_(scores: torch.Tensor, prune: int, out: torch.Tensor) -> None:
+    """Threshold at the ``prune``-th smallest score and keep every score >= it (so the
+    entry at the threshold stays): PLATON's ``kthvalue`` rule, and GraSP's (which keeps
+    ``-score <= `` the ``prune``-th largest of ``-score``)."""
+    if prune <= 0:
+        out.fill_(1)
+        return
+    threshold = torch.kthvalue(scores.reshape(-1).float(), prune).values
+    out.copy_((scores >= threshold).view_as(out))
+
+
 SELECTIONS = ("exact", "authors")
 MASK_MODES = ("parametrize", "zero", "inplace", "ste", "pass")
 

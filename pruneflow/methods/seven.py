@@ -44,7 +44,13 @@ from typing import Any, ClassVar
 import torch
 
 from pruneflow.errors import UserError, check_bool, invalid
-from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, ema_coefficient, kept_floor
+from pruneflow.methods.score_based import (
+    NEG_INF,
+    ScoreBasedMethod,
+    ema_coefficient,
+    keep_from_kth_largest_,
+    kept_floor,
+)
 
 log = logging.getLogger("pruneflow")
 
@@ -188,16 +194,10 @@ class Seven(ScoreBasedMethod):
             return False
         return super().is_mask_step(step)
 
-    @torch.no_grad()
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
         """Their threshold: the k-th largest score, k = int(r * n); every score >= it is
         kept (ties at the threshold included)."""
-        k = kept_floor(scores.numel(), 1.0 - sparsity)
-        if k <= 0:
-            out.zero_()
-            return
-        threshold = torch.topk(scores.reshape(-1), k, sorted=False).values.min()
-        out.copy_((scores >= threshold).view_as(out))
+        keep_from_kth_largest_(scores, kept_floor(scores.numel(), 1.0 - sparsity), out)
 
     def lands_on_target(self) -> bool:
         return super().lands_on_target() and not self.stop_early

@@ -6,6 +6,11 @@ last one, every weight is scored by ``|W * G|`` (the sensitivity of the loss to
 removing it) and the model is pruned once to the target. Lee et al. score one
 batch; more batches average the gradient (the ranking of one batch is the special
 case ``stages.prune.steps=1``).
+
+As the authors' code (``namhoonlee/snip-public``, ``snip/model.py``, ``prune.py``):
+the scoring batch runs with ``is_train=False``, so the forward passes here run with
+the model in eval mode (no dropout; ``method.eval_mode``); their ``top_k`` keeps
+``int(round(n * (1 - s)))`` scores (``method.selection=authors``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pruneflow.errors import check_bool
 from pruneflow.methods.score_based import ScoreBasedMethod
 
 
@@ -22,6 +28,10 @@ class Snip(ScoreBasedMethod):
     uses_gradients = True
     updates_weights = False
     state_names: ClassVar[tuple[str, ...]] = ("scores", "grad")
+
+    def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
+        super().__init__(cfg, sparsity)
+        self.prune_in_eval_mode = check_bool(cfg.get("eval_mode", True), "method.eval_mode")
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
         return [("schedule", f"method={self.name} prunes once, after its last scoring batch")]
@@ -43,6 +53,10 @@ class Snip(ScoreBasedMethod):
         for i, w in enumerate(self.ctx.weights):
             torch.mul(w.param.detach(), self.view("grad", i), out=self.view("scores", i)).abs_()
         return self.state["scores"]
+
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+        """Their ``tf.nn.top_k`` of ``int(round(n * (1 - s)))`` scores (Python's round)."""
+        self.topk.mask_(scores, int(round(scores.numel() * (1.0 - sparsity))), out)
 
     def summary(self) -> dict[str, Any]:
         return {"scoring_batches": self.ctx.total_steps if self.ctx is not None else None}
