@@ -29,7 +29,9 @@ log = logging.getLogger("pruneflow")
 
 # conf/ sits beside the package in the source tree (editable install).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-GROUPS = ("model", "task", "method", "schedule", "stages", "trainer", "logger", "experiment")
+# The config groups a command line can choose (conf/<group>/); published/ holds data that
+# experiments include, not a choice.
+GROUPS = tuple(sorted(d.name for d in Path(CONFIG_DIR).iterdir() if d.is_dir() and d.name != "published"))
 # Flags after which Hydra composes from elsewhere: the pre-check then leaves the errors to Hydra.
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")  # and --config-dir: _is_config_dir_flag
 OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
