@@ -195,6 +195,7 @@ class Run:
             )
         self.task = build_task(cfg.task, int(cfg.seed))
         check_pairing(cfg.model, self.task)
+        self.method.check_task(self.task)
 
     def prepare(self) -> None:
         cfg = self.cfg
@@ -205,6 +206,7 @@ class Run:
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)
+        self.method.check_task(self.task)
         self.bundle.model.to(self.device)
         distributed.broadcast_module(self.bundle.model)  # torchrun: rank 0's initial weights everywhere
         self.total_params = sum(p.numel() for p in self.bundle.model.parameters())

@@ -319,3 +319,93 @@ def test_force_selection_authors_is_their_iterative_pruning():
         assert torch.equal(got, want), step
         assert int(want.sum()) == int(n * 0.1 ** ((step + 1) / steps))  # no ties here: their count exactly
     assert math.isclose(float(masks[-1].mean()), int(n * 0.1) / n)
+
+
+def grasp_fetch_data_authors(dataloader, num_classes: int, samples_per_class: int):  # noqa: ANN001, ANN201
+    """pruner/GraSP.py, GraSP_fetch_data(), as written (one example at a time, a class is
+    marked once a further example of it arrives after it is full)."""
+    datas = [[] for _ in range(num_classes)]
+    labels = [[] for _ in range(num_classes)]
+    mark = {}
+    dataloader_iter = iter(dataloader)
+    while True:
+        inputs, targets = next(dataloader_iter)
+        for idx in range(inputs.shape[0]):
+            x, y = inputs[idx : idx + 1], targets[idx : idx + 1]
+            category = y.item()
+            if len(datas[category]) == samples_per_class:
+                mark[category] = True
+                continue
+            datas[category].append(x)
+            labels[category].append(y)
+        if len(mark) == num_classes:
+            break
+    return torch.cat([torch.cat(_, 0) for _ in datas]), torch.cat([torch.cat(_) for _ in labels]).view(-1)
+
+
+def test_grasp_samples_per_class_is_their_fetch_data():
+    from pruneflow.methods.grasp import balanced_halves
+
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(90, 8, generator=g), torch.randint(0, 3, (90,), generator=g)
+    task = SimpleNamespace(train_set=[{"x": x, "labels": int(y)} for x, y in zip(xs, ys, strict=True)], num_labels=3,
+                           collate=lambda rows: {"x": torch.stack([r["x"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows])})
+    first, second = balanced_halves(task, 4, seed=11)
+    order = torch.randperm(90, generator=torch.Generator().manual_seed(11))  # the same shuffle, as their loader's batches of 5
+    loader = [(xs[order[i : i + 5]], ys[order[i : i + 5]]) for i in range(0, 90, 5)]
+    X, y = grasp_fetch_data_authors(loader, 3, 4)
+    N = X.shape[0]
+    assert N == 12
+    assert torch.equal(first["x"], X[: N // 2]) and torch.equal(first["labels"], y[: N // 2])
+    assert torch.equal(second["x"], X[N // 2 :]) and torch.equal(second["labels"], y[N // 2 :])
+
+
+def test_grasp_samples_per_class_scores_class_ordered_halves(config, tmp_path, monkeypatch):
+    """In a run, each of stages.prune.steps draws gives two halves of samples_per_class
+    examples of every class, ordered by class; both passes read the same halves."""
+    from pruneflow.methods import grasp
+    from pruneflow.runner import run
+
+    seen: list[list[int]] = []
+    pixels: list[torch.Tensor] = []
+    original = grasp.tempered_loss
+
+    def spy(task, bundle, batch, temperature):  # noqa: ANN001, ANN202
+        seen.append(batch["labels"].tolist())
+        pixels.append(batch["pixel_values"].detach().clone())
+        return original(task, bundle, batch, temperature)
+
+    monkeypatch.setattr(grasp, "tempered_loss", spy)
+    fast = ["stages.finetune.steps=2", "stages.prune.steps=2", "stages.recover.steps=2", "task.max_train_samples=200"]
+    run(config("method=grasp", "method.samples_per_class=3", *fast), tmp_path / "a")
+    assert len(seen) == 8  # 2 draws x 2 halves x 2 passes
+    assert seen[:4] == seen[4:]
+    for draw in (seen[0] + seen[1], seen[2] + seen[3]):
+        assert draw == sorted(draw) and draw == [c for c in range(10) for _ in range(3)]
+    assert torch.equal(pixels[0], pixels[4]) and not torch.equal(pixels[0], pixels[2])  # a new draw per step
+
+
+def test_grasp_from_your_own_code_scores_as_in_a_run():
+    """pruneflow.methods.create("grasp", batches=, loss_fn=) + run(): the caller's loss on
+    logits / T (the last Linear's output divided) gives the runner's scores and mask."""
+    import pruneflow
+    from pruneflow.errors import UserError
+
+    torch.manual_seed(0)
+    model = Net()
+    mine = copy.deepcopy(model)
+    method, weights, batches = attach("grasp", model, 0.5, 3, temperature=3.0)
+    method.run_prune_stage(method.ctx)
+
+    torch.manual_seed(SEED)  # the head's re-initialization draws from the process seed here
+    pruner = pruneflow.methods.create("grasp", sparsity=0.5, steps=3, model=mine, include=["blocks.*"], exclude=["head"],
+                                      temperature=3.0, batches=lambda: iter(batches),
+                                      loss_fn=lambda m, b: F.cross_entropy(m(b["x"]), b["labels"]))
+    pruner.run()
+    assert torch.allclose(pruner.method.state["scores"], method.state["scores"], rtol=1e-5, atol=1e-9)
+    assert torch.equal(pruner.method.mask_flat, method.mask_flat)
+    assert torch.equal(mine(batches[0]["x"]), model(batches[0]["x"]))  # no hook left behind, the head restored
+
+    bare = pruneflow.methods.create("grasp", sparsity=0.5, steps=3, model=copy.deepcopy(mine), include=["blocks.*"])
+    with pytest.raises(UserError, match="batches="):
+        bare.run()

@@ -117,6 +117,10 @@ class PruningMethod:
         """What the sparsity schedule ramps to (soft movement: its score threshold)."""
         return self.sparsity
 
+    def check_task(self, task: Any) -> None:  # noqa: ANN401
+        """Raise ``UserError`` for settings that cannot work with this task: called before
+        any data is read, and again once the training set is loaded, before training."""
+
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
         """Raise ``UserError`` for settings that cannot work with this model. May
         narrow ``weights`` in place (structured granularity keeps the weights its

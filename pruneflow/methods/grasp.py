@@ -20,6 +20,8 @@ stays), as their ``topk(...)[-1]`` with ``<=``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pruneflow.errors import check_bool, invalid
+from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.methods.base import PruneContext
 from pruneflow.methods.score_based import ScoreBasedMethod, keep_from_kth_smallest_
 
@@ -56,9 +58,26 @@ class GraSP(ScoreBasedMethod):
             raise invalid("method.temperature", t, "a positive number (the authors use 200)")
         self.temperature = float(t)
         self.reinit_head = check_bool(cfg.get("reinit_head", True), "method.reinit_head")
+        per_class = cfg.get("samples_per_class")
+        if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+            raise invalid("method.samples_per_class", per_class,
+                          "null (the prune stage's batches, their ImageNet script) or an integer >= 1 (that many examples of "
+                          "every class per scoring step, their CIFAR scripts: 10 for CIFAR-10)")
+        self.samples_per_class: int | None = per_class
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
-        return [("schedule", "method=grasp prunes once, after its two scoring passes")]
+        out = [("schedule", "method=grasp prunes once, after its two scoring passes")]
+        if self.samples_per_class is not None:
+            out.append(("stages.prune.batch_size", f"method.samples_per_class={self.samples_per_class} draws each scoring "
+                                                   "step's examples by class"))
+        return out
+
+    def check_task(self, task: Any) -> None:  # noqa: ANN401
+        if self.samples_per_class is not None and task.problem != "single_label_classification":
+            raise invalid("method.samples_per_class", self.samples_per_class, f"null with a {task.problem.replace('_', ' ')} task",
+                          "A class-balanced draw needs class labels.")
+        if self.samples_per_class is not None and getattr(task, "train_set", None) is not None:
+            balanced_halves(task, self.samples_per_class, 0)  # enough examples of every class, before any training
 
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
@@ -69,7 +88,17 @@ class GraSP(ScoreBasedMethod):
         keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)
 
     def run_prune_stage(self, ctx: PruneContext) -> bool:
-        bundle, task = ctx.extra["bundle"], ctx.task
+        bundle, task = ctx.extra.get("bundle"), ctx.task
+        if bundle is None and (ctx.batches is None or ctx.loss_fn is None):  # pruneflow.methods.create without data
+            raise UserError(
+                "method=grasp scores the model on batches of your data: pass batches= (a function returning an iterator "
+                "of batches) and loss_fn= (model, batch) -> loss to pruneflow.methods.create or attach, then call "
+                "pruner.run(). The loss is taken on logits / method.temperature: the output of the model's last "
+                "nn.Linear is divided by it during the scoring passes."
+            )
+        if bundle is None and self.samples_per_class is not None:
+            raise invalid("method.samples_per_class", self.samples_per_class, "null from your own code",
+                          "The class-balanced draw reads a pruneflow task's training set; pass balanced batches= instead.")
         params = [w.param for w in ctx.weights]
         model = ctx.model
         model.train()
@@ -84,13 +113,22 @@ class GraSP(ScoreBasedMethod):
             data = ctx.batches()
             return [next(data) for _ in range(ctx.total_steps)]
 
-        chosen = batches()
         stage = ctx.extra.get("stage")
+        if self.samples_per_class is None:
+            chosen = batches()
+        else:
+            trainer = ctx.extra["trainer"]
+            chosen = [trainer.to_device(half) for step in range(ctx.total_steps)
+                      for half in balanced_halves(task, self.samples_per_class, getattr(stage, "seed", 0) * 100_003 + step)]
         head = reinit_last_linear(model, getattr(stage, "seed", None)) if self.reinit_head else None
         try:
             for p in everything:
                 p.requires_grad_(True)
-            self._score(task, bundle, params, everything, chosen)
+            if bundle is not None:
+                self._score(lambda b: tempered_loss(task, bundle, b, self.temperature), params, everything, chosen)
+            else:
+                with logits_divided(model, self.temperature):
+                    self._score(lambda b: ctx.loss_fn(model, b), params, everything, chosen)
         finally:
             for p, was in zip(everything, grad_was, strict=True):
                 p.requires_grad_(was)
@@ -101,8 +139,8 @@ class GraSP(ScoreBasedMethod):
         self.update_masks(self.sparsity)
         return True
 
-    def _score(self, task: Any, bundle: Any, params: list[torch.Tensor], everything: list[torch.Tensor],  # noqa: ANN401
-               chosen: list[dict[str, torch.Tensor]]) -> None:
+    def _score(self, loss: Callable[[Any], torch.Tensor], params: list[torch.Tensor], everything: list[torch.Tensor],
+               chosen: list[Any]) -> None:
         """``self.state["scores"] = W * Hg`` of the prunable ``params``, with g and H over
         ``everything``, summed over the scoring batches (two passes)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -110,13 +148,13 @@ class GraSP(ScoreBasedMethod):
         with sdpa_kernel(SDPBackend.MATH):
             g_sum = [torch.zeros_like(p) for p in everything]
             for batch in chosen:
-                grads = torch.autograd.grad(tempered_loss(task, bundle, batch, self.temperature), everything, allow_unused=True)
+                grads = torch.autograd.grad(loss(batch), everything, allow_unused=True)
                 for acc, g in zip(g_sum, grads, strict=True):
                     if g is not None:
                         acc.add_(g)
             hg = [torch.zeros_like(p) for p in everything]
             for batch in chosen:
-                grads = torch.autograd.grad(tempered_loss(task, bundle, batch, self.temperature), everything, create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(loss(batch), everything, create_graph=True, allow_unused=True)
                 z = sum((g * s).sum() for g, s in zip(grads, g_sum, strict=True) if g is not None)
                 second = torch.autograd.grad(z, everything, allow_unused=True)
                 for acc, h in zip(hg, second, strict=True):
@@ -129,6 +167,44 @@ class GraSP(ScoreBasedMethod):
                 # GraSP removes the largest -W*Hg: keep the largest W*Hg (a re-initialized
                 # head, if prunable, is scored by its new weights, as theirs)
                 torch.mul(p.detach(), h, out=self.view("scores", i))
+
+
+def balanced_halves(task: Any, per_class: int, seed: int) -> list[dict[str, torch.Tensor]]:  # noqa: ANN401
+    """Their ``GraSP_fetch_data``: the first ``per_class`` examples of every class in a
+    shuffled pass over the training set, ordered by class, cut into two halves (so the
+    halves hold different classes, as theirs)."""
+    data = task.train_set
+    n_classes = int(task.num_labels)
+    picked: list[list[int]] = [[] for _ in range(n_classes)]
+    for j in torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist():
+        label = int(data[j]["labels"])
+        if len(picked[label]) < per_class:
+            picked[label].append(j)
+            if all(len(p) == per_class for p in picked):
+                break
+    short = {c: len(p) for c, p in enumerate(picked) if len(p) < per_class}
+    if short:
+        raise invalid("method.samples_per_class", per_class, f"at most {min(len(p) for p in picked)} here",
+                      f"The training set has fewer than {per_class} examples of class(es) "
+                      + ", ".join(f"{c} ({k})" for c, k in sorted(short.items())) + ".")
+    rows = [data[j] for p in picked for j in p]
+    half = len(rows) // 2
+    return [task.collate(rows[:half]), task.collate(rows[half:])]
+
+
+@contextlib.contextmanager
+def logits_divided(model: nn.Module, temperature: float) -> Iterator[None]:
+    """The output of the model's last ``nn.Linear`` (its logits) divided by ``temperature``
+    while in the block: a caller's own loss function then sees logits / T."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"method=grasp divides the logits by method.temperature at the model's last nn.Linear; "
+                        f"{type(model).__name__} has none.")
+    handle = linears[-1].register_forward_hook(lambda _m, _i, out: out / temperature)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
