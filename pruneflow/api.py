@@ -100,6 +100,9 @@ class Pruner:
         if self.method.prunes and not len(weights):
             raise UserError(f"No prunable weights: no nn.Linear in the model matches include={include} (minus exclude={exclude}).")
         self.method.validate(model, weights)
+        if self.method.has_scoring_loss():
+            raise UserError(f"method={self.method.name}'s scoring_loss replaces the loss of the scoring steps, which your loop "
+                            "computes: leave it at 'task' and compute that loss yourself (FORCE's authors: F.nll_loss of the raw logits).")
         device = next(model.parameters()).device
         ctx = PruneContext(model=model, weights=weights, schedule=self.schedule, sparsity=self.method.sparsity,
                            total_steps=self.steps, device=device, batches=batches, loss_fn=loss_fn)

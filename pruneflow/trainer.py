@@ -253,10 +253,13 @@ class Trainer:
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], own: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Task loss under the configured autocast (with distillation when configured);
-        used by methods with their own loops too."""
+        used by methods with their own loops too. ``own(task, bundle, batch)``: a method's
+        scoring loss in its place (FORCE's ``scoring_loss=target_logit``)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            if own is not None:
+                return own(self.task, self.bundle, batch)
             if self.distiller is not None:
                 return self.distiller.loss(self.bundle, self.task, batch)
             return self.task.loss(self.bundle, batch)
@@ -315,6 +318,7 @@ class Trainer:
         """
         model = self.bundle.model
         model.train(not (stage.name == "prune" and method is not None and method.prune_in_eval_mode))
+        own_loss = method.scoring_loss if method is not None and method.has_scoring_loss() else None
         if optim is None:
             extra = method.param_groups() if method is not None else []
             optim = self.build_optim(stage.steps if stage.weight_updates else 1, extra)
@@ -345,7 +349,7 @@ class Trainer:
             losses = []
             for _ in range(self.grad_accum):
                 batch = distributed.shard(next(data))  # torchrun: this rank's share of the global batch
-                loss = self.loss(model, batch)
+                loss = self.loss(model, batch, own_loss if stage.name == "prune" else None)
                 extra = method.extra_loss() if method is not None else None
                 if extra is not None:
                     loss = loss + extra

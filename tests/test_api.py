@@ -222,3 +222,8 @@ def test_snip_in_a_train_mode_loop_is_told_its_authors_score_in_eval_mode(caplog
     assert score(None, model_eval=False) == 1  # once, not per step
     assert score(None, model_eval=True) == 0
     assert score(False, model_eval=False) == 0
+
+
+def test_a_scoring_loss_is_refused_where_the_loop_is_yours():
+    with pytest.raises(UserError, match="scoring_loss"):
+        pruneflow.methods.create("force", sparsity=0.5, steps=2, model=Tiny(), include=["blocks.*"], scoring_loss="target_logit")

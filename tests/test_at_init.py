@@ -72,7 +72,10 @@ def score_loop(model: nn.Module, method, batches) -> list[torch.Tensor]:  # noqa
     """The trainer's prune stage without weight updates: forward, backward, the method, zero_grad."""
     masks = []
     for step, b in enumerate(batches):
-        F.cross_entropy(model(b["x"]), b["labels"]).backward()
+        if method.has_scoring_loss():  # as the trainer's prune stage
+            method.scoring_loss(method.ctx.task, method.ctx.extra["bundle"], b).backward()
+        else:
+            F.cross_entropy(model(b["x"]), b["labels"]).backward()
         method.after_backward(step)
         method.after_optimizer_step(step)
         model.zero_grad(set_to_none=True)
@@ -202,6 +205,10 @@ def test_snip_selection_authors_is_their_get_sparse_mask():
     expected[torch.topk(cs, kappa, sorted=True).indices] = 1
     assert torch.equal(method.mask_flat, expected)
     assert int(method.mask_flat.sum()) == kappa
+    # where their count differs from the exact one: n odd, n * s ending in .5 (Python 3's round)
+    out = torch.empty(5)
+    method.authors_mask_(torch.arange(5.0), 0.5, out)
+    assert out.tolist() == [0, 0, 0, 1, 1]  # round(2.5) = 2 kept; exact keeps 5 - round(2.5) = 3
 
 
 def test_snip_scores_in_eval_mode(config, tmp_path, monkeypatch):
@@ -281,10 +288,11 @@ def test_grasp_selection_authors_is_their_grasp(reinit_head):
 
 
 def force_authors(ori_net: nn.Module, chunks: list[dict[str, torch.Tensor]], pruning_factor: float, num_steps: int,
-                  pruned: list[str]) -> list[torch.Tensor]:
+                  pruned: list[str], loss_fn=F.nll_loss) -> list[torch.Tensor]:  # noqa: ANN001
     """pruning/pruning_algos.py, iterative_pruning(prune_method=3, mode='exp', num_batches=1):
     the dense weights kept; each step a copy of the network with the current mask's
-    weights set to 0 (no gradient hooks), saliency |w_dense * grad| on a new batch, and
+    weights set to 0 (no gradient hooks), saliency |w_dense * grad| of F.nll_loss of the
+    network's output (raw logits: their models have no log-softmax) on a new batch, and
     get_mask(saliency, perc): every score >= the int(n * perc)-th largest kept. Their
     prunable layers are every Linear; here the ones pruneflow prunes."""
     layers = lambda net: [dict(net.named_modules())[n] for n in pruned]  # noqa: E731
@@ -293,7 +301,7 @@ def force_authors(ori_net: nn.Module, chunks: list[dict[str, torch.Tensor]], pru
     net, mask, masks = copy.deepcopy(ori_net), None, []
     for perc, b in zip(pruning_steps, chunks, strict=True):
         net.zero_grad()
-        F.cross_entropy(net(b["x"]), b["labels"]).backward()
+        loss_fn(net(b["x"]), b["labels"]).backward()
         saliency = [torch.abs(w * m.weight.grad) for w, m in zip(original_weights, layers(net), strict=True)]
         all_scores = torch.cat([torch.flatten(x) for x in saliency])
         num_params_to_keep = int(len(all_scores) * perc)
@@ -306,14 +314,19 @@ def force_authors(ori_net: nn.Module, chunks: list[dict[str, torch.Tensor]], pru
     return masks
 
 
-def test_force_selection_authors_is_their_iterative_pruning():
+@pytest.mark.parametrize(("scoring_loss", "theirs"), [("target_logit", F.nll_loss), ("task", F.cross_entropy)])
+def test_force_selection_authors_is_their_iterative_pruning(scoring_loss, theirs):
+    """scoring_loss=target_logit: their code as it is; task: their code with the paper's
+    cross-entropy in place of its F.nll_loss of raw logits (the only change)."""
     torch.manual_seed(0)
     model = Net()
     ref = copy.deepcopy(model)
     steps = 6
-    method, weights, batches = attach("force", model, 0.9, steps, kind="exponential", selection="authors")
+    method, weights, batches = attach("force", model, 0.9, steps, kind="exponential", selection="authors", scoring_loss=scoring_loss)
     masks = score_loop(model, method, batches)
-    expected = force_authors(ref, batches, 0.1, steps, ["blocks.0", "blocks.2"])
+    expected = force_authors(ref, batches, 0.1, steps, ["blocks.0", "blocks.2"], theirs)
+    other = force_authors(ref, batches, 0.1, steps, ["blocks.0", "blocks.2"], F.cross_entropy if theirs is F.nll_loss else F.nll_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(masks, other, strict=True))  # the loss matters
     n = expected[0].numel()
     for step, (got, want) in enumerate(zip(masks, expected, strict=True)):
         assert torch.equal(got, want), step
@@ -409,3 +422,21 @@ def test_grasp_from_your_own_code_scores_as_in_a_run():
     bare = pruneflow.methods.create("grasp", sparsity=0.5, steps=3, model=copy.deepcopy(mine), include=["blocks.*"])
     with pytest.raises(UserError, match="batches="):
         bare.run()
+
+
+def test_force_scoring_loss_replaces_the_loss_of_the_prune_stage_only(config, tmp_path, monkeypatch):
+    from pruneflow.methods.force import Force
+    from pruneflow.runner import run
+
+    calls: list[bool] = []
+    original = Force.scoring_loss
+
+    def spy(self, task, bundle, batch):  # noqa: ANN001, ANN202
+        calls.append(torch.is_grad_enabled())
+        return original(self, task, bundle, batch)
+
+    monkeypatch.setattr(Force, "scoring_loss", spy)
+    fast = ["stages.finetune.steps=2", "stages.prune.steps=3", "stages.recover.steps=2", "task.max_train_samples=64"]
+    run(config("method=force", "method.scoring_loss=target_logit", "trainer.gradient_accumulation_steps=2", *fast[:3],
+               "task.max_train_samples=256"), tmp_path / "a")
+    assert calls == [True] * 6  # 3 prune steps x 2 micro-batches; finetune and recover keep the task loss

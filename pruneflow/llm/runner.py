@@ -98,6 +98,9 @@ class LLMRun:
             unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
                                                      "(calibration.batch_size is the batch of the gradient-scored methods)"))
         check_unused(cfg, unused + self.method.unused_settings(cfg) + switched_off(cfg), typed=self.overrides)
+        if self.gradient and self.method.has_scoring_loss():
+            raise invalid("method.scoring_loss", cfg.method.get("scoring_loss"), "task on a causal-LM task",
+                          "The calibration windows are scored by their next-token loss.")
         if name == "snip" and not self.method.prune_in_eval_mode:
             raise invalid("method.eval_mode", False, "true on a causal-LM task",
                           "The calibration windows are always scored with the model in eval mode (no dropout), so that "

@@ -83,8 +83,8 @@ class PruningMethod:
     scores_without_updates: ClassVar[bool] = False
     #: False when ``finalize`` rebuilds layers (SPP), so no optimizer state can carry over
     keeps_architecture: ClassVar[bool] = True
-    #: the prune stage's forward passes run with the model in eval mode (no dropout):
-    #: SNIP's authors score with ``is_train=False`` (``method.eval_mode``)
+    #: the prune stage's forward passes run with the model in eval mode (no dropout, batch
+    #: norm on running statistics): SNIP's authors score with ``is_train=False`` (``method.eval_mode``)
     prune_in_eval_mode: bool = False
 
     def __init__(self, cfg: DictConfig, sparsity: float) -> None:
@@ -116,6 +116,14 @@ class PruningMethod:
     def schedule_target(self) -> float:
         """What the sparsity schedule ramps to (soft movement: its score threshold)."""
         return self.sparsity
+
+    def has_scoring_loss(self) -> bool:
+        """Whether the prune stage's loss is ``scoring_loss`` instead of the task's."""
+        return False
+
+    def scoring_loss(self, task: Any, bundle: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN401
+        """The prune stage's loss when ``has_scoring_loss()`` (FORCE's ``scoring_loss=target_logit``)."""
+        raise NotImplementedError
 
     def check_task(self, task: Any) -> None:  # noqa: ANN401
         """Raise ``UserError`` for settings that cannot work with this task: called before

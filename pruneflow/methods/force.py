@@ -14,14 +14,25 @@ before, in train mode, the kept fraction ``pf ** ((k + 1) / steps)`` at step k (
 ``mode='exp'``); their ``get_mask`` keeps every score >= the ``int(n * keep)``-th
 largest (``method.selection=authors``). Their ``num_batches`` averages the mean
 gradients of that many batches per step: one batch of ``num_batches`` times the size
-(``stages.prune.batch_size``) has the same mean gradient.
+(``stages.prune.batch_size``) has the same mean gradient where no layer uses batch
+statistics (the Transformers here; their CNNs' batch norm does) and up to dropout.
+Their saliency loss is ``F.nll_loss`` of the raw logits (their models end without a
+log-softmax): the negative mean logit of the target class, not the cross-entropy of
+the paper and of their training. The task loss is the default;
+``method.scoring_loss=target_logit`` is theirs.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from pruneflow.errors import invalid
 from pruneflow.methods.score_based import ScoreBasedMethod, keep_from_kth_largest_, kept_floor
+
+SCORING_LOSSES = ("task", "target_logit")
 
 
 class Force(ScoreBasedMethod):
@@ -30,6 +41,26 @@ class Force(ScoreBasedMethod):
     updates_weights = False
     default_regrowth = True
     mask_mode = "pass"  # the gradient of the masked weight reaches pruned entries too
+
+    def __init__(self, cfg, sparsity: float) -> None:  # noqa: ANN001
+        super().__init__(cfg, sparsity)
+        self.loss_kind = cfg.get("scoring_loss", "task")
+        if self.loss_kind not in SCORING_LOSSES:
+            raise invalid("method.scoring_loss", self.loss_kind, SCORING_LOSSES,
+                          "task: the task's loss (the paper's cross-entropy); target_logit: their code's F.nll_loss of the raw "
+                          "logits, the negative mean logit of the target class.")
+
+    def check_task(self, task: Any) -> None:  # noqa: ANN401
+        if self.loss_kind == "target_logit" and task.problem != "single_label_classification":
+            raise invalid("method.scoring_loss", self.loss_kind, f"task with a {task.problem.replace('_', ' ')} task",
+                          "target_logit needs one class label per example.")
+
+    def has_scoring_loss(self) -> bool:
+        return self.loss_kind == "target_logit"
+
+    def scoring_loss(self, task: Any, bundle: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN401
+        _, logits = task.loss_and_logits(bundle, batch)
+        return F.nll_loss(logits[0], batch["labels"])  # their get_average_gradients, on logits without log-softmax
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:

@@ -13,7 +13,8 @@ As the authors' code (``alecwangcq/GraSP``, ``pruner/GraSP_ImageNet.py``): the l
 ``nn.Linear`` of the model (the classifier) is re-initialized with Xavier normal for
 the scoring passes (``method.reinit_head``; their CIFAR script re-initializes every
 Linear, which in their CNNs is the classifier alone) and restored afterwards; the
-train-mode forward (their ``.eval()`` is commented out); ``method.selection=authors``
+train-mode forward (a freshly built network in both scripts; ``GraSP.py``'s ``.eval()``
+is commented out); ``method.selection=authors``
 removes the scores above the ``int(n * s)``-th largest of ``-W * Hg`` (the one at it
 stays), as their ``topk(...)[-1]`` with ``<=``.
 """
@@ -21,6 +22,7 @@ stays), as their ``topk(...)[-1]`` with ``<=``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +34,8 @@ from torch.nn.utils import parametrize
 from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.methods.base import PruneContext
 from pruneflow.methods.score_based import ScoreBasedMethod, keep_from_kth_smallest_
+
+log = logging.getLogger("pruneflow")
 
 
 def tempered_loss(task: Any, bundle: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:  # noqa: ANN401
@@ -226,6 +230,8 @@ def reinit_last_linear(model: nn.Module, seed: int | None) -> tuple[torch.Tensor
     if not linears:
         return None
     head = linears[-1]
+    log.info("GraSP: %s re-initialized (Xavier normal) for the scoring passes, as the authors' code does with the "
+             "classifier (method.reinit_head=false keeps it)", next(n for n, m in model.named_modules() if m is head))
     weight = weight_of(head)
     saved = weight.detach().clone()
     gen = torch.Generator(device=weight.device).manual_seed(torch.initial_seed() if seed is None else int(seed))

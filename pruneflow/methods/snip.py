@@ -8,9 +8,10 @@ batch; more batches average the gradient (the ranking of one batch is the specia
 case ``stages.prune.steps=1``).
 
 As the authors' code (``namhoonlee/snip-public``, ``snip/model.py``, ``prune.py``):
-the scoring batch runs with ``is_train=False``, so the forward passes here run with
-the model in eval mode (no dropout; ``method.eval_mode``); their ``top_k`` keeps
-``int(round(n * (1 - s)))`` scores (``method.selection=authors``).
+the scoring batch runs with ``is_train=False`` (batch norm on its moving statistics;
+their networks have no dropout), so the forward passes here run with the model in
+eval mode, which also turns dropout off (``method.eval_mode``); their ``top_k`` keeps
+``int(round(n * (1 - s)))`` scores, Python 3's round (``method.selection=authors``).
 """
 
 from __future__ import annotations
