@@ -124,7 +124,7 @@ class AllocationConfig:
 
     name: str = "uniform"  # uniform | owl
     owl_m: float = 5.0  # outlier: a Wanda score above owl_m x the layer's mean
-    owl_lambda: float = 0.08  # per-block sparsities spread over [s - lambda, s + lambda]
+    owl_lambda: float = 0.08  # per-block kept fractions span 2 * lambda around their mean 1 - s (not around s per block)
 
 
 @dataclass

@@ -82,32 +82,41 @@ def ref_drop_nm(metric: np.ndarray, n: int, m: int) -> np.ndarray:
     return drop
 
 
-@pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
-def test_wanda_mask_is_its_formula(pattern: str | None) -> None:
+@pytest.mark.parametrize(("pattern", "per_row", "sparsity"),
+                         [(None, True, 0.5), (None, True, 0.3), (None, True, 0.7), (None, False, 0.3), ("2:4", True, 0.5), ("4:8", True, 0.5)])
+def test_wanda_mask_is_its_formula(pattern: str | None, per_row: bool, sparsity: float) -> None:
+    """Per row: their prune_wanda (int(cols * s) lowest of each row, stable sort); per
+    layer (per_outneuron=false): RIA's code running Wanda, <= the sorted value at int(n * s)."""
     layer, batches = make_layer()
     W0 = layer.weight.detach().double().numpy().copy()
-    method = Wanda(method_cfg("wanda", pattern=pattern), Wanda.resolve_sparsity(method_cfg("wanda", pattern=pattern), 0.5))
-    W = prune_with(method, layer, batches).numpy()
+    cfg = method_cfg("wanda", pattern=pattern, per_outneuron=per_row)
+    W = prune_with(Wanda(cfg, Wanda.resolve_sparsity(cfg, sparsity)), layer, batches).numpy()
     metric = np.abs(W0) * np.sqrt(ref_norms(batches))[None, :]
-    drop = ref_drop_rowwise(metric, 0.5) if pattern is None else ref_drop_nm(metric, *parse_pattern(pattern))
+    if pattern is not None:
+        drop = ref_drop_nm(metric, *parse_pattern(pattern))
+    elif per_row:
+        drop = ref_drop_rowwise(metric, sparsity)
+        assert (drop.sum(1) == int(32 * sparsity)).all()  # per output row; int, not round (0.3: 9, not 10)
+    else:
+        drop = metric <= np.sort(metric.ravel())[int(metric.size * sparsity)]
+        assert not (drop == ref_drop_rowwise(metric, sparsity)).all()
     assert ((W == 0) == drop).all()
     assert np.allclose(W[~drop], W0[~drop])  # no weight update
-    if pattern is None:
-        assert (drop.sum(1) == 16).all()  # per output row
 
 
-@pytest.mark.parametrize("pattern,per_row,realloc", [(None, False, False), (None, True, False), ("2:4", False, False), ("2:4", False, True)])
-def test_ria_mask_is_its_formula(pattern: str | None, per_row: bool, realloc: bool) -> None:
+@pytest.mark.parametrize("pattern,per_row,realloc,sparsity", [(None, False, False, 0.5), (None, False, False, 0.3), (None, True, False, 0.5),
+                                                               (None, True, False, 0.7), ("2:4", False, False, 0.5), ("2:4", False, True, 0.5)])
+def test_ria_mask_is_its_formula(pattern: str | None, per_row: bool, realloc: bool, sparsity: float) -> None:
     layer, batches = make_layer(seed=1)
     W0 = layer.weight.detach().double().numpy().copy()
     cfg = method_cfg("ria", pattern=pattern, a=0.5, per_outneuron=per_row, reallocation=realloc)
-    W = prune_with(RIA(cfg, RIA.resolve_sparsity(cfg, 0.5)), layer, batches).numpy()
+    W = prune_with(RIA(cfg, RIA.resolve_sparsity(cfg, sparsity)), layer, batches).numpy()
     A = np.abs(W0)
     metric = (A / A.sum(0, keepdims=True) + A / A.sum(1, keepdims=True)) * np.sqrt(ref_norms(batches))[None, :] ** 0.5
     if pattern is None and per_row:
-        drop = ref_drop_rowwise(metric, 0.5)
+        drop = ref_drop_rowwise(metric, sparsity)
     elif pattern is None:  # their default: one threshold over the layer, <=
-        drop = metric <= np.sort(metric.ravel())[int(metric.size * 0.5)]
+        drop = metric <= np.sort(metric.ravel())[int(metric.size * sparsity)]
     elif not realloc:
         drop = ref_drop_nm(metric, 2, 4)
     else:  # columns ranked by summed score, cut in 4 quarters, dealt into the groups' positions
@@ -119,7 +128,34 @@ def test_ria_mask_is_its_formula(pattern: str | None, per_row: bool, realloc: bo
         drop[:, order] = ref_drop_nm(metric[:, order], 2, 4)
         assert not (drop == ref_drop_nm(metric, 2, 4)).all()  # the permutation changed the groups
     assert ((W == 0) == drop).all()
-    assert abs((W == 0).mean() - 0.5) < 2 / W.size
+    expected = int(32 * sparsity) / 32 if per_row else sparsity  # per row: int(cols * s) of each
+    assert abs((W == 0).mean() - expected) < 2 / W.size
+
+
+def test_ria_scores_a_float16_layer_in_float16_as_theirs() -> None:
+    """Their prune_ria: W cloned in the model's dtype, the relative importance computed in
+    it, times the float32 activation term (score_dtype=weight); float32 differs."""
+    g = torch.Generator().manual_seed(2)
+    layer = nn.Linear(512, 256, bias=False).half()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(256, 512, generator=g).half())
+    batches = [torch.randn(1, 16, 512, generator=g) * (torch.rand(512, generator=g) * 3 + 0.1) for _ in range(4)]
+    masks = {}
+    for dtype in ("weight", "float32"):
+        copy_ = nn.Linear(512, 256, bias=False).half()
+        copy_.load_state_dict(layer.state_dict())
+        cfg = method_cfg("ria", a=0.5, score_dtype=dtype)
+        masks[dtype] = prune_with(RIA(cfg, 0.5), copy_, batches) == 0
+    W = layer.weight.data.clone()
+    scaler_row = torch.zeros(512)
+    for i, b in enumerate(batches):  # their add_batch: running mean over samples of ||X_j||^2
+        scaler_row *= i / (i + 1)
+        scaler_row += torch.norm(b.reshape(-1, 512).float(), p=2, dim=0) ** 2 / (i + 1)
+    W_metric = (torch.abs(W) / torch.sum(torch.abs(W), dim=0) + torch.abs(W) / torch.sum(torch.abs(W), dim=1).reshape(-1, 1)) \
+        * (torch.sqrt(scaler_row.reshape((1, -1)))) ** 0.5
+    thresh = torch.sort(W_metric.flatten())[0][int(W.shape[0] * W.shape[1] * 0.5)]
+    assert torch.equal(masks["weight"], W_metric <= thresh)
+    assert not torch.equal(masks["weight"], masks["float32"])
 
 
 def test_magnitude_one_shot_is_one_threshold_per_layer() -> None:
@@ -345,6 +381,8 @@ def test_owl_allocation_keeps_the_mean_sparsity(tmp_path: Path, lm_text: Path) -
     (["method=wanda", "stages.recover.epochs=2"], "stages.recover.epochs=2"),
     (["method=wanda", "method.pattern='2:3'"], "method.pattern"),
     (["method=wanda", "calibration.nsamples=0"], "calibration.nsamples"),
+    (["method=wanda", "method.per_outneuron=false", "method.pattern='2:4'"], "method.per_outneuron"),
+    (["method=ria", "method.score_dtype=half"], "method.score_dtype"),
     (["method=wanda", "task.seqlen=4096"], "task.seqlen"),
     (["method=wanda", "allocation.name=owl", "method.pattern='2:4'"], "allocation.name"),
     (["method=wanda", "recovery=full", "recovery.steps=-1"], "recovery.steps"),

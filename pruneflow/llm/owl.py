@@ -7,7 +7,10 @@ fraction ``1 - s``, and each block gets sparsity ``1 - ratio``: blocks with more
 are pruned less, the average stays ``s``. As the authors' ``prune_wanda_outlier`` and
 ``check_outlier_mean`` (luuyin/OWL @ dddb7a4, lib/prune_all.py; their README's LLaMA
 commands use ``--Hyper_m 5 --Lamda 0.08``); the per-block sparsities then drive
-whichever method the run uses.
+whichever method the run uses (theirs: ``wanda_owl``, ``sparsegpt_owl`` and
+``magnitude_owl``; ``magnitude_owl`` has no 0.01 floor). OWL's scripts calibrate on 128
+C4 windows of 2048 tokens (``model.seqlen = 2048``): ``calibration.seqlen=2048
+task.seqlen=2048`` on LLaMA-2, whose default here is its 4096 positions.
 """
 
 from __future__ import annotations

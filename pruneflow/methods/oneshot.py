@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pruneflow.errors import UserError, invalid
+from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.methods.base import PruningMethod
 
 
@@ -92,6 +92,20 @@ def prune_lowest_per_layer(metric: torch.Tensor, sparsity: float) -> torch.Tenso
     k = int(metric.numel() * sparsity)
     thresh = torch.sort(metric.flatten())[0][min(k, metric.numel() - 1)]
     return metric <= thresh
+
+
+def read_per_outneuron(cfg, default: bool, pattern: tuple[int, int] | None) -> bool:  # noqa: ANN001
+    """``method.per_outneuron``: unstructured ranking per output row (True) or one
+    threshold per layer (False); N:M groups are within rows already."""
+    value = check_bool(cfg.get("per_outneuron", default), "method.per_outneuron")
+    if pattern is not None and value != default:
+        raise invalid("method.per_outneuron", value, f"{str(default).lower()} (its default) with method.pattern",
+                      "It chooses the comparison group of unstructured pruning; N:M groups are within each row.")
+    return value
+
+
+def prune_unstructured(metric: torch.Tensor, sparsity: float, per_outneuron: bool) -> torch.Tensor:
+    return prune_lowest_per_row(metric, sparsity) if per_outneuron else prune_lowest_per_layer(metric, sparsity)
 
 
 class InputNorms:

@@ -17,7 +17,10 @@ lib/prune.py):
   position k of every group (every other part in reverse order). The mask is chosen
   in that order and mapped back, so the weights stay in place.
 
-No weight update (their ``--reconstruction`` and ``--lsa`` refinements are not offered).
+The relative importance is computed in the weight's dtype, float16 for their LLaMA
+runs (``method.score_dtype=weight``; ``float32`` computes it in float32), and multiplied
+by the float32 activation term. No weight update (their ``--reconstruction`` and
+``--lsa`` refinements are not offered).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from pruneflow.errors import check_bool, invalid
 from pruneflow.methods.oneshot import (
     ActivationNormPruner,
     OneShotMethod,
-    prune_lowest_per_layer,
-    prune_lowest_per_row,
     prune_nm,
+    prune_unstructured,
+    read_per_outneuron,
 )
 
 
@@ -45,9 +48,16 @@ def reallocation_order(metric: torch.Tensor, m: int) -> torch.Tensor:
     return index
 
 
+SCORE_DTYPES = ("weight", "float32")
+
+
 class RIAPruner(ActivationNormPruner):
     def metric(self) -> torch.Tensor:
-        A = self.layer.weight.data.abs().float()
+        A = self.layer.weight.data.abs()
+        if self.method.score_dtype == "float32":
+            A = A.float()
+        # score_dtype=weight: the relative importance in the weight's dtype (float16 for
+        # their LLaMA runs), then times the float32 activation term, as their prune_ria
         relative = A / A.sum(dim=0, keepdim=True) + A / A.sum(dim=1, keepdim=True)
         return relative * self.norms.sq.sqrt().reshape(1, -1) ** self.method.a
 
@@ -60,9 +70,7 @@ class RIAPruner(ActivationNormPruner):
             mask = torch.zeros_like(metric, dtype=torch.bool)
             mask[:, index] = prune_nm(metric[:, index], *method.pattern)
             return mask
-        if method.per_outneuron:
-            return prune_lowest_per_row(metric, sparsity)
-        return prune_lowest_per_layer(metric, sparsity)
+        return prune_unstructured(metric, sparsity, method.per_outneuron)
 
 
 class RIA(OneShotMethod):
@@ -74,12 +82,15 @@ class RIA(OneShotMethod):
         self.a = cfg.get("a", 0.5)
         if isinstance(self.a, bool) or not isinstance(self.a, (int, float)) or self.a < 0:
             raise invalid("method.a", self.a, "a number >= 0 (the power of the activation norm; the authors use 0.5)")
-        self.per_outneuron = check_bool(cfg.get("per_outneuron", False), "method.per_outneuron")
+        self.per_outneuron = read_per_outneuron(cfg, False, self.pattern)
         self.reallocation = check_bool(cfg.get("reallocation", False), "method.reallocation")
         if self.reallocation and self.pattern is None:
             raise invalid("method.reallocation", True, "false for unstructured sparsity", "Channel reallocation arranges N:M groups (method.pattern).")
-        if self.per_outneuron and self.pattern is not None:
-            raise invalid("method.per_outneuron", True, "false with method.pattern", "N:M groups are already within each row.")
+        self.score_dtype = cfg.get("score_dtype", "weight")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise invalid("method.score_dtype", self.score_dtype, SCORE_DTYPES,
+                          "weight: the relative importance in the weight's dtype, as the authors' code; float32: in float32.")
 
     def summary(self) -> dict:
-        return {**super().summary(), "a": self.a, "per_outneuron": self.per_outneuron, "reallocation": self.reallocation}
+        return {**super().summary(), "a": self.a, "per_outneuron": self.per_outneuron, "reallocation": self.reallocation,
+                "score_dtype": self.score_dtype}
