@@ -19,9 +19,13 @@ multi-head attention with a smaller q/k head size and a smaller v head size.
 The attention keeps the *original* 1/sqrt(head_dim) scale, so the compressed
 model computes exactly what the masked model computes.
 
-Masks are applied through ``torch.nn.utils.parametrize``: the q rows (weight
-and bias), the W_o columns and the fc2 columns are scaled by the mask, which is
-the same as masking q, the attention output and the FFN activation.
+Masks are applied through ``torch.nn.utils.parametrize``. With SPP's default
+``mask_sites=authors``: the q and k rows (weights and biases) by the q-k mask, so
+q·k scales by its square, the W_o columns by the v-o mask (the same function as
+masking v), and the fc1 rows and bias by the FFN mask (before the activation), as
+the authors' ``deit/mock.py``. With ``mask_sites=outputs``: the q rows, the W_o
+columns and the fc2 columns, which masks q, the attention output and the FFN
+activation.
 """
 
 from __future__ import annotations

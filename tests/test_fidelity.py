@@ -164,7 +164,8 @@ def test_seven_matches_the_authors_loop(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- PLATON
-def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_final: int, delta_t: int, sparsity: float, lr: float) -> list[tuple[int, torch.Tensor]]:
+def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_final: int, delta_t: int, sparsity: float, lr: float,
+                     every: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
     """QingruZhang/PLATON (GLUE/train.py, GLUE/mt_dnn/prune_model.py): after the clipped
     optimizer step g (from 1) the window mean of |W*G| and, at window ends, Ibar and U
     (U with the new Ibar); at mask steps kthvalue(Ibar*U, int(n*(1-r))) and every
@@ -177,7 +178,11 @@ def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_fina
     unc = [torch.zeros_like(p) for p in params]
     data = stream(run)
     history = []
+    current = torch.ones(sum(p.numel() for p in params))
     for step in range(total):
+        if history:
+            current = history[-1][1]
+        every.append(current)  # the mask in force before this step's update
         loss_of(run, model, next(data)).backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         g = step + 1
@@ -209,7 +214,9 @@ def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_fina
 
 
 def test_platon_matches_the_authors_loop(tmp_path: Path) -> None:
-    total, t_init, t_final, delta_t, lr = 24, 4, 6, 3, 2e-3
+    # T - t_final = 19 is not a window end: a final phase starting one step early (g >= 19)
+    # would add a mask step at step 18
+    total, t_init, t_final, delta_t, lr = 24, 4, 5, 3, 2e-3
     run = prepared(
         tmp_path, "method=platon", "sparsity=0.6", "method.selection=authors", f"method.deltaT={delta_t}",
         f"schedule.initial_warmup={t_init}", f"schedule.final_warmup={t_final}",
@@ -218,11 +225,14 @@ def test_platon_matches_the_authors_loop(tmp_path: Path) -> None:
     reference = copy.deepcopy(run.bundle.model)
     ours = record_masks(run)
     run.execute()
-    theirs = platon_reference(reference, run, total, t_init, t_final, delta_t, 0.6, lr)
+    before: list[torch.Tensor] = []
+    theirs = platon_reference(reference, run, total, t_init, t_final, delta_t, 0.6, lr, before)
     mask_steps = [k for k, _ in theirs]
-    assert mask_steps[0] == 5 and mask_steps[-6:] == list(range(18, 24))  # window ends, then every final step
+    assert mask_steps == [5, 8, 11, 14, 17, 19, 20, 21, 22, 23]  # window ends, then every step of the final phase
     for k, mask in theirs:
         assert torch.equal(ours[k], mask), f"mask differs at step {k}"
+    for k in range(1, total):  # and between mask steps: no extra mask update
+        assert torch.equal(ours[k - 1], before[k]), f"mask differs after step {k - 1}"
     names = [f"{n}.{a}" for n, _, a in prunable(reference, biases=True)]
     assert len(run.weights) == len(names) == 32  # weights and biases of the 16 block Linears
     close(final_weights(run), reference.state_dict(), names)

@@ -431,3 +431,20 @@ def test_compiled_kernels_match_eager() -> None:
             TopK(compiled=False).mask_(y[start : start + n], k, out_eager[start : start + n])
         assert torch.equal(out_shared, out_eager)
     assert shared.band_rows.compiled_fn is not None and shared.write_rows.compiled_fn is not None
+
+
+def test_seven_selection_authors_counts_their_remain_ratio():
+    """SEVEN's strategies/pruner.py: remain_ratio = keep + (1 - keep) * (1 - (i + 1) / N) ** 3,
+    then topk(int(remain_ratio * n)). n = 686, s = 0.5, N = 7, i = 4 is a case where the
+    algebraically equal 1 - s_i (with kept_floor's epsilon) counts one more."""
+    from types import SimpleNamespace
+
+    method = get_method_class("seven")(OmegaConf.create({"name": "seven", "selection": "authors"}), 0.5)
+    schedule = Schedule("cubic", 0.5, 7)
+    method.ctx = SimpleNamespace(schedule=schedule)
+    keep = 1 - 0.5
+    theirs = int((keep + (1 - keep) * ((1 - (4 + 1) / 7) ** 3)) * 686)
+    assert theirs == 350
+    out = torch.empty(686)
+    method.authors_mask_(torch.randn(686, generator=torch.Generator().manual_seed(0)), method.target_sparsity(4), out)
+    assert int(out.sum()) == theirs

@@ -19,7 +19,7 @@ SR-STE (Zhou et al., ICLR 2021; ``method.sr_ste=true``): the N:M mask is
 recomputed from the dense W in every forward; the backward passes the gradient
 of the sparse weight straight through to the dense W and adds
 ``lambda_w * (1 - mask) * W``. It runs alone (``method.iterations=0``) or for
-for the last ``sr_ste_fraction`` of the prune stage after the ADMM iterations; its
+the last ``sr_ste_fraction`` of the prune stage after the ADMM iterations; its
 last mask is frozen likewise. The prune stage's length is ``stages.prune`` (epochs or
 steps), split evenly between the ADMM iterations (and the SR-STE phase).
 

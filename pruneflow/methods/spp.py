@@ -10,10 +10,12 @@ Mask parameters M (init 1) sit on the paired dimensions of every block
     Z <- Z + z_lr * (M - Γ)          (z_lr = lr / nu as in DessiLBI, or `auto`, the default)
     Γ <- kappa * max(Z - lambda, 0)
 
-Entries of Γ leave zero one after another; the step at which an entry first
-enters the support ranks it. A target sparsity keeps the earliest entrants
-(global ranking across layers, per dimension type; entries that never entered
-are ranked by Z, then M), and the model is then **physically compressed**.
+Entries of Γ leave zero one after another. By default (``method.rank=support_time``,
+theirs) an entry is ranked by the number of support checks (every
+``method.check_every`` steps) it spent in the support of Γ; ``rank=entry`` ranks by
+the step it first entered. A target sparsity keeps the best-ranked entries (global
+ranking across layers, q-k and v-o together and FFN apart; ties broken by Z, then M),
+and the model is then **physically compressed**.
 
 One search serves every sparsity: its result (the entry order) is cached under
 ``<cache_dir>/spp/<key>`` keyed by the finetuned model's key plus the search
@@ -22,9 +24,10 @@ settings, so ``-m sparsity=0.3,0.5,0.7`` searches once.
 Deviations from the authors' code (which DESIGN.md §3 lists as defects): the
 coupling term is part of the loss, so it acts on M; the ratio is the run's
 ``sparsity``. The Z step: DessiLBI's ``lr / nu`` (``method.z_lr=null``) is
-1e-4 with Adam's lr = 0.01 and nu = 100, so nothing would enter the support in
-a search shorter than ~30,000 steps (the authors' code uses ``lr * kappa``,
-tuned to 60 ImageNet epochs). The default ``z_lr=auto`` (= 2 lambda / steps)
+1e-5 with the search's lr = 1e-3 and nu = 100, so nothing would enter the support in
+a search shorter than ~300,000 steps (the authors' code uses Adam's bias-corrected
+step size times kappa = 1, ``method.z_lr=adam``, over ``--epochs`` = 300 ImageNet
+epochs). The default ``z_lr=auto`` (= 2 lambda / steps)
 lets an entry whose mask stays at 1 enter halfway through the search, so the
 path unfolds whatever the search length; any number sets it directly.
 """
@@ -138,7 +141,7 @@ def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tens
 # (q-k and v-o together) in one pool and FFN neurons in another.
 GROUPINGS = {"attention_mlp": (("qk", "vo"), ("ffn",)), "per_type": (("qk",), ("vo",), ("ffn",))}
 RANKS = ("support_time", "entry")
-SEARCH_LR = 1e-3  # the masks' learning rate in the authors' search (--lr-search)
+SEARCH_LR = 1e-3  # the masks' learning rate in the authors' search (--lr in deit_search.sh; --lr-search is unused)
 
 
 # ----------------------------------------------------------------------------- the method
