@@ -50,7 +50,7 @@ class TrainerConfig:
     torch_threads: int | None = None
     keep_freed_memory: Any = "auto"  # auto (on CPU) | true | false: glibc reuses freed memory
     continuous: bool = False  # one optimizer and LR schedule across finetune -> prune -> recover
-    optimizer: str = "adamw"  # adamw | adam | adamax | adamax_mtdnn | sgd
+    optimizer: str = "adamw"  # adamw | adamw_hf | adam | adamax | adamax_mtdnn | sgd
     gradient_accumulation_steps: int = 1
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -6,10 +6,20 @@ PLATON's GLUE scripts train with (``--optimizer adamax``). It differs from
 also added to the denominator, and decoupled weight decay (``lr * weight_decay * W``
 added to each step, like AdamW) where torch adds an L2 term to the gradient. Its
 learning-rate schedule (``warmup_linear``) is ``trainer.lr_scheduler=warmup_linear_mtdnn``.
+
+``HFAdamW``: the ``AdamW`` that ``transformers`` shipped until version 5 (``transformers.
+AdamW``, ``correct_bias=True``), which movement pruning's ``masked_run_glue.py`` /
+``masked_run_squad.py`` and PLATON's SQuAD script train with. It differs from
+``torch.optim.AdamW`` in two ways: ``eps`` is added to ``sqrt(v)`` before the bias
+correction (the step is ``lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``, so
+the effective eps is ``eps / sqrt(1 - b2^t)``, 32x larger at step 1 with b2 = 0.999), and
+the decoupled weight decay ``lr * wd * W`` is taken from the weight after the update
+rather than before it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,4 +58,41 @@ class MtDnnAdamax(torch.optim.Optimizer):
                     update.add_(p, alpha=wd)
                 p.add_(update, alpha=-lr)
                 state["step"] += 1
+        return loss
+
+
+class HFAdamW(torch.optim.Optimizer):
+    """m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+    W -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps);  then W -= lr wd W."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+                p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+                if wd > 0:
+                    p.add_(p, alpha=-lr * wd)
         return loss

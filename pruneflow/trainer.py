@@ -39,7 +39,7 @@ from pruneflow import distributed
 from pruneflow.errors import RunStopped, TrainingDiverged, invalid
 from pruneflow.methods.base import PruningMethod
 from pruneflow.models import ModelBundle
-from pruneflow.optimizers import MtDnnAdamax
+from pruneflow.optimizers import HFAdamW, MtDnnAdamax
 from pruneflow.stop import STOP
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks.base import Task
@@ -53,7 +53,7 @@ TRANSFORMERS_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomi
 # code) steps it inside its Adamax: x = step / total; x / warmup_ratio during the warm-up,
 # then 1 - x (a jump down at the end of the warm-up, not a ramp from the peak).
 LR_SCHEDULERS = (*TRANSFORMERS_SCHEDULERS, "warmup_linear_mtdnn")
-OPTIMIZERS = ("adamw", "adam", "adamax", "adamax_mtdnn", "sgd")
+OPTIMIZERS = ("adamw", "adamw_hf", "adam", "adamax", "adamax_mtdnn", "sgd")
 
 
 @dataclass
@@ -291,6 +291,8 @@ class Trainer:
             opt = torch.optim.Adam(groups, lr=1.0, betas=betas, eps=eps, **fused)
         elif name == "adamax":
             opt = torch.optim.Adamax(groups, lr=1.0, betas=betas, eps=eps)
+        elif name == "adamw_hf":  # transformers' own AdamW: movement pruning, PLATON SQuAD (pruneflow.optimizers)
+            opt = HFAdamW(groups, lr=1.0, betas=betas, eps=eps)
         elif name == "adamax_mtdnn":  # PLATON's GLUE optimizer (pruneflow.optimizers)
             opt = MtDnnAdamax(groups, lr=1.0, betas=betas, eps=eps)
         elif name == "sgd":

@@ -1,6 +1,7 @@
 """trainer.compile, trainer.pin_memory and trainer.lr_scheduler: what they change on the
 model, the batches and the learning rate."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pruneflow.optimizers import MtDnnAdamax
+from pruneflow.optimizers import HFAdamW, MtDnnAdamax
 from pruneflow.trainer import (
     TRANSFORMERS_SCHEDULERS,
     EpochBatches,
@@ -159,3 +160,59 @@ def test_adamax_mtdnn_and_warmup_linear_mtdnn_step_as_mt_dnn():
     # the schedule: 0 at step 0, the warm-up's peak, then the jump to 1 - x
     sched = LRSchedule("warmup_linear_mtdnn", 10, 0, warmup_ratio=0.2)
     assert [sched.factor(s) for s in (0, 1, 2, 3)] == [0.0, pytest.approx(0.5), pytest.approx(0.8), pytest.approx(0.7)]
+
+
+def _their_hf_adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
+                         eps: float, weight_decay: float) -> None:
+    """transformers.AdamW.step (correct_bias=True), one parameter, as movement pruning's
+    scripts used it: eps added to sqrt(v) before the bias correction, weight decay after
+    the update."""
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    state["step"] += 1
+    beta1, beta2 = betas
+    state["exp_avg"] = state["exp_avg"] * beta1 + (1.0 - beta1) * grad
+    state["exp_avg_sq"] = state["exp_avg_sq"] * beta2 + (1.0 - beta2) * grad * grad
+    denom = state["exp_avg_sq"].sqrt() + eps
+    step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+    p.add_(-step_size * state["exp_avg"] / denom)
+    if weight_decay > 0.0:
+        p.add_(-lr * weight_decay * p)
+
+
+def test_adamw_hf_steps_as_transformers_adamw_and_differs_from_torch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
+    names = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in names.items()}
+    theirs = {n: p.clone() for n, p in start.items()}
+    their_state: dict[str, dict] = {n: {} for n in names}
+    decayed = {n for n in names if not any(nd in n for nd in ("bias", "1.weight"))}
+    lr, total, betas, eps, wd = 1e-2, 10, (0.9, 0.999), 1e-3, 0.1  # a large eps and decay: their places show
+
+    def build() -> Optim:
+        return Optim(HFAdamW(decay_groups(list(model.named_parameters()), wd), lr=1.0, betas=betas, eps=eps), LRSchedule("constant", total, 0))
+
+    optim = build()
+    grads = [{n: torch.randn_like(p) * 1e-3 for n, p in names.items()} for _ in range(total)]
+    for step, g in enumerate(grads):
+        if step == 5:  # resume from a checkpoint halfway
+            saved = optim.state_dict()
+            optim = build()
+            optim.load_state_dict(saved)
+        optim.set_lr(lr)
+        for n, p in names.items():
+            p.grad = g[n].clone()
+            _their_hf_adamw_step(theirs[n], g[n].clone(), their_state[n], lr, betas, eps, wd if n in decayed else 0.0)
+        optim.optimizer.step()
+        optim.step += 1
+        for n, p in names.items():
+            torch.testing.assert_close(p.detach(), theirs[n], rtol=0, atol=1e-7, msg=f"{n} at step {step}")
+    # torch's AdamW on the same gradients ends elsewhere (eps after the correction, decay before)
+    ref = {n: t.clone().requires_grad_() for n, t in start.items()}
+    torch_opt = torch.optim.AdamW([{"params": [ref[n]], "weight_decay": wd if n in decayed else 0.0} for n in names], lr=lr, betas=betas, eps=eps)
+    for g in grads:
+        for n in names:
+            ref[n].grad = g[n].clone()
+        torch_opt.step()
+    assert max(float((ref[n].detach() - theirs[n]).abs().max()) for n in names) > 1e-4

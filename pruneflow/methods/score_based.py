@@ -370,7 +370,7 @@ class ScoreBasedMethod(PruningMethod):
         self.selection = str(cfg.get("selection", "exact"))
         if self.selection not in SELECTIONS:
             raise invalid("method.selection", self.selection, SELECTIONS,
-                          "exact keeps exactly the scheduled number of weights; authors uses the authors' count and tie rule.")
+                          "exact keeps exactly the scheduled number of weights; authors uses the authors' count and tie rule (ties by position where their sort leaves the order open).")
         self.regrowth = check_bool(cfg.get("regrowth", self.default_regrowth), "method.regrowth")
         if self.granularity != "unstructured" and self.selection != "exact":
             raise invalid("method.selection", self.selection, "exact", f"with method.granularity={self.granularity} units are ranked exactly.")
