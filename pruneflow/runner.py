@@ -105,7 +105,7 @@ def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tu
             raise invalid(f"stages.{name}.{key}", v, "a positive number")
     bs = int(s.batch_size)
     if steps is None:
-        steps = int(math.ceil(float(epochs or 0) * steps_per_epoch(n_train, bs, grad_accum)))
+        steps = int(math.ceil(float(epochs or 0) * steps_per_epoch(n_train, bs, grad_accum, bool(cfg.trainer.get("drop_last", True)))))
     return int(steps), bs
 
 
@@ -243,7 +243,8 @@ class Run:
             specs[name] = StageSpec(name=name, steps=steps, lr=float(cfg.stages[name].lr), batch_size=bs, seed=seed)
         specs["prune"].weight_updates = self.prune_updates_weights
         planned = self.method.plan_stages(
-            {k: v.steps for k, v in specs.items()}, steps_per_epoch(n_train, specs["prune"].batch_size, accum), cfg.task.name
+            {k: v.steps for k, v in specs.items()},
+            steps_per_epoch(n_train, specs["prune"].batch_size, accum, bool(cfg.trainer.get("drop_last", True))), cfg.task.name
         )
         for k, v in planned.items():
             specs[k].steps = int(v)

@@ -153,9 +153,12 @@ class EpochBatches:
     RNG, so a resumed stage sees exactly the batches it would have seen.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, collate: Callable, start_step: int = 0) -> None:  # noqa: ANN001
+    def __init__(self, dataset, batch_size: int, seed: int, collate: Callable, start_step: int = 0,  # noqa: ANN001
+                 drop_last: bool = True) -> None:
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
-        self.per_epoch = max(1, len(dataset) // batch_size)  # drop_last: equal-sized batches
+        # drop_last: equal-sized batches; False: the epoch's last, smaller batch too, as a
+        # DataLoader without drop_last (the authors' loaders of SEVEN, PLATON, movement pruning)
+        self.per_epoch = batches_per_epoch(len(dataset), batch_size, drop_last)
         self.step = start_step
         self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its order)
 
@@ -195,8 +198,14 @@ def _fault_signal(stage: str, step: int) -> None:
             os.kill(os.getpid(), getattr(signal, "SIG" + sig.removesuffix("x2")))
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1) -> int:
-    return max(1, n_examples // (batch_size * grad_accum))
+def batches_per_epoch(n_examples: int, batch_size: int, drop_last: bool = True) -> int:
+    return max(1, n_examples // batch_size if drop_last else -(-n_examples // batch_size))
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1, drop_last: bool = True) -> int:
+    """Optimizer steps per epoch: whole groups of ``grad_accum`` batches (as the authors'
+    ``len(dataloader) // gradient_accumulation_steps``)."""
+    return max(1, batches_per_epoch(n_examples, batch_size, drop_last) // grad_accum)
 
 
 def decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -227,6 +236,7 @@ class Trainer:
         self.bundle = bundle
         self.task = task
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self.drop_last = bool(cfg.get("drop_last", True))
         precision = str(cfg.get("precision", "32"))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -265,7 +275,7 @@ class Trainer:
             return self.task.loss(self.bundle, batch)
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in EpochBatches(self.task.train_set, batch_size, seed, self.task.collate, start_step):
+        for batch in EpochBatches(self.task.train_set, batch_size, seed, self.task.collate, start_step, self.drop_last):
             yield self.to_device(batch)
 
     def warmup_steps(self, total: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pruneflow.errors import UserError, invalid
+from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.published import as_typed
 
 PRECISIONS = ("32", "bf16", "fp16")
@@ -48,6 +48,9 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
     from pruneflow.trainer import LR_SCHEDULERS, OPTIMIZERS
 
     t = cfg.trainer
+    if not check_bool(t.get("drop_last", True), "trainer.drop_last") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise invalid("trainer.drop_last", False, "true under torchrun",
+                      "Each process takes an equal share of every batch; an epoch's last, smaller batch may not split evenly.")
     if str(t.get("optimizer")) not in OPTIMIZERS:
         raise invalid("trainer.optimizer", t.get("optimizer"), OPTIMIZERS)
     if str(t.get("lr_scheduler")) not in LR_SCHEDULERS:

@@ -67,6 +67,22 @@ def test_batches_follow_one_permutation_per_epoch_drawn_once(monkeypatch):
     assert [next(resumed) for _ in range(5)] == got[6:]
 
 
+def test_drop_last_false_ends_each_epoch_with_the_smaller_batch():
+    """trainer.drop_last=false: as a DataLoader without drop_last, every example once per
+    epoch, ceil(n / bs) batches, the last one smaller; steps per epoch count it."""
+    from pruneflow.trainer import steps_per_epoch
+
+    data, bs, seed = list(range(23)), 5, 3
+    batches = EpochBatches(data, bs, seed, collate=list, drop_last=False)
+    got = [next(batches) for _ in range(10)]  # 5 batches per epoch: 5, 5, 5, 5, 3
+    assert [len(b) for b in got] == [5, 5, 5, 5, 3] * 2
+    assert sorted(sum(got[:5], [])) == data and sorted(sum(got[5:], [])) == data and got[:5] != got[5:]
+    resumed = EpochBatches(data, bs, seed, collate=list, start_step=4, drop_last=False)
+    assert [next(resumed) for _ in range(3)] == got[4:7]
+    assert steps_per_epoch(23, 5, drop_last=False) == 5 and steps_per_epoch(23, 5) == 4
+    assert steps_per_epoch(23, 5, 2, drop_last=False) == 2  # whole groups of 2: len(dataloader) // 2
+
+
 @pytest.mark.parametrize("name", TRANSFORMERS_SCHEDULERS)
 def test_lr_schedules_are_transformers_schedules(name):
     """Each factor equals ``transformers.get_scheduler``'s LambdaLR at every step (and past
