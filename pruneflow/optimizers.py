@@ -26,11 +26,16 @@ from typing import Any
 import torch
 
 
-class MtDnnAdamax(torch.optim.Optimizer):
-    """m = b1 m + (1 - b1) g;  u = max(b2 u, |g| + eps);  W -= lr (m / (u + eps) + wd W)."""
+class _PerTensorOptimizer(torch.optim.Optimizer):
+    """An optimizer that updates each parameter on its own from its gradient and the
+    zero-initialised state tensors ``state_keys`` (plus ``step``): subclasses give ``update``."""
+
+    state_keys: tuple[str, ...] = ()
+    default_eps: float = 1e-8
 
     def __init__(self, params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+                 eps: float | None = None, weight_decay: float = 0.0) -> None:
+        eps = self.default_eps if eps is None else eps
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -40,59 +45,52 @@ class MtDnnAdamax(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            b1, b2 = group["betas"]
-            eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_inf"] = torch.zeros_like(p)
-                m, u = state["exp_avg"], state["exp_inf"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                torch.maximum(u.mul_(b2), p.grad.abs().add_(eps), out=u)
-                update = m / (u + eps)
-                if wd > 0:
-                    update.add_(p, alpha=wd)
-                p.add_(update, alpha=-lr)
-                state["step"] += 1
+                    for key in self.state_keys:
+                        state[key] = torch.zeros_like(p)
+                self.update(p, state, group)
         return loss
 
+    def update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
 
-class HFAdamW(torch.optim.Optimizer):
+
+class MtDnnAdamax(_PerTensorOptimizer):
+    """m = b1 m + (1 - b1) g;  u = max(b2 u, |g| + eps);  W -= lr (m / (u + eps) + wd W)."""
+
+    state_keys = ("exp_avg", "exp_inf")
+    default_eps = 1e-6
+
+    def update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
+        m, u = state["exp_avg"], state["exp_inf"]
+        m.mul_(b1).add_(p.grad, alpha=1 - b1)
+        torch.maximum(u.mul_(b2), p.grad.abs().add_(eps), out=u)
+        update = m / (u + eps)
+        if wd > 0:
+            update.add_(p, alpha=wd)
+        p.add_(update, alpha=-lr)
+        state["step"] += 1
+
+
+class HFAdamW(_PerTensorOptimizer):
     """m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
     W -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps);  then W -= lr wd W."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+    state_keys = ("exp_avg", "exp_avg_sq")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-                p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
-                if wd > 0:
-                    p.add_(p, alpha=-lr * wd)
-        return loss
+    def update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(b1).add_(p.grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        p.addcdiv_(m, v.sqrt().add_(eps), value=-lr * math.sqrt(1 - b2**t) / (1 - b1**t))
+        if wd > 0:
+            p.add_(p, alpha=-lr * wd)

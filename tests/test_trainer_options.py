@@ -2,6 +2,7 @@
 model, the batches and the learning rate."""
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -141,6 +142,27 @@ def _their_adamax_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: flo
     state["step"] += 1
 
 
+def step_beside(build: Callable[[], Optim], names: dict[str, nn.Parameter], grads: list[dict[str, torch.Tensor]], lr: float,
+                their_step: Callable[[str, torch.Tensor], None], theirs: dict[str, torch.Tensor], resume_at: int) -> None:
+    """Step the optimizer that ``build`` makes and a transcription (``their_step(name,
+    grad)`` updating ``theirs``) on the same gradients, restoring the optimizer from its
+    state_dict at ``resume_at``; the weights must agree after every step."""
+    optim = build()
+    for step, g in enumerate(grads):
+        if step == resume_at:  # resume from a checkpoint halfway
+            saved = optim.state_dict()
+            optim = build()
+            optim.load_state_dict(saved)
+        optim.set_lr(lr)
+        for n, p in names.items():
+            p.grad = g[n].clone()
+            their_step(n, g[n].clone())
+        optim.optimizer.step()
+        optim.step += 1
+        for n, p in names.items():
+            torch.testing.assert_close(p.detach(), theirs[n], rtol=0, atol=1e-7, msg=f"{n} at step {step}")
+
+
 def test_adamax_mtdnn_and_warmup_linear_mtdnn_step_as_mt_dnn():
     """trainer.optimizer=adamax_mtdnn with trainer.lr_scheduler=warmup_linear_mtdnn moves the
     weights as mt-dnn's Adamax does, step by step: no bias correction, eps twice, decoupled
@@ -158,21 +180,9 @@ def test_adamax_mtdnn_and_warmup_linear_mtdnn_step_as_mt_dnn():
         opt = MtDnnAdamax(decay_groups(list(model.named_parameters()), wd), lr=1.0, betas=betas, eps=eps)
         return Optim(opt, LRSchedule("warmup_linear_mtdnn", total, 0, warmup_ratio=warmup))
 
-    optim = build()
     grads = [{n: torch.randn_like(p) for n, p in names.items()} for _ in range(total)]
-    for step, g in enumerate(grads):
-        if step == 6:  # resume from a checkpoint halfway
-            saved = optim.state_dict()
-            optim = build()
-            optim.load_state_dict(saved)
-        optim.set_lr(lr)
-        for n, p in names.items():
-            p.grad = g[n].clone()
-            _their_adamax_step(theirs[n], g[n].clone(), their_state[n], lr, total, warmup, betas, eps, wd if n in decayed else 0.0)
-        optim.optimizer.step()
-        optim.step += 1
-        for n, p in names.items():
-            torch.testing.assert_close(p.detach(), theirs[n], rtol=0, atol=1e-7, msg=f"{n} at step {step}")
+    step_beside(build, names, grads, lr, lambda n, g: _their_adamax_step(theirs[n], g, their_state[n], lr, total, warmup, betas, eps,
+                                                                           wd if n in decayed else 0.0), theirs, resume_at=6)
     # the schedule: 0 at step 0, the warm-up's peak, then the jump to 1 - x
     sched = LRSchedule("warmup_linear_mtdnn", 10, 0, warmup_ratio=0.2)
     assert [sched.factor(s) for s in (0, 1, 2, 3)] == [0.0, pytest.approx(0.5), pytest.approx(0.8), pytest.approx(0.7)]
@@ -209,21 +219,9 @@ def test_adamw_hf_steps_as_transformers_adamw_and_differs_from_torch():
     def build() -> Optim:
         return Optim(HFAdamW(decay_groups(list(model.named_parameters()), wd), lr=1.0, betas=betas, eps=eps), LRSchedule("constant", total, 0))
 
-    optim = build()
     grads = [{n: torch.randn_like(p) * 1e-3 for n, p in names.items()} for _ in range(total)]
-    for step, g in enumerate(grads):
-        if step == 5:  # resume from a checkpoint halfway
-            saved = optim.state_dict()
-            optim = build()
-            optim.load_state_dict(saved)
-        optim.set_lr(lr)
-        for n, p in names.items():
-            p.grad = g[n].clone()
-            _their_hf_adamw_step(theirs[n], g[n].clone(), their_state[n], lr, betas, eps, wd if n in decayed else 0.0)
-        optim.optimizer.step()
-        optim.step += 1
-        for n, p in names.items():
-            torch.testing.assert_close(p.detach(), theirs[n], rtol=0, atol=1e-7, msg=f"{n} at step {step}")
+    step_beside(build, names, grads, lr, lambda n, g: _their_hf_adamw_step(theirs[n], g, their_state[n], lr, betas, eps,
+                                                                             wd if n in decayed else 0.0), theirs, resume_at=5)
     # torch's AdamW on the same gradients ends elsewhere (eps after the correction, decay before)
     ref = {n: t.clone().requires_grad_() for n, t in start.items()}
     torch_opt = torch.optim.AdamW([{"params": [ref[n]], "weight_decay": wd if n in decayed else 0.0} for n in names], lr=lr, betas=betas, eps=eps)
