@@ -283,7 +283,7 @@ def sanh_threshold(step: int, total: int, t_init: int, t_final: int, initial: fl
 
 
 def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: int, t_final: int, warmup: int, lr: float, score_lr: float,
-                   final: float, final_lambda: float = 0.0) -> list[torch.Tensor]:
+                   final: float, final_lambda: float = 0.0, score_log: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """masked_run_glue.py with emmental's MaskedLinear (topK / sigmoied_threshold /
     magnitude): the threshold of step t before the forward, AdamW with the scores at
     their own lr (no decay), one linear warm-up/decay schedule for every group,
@@ -340,6 +340,8 @@ def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: in
                     mk.view(-1)[mod.weight.abs().flatten().sort(descending=True).indices[: int(nxt * mod.weight.numel() + 1e-9)]] = 1.0
                     masks.append(mk)
         history.append(torch.cat([mk.reshape(-1) for mk in masks]))
+        if score_log is not None and scores:
+            score_log.append(torch.cat([sc.detach().reshape(-1) for sc in scores]))
     with torch.no_grad():  # the final model: the weights times the last mask
         for (_, mod, _), mk in zip(layers, torch.split(history[-1], [mod.weight.numel() for _, mod, _ in layers]), strict=True):
             mod.weight.mul_(mk.view_as(mod.weight))
@@ -366,11 +368,25 @@ def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
     )
     reference = copy.deepcopy(run.bundle.model)
     ours = record_masks(run)
+    our_scores: list[torch.Tensor] = []
+    if name != "magnitude":  # the trainable scores after every step (the penalty acts on the masks only through them)
+        recorded = run.method.after_optimizer_step
+
+        def with_scores(step: int, grads_finite: bool = True) -> None:
+            recorded(step, grads_finite)
+            our_scores.append(run.method.state["scores"].detach().clone())
+
+        run.method.after_optimizer_step = with_scores
     run.execute()
-    theirs = sanh_reference(reference, run, kind, total, t_init, t_final, warmup, lr, score_lr, final, final_lambda)
+    their_scores: list[torch.Tensor] = []
+    theirs = sanh_reference(reference, run, kind, total, t_init, t_final, warmup, lr, score_lr, final, final_lambda, their_scores)
     assert len(ours) == len(theirs) == total
     for k in range(total):
         assert torch.equal(ours[k], theirs[k]), f"mask differs after step {k}"
+    assert len(our_scores) == len(their_scores) == (0 if name == "magnitude" else total)
+    for k, (a, b) in enumerate(zip(our_scores, their_scores, strict=True)):
+        # fused Adam against the per-tensor reference: float noise, ~1e-6 of the largest score
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())), msg=f"scores differ after step {k}")
     assert 0 < float(theirs[-1].mean()) < 1
     names = [f"{n}.weight" for n, _, _ in prunable(reference)]
     close(final_weights(run), reference.state_dict(), [*names, "head.weight"])
