@@ -45,10 +45,11 @@ def compile_toolchain_missing(cuda: bool) -> str | None:
 def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
     """``trainer.*``: allowed names, ranges and combinations. ``here=False``: the run will
     start on another machine (a Slurm job), whose compilers are not known here."""
+    from pruneflow import distributed
     from pruneflow.trainer import LR_SCHEDULERS, OPTIMIZERS
 
     t = cfg.trainer
-    if not check_bool(t.get("drop_last", True), "trainer.drop_last") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not check_bool(t.get("drop_last", True), "trainer.drop_last") and distributed.env_world_size() > 1:
         raise invalid("trainer.drop_last", False, "true under torchrun",
                       "Each process takes an equal share of every batch; an epoch's last, smaller batch may not split evenly.")
     if str(t.get("optimizer")) not in OPTIMIZERS:

@@ -230,3 +230,14 @@ def test_adamw_hf_steps_as_transformers_adamw_and_differs_from_torch():
             ref[n].grad = g[n].clone()
         torch_opt.step()
     assert max(float((ref[n].detach() - theirs[n]).abs().max()) for n in names) > 1e-4
+
+
+def test_drop_last_false_is_refused_under_torchrun(config, monkeypatch):
+    from pruneflow.errors import UserError
+    from pruneflow.validation import validate_trainer
+
+    cfg = config("trainer.drop_last=false")
+    validate_trainer(cfg, False)  # one process: allowed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="trainer.drop_last"):
+        validate_trainer(cfg, False)

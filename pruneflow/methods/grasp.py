@@ -200,15 +200,22 @@ def balanced_halves(task: Any, per_class: int, seed: int) -> list[dict[str, torc
 def logits_divided(model: nn.Module, temperature: float) -> Iterator[None]:
     """The output of the model's last ``nn.Linear`` (its logits) divided by ``temperature``
     while in the block: a caller's own loss function then sees logits / T."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    head = last_linear(model)
+    if head is None:
         raise UserError(f"method=grasp divides the logits by method.temperature at the model's last nn.Linear; "
                         f"{type(model).__name__} has none.")
-    handle = linears[-1].register_forward_hook(lambda _m, _i, out: out / temperature)
+    handle = head.register_forward_hook(lambda _m, _i, out: out / temperature)
     try:
         yield
     finally:
         handle.remove()
+
+
+def last_linear(model: nn.Module) -> nn.Linear | None:
+    """The model's last ``nn.Linear`` in module order: its classifier (BERT's
+    ``classifier``, ViT's ``head``, the authors' CNNs' only Linear)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -226,10 +233,9 @@ def reinit_last_linear(model: nn.Module, seed: int | None) -> tuple[torch.Tensor
     """Re-initialize the weight of the model's last ``nn.Linear`` (the classifier of
     BERT, ViT and the authors' CNNs) with Xavier normal, from a generator of its own so
     the run's other random streams are unchanged. Returns (weight, saved copy)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    head = last_linear(model)
+    if head is None:
         return None
-    head = linears[-1]
     log.info("GraSP: %s re-initialized (Xavier normal) for the scoring passes, as the authors' code does with the "
              "classifier (method.reinit_head=false keeps it)", next(n for n, m in model.named_modules() if m is head))
     weight = weight_of(head)
