@@ -78,6 +78,11 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
         group, option = m.group(1), m.group(2)
         allowed = _options(group, config_dir)
         return f"Invalid value for '{group}': {option!r}. Allowed: {', '.join(allowed)}.{_closest(option, allowed)}"
+    m = re.search(r"Could not override '(published)'", text)
+    if m:
+        return (f"'{m.group(1)}' is not chosen on the command line: conf/published/ holds the published numbers that "
+                "experiment/ configs read (e.g. experiment=seven_pre/plot1_bert_base). Choose the experiment instead; "
+                "`pruneflow --help` lists them.")
     m = re.search(r"An item is already at '([^']+)'", text)
     if m:
         return (f"'+{m.group(1)}=...' adds a key, but '{m.group(1)}' is already set in the composed configuration "

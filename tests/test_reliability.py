@@ -45,6 +45,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["trainer=fast"], "trainer", "default"),
     (["stages=short"], "stages", "default"),
     (["experiment=seven/glue"], "experiment", "seven/glue_bert_base"),
+    (["published=seven_plot1"], "published", "experiment=seven_pre/plot1_bert_base"),  # data, not a choice
     (["method=seven", "method.alpha_3=1"], "method.alpha_3", "alpha_1"),
     (["task.max_seq_lenght=64", "task=glue/sst2"], "task.max_seq_lenght", "max_seq_length"),
     (["model.hub=x"], "model.hub", "Valid keys at 'model'"),
