@@ -500,17 +500,41 @@ def test_authors_counts_round_down(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- SPP
+def _their_deit_search_forward(model: nn.Module, images: torch.Tensor, alphas: list[nn.Parameter]) -> torch.Tensor:
+    """A timm ViT's forward with deit/mock.py's search masks, written out here (not through
+    pruneflow's mask sites): per block, q and k times alpha[:head_dim], v times
+    alpha[head_dim:], fc1's output times the MLP's alpha before the GELU. Only the parts
+    of timm's block the test model uses (no layer scale, drop path, q/k norm or gate)."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    for i, blk in enumerate(model.blocks):
+        at, mlp = blk.attn, blk.mlp
+        assert all(isinstance(m, nn.Identity) for m in (blk.ls1, blk.ls2, blk.drop_path1, blk.drop_path2, at.q_norm, at.k_norm, at.norm, mlp.norm))
+        assert getattr(at, "gate", None) is None and isinstance(mlp.act, nn.GELU)
+        a_attn, a_mlp = alphas[2 * i], alphas[2 * i + 1]
+        h = blk.norm1(x)
+        batch, tokens, _ = h.shape
+        qkv = F.linear(h, at.qkv.weight, at.qkv.bias).reshape(batch, tokens, 3, at.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        hd = q.shape[-1]
+        q, k, v = q * a_attn[..., :hd], k * a_attn[..., :hd], v * a_attn[..., hd:]
+        attn = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(batch, tokens, -1), at.proj.weight, at.proj.bias)
+        h = F.linear(blk.norm2(x), mlp.fc1.weight, mlp.fc1.bias) * a_mlp
+        x = x + F.linear(F.gelu(h), mlp.fc2.weight, mlp.fc2.bias)
+    return model.forward_head(model.norm(x))
+
+
 @pytest.mark.parametrize("steps", [1, 11, 30])  # the first step and support check; the second check; a search where entries entered
 def test_spp_search_matches_the_authors_optimizer(steps: int) -> None:
     """adamw_spp.py's update (Adam on the masks, eps 1e-4, Z += lr_t/(1-b1^t) * (M - Γ),
     Γ = relu(relu(1 - λ/|Z|) Z)) and deit/engine.py's step_record (+1 where Γ != 0 every
-    `interval` batches), transcribed here, against pruneflow's search with the coupling
+    `interval` batches), transcribed here over deit/mock.py's search forward written out
+    by hand (so a wrong mask site fails too), against pruneflow's search with the coupling
     term made inert (their code adds it after backward()): M, Z and the record after 1, 11
     and 30 steps."""
     import timm
     from omegaconf import OmegaConf
 
-    from pruneflow.compress import PairedMasks
     from pruneflow.masking import MaskedWeights, select_prunable
     from pruneflow.methods.base import PruneContext
     from pruneflow.methods.spp import SPP
@@ -543,21 +567,24 @@ def test_spp_search_matches_the_authors_optimizer(steps: int) -> None:
     method.setup(ctx)
     method.run_prune_stage(ctx)
 
-    # their loop, with the same masks in the same places
-    model.eval()
-    reference.train()
-    masks = PairedMasks(reference, sites="authors")
+    # their loop: deit/mock.py's search forward written out over the same (frozen) weights,
+    # one alpha per block for attention (2 * head_dim: q and k times the first half, v times
+    # the second, shared by the heads) and one for the MLP (fc1's output, before GELU)
     for p in reference.parameters():
         p.requires_grad_(False)
-    alphas = masks.params()
+    head_dim = reference.blocks[0].attn.head_dim
+    hidden = reference.blocks[0].mlp.fc1.out_features
+    alphas = []
+    for _ in reference.blocks:
+        alphas += [nn.Parameter(torch.ones(1, 1, 1, 2 * head_dim)), nn.Parameter(torch.ones(1, 1, hidden))]
     opt = torch.optim.Adam(alphas, lr=lr, betas=(0.9, 0.999), eps=1e-4, weight_decay=0)
     z = [torch.zeros_like(a) for a in alphas]
     gamma = [torch.zeros_like(a) for a in alphas]
     record = [torch.zeros_like(a) for a in alphas]
-    masks.attach()
     data = batches()
     for t in range(steps):
-        loss_fn(reference, next(data)).backward()
+        b = next(data)
+        F.cross_entropy(_their_deit_search_forward(reference, b["pixel_values"], alphas), b["labels"]).backward()
         opt.step()
         opt.zero_grad()
         step_size = lr / (1 - 0.9 ** (t + 1))
@@ -567,12 +594,15 @@ def test_spp_search_matches_the_authors_optimizer(steps: int) -> None:
                 gamma[i] = torch.relu(torch.relu(1 - lam / z[i].abs()) * z[i])
                 if t % 10 == 0:
                     record[i] += (gamma[i] != 0).float()
-    masks.detach()
-    for i, e in enumerate(masks):
-        ours = method.search[e.key]
-        torch.testing.assert_close(ours["m"], alphas[i].detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours["z"], z[i], rtol=1e-5, atol=1e-6)
-        assert torch.equal(ours["support"].float(), record[i]), e.key
+    assert sorted(method.search) == sorted(f"blocks.{i}.{kind}" for i in range(len(reference.blocks)) for kind in ("qk", "vo", "ffn"))
+    for i in range(len(reference.blocks)):
+        attn, mlp = 2 * i, 2 * i + 1
+        theirs = {"qk": (attn, slice(0, head_dim)), "vo": (attn, slice(head_dim, 2 * head_dim)), "ffn": (mlp, slice(None))}
+        for kind, (j, cut) in theirs.items():
+            ours = method.search[f"blocks.{i}.{kind}"]
+            for field, their_field in (("m", alphas), ("z", z)):
+                torch.testing.assert_close(ours[field], their_field[j].detach().reshape(-1)[cut], rtol=1e-5, atol=1e-6, msg=f"blocks.{i}.{kind} {field}")
+            assert torch.equal(ours["support"].float(), record[j].reshape(-1)[cut]), (i, kind)
     if steps == 30:
         assert sum(int(r.sum()) for r in record) > 0  # entries did enter the support
 
