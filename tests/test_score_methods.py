@@ -446,5 +446,5 @@ def test_seven_selection_authors_counts_their_remain_ratio():
     theirs = int((keep + (1 - keep) * ((1 - (4 + 1) / 7) ** 3)) * 686)
     assert theirs == 350
     out = torch.empty(686)
-    method.authors_mask_(torch.randn(686, generator=torch.Generator().manual_seed(0)), method.target_sparsity(4), out)
+    method.authors_mask_(torch.randn(686, generator=torch.Generator().manual_seed(0)), method.target_sparsity(4), out, step=4)
     assert int(out.sum()) == theirs

@@ -71,6 +71,6 @@ class Force(ScoreBasedMethod):
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
 
-    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """Their ``get_mask``: the ``int(n * keep)``-th largest score, every score >= it kept."""
         keep_from_kth_largest_(scores, kept_floor(scores.numel(), 1.0 - sparsity), out)

@@ -86,7 +86,7 @@ class GraSP(ScoreBasedMethod):
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
 
-    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """Theirs: remove ``-score`` above its ``int(n * s)``-th largest, i.e. keep every
         score >= its ``int(n * s)``-th smallest."""
         keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)

@@ -106,7 +106,7 @@ class SoftMovement(Movement):
         self.tau = 0.0
 
     @torch.no_grad()
-    def update_masks(self, sparsity: float) -> None:
+    def update_masks(self, sparsity: float, step: int | None = None) -> None:
         """``sparsity`` is the schedule's value: here the threshold tau on sigmoid(S)."""
         self.tau = float(sparsity)
         scores = self.state["scores"]

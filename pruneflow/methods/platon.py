@@ -131,6 +131,6 @@ class Platon(ScoreBasedMethod):
             self.mask_scores(scores, self.mask_flat)
         return scores
 
-    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """``kthvalue(scores, int(n * sparsity))`` and keep every score >= it."""
         keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)

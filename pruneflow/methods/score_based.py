@@ -445,9 +445,10 @@ class ScoreBasedMethod(PruningMethod):
     def target_sparsity(self, step: int) -> float:
         return self.ctx.schedule.sparsity(step)
 
-    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """``method.selection=authors``: the authors' count and tie rule, written into
-        ``out``. Default: ``int(keep * n)`` weights (movement pruning's top-k)."""
+        ``out`` (``step``: the schedule step the mask is for; None outside the ramp).
+        Default: ``int(keep * n)`` weights (movement pruning's top-k)."""
         self.topk.mask_(scores, kept_floor(scores.numel(), 1.0 - sparsity), out)
 
     # --- layout ------------------------------------------------------------------
@@ -527,7 +528,7 @@ class ScoreBasedMethod(PruningMethod):
             self.update_scores(step)
             self.k += 1
         if mask_step:
-            self.update_masks(self.target_sparsity(step))
+            self.update_masks(self.target_sparsity(step), step)
 
     def grads(self) -> list[torch.Tensor | None]:
         """Gradients of the prunable weights: G * mask under the parametrization and in
@@ -538,7 +539,7 @@ class ScoreBasedMethod(PruningMethod):
         return int(self.mask_flat.count_nonzero())
 
     @torch.no_grad()
-    def update_masks(self, sparsity: float) -> None:
+    def update_masks(self, sparsity: float, step: int | None = None) -> None:
         if self.pattern is not None and sparsity < self.sparsity - 1e-9:
             return  # N:M has one level: the mask waits for the schedule's target
         scores = self.selection_scores()
@@ -552,7 +553,7 @@ class ScoreBasedMethod(PruningMethod):
         elif self.selection == "authors":
             groups = [(0, scores.numel())] if self.scope == "global" else [(start, n) for start, n, _ in self.slices]
             for start, n in groups:
-                self.authors_mask_(scores[start : start + n], sparsity, self.mask_flat[start : start + n])
+                self.authors_mask_(scores[start : start + n], sparsity, self.mask_flat[start : start + n], step)
         elif self.scope == "global":
             self.topk.mask_(scores, kept_count(scores.numel(), sparsity), self.mask_flat)
         else:  # per matrix, the matrices' passes shared

@@ -194,17 +194,13 @@ class Seven(ScoreBasedMethod):
             return False
         return super().is_mask_step(step)
 
-    def target_sparsity(self, step: int) -> float:
-        self.mask_at = step  # selection=authors computes their remain_ratio from the step
-        return super().target_sparsity(step)
-
-    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """Their threshold: the k-th largest score, k = int(r * n); every score >= it is
         kept (ties at the threshold included). On the cubic ramp r is their
         ``keep + (1 - keep) * (1 - (i + 1) / N) ** 3`` in their order of operations: the
         algebraically equal ``1 - target * (1 - (1 - p) ** 3)`` rounds differently and at
         BERT-base's 85M weights lands one weight off in about 1 of 2,600 steps."""
-        schedule, step = self.ctx.schedule, getattr(self, "mask_at", None)
+        schedule = self.ctx.schedule
         if step is not None and schedule.kind == "cubic" and sparsity == schedule.sparsity(step):
             keep = 1 - self.sparsity
             remain = keep + (1 - keep) * ((1 - schedule.progress(step)) ** 3)

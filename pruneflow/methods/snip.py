@@ -55,7 +55,7 @@ class Snip(ScoreBasedMethod):
             torch.mul(w.param.detach(), self.view("grad", i), out=self.view("scores", i)).abs_()
         return self.state["scores"]
 
-    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor) -> None:
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """Their ``tf.nn.top_k`` of ``int(round(n * (1 - s)))`` scores (Python's round)."""
         self.topk.mask_(scores, int(round(scores.numel() * (1.0 - sparsity))), out)
 
