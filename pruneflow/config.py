@@ -220,6 +220,10 @@ def _dirname(overrides: str) -> str:
 
 # The folder each default-layout run took in this process, by its timestamped name.
 _FRESH_DIRS: dict[str, str] = {}
+# torchrun, ranks other than 0: each default-layout folder this process resolved without
+# claiming it (absolute path: whether it existed already). Hydra creates it for the rank's
+# log; once the rank has moved to rank 0's folder, one it created and left empty is removed.
+OTHER_RANK_DIRS: dict[str, bool] = {}
 
 
 def _fresh_dir(base: str) -> str:
@@ -227,14 +231,16 @@ def _fresh_dir(base: str) -> str:
     has. Two commands started in the same second (``pruneflow ... &`` in a loop) would
     otherwise share one, and the second would be refused. The folder is created here,
     atomically, so only one command gets ``base``; the next gets ``base-2``, and so on.
-    Under torchrun every rank gets ``base`` and the runner moves them all to rank 0's."""
+    Under torchrun rank 0 claims the folder; the other ranks get ``base`` unclaimed and
+    the runner moves them to rank 0's folder (``distributed.shared_run_dir``)."""
     import os
     import sys
     from pathlib import Path
 
     if base in _FRESH_DIRS:
         return _FRESH_DIRS[base]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        OTHER_RANK_DIRS[str(Path(base).absolute())] = Path(base).exists()
         return base
     if any(a in ("-c", "--cfg", "-i", "--info") or a.startswith(("--cfg=", "--info=")) for a in sys.argv[1:]):
         return base  # the command only prints its config (--cfg all --resolve): it takes no folder

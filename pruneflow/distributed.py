@@ -100,15 +100,57 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def shared_run_dir(run_dir: Path) -> Path:
-    """Rank 0's run directory for every rank (Hydra's default ``${now:...}`` differs per process)."""
+    """Rank 0's run directory for every rank. With the default ``outputs/<day>/<time>``
+    rank 0 claims a folder no other command has (``config._fresh_dir``) and the others
+    follow it here: their log moves there too, and a folder Hydra made for them alone is
+    removed once empty."""
+    from pruneflow.config import OTHER_RANK_DIRS
+
     chosen = Path(broadcast_object(str(run_dir)))
-    if chosen != run_dir:
+    if chosen == run_dir:
+        return chosen
+    _move_file_logs(run_dir, chosen)
+    own = run_dir.absolute()
+    base = next((Path(b) for b in OTHER_RANK_DIRS if own == Path(b) or Path(b) in own.parents), None)
+    if base is None:
         log.warning(
-            "Rank %d: using rank 0's run directory %s instead of %s; pass hydra.run.dir (or hydra.sweep.dir) "
-            "explicitly with torchrun so that every rank resolves the same directory.",
-            rank(), chosen, run_dir,
+            "Rank %d: using rank 0's run directory %s instead of %s; pass the same hydra.run.dir (or hydra.sweep.dir) "
+            "to every rank.", rank(), chosen, run_dir,
         )
+    elif not OTHER_RANK_DIRS[str(base)]:
+        _remove_empty_dirs(own, base)
     return chosen
+
+
+def _move_file_logs(old_dir: Path, new_dir: Path) -> None:
+    """Point the root logger's file handlers that write into ``old_dir`` (Hydra's
+    ``<job>.log``) at the same file name in ``new_dir``; an old log left empty is deleted."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != old_dir.absolute():
+            continue
+        moved = logging.FileHandler(new_dir / Path(handler.baseFilename).name, mode="a", encoding=handler.encoding)
+        moved.setFormatter(handler.formatter)
+        moved.setLevel(handler.level)
+        for f in handler.filters:
+            moved.addFilter(f)
+        root.addHandler(moved)
+        root.removeHandler(handler)
+        handler.close()
+        old = Path(handler.baseFilename)
+        if old.exists() and old.stat().st_size == 0:
+            old.unlink()
+
+
+def _remove_empty_dirs(path: Path, top: Path) -> None:
+    """``path`` and its parents up to ``top``, each only if empty."""
+    for d in [path, *path.parents]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 @torch.no_grad()

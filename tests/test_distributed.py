@@ -93,3 +93,68 @@ def test_a_gpu_index_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(UserError, match="trainer.device.*cuda or auto under torchrun"):
         resolve_device("cuda:0")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_torchrun_on_the_default_layout_takes_a_folder_of_its_own(tmp_path: Path) -> None:
+    """Without hydra.run.dir, rank 0 claims a fresh outputs/<day>/<time> folder (here every
+    second's folder is taken already: another command's) and rank 1 follows it there, so
+    two torchrun commands started in the same second never share one."""
+    import datetime
+
+    conf = tiny_config_dir(tmp_path)
+    now = datetime.datetime.now()
+    taken = [tmp_path / "outputs" / t.strftime("%Y-%m-%d") / t.strftime("%H-%M-%S")
+             for t in (now + datetime.timedelta(seconds=s) for s in range(-5, 240))]
+    for d in taken:
+        d.mkdir(parents=True, exist_ok=True)
+    out = run_cli(
+        ["experiment=pf_tiny", "method=magnitude", "sparsity=0.5", "trainer.device=cpu", "cache=false"], tmp_path, conf,
+        prefix=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pruneflow.cli"],
+        extra_env={"OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    runs = [p.parent for p in (tmp_path / "outputs").glob("*/*/result.json")]
+    assert len(runs) == 1 and runs[0].name.endswith("-2") and runs[0].with_name(runs[0].name[:-2]) in taken
+    assert result(runs[0])["provenance"]["distributed"]["world_size"] == 2
+    assert all(not any(d.iterdir()) for d in taken)  # the other commands' folders untouched
+    assert "using rank 0's run directory" not in out.stderr + (runs[0] / "pruneflow.log").read_text()
+
+
+def test_a_rank_moves_its_log_to_rank_0s_folder_and_removes_the_one_made_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from pruneflow import config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(config, "_FRESH_DIRS", {})
+    monkeypatch.setattr(config, "OTHER_RANK_DIRS", {})
+    monkeypatch.chdir(tmp_path)
+    base = "outputs/2026-01-31/12-00-01"
+    assert config._fresh_dir(base) == base and not (tmp_path / base).exists()  # rank 1 claims nothing
+    mine = tmp_path / base
+    mine.mkdir(parents=True)  # as Hydra does, with the job's log file
+    handler = logging.FileHandler(mine / "pruneflow.log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    chosen = tmp_path / "outputs" / "2026-01-31" / "12-00-00-2"  # rank 0's
+    chosen.mkdir(parents=True)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: str(chosen))
+    try:
+        assert distributed.shared_run_dir(mine) == chosen
+        moved = [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == chosen]
+        assert len(moved) == 1 and handler not in root.handlers
+        logging.getLogger("pruneflow").warning("from rank 1")
+        assert "from rank 1" in (chosen / "pruneflow.log").read_text()
+    finally:
+        for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and str(tmp_path) in h.baseFilename]:
+            root.removeHandler(h)
+            h.close()
+    assert not mine.exists() and (tmp_path / "outputs" / "2026-01-31").is_dir()
+    # a folder that existed before (another command's) is left alone
+    monkeypatch.setattr(config, "OTHER_RANK_DIRS", {})
+    other = tmp_path / "outputs" / "2026-01-31" / "12-00-02"
+    other.mkdir()
+    assert config._fresh_dir(str(other)) == str(other)
+    distributed.shared_run_dir(other)
+    assert other.is_dir()
