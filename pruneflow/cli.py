@@ -73,6 +73,10 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
     text = str(error)
     cause = error.__cause__ or error
     ctext = str(cause)
+    m = re.search(r"Could not find '/?(hydra/[^']+)/([^'/]+)'", text)
+    if m:  # a Hydra plugin group (hydra/launcher): Hydra lists its options
+        allowed = re.findall(r"^\t(\S+)$", text.split("Available options", 1)[-1].split("Config search path", 1)[0], re.M)
+        return f"Invalid value for '{m.group(1)}': {m.group(2)!r}. Allowed: {', '.join(allowed)}.{_closest(m.group(2), allowed)}"
     m = re.search(r"Could not find '/?([^'/]+)/([^']+)'", text)
     if m:
         group, option = m.group(1), m.group(2)
@@ -95,8 +99,10 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
         valid = [k for k in _keys_at(default, parent) if k != "_target_"]
         where = f"'{parent}'" if parent else "the top level"
         hint = f" Add a new key with +{key}=... where the key takes new entries." if parent.endswith("config_overrides") else ""
+        if parent == "hydra.launcher" and len(valid) == 0:
+            hint = " Choose a launcher first: hydra/launcher=joblib (n_jobs), submitit_local or submitit_slurm."
         return (f"Unknown key '{key}' (from the command line or an experiment). Valid keys at {where}: "
-                f"{', '.join(sorted(valid))}.{_closest(leaf, valid)}{hint}")
+                f"{', '.join(sorted(valid)) or 'none'}.{_closest(leaf, valid)}{hint}")
     if key and ("could not be converted" in ctext or "Value '" in ctext or "Unsupported value type" in ctext):
         value = re.search(r"Value '([^']*)'", ctext)
         kind = re.search(r"converted to (\w+)", ctext)
@@ -213,6 +219,12 @@ def precheck(argv: list[str]) -> str | None:
     for o in parsed:
         if not o.key_or_group:
             return f"Could not read the command line: '{o.input_line}' has no key. Overrides are key=value (e.g. sparsity=0.7, method=seven)."
+    removed = next((o for o in parsed if o.is_delete() and "." not in o.key_or_group and not o.key_or_group.startswith("hydra")), None)
+    if removed is not None:  # a run needs every top-level setting: deleting one crashed the run or reverted it silently
+        key = removed.key_or_group
+        how = (f"choose another option ({key}=<option>; `pruneflow --help` lists them)" if key in GROUPS
+               else f"set it ({key}=<value>; `pruneflow --cfg job` shows the current one)")
+        return f"'{removed.input_line}' deletes '{key}', a top-level setting every run needs. Instead, {how}."
     if any(o.key_or_group == "hydra.searchpath" for o in parsed):  # config groups from elsewhere: Hydra checks
         return None
     # --config-dir DIR: the user's own configs (experiments, models) beside the shipped ones,
@@ -290,6 +302,20 @@ def precheck(argv: list[str]) -> str | None:
                         check_settings(cfg, here, overrides)
                     except UserError as e:
                         return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {e}"
+            # Hydra's own settings (hydra/launcher=..., hydra.launcher.n_jobs=...): Hydra would
+            # report a mistake in them with its raw text after the sweep started
+            own = [o.input_line for o in parsed if o.key_or_group.startswith("hydra") and o.key_or_group != "hydra.searchpath"
+                   and not o.is_sweep_override()]
+            if own:
+                try:
+                    compose(config_name="config", overrides=[*own, *base], return_hydra_config=True)
+                except Exception as e:  # noqa: BLE001 - every composition error is the user's
+                    launcher = [o for o in own if o.startswith("hydra/launcher=")]
+                    try:
+                        default = compose(config_name="config", overrides=launcher, return_hydra_config=True)
+                    except Exception:  # noqa: BLE001 - the launcher choice itself is wrong
+                        default = compose(config_name="config", return_hydra_config=True)
+                    return explain(e, own, default, extra)
     finally:
         GlobalHydra.instance().clear()
     return None

@@ -46,6 +46,14 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["stages=short"], "stages", "default"),
     (["experiment=seven/glue"], "experiment", "seven/glue_bert_base"),
     (["published=seven_plot1"], "published", "experiment=seven_pre/plot1_bert_base"),  # data, not a choice
+    (["~method"], "method", "choose another option"),  # was a traceback and a left-over run folder
+    (["~seed"], "seed", "seed=<value>"),
+    (["~logger"], "logger", "choose another option"),  # was ignored: the run went on
+    # Hydra's own settings: checked before any run starts, as the others
+    (["hydra/launcher=joblibb"], "hydra/launcher", "Closest: joblib"),
+    (["hydra.launcher.n_jobs=2"], "hydra.launcher.n_jobs", "hydra/launcher=joblib"),
+    (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=abc", "method=magnitude,random"], "hydra.launcher.n_jobs", "an integer"),
+    (["hydra.run.dirr=x"], "hydra.run.dirr", "Closest: dir"),
     (["method=seven", "method.alpha_3=1"], "method.alpha_3", "alpha_1"),
     (["task.max_seq_lenght=64", "task=glue/sst2"], "task.max_seq_lenght", "max_seq_length"),
     (["model.hub=x"], "model.hub", "Valid keys at 'model'"),
