@@ -33,7 +33,16 @@ def _pipeline(result: dict[str, Any]) -> str:
         return "question-answering"
     if task.startswith("glue/"):
         return "text-classification"
+    if task.startswith("lm/"):
+        return "text-generation"
     return "image-classification"
+
+
+def _value(name: str, v: Any) -> str:  # noqa: ANN401
+    """Accuracy-like metrics as percentages; perplexity and losses as they are."""
+    if "perplexity" in name or "loss" in name:
+        return f"{float(v):.2f}"
+    return f"{100 * float(v):.2f}"
 
 
 def metadata(result: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +81,9 @@ def model_card(result: dict[str, Any]) -> str:
     metrics = result.get("metrics") or {}
     method_cfg = {k: v for k, v in (cfg.get("method") or {}).items() if k != "name"}
     prov = result.get("provenance") or {}
+    causal = (cfg.get("model") or {}).get("family") == "causal_lm"
     load = ("import pruneflow\nmodel = pruneflow.load_model(\"<this folder>\")" if params.get("compressed_total")
+            else "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"<this folder>\")" if causal
             else ("from transformers import AutoModel\nmodel = AutoModel.from_pretrained(\"<this folder>\")"
                   if (cfg.get("model") or {}).get("family") != "timm" else "import pruneflow\nmodel = pruneflow.load_model(\"<this folder>\")"))
     lines = [
@@ -89,11 +100,12 @@ def model_card(result: dict[str, Any]) -> str:
     lines += ["", f"Overall (all parameters): {100 * float(sp.get('overall') or 0):.2f} %.", "", "## Metrics", ""]
     names = list(metrics.get("final") or {})
     lines += ["| stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for stage in ("finetune", "prune", "recover", "final"):
+    labels = {"dense": "dense (before pruning)", "finetune": "dense (after fine-tuning)", "prune": "after pruning",
+              "recover": "after recovery", "final": "**final**"}
+    for stage, label in labels.items():
         if stage in metrics:
-            label = {"finetune": "dense (after fine-tuning)", "prune": "after pruning", "recover": "after recovery", "final": "**final**"}[stage]
-            lines.append(f"| {label} | " + " | ".join(f"{100 * float(metrics[stage].get(k, float('nan'))):.2f}" for k in names) + " |")
-    if "finetune" not in metrics:
+            lines.append(f"| {label} | " + " | ".join(_value(k, metrics[stage].get(k, float("nan"))) for k in names) + " |")
+    if "finetune" not in metrics and "dense" not in metrics:
         lines += ["", "No dense fine-tuning stage ran in this run: the dense baseline is not measured here."]
     lines += [
         "", "## How it was made", "",

@@ -307,8 +307,9 @@ def test_c4_calibration_follows_the_authors_rule(lm_text: Path) -> None:
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "ria", "magnitude"])
 @pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: str, pattern: str | None) -> None:
+def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: str, pattern: str | None, caplog: pytest.LogCaptureFixture) -> None:
     extra = ["sparsity=0.5"] if pattern is None else [f"method.pattern='{pattern}'"]
+    caplog.set_level("INFO", logger="pruneflow")
     r = run_lm(tmp_path / "run", lm_text, f"method={method}", *extra)
     sp = r["sparsity"]
     assert sp["target"] == 0.5
@@ -335,6 +336,13 @@ def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: s
     assert r["memory"]["peak_cpu_rss_bytes"] > 0 and r["time_s"]["prune"] > 0
     if method == "wanda" and pattern is None:  # the saved folder loads back as the causal LM it is
         import pruneflow
+
+        card = (tmp_path / "run" / "model" / "README.md").read_text()
+        assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card
+        assert f"| dense (before pruning) | {m['dense']['perplexity']:.2f} |" in card  # a perplexity, not a percentage
+        assert f"| **final** | {m['final']['perplexity']:.2f} |" in card
+        log_text = caplog.text  # the console and pruneflow.log show the perplexities, as the encoder runs' metrics
+        assert f"dense: perplexity={m['dense']['perplexity']:.4f}" in log_text and f"pruned: perplexity={m['prune']['perplexity']:.4f}" in log_text
 
         loaded = pruneflow.load_model(tmp_path / "run" / "model")
         assert type(loaded).__name__ == "LlamaForCausalLM"

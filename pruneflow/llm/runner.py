@@ -32,7 +32,13 @@ from pruneflow.results import paper_sparsity, provenance
 from pruneflow.stop import STOP
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks import build_task
-from pruneflow.utils import atomic_write_json, resolve_device, seed_everything, writing
+from pruneflow.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    resolve_device,
+    seed_everything,
+    writing,
+)
 from pruneflow.validation import check_unused, switched_off, validate_run
 
 log = logging.getLogger("pruneflow")
@@ -245,6 +251,7 @@ class LLMRun:
         out = self.task.evaluate_lm(self.bundle, self.device, desc)
         if self.offload:
             self.model.to("cpu")
+        log.info("%s: %s", desc, ", ".join(f"{k}={v:.4f}" for k, v in out.items()))
         return out
 
     def sparsities(self, samples: torch.Tensor) -> list[float] | None:
@@ -540,6 +547,13 @@ class LLMRun:
                     "scoring": self.progress().get("scoring")}
         if info:
             result["method_info"] = info
+        if cfg.get("save_model", True) and "model/" not in failed:
+            from pruneflow.card import model_card
+
+            try:
+                atomic_write_text(self.run_dir / "model" / "README.md", model_card(result))
+            except OSError as e:
+                failed["model/README.md"] = f"{type(e).__name__}: {e}"
         if failed:
             result["output_errors"] = failed
         with writing(self.run_dir / "result.json"):
