@@ -363,10 +363,10 @@ def validate_run(cfg: DictConfig) -> None:
     if task.get("path") is not None and str(task.name) == "digits":
         raise invalid("task.path", task.path, "null for task=digits", "digits is scikit-learn's bundled set: it reads no files.")
     model = cfg.model
-    if model.get("family") == "hf" and model.get("path") and not model.get("pretrained", True):
+    if model.get("family") == "hf" and model.get("path") and not model.get("pretrained", True) and model.get("config"):
         raise UserError(
-            f"model.path={model.path} would be ignored: model={model.name} has model.pretrained=false, so it is built from "
-            "its config with random weights. Set model.pretrained=true to load the path, or remove model.path."
+            f"model.path={model.path} would be ignored: model={model.name} has model.pretrained=false and a model.config, so "
+            "it is built from that config with random weights. Set model.pretrained=true to load the path, or remove model.path."
         )
     if model.get("path"):
         refuse_compressed(str(model.path), str(model.name))

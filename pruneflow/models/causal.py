@@ -71,7 +71,8 @@ def build_causal_lm(cfg: DictConfig, task: Task) -> ModelBundle:
     else:
         arch: dict[str, Any] | None = OmegaConf.to_container(cfg.config, resolve=True) if cfg.get("config") else None
         if arch is None:
-            raise UserError(f"model={cfg.name}: with model.pretrained=false a 'model.config' (architecture) is needed.")
+            raise UserError(f"model={cfg.name}: with model.pretrained=false a 'model.config' (the architecture, as in "
+                            "conf/model/tiny_llama.yaml) is needed; model.pretrained=true loads the pretrained weights.")
         tok_cfg = cfg.get("tokenizer") or {}
         tokenizer = train_bpe_tokenizer(task.tokenizer_corpus(), vocab_size=int(tok_cfg.get("vocab_size", 1000)))
         model_type = arch.pop("model_type")

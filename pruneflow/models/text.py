@@ -131,11 +131,25 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
                 "Offline, use model.path=<a local directory written by save_pretrained>, model=minilm, or the offline "
                 "model=bert_tiny; a damaged model.safetensors must be written again."
             ) from e
+    elif not cfg.get("config") and source:
+        # the pretrained model's architecture and tokenizer, with random weights
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **head_kwargs)
+        except Exception as e:  # noqa: BLE001 - missing or unreachable files
+            raise UserError(
+                f"model={cfg.name} with model.pretrained=false takes its architecture and tokenizer from '{source}', which "
+                f"could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, set "
+                "model.path=<a local save_pretrained folder>, or give the architecture as model.config (see conf/model/bert_tiny.yaml)."
+            ) from e
+        apply_config_overrides(config, cfg)
+        model = auto.from_config(config, trust_remote_code=trust)
     else:
         arch = OmegaConf.to_container(cfg.config, resolve=True) if cfg.get("config") else None
         tok_cfg = cfg.get("tokenizer") or {}
         if arch is None:
-            raise UserError(f"model={cfg.name}: with model.pretrained=false a 'model.config' (architecture) is needed.")
+            raise UserError(f"model={cfg.name}: with model.pretrained=false a 'model.config' (the architecture, as in "
+                            "conf/model/bert_tiny.yaml) or a model.hub_id / model.path to take it from is needed.")
         tokenizer = train_wordpiece_tokenizer(
             task.tokenizer_corpus(), vocab_size=int(tok_cfg.get("vocab_size", 2000)), lowercase=bool(tok_cfg.get("lowercase", True))
         )
