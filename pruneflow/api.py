@@ -69,6 +69,10 @@ def method_config(name: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401
     return OmegaConf.merge(cfg, OmegaConf.create(settings))
 
 
+# Methods whose scores need no data: end() right after create() is one-shot pruning.
+DATA_FREE = ("magnitude", "random", "dense")
+
+
 class Pruner:
     """One method attached to one model; call it where the pruneflow trainer does."""
 
@@ -80,6 +84,8 @@ class Pruner:
         self.weights: MaskedWeights | None = None
         self.ended = False
         self.warned_mode = False
+        self.steps_seen = 0  # after_optimizer_step calls before end()
+        self.ran = False  # run(): the method's own loop
 
     # -- attaching -------------------------------------------------------------------
     def attach(
@@ -139,6 +145,7 @@ class Pruner:
             self.warned_mode = True
         if not self.ended:
             self.method.after_optimizer_step(step, grads_finite=grads_finite)
+            self.steps_seen += 1
 
     def run(self, lr: float | None = None) -> bool:
         """Methods with their own prune loop (SPP's search, ``steps`` long): run it now.
@@ -149,11 +156,19 @@ class Pruner:
             if not isinstance(self.method, SPP):
                 raise UserError(f"run(lr={lr}): method={self.method.name}'s prune loop has no learning rate; lr is SPP's search rate.")
             self.method.lr = float(lr)
-        return self.method.run_prune_stage(self.method.ctx)
+        if not self.method.run_prune_stage(self.method.ctx):
+            raise UserError(f"run(): method={self.method.name} has no prune loop of its own; call pruner.after_backward(step) "
+                            "and pruner.after_optimizer_step(step) in your training loop instead (run() is for spp and grasp).")
+        self.ran = True
+        return True
 
     def end(self) -> nn.Module:
         """End the pruning phase: masks frozen (later hook calls change nothing), the model
         finalised (SPP: physically compressed). Returns the model to go on training."""
+        if not self.ended and not self.ran and self.steps_seen == 0 and self.method.prunes and self.method.name not in DATA_FREE:
+            log.warning("pruner.end() before any pruning step: method=%s chooses its mask from scores that saw no data, so the "
+                        "mask is arbitrary. Call pruner.after_optimizer_step(step) in your loop (run() for spp and grasp) first.",
+                        self.method.name)
         self.method.end_prune_stage()
         self.model = self.method.finalize(self.model)
         self.ended = True

@@ -36,3 +36,14 @@ def check_bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise invalid(key, value, "true, false")
     return value
+
+
+def load_error_text(error: BaseException) -> str:
+    """The cause of a failed load in one line. torch's weights-only refusal starts with advice
+    to load unsafely (``weights_only=False``), which is wrong for a damaged or foreign file:
+    only its unpickler's own reason is kept."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n\n")[0].strip() if "WeightsUnpickler error:" in text else ""
+        return f"not a weights-only checkpoint{': ' + reason if reason else ''}"
+    return text.splitlines()[0] if text else "damaged"

@@ -25,7 +25,7 @@ from safetensors.torch import save_model as st_save_model
 from pruneflow import allocator, distill, distributed
 from pruneflow.cache import StageCache, path_fingerprint
 from pruneflow.config import RESUME_FREE
-from pruneflow.errors import RunStopped, UserError, check_bool, invalid
+from pruneflow.errors import RunStopped, UserError, check_bool, invalid, load_error_text
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
 from pruneflow.methods import METHODS, PruneContext, get_method_class
@@ -311,7 +311,7 @@ class Run:
 
     def _damaged(self, path: Path, error: Exception) -> UserError:
         return UserError(
-            f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'damaged'}): the file is "
+            f"{path} cannot be read ({type(error).__name__}: {load_error_text(error)}): the file is "
             "damaged, e.g. the run was killed while writing it on a full disk. Start this run over with overwrite=true "
             f"(or delete {path.parent}); the finetune cache is kept, so a cached dense stage is not redone."
         )

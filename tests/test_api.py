@@ -227,3 +227,19 @@ def test_snip_in_a_train_mode_loop_is_told_its_authors_score_in_eval_mode(caplog
 def test_a_scoring_loss_is_refused_where_the_loop_is_yours():
     with pytest.raises(UserError, match="scoring_loss"):
         pruneflow.methods.create("force", sparsity=0.5, steps=2, model=Tiny(), include=["blocks.*"], scoring_loss="target_logit")
+
+
+def test_run_and_an_early_end_say_when_nothing_was_scored(caplog):
+    """run() on a method without its own loop did nothing and returned False; end() before
+    any step chose a mask from scores that saw no data, both without a word."""
+    with pytest.raises(UserError, match="no prune loop of its own"):
+        pruneflow.methods.create("snip", sparsity=0.5, steps=5, model=Tiny(), include=["blocks.*"]).run()
+    caplog.set_level("WARNING", logger="pruneflow")
+    pruneflow.methods.create("seven", sparsity=0.5, steps=100, model=Tiny(), include=["blocks.*"]).end()
+    assert sum("before any pruning step" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    model = Tiny()
+    pruneflow.methods.create("magnitude", sparsity=0.5, steps=1, model=model, include=["blocks.*"]).end()  # one shot: fine
+    assert not caplog.records and pruneflow.sparsity_report(model)["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    _, pruner = plain_loop("seven", sparsity=0.5)  # steps, then end(): no warning
+    assert not caplog.records and pruner.steps_seen > 0

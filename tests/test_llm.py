@@ -458,6 +458,8 @@ def test_prune_causal_lm_from_your_own_code() -> None:
     assert int((W.reshape(W.shape[0], -1, 4) != 0).sum(-1).max()) == 2
     with pytest.raises(UserError, match="prune_causal_lm"):
         create("wanda", 0.5)
+    with pytest.raises(UserError, match="Allowed: force, magnitude, ria, seven_pre, snip, sparsegpt, wanda"):  # the gradient ones too
+        prune_causal_lm(model, ids, method="platon", sparsity=0.5)
 
 
 def test_owl_outlier_ratio_and_allocation_by_hand() -> None:

@@ -477,6 +477,20 @@ def test_a_run_goes_on_when_its_console_pipe_breaks(tmp_path):
     assert log.count("The console's reader went away (broken pipe)") == 1 and "recover:" in log
 
 
+def test_a_damaged_checkpoints_message_does_not_repeat_torchs_advice_to_load_it_unsafely(tmp_path):
+    import torch
+
+    from pruneflow.errors import load_error_text
+
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"\x80\x02" + bytes(range(256)) * 8)  # a pickle header, then nonsense
+    with pytest.raises(pickle.UnpicklingError, match="weights_only") as info:
+        torch.load(bad, weights_only=True)
+    text = load_error_text(info.value)
+    assert text.startswith("not a weights-only checkpoint") and "weights_only" not in text and "\n" not in text
+    assert load_error_text(ValueError("first\nsecond")) == "first"
+
+
 def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed(tmp_path):
     args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}"]
     run_dir = tmp_path / "run"

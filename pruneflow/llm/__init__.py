@@ -37,6 +37,10 @@ def prune_causal_lm(model: nn.Module, calibration_ids: torch.Tensor, method: str
     validate_sparsity(sparsity)
     cfg = method_config(method, settings)
     gradient = method in GRADIENT_METHODS
+    from pruneflow.methods import ONE_SHOT_METHODS
+
+    if not gradient and method not in ONE_SHOT_METHODS:
+        raise invalid("method", method, sorted({*ONE_SHOT_METHODS, *GRADIENT_METHODS}), "The methods that prune a causal LM from calibration data.")
     cls = get_method_class(method) if gradient else get_one_shot_class(method)
     if gradient and sparsity is None and cfg.get("pattern") is None:
         sparsity = OneShotMethod.default_sparsity

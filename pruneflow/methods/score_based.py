@@ -360,7 +360,7 @@ class ScoreBasedMethod(PruningMethod):
         if self.scope == "auto":  # magnitude: one global threshold when training (per layer one shot on LLMs)
             self.scope = "global"
         if self.scope not in SCOPES:
-            raise invalid("method.scope", self.scope, SCOPES)
+            raise invalid("method.scope", self.scope, (*SCOPES, "auto"), "auto: global while training, per layer one shot on causal LMs.")
         self.granularity = cfg.get("granularity", "unstructured") or "unstructured"
         if self.granularity not in GRANULARITIES:
             raise invalid("method.granularity", self.granularity, GRANULARITIES)

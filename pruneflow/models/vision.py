@@ -52,9 +52,10 @@ def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
     try:
         model = timm.create_model(cfg.hub_id, pretrained=pretrained, **kwargs)
     except Exception as e:  # noqa: BLE001 - e.g. no network for pretrained weights, damaged weights
+        hint = ("Offline, set model.pretrained=false or point model.path at local weights." if pretrained and not cfg.get("path")
+                else f"Check model.kwargs (passed to timm.create_model): {', '.join(sorted(kwargs)) or 'none'}.")
         raise UserError(
-            f"Could not create timm model '{cfg.hub_id}' (model={cfg.name}, pretrained={pretrained}): {type(e).__name__}: {e}. "
-            "Offline, set model.pretrained=false or point model.path at local weights."
+            f"Could not create timm model '{cfg.hub_id}' (model={cfg.name}, pretrained={pretrained}): {type(e).__name__}: {e}. {hint}"
         ) from e
     arch_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
     return ModelBundle(model=model, family="timm", name=cfg.name, arch={"architecture": cfg.hub_id, "kwargs": arch_kwargs})
