@@ -46,6 +46,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["stages=short"], "stages", "default"),
     (["experiment=seven/glue"], "experiment", "seven/glue_bert_base"),
     (["published=seven_plot1"], "published", "experiment=seven_pre/plot1_bert_base"),  # data, not a choice
+    (["+model.kwargs.foo=1"], "model.kwargs", "foo"),  # was advice to set pretrained=false, which it was
     (["~method"], "method", "choose another option"),  # was a traceback and a left-over run folder
     (["~seed"], "seed", "seed=<value>"),
     (["~logger"], "logger", "choose another option"),  # was ignored: the run went on
