@@ -82,6 +82,10 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
         group, option = m.group(1), m.group(2)
         allowed = _options(group, config_dir)
         return f"Invalid value for '{group}': {option!r}. Allowed: {', '.join(allowed)}.{_closest(option, allowed)}"
+    m = re.search(r"Error merging override ~(\S+)", text)
+    if m:
+        return (f"'~{m.group(1)}' deletes '{m.group(1)}', a setting of pruneflow's typed schema, which a run needs. Set it "
+                f"instead ({m.group(1)}=<value>; `pruneflow --cfg job` shows the current one).")
     m = re.search(r"Could not override '(published)'", text)
     if m:
         return (f"'{m.group(1)}' is not chosen on the command line: conf/published/ holds the published numbers that "

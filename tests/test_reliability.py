@@ -50,6 +50,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["~method"], "method", "choose another option"),  # was a traceback and a left-over run folder
     (["~seed"], "seed", "seed=<value>"),
     (["~logger"], "logger", "choose another option"),  # was ignored: the run went on
+    (["~trainer.optimizer"], "trainer.optimizer", "trainer.optimizer=<value>"),  # Hydra's "Error merging override"
     # Hydra's own settings: checked before any run starts, as the others
     (["hydra/launcher=joblibb"], "hydra/launcher", "Closest: joblib"),
     (["hydra.launcher.n_jobs=2"], "hydra.launcher.n_jobs", "hydra/launcher=joblib"),
