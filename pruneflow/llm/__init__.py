@@ -28,20 +28,14 @@ def prune_causal_lm(model: nn.Module, calibration_ids: torch.Tensor, method: str
     from pruneflow.api import method_config
     from pruneflow.errors import invalid
     from pruneflow.llm.blocks import BlockPruner
-    from pruneflow.llm.gradient import GRADIENT_METHODS, n_steps, prune_blocks_with_gradients
-    from pruneflow.methods import get_method_class, get_one_shot_class
+    from pruneflow.llm.gradient import lm_method_class, n_steps, prune_blocks_with_gradients
     from pruneflow.methods.oneshot import OneShotMethod
     from pruneflow.runner import validate_sparsity
     from pruneflow.schedules import Schedule
 
     validate_sparsity(sparsity)
     cfg = method_config(method, settings)
-    gradient = method in GRADIENT_METHODS
-    from pruneflow.methods import ONE_SHOT_METHODS
-
-    if not gradient and method not in ONE_SHOT_METHODS:
-        raise invalid("method", method, sorted({*ONE_SHOT_METHODS, *GRADIENT_METHODS}), "The methods that prune a causal LM from calibration data.")
-    cls = get_method_class(method) if gradient else get_one_shot_class(method)
+    cls, gradient = lm_method_class(method)
     if gradient and sparsity is None and cfg.get("pattern") is None:
         sparsity = OneShotMethod.default_sparsity
     target = cls.resolve_sparsity(cfg, sparsity)

@@ -37,6 +37,19 @@ log = logging.getLogger("pruneflow")
 GRADIENT_METHODS = ("seven_pre", "snip", "force")
 
 
+def lm_method_class(name: str, why: str = "The methods that prune a causal LM from calibration data.") -> tuple[type, bool]:
+    """The class that prunes a causal LM with method ``name`` (its one-shot form, or the
+    method itself for the gradient-scored ones) and whether it scores from gradients."""
+    from pruneflow.errors import invalid
+    from pruneflow.methods import ONE_SHOT_METHODS, get_method_class, get_one_shot_class
+
+    allowed = sorted([*ONE_SHOT_METHODS, *GRADIENT_METHODS])
+    if name not in allowed:
+        raise invalid("method", name, allowed, why)
+    gradient = name in GRADIENT_METHODS
+    return (get_method_class(name) if gradient else get_one_shot_class(name)), gradient
+
+
 def prunable_weights(linears: dict[str, nn.Linear]) -> MaskedWeights:
     """The weights of the named Linears (their full module names), in order."""
     return MaskedWeights([PrunableWeight(name=f"{n}.weight", module_name=n, module=lin) for n, lin in linears.items()])

@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 from pruneflow.errors import RunStopped, UserError, check_bool, invalid
 from pruneflow.llm import calibration
 from pruneflow.llm.blocks import BlockPruner
-from pruneflow.llm.gradient import GRADIENT_METHODS
+from pruneflow.llm.gradient import lm_method_class
 from pruneflow.loggers import make_logger
-from pruneflow.methods import ONE_SHOT_METHODS, get_method_class, get_one_shot_class
 from pruneflow.methods.oneshot import OneShotMethod, check_nm_layer
 from pruneflow.models import build_model, check_pairing
 from pruneflow.results import paper_sparsity, provenance
@@ -83,17 +82,13 @@ class LLMRun:
 
         validate_sparsity(cfg.get("sparsity"))
         name = str(cfg.method.name)
-        allowed = sorted([*ONE_SHOT_METHODS, *GRADIENT_METHODS])
-        if name not in allowed:
-            raise invalid("method", name, allowed,
-                          f"task={cfg.task.name} prunes a causal LM from calibration data without training it; method={name} "
-                          "prunes while training on a task loss (encoder tasks such as glue/* and squad/*).")
+        # seven_pre, snip, force score from gradients of the whole model (pruneflow.llm.gradient)
+        cls, self.gradient = lm_method_class(
+            name, f"task={cfg.task.name} prunes a causal LM from calibration data without training it; method={name} "
+                  "prunes while training on a task loss (encoder tasks such as glue/* and squad/*).")
         if here:  # a Slurm job's devices are not this machine's
             self.device = resolve_device(str(cfg.trainer.device))
         validate_run(cfg)
-        # seven_pre, snip, force score from gradients of the whole model (pruneflow.llm.gradient)
-        self.gradient = name in GRADIENT_METHODS
-        cls = get_method_class(name) if self.gradient else get_one_shot_class(name)
         requested = cfg.get("sparsity")
         if requested is None and self.gradient:
             requested = OneShotMethod.default_sparsity if cfg.method.get("pattern") is None else None
