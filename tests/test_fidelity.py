@@ -246,7 +246,7 @@ class _TopK(torch.autograd.Function):
     def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:  # noqa: ANN001
         out = torch.zeros_like(scores)
         idx = scores.flatten().sort(descending=True).indices
-        out.view(-1)[idx[: int(threshold * scores.numel() + 1e-9)]] = 1.0
+        out.view(-1)[idx[: int(threshold * scores.numel())]] = 1.0
         return out
 
     @staticmethod
@@ -263,7 +263,7 @@ class _Sigmoided(torch.autograd.Function):
         floor = int(0.005 * n) + 1
         mask = (torch.sigmoid(scores) > threshold).float()
         if mask.sum() < floor:
-            k = torch.kthvalue(scores.view(-1), n - floor).values
+            k = torch.kthvalue(scores.view(-1), max(n - floor, 1)).values
             mask = (scores > k).float()
         return mask
 
@@ -302,7 +302,7 @@ def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: in
                 w = mod.weight
                 mask = torch.zeros_like(w)
                 idx = w.detach().abs().flatten().sort(descending=True).indices
-                mask.view(-1)[idx[: int(state["threshold"] * w.numel() + 1e-9)]] = 1.0
+                mask.view(-1)[idx[: int(state["threshold"] * w.numel())]] = 1.0
                 return F.linear(x, w * mask, mod.bias)
 
             mod.forward = magnitude
@@ -337,7 +337,7 @@ def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: in
                 masks = []
                 for _, mod, _ in layers:
                     mk = torch.zeros_like(mod.weight)
-                    mk.view(-1)[mod.weight.abs().flatten().sort(descending=True).indices[: int(nxt * mod.weight.numel() + 1e-9)]] = 1.0
+                    mk.view(-1)[mod.weight.abs().flatten().sort(descending=True).indices[: int(nxt * mod.weight.numel())]] = 1.0
                     masks.append(mk)
         history.append(torch.cat([mk.reshape(-1) for mk in masks]))
         if score_log is not None and scores:
