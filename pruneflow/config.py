@@ -53,6 +53,7 @@ class TrainerConfig:
     optimizer: str = "adamw"  # adamw | adamw_hf | adam | adamax | adamax_mtdnn | sgd
     gradient_accumulation_steps: int = 1
     drop_last: bool = True  # false: an epoch ends with its last, smaller batch (the authors' loaders)
+    batch_order: str = "shuffle"  # shuffle: new permutation every epoch | mtdnn: fixed consecutive batches (PLATON GLUE)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

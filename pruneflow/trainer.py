@@ -146,21 +146,35 @@ class Optim:
         self.step = int(state["optim_step"])
 
 
+BATCH_ORDERS = ("shuffle", "mtdnn")
+
+
 class EpochBatches:
-    """Shuffled batches, epoch after epoch, in an order fixed by (seed, epoch).
+    """Batches, epoch after epoch, in an order fixed by the seed.
+
+    ``order="shuffle"``: a new permutation of the examples every epoch (a shuffling
+    DataLoader). ``order="mtdnn"``: mt-dnn's ``MultiTaskBatchSampler`` (PLATON's GLUE
+    code): the examples cut once into batches of consecutive examples, the batches'
+    order shuffled once, then the same batches in the same order every epoch (the
+    short batch, if kept, wherever the shuffle put it).
 
     ``start_step`` skips the first batches without touching any data or the global
     RNG, so a resumed stage sees exactly the batches it would have seen.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, collate: Callable, start_step: int = 0,  # noqa: ANN001
-                 drop_last: bool = True) -> None:
+                 drop_last: bool = True, order: str = "shuffle") -> None:
+        if order not in BATCH_ORDERS:
+            raise ValueError(f"order must be one of {BATCH_ORDERS}, not {order!r}")
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
         # drop_last: equal-sized batches; False: the epoch's last, smaller batch too, as a
         # DataLoader without drop_last (the authors' loaders of SEVEN, PLATON, movement pruning)
         self.per_epoch = batches_per_epoch(len(dataset), batch_size, drop_last)
         self.step = start_step
         self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its order)
+        self._fixed: torch.Tensor | None = None  # mtdnn: the batches' order, drawn once
+        if order == "mtdnn":
+            self._fixed = torch.randperm(self.per_epoch, generator=torch.Generator().manual_seed(self.seed * 100_003))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -173,9 +187,16 @@ class EpochBatches:
             self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
         return self._perm[1]
 
+    def indices(self, step: int) -> list[int]:
+        """The examples of batch ``step`` (counted over all epochs)."""
+        epoch, i = divmod(step, self.per_epoch)
+        if self._fixed is not None:
+            b = int(self._fixed[i])
+            return list(range(b * self.batch_size, min((b + 1) * self.batch_size, len(self.dataset))))
+        return self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        epoch, i = divmod(self.step, self.per_epoch)
-        idx = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+        idx = self.indices(self.step)
         self.step += 1
         return self.collate([self.dataset[j] for j in idx])
 
@@ -237,6 +258,7 @@ class Trainer:
         self.task = task
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
         self.drop_last = bool(cfg.get("drop_last", True))
+        self.batch_order = str(cfg.get("batch_order", "shuffle"))
         precision = str(cfg.get("precision", "32"))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -275,7 +297,7 @@ class Trainer:
             return self.task.loss(self.bundle, batch)
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in EpochBatches(self.task.train_set, batch_size, seed, self.task.collate, start_step, self.drop_last):
+        for batch in EpochBatches(self.task.train_set, batch_size, seed, self.task.collate, start_step, self.drop_last, self.batch_order):
             yield self.to_device(batch)
 
     def warmup_steps(self, total: int) -> int:

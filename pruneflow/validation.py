@@ -46,12 +46,16 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
     """``trainer.*``: allowed names, ranges and combinations. ``here=False``: the run will
     start on another machine (a Slurm job), whose compilers are not known here."""
     from pruneflow import distributed
-    from pruneflow.trainer import LR_SCHEDULERS, OPTIMIZERS
+    from pruneflow.trainer import BATCH_ORDERS, LR_SCHEDULERS, OPTIMIZERS
 
     t = cfg.trainer
     if not check_bool(t.get("drop_last", True), "trainer.drop_last") and distributed.env_world_size() > 1:
         raise invalid("trainer.drop_last", False, "true under torchrun",
                       "Each process takes an equal share of every batch; an epoch's last, smaller batch may not split evenly.")
+    if str(t.get("batch_order", "shuffle")) not in BATCH_ORDERS:
+        raise invalid("trainer.batch_order", t.get("batch_order"), BATCH_ORDERS,
+                      "shuffle: a new permutation of the examples every epoch; mtdnn: batches of consecutive "
+                      "examples, their order shuffled once and kept every epoch (PLATON's GLUE code).")
     if str(t.get("optimizer")) not in OPTIMIZERS:
         raise invalid("trainer.optimizer", t.get("optimizer"), OPTIMIZERS)
     if str(t.get("lr_scheduler")) not in LR_SCHEDULERS:

@@ -84,6 +84,34 @@ def test_drop_last_false_ends_each_epoch_with_the_smaller_batch():
     assert steps_per_epoch(23, 5, 2, drop_last=False) == 2  # whole groups of 2: len(dataloader) // 2
 
 
+def test_mtdnn_batch_order_keeps_the_same_consecutive_batches_every_epoch():
+    """trainer.batch_order=mtdnn, as mt-dnn's MultiTaskBatchSampler (PLATON's GLUE code):
+    batches of consecutive examples [i, i + bs), their order shuffled once, then walked
+    in that order every epoch; with drop_last=false the short batch is among them."""
+    data, bs, seed = list(range(23)), 5, 3
+    theirs = [list(range(i, min(i + bs, len(data)))) for i in range(0, len(data), bs)]  # before their shuffle
+    batches = EpochBatches(data, bs, seed, collate=list, drop_last=False, order="mtdnn")
+    got = [next(batches) for _ in range(15)]  # 3 epochs of 5 batches
+    assert got[:5] == got[5:10] == got[10:]
+    assert sorted(got[:5]) == theirs and got[:5] != theirs  # the same batches, shuffled
+    assert sorted(len(b) for b in got[:5]) == [3, 5, 5, 5, 5]
+    resumed = EpochBatches(data, bs, seed, collate=list, start_step=7, drop_last=False, order="mtdnn")
+    assert [next(resumed) for _ in range(4)] == got[7:11]
+    full = EpochBatches(data, bs, seed, collate=list, order="mtdnn")  # drop_last: the short batch left out
+    assert sorted(next(full) for _ in range(4)) == theirs[:4]
+    other = EpochBatches(data, bs, seed + 1, collate=list, drop_last=False, order="mtdnn")
+    assert [next(other) for _ in range(5)] != got[:5]  # the seed decides the order
+
+
+def test_batch_order_is_checked(config):
+    from pruneflow.errors import UserError
+    from pruneflow.validation import validate_trainer
+
+    validate_trainer(config("trainer.batch_order=mtdnn"), False)
+    with pytest.raises(UserError, match=r"trainer.batch_order.*shuffle, mtdnn"):
+        validate_trainer(config("trainer.batch_order=mt-dnn"), False)
+
+
 @pytest.mark.parametrize("name", TRANSFORMERS_SCHEDULERS)
 def test_lr_schedules_are_transformers_schedules(name):
     """Each factor equals ``transformers.get_scheduler``'s LambdaLR at every step (and past
