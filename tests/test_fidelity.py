@@ -164,7 +164,7 @@ def test_seven_matches_the_authors_loop(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- PLATON
-def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_final: int, delta_t: int, sparsity: float, lr: float,
+def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_final: int, delta_t: int, lr: float,
                      every: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
     """QingruZhang/PLATON (GLUE/train.py, GLUE/mt_dnn/prune_model.py): after the clipped
     optimizer step g (from 1) the window mean of |W*G| and, at window ends, Ibar and U
@@ -198,10 +198,12 @@ def platon_reference(model: nn.Module, run: Run, total: int, t_init: int, t_fina
         opt.zero_grad()
         if g <= t_init:
             continue
+        final_threshold = 0.4  # their --final_threshold for sparsity 0.6 (the kept fraction as written)
         if g > total - t_final:
-            r = 1 - sparsity
-        elif g % delta_t == 0:
-            r = (1 - sparsity) + sparsity * (1 - (g - t_init) / (total - t_init - t_final)) ** 3
+            r = final_threshold
+        elif g % delta_t == 0:  # schedule_threshold_comb, initial_threshold 1
+            mul_coeff = 1 - (g - t_init) / (total - (t_final + t_init))
+            r = final_threshold + (1 - final_threshold) * (mul_coeff**3)
         else:
             continue
         scores = [a * b for a, b in zip(ibar, unc, strict=True)]
@@ -226,7 +228,7 @@ def test_platon_matches_the_authors_loop(tmp_path: Path) -> None:
     ours = record_masks(run)
     run.execute()
     before: list[torch.Tensor] = []
-    theirs = platon_reference(reference, run, total, t_init, t_final, delta_t, 0.6, lr, before)
+    theirs = platon_reference(reference, run, total, t_init, t_final, delta_t, lr, before)
     mask_steps = [k for k, _ in theirs]
     assert mask_steps == [5, 8, 11, 14, 17, 19, 20, 21, 22, 23]  # window ends, then every step of the final phase
     for k, mask in theirs:

@@ -448,3 +448,42 @@ def test_seven_selection_authors_counts_their_remain_ratio():
     out = torch.empty(686)
     method.authors_mask_(torch.randn(686, generator=torch.Generator().manual_seed(0)), method.target_sparsity(4), out, step=4)
     assert int(out.sum()) == theirs
+
+
+def _platon_schedule_threshold_comb(g: int, total: int, iw: int, fw: int, final: float) -> float:
+    """PLATON GLUE/train.py schedule_threshold_comb's threshold (the kept ratio r) at step g
+    (warmup_steps folded into iw and fw, initial_threshold 1)."""
+    if g <= iw:
+        return 1.0
+    if g > total - fw:
+        return final
+    mul_coeff = 1 - (g - iw) / (total - (fw + iw))
+    return final + (1.0 - final) * (mul_coeff**3)
+
+
+def test_platon_selection_authors_counts_their_threshold():
+    """update_mask_threshold: kthvalue(scores, int(n * (1 - r))) with r from
+    schedule_threshold_comb and --final_threshold 0.10. n = 60, T = 20, iw = 2, fw = 3,
+    g = 7 is a case where the algebraically equal sparsity 0.9 * (1 - (1 - p) ** 3)
+    prunes one more."""
+    from types import SimpleNamespace
+
+    from pruneflow.methods.platon import authors_pruned_count
+
+    method = get_method_class("platon")(OmegaConf.create({"name": "platon", "selection": "authors"}), 0.9)
+    schedule = Schedule("cubic", 0.9, 20, 2, 3, 1)
+    method.ctx = SimpleNamespace(schedule=schedule)
+    theirs = int(60 * (1 - _platon_schedule_threshold_comb(7, 20, 2, 3, 0.10)))
+    assert theirs == 37 and int(60 * schedule.sparsity(6) + 1e-9) == 38
+    scores, out = torch.randn(60, generator=torch.Generator().manual_seed(0)), torch.empty(60)
+    method.authors_mask_(scores, method.target_sparsity(6), out, step=6)
+    assert torch.equal(out, (scores >= torch.kthvalue(scores, theirs).values).float())  # their mask: is >= threshold
+    # Every mask step of the platon/sst2 experiment at BERT-base's 85,017,600 prunable
+    # weights and biases (T = 12,630, iw = 1,000, fw = 5,000, deltaT = 10) and of 80 %/85 %.
+    for target, final in ((0.9, 0.10), (0.8, 0.20), (0.85, 0.15)):
+        sst2 = Schedule("cubic", target, 12_630, 1_000, 5_000, 1)
+        for step in range(1_000, 12_630):
+            g = step + 1
+            if g > 12_630 - 5_000 or g % 10 == 0:
+                want = int(85_017_600 * (1 - _platon_schedule_threshold_comb(g, 12_630, 1_000, 5_000, final)))
+                assert authors_pruned_count(85_017_600, sst2, step, target) == want, (target, step)

@@ -24,11 +24,13 @@ Knobs map onto the pipeline: ``schedule.initial_warmup`` / ``final_warmup`` are
 the authors' ``initial_warmup``/``final_warmup`` times ``warmup_steps``; put the
 warm-up inside the prune stage (finetune of 0 steps) to run the averages from
 step 0 as they do. ``method.selection=authors`` thresholds at their
-``kthvalue(scores, int(n * sparsity))`` and keeps every score >= it.
+``kthvalue(scores, int(n * (1 - r)))`` with their kept ratio r and keeps every
+score >= it.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import ClassVar
 
 import torch
@@ -67,6 +69,20 @@ def platon_mask_step(g: int, total: int, initial_warmup: int, final_warmup: int,
     if g > total - final_warmup:
         return True
     return g % delta_t == 0
+
+
+def authors_pruned_count(n: int, schedule: Schedule, step: int, target: float) -> int:
+    """``int(n * (1 - r))`` with r computed as their ``schedule_threshold_comb`` does:
+    ``final + (1 - final) * mul_coeff ** 3`` on the ramp, ``final`` in the final warm-up,
+    where ``final`` is their ``--final_threshold`` (the kept fraction as written, 0.10
+    for sparsity 0.9, not the float 1 - 0.9) and ``mul_coeff = 1 - (g - iw) / (T - iw - fw)``
+    (= 1 - the schedule's progress, the same float). The algebraically equal
+    ``target * (1 - (1 - p) ** 3)`` rounds differently: at BERT-base's 85M prunable
+    entries it prunes one more weight at a step or two of a run."""
+    final = float(Decimal(1) - Decimal(repr(target)))
+    p = schedule.progress(step)
+    kept = final if p >= 1.0 else final + (1.0 - final) * ((1 - p) ** 3)
+    return int(n * (1 - kept))
 
 
 class Platon(ScoreBasedMethod):
@@ -132,5 +148,9 @@ class Platon(ScoreBasedMethod):
         return scores
 
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
-        """``kthvalue(scores, int(n * sparsity))`` and keep every score >= it."""
-        keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)
+        """``kthvalue(scores, int(n * (1 - r)))`` and keep every score >= it, with their
+        kept ratio r (:func:`authors_pruned_count`)."""
+        schedule = self.ctx.schedule
+        on_schedule = step is not None and schedule.kind == "cubic" and sparsity == schedule.sparsity(step)
+        count = authors_pruned_count(scores.numel(), schedule, step, self.sparsity) if on_schedule else int(scores.numel() * sparsity + 1e-9)
+        keep_from_kth_smallest_(scores, count, out)
