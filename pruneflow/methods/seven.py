@@ -20,11 +20,12 @@ step) and near 0 for one that flips.
 ``seven_update_`` is that rule as a pure function of tensors. As in the
 authors' loop the update runs after ``optimizer.step()``: W is the updated
 weight and G this step's gradient of the effective (masked) weight, which is
-what ``param.grad`` holds for kept weights under the mask parametrization. One
-detail differs and does not change which kept weight outranks which: pruned
+what ``param.grad`` holds for kept weights under the mask parametrization. Pruned
 scores are -inf rather than 0 (``pruned_score``), so that a kept weight whose
 score is exactly 0 (a dead unit's weights get no gradient) can never tie with a
-pruned one and revive it.
+pruned one and revive it. The arithmetic is theirs up to rounding order (the bias
+corrections as factors, ``m/v`` before the product, multiply-adds): scores differ
+in the last bit, so a near-tie at the threshold can fall the other way.
 
 Schedule (their code): dense fine-tuning for ``t_i`` steps (the finetune stage),
 then pruning every step for ``iter_num`` steps (the prune stage) on the cubic
