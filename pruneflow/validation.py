@@ -316,6 +316,9 @@ def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
     out = []
     if (cfg.get("logger") or {}).get("name") == "none":
         out.append(("logger", "logger=none logs to no service; logger=wandb uses logger.*"))
+    task = cfg.get("task") or {}
+    if str(task.get("name", "")).startswith("squad/") and task.get("features", "run_qa") == "run_qa":
+        out.append(("task.max_query_length", "task.features=run_qa keeps whole questions; task.features=run_squad cuts them at task.max_query_length"))
     d = cfg.get("distill")
     if d is not None and d.get("enabled") is False:
         out.append(("distill", "distillation is off (distill.enabled=false); distill.enabled=true uses distill.*"))

@@ -13,7 +13,7 @@ from pruneflow.errors import UserError
 from pruneflow.metrics import compute_squad
 from pruneflow.models import build_model
 from pruneflow.tasks import build_task
-from pruneflow.tasks.squad import postprocess, sigmoid
+from pruneflow.tasks.squad import max_context_flags, postprocess, sigmoid
 
 # Windows of 24 tokens with a stride of 8: every synthetic context (~30 tokens) overflows.
 SMALL = ["task.max_seq_length=24", "task.doc_stride=8"]
@@ -57,7 +57,7 @@ def test_training_labels_point_at_the_answer(tmp_path: Path, fmt: str) -> None:
     assert hits >= 12  # every question's answer lies fully inside at least one window
 
 
-def _oracle(task, split: str = "validation") -> list[tuple[str, float]]:  # noqa: ANN001
+def _oracle(task, split: str = "validation", max_context: list | None = None) -> list[tuple[str, float]]:  # noqa: ANN001
     """Logits that point at the gold span (or at CLS for unanswerable questions)."""
     f = task.features[split]
     raw = task.raw[split]
@@ -76,7 +76,7 @@ def _oracle(task, split: str = "validation") -> list[tuple[str, float]]:  # noqa
             s[f["cls"][k]], e[f["cls"][k]] = 10.0, 10.0
         starts.append(s)
         ends.append(e)
-    return postprocess(list(raw["context"]), f["example"], starts, ends, f["offsets"], f["cls"], 20, 30, task.v2, 0.0)
+    return postprocess(list(raw["context"]), f["example"], starts, ends, f["offsets"], f["cls"], 20, 30, task.v2, 0.0, max_context)
 
 
 def test_oracle_logits_give_the_gold_answers_v1(tmp_path: Path) -> None:
@@ -115,6 +115,84 @@ def test_postprocess_by_hand() -> None:
     two = np.array([0, 0])
     text, p = postprocess([context], two, [s2, s], [e2, e], [offs, offs], np.array([0, 0]), v2=True)[0]
     assert text == "def ghi" and p == pytest.approx(sigmoid(0.0 - 11.0))
+
+
+# --- task.features=run_squad: the older run_squad.py windows --------------------------------------
+def _their_windows(tok, question: str, context: str, max_seq_length: int, doc_stride: int, max_query_length: int):  # noqa: ANN001, ANN202
+    """squad_convert_example_to_features (transformers' legacy SQuAD processor), on token
+    ids: the question cut to max_query_length tokens; while len(spans) * doc_stride <
+    len(doc tokens): a window of the remaining doc tokens, the next one starting doc_stride
+    later, until a window reaches the end; each feature [CLS] q [SEP] span [SEP]. Also
+    _new_check_is_max_context for every span token."""
+    query = tok(question, add_special_tokens=False, truncation=True, max_length=max_query_length)["input_ids"]
+    doc = tok(context, add_special_tokens=False)["input_ids"]
+    room = max_seq_length - len(query) - 3
+    spans = []
+    while len(spans) * doc_stride < len(doc):
+        start = len(spans) * doc_stride
+        spans.append((start, min(room, len(doc) - start)))
+        if start + room >= len(doc):
+            break
+
+    def is_max_context(cur: int, position: int) -> bool:
+        best_score, best = None, None
+        for k, (start, length) in enumerate(spans):
+            end = start + length - 1
+            if position < start or position > end:
+                continue
+            score = min(position - start, end - position) + 0.01 * length
+            if best_score is None or score > best_score:
+                best_score, best = score, k
+        return cur == best
+
+    ids = [[tok.cls_token_id, *query, tok.sep_token_id, *doc[a : a + n], tok.sep_token_id] for a, n in spans]
+    flags = [[is_max_context(k, a + j) for j in range(n)] for k, (a, n) in enumerate(spans)]
+    return ids, flags
+
+
+def test_run_squad_windows_are_squad_convert_examples_to_features(tmp_path: Path) -> None:
+    """Windows of 24 tokens, a step of 4, questions cut to 3 tokens: the features (train and
+    evaluation) and the max-context flags equal a transcription of their processor."""
+    task, bundle = prepared(tmp_path, "v1", "jsonl", ["task.max_seq_length=24", "task.doc_stride=4", "task.features=run_squad", "task.max_query_length=3"])
+    tok = bundle.tokenizer
+    for split, rows, ds in (("train", squad_rows(12, 0), task.train_set), ("validation", squad_rows(8, 1), task.eval_sets["validation"])):
+        want_ids, want_flags = [], []
+        for r in rows:
+            ids, flags = _their_windows(tok, r["question"], r["context"], 24, 4, 3)
+            want_ids += ids
+            want_flags += flags
+        assert len(want_ids) > 2 * len(rows)  # several windows per context
+        assert ds["input_ids"] == want_ids, split
+        if split == "validation":
+            f = task.features["validation"]
+            got = [[bool(m[t]) for t in range(len(m)) if offs[t, 0] >= 0] for m, offs in zip(f["max_context"], f["offsets"], strict=True)]
+            assert got == want_flags
+    # run_qa's windows differ (doc_stride is their overlap, the question whole)
+    qa, _ = prepared(tmp_path / "qa", "v1", "jsonl", ["task.max_seq_length=24", "task.doc_stride=4"])
+    assert qa.train_set["input_ids"] != task.train_set["input_ids"]
+
+
+def test_run_squad_oracle_gives_the_gold_answers(tmp_path: Path) -> None:
+    task, _ = prepared(tmp_path, "v2", "jsonl", ["task.max_seq_length=24", "task.doc_stride=6", "task.features=run_squad", "task.max_query_length=5"])
+    golds = [(r["answers"]["text"] or [""])[0] for r in squad_rows(8, 1, 4)]
+    f = task.features["validation"]
+    assert f["max_context"] is not None
+    assert [p for p, _ in _oracle(task, max_context=f["max_context"])] == golds
+
+
+def test_max_context_by_hand() -> None:
+    """Windows [0, 5) and [2, 7): token 2 is 2 from either edge of the first window, 0 of the
+    second; token 3 ties (1.05 both) and stays with the first; token 4 goes to the second."""
+    first, second = max_context_flags([(0, 5), (2, 5)])
+    assert first.tolist() == [True, True, True, True, False]
+    assert second.tolist() == [False, False, True, True, True]
+    # the start of the best span (score 9 + 9) is not in its max-context window: the next best
+    context = "abc def ghi"
+    offs = np.array([[-1, -1], [0, 3], [4, 7], [8, 11], [-1, -1]])
+    s, e = np.array([0, 1, 9, 0.5, 0.0]), np.array([0, 0, 9, 8, 0.0])
+    args = ([context], np.array([0]), [s], [e], [offs], np.array([0]))
+    assert postprocess(*args)[0][0] == "def"  # 9 + 9
+    assert postprocess(*args, max_context=[np.array([False, True, False, True, False])])[0][0] == "abc def"  # 1 + 9
 
 
 def test_csv_answers_as_json_text(tmp_path: Path) -> None:

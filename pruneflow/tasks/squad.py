@@ -19,6 +19,14 @@ question-answering example (``run_qa.py``):
   (0.0). ``no_answer_prob`` is sigmoid(null - best span score): above 0.5
   exactly when the default threshold 0 predicts no answer.
 
+``task.features=run_squad`` builds the windows as the older ``run_squad.py``
+(transformers' ``squad_convert_examples_to_features``, which movement pruning's
+``masked_run_squad.py`` and PLATON's SQuAD code use): questions cut to
+``task.max_query_length`` (64) tokens, a new window every ``task.doc_stride`` tokens
+of the context (a step, where run_qa's stride is the overlap), and an answer may
+start only at a token whose window gives it the most context on both sides
+(their ``_new_check_is_max_context``).
+
 Metrics: ``pruneflow/metrics/squad.py`` (official normalisation, EM and F1).
 """
 
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
     from pruneflow.models import ModelBundle
 
 HUB_IDS = {"v1": "rajpurkar/squad", "v2": "rajpurkar/squad_v2"}
+FEATURES = ("run_qa", "run_squad")
 COLUMNS = ("id", "title", "context", "question", "answers")
 REQUIRED = ("id", "context", "question", "answers")
 
@@ -54,15 +63,18 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def best_spans(start: np.ndarray, end: np.ndarray, context_mask: np.ndarray, n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
+def best_spans(start: np.ndarray, end: np.ndarray, context_mask: np.ndarray, n_best: int, max_answer_length: int,
+               start_mask: np.ndarray | None = None) -> list[tuple[float, int, int]]:
     """(score, start token, end token) of the valid spans among the n-best starts x ends.
 
-    Valid: both tokens inside the context, end >= start, at most ``max_answer_length`` tokens.
+    Valid: both tokens inside the context, end >= start, at most ``max_answer_length`` tokens,
+    and the start allowed by ``start_mask`` if given (run_squad's max-context rule).
     """
     si = np.argsort(start)[::-1][:n_best]
     ei = np.argsort(end)[::-1][:n_best]
     s, e = np.meshgrid(si, ei, indexing="ij")
-    ok = context_mask[s] & context_mask[e] & (e >= s) & (e - s + 1 <= max_answer_length)
+    starts_ok = context_mask if start_mask is None else context_mask & start_mask
+    ok = starts_ok[s] & context_mask[e] & (e >= s) & (e - s + 1 <= max_answer_length)
     s, e = s[ok], e[ok]
     scores = start[s] + end[e]
     return [(float(sc), int(a), int(b)) for sc, a, b in zip(scores, s, e, strict=True)]
@@ -79,11 +91,13 @@ def postprocess(
     max_answer_length: int = 30,
     v2: bool = False,
     null_threshold: float = 0.0,
+    max_context: list[np.ndarray] | None = None,
 ) -> list[tuple[str, float]]:
     """(answer text, no-answer probability) per example from the windows' logits.
 
     ``offsets[f]`` holds the (start, end) character offsets of feature f's tokens
     in the context, -1 for tokens outside the context (question, specials).
+    ``max_context[f]`` (run_squad): the tokens an answer may start at in feature f.
     """
     by_example: dict[int, list[int]] = {}
     for f, ex in enumerate(feature_example.tolist()):
@@ -97,7 +111,8 @@ def postprocess(
             c = int(cls_index[f])
             null = float(s[c] + e[c])
             null_score = null if null_score is None or null < null_score else null_score
-            for score, a, b in best_spans(s, e, offs[:, 0] >= 0, n_best, max_answer_length):
+            allowed = None if max_context is None else max_context[f]
+            for score, a, b in best_spans(s, e, offs[:, 0] >= 0, n_best, max_answer_length, allowed):
                 cands.append((score, int(offs[a, 0]), int(offs[b, 1])))
         cands = sorted(cands, key=lambda x: -x[0])[:n_best]
         text = context[cands[0][1] : cands[0][2]] if cands else ""
@@ -109,6 +124,21 @@ def postprocess(
                 text = ""
         out.append((text, p_null))
     return out
+
+
+def max_context_flags(windows: list[tuple[int, int]]) -> list[np.ndarray]:
+    """run_squad.py's ``_new_check_is_max_context`` for the windows (start, length) of one
+    example, in doc-token units: per window, whether each of its tokens has the highest
+    ``min(left, right context) + 0.01 * window length`` there (the first window wins a tie)."""
+    n = max(start + length for start, length in windows)
+    best = np.full(n, -np.inf)
+    owner = np.full(n, -1)
+    for k, (start, length) in enumerate(windows):
+        pos = np.arange(start, start + length)
+        score = np.minimum(pos - start, start + length - 1 - pos) + 0.01 * length
+        better = score > best[pos]
+        best[pos[better]], owner[pos[better]] = score[better], k
+    return [owner[start : start + length] == k for k, (start, length) in enumerate(windows)]
 
 
 class Squad(TextTask):
@@ -141,12 +171,24 @@ class Squad(TextTask):
         stride = self._int("doc_stride", 128, 1)
         if stride >= length:
             raise invalid("task.doc_stride", stride, f"an integer smaller than task.max_seq_length ({length})")
+        features = self.cfg.get("features", "run_qa")
+        if features not in FEATURES:
+            raise invalid("task.features", features, FEATURES,
+                          "run_qa: the transformers run_qa.py windows (doc_stride = their overlap); run_squad: the older "
+                          "run_squad.py's (questions cut to task.max_query_length tokens, doc_stride = the step between windows).")
+        query = self._int("max_query_length", 64, 1)
+        if features == "run_squad" and stride > length - query - 4:
+            raise invalid("task.doc_stride", stride, f"at most task.max_seq_length - task.max_query_length - 4 = {length - query - 4} "
+                          "under task.features=run_squad", "Each window moves by doc_stride tokens: it must hold the question, up to 4 "
+                          "special tokens and at least doc_stride tokens of context, or context tokens would be skipped.")
         thr = self.cfg.get("null_score_diff_threshold", 0.0)
         if isinstance(thr, bool) or not isinstance(thr, (int, float)):
             raise invalid("task.null_score_diff_threshold", thr, "a number (v2: predict no answer when null score - best span score > it)")
         return {
             "max_seq_length": length,
             "doc_stride": stride,
+            "features": features,
+            "max_query_length": query,
             "n_best_size": self._int("n_best_size", 20, 1),
             "max_answer_length": self._int("max_answer_length", 30, 1),
             "null_score_diff_threshold": float(thr),
@@ -193,13 +235,22 @@ class Squad(TextTask):
         tok = self.tokenizer
         right = tok.padding_side == "right"
         questions = [q.lstrip() for q in batch["question"]]  # leading spaces waste the window
-        pair = (questions, batch["context"]) if right else (batch["context"], questions)
+        if s["features"] == "run_squad":
+            return self._tokenize_run_squad(questions, batch["context"], s), 1 if right else 0
+        return self._encode(questions, batch["context"], s, s["doc_stride"]), 1 if right else 0
+
+    def _encode(self, questions: list[str], contexts: list[str], s: dict[str, Any], overlap: int) -> Any:
+        """Question + context windows of the fast tokenizer, ``overlap`` context tokens shared
+        by consecutive windows."""
+        tok = self.tokenizer
+        right = tok.padding_side == "right"
+        pair = (questions, contexts) if right else (contexts, questions)
         try:
-            enc = tok(
+            return tok(
                 *pair,
                 truncation="only_second" if right else "only_first",
                 max_length=s["max_seq_length"],
-                stride=s["doc_stride"],
+                stride=overlap,
                 return_overflowing_tokens=True,
                 return_offsets_mapping=True,
             )
@@ -208,7 +259,36 @@ class Squad(TextTask):
                 f"task={self.name}: tokenising failed with task.max_seq_length={s['max_seq_length']} and "
                 f"task.doc_stride={s['doc_stride']}: {e}. Raise task.max_seq_length or lower task.doc_stride."
             ) from e
-        return enc, 1 if right else 0
+
+    def _tokenize_run_squad(self, questions: list[str], contexts: list[str], s: dict[str, Any]) -> Any:
+        """run_squad.py's windows: the question cut to ``max_query_length`` tokens, then
+        windows of the rest of ``max_seq_length`` starting every ``doc_stride`` context
+        tokens, i.e. an overlap of max_seq_length - doc_stride - question - specials,
+        which depends on the question's length: one tokenizer call per length."""
+        from transformers import BatchEncoding
+
+        tok = self.tokenizer
+        limit = s["max_query_length"]
+        q_enc = tok(questions, add_special_tokens=False, return_offsets_mapping=True)
+        lengths = []
+        for i, (ids, offs) in enumerate(zip(q_enc["input_ids"], q_enc["offset_mapping"], strict=True)):
+            if len(ids) > limit:  # their tokenizer.encode(question, truncation=True, max_length=64)
+                questions[i] = questions[i][: offs[limit - 1][1]]
+                ids = tok(questions[i], add_special_tokens=False)["input_ids"]
+            lengths.append(len(ids))
+        specials = tok.num_special_tokens_to_add(pair=True)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(s["max_seq_length"] - s["doc_stride"] - n - specials, []).append(i)
+        rows: list[tuple[int, int, Any, int]] = []  # (example, window, encoding, its feature)
+        for overlap, members in groups.items():
+            enc = self._encode([questions[i] for i in members], [contexts[i] for i in members], s, overlap)
+            for f, j in enumerate(enc["overflow_to_sample_mapping"]):
+                rows.append((members[j], f, enc, f))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        data: dict[str, list] = {key: [r[2][key][r[3]] for r in rows] for key in rows[0][2].keys()} if rows else {}
+        data["overflow_to_sample_mapping"] = [r[0] for r in rows]
+        return BatchEncoding(data, encoding=[r[2].encodings[r[3]] for r in rows])
 
     def _cls(self, ids: list[int]) -> int:
         cls = self.tokenizer.cls_token_id
@@ -269,6 +349,8 @@ class Squad(TextTask):
                 [list(o) if sid == ctx_seq else [-1, -1] for o, sid in zip(offs, enc.sequence_ids(i), strict=True)]
                 for i, offs in enumerate(offsets)
             ]
+            if s["features"] == "run_squad":
+                out["max_context"] = self._max_context(enc, sample, ctx_seq, s["doc_stride"])
             return out
 
         raw = self.raw[split]
@@ -280,9 +362,31 @@ class Squad(TextTask):
             "example": np.asarray(feats["example_index"], dtype=np.int64),
             "cls": np.asarray(feats["cls_index"], dtype=np.int64),
             "offsets": offsets,
+            "max_context": [np.asarray(m, dtype=bool) for m in feats["max_context"]] if "max_context" in feats.column_names else None,
         }
         # Only model inputs reach the batches (and ModelBundle.forward).
-        return feats.remove_columns(["example_index", "cls_index", "context_offsets"])
+        return feats.remove_columns([c for c in ("example_index", "cls_index", "context_offsets", "max_context") if c in feats.column_names])
+
+    @staticmethod
+    def _max_context(enc: Any, sample: list[int], ctx_seq: int, step: int) -> list[list[bool]]:
+        """Per feature and token: may an answer start here (run_squad's max-context rule)?
+        The windows of an example are consecutive features, the k-th starting at context
+        token k * doc_stride."""
+        flags: list[list[bool]] = []
+        i = 0
+        while i < len(sample):
+            j = i
+            while j < len(sample) and sample[j] == sample[i]:
+                j += 1
+            positions = [[t for t, sid in enumerate(enc.sequence_ids(f)) if sid == ctx_seq] for f in range(i, j)]
+            per_window = max_context_flags([(k * step, len(p)) for k, p in enumerate(positions)])
+            for f, (p, ok) in enumerate(zip(positions, per_window, strict=True), start=i):
+                row = [False] * len(enc["input_ids"][f])
+                for t, flag in zip(p, ok.tolist(), strict=True):
+                    row[t] = flag
+                flags.append(row)
+            i = j
+        return flags
 
     def check_head(self, bundle: ModelBundle) -> None:
         if not type(bundle.model).__name__.endswith("ForQuestionAnswering"):
@@ -320,7 +424,7 @@ class Squad(TextTask):
         answers = postprocess(
             list(raw["context"]), f["example"], starts, ends, f["offsets"], f["cls"],
             n_best=s["n_best_size"], max_answer_length=s["max_answer_length"], v2=self.v2,
-            null_threshold=s["null_score_diff_threshold"],
+            null_threshold=s["null_score_diff_threshold"], max_context=f["max_context"],
         )
         preds = [a for a, _ in answers]
         refs = [list(a["text"]) or [""] for a in raw["answers"]]
