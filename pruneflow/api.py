@@ -111,7 +111,8 @@ class Pruner:
                             "computes: leave it at 'task' and compute that loss yourself (FORCE's authors: F.nll_loss of the raw logits).")
         device = next(model.parameters()).device
         ctx = PruneContext(model=model, weights=weights, schedule=self.schedule, sparsity=self.method.sparsity,
-                           total_steps=self.steps, device=device, batches=batches, loss_fn=loss_fn)
+                           total_steps=self.steps, device=device, batches=None if batches is None else endless(batches),
+                           loss_fn=loss_fn)
         self.method.setup(ctx)
         self.model, self.weights = model, weights
         return self
@@ -165,22 +166,29 @@ class Pruner:
     def end(self) -> nn.Module:
         """End the pruning phase: masks frozen (later hook calls change nothing), the model
         finalised (SPP: physically compressed). Returns the model to go on training."""
-        if not self.ended and not self.ran and self.steps_seen == 0 and self.method.prunes and self.method.name not in DATA_FREE:
-            log.warning("pruner.end() before any pruning step: method=%s chooses its mask from scores that saw no data, so the "
-                        "mask is arbitrary. Call pruner.after_optimizer_step(step) in your loop (run() for spp and grasp) first.",
-                        self.method.name)
+        if self._unscored():
+            raise UserError(f"pruner.end() before any pruning step: method={self.method.name} would choose its mask from scores "
+                            "that saw no data, an arbitrary mask. Call pruner.after_optimizer_step(step) in your loop first "
+                            "(pruner.run() for spp and grasp), or use method=magnitude or random, which need no data.")
         self.method.end_prune_stage()
         self.model = self.method.finalize(self.model)
         self.ended = True
         return self.model
 
     def remove(self) -> nn.Module:
-        """Drop the mask parametrizations, leaving plain weights with the zeros in place."""
-        if not self.ended:
+        """Drop the mask parametrizations, leaving plain weights with the zeros in place
+        (before any pruning step of a method that needs data: nothing pruned)."""
+        if self._unscored():
+            log.warning("pruner.remove() before any pruning step: method=%s saw no data, so nothing was pruned.", self.method.name)
+        elif not self.ended:
             self.end()
         if self.weights is not None and self.method.prunes:
             self.weights.bake()
         return self.model
+
+    def _unscored(self) -> bool:
+        """Not ended and no step or run() yet, on a method whose mask needs data."""
+        return not self.ended and not self.ran and self.steps_seen == 0 and self.method.prunes and self.method.name not in DATA_FREE
 
     @property
     def sparsity(self) -> float:
@@ -193,6 +201,24 @@ class Pruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.ended = bool(state.get("ended", False))
+
+
+def endless(batches: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
+    """The user's ``batches`` (a function returning an iterator over one pass of the data,
+    e.g. ``lambda: iter(loader)``) as the endless stream a method's own loop reads:
+    called again whenever a pass runs out, so ``steps`` may exceed one pass."""
+
+    def stream() -> Iterator[Any]:
+        while True:
+            empty = True
+            for batch in batches():
+                empty = False
+                yield batch
+            if empty:
+                raise UserError("batches() returned an iterator with no batches: pass a function that returns a fresh "
+                                "iterator over your data on every call, e.g. batches=lambda: iter(loader).")
+
+    return stream
 
 
 def create(

@@ -101,6 +101,32 @@ def test_spp_searches_at_its_search_lr():
         pruneflow.methods.create("magnitude", sparsity=0.5, steps=2, model=Tiny()).run(lr=0.1)
 
 
+def test_own_loops_take_the_readme_batches_form_past_one_pass():
+    """batches=lambda: iter(loader) (the README's form) with steps longer than one pass of
+    the loader: the function is called again for the next pass (it was called once, and
+    the search stopped with a bare StopIteration after the first pass)."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(16), "y": torch.tensor(i % 3)} for i in range(12)]
+    loader = DataLoader(data, batch_size=4)  # 3 batches a pass
+    calls = []
+
+    def batches():  # noqa: ANN202
+        calls.append(1)
+        return iter(loader)
+
+    model = Tiny()
+    pruner = pruneflow.methods.create("grasp", sparsity=0.5, steps=7, model=model, include=["blocks.*"], batches=batches,
+                                      loss_fn=lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"]))
+    assert pruner.run() and len(calls) == 3  # 7 batches: passes of 3, 3 and 1
+    assert pruneflow.sparsity_report(pruner.remove())["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-2)
+    empty = pruneflow.methods.create("grasp", sparsity=0.5, steps=2, model=Tiny(), include=["blocks.*"], batches=lambda: iter([]),
+                                     loss_fn=lambda m, b: m(b).sum())
+    with pytest.raises(UserError, match="no batches"):
+        empty.run()
+
+
 def test_settings_are_checked_with_the_allowed_keys():
     with pytest.raises(UserError, match="Did you mean alpha_1"):
         pruneflow.methods.create("seven", sparsity=0.5, steps=10, alpha1=0.8)
@@ -235,8 +261,14 @@ def test_run_and_an_early_end_say_when_nothing_was_scored(caplog):
     with pytest.raises(UserError, match="no prune loop of its own"):
         pruneflow.methods.create("snip", sparsity=0.5, steps=5, model=Tiny(), include=["blocks.*"]).run()
     caplog.set_level("WARNING", logger="pruneflow")
-    pruneflow.methods.create("seven", sparsity=0.5, steps=100, model=Tiny(), include=["blocks.*"]).end()
+    early = Tiny()
+    before = {k: v.clone() for k, v in early.state_dict().items()}
+    with pytest.raises(UserError, match=r"pruner.end\(\) before any pruning step: method=seven"):
+        pruneflow.methods.create("seven", sparsity=0.5, steps=100, model=early, include=["blocks.*"]).end()
+    pruner = pruneflow.methods.create("seven", sparsity=0.5, steps=100, model=early, include=["blocks.*"])
+    pruner.remove()  # masks dropped, nothing pruned
     assert sum("before any pruning step" in r.getMessage() for r in caplog.records) == 1
+    assert all(torch.equal(v, early.state_dict()[k]) for k, v in before.items())
     caplog.clear()
     model = Tiny()
     pruneflow.methods.create("magnitude", sparsity=0.5, steps=1, model=model, include=["blocks.*"]).end()  # one shot: fine
