@@ -463,6 +463,15 @@ def test_sanh_warmups_are_multiples_of_warmup_steps(family: str) -> None:
             assert precheck(["-m", f"experiment=sanh2020/{task}_table2", "trainer.warmup_steps=2"]) is None
 
 
+def test_causal_lm_experiments_load_float16_as_their_authors() -> None:
+    """Wanda's, SparseGPT's and RIA's main.py load the model with torch_dtype=torch.float16;
+    model=llama3_8b alone is bfloat16, so ria/llama3_8b must set it."""
+    lm = [n for n in EXPERIMENTS if compose([f"experiment={n}"]).task.name.startswith("lm/")]
+    assert "ria/llama3_8b" in lm and len(lm) >= 5
+    for name in lm:
+        assert compose([f"experiment={name}"]).model.dtype == "float16", name
+
+
 def test_a_table_without_multirun_is_one_clear_error() -> None:
     from pruneflow.cli import precheck
 
