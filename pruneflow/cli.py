@@ -280,6 +280,11 @@ def precheck(argv: list[str]) -> str | None:
             here = not any(o.key_or_group == "hydra/launcher" and "slurm" in str(o.value()) for o in parsed)
             if multirun and len(variants) > 8:
                 print(f"pruneflow: checking the settings of {len(variants)} jobs ...", file=sys.stderr)
+            def of_job(overrides: list[str], problem: str) -> str:  # a sweep's error names the job it is about
+                if multirun:
+                    return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {problem}"
+                return problem
+
             for overrides in variants:
                 if overrides is base and base_composed and not adds and not multirun:  # each composition costs ~0.5 s on a 2-core VM
                     continue
@@ -292,20 +297,20 @@ def precheck(argv: list[str]) -> str | None:
                         default = compose(config_name="config", overrides=choices)
                     except Exception:  # noqa: BLE001 - a bad group choice itself
                         default = compose(config_name="config")
-                    return explain(e, overrides, default, extra)
+                    return of_job(overrides, explain(e, overrides, default, extra))
                 if adds:
                     from pruneflow.validation import unknown_key_problem
 
                     problem = unknown_key_problem(cfg)
                     if problem:
-                        return problem
+                        return of_job(overrides, problem)
                 if multirun:
                     from pruneflow.runner import check_settings
 
                     try:
                         check_settings(cfg, here, overrides)
                     except UserError as e:
-                        return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {e}"
+                        return of_job(overrides, str(e))
             # Hydra's own settings (hydra/launcher=..., hydra.launcher.n_jobs=...): Hydra would
             # report a mistake in them with its raw text after the sweep started
             own = [o.input_line for o in parsed if o.key_or_group.startswith("hydra") and o.key_or_group != "hydra.searchpath"

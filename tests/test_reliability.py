@@ -176,6 +176,9 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["logger=none", "logger.mode=offline"], "'logger.mode=offline' would be ignored", "logger=wandb uses logger.*"),
     (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
+    # a key that only some jobs' method has: the error names the job it fails in
+    (["-m", "method=seven,platon", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
+    (["-m", "method=platon,seven", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
 ]
 
 
