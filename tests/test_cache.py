@@ -6,6 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from pruneflow.cache import StageCache
 from pruneflow.utils import atomic_write_json
 
@@ -42,3 +44,28 @@ def test_written_files_get_the_mode_of_any_new_file(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o644
+
+
+def test_a_stop_requested_before_computing_an_entry_computes_nothing(tmp_path):
+    """The signal that stops the job computing an entry also frees its lock; a job of the
+    same sweep that got the signal too (its wait ended in that instant) must stop, not start
+    computing the entry for one step and stop with a checkpoint of it."""
+    import signal
+
+    from filelock import FileLock
+
+    from pruneflow.errors import RunStopped
+    from pruneflow.stop import STOP
+
+    cache = StageCache(tmp_path, "finetune", {"k": 1})
+    computed = []
+    STOP.signum = signal.SIGINT
+    try:
+        with pytest.raises(RunStopped, match="Stopped by SIGINT before computing the cached finetune .* had not started training"):
+            cache.get_or_compute(lambda d: computed.append(d) or {})
+    finally:
+        STOP.signum = None
+    assert not computed and not cache.exists()
+    with FileLock(str(cache.dir) + ".lock", timeout=0):  # released
+        pass
+    assert cache.get_or_compute(lambda d: {"n": 1}) == ({"n": 1}, False)
