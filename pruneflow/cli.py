@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from pruneflow.config import local_process_launcher, register_configs
 from pruneflow.console import guard_console
-from pruneflow.errors import RunStopped, UserError
+from pruneflow.errors import SPARSITY_ALLOWED, RunStopped, UserError
 from pruneflow.stop import STOPPED_FILE
 from pruneflow.utils import unwritable
 
@@ -112,6 +112,10 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
         kind = re.search(r"converted to (\w+)", ctext)
         kind_name = kind.group(1) if kind else ("Boolean" if "valid bool" in ctext else "")
         what = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}.get(kind_name, "a value of the key's type")
+        if key == "sparsity":  # the same words as a number out of range
+            what = SPARSITY_ALLOWED
+        elif re.fullmatch(r"stages\.\w+\.(lr|batch_size)", key):
+            what = "a positive number" if key.endswith(".lr") else "a positive integer"
         return f"Invalid value for '{key}': {value.group(1) if value else '?'!r}. Allowed: {what}."
     if key and "is not a ListConfig" in ctext:
         given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")

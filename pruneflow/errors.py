@@ -21,6 +21,9 @@ class RunStopped(UserError):
         self.signum = signum
 
 
+SPARSITY_ALLOWED = "a number in [0, 1) — the fraction of prunable weights removed — or null for the method's default"
+
+
 def invalid(key: str, value: object, allowed: str | Iterable[object], why: str = "") -> UserError:
     """Build the standard message: which key, what was given, what is allowed."""
     if not isinstance(allowed, str):

@@ -386,8 +386,9 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
     out.append(
         f"{n_runs} finished run(s) in {len(rows)} configuration(s); {len(failed)} failed, {len(unfinished)} unfinished. "
         "Metrics ×100 (perplexity as is; ↓: lower is better), mean ± std over seeds (sample std; none for one seed). Sparsity in %; "
-        "`!` marks a measured sparsity more than 0.5 points from its target. Time: wall time of the whole "
-        "run (a finetune stage reused from the cache counts as ~0 s)."
+        "`!` marks a measured sparsity more than 0.5 points from its target. Time: wall time from the first "
+        "stage to the result (`time_s.total`: start-up, data and model loading left out; a finetune stage reused "
+        "from the cache counts as ~0 s)."
     )
     by_task: dict[str, list[Row]] = defaultdict(list)
     for row in rows:

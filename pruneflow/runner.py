@@ -25,7 +25,14 @@ from safetensors.torch import save_model as st_save_model
 from pruneflow import allocator, distill, distributed
 from pruneflow.cache import StageCache, path_fingerprint
 from pruneflow.config import RESUME_FREE
-from pruneflow.errors import RunStopped, UserError, check_bool, invalid, load_error_text
+from pruneflow.errors import (
+    SPARSITY_ALLOWED,
+    RunStopped,
+    UserError,
+    check_bool,
+    invalid,
+    load_error_text,
+)
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
 from pruneflow.methods import METHODS, PruneContext, get_method_class
@@ -70,7 +77,7 @@ def validate_sparsity(value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= float(value) < 1):
-        raise invalid("sparsity", value, "a number in [0, 1) — the fraction of prunable weights removed — or null for the method's default")
+        raise invalid("sparsity", value, SPARSITY_ALLOWED)
 
 
 def recipe_note(cfg: DictConfig, overrides: list[str] | None) -> str | None:

@@ -26,7 +26,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["metod=seven"], "metod", "Closest: method"),
     (["trainer.lerning_rate=3"], "trainer.lerning_rate", "Valid keys at 'trainer'"),
     (["trainer.weight_decy=0.1"], "trainer.weight_decy", "Closest: weight_decay"),
-    (["stages.prune.lr=abc"], "stages.prune.lr", "a number"),
+    (["stages.prune.lr=abc"], "stages.prune.lr", "a positive number"),
     (["stages.finetune.epochs=true"], "stages.finetune.epochs", "a number"),
     (["stages.prune.steps=1.5"], "stages.prune.steps", "an integer"),
     (["seed=abc"], "seed", "an integer"),
@@ -176,6 +176,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["logger=none", "logger.mode=offline"], "'logger.mode=offline' would be ignored", "logger=wandb uses logger.*"),
     (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
+    # a value of the wrong type: the same allowed range as a value out of it
+    (["sparsity=abc"], "Invalid value for 'sparsity': 'abc'", "a number in [0, 1)"),
     # a key that only some jobs' method has: the error names the job it fails in
     (["-m", "method=seven,platon", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
     (["-m", "method=platon,seven", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
