@@ -227,6 +227,13 @@ def precheck(argv: list[str]) -> str | None:
     for o in parsed:
         if not o.key_or_group:
             return f"Could not read the command line: '{o.input_line}' has no key. Overrides are key=value (e.g. sparsity=0.7, method=seven)."
+    swept = next((o for o in parsed if o.key_or_group.startswith("hydra") and o.is_sweep_override()), None)
+    if swept is not None:  # Hydra refuses it with its raw text after the launch started
+        key = swept.get_key_element()
+        setting = key.removeprefix("hydra.sweeper.params.") if key.startswith("hydra.sweeper.params.") else None
+        how = (f"sweep the setting itself: pruneflow -m {setting}=<values> (hydra.sweeper.params is what an experiment file sets)"
+               if setting else "give it one value per command")
+        return f"'{swept.input_line}' sweeps Hydra's own setting '{key}', which Hydra does not allow. Instead, {how}."
     removed = next((o for o in parsed if o.is_delete() and "." not in o.key_or_group and not o.key_or_group.startswith("hydra")), None)
     if removed is not None:  # a run needs every top-level setting: deleting one crashed the run or reverted it silently
         key = removed.key_or_group

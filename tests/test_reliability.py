@@ -176,6 +176,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["logger=none", "logger.mode=offline"], "'logger.mode=offline' would be ignored", "logger=wandb uses logger.*"),
     (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
+    (["-m", "method=magnitude,random", "hydra.sweeper.params.sparsity=0.5,0.7"], "sweeps Hydra's own setting", "pruneflow -m sparsity=<values>"),
     # a value of the wrong type: the same allowed range as a value out of it
     (["sparsity=abc"], "Invalid value for 'sparsity': 'abc'", "a number in [0, 1)"),
     # a key that only some jobs' method has: the error names the job it fails in
