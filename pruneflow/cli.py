@@ -357,7 +357,8 @@ def _app(cfg: DictConfig) -> float | None:
         STOP.install()
         if local_process_launcher(hc):
             STOP.watch(Path(hc.sweep.dir))
-        (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this attempt's own stop, if any, writes it again
+    if multirun:
         signum = STOP.requested()
         if signum is not None:
             if not holds_run(run_dir):  # the report lists the job by its .hydra/ record
@@ -370,8 +371,8 @@ def _app(cfg: DictConfig) -> float | None:
     except RunStopped as e:
         _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
+        _write_job_file(run_dir, STOPPED_FILE, str(e))  # pruneflow-report lists the run as stopped, and where
         if multirun:
-            _write_job_file(run_dir, STOPPED_FILE, str(e))
             if not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
                 return None
         sys.exit(EXIT_CODES.get(e.signum, 1))

@@ -271,7 +271,7 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
                 reason = f"no result.json; stages done: {', '.join(done) or 'none'} (resume with the same command)"
             except Exception:  # noqa: BLE001
                 pass
-        if (d / STOPPED_FILE).exists() and not result.exists():  # a signal stopped the sweep: the job says where
+        if (d / STOPPED_FILE).exists() and not result.exists():  # a signal stopped the run: it says where
             reason = _last_line((d / STOPPED_FILE).read_text(errors="replace"))
         unfinished.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), reason))
     return failed, unfinished

@@ -424,8 +424,15 @@ def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, s
     assert stopped.returncode == code, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr and f"Stopped by SIG{sig} after step 7 of 10 of the prune stage" in " ".join(stopped.stderr.split())
     assert not (tmp_path / "run" / "result.json").exists()
+    # the report lists it as stopped, with the message (it said "no result.json (running, killed, or skipped)")
+    assert f"Stopped by SIG{sig} after step 7" in (tmp_path / "run" / "stopped.txt").read_text()
+    from pruneflow.report import find_incomplete
+
+    _, unfinished = find_incomplete(tmp_path / "run", set())
+    assert [job.reason for job in unfinished] == [f"Stopped by SIG{sig} after step 7 of 10 of the prune stage; a checkpoint was saved. Run the same command again to resume from it."]
     resumed = run_cli(cmd, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / "run" / "stopped.txt").exists()
     a, b = read_result(uninterrupted), read_result(tmp_path / "run")
     assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
     wa, wb = load_file(str(uninterrupted / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
