@@ -124,18 +124,19 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
     return f"The configuration could not be composed: {first} (overrides: {' '.join(overrides)}). Run `pruneflow --cfg job` to see the composed configuration, or `pruneflow --help` for the groups and options."
 
 
-def _sweeper_settings(compose: Any, overrides: list[str]) -> tuple[list[list[str]], list[str], bool]:  # noqa: ANN401
+def _sweeper_settings(compose: Any, overrides: list[str]) -> tuple[list[list[str]], list[str], Any]:  # noqa: ANN401
     """The rows of a table experiment (``hydra.sweeper.rows``) and the swept values an
     experiment sets (``hydra.sweeper.params``, as key=values), [] for a command without
-    them; and whether ``overrides`` composed (then they need no second composition)."""
+    them; and the composed ``overrides`` (None if they do not compose; else they need no
+    second composition)."""
     try:
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception:  # noqa: BLE001 - the composition error is reported below
-        return [], [], False
+        return [], [], None
     sweeper = cfg.hydra.sweeper
     rows = sweeper.get("rows") if "rows" in sweeper else None
     params = sweeper.get("params") if "params" in sweeper else None
-    return [[str(o) for o in row] for row in rows or []], [f"{k}={v}" for k, v in (params or {}).items()], True
+    return [[str(o) for o in row] for row in rows or []], [f"{k}={v}" for k, v in (params or {}).items()], cfg
 
 
 # Sweeps up to this many jobs are checked job by job; larger ones one swept value at a time.
@@ -270,9 +271,19 @@ def precheck(argv: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            rows, params, base_composed = _sweeper_settings(compose, base)
+            rows, params, composed = _sweeper_settings(compose, base)
+            base_composed = composed is not None
             given = {o.get_key_element() for o in plain}
             params = [o for o in OverridesParser.create().parse_overrides(params) if o.get_key_element() not in given]
+            if params and not multirun and composed is not None:  # the experiment's sweep, run as one job: say which
+                from omegaconf import OmegaConf
+
+                name = next((a for a in base if a.startswith("experiment=")), "this experiment")
+                chosen = [OmegaConf.select(composed, o.get_key_element()) for o in params]
+                one = " ".join(f"{o.get_key_element()}={v.get('name') if OmegaConf.is_dict(v) else v}"  # a group: its option
+                               for o, v in zip(params, chosen, strict=True))
+                print(f"pruneflow: note: '{name}' sweeps {', '.join(o.get_key_element() for o in params)} when run with -m "
+                      f"(pruneflow -m {' '.join(args)}); this one run takes {one}.", file=sys.stderr)
             if multirun and params:  # the command line's values take precedence, as in Hydra's sweeper
                 base, variants = sweep_variants([*params, *plain])
                 base_composed = False
@@ -372,9 +383,8 @@ def _app(cfg: DictConfig) -> float | None:
         _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
         _write_job_file(run_dir, STOPPED_FILE, str(e))  # pruneflow-report lists the run as stopped, and where
-        if multirun:
-            if not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
-                return None
+        if multirun and not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
+            return None
         sys.exit(EXIT_CODES.get(e.signum, 1))
     except UserError as e:
         _log_to_file(logging.ERROR, str(e))
@@ -468,8 +478,9 @@ def _remove_if_only_hydra(run_dir: Path, default_layout: bool = False) -> None:
 
 
 def _write_job_file(run_dir: Path, name: str, text: str) -> None:
-    """A sweep job's error.txt (it failed) or stopped.txt (a signal stopped it, or kept it
-    from starting): the launcher lists the job with the file's last line."""
+    """A sweep job's error.txt (it failed), or a run's stopped.txt (a signal stopped it, or
+    kept a sweep's job from starting): the launcher and pruneflow-report list the run with
+    the file's last line."""
     try:
         (run_dir / name).write_text(text if text.endswith("\n") else text + "\n")
     except OSError as e:  # an unwritable job directory must not hide the job's own error

@@ -402,9 +402,7 @@ class Run:
             "seed": int(c.seed),
             "stage": OmegaConf.to_container(c.stages.finetune, resolve=True),
             "steps": self.plan.stages["finetune"].steps,
-            # batch_order at its default stays out: entries cached before the key existed still match
-            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items()
-                        if f"trainer.{k}" not in RESUME_FREE and (k, v) != ("batch_order", "shuffle")},
+            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if f"trainer.{k}" not in RESUME_FREE},
             "version": 2,
             # what lies at the paths: other weights or data at the same path are another entry
             "model_files": path_fingerprint(c.model.get("path")),

@@ -407,7 +407,9 @@ class Trainer:
             finite = grads_finite(self.scaler, opt)
             if method is not None:
                 method.after_backward(step, grads_finite=finite)
-            if max_norm > 0:
+            # Clipping tames weight updates; a scoring stage (no updates: SNIP, FORCE, SEVEN_pre)
+            # reads raw gradients, as their authors do (clipped per batch, summed scores re-weight the batches).
+            if max_norm > 0 and stage.weight_updates:
                 nn.utils.clip_grad_norm_(clip_params, max_norm)
             if stage.weight_updates:
                 if self.scaler is not None:

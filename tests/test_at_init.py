@@ -233,6 +233,27 @@ def test_snip_scores_in_eval_mode(config, tmp_path, monkeypatch):
     assert seen == [True, True, True]
 
 
+def test_scoring_stages_read_raw_gradients(config, tmp_path, monkeypatch):
+    """A prune stage without weight updates (SNIP's 3 scoring batches) scores the raw
+    gradients, as the authors' tf.gradients: trainer.max_grad_norm clips only steps that
+    update weights (it clipped each batch's gradient before SNIP summed them)."""
+    from pruneflow.methods.snip import Snip
+    from pruneflow.runner import run
+
+    norms: list[float] = []
+    original = Snip.update_scores
+
+    def spy(self, step):  # noqa: ANN001, ANN202
+        grads = [g for g in self.grads() if g is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(self, step)
+
+    monkeypatch.setattr(Snip, "update_scores", spy)
+    run(config("method=snip", "stages.finetune.steps=2", "stages.prune.steps=3", "stages.recover.steps=0",
+               "task.max_train_samples=64", "trainer.max_grad_norm=1e-3"), tmp_path / "a")
+    assert len(norms) == 3 and min(norms) > 1e-2  # the prunable weights' gradients alone: not clipped to 1e-3
+
+
 def grasp_authors(net: nn.Module, ratio: float, chunks: list[dict[str, torch.Tensor]], pruned: list[nn.Linear], seed: int,
                   T: float = 200.0) -> torch.Tensor:
     """pruner/GraSP_ImageNet.py, GraSP(): a copy, its last Linear re-initialized (Xavier
@@ -265,7 +286,8 @@ def grasp_authors(net: nn.Module, ratio: float, chunks: list[dict[str, torch.Ten
     all_scores = torch.cat([torch.flatten(x) for x in grads])
     norm_factor = torch.abs(torch.sum(all_scores)) + 1e-10
     all_scores.div_(norm_factor)
-    num_params_to_rm = int(len(all_scores) * ratio)
+    keep_ratio = 1 - (1 - (1 - ratio) ** (1.0 / 1))  # main_prune_*.py's ratio for one iteration, then GraSP()'s keep_ratio
+    num_params_to_rm = int(len(all_scores) * (1 - keep_ratio))
     threshold, _ = torch.topk(all_scores, num_params_to_rm, sorted=True)
     return (all_scores <= threshold[-1]).float()
 
@@ -440,3 +462,23 @@ def test_force_scoring_loss_replaces_the_loss_of_the_prune_stage_only(config, tm
     run(config("method=force", "method.scoring_loss=target_logit", "trainer.gradient_accumulation_steps=2", *fast[:3],
                "task.max_train_samples=256"), tmp_path / "a")
     assert calls == [True] * 6  # 3 prune steps x 2 micro-batches; finetune and recover keep the task loss
+
+
+def test_force_and_grasp_authors_counts_at_bert_base_size():
+    """Their counts at BERT-base's 85,524,480 prunable weights, every step of a 100-step
+    FORCE run and GraSP's one shot, for s = 0.1 ... 0.9 (the figure's sparsities): FORCE's
+    levels from the written pruning_factor (1 - 0.8 as a float kept one weight fewer at the
+    last step), GraSP's float round trip (one less than int(n * s) at 0.1 and 0.2)."""
+    from pruneflow.methods.force import authors_kept_count
+    from pruneflow.methods.grasp import authors_threshold_index
+
+    n = 85_524_480
+    for s, pruning_factor in zip([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], strict=True):
+        schedule = Schedule("exponential", s, 100)
+        theirs = [int(n * np.exp(0 - ((x + 1) * (0 - np.log(pruning_factor)) / 100))) for x in range(100)]  # iterative_pruning, mode='exp'
+        assert [authors_kept_count(n, schedule, k, s) for k in range(100)] == theirs, s
+        ratio = 1 - (1 - s) ** (1.0 / 1)  # main_prune_*.py, num_iterations 1; then GraSP()'s keep_ratio
+        keep_ratio = 1 - ratio
+        assert authors_threshold_index(n, s) == int(n * (1 - keep_ratio)), s
+    assert authors_threshold_index(n, 0.1) == 8_552_447 != int(n * 0.1 + 1e-9)  # the rule before: one more
+    assert authors_kept_count(n, Schedule("exponential", 0.8, 100), 99, 0.8) == 17_104_896 != int(n * (1 - 0.8) + 1e-9)

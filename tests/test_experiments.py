@@ -472,6 +472,21 @@ def test_causal_lm_experiments_load_float16_as_their_authors() -> None:
         assert compose([f"experiment={name}"]).model.dtype == "float16", name
 
 
+def test_an_experiments_sweep_run_without_multirun_says_which_job_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """experiment=seven/glue_bert_base sweeps task and sparsity under -m; without -m it ran
+    one job (sst2, 0.7) without a word."""
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+
+    register_configs()
+    assert precheck(["experiment=seven/glue_bert_base"]) is None
+    said = " ".join(capsys.readouterr().err.split())
+    assert "'experiment=seven/glue_bert_base' sweeps task, sparsity when run with -m" in said
+    assert "this one run takes task=glue/sst2 sparsity=0.7" in said
+    assert precheck(["experiment=seven/glue_bert_base", "task=glue/rte", "sparsity=0.6"]) is None  # both chosen: no note
+    assert "note" not in capsys.readouterr().err
+
+
 def test_a_table_without_multirun_is_one_clear_error() -> None:
     from pruneflow.cli import precheck
 

@@ -5,7 +5,8 @@ Without weight updates, every step of the prune stage takes a new batch through
 the *currently pruned* network, scores every weight by ``|W * dL/d(W * m)|`` — the
 gradient with respect to the masked weight, taken at pruned entries too, times the
 weight's original value — and recomputes the mask to the schedule's level
-(``schedule=exponential``, their kept-fraction decay, in the experiments). A weight
+(``schedule=exponential`` is their kept-fraction decay; SEVEN's figure experiments
+run every method on ``cubic``). A weight
 pruned earlier can come back (what separates FORCE from plain iterative SNIP).
 
 As the authors' code (``naver/force``, ``pruning/pruning_algos.py``,
@@ -26,13 +27,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pruneflow.errors import invalid
-from pruneflow.methods.score_based import ScoreBasedMethod, keep_from_kth_largest_, kept_floor
+from pruneflow.methods.score_based import (
+    ScoreBasedMethod,
+    keep_from_kth_largest_,
+    kept_floor,
+    written_keep,
+)
+from pruneflow.schedules import Schedule
 
 SCORING_LOSSES = ("task", "target_logit")
+
+
+def authors_kept_count(n: int, schedule: Schedule, step: int, target: float) -> int:
+    """``int(n * perc)`` with perc their level of ``iterative_pruning`` (``mode='exp'``):
+    ``np.exp(0 - ((x + 1) * (0 - np.log(pruning_factor)) / num_steps))`` at ramp step x,
+    ``pruning_factor`` the kept fraction as written (0.2 for sparsity 0.8): the float
+    ``1 - 0.8`` keeps one weight fewer at BERT-base's 85M at the last step."""
+    x = min(step - schedule.initial_warmup, schedule.ramp_steps - 1)
+    perc = np.exp(0 - ((x + 1) * (0 - np.log(written_keep(target))) / schedule.ramp_steps))
+    return int(n * perc)
 
 
 class Force(ScoreBasedMethod):
@@ -72,5 +90,9 @@ class Force(ScoreBasedMethod):
         return self.state["scores"]
 
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
-        """Their ``get_mask``: the ``int(n * keep)``-th largest score, every score >= it kept."""
-        keep_from_kth_largest_(scores, kept_floor(scores.numel(), 1.0 - sparsity), out)
+        """Their ``get_mask``: the ``int(n * keep)``-th largest score, every score >= it kept;
+        on the exponential schedule keep is their level (:func:`authors_kept_count`)."""
+        schedule = self.ctx.schedule
+        on_schedule = step is not None and schedule.kind == "exponential" and sparsity == schedule.sparsity(step)
+        count = authors_kept_count(scores.numel(), schedule, step, self.sparsity) if on_schedule else kept_floor(scores.numel(), 1.0 - sparsity)
+        keep_from_kth_largest_(scores, count, out)

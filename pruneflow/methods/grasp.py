@@ -51,6 +51,16 @@ def tempered_loss(task: Any, bundle: Any, batch: dict[str, torch.Tensor], temper
     return loss
 
 
+def authors_threshold_index(n: int, sparsity: float) -> int:
+    """``int(n * s)`` with s through their float round trip (``main_prune_*.py``:
+    ``ratio = 1 - (1 - target) ** (1 / num_iterations)``, one iteration; ``GraSP()``:
+    ``keep_ratio = 1 - ratio``, ``int(n * (1 - keep_ratio))``): at BERT-base's 85M one
+    less than ``int(n * 0.1)`` at s = 0.1 and 0.2."""
+    ratio = 1 - (1 - sparsity) ** (1.0 / 1)
+    keep_ratio = 1 - ratio
+    return int(n * (1 - keep_ratio))
+
+
 class GraSP(ScoreBasedMethod):
     name = "grasp"
     updates_weights = False
@@ -87,9 +97,9 @@ class GraSP(ScoreBasedMethod):
         return self.state["scores"]
 
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
-        """Theirs: remove ``-score`` above its ``int(n * s)``-th largest, i.e. keep every
-        score >= its ``int(n * s)``-th smallest."""
-        keep_from_kth_smallest_(scores, int(scores.numel() * sparsity + 1e-9), out)
+        """Theirs: remove ``-score`` above its k-th largest, i.e. keep every score >= its
+        k-th smallest (k: :func:`authors_threshold_index`)."""
+        keep_from_kth_smallest_(scores, authors_threshold_index(scores.numel(), sparsity), out)
 
     def run_prune_stage(self, ctx: PruneContext) -> bool:
         bundle, task = ctx.extra.get("bundle"), ctx.task

@@ -30,13 +30,17 @@ score >= it.
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import ClassVar
 
 import torch
 
 from pruneflow.errors import UserError, check_bool
-from pruneflow.methods.score_based import ScoreBasedMethod, ema_coefficient, keep_from_kth_smallest_
+from pruneflow.methods.score_based import (
+    ScoreBasedMethod,
+    ema_coefficient,
+    keep_from_kth_smallest_,
+    written_keep,
+)
 from pruneflow.schedules import Schedule
 
 
@@ -79,7 +83,7 @@ def authors_pruned_count(n: int, schedule: Schedule, step: int, target: float) -
     (= 1 - the schedule's progress, the same float). The algebraically equal
     ``target * (1 - (1 - p) ** 3)`` rounds differently: at BERT-base's 85M prunable
     entries it prunes one more weight at a step or two of a run."""
-    final = float(Decimal(1) - Decimal(repr(target)))
+    final = written_keep(target)
     p = schedule.progress(step)
     kept = final if p >= 1.0 else final + (1.0 - final) * ((1 - p) ** 3)
     return int(n * (1 - kept))

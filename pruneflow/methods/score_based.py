@@ -24,6 +24,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, ClassVar
 
 import torch
@@ -300,6 +301,13 @@ def ema_coefficient(cfg, key: str, default: float) -> float:  # noqa: ANN001
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise invalid(f"method.{key}", value, "a number in [0, 1) (EMA coefficient)")
     return float(value)
+
+
+def written_keep(sparsity: float) -> float:
+    """The kept fraction as one writes it for an authors' script (PLATON's
+    ``--final_threshold 0.10``, FORCE's ``--pruning_factor 0.2``) from pruneflow's sparsity:
+    1 - 0.9 in decimal, 0.1, not the float 0.09999999999999998."""
+    return float(Decimal(1) - Decimal(repr(float(sparsity))))
 
 
 def kept_floor(total: int, keep: float) -> int:
