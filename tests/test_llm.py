@@ -75,11 +75,25 @@ def ref_drop_rowwise(metric: np.ndarray, sparsity: float) -> np.ndarray:
 
 
 def ref_drop_nm(metric: np.ndarray, n: int, m: int) -> np.ndarray:
-    drop = np.zeros(metric.shape, bool)
-    for r in range(metric.shape[0]):
-        for c in range(0, metric.shape[1], m):
-            drop[r, c + np.argsort(metric[r, c:c + m], kind="stable")[: m - n]] = True
-    return drop
+    """Wanda's and RIA's lib/prune.py, per M columns: W_mask.scatter_(1, ii + torch.topk(tmp,
+    prune_n, dim=1, largest=False)[1], True), prune_n = M - N pruned (2:4, 4:8)."""
+    metric_t = torch.as_tensor(metric)
+    drop = torch.zeros(metric_t.shape, dtype=torch.bool)
+    for ii in range(0, metric_t.shape[1], m):
+        tmp = metric_t[:, ii:ii + m]
+        drop.scatter_(1, ii + torch.topk(tmp, m - n, dim=1, largest=False)[1], True)
+    return drop.numpy()
+
+
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8)])
+def test_nm_ties_fall_as_in_the_authors_per_group_topk(pattern: tuple[int, int]) -> None:
+    """Scores full of ties (small integers, as fp16 magnitudes at a group boundary): the one
+    topk over all groups drops the same entries as their topk per M columns."""
+    from pruneflow.methods.oneshot import prune_nm
+
+    n, m = pattern
+    metric = torch.randint(0, 3, (64, 256), generator=torch.Generator().manual_seed(0)).float()
+    assert np.array_equal(prune_nm(metric, n, m).numpy(), ref_drop_nm(metric.numpy(), n, m))
 
 
 @pytest.mark.parametrize(("pattern", "per_row", "sparsity"),
@@ -189,8 +203,7 @@ def ref_sparsegpt(W0: np.ndarray, batches: list[torch.Tensor], sparsity: float, 
             drop[:, c:c + block] = seg <= thresh
         if nm is not None and c % nm[1] == 0:
             seg = W[:, c:c + nm[1]] ** 2 / np.diag(U)[c:c + nm[1]][None, :] ** 2
-            for r in range(W.shape[0]):
-                drop[r, c + np.argsort(seg[r], kind="stable")[: nm[1] - nm[0]]] = True
+            drop[:, c:c + nm[1]] |= ref_drop_nm(seg, nm[0], nm[1])  # their torch.topk(tmp, prune_n, largest=False)
         w = W[:, c].copy()
         q = np.where(drop[:, c], 0.0, w)
         err = (w - q) / U[c, c]

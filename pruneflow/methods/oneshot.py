@@ -62,8 +62,9 @@ def check_nm_layer(pattern: tuple[int, int] | None, name: str, in_features: int)
 
 def prune_nm(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean mask of the pruned entries: in every M consecutive columns of each row,
-    the M-N lowest ``metric`` values (ties: the first columns, as ``torch.topk`` on CPU
-    and the authors' code do)."""
+    the M-N lowest ``metric`` values by ``torch.topk(largest=False)``, as the authors'
+    code (ties: where topk puts them, not always the first columns; one call over all
+    groups picks as their call per M columns does, checked on tie-heavy data)."""
     rows, cols = metric.shape
     groups = metric.reshape(rows, cols // m, m)
     drop = torch.topk(groups, m - n, dim=-1, largest=False)[1]
