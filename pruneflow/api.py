@@ -109,6 +109,9 @@ class Pruner:
         if self.method.has_scoring_loss():
             raise UserError(f"method={self.method.name}'s scoring_loss replaces the loss of the scoring steps, which your loop "
                             "computes: leave it at 'task' and compute that loss yourself (FORCE's authors: F.nll_loss of the raw logits).")
+        if batches is not None and not callable(batches):
+            raise UserError(f"batches={type(batches).__name__} object: pass a function that returns a fresh iterator over your "
+                            "batches on every call, e.g. batches=lambda: iter(loader) (it is called again for every pass).")
         device = next(model.parameters()).device
         ctx = PruneContext(model=model, weights=weights, schedule=self.schedule, sparsity=self.method.sparsity,
                            total_steps=self.steps, device=device, batches=None if batches is None else endless(batches),
@@ -178,12 +181,13 @@ class Pruner:
     def remove(self) -> nn.Module:
         """Drop the mask parametrizations, leaving plain weights with the zeros in place
         (before any pruning step of a method that needs data: nothing pruned)."""
-        if self._unscored():
+        unscored = self._unscored()
+        if unscored:
             log.warning("pruner.remove() before any pruning step: method=%s saw no data, so nothing was pruned.", self.method.name)
         elif not self.ended:
             self.end()
         if self.weights is not None and self.method.prunes:
-            self.weights.bake()
+            self.weights.bake(keep_masked=not unscored)  # unscored: the weights as they were (no L0 gate folded in)
         return self.model
 
     def _unscored(self) -> bool:

@@ -280,8 +280,8 @@ def precheck(argv: list[str]) -> str | None:
 
                 name = next((a for a in base if a.startswith("experiment=")), "this experiment")
                 chosen = [OmegaConf.select(composed, o.get_key_element()) for o in params]
-                one = " ".join(f"{o.get_key_element()}={v.get('name') if OmegaConf.is_dict(v) else v}"  # a group: its option
-                               for o, v in zip(params, chosen, strict=True))
+                one = " ".join(f"{o.get_key_element()}={v.get('name') if OmegaConf.is_dict(v) else 'null' if v is None else v}"
+                               for o, v in zip(params, chosen, strict=True))  # a group: its option
                 print(f"pruneflow: note: '{name}' sweeps {', '.join(o.get_key_element() for o in params)} when run with -m "
                       f"(pruneflow -m {' '.join(args)}); this one run takes {one}.", file=sys.stderr)
             if multirun and params:  # the command line's values take precedence, as in Hydra's sweeper

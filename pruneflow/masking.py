@@ -145,11 +145,12 @@ class MaskedWeights:
         return 1.0 - self.num_kept() / max(self.numel, 1)
 
     @torch.no_grad()
-    def bake(self) -> None:
-        """Remove the parametrizations, leaving ``weight = original * mask``."""
+    def bake(self, keep_masked: bool = True) -> None:
+        """Remove the parametrizations, leaving ``weight = original * mask`` (``keep_masked``)
+        or the original weights (masks and gates dropped unapplied)."""
         for w in self.weights:
             if parametrize.is_parametrized(w.module, w.attr):
-                parametrize.remove_parametrizations(w.module, w.attr, leave_parametrized=True)
+                parametrize.remove_parametrizations(w.module, w.attr, leave_parametrized=keep_masked)
 
 
 def strip_parametrization_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

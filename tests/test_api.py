@@ -125,6 +125,9 @@ def test_own_loops_take_the_readme_batches_form_past_one_pass():
                                      loss_fn=lambda m, b: m(b).sum())
     with pytest.raises(UserError, match="no batches"):
         empty.run()
+    with pytest.raises(UserError, match=r"batches=DataLoader object: pass a function .* batches=lambda: iter\(loader\)"):
+        pruneflow.methods.create("grasp", sparsity=0.5, steps=2, model=Tiny(), include=["blocks.*"], batches=loader,
+                                 loss_fn=lambda m, b: m(b).sum())
 
 
 def test_settings_are_checked_with_the_allowed_keys():
@@ -269,6 +272,10 @@ def test_run_and_an_early_end_say_when_nothing_was_scored(caplog):
     pruner.remove()  # masks dropped, nothing pruned
     assert sum("before any pruning step" in r.getMessage() for r in caplog.records) == 1
     assert all(torch.equal(v, early.state_dict()[k]) for k, v in before.items())
+    gated = Tiny().train()  # L0: removing its gates unapplied (folding a sampled gate in scaled or zeroed weights)
+    before = {k: v.clone() for k, v in gated.state_dict().items()}
+    pruneflow.methods.create("l0", steps=10, model=gated, include=["blocks.*"]).remove()
+    assert all(torch.equal(v, gated.state_dict()[k]) for k, v in before.items())
     caplog.clear()
     model = Tiny()
     pruneflow.methods.create("magnitude", sparsity=0.5, steps=1, model=model, include=["blocks.*"]).end()  # one shot: fine

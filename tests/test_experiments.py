@@ -485,6 +485,8 @@ def test_an_experiments_sweep_run_without_multirun_says_which_job_it_runs(capsys
     assert "this one run takes task=glue/sst2 sparsity=0.7" in said
     assert precheck(["experiment=seven/glue_bert_base", "task=glue/rte", "sparsity=0.6"]) is None  # both chosen: no note
     assert "note" not in capsys.readouterr().err
+    assert precheck(["experiment=ria/llama3_8b"]) is None
+    assert "this one run takes method=ria method.pattern=null." in " ".join(capsys.readouterr().err.split())  # as one types it
 
 
 def test_a_table_without_multirun_is_one_clear_error() -> None:

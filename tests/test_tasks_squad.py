@@ -180,6 +180,14 @@ def test_run_squad_oracle_gives_the_gold_answers(tmp_path: Path) -> None:
     assert [p for p, _ in _oracle(task, max_context=f["max_context"])] == golds
 
 
+def test_max_query_length_is_checked_under_run_squad_only() -> None:
+    task = build_task(compose(["task=squad/v1", "task.features=run_squad", "task.max_seq_length=64", "task.max_query_length=100",
+                               "task.doc_stride=16"]).task, 0)
+    with pytest.raises(UserError, match=r"'task.max_query_length': 100.*at most task.max_seq_length - 5 = 59"):
+        task.settings()
+    assert build_task(compose(["task=squad/v1", "task.max_query_length=0"]).task, 0).settings()["max_query_length"] is None  # run_qa: unused
+
+
 def test_max_context_by_hand() -> None:
     """Windows [0, 5) and [2, 7): token 2 is 2 from either edge of the first window, 0 of the
     second; token 3 ties (1.05 both) and stays with the first; token 4 goes to the second."""
