@@ -110,6 +110,11 @@ class StageCache:
 
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.dir) + ".lock")
+
+        def stopped(signum: int, where: str) -> RunStopped:
+            return RunStopped(f"Stopped by {name(signum)} {where} the cached {self.kind} ({self.dir}); this run had not "
+                              "started training. Run the same command again.", signum)
+
         waited = False
         while True:
             try:
@@ -119,20 +124,13 @@ class StageCache:
                 waited = True
                 signum = STOP.requested_here()  # not the collective: other ranks are elsewhere
                 if signum is not None:
-                    raise RunStopped(
-                        f"Stopped by {name(signum)} while waiting for another process to compute the cached {self.kind} "
-                        f"({self.dir}); this run had not started training. Run the same command again.", signum
-                    ) from None
+                    raise stopped(signum, "while waiting for another process to compute") from None
         # The signal that stopped the process computing the entry (a sweep's jobs share it)
         # frees the lock: stop here rather than start computing the entry for one step.
         signum = STOP.requested_here()
         if signum is not None:
             lock.release()
-            where = "while waiting for another process to compute" if waited else "before computing"
-            raise RunStopped(
-                f"Stopped by {name(signum)} {where} the cached {self.kind} ({self.dir}); this run had not started "
-                "training. Run the same command again.", signum
-            )
+            raise stopped(signum, "while waiting for another process to compute" if waited else "before computing")
         try:
             yield
         finally:

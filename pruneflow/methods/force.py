@@ -92,8 +92,8 @@ class Force(ScoreBasedMethod):
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """Their ``get_mask``: the ``int(n * keep)``-th largest score, every score >= it kept;
         on the exponential schedule keep is their level (:func:`authors_kept_count`)."""
-        schedule = self.ctx.schedule
-        on_schedule = (step is not None and schedule.kind == "exponential" and sparsity == schedule.sparsity(step)
-                       and schedule.progress(step) > 0)  # not in an initial warm-up (nothing pruned there)
-        count = authors_kept_count(scores.numel(), schedule, step, self.sparsity) if on_schedule else kept_floor(scores.numel(), 1.0 - sparsity)
+        if self.on_ramp(sparsity, step, "exponential"):
+            count = authors_kept_count(scores.numel(), self.ctx.schedule, step, self.sparsity)
+        else:
+            count = kept_floor(scores.numel(), 1.0 - sparsity)
         keep_from_kth_largest_(scores, count, out)

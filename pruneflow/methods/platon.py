@@ -154,7 +154,8 @@ class Platon(ScoreBasedMethod):
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
         """``kthvalue(scores, int(n * (1 - r)))`` and keep every score >= it, with their
         kept ratio r (:func:`authors_pruned_count`)."""
-        schedule = self.ctx.schedule
-        on_schedule = step is not None and schedule.kind == "cubic" and sparsity == schedule.sparsity(step)
-        count = authors_pruned_count(scores.numel(), schedule, step, self.sparsity) if on_schedule else int(scores.numel() * sparsity + 1e-9)
+        if self.on_ramp(sparsity, step, "cubic"):
+            count = authors_pruned_count(scores.numel(), self.ctx.schedule, step, self.sparsity)
+        else:
+            count = int(scores.numel() * sparsity + 1e-9)
         keep_from_kth_smallest_(scores, count, out)

@@ -608,6 +608,13 @@ class ScoreBasedMethod(PruningMethod):
             return -1  # units of different sizes: no single expected count
         return sum(kept_count(g.n_units, self.sparsity) * per_unit[g.name] for g in self.units)
 
+    def on_ramp(self, sparsity: float, step: int | None, kind: str) -> bool:
+        """Whether a mask update asks for the ``kind`` schedule's own level at ``step``, past
+        its initial warm-up: then ``selection=authors`` computes that level with the
+        authors' own expression (SEVEN, PLATON, FORCE), which rounds as theirs does."""
+        schedule = self.ctx.schedule
+        return step is not None and schedule.kind == kind and sparsity == schedule.sparsity(step) and schedule.progress(step) > 0
+
     def lands_on_target(self) -> bool:
         """Whether the prune stage must end exactly at the target count (the authors'
         tie rules and SEVEN's early stop may leave it a few weights off)."""

@@ -201,10 +201,9 @@ class Seven(ScoreBasedMethod):
         ``keep + (1 - keep) * (1 - (i + 1) / N) ** 3`` in their order of operations: the
         algebraically equal ``1 - target * (1 - (1 - p) ** 3)`` rounds differently and at
         BERT-base's 85M weights lands one weight off in about 1 of 2,600 steps."""
-        schedule = self.ctx.schedule
-        if step is not None and schedule.kind == "cubic" and sparsity == schedule.sparsity(step):
+        if self.on_ramp(sparsity, step, "cubic"):
             keep = 1 - self.sparsity
-            remain = keep + (1 - keep) * ((1 - schedule.progress(step)) ** 3)
+            remain = keep + (1 - keep) * ((1 - self.ctx.schedule.progress(step)) ** 3)
             count = int(remain * scores.numel())
         else:
             count = kept_floor(scores.numel(), 1.0 - sparsity)
