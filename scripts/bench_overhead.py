@@ -10,7 +10,9 @@ from the first third of the cubic ramp of a ``--prune-steps`` prune stage (1000:
 short for BERT-base on GLUE), so the kept count changes every step, by as much as
 a real run's does. The process keeps freed memory as the trainer does on CPU
 (``trainer.keep_freed_memory``).
-Dense and pruned steps are interleaved (alternating which goes first); each
+Before them the pruned model alone runs ``--method-warmup`` steps (the schedule's
+steps just before), so the method's scores have trained as they have on a run's
+ramp. Dense and pruned steps are then interleaved (alternating which goes first); each
 ratio is median(pruned) / median(dense) over the measured steps, after warm-up
 steps (which also absorb any torch.compile time). After every step the mask is checked to hold exactly
 the scheduled number of weights.
@@ -127,6 +129,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="measured steps per method (single steps vary by several %% even on an idle machine)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured first steps (allocator and compile warm-up)")
+    ap.add_argument("--method-warmup", type=int, default=10,
+                    help="pruned-model steps before the interleaved ones (schedule steps just before them), so the method's "
+                         "scores and top-k have trained as on a run's ramp (0: start from fresh scores)")
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--prune-steps", type=int, default=1000, help="length of the prune stage whose cubic ramp the measured steps come from")
     ap.add_argument("--keep-freed-memory", default="auto", choices=["auto", "true", "false"], help="auto (on CPU, as the trainer) | true | false")
@@ -159,13 +164,15 @@ def main() -> None:
     n_prunable = sum(w.numel() for w in select_prunable(dense, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"# BERT layers={args.layers} batch={args.batch}x{args.seq} prunable={n_prunable:,} {where} precision={args.precision} "
-          f"steps={args.steps} (+{args.warmup} warm-up) sparsity={args.sparsity} compile={args.compile} model_compile={model_compile} "
+          f"steps={args.steps} (+{args.warmup} warm-up, after {args.method_warmup} pruned-only) sparsity={args.sparsity} compile={args.compile} model_compile={model_compile} "
           f"prune_steps={args.prune_steps} keep_freed_memory={allocator.applied()}", flush=True)
 
     total = args.warmup + args.steps
     first = args.prune_steps // 3  # the schedule's step of the first (warm-up) step
     if not 0 < total <= args.prune_steps - first:
         sys.exit(f"--prune-steps {args.prune_steps} is too short for {total} steps from its first third")
+    if not 0 <= args.method_warmup <= first:
+        sys.exit(f"--method-warmup {args.method_warmup}: at most {first} (the steps before the first third of --prune-steps {args.prune_steps})")
     all_exact = True
     for name in args.methods.split(","):
         model = copy.deepcopy(template)
@@ -182,6 +189,16 @@ def main() -> None:
         for group in method.param_groups():  # movement pruning's scores
             opt.add_param_group({"params": group["params"], "lr": group["pf_lr"], "weight_decay": 0.0})
         t_dense, t_pruned, t_hooks, exact = [], [], [], True
+        # A run reaches its ramp with scores already trained (movement's from 0, SEVEN's and
+        # PLATON's sums): steps from fresh scores are a transient (movement's first Adam
+        # steps give every score the same size, so its top-k brackets miss for ~5 steps).
+        for step in range(first - args.method_warmup, first):
+            tp, th = train_step(model, opt, batch, method, step)
+            expected = expected_kept(method, method.target_sparsity(step))
+            kept = method.kept_count_now()
+            exact &= kept == expected
+            print(f"#   {name} method warm-up step {step}: pruned {tp * 1e3:.0f} ms (method hooks {th * 1e3:.0f} ms), "
+                  f"kept {kept:,} (scheduled {expected:,})", flush=True)
         for i, step in enumerate(range(first, first + total)):
             if i % 2:  # alternate which runs first, so drift on a shared machine hits both alike
                 tp, th = train_step(model, opt, batch, method, step)

@@ -20,7 +20,7 @@ SCRIPTS = ROOT / "scripts"
 # Toy sizes for each script on the CPU. bench_gpu.sh's calls get them after their own
 # flags (argparse keeps the last value of a repeated flag).
 TOY_FLAGS = {
-    "bench_overhead.py": "--layers 1 --batch 2 --seq 16 --steps 2 --warmup 2 --prune-steps 30 --threads 1",
+    "bench_overhead.py": "--layers 1 --batch 2 --seq 16 --steps 2 --warmup 2 --method-warmup 2 --prune-steps 30 --threads 1",
     "bench_speed.py": "--batch 1 --seq 16 --repeats 1 --warmup 1 --threads 1",
     "bench_semi_structured.py": "--batch 1 --seq 16 --repeats 1",
 }
