@@ -249,6 +249,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(empty error.txt)"
 
 
+def _job_label(d: Path, root: Path) -> str:
+    """A job's folder relative to the report's root; the root as given when the report is
+    of one run's own folder (not '.')."""
+    rel = d.relative_to(root)
+    return str(root) if rel == Path(".") else str(rel)
+
+
 def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job]]:
     """(failed, unfinished) jobs under root: error.txt, or a Hydra job dir without result."""
     failed, unfinished = [], []
@@ -258,7 +265,7 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
         if str(d) in finished or ".cache" in d.parts:
             continue
         seen.add(str(d))
-        failed.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), _last_line(err.read_text(errors="replace"))))
+        failed.append(Job(_job_label(d, root), _job_overrides(d), _last_line(err.read_text(errors="replace"))))
     for hydra_dir in sorted(root.rglob(".hydra")):
         d = hydra_dir.parent
         if str(d) in finished or str(d) in seen or ".cache" in d.parts:
@@ -273,7 +280,7 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
                 pass
         if (d / STOPPED_FILE).exists() and not result.exists():  # a signal stopped the run: it says where
             reason = _last_line((d / STOPPED_FILE).read_text(errors="replace"))
-        unfinished.append(Job(str(d.relative_to(root)) or ".", _job_overrides(d), reason))
+        unfinished.append(Job(_job_label(d, root), _job_overrides(d), reason))
     return failed, unfinished
 
 
@@ -747,6 +754,13 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
     finished = {r["_path"] for r in results}
     failed, unfinished = find_incomplete(root, finished)
     if not results:
+        jobs = [*failed, *unfinished]
+        if len(jobs) == 1 and jobs[0].path == str(root):  # the folder of one run, which has no result yet
+            state = "failed" if failed else "has not finished"
+            raise ReportError(
+                f"The run in '{root}' {state}: {jobs[0].reason.rstrip('.')}. pruneflow-report collects finished runs "
+                "(their result.json); give it this run's folder again once the run has finished, or a sweep directory."
+            )
         raise ReportError(
             f"No finished run under '{root}': no readable result.json was found "
             f"({len(failed)} failed job(s) with error.txt, {len(unfinished)} unfinished). "

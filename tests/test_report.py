@@ -141,6 +141,18 @@ def test_report_errors_clearly_without_results(tmp_path: Path, capsys: pytest.Ca
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_report_of_one_stopped_run_names_its_folder_and_the_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "outputs" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    stop = "Stopped by SIGINT after step 7 of 10 of the prune stage; a checkpoint was saved. Run the same command again to resume from it."
+    (run / "stopped.txt").write_text(stop + "\n")
+    assert main([str(run)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    # it said "No finished run under ... (0 failed job(s) ..., 1 unfinished)" and labelled the job '.'
+    assert f"The run in '{run}' has not finished: Stopped by SIGINT after step 7 of 10" in err
+    assert "Run the same command again to resume from it." in err and "\n  ." not in err
+
+
 # ----------------------------------------------------------------------------- reproduction ledger
 FIGURE_INFO = {
     "name": "seven_pre/plot1_bert_base", "source": "Xiao et al. 2024, plot1", "figure": "SEVEN plot1",
