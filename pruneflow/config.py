@@ -210,10 +210,11 @@ class PruneflowConfig:
 def _dirname(overrides: str) -> str:
     """A sweep job's folder name from its overrides, safe as one path component. Long
     names are cut and end with a hash of the whole override string, so two jobs that
-    differ only past the cut still get different folders."""
+    differ only past the cut still get different folders. Hydra escapes ':' in values
+    (``method.pattern=2\\:4``); a folder name needs no escape, and ``2:4`` is what one types."""
     import hashlib
 
-    name = (overrides or "default").replace("/", "_")
+    name = (overrides or "default").replace("/", "_").replace("\\:", ":")
     if len(name) <= 200:
         return name
     return name[:183] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]

@@ -303,6 +303,8 @@ def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_p
     long = ",".join(f"trainer.log_every={10 + i}" for i in range(20))
     a, b = _dirname(long + ",trainer.weight_decay=0.0"), _dirname(long + ",trainer.weight_decay=0.5")
     assert a != b and len(a) <= 200 and len(b) <= 200
+    # Hydra's override_dirname escapes ':'; the folder does not (it was method.pattern=2\:4)
+    assert _dirname("method=wanda,method.pattern=2\\:4,task=lm/wikitext2") == "method=wanda,method.pattern=2:4,task=lm_wikitext2"
     pad = "stages.eval_batch_size=" + "0" * 190 + "64"  # a long override: the job names are cut
     sweep = tmp_path / "sweep"
     out = run_cli(["-m", *SMALL, "method=magnitude", "sparsity=0.5", "stages.recover.batch_size=32,1000", "seed=0", pad,
