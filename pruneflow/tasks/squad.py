@@ -348,12 +348,13 @@ class Squad(TextTask):
             out = dict(enc)
             out["example_index"] = [indices[j] for j in sample]
             out["cls_index"] = [self._cls(ids) for ids in enc["input_ids"]]
+            seq_ids = [enc.sequence_ids(i) for i in range(len(offsets))]
             out["context_offsets"] = [
-                [list(o) if sid == ctx_seq else [-1, -1] for o, sid in zip(offs, enc.sequence_ids(i), strict=True)]
-                for i, offs in enumerate(offsets)
+                [list(o) if sid == ctx_seq else [-1, -1] for o, sid in zip(offs, ids, strict=True)]
+                for offs, ids in zip(offsets, seq_ids, strict=True)
             ]
             if s["features"] == "run_squad":
-                out["max_context"] = self._max_context(enc, sample, ctx_seq, s["doc_stride"])
+                out["max_context"] = self._max_context(seq_ids, sample, ctx_seq, s["doc_stride"])
             return out
 
         raw = self.raw[split]
@@ -371,20 +372,20 @@ class Squad(TextTask):
         return feats.remove_columns([c for c in ("example_index", "cls_index", "context_offsets", "max_context") if c in feats.column_names])
 
     @staticmethod
-    def _max_context(enc: Any, sample: list[int], ctx_seq: int, step: int) -> list[list[bool]]:
+    def _max_context(seq_ids: list[list[int | None]], sample: list[int], ctx_seq: int, step: int) -> list[list[bool]]:
         """Per feature and token: may an answer start here (run_squad's max-context rule)?
-        The windows of an example are consecutive features, the k-th starting at context
-        token k * doc_stride."""
+        ``seq_ids``: each feature's ``sequence_ids``. The windows of an example are
+        consecutive features, the k-th starting at context token k * doc_stride."""
         flags: list[list[bool]] = []
         i = 0
         while i < len(sample):
             j = i
             while j < len(sample) and sample[j] == sample[i]:
                 j += 1
-            positions = [[t for t, sid in enumerate(enc.sequence_ids(f)) if sid == ctx_seq] for f in range(i, j)]
+            positions = [[t for t, sid in enumerate(seq_ids[f]) if sid == ctx_seq] for f in range(i, j)]
             per_window = max_context_flags([(k * step, len(p)) for k, p in enumerate(positions)])
             for f, (p, ok) in enumerate(zip(positions, per_window, strict=True), start=i):
-                row = [False] * len(enc["input_ids"][f])
+                row = [False] * len(seq_ids[f])
                 for t, flag in zip(p, ok.tolist(), strict=True):
                     row[t] = flag
                 flags.append(row)
