@@ -191,9 +191,12 @@ def ref_sparsegpt(W0: np.ndarray, batches: list[torch.Tensor], sparsity: float, 
     columns as e * U[j, later] (no lazy batching: the update is applied at once)."""
     X = np.concatenate([b.reshape(-1, b.shape[-1]).double().numpy() for b in batches])
     H = 2 * X.T @ X / len(batches)
+    W = W0.copy()
+    dead = np.diag(H) == 0  # an input that is always 0: its weights go, H gets a 1 there
+    H[dead, dead] = 1
+    W[:, dead] = 0
     H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
     U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: U^T U = H^-1
-    W = W0.copy()
     cols = W.shape[1]
     drop = np.zeros(W.shape, bool)
     for c in range(cols):
@@ -222,6 +225,23 @@ def test_sparsegpt_matches_a_column_by_column_transcription(pattern: str | None,
     assert ((W == 0) == (ref == 0)).all()
     assert np.allclose(W, ref, atol=1e-4)
     assert not np.allclose(W[W != 0], W0[W != 0])  # the kept weights were updated
+
+
+def test_sparsegpt_drops_the_weights_of_an_input_that_is_always_zero() -> None:
+    """An input channel that is 0 in every calibration sample: its weights are set to 0
+    and H gets a 1 on its diagonal (their ``dead`` rule), then the usual pruning."""
+    layer, batches = make_layer(rows=12, cols=32, seed=5)
+    for b in batches:
+        b[..., 3] = 0
+    with torch.no_grad():  # large enough to be kept if they were scored as weights of a live input
+        layer.weight[:, 3] *= 100
+    W0 = layer.weight.detach().double().numpy().copy()
+    assert (W0[:, 3] != 0).all()
+    cfg = method_cfg("sparsegpt", pattern=None, block_size=8, dampening=0.01)
+    W = prune_with(SparseGPT(cfg, 0.5), layer, batches).double().numpy()
+    ref = ref_sparsegpt(W0, batches, 0.5, None, 8)
+    assert (W[:, 3] == 0).all()
+    assert ((W == 0) == (ref == 0)).all() and np.allclose(W, ref, atol=1e-4)
 
 
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda() -> None:

@@ -49,10 +49,12 @@ PROTOCOLS = {
     "movement": ["method=movement", "trainer.continuous=true", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
     "platon": ["method=platon", "trainer.continuous=true", "method.deltaT=2", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
     "seven_distill": ["method=seven", "distill.enabled=true"],
+    # two micro-batches per step: a resumed stage skips twice as many batches as steps
+    "seven_accum": ["method=seven", "trainer.gradient_accumulation_steps=2"],
 }
 
 
-@pytest.mark.parametrize("name, kill_at", [("movement", "prune:6"), ("platon", "prune:9"), ("seven_distill", "recover:3")])
+@pytest.mark.parametrize("name, kill_at", [("movement", "prune:6"), ("platon", "prune:9"), ("seven_distill", "recover:3"), ("seven_accum", "prune:6")])
 def test_authors_protocols_resume_to_the_same_result(tmp_path, name, kill_at):
     args = [*SMALL, "sparsity=0.7", *PROTOCOLS[name]]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"

@@ -237,6 +237,42 @@ def test_platon_pruned_weights_train_between_mask_updates() -> None:
     assert bool((weights.weights[0].param[pruned] != 0).any())
 
 
+def test_platon_strict_masks_keep_pruned_weights_at_zero_between_mask_updates() -> None:
+    """``method.strict_masks=true``: the mask acts in every forward (a parametrization), so
+    the weights the model computes with stay zero between PLATON's mask updates."""
+    model, weights, method = make("platon", sparsity=0.5, steps=20, deltaT=4, biases=False, strict_masks=True)
+    assert weights.weights[0].parametrization is not None
+    masks = train_steps(model, method, 4)  # g = 4: the first mask update
+    pruned = masks[-1][: weights.weights[0].numel()].view(weights.weights[0].shape) == 0
+    assert bool(pruned.any())
+    train_steps(model, method, 1, start=4)
+    assert bool((weights.weights[0].module.weight[pruned] == 0).all())
+
+
+def test_end_prune_stage_lands_on_the_target_when_the_stage_was_cut_short() -> None:
+    """A prune stage that stops before the ramp's end (a resumed run with another length)
+    still ends at the target: 1,024 weights at 75 % keep 256."""
+    model, weights, method = make("seven", sparsity=0.75, steps=8)
+    train_steps(model, method, 3)
+    assert int(method.mask_flat.sum()) > 256
+    method.end_prune_stage()
+    assert weights.numel == 1024 and int(method.mask_flat.sum()) == method.kept_target() == 256
+
+
+def test_soft_movement_keeps_its_floor_per_matrix() -> None:
+    """Their binarizer keeps at least ``int(0.005 n) + 1`` weights of a matrix: 3 of 512
+    when sigmoid(S) is below the threshold everywhere, the 3 largest scores."""
+    model, weights, method = make("soft_movement", sparsity=None, steps=8)
+    scores = method.state["scores"]
+    torch.manual_seed(1)
+    scores.copy_(-10 + 0.01 * torch.randn_like(scores))  # sigmoid ~ 4.5e-5: below any threshold
+    method.update_masks(0.05)
+    for start, n, _ in method.slices:
+        kept = method.mask_flat[start : start + n]
+        assert n == 512 and int(kept.sum()) == int(0.005 * n) + 1 == 3
+        assert torch.equal(kept.nonzero().squeeze(1).sort().values, scores[start : start + n].topk(3).indices.sort().values)
+
+
 def test_deltat_sets_the_mask_interval() -> None:
     model, weights, method = make("platon", sparsity=0.5, steps=20, deltaT=5)
     masks = train_steps(model, method, 6)
@@ -431,6 +467,16 @@ def test_compiled_kernels_match_eager() -> None:
             TopK(compiled=False).mask_(y[start : start + n], k, out_eager[start : start + n])
         assert torch.equal(out_shared, out_eager)
     assert shared.band_rows.compiled_fn is not None and shared.write_rows.compiled_fn is not None
+
+
+def test_kept_floor_counts_one_minus_s_as_written() -> None:
+    """``int(keep * n)`` with keep = 1 - 0.9 = 0.09999999999999998: 0.9999999999999998 weights
+    of 10 and 2.9999999999999996 of 30 count as 1 and 3, as the authors' 0.1 does."""
+    from pruneflow.methods.score_based import kept_floor
+
+    assert (1 - 0.9) * 10 < 1 and (1 - 0.9) * 30 < 3
+    assert kept_floor(10, 1 - 0.9) == 1 and kept_floor(30, 1 - 0.9) == 3
+    assert kept_floor(10, 0.25) == 2 and kept_floor(7, 1.0) == 7 and kept_floor(7, 0.0) == 0
 
 
 def test_seven_selection_authors_counts_their_remain_ratio():

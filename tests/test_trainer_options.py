@@ -112,6 +112,52 @@ def test_batch_order_is_checked(config):
         validate_trainer(config("trainer.batch_order=mt-dnn"), False)
 
 
+def test_warmup_ratio_rounds_the_warmup_up():
+    """``trainer.warmup_ratio``: ceil(ratio * steps) warm-up steps, as transformers'
+    ``TrainingArguments.get_warmup_steps``: 0.1 of 25 steps is 3, not 2."""
+    trainer = _trainer(nn.Linear(2, 2), warmup_ratio=0.1)
+    assert [trainer.warmup_steps(n) for n in (25, 20, 1, 0)] == [3, 2, 1, 0]
+    assert _trainer(nn.Linear(2, 2), warmup_ratio=0.1, warmup_steps=5).warmup_steps(25) == 5
+
+
+class _Regression:
+    """A least-squares task on 16 fixed examples (no dropout, no randomness in the loss)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+        self.train_set = list(range(16))
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"i": torch.tensor(indices)}
+
+    def loss(self, bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
+        return nn.functional.mse_loss(bundle.model(self.x[batch["i"]]), self.y[batch["i"]])
+
+
+def _train_sgd(accum: int, batch_size: int, steps: int = 3) -> dict[str, torch.Tensor]:
+    from pruneflow.trainer import StageSpec
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    cfg = OmegaConf.create({"precision": "32", "freeze": [], "gradient_accumulation_steps": accum, "optimizer": "sgd",
+                            "momentum": 0.0, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
+                            "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 0.0, "log_every": 10})
+    trainer = Trainer(cfg, torch.device("cpu"), SimpleNamespace(model=model), task=_Regression())  # type: ignore[arg-type]
+    trainer.train(StageSpec("finetune", steps, lr=0.1, batch_size=batch_size, seed=3))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_gradient_accumulation_averages_the_micro_batches():
+    """Two micro-batches of 4 per step train as one batch of 8 over the same examples
+    (the loss of each is divided by the number of micro-batches): plain SGD, 3 steps."""
+    accumulated, whole = _train_sgd(accum=2, batch_size=4), _train_sgd(accum=1, batch_size=8)
+    start = _train_sgd(accum=1, batch_size=8, steps=0)
+    for name in whole:
+        assert not torch.allclose(whole[name], start[name])  # it trained
+        assert torch.allclose(accumulated[name], whole[name], rtol=1e-6, atol=1e-7), name
+
+
 @pytest.mark.parametrize("name", TRANSFORMERS_SCHEDULERS)
 def test_lr_schedules_are_transformers_schedules(name):
     """Each factor equals ``transformers.get_scheduler``'s LambdaLR at every step (and past
