@@ -431,8 +431,10 @@ class Run:
     # -- main ------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         cfg = self.cfg
-        t_start = time.perf_counter()
         self.logger = make_logger(cfg, self.run_dir) if distributed.is_main() else NullLogger()
+        # After the logger: W&B's wait for an unreachable server (about 30 s before its
+        # offline fallback) is start-up, which time_s.total leaves out like the loading.
+        t_start = time.perf_counter()
         progress = self.progress()
         ckpt = self.load_checkpoint()
         if ckpt is None and progress["done"]:  # the stages' metrics without their weights
