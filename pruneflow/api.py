@@ -87,6 +87,12 @@ class Pruner:
         self.steps_seen = 0  # after_optimizer_step calls before end()
         self.ran = False  # run(): the method's own loop
 
+    def _attached(self, call: str) -> None:
+        if self.model is None:
+            raise UserError(f"pruner.{call} before pruner.attach(model): the pruner has no model yet. Pass the model when "
+                            f"creating it (pruneflow.methods.create({self.method.name!r}, ..., model=model)) or call "
+                            "pruner.attach(model) first.")
+
     # -- attaching -------------------------------------------------------------------
     def attach(
         self,
@@ -123,6 +129,7 @@ class Pruner:
     def param_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
         """Optimizer groups for the method's own trainable tensors (movement pruning's
         scores, with their learning rate): add them with ``optimizer.add_param_group``."""
+        self._attached("param_groups()")
         out = []
         for g in self.method.param_groups():
             group = {k: v for k, v in g.items() if k != "pf_lr"}
@@ -133,14 +140,17 @@ class Pruner:
     # -- the training loop's hooks -------------------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:
         """Add to the loss before ``backward()`` (ADMM's penalty, soft movement's L1 term)."""
+        self._attached("extra_loss()")
         return self.method.extra_loss()
 
     def after_backward(self, step: int, grads_finite: bool = True) -> None:
+        self._attached("after_backward()")
         self.method.after_backward(step, grads_finite=grads_finite)
 
     def after_optimizer_step(self, step: int, grads_finite: bool = True) -> None:
         """After ``optimizer.step()`` and before ``zero_grad()`` (the method reads this
         step's gradients); ``grads_finite=False`` on a step skipped by an fp16 scaler."""
+        self._attached("after_optimizer_step()")
         if self.method.prune_in_eval_mode and not self.ended and self.model is not None and self.model.training and not self.warned_mode:
             # the loop is the caller's, so is the model's mode: say what the authors do
             log.warning("method=%s scores with the model in eval mode (no dropout), as its authors' code; this loop runs it "
@@ -154,6 +164,7 @@ class Pruner:
     def run(self, lr: float | None = None) -> bool:
         """Methods with their own prune loop (SPP's search, ``steps`` long): run it now.
         ``lr``: SPP's mask learning rate, as ``create("spp", search_lr=...)`` sets it."""
+        self._attached("run()")
         if lr is not None:
             from pruneflow.methods.spp import SPP
 
@@ -169,6 +180,7 @@ class Pruner:
     def end(self) -> nn.Module:
         """End the pruning phase: masks frozen (later hook calls change nothing), the model
         finalised (SPP: physically compressed). Returns the model to go on training."""
+        self._attached("end()")
         if self._unscored():
             raise UserError(f"pruner.end() before any pruning step: method={self.method.name} would choose its mask from scores "
                             "that saw no data, an arbitrary mask. Call pruner.after_optimizer_step(step) in your loop first "
@@ -181,6 +193,7 @@ class Pruner:
     def remove(self) -> nn.Module:
         """Drop the mask parametrizations, leaving plain weights with the zeros in place
         (before any pruning step of a method that needs data: nothing pruned)."""
+        self._attached("remove()")
         unscored = self._unscored()
         if unscored:
             log.warning("pruner.remove() before any pruning step: method=%s saw no data, so nothing was pruned.", self.method.name)
@@ -197,6 +210,7 @@ class Pruner:
     @property
     def sparsity(self) -> float:
         """The current fraction of prunable weights at zero, counted from the weights."""
+        self._attached("sparsity")
         return sparsity_report(self.model, names=[w.name for w in self.weights])["prunable"]["sparsity"]
 
     def state_dict(self) -> dict[str, Any]:

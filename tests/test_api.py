@@ -282,3 +282,23 @@ def test_run_and_an_early_end_say_when_nothing_was_scored(caplog):
     assert not caplog.records and pruneflow.sparsity_report(model)["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     _, pruner = plain_loop("seven", sparsity=0.5)  # steps, then end(): no warning
     assert not caplog.records and pruner.steps_seen > 0
+
+
+def test_hooks_before_attach_and_steps_without_gradients_are_refused():
+    """A pruner created without a model: its hooks raised AttributeError, param_groups()
+    returned [] (movement's scores never reached the optimizer). A step with no gradients
+    (zero_grad() before the hook, or no backward()) left SEVEN's scores at 0 and pruned
+    70 % of the weights by position, without a word."""
+    for call in (lambda p: p.after_optimizer_step(0), lambda p: p.param_groups(), lambda p: p.end(), lambda p: p.after_backward(0)):
+        with pytest.raises(UserError, match=r"before pruner.attach\(model\)"):
+            call(pruneflow.methods.create("movement", sparsity=0.7, steps=10))
+    for method in ("seven", "movement"):
+        model = Tiny()
+        pruner = pruneflow.methods.create(method, sparsity=0.7, steps=3, model=model, include=["blocks.*"])
+        opt = torch.optim.SGD([*model.parameters(), *(p for g in pruner.param_groups() for p in g["params"])], lr=0.1)
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        opt.zero_grad()  # before the hook: the gradients are gone
+        with pytest.raises(UserError, match=rf"method={method} scores from gradients, but none of its \d+ tensors"):
+            pruner.after_optimizer_step(0)
+        assert int(pruner.method.mask_flat.sum()) == pruner.method.mask_flat.numel()  # nothing pruned

@@ -75,6 +75,9 @@ class Movement(ScoreBasedMethod):
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
 
+    def gradient_sources(self) -> list[torch.Tensor]:
+        return list(self.score_params)  # the optimizer steps them from their gradients
+
 
 class SoftMovement(Movement):
     name = "soft_movement"

@@ -526,6 +526,15 @@ class ScoreBasedMethod(PruningMethod):
         loops read them, after ``optimizer.step()``), then the mask on the schedule."""
         if self.frozen:
             return
+        sources = self.gradient_sources()
+        if sources and grads_finite and all(t.grad is None for t in sources):
+            raise UserError(
+                f"method={self.name} scores from gradients, but none of its {len(sources)} tensors that should have one "
+                f"({'the prunable weights' if self.uses_gradients else 'its trainable scores'}) has a gradient at step {step}: "
+                "the hook runs after loss.backward() and optimizer.step() and before optimizer.zero_grad() (the scores "
+                "would otherwise stay as they were and the mask would be arbitrary). Weights frozen by trainer.freeze "
+                "(requires_grad=False) cannot be scored by it."
+            )
         mask_step = self.is_mask_step(step)
         # Adam's moments and weight decay moved pruned entries: zero them again. At a mask
         # step the mask update does it (after choosing the new mask), so when the scores
@@ -539,6 +548,10 @@ class ScoreBasedMethod(PruningMethod):
             self.k += 1
         if mask_step:
             self.update_masks(self.target_sparsity(step), step)
+
+    def gradient_sources(self) -> list[torch.Tensor]:
+        """The tensors whose ``.grad`` a step of this method reads (none: data-free)."""
+        return [w.param for w in self.ctx.weights] if self.uses_gradients else []
 
     def grads(self) -> list[torch.Tensor | None]:
         """Gradients of the prunable weights: G * mask under the parametrization and in
