@@ -35,6 +35,9 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "timm", "safeten
 # inside another trainer. A release that only touches them keeps every cached fine-tune
 # (hours of GPU time for a BERT-base task) instead of recomputing it.
 NOT_IN_STAGES = ("report.py", "ledger.py", "published.py", "card.py", "push.py", "loggers.py", "integrations/")
+# The dense fine-tune runs no pruning method's code (a method only plans the stage's
+# length, which its key holds): editing or adding a method keeps the cached fine-tunes.
+NOT_IN_FINETUNE = ("methods/",)
 
 
 def source_hash(root: Path, skip: tuple[str, ...] = ()) -> str:
@@ -72,21 +75,21 @@ def path_fingerprint(path: str | None, deep: bool = True) -> list[list[Any]] | N
 
 
 @functools.cache
-def code_fingerprint() -> dict[str, str]:
-    """What every cache key includes besides its settings: pruneflow's source and the
-    installed versions of ``LIBRARIES``."""
+def code_fingerprint(skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """What every cache key includes besides its settings: pruneflow's source (but
+    ``NOT_IN_STAGES`` and ``skip``) and the installed versions of ``LIBRARIES``."""
     versions = {}
     for name in LIBRARIES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "absent"
-    return {"pruneflow_source": source_hash(Path(__file__).resolve().parent, NOT_IN_STAGES), **versions}
+    return {"pruneflow_source": source_hash(Path(__file__).resolve().parent, NOT_IN_STAGES + skip), **versions}
 
 
 class StageCache:
-    def __init__(self, root: str | Path, kind: str, key_material: dict[str, Any]) -> None:
-        key_material = {**key_material, "code": code_fingerprint()}
+    def __init__(self, root: str | Path, kind: str, key_material: dict[str, Any], code_skip: tuple[str, ...] = ()) -> None:
+        key_material = {**key_material, "code": code_fingerprint(code_skip)}
         self.key = stable_hash(key_material)
         self.dir = Path(root) / kind / self.key
         self.kind = kind

@@ -23,7 +23,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from pruneflow import allocator, distill, distributed
-from pruneflow.cache import StageCache, path_fingerprint
+from pruneflow.cache import NOT_IN_FINETUNE, StageCache, path_fingerprint
 from pruneflow.config import RESUME_FREE
 from pruneflow.errors import (
     SPARSITY_ALLOWED,
@@ -580,7 +580,7 @@ class Run:
             train()
             self.finetune_source = {"cache": None, "reused": False}
             return
-        cache = StageCache(Path(self.cfg.cache_dir), "finetune", self.finetune_key())
+        cache = StageCache(Path(self.cfg.cache_dir), "finetune", self.finetune_key(), code_skip=NOT_IN_FINETUNE)
         if distributed.is_distributed():  # every rank trains (collectives); rank 0 stores
             reused = distributed.broadcast_object(cache.exists())
             if not reused:

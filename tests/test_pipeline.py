@@ -117,7 +117,7 @@ def test_a_finetune_cached_by_other_code_is_not_reused(config, tmp_path, caplog,
 
     run(config("method=magnitude", "sparsity=0.5"), tmp_path / "a")
     edited = {**cache.code_fingerprint(), "pruneflow_source": "0" * 16}
-    monkeypatch.setattr(cache, "code_fingerprint", lambda: edited)
+    monkeypatch.setattr(cache, "code_fingerprint", lambda skip=(): edited)
     caplog.set_level("INFO", logger="pruneflow")
     run(config("method=magnitude", "sparsity=0.5"), tmp_path / "b")
     messages = [r.getMessage() for r in caplog.records]
@@ -126,6 +126,23 @@ def test_a_finetune_cached_by_other_code_is_not_reused(config, tmp_path, caplog,
     entries = [d for d in (tmp_path / "cache" / "finetune").iterdir() if d.is_dir()]
     codes = {json.loads((d / "key.json").read_text())["code"]["pruneflow_source"] for d in entries}
     assert len(codes) == 2 and "0" * 16 in codes
+
+
+def test_editing_a_method_keeps_the_cached_finetune(config, tmp_path, caplog, monkeypatch):
+    """The finetune's key leaves the methods' source out (no method runs in it): adding or
+    editing a method file (README, "Adding a method") reused nothing before."""
+    from pruneflow import cache
+
+    real = cache.code_fingerprint
+    edits = iter(range(10))
+    # every call sees "edited" methods/ unless the caller leaves methods/ out of its key
+    monkeypatch.setattr(cache, "code_fingerprint",
+                        lambda skip=(): real(skip) if "methods/" in skip else {**real(skip), "pruneflow_source": f"edit{next(edits)}"})
+    run(config("method=magnitude", "sparsity=0.5"), tmp_path / "a")
+    caplog.set_level("INFO", logger="pruneflow")
+    b = run(config("method=random", "sparsity=0.5"), tmp_path / "b")
+    assert b["provenance"]["finetune"]["reused"] is True
+    assert any("Reusing cached finetune" in r.getMessage() for r in caplog.records)
 
 
 def test_source_hash_follows_every_python_file(tmp_path):
@@ -162,13 +179,18 @@ def test_source_hash_skips_what_cannot_change_a_stage(tmp_path):
     (tmp_path / "integrations" / "lightning.py").write_text("x = 2\n")
     assert source_hash(tmp_path, NOT_IN_STAGES) == first
     assert source_hash(tmp_path) != source_hash(tmp_path, NOT_IN_STAGES)
+    from pruneflow.cache import NOT_IN_FINETUNE
+
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "taylor.py").write_text("x = 1\n")  # a method added: the finetune's key stays
+    assert source_hash(tmp_path, NOT_IN_STAGES + NOT_IN_FINETUNE) == first != source_hash(tmp_path, NOT_IN_STAGES)
     (tmp_path / "trainer.py").write_text("x = 2\n")
     assert source_hash(tmp_path, NOT_IN_STAGES) != first
     # every name is a module of the package (a renamed one would silently join the key again)
     import pruneflow
 
     root = Path(pruneflow.__file__).parent
-    assert all((root / name).exists() for name in NOT_IN_STAGES)
+    assert all((root / name).exists() for name in NOT_IN_STAGES + NOT_IN_FINETUNE)
 
 
 def test_dense_method_skips_the_prune_stage(config, tmp_path):
