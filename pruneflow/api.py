@@ -53,12 +53,17 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def method_config(name: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401
     """The method's packaged defaults merged with ``settings``; an unknown key is an error
     that lists the valid ones (closest first)."""
-    from pruneflow.methods import METHODS
+    from pruneflow.methods import METHODS, unregistered_hint
 
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=3)
-        raise UserError(f"Unknown method '{name}'. Allowed: {', '.join(sorted(METHODS))}." + (f" Did you mean {close[0]}?" if close else ""))
-    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+        raise UserError(f"Unknown method '{name}'. Allowed: {', '.join(sorted(METHODS))}." + (f" Did you mean {close[0]}?" if close else "")
+                        + (f" {unregistered_hint(name)}" if unregistered_hint(name) else ""))
+    path = CONF / "method" / f"{name}.yaml"
+    if not path.exists():
+        raise UserError(f"method={name} is in METHODS but has no config: create conf/method/{name}.yaml with its settings "
+                        f"(at least `name: {name}`), as the README's \"Adding a method\" shows.")
+    cfg = OmegaConf.load(path)
     for key in settings:
         if key not in cfg:
             close = difflib.get_close_matches(key, [str(k) for k in cfg], n=1)

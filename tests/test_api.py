@@ -302,3 +302,20 @@ def test_hooks_before_attach_and_steps_without_gradients_are_refused():
         with pytest.raises(UserError, match=rf"method={method} scores from gradients, but none of its \d+ tensors"):
             pruner.after_optimizer_step(0)
         assert int(pruner.method.mask_flat.sum()) == pruner.method.mask_flat.numel()  # nothing pruned
+
+
+def test_a_half_registered_method_says_what_is_missing(tmp_path, monkeypatch):
+    """Adding a method: its yaml without its METHODS line listed the methods without a
+    word about it; a misspelt class in the line was a raw AttributeError; a line without
+    its yaml a bare FileNotFoundError."""
+    import pruneflow.methods as registry
+
+    monkeypatch.setattr(registry, "CONF_DIR", tmp_path)
+    (tmp_path / "taylor.yaml").write_text("name: taylor\n")
+    with pytest.raises(UserError, match="conf/method/taylor.yaml exists, but 'taylor' is not in the METHODS dict"):
+        registry.get_method_class("taylor")
+    monkeypatch.setitem(registry.METHODS, "taylor", "pruneflow.methods.magnitude:Taylr")
+    with pytest.raises(UserError, match=r"names pruneflow.methods.magnitude:Taylr, but pruneflow.methods.magnitude has no 'Taylr' \(its classes: .*Magnitude"):
+        registry.get_method_class("taylor")
+    with pytest.raises(UserError, match=r"method=taylor is in METHODS but has no config: create conf/method/taylor.yaml"):
+        pruneflow.methods.create("taylor", sparsity=0.5)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
-from pruneflow.errors import invalid
+from pruneflow.errors import UserError, invalid
 from pruneflow.methods.base import PruneContext, PruningMethod
 
 # config name -> "module:Class" (imported lazily so a method's dependencies load only when used)
@@ -46,11 +47,32 @@ def create(name: str, sparsity: float | None = None, steps: int = 1, **kwargs): 
     return _create(name, sparsity, steps, **kwargs)
 
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
+
+
+def unregistered_hint(name: str) -> str:
+    """For a method being added, half registered: its config exists, its METHODS line not."""
+    if name in METHODS or name in ONE_SHOT_METHODS or not (CONF_DIR / f"{name}.yaml").exists():
+        return ""
+    return (f"conf/method/{name}.yaml exists, but '{name}' is not in the METHODS dict of "
+            f"pruneflow/methods/__init__.py: add \"{name}\": \"pruneflow.methods.{name}:<its class>\" there.")
+
+
 def get_method_class(name: str) -> type[PruningMethod]:
     if name not in METHODS:
-        raise invalid("method", name, sorted(METHODS))
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+        raise invalid("method", name, sorted(METHODS), unregistered_hint(name))
+    return _load(METHODS, name)
+
+
+def _load(registry: dict[str, str], name: str) -> type[PruningMethod]:
+    """The class a registry entry ``module:Class`` names; a missing class is one paragraph."""
+    module, cls = registry[name].split(":")
+    mod = importlib.import_module(module)
+    if not hasattr(mod, cls):
+        classes = sorted(k for k, v in vars(mod).items() if isinstance(v, type) and v.__module__ == mod.__name__)
+        raise UserError(f"The METHODS entry of method={name} names {registry[name]}, but {module} has no '{cls}' "
+                        f"(its classes: {', '.join(classes) or 'none'}). Correct the entry in pruneflow/methods/__init__.py.")
+    return getattr(mod, cls)
 
 
 def get_one_shot_class(name: str):  # noqa: ANN201
@@ -58,8 +80,7 @@ def get_one_shot_class(name: str):  # noqa: ANN201
     if name not in ONE_SHOT_METHODS:
         raise invalid("method", name, sorted(ONE_SHOT_METHODS),
                       "A causal-LM task (task=lm/...) is pruned one shot from calibration data.")
-    module, cls = ONE_SHOT_METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _load(ONE_SHOT_METHODS, name)
 
 
 __all__ = ["METHODS", "ONE_SHOT_METHODS", "get_one_shot_class", "PruneContext", "PruningMethod", "create", "get_method_class"]
