@@ -22,6 +22,45 @@ def test_kd_loss_by_hand():
     assert kd_loss(s.repeat(2, 1), t.repeat(2, 1), 2.0).item() == pytest.approx(expected, rel=1e-5)
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, *logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+
+class _FakeTask:
+    """loss_and_logits / logits as pruneflow's tasks give them: the task loss, and one
+    logits tensor per head (QA: start and end)."""
+
+    def loss_and_logits(self, bundle, batch):  # noqa: ANN001, ANN201
+        return torch.tensor(0.7), bundle.model.logits
+
+    def logits(self, bundle, batch):  # noqa: ANN001, ANN201
+        return bundle.model.logits
+
+
+def test_distiller_loss_averages_the_qa_heads_and_uses_mse_for_regression():
+    """QA: the mean of the start and end terms (their masked_run_squad.py); regression:
+    MSE to the teacher's prediction."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pruneflow.distill import Distiller
+
+    cfg = OmegaConf.create({"temperature": 2.0, "alpha_ce": 0.25, "alpha_distil": 0.75})
+    s0, t0 = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 1.0, 0.0]])
+    s1, t1 = torch.tensor([[0.5, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.4]])
+    k0, k1 = kd_loss(s0, t0, 2.0).item(), kd_loss(s1, t1, 2.0).item()
+    assert abs(k0 - k1) > 0.1  # two different terms: a sum or one of them alone would not match
+    qa = Distiller(cfg, _Logits(t0, t1), "question_answering")
+    got = qa.loss(SimpleNamespace(model=_Logits(s0, s1)), _FakeTask(), {}).item()
+    assert got == pytest.approx(0.75 * (k0 + k1) / 2 + 0.25 * 0.7, rel=1e-6)
+    reg = Distiller(cfg, _Logits(torch.tensor([[1.5], [0.0]])), "regression")
+    got = reg.loss(SimpleNamespace(model=_Logits(torch.tensor([[0.5], [1.0]]))), _FakeTask(), {}).item()
+    assert got == pytest.approx(0.75 * ((1.0**2 + 1.0**2) / 2) + 0.25 * 0.7, rel=1e-6)
+
+
 def test_distillation_from_the_finetuned_model(config, tmp_path):
     cfg = config("method=magnitude", "sparsity=0.7", "distill.enabled=true", "distill.alpha_ce=0.0", "distill.alpha_distil=1.0", "cache=false")
     run = Run(cfg, tmp_path / "run")

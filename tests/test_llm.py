@@ -227,6 +227,31 @@ def test_sparsegpt_matches_a_column_by_column_transcription(pattern: str | None,
     assert not np.allclose(W[W != 0], W0[W != 0])  # the kept weights were updated
 
 
+@pytest.mark.parametrize("a", [0.0, 1.0])
+def test_ria_activation_power_is_method_a(a: float) -> None:
+    """RIA's ``(|W|/col sum + |W|/row sum) * (||X||_2)^a`` with a other than the 0.5 of
+    every other test; a = 0 is pure relative importance."""
+    layer, batches = make_layer(seed=1)
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("ria", pattern=None, a=a, per_outneuron=False, reallocation=False)
+    W = prune_with(RIA(cfg, 0.5), layer, batches).numpy()
+    A = np.abs(W0)
+    metric = (A / A.sum(0, keepdims=True) + A / A.sum(1, keepdims=True)) * np.sqrt(ref_norms(batches))[None, :] ** a
+    drop = metric <= np.sort(metric.ravel())[int(metric.size * 0.5)]
+    assert ((W == 0) == drop).all()
+    half = (A / A.sum(0, keepdims=True) + A / A.sum(1, keepdims=True)) * np.sqrt(ref_norms(batches))[None, :] ** 0.5
+    assert not (drop == (half <= np.sort(half.ravel())[int(half.size * 0.5)])).all()  # a changes the mask
+
+
+def test_wanda_default_compares_within_each_output_row() -> None:
+    """conf/method/wanda.yaml's default (their prune_wanda): int(cols * s) of every row."""
+    layer, batches = make_layer()
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "wanda.yaml")
+    assert cfg.pattern is None
+    W = prune_with(Wanda(cfg, 0.3), layer, batches)
+    assert ((W == 0).sum(1) == int(32 * 0.3)).all()
+
+
 def test_sparsegpt_drops_the_weights_of_an_input_that_is_always_zero() -> None:
     """An input channel that is 0 in every calibration sample: its weights are set to 0
     and H gets a 1 on its diagonal (their ``dead`` rule), then the usual pruning."""

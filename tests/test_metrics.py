@@ -54,6 +54,8 @@ def test_squad_normalisation() -> None:
     assert normalize_answer("  An apple, a pear and THE end. ") == "apple pear and end"
     assert normalize_answer("theatre") == "theatre"  # articles only as whole words
     assert normalize_answer("a an the") == ""
+    # punctuation goes before articles, as the official script's order: "a-b" is one word "ab"
+    assert normalize_answer("a-b") == "ab" and normalize_answer("the-end") == "theend"
     m = compute("squad", "v1", ["The  Cat!"], [["cat"]])
     assert m == {"exact_match": 1.0, "f1": 1.0}
 

@@ -115,6 +115,16 @@ def test_postprocess_by_hand() -> None:
     two = np.array([0, 0])
     text, p = postprocess([context], two, [s2, s], [e2, e], [offs, offs], np.array([0, 0]), v2=True)[0]
     assert text == "def ghi" and p == pytest.approx(sigmoid(0.0 - 11.0))
+    # n_best: with 1, the top start (9, outside the context) and top end (9, on SEP) leave no span
+    assert postprocess([context], one, [s], [e], [offs], cls, n_best=1)[0][0] == ""
+    assert postprocess([context], one, [s], [e], [offs], cls, n_best=2)[0][0] == "def ghi"
+    # an end before its start is no span: ghi (5 + 2) wins over the reversed (5 + 5)
+    s3, e3 = np.array([0, 0, 0, 0, 1, 5, 0.0]), np.array([0, 0, 0, 0, 5, 2, 0.0])
+    assert postprocess([context], one, [s3], [e3], [offs], cls)[0][0] == "ghi"
+    # a null score equal to the best span's is an answer (run_qa: no answer only when strictly above)
+    s4, e4 = np.array([3, 0, 0, 0, 1, 2, 0.0]), np.array([3, 0, 0, 0, 1, 4, 0.0])
+    text, p = postprocess([context], one, [s4], [e4], [offs], cls, v2=True)[0]
+    assert text == "ghi" and p == pytest.approx(0.5)
 
 
 # --- task.features=run_squad: the older run_squad.py windows --------------------------------------
