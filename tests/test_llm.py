@@ -499,6 +499,43 @@ def test_tiny_llama_pretraining_and_recovery(tmp_path: Path, lm_text: Path) -> N
     assert mag["metrics"]["recover"]["perplexity"] != mag["metrics"]["prune"]["perplexity"]
 
 
+def test_owl_ratios_come_from_the_dense_models_wanda_scores() -> None:
+    """OWL's per-block sparsities from an independent pass: hooks on a dense forward give
+    each Linear's inputs, Wanda's |W| * ||X_j|| (any common scale cancels in the ratio),
+    the percentage above m x the block's mean, then the allocation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.llm.blocks import BlockPruner, block_linears, decoder_blocks
+    from pruneflow.llm.owl import allocate, outlier_ratio, owl_sparsities
+    from pruneflow.methods.wanda import Wanda
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)).eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    _, blocks = decoder_blocks(model)
+    sq: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, block in enumerate(blocks):
+        for name, lin in block_linears(block, None, None).items():
+            def hook(mod, inp, out, key=(i, name)):  # noqa: ANN001, ANN202
+                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+                sq[key] = sq.get(key, 0) + (x**2).sum(0)
+            hooks.append(lin.register_forward_hook(hook))
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    for h in hooks:
+        h.remove()
+    m, lam, sparsity = 2.0, 0.08, 0.5
+    ratios = [outlier_ratio([lin.weight.detach().double().abs() * sq[(i, name)].sqrt()[None, :]
+                             for name, lin in block_linears(block, None, None).items()], m) for i, block in enumerate(blocks)]
+    plain = [outlier_ratio([lin.weight.detach().abs() for lin in block_linears(block, None, None).values()], m) for block in blocks]
+    assert len(set(ratios)) == 4 and allocate(ratios, sparsity, lam) != pytest.approx(allocate(plain, sparsity, lam))
+    pruner = BlockPruner(model, Wanda(method_cfg("wanda", pattern=None), sparsity), torch.device("cpu"), False)
+    assert owl_sparsities(pruner, ids, sparsity, m, lam) == pytest.approx(allocate(ratios, sparsity, lam), abs=1e-9)
+
+
 def test_prune_causal_lm_from_your_own_code() -> None:
     """The API prunes as the CLI does: the same masks as the method's own pruners."""
     from transformers import LlamaConfig, LlamaForCausalLM
