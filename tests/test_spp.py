@@ -113,6 +113,28 @@ def _vit_problem(steps: int):  # noqa: ANN202
     return model, _context(model, batches, loss_fn, steps)
 
 
+@pytest.mark.parametrize("rank", ["support_time", "entry"])
+def test_the_method_ranks_by_its_rank_setting(rank: str):
+    """keep_vectors (what finalize compresses to) follows method.rank: records whose first
+    entry order (0 first) and time in the support (the last entry longest) disagree keep
+    the late entrants by default (the authors' support time) and the early ones by entry."""
+    model, ctx = _vit_problem(steps=1)
+    method = SPP(OmegaConf.create({**SPP_CFG, "rank": rank}), 0.5)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    masks = PairedMasks(model, share_heads=method.share_heads, allowed=method._allowed)
+    method.search = {}
+    for e in masks.entries:
+        n = e.param.numel()
+        method.search[e.key] = {"entry_step": torch.arange(n), "support": torch.arange(n), "z": torch.zeros(n), "m": torch.ones(n)}
+    keep = method.keep_vectors(masks)
+    for e, k in zip(masks.entries, keep, strict=True):
+        kept = k.reshape(-1).bool()
+        assert 0 < int(kept.sum()) < kept.numel(), e.key
+        first, last = bool(kept[0]), bool(kept[-1])
+        assert (first, last) == ((False, True) if rank == "support_time" else (True, False)), (e.key, kept.tolist())
+
+
 def test_search_path_only_grows_and_leaves_the_weights_untouched():
     model, ctx = _vit_problem(steps=60)
     # A neuron whose fc2 column is zero has no effect on the loss: only the coupling
