@@ -383,8 +383,8 @@ def _app(cfg: DictConfig) -> float | None:
         _log_to_file(logging.WARNING, str(e))
         _report_error(str(e))
         _write_job_file(run_dir, STOPPED_FILE, str(e))  # pruneflow-report lists the run as stopped, and where
-        if multirun and not STOP.in_launcher():  # a worker process: the launcher lists the stopped jobs and exits 130/143
-            return None
+        if multirun:  # the launching process lists the stopped jobs and exits 130/143; under Hydra's basic
+            return None  # launcher (in this process) the jobs still queued are marked "Not started" first
         sys.exit(EXIT_CODES.get(e.signum, 1))
     except UserError as e:
         _log_to_file(logging.ERROR, str(e))

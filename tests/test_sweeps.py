@@ -58,14 +58,17 @@ def test_joblib_sweep_isolates_failures_and_relaunch_skips_finished(tmp_path: Pa
     assert "| magnitude | tiny_vit | 50 | 1 (0) |" in md
 
 
-@pytest.mark.parametrize("sig, code, target, n_jobs", [("SIGTERM", 143, "launcher", 2), ("SIGINT", 130, "group", 2), ("SIGINT", 130, "group", 4)])
+@pytest.mark.parametrize("sig, code, target, n_jobs", [("SIGTERM", 143, "launcher", 2), ("SIGINT", 130, "group", 2), ("SIGINT", 130, "group", 4),
+                                                    ("SIGINT", 130, "group", 0)])
 def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_resumes_it(
     tmp_path: Path, sig: str, code: int, target: str, n_jobs: int
 ) -> None:
     """SIGTERM to the launching process only (``kill <pid>``, a container's stop) or Ctrl-C
     (SIGINT to the whole process group, idle workers included when n_jobs > jobs): the
     running jobs save a checkpoint and stop, a queued job does not start, the sweep exits
-    143/130 listing them, with no traceback; the same command then finishes every job."""
+    143/130 listing them, with no traceback; the same command then finishes every job.
+    n_jobs=0: Hydra's basic launcher, one job at a time in the launching process (it exited
+    at the first stopped job: the queued ones got no stopped.txt and no listing)."""
     import signal
     import subprocess
     import sys
@@ -75,7 +78,9 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
 
     sweep = tmp_path / "sweep"
     # 3 jobs on 2 workers; a prune stage long enough (~15 s) to be running when the signal comes
-    cmd = [sys.executable, "-m", "pruneflow.cli", "-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
+    launcher_args = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"] if n_jobs else []
+    n_jobs = n_jobs or 1  # the basic launcher runs one job at a time
+    cmd = [sys.executable, "-m", "pruneflow.cli", "-m", *launcher_args,
            "experiment=pf_tiny", "stages.prune.steps=1000", "trainer.checkpoint_every=3", "method=magnitude", "sparsity=0.5",
            "seed=0,1,2", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "--config-dir", str(tiny_config_dir(tmp_path))]
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
