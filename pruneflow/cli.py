@@ -38,8 +38,8 @@ OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def _report_error(message: str) -> None:
-    print("\n" + textwrap.fill(f"pruneflow: error: {message}", width=100, break_long_words=False, break_on_hyphens=False) + "\n", file=sys.stderr)
+def _report_error(message: str, label: str = "error") -> None:
+    print("\n" + textwrap.fill(f"pruneflow: {label}: {message}", width=100, break_long_words=False, break_on_hyphens=False) + "\n", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- Hydra's errors, explained
@@ -381,7 +381,7 @@ def _app(cfg: DictConfig) -> float | None:
         result = run(cfg, run_dir, list(hc.overrides.task), record=record)
     except RunStopped as e:
         _log_to_file(logging.WARNING, str(e))
-        _report_error(str(e))
+        _report_error(str(e), label="stopped")  # asked for, not an error
         _write_job_file(run_dir, STOPPED_FILE, str(e))  # pruneflow-report lists the run as stopped, and where
         if multirun:  # the launching process lists the stopped jobs and exits 130/143; under Hydra's basic
             return None  # launcher (in this process) the jobs still queued are marked "Not started" first

@@ -764,7 +764,9 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
         raise ReportError(
             f"No finished run under '{root}': no readable result.json was found "
             f"({len(failed)} failed job(s) with error.txt, {len(unfinished)} unfinished). "
-            "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir)."
+            + ("Mend what the failed jobs' error.txt says and run the same command again, then report." if failed else
+               "Run the same command again to finish them (a stopped job resumes from its checkpoint), then report."
+               if unfinished else "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir).")
             + "".join(f"\n  {job.path}: {job.reason}" for job in [*failed, *unfinished][:20])
         )
     out_dir = Path(out) if out is not None else root

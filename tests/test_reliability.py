@@ -425,6 +425,7 @@ def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, s
     stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": f"prune:7:{sig}"})
     assert stopped.returncode == code, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr and f"Stopped by SIG{sig} after step 7 of 10 of the prune stage" in " ".join(stopped.stderr.split())
+    assert f"pruneflow: stopped: Stopped by SIG{sig}" in " ".join(stopped.stderr.split())  # asked for: not labelled an error
     assert not (tmp_path / "run" / "result.json").exists()
     # the report lists it as stopped, with the message (it said "no result.json (running, killed, or skipped)")
     assert f"Stopped by SIG{sig} after step 7" in (tmp_path / "run" / "stopped.txt").read_text()

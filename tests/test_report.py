@@ -137,6 +137,7 @@ def test_report_errors_clearly_without_results(tmp_path: Path, capsys: pytest.Ca
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "No finished run under" in err and "1 failed job(s)" in err
+    assert "Mend what the failed jobs' error.txt says" in " ".join(err.split())
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
