@@ -123,7 +123,8 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> NullLogger:
         if mode == "online":
             log.warning(
                 "W&B online could not start (%s); logging offline instead under %s/wandb — upload later with "
-                "`wandb sync %s/wandb/offline-run-*` once logged in (`wandb login`).",
+                "`wandb sync %s/wandb/offline-run-*` once the server is reachable and you are logged in (`wandb login`). "
+                "The failed attempt's own folder (wandb/run-*) holds its debug log.",
                 _one_line(e), run_dir, run_dir,
             )
             try:
