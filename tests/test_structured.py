@@ -45,8 +45,8 @@ def prune(build, method_name: str, granularity: str, sparsity: float, scope: str
         forward().pow(2).mean().backward()
         method.after_backward(step)
         opt.step()
+        method.after_optimizer_step(step)  # before zero_grad: SEVEN reads this step's gradients (it scored none before)
         opt.zero_grad(set_to_none=True)
-        method.after_optimizer_step(step)
     method.end_prune_stage()
     names = [w.name for w in weights]
     weights.bake()
