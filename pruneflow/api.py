@@ -57,8 +57,9 @@ def method_config(name: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401
 
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=3)
+        hint = unregistered_hint(name)
         raise UserError(f"Unknown method '{name}'. Allowed: {', '.join(sorted(METHODS))}." + (f" Did you mean {close[0]}?" if close else "")
-                        + (f" {unregistered_hint(name)}" if unregistered_hint(name) else ""))
+                        + (f" {hint}" if hint else ""))
     path = CONF / "method" / f"{name}.yaml"
     if not path.exists():
         raise UserError(f"method={name} is in METHODS but has no config: create conf/method/{name}.yaml with its settings "
@@ -156,7 +157,7 @@ class Pruner:
         """After ``optimizer.step()`` and before ``zero_grad()`` (the method reads this
         step's gradients); ``grads_finite=False`` on a step skipped by an fp16 scaler."""
         self._attached("after_optimizer_step()")
-        if self.method.prune_in_eval_mode and not self.ended and self.model is not None and self.model.training and not self.warned_mode:
+        if self.method.prune_in_eval_mode and not self.ended and self.model.training and not self.warned_mode:
             # the loop is the caller's, so is the model's mode: say what the authors do
             log.warning("method=%s scores with the model in eval mode (no dropout), as its authors' code; this loop runs it "
                         "in train mode. Call model.eval() while scoring, or pass eval_mode=False to say train mode is meant.",
