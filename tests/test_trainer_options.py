@@ -315,3 +315,42 @@ def test_drop_last_false_is_refused_under_torchrun(config, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="trainer.drop_last"):
         validate_trainer(cfg, False)
+
+
+def test_measure_speed_times_the_fresh_dense_model_against_the_final_one(monkeypatch):
+    """result.json's speed: dense_ms from a fresh dense model of the same architecture,
+    final_ms from the run's model (a swap of the two went unnoticed: tests checked > 0)."""
+    from pruneflow import speed
+    from pruneflow.models import ModelBundle
+
+    ran: list[str] = []
+
+    class Recorder(nn.Module):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.tag, self.lin = tag, nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ran.append(self.tag)
+            return self.lin(x)
+
+    class Bundle(ModelBundle):
+        def fresh_architecture(self) -> nn.Module:
+            return Recorder("dense")
+
+    rows = [{"pixel_values": torch.zeros(2)}] * 3
+    task = SimpleNamespace(main_split="validation", eval_sets={"validation": rows},
+                           collate=lambda rs: {"pixel_values": torch.stack([r["pixel_values"] for r in rs])})
+
+    def timed(fns, repeats, device):  # noqa: ANN001, ANN202 - one call each; a time that says which model ran
+        out = {}
+        for key, fn in fns.items():
+            ran.clear()
+            fn()
+            out[key] = {"dense": 7.0, "final": 3.0}[ran[0]]
+        return out
+
+    monkeypatch.setattr(speed, "time_forward", timed)
+    got = speed.measure_speed(OmegaConf.create({"speed": {"batch": 2, "repeats": 1}}), Bundle(Recorder("final"), "timm", "fake"), task,
+                              torch.device("cpu"))
+    assert (got["dense_ms"], got["final_ms"], got["batch"]) == (7.0, 3.0, 2)
