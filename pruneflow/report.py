@@ -761,13 +761,16 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
                 f"The run in '{root}' {state}: {jobs[0].reason.rstrip('.')}. pruneflow-report collects finished runs "
                 "(their result.json); give it this run's folder again once the run has finished, or a sweep directory."
             )
+        if failed:
+            next_step = "Mend what the failed jobs' error.txt says and run the same command again, then report."
+        elif unfinished:
+            next_step = "Run the same command again to finish them (a stopped job resumes from its checkpoint), then report."
+        else:
+            next_step = "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir)."
         raise ReportError(
             f"No finished run under '{root}': no readable result.json was found "
-            f"({len(failed)} failed job(s) with error.txt, {len(unfinished)} unfinished). "
-            + ("Mend what the failed jobs' error.txt says and run the same command again, then report." if failed else
-               "Run the same command again to finish them (a stopped job resumes from its checkpoint), then report."
-               if unfinished else "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir).")
-            + "".join(f"\n  {job.path}: {job.reason}" for job in [*failed, *unfinished][:20])
+            f"({len(failed)} failed job(s) with error.txt, {len(unfinished)} unfinished). {next_step}"
+            + "".join(f"\n  {job.path}: {job.reason}" for job in jobs[:20])
         )
     out_dir = Path(out) if out is not None else root
     out_dir.mkdir(parents=True, exist_ok=True)

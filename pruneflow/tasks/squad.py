@@ -177,13 +177,14 @@ class Squad(TextTask):
                           "run_qa: the transformers run_qa.py windows (doc_stride = their overlap); run_squad: the older "
                           "run_squad.py's (questions cut to task.max_query_length tokens, doc_stride = the step between windows).")
         query = self._int("max_query_length", 64, 1) if features == "run_squad" else None  # run_qa: unused
-        if query is not None and query > length - 5:
-            raise invalid("task.max_query_length", query, f"at most task.max_seq_length - 5 = {length - 5} under task.features=run_squad",
-                          "A window must hold the question, up to 4 special tokens and some context.")
-        if query is not None and stride > length - query - 4:
-            raise invalid("task.doc_stride", stride, f"at most task.max_seq_length - task.max_query_length - 4 = {length - query - 4} "
-                          "under task.features=run_squad", "Each window moves by doc_stride tokens: it must hold the question, up to 4 "
-                          "special tokens and at least doc_stride tokens of context, or context tokens would be skipped.")
+        if query is not None:
+            if query > length - 5:
+                raise invalid("task.max_query_length", query, f"at most task.max_seq_length - 5 = {length - 5} under task.features=run_squad",
+                              "A window must hold the question, up to 4 special tokens and some context.")
+            if stride > length - query - 4:
+                raise invalid("task.doc_stride", stride, f"at most task.max_seq_length - task.max_query_length - 4 = {length - query - 4} "
+                              "under task.features=run_squad", "Each window moves by doc_stride tokens: it must hold the question, up to 4 "
+                              "special tokens and at least doc_stride tokens of context, or context tokens would be skipped.")
         thr = self.cfg.get("null_score_diff_threshold", 0.0)
         if isinstance(thr, bool) or not isinstance(thr, (int, float)):
             raise invalid("task.null_score_diff_threshold", thr, "a number (v2: predict no answer when null score - best span score > it)")
