@@ -86,3 +86,8 @@ def test_squad_v1_and_v2_empty_answer_conventions() -> None:
     assert f1_score("", "", v2=True) == 1.0
     # v2 drops gold answers that normalise to nothing: gold ["the"] becomes [""]
     assert compute_squad([""], [["the"]], "v2")["exact_match"] == 1.0
+    # ... but the question still counts as answerable (the official has_ans is bool(answers))
+    m = compute_squad([""], [["the"]], "v2")
+    assert m["has_ans_exact"] == 1.0 and "no_ans_exact" not in m
+    # an empty-normalising gold beside a real one is dropped, so "" no longer matches
+    assert compute_squad([""], [["the", "cat"]], "v2")["exact_match"] == 0.0
