@@ -9,6 +9,7 @@ checks that types cannot express (ranges, exclusive keys) are in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -280,6 +281,23 @@ def local_process_launcher(hydra_cfg: Any) -> bool:  # noqa: ANN401 - Hydra's co
     return str(hydra_cfg.launcher.get("_target_", "")).endswith(LOCAL_PROCESS_LAUNCHERS)
 
 
+def keep_earlier_launch_record(sweep_dir: Path) -> Path | None:
+    """Hydra's sweeper rewrites ``multirun.yaml`` (its record of the launch: overrides,
+    experiment, settings) at every launch. On a re-launch into the same folder the
+    earlier record is moved aside as ``multirun.<its time>.yaml`` rather than lost."""
+    import time
+
+    record = sweep_dir / "multirun.yaml"
+    if not record.is_file():
+        return None
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(record.stat().st_mtime))
+    target, n = sweep_dir / f"multirun.{stamp}.yaml", 1
+    while target.exists():  # two launches within one second
+        target, n = sweep_dir / f"multirun.{stamp}_{n}.yaml", n + 1
+    record.rename(target)
+    return target
+
+
 class SweepCheck(_HydraCallback):
     """Hydra callback: after a sweep, collect the jobs that failed in this launch (their
     error.txt, written since it started) and the jobs a signal stopped (stopped.txt), so
@@ -299,6 +317,7 @@ class SweepCheck(_HydraCallback):
         self.started = time.time()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier launch's, if it was killed
+        keep_earlier_launch_record(sweep_dir)
         if local_process_launcher(config.hydra):
             STOP.share_with_jobs(sweep_dir)
             quiet_idle_joblib_workers()

@@ -500,11 +500,14 @@ def sweep_experiments(root: Path) -> dict[str, dict[str, Any]]:
     """The experiment a sweep was launched with (``multirun.yaml``, Hydra's record of the
     launch). A paper table's jobs each carry a row's experiment (``experiment=...`` in
     the row), so the table's own source and deviations (e.g. a penalty grid instead of
-    the authors' per-run choice) are in no job's result.json."""
+    the authors' per-run choice) are in no job's result.json. Earlier launches into the
+    same folder left ``multirun.<time>.yaml``; for one experiment the latest record wins."""
     from omegaconf import OmegaConf
 
+    records = sorted(root.rglob("multirun*.yaml"), key=lambda p: p.name, reverse=True)  # newest moved-aside first
+    records.sort(key=lambda p: (str(p.parent), p.name != "multirun.yaml"))  # stable: the current record leads
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(root.rglob("multirun.yaml")):
+    for path in records:
         if ".cache" in path.parts:
             continue
         try:

@@ -31,3 +31,7 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
     assert len(failed) == 2 and all("stages.recover.batch_size=1000" in f for f in failed)
     assert len(list(sweep.rglob("result.json"))) == 4  # 0.5 and 0.9 were skipped, not re-run
     assert (proc.stdout + proc.stderr).count("this run is finished") == 2
+    # Hydra rewrote its record of the launch; the first launch's is kept beside it
+    records = sorted(sweep.glob("multirun*.yaml"))
+    assert [p.name for p in records][-1] == "multirun.yaml" and len(records) == 2
+    assert "method=magnitude,random" in records[0].read_text() and "batch_size=32,1000" in records[1].read_text()

@@ -485,3 +485,37 @@ def test_plot_labels_and_dense_band() -> None:
     assert lines == {"dense": (pytest.approx((0.9417 + 0.9306) / 2), pytest.approx(statistics.stdev([0.9417, 0.9306])))}
     rows[0].runs[0] = run(0, 0.95)  # a row fine-tuned with other settings: another dense model, said so
     assert list(dense_lines(rows, "accuracy")) == ["dense · 3 fine-tuned models"]
+
+
+def test_a_sweeps_own_experiment_from_its_launch_records_latest_first(tmp_path: Path) -> None:
+    """A paper table's own source and deviations are in Hydra's ``multirun.yaml``, in no
+    job's result.json; a re-launch moved the earlier record aside (``multirun.<time>.yaml``)."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from pruneflow.config import keep_earlier_launch_record
+
+    write_result(tmp_path / "method=magnitude", "magnitude", 0.5, 0, 0.9, 1.0)
+
+    def launch(info: dict, mtime: float) -> None:
+        OmegaConf.save(OmegaConf.create({"experiment_info": info}), tmp_path / "multirun.yaml")
+        os.utime(tmp_path / "multirun.yaml", (mtime, mtime))
+
+    dev = {"what": "penalty", "authors": "per run", "here": "a grid", "restore": "none"}
+    launch({"name": "sanh2020/x_table2", "source": "old source", "deviations": []}, 1_000_000_000)
+    first = keep_earlier_launch_record(tmp_path)
+    launch({"name": "sanh2020/x_table2", "source": "new source", "deviations": [dev]}, 1_000_000_000)
+    second = keep_earlier_launch_record(tmp_path)  # the same second: a name of its own
+    launch({"name": "sanh2020/x_table2", "source": "newest source", "deviations": [dev]}, 1_000_000_100)
+    third = keep_earlier_launch_record(tmp_path)
+    launch({"name": "platon/glue_table", "source": "PLATON table"}, 1_000_000_200)
+    assert None not in (first, second, third) and len({first, second, third}) == 3
+    assert sorted(p.name for p in tmp_path.glob("multirun*.yaml")) == sorted(["multirun.yaml", first.name, second.name, third.name])
+    assert keep_earlier_launch_record(tmp_path / "method=magnitude") is None  # nothing to keep
+
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "- `sanh2020/x_table2`: newest source" in md and "old source" not in md  # the latest launch wins
+    assert "- `platon/glue_table`: PLATON table" in md  # an earlier launch's experiment still shows
+    assert "| penalty | per run | a grid | none |" in md
