@@ -233,6 +233,30 @@ def test_the_commands_in_experiment_comments_pass_the_checks() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_each_deviations_restore_override_passes_the_checks() -> None:
+    """``experiment_info.deviations[].restore`` tells a user how to get the authors'
+    behaviour back: its overrides (without the trailing remark in parentheses) must
+    compose with the experiment and pass the checks made before any work."""
+    from pruneflow.config import register_configs
+    from pruneflow.runner import check_settings
+
+    register_configs()
+    restores, problems = [], []
+    for name in ALL_EXPERIMENTS:
+        info = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text()).get("experiment_info") or {}
+        for d in info.get("deviations") or []:
+            if d.get("restore") and "<" not in d["restore"]:  # "sparsity=<their value for the task>" is a placeholder
+                restores.append((name, str(d["restore"]).split(" (")[0].split()))
+    assert len(restores) >= 8
+    for name, overrides in restores:
+        args = [f"experiment={name}", *overrides]
+        try:
+            check_settings(compose(args), False, args)
+        except Exception as e:  # noqa: BLE001 - collected, each with its override
+            problems.append(f"{name}: restore {' '.join(overrides)} -> {e}")
+    assert not problems, "\n".join(problems)
+
+
 # ----------------------------------------------------------------------------- local data
 WORDS = "the a movie film good bad great awful plot actor story fun dull long short very not".split()
 
