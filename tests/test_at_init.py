@@ -482,3 +482,53 @@ def test_force_and_grasp_authors_counts_at_bert_base_size():
         assert authors_threshold_index(n, s) == int(n * (1 - keep_ratio)), s
     assert authors_threshold_index(n, 0.1) == 8_552_447 != int(n * 0.1 + 1e-9)  # the rule before: one more
     assert authors_kept_count(n, Schedule("exponential", 0.8, 100), 99, 0.8) == 17_104_896 != int(n * (1 - 0.8) + 1e-9)
+
+
+def test_grasp_scores_the_network_in_train_mode():
+    """Their scoring forwards run in train mode (a freshly built network; GraSP.py's
+    ``.eval()`` is commented out): dropout is on in both passes, even when the model was
+    left in eval mode before pruning."""
+    import pruneflow
+
+    torch.manual_seed(0)
+    model = DropNet().eval()
+    batches = data(2)
+    modes: list[bool] = []
+
+    def loss_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        modes.append(m.training)
+        return F.cross_entropy(m(b["x"]), b["labels"])
+
+    pruner = pruneflow.methods.create("grasp", sparsity=0.5, steps=2, model=model, include=["blocks.*"], exclude=["head"],
+                                      batches=lambda: iter(batches), loss_fn=loss_fn)
+    pruner.run()
+    assert modes == [True] * 4  # 2 batches x 2 passes
+
+
+def test_force_authors_levels_start_after_the_warmup_and_hold_at_the_target():
+    """Their level of ramp step x = step - schedule.initial_warmup; the steps of
+    schedule.final_warmup (mask updates at the target) keep their last level, not one
+    decayed past the target."""
+    from pruneflow.methods.force import authors_kept_count
+
+    n = 1000
+    schedule = Schedule("exponential", 0.8, 10, initial_warmup=2, final_warmup=3)  # ramp: steps 2..6
+    theirs = [int(n * np.exp(0 - ((x + 1) * (0 - np.log(0.2)) / 5))) for x in range(5)]  # iterative_pruning over 5 steps
+    assert theirs == [724, 525, 380, 275, 200]
+    assert [authors_kept_count(n, schedule, k, 0.8) for k in range(2, 7)] == theirs
+    assert [authors_kept_count(n, schedule, k, 0.8) for k in range(7, 10)] == [200, 200, 200]
+
+
+def test_force_authors_selection_on_another_schedule_keeps_the_scheduled_fraction():
+    """selection=authors off the exponential schedule: every score >= the
+    int(n * (1 - s))-th largest kept, s the schedule's level at the step (cubic here)."""
+    torch.manual_seed(0)
+    model = Net()
+    steps = 4
+    method, weights, batches = attach("force", model, 0.8, steps, kind="cubic", selection="authors")
+    masks = score_loop(model, method, batches)
+    schedule = Schedule("cubic", 0.8, steps)
+    n = masks[0].numel()
+    want = [int(math.floor((1 - schedule.sparsity(k)) * n + 1e-9)) for k in range(steps)]
+    assert want == [137, 76, 54, 51]
+    assert [int(m.sum()) for m in masks] == want

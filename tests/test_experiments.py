@@ -560,3 +560,28 @@ def test_a_table_runs_as_one_sweep_and_fills_one_ledger(tmp_path: Path) -> None:
     assert "- `mini/table`: a miniature of Sanh et al.'s table" in md
     assert "### Deviations from the authors' setting: `mini/table`" in md and "| the table's own choice | theirs | ours | – |" in md
     assert "### Deviations from the authors' setting: `movement/squad_bert_base`" in md
+
+
+def test_paper_sparsity_counts_the_definitions_layers() -> None:
+    """result.json's sparsity.paper: zeros over the Linear layers the definition includes and
+    does not exclude, biases only where it says so, reported as removed or remaining."""
+    import torch
+    from torch import nn
+
+    from pruneflow.results import paper_sparsity
+
+    model = nn.Module()
+    model.encoder = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))  # 16 + 8 weights, 4 + 2 biases
+    model.classifier = nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        model.encoder[0].weight[:2] = 0.0  # 8 of 16
+        model.encoder[1].weight[0, :1] = 0.0  # 1 of 8
+        model.encoder[0].bias[:1] = 0.0  # 1 of 4
+        model.classifier.weight.zero_()  # 4 of 4: excluded below
+    removed = paper_sparsity({"include": ["*"], "exclude": ["*classifier*"], "reports": "removed"}, model, False)
+    assert (removed["counted"], removed["removed"], removed["value"]) == (24, round(9 / 24, 6), round(9 / 24, 6))
+    remaining = paper_sparsity({"include": ["encoder.*"], "biases": True, "reports": "remaining"}, model, False)
+    assert (remaining["counted"], remaining["removed"], remaining["value"]) == (30, round(10 / 30, 6), round(20 / 30, 6))
+    assert paper_sparsity({"include": ["encoder.*"]}, model, True)["value"] is None  # compressed: counted by sparsity.measured

@@ -61,6 +61,8 @@ def test_magnitude_run_writes_the_result_contract(config, tmp_path):
     assert on_disk["params"]["total"] == 202058 and on_disk["params"]["prunable"] == 196608
     state = load_file(str(run_dir / "model" / "model.safetensors"))
     assert on_disk["params"]["nonzero"] == sum(int(v.count_nonzero()) for v in state.values())
+    # overall: the zeros among every parameter of the model (embeddings, norms, head too)
+    assert on_disk["sparsity"]["overall"] == pytest.approx(1 - sum(int(v.count_nonzero()) for v in state.values()) / 202058, abs=1e-6)
     assert on_disk["speed"]["dense_ms"] > 0 and on_disk["speed"]["final_ms"] > 0
 
     # Accuracy recomputed from predictions.jsonl.

@@ -519,3 +519,117 @@ def test_a_sweeps_own_experiment_from_its_launch_records_latest_first(tmp_path: 
     assert "- `sanh2020/x_table2`: newest source" in md and "old source" not in md  # the latest launch wins
     assert "- `platon/glue_table`: PLATON table" in md  # an earlier launch's experiment still shows
     assert "| penalty | per run | a grid | none |" in md
+
+
+def test_runs_without_a_target_match_at_the_papers_count(tmp_path: Path) -> None:
+    """A soft-movement run (no target) is set beside the published sparsity its count under
+    the paper's definition (sparsity.paper.removed) is closest to, not pruneflow's own
+    measured fraction, which counts another set of layers."""
+    info = {"name": "soft_movement/mnli_bert_base", "source": "Sanh et al. 2020", "tolerance": 0.01,
+            "published": [{"method": "soft_movement", "task": "glue/mnli", "metric": "accuracy", "curve": {"0.9": 0.807}}]}
+    write_result(tmp_path / "run", "soft_movement", 0.9, 0, 0, 0, task="glue/mnli", experiment=info, metrics={"accuracy": 0.80},
+                 model="bert_base", overrides=["experiment=soft_movement/mnli_bert_base"])
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    result["sparsity"].update(target=None, measured=0.85, paper={"removed": 0.904, "value": 0.096})
+    (tmp_path / "run" / "result.json").write_text(json.dumps(result))
+    assert main([str(tmp_path)]) == 0
+    ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert "**1 of 1 measured rows within tolerance**; 0 published number(s) not run" in ledger
+    assert "| 90 | – | 80.7 [1] | 80.0 (1) | -0.7 | 1.0 | yes |" in ledger
+
+
+def test_overall_scores_count_glue_tasks_and_compressed_parameters(tmp_path: Path) -> None:
+    """The GLUE score averages the GLUE tasks' main metrics only (a SQuAD row of the same
+    configuration is not one of them); the parameter reduction of a physically compressed
+    model counts its remaining parameters (params.compressed_total), not its nonzeros."""
+    glue = {"name": "admm/glue_bert_base", "source": "Wang 2024", "published_overall": {"glue_score": 0.801}}
+    write_result(tmp_path / "rte", "admm", 0.5, 0, 0, 0, task="glue/rte", experiment=glue, metrics={"accuracy": 0.70})
+    write_result(tmp_path / "squad", "admm", 0.5, 0, 0, 0, task="squad/v1", experiment=glue, metrics={"f1": 0.90})
+    spp = {"name": "spp/deit_imagenet", "source": "SPP", "published_overall": {"params_reduction": 0.706}}
+    for seed, kept in enumerate((300, 320)):
+        path = tmp_path / f"spp{seed}"
+        write_result(path, "spp", 0.5, seed, 0.7, 0.9, experiment=spp)
+        result = json.loads((path / "result.json").read_text())
+        result["params"].update(total=1000, nonzero=600, compressed_total=kept)
+        (path / "result.json").write_text(json.dumps(result))
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    overall = md[md.index("## Overall scores"):]
+    assert "| admm/glue_bert_base | admm | tiny_vit | 50 | GLUE score" in overall
+    assert "| 70.0 | 80.1 [" in overall and "1 of 8 GLUE tasks" in overall
+    assert "| spp/deit_imagenet | spp | tiny_vit | 50 | parameter reduction" in overall
+    assert "| 69.0 | 70.6 [" in overall and "2 run(s)" in overall  # 1 - (300 + 320) / 2 / 1000
+
+
+def test_a_nan_metric_is_left_out_of_the_mean(tmp_path: Path) -> None:
+    """A seed whose metric is NaN (a Pearson correlation of constant predictions) does not
+    turn the row's mean into NaN: mean and std are over the finite values."""
+    for seed, acc in enumerate((0.90, 0.94, float("nan"))):
+        write_result(tmp_path / f"seed={seed}", "magnitude", 0.5, seed, acc, 1.0)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    (row,) = read_csv(tmp_path / "r" / "report.csv")
+    assert float(row["accuracy_mean"]) == pytest.approx(0.92)
+    assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev([0.90, 0.94]))
+
+
+def test_ledger_of_the_older_form_leaves_the_dense_row_out(tmp_path: Path) -> None:
+    """``published: {task: {metric: value}}`` is the experiment's own method at any sparsity:
+    a method=dense row of the same experiment does not reproduce it."""
+    info = {"name": "legacy/exp", "source": "a paper", "published": {"digits": {"accuracy": 0.90}}}
+    write_result(tmp_path / "mag", "magnitude", 0.5, 0, 0.895, 1.0, experiment=info, overrides=["experiment=legacy/exp", "method=magnitude"])
+    write_result(tmp_path / "dense", "dense", 0.0, 0, 0.95, 1.0, experiment=info, overrides=["experiment=legacy/exp", "method=dense"])
+    assert main([str(tmp_path)]) == 0
+    ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert "**1 of 1 measured rows within tolerance**; 0 published number(s) not run" in ledger
+    rows = [line for line in ledger.splitlines() if line.startswith("| legacy/exp |")]
+    assert len(rows) == 1 and rows[0].endswith("| 90.0 [1] | 89.5 (1) | -0.5 | 1.0 | yes |")
+
+
+def test_ledger_lists_a_figures_numbers_once_across_its_experiments(tmp_path: Path) -> None:
+    """Two experiments of one figure, each carrying the whole figure: each published number
+    is one ledger row, matched against the rows of either experiment."""
+    other = {**FIGURE_INFO, "name": "seven_pre/plot1_other"}
+    for method, info in (("snip", FIGURE_INFO), ("grasp", other)):
+        write_result(tmp_path / method, method, 0.1, 0, 0, 0, task="glue/mrpc", experiment=info, model="bert_base",
+                     overrides=[f"experiment={info['name']}", f"method={method}", "sparsity=0.1"], metrics={"accuracy": 0.837})
+    assert main([str(tmp_path)]) == 0
+    ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert "**1 of 2 measured rows within tolerance**; 3 published number(s) not run" in ledger
+    table = [line for line in ledger.splitlines() if line.startswith("| ") and "glue/mrpc" in line]
+    assert len(table) == 5  # dense, snip at 10, 80 and 90 %, grasp at 10 %
+    assert sum("| 83.7 (1) |" in line for line in table) == 2
+
+
+def test_tolerances_at_their_edges() -> None:
+    """A measured value exactly one tolerance away counts (float error aside); "<x" is
+    reproduced up to x plus the tolerance, ">x" down to x minus it; a "≈x" point's
+    tolerance is never tighter than the entry's own; a target with float error matches."""
+    from pruneflow.published import find_point, published_points
+
+    def point(raw: object, metric: str = "accuracy", **extra: object):  # noqa: ANN202
+        (p,) = published_points({"published": [{"method": "snip", "task": "t", "metric": metric, "value": raw, **extra}]})
+        return p
+
+    exact = point(0.838)
+    assert exact.within(0.848) and exact.within(0.828) and not exact.within(0.8481)
+    below = point("<0.70", tolerance=0.002)
+    assert below.within(0.60) and below.within(0.7015) and not below.within(0.703)
+    above = point(">100", metric="perplexity")  # 5 % of 100
+    assert above.within(300.0) and above.within(96.0) and not above.within(94.0)
+    approx = point("≈0.80", tolerance=0.02)
+    assert approx.kind == "approx" and approx.tolerance == 0.02 and approx.within(0.815)
+    assert find_point(FIGURE_INFO, "snip", "glue/mrpc", "accuracy", 1 - 0.9).value == 0.838  # 0.09999999999999998
+
+
+def test_the_latest_run_of_a_seed_is_the_newest_file_not_the_last_path(tmp_path: Path) -> None:
+    """Which of two runs of one seed counts is decided by when result.json was written: a
+    later launch in a folder that sorts first still wins."""
+    import os
+
+    for launch, acc, t in (("b-first", 0.50, 1_000_000), ("a-second", 0.90, 1_000_100)):
+        write_result(tmp_path / launch, "random", 0.5, 0, acc, 1.0)
+        os.utime(tmp_path / launch / "result.json", (t, t))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    (row,) = read_csv(tmp_path / "r" / "report.csv")
+    assert row["n_runs"] == "1" and float(row["accuracy_mean"]) == pytest.approx(0.90)
+    assert row["run_dirs"] == str(tmp_path / "a-second")

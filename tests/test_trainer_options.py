@@ -354,3 +354,33 @@ def test_measure_speed_times_the_fresh_dense_model_against_the_final_one(monkeyp
     got = speed.measure_speed(OmegaConf.create({"speed": {"batch": 2, "repeats": 1}}), Bundle(Recorder("final"), "timm", "fake"), task,
                               torch.device("cpu"))
     assert (got["dense_ms"], got["final_ms"], got["batch"]) == (7.0, 3.0, 2)
+
+
+def test_optimizer_groups_decay_and_stage_lr_schedule():
+    """trainer.weight_decay reaches the matrices only (biases and LayerNorm weights get 0);
+    a method's group keeps its own base LR (pf_lr) under the same schedule; a stage of 4
+    steps with one warm-up step walks transformers' linear schedule: 0, 1, 2/3, 1/3 of
+    the stage's LR, one value per optimizer step."""
+    from pruneflow.trainer import StageSpec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 1))
+    cfg = {"optimizer": "adamw", "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
+           "lr_scheduler": "linear", "warmup_steps": 1, "max_grad_norm": 0.0, "log_every": 1}
+    trainer = _trainer(model, **cfg)
+    extra = nn.Parameter(torch.zeros(3))
+    optim = trainer.build_optim(4, [{"params": [extra], "pf_lr": 0.5, "weight_decay": 0.0}])
+    groups = optim.optimizer.param_groups
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert [(sorted(named.get(id(p), "extra") for p in g["params"]), g["weight_decay"]) for g in groups] == [
+        (["0.weight", "2.weight"], 0.1), (["0.bias", "1.bias", "1.weight", "2.bias"], 0.0), (["extra"], 0.0)]
+    optim.step = 2
+    assert optim.set_lr(0.3) == pytest.approx(0.2)
+    assert [g["lr"] for g in groups] == [pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.5 * 2 / 3)]
+
+    head = nn.Linear(4, 1)
+    trainer = Trainer(OmegaConf.create({"precision": "32", "freeze": [], **cfg}), torch.device("cpu"), SimpleNamespace(model=head),
+                      task=_Regression())  # type: ignore[arg-type]
+    logged: list[float] = []
+    trainer.train(StageSpec("finetune", 4, lr=0.1, batch_size=4, seed=3), on_log=lambda rec: logged.append(rec["finetune/lr"]))
+    assert logged == pytest.approx([0.0, 0.1, 0.1 * 2 / 3, 0.1 / 3], rel=1e-12, abs=1e-15)
