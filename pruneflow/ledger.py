@@ -122,7 +122,9 @@ def ledger_entries(rows: list[Row]) -> list[Entry]:
         label = names[0] if len(names) == 1 else key
         points = list(dict.fromkeys(p for i in infos.values() for p in published_points(i)))  # each number once
         exp_rows = [r for r in rows if r.experiment in infos]
-        own = exp_rows[0].method if len({r.method for r in exp_rows if r.method != "dense"}) == 1 else "?"
+        # the experiment's own method, for numbers that do not name one (a dense baseline row is not it)
+        methods = {r.method for r in exp_rows if r.method != "dense"}
+        own = methods.pop() if len(methods) == 1 else "?"
         tasks = {r.task for r in exp_rows}
         for p in points:
             if p.task not in tasks:  # a figure's other panels belong to the experiments that run them

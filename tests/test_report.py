@@ -574,7 +574,8 @@ def test_a_nan_metric_is_left_out_of_the_mean(tmp_path: Path) -> None:
 
 def test_ledger_of_the_older_form_leaves_the_dense_row_out(tmp_path: Path) -> None:
     """``published: {task: {metric: value}}`` is the experiment's own method at any sparsity:
-    a method=dense row of the same experiment does not reproduce it."""
+    a method=dense row of the same experiment does not reproduce it, nor name its method
+    (the rows sort the dense one first)."""
     info = {"name": "legacy/exp", "source": "a paper", "published": {"digits": {"accuracy": 0.90}}}
     write_result(tmp_path / "mag", "magnitude", 0.5, 0, 0.895, 1.0, experiment=info, overrides=["experiment=legacy/exp", "method=magnitude"])
     write_result(tmp_path / "dense", "dense", 0.0, 0, 0.95, 1.0, experiment=info, overrides=["experiment=legacy/exp", "method=dense"])
@@ -583,6 +584,7 @@ def test_ledger_of_the_older_form_leaves_the_dense_row_out(tmp_path: Path) -> No
     assert "**1 of 1 measured rows within tolerance**; 0 published number(s) not run" in ledger
     rows = [line for line in ledger.splitlines() if line.startswith("| legacy/exp |")]
     assert len(rows) == 1 and rows[0].endswith("| 90.0 [1] | 89.5 (1) | -0.5 | 1.0 | yes |")
+    assert rows[0].startswith("| legacy/exp | magnitude | digits |")  # the experiment's method, not the dense row's
 
 
 def test_ledger_lists_a_figures_numbers_once_across_its_experiments(tmp_path: Path) -> None:
