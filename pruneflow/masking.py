@@ -165,11 +165,3 @@ def strip_parametrization_names(state_dict: dict[str, torch.Tensor]) -> dict[str
             continue
         out[k] = v
     return out
-
-
-@torch.no_grad()
-def count_zeros(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
-    """(zeros, total) over tensors: sparsity counted from the weights themselves."""
-    zeros = sum(int(t.numel() - t.count_nonzero()) for t in tensors)
-    total = sum(t.numel() for t in tensors)
-    return zeros, total

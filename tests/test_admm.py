@@ -4,6 +4,7 @@ computed by hand), the user errors, and end-to-end runs recounted from model/.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,84 @@ def test_the_prune_stage_length_is_split_between_the_iterations():
     assert plan(7, iterations=0, sr_ste=True) == (1, 0, 7)
     with pytest.raises(UserError, match="stages.prune"):
         plan(2)
+
+
+def test_primal_residuals_by_hand():
+    """||W - Z|| / ||W|| after each Z-step, as in test_admm_iterations_update_duals_and_rho_as_the_equations_say."""
+    method, lin = method_on(torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    method.after_optimizer_step(1)  # Z = [0, -2, 0, 3]: W - Z = [1, 0, 0.5, 0], ||W||^2 = 14.25
+    with torch.no_grad():
+        lin.parametrizations.weight.original.copy_(torch.tensor([[0.5, -1.25, -1.5, 2.0]]))
+    method.after_optimizer_step(3)  # Z = [1.5, 0, 0, 2]: W - Z = [-1, -1.25, -1.5, 0], ||W||^2 = 8.0625
+    expected = [math.sqrt(1.25 / 14.25), math.sqrt(4.8125 / 8.0625)]
+    assert method.residuals == pytest.approx(expected, abs=1e-6)
+    assert method.summary()["primal_residuals"] == method.residuals
+    zero, _ = method_on(torch.zeros(1, 4))  # an all-zero layer: W = Z = 0, residual 0
+    zero.after_optimizer_step(1)
+    assert zero.residuals == [0.0]
+
+
+def test_the_last_iteration_ends_with_the_prune_stage_on_an_uneven_split():
+    """7 steps for 3 iterations: 2 steps each and the remainder in the last W-step, so the
+    last Z/U update comes after step 6, not after step 5."""
+    method, _ = method_on(torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    method.plan_stages({"finetune": 0, "prune": 7, "recover": 0}, steps_per_epoch=2, task_name="digits")
+    assert (method.steps_per_iteration, method.admm_steps) == (2, 7)
+    iterations = []
+    for step in range(7):
+        method.after_optimizer_step(step)
+        iterations.append(method.iteration)
+    assert iterations == [0, 1, 1, 2, 2, 2, 3] and method.phase == "done"
+
+
+def test_the_split_reserves_sr_ste_steps_and_allows_one_step_per_iteration():
+    def plan(prune: int, **cfg):  # noqa: ANN003, ANN202
+        m = ADMM(OmegaConf.create({"pattern": "2:4", "iterations": 3, **cfg}), 0.5)
+        m.plan_stages({"finetune": 0, "prune": prune, "recover": 0}, steps_per_epoch=4, task_name="digits")
+        return m.steps_per_iteration, m.admm_steps, m.sr_ste_steps
+
+    # 0.01 of 9 steps rounds to 0: still 1 reserved for SR-STE, so the 8 left give 2 per
+    # iteration and SR-STE gets the rest (3)
+    assert plan(9, sr_ste=True, sr_ste_fraction=0.01) == (2, 6, 3)
+    assert plan(3) == (1, 3, 0)  # one step per iteration is enough
+
+
+def test_srste_decay_follows_the_fp16_loss_scale():
+    """Under a GradScaler (scale S) and accumulation (A steps) the decay added in backward
+    is lambda_w * S / A, so that the unscaled, accumulated gradient holds lambda_w (1 - mask) W;
+    it follows the scale when the scaler changes it."""
+    method, lin = method_on(torch.tensor([[1.0, -3.0, 2.0, 0.5]]), iterations=0, sr_ste=True, lambda_w=0.1)
+
+    class Scaler:
+        scale = 1024.0
+
+        def get_scale(self) -> float:
+            return self.scale
+
+    scaler = Scaler()
+    method.ctx.extra["trainer"] = type("T", (), {"grad_accum": 4, "scaler": scaler})()
+    method._set_decay()
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    (lin(x).sum() * 1024.0 / 4).backward()  # the loss as the trainer scales it
+    grad = lin.parametrizations.weight.original.grad * 4 / 1024.0
+    torch.testing.assert_close(grad, torch.tensor([[1.1, 2.0, 3.0, 4.05]]))  # as in test_srste_parametrization_...
+    scaler.scale = 512.0  # the scaler backed off after an overflow
+    method.after_optimizer_step(0)
+    assert lin.parametrizations.weight[0].lambda_w == pytest.approx(0.1 * 512.0 / 4)
+
+
+def test_rho_growth_of_one_keeps_rho_constant():
+    method, _ = method_on(torch.tensor([[1.0, -2.0, 0.5, 3.0]]), rho_growth=1)
+    for step in range(6):
+        method.after_optimizer_step(step)
+    assert method.iteration == 3 and method.rho == 0.1
+    with pytest.raises(UserError, match="method.rho_growth"):
+        ADMM(OmegaConf.create({"pattern": "2:4", "rho_growth": 0.9}), 0.5)
+
+
+def test_code_defaults_are_the_packaged_config():
+    """An ADMM built from a partial config (as the tests here do) uses conf/method/admm.yaml's values."""
+    conf = OmegaConf.load(ROOT / "conf" / "method" / "admm.yaml")
+    m = ADMM(OmegaConf.create({}), 0.5)
+    assert (str(m.pattern), m.rho0, m.rho_growth, m.iterations, m.sr_ste, m.sr_ste_fraction, m.lambda_w) == (
+        conf.pattern, conf.rho, conf.rho_growth, conf.iterations, conf.sr_ste, conf.sr_ste_fraction, conf.lambda_w)

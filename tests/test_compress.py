@@ -203,3 +203,109 @@ def test_authors_mask_sites_scale_q_and_k_and_fc1(family):
         x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
         out, expected = model(x), ref(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_compressed_equals_masked_with_nonzero_biases(family):
+    """Heads of unequal sizes are padded: a padded q dim must be zero in the q bias too
+    (the models above start with zero biases, which would hide it)."""
+    model = tiny_bert("sdpa") if family == "hf" else tiny_vit()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g))
+    if family == "hf":
+        ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+        masked, compressed, _ = mask_then_compress(model, False, lambda m: m(input_ids=ids).logits)
+    else:
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        masked, compressed, _ = mask_then_compress(model, False, lambda m: m(x))
+    torch.testing.assert_close(compressed, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_a_type_with_every_dim_masked_keeps_one_zeroed_dim():
+    """All q-k dims pruned (attention becomes uniform): each head keeps one padded, zeroed
+    dim, and the compressed model still computes the masked one."""
+    idx, pad = pad_heads([[], []], head_dim=4)
+    assert idx.tolist() == [[0], [0]] and pad.tolist() == [[True], [True]]
+    model = tiny_bert("sdpa")
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    masks = PairedMasks(model)
+    keep = [torch.zeros_like(e.param, dtype=torch.bool) if e.kind == "qk" else torch.ones_like(e.param, dtype=torch.bool) for e in masks]
+    masks.attach()
+    masks.set([k.float() for k in keep])
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    layers = masks.kept_layers(keep)
+    masks.detach()
+    assert layers["bert.encoder.layer.0"]["qk"] == [[]] * 4
+    compress(model, layers)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.shape == (4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_compressing_a_compressed_model_again(family):
+    """A second compression of already compressed blocks (unequal q-k and v sizes) equals
+    one compression with the combined selection."""
+    make = (lambda: tiny_bert("sdpa")) if family == "hf" else tiny_vit
+    model, once = make(), make()
+    compress(model, uniform_keep(model, 0.5))  # head sizes 8 -> 4 and 4, FFN halved
+    second = {p: {"qk": [[0]] * 4, "vo": [[0, 1, 2]] * 4, "ffn": list(range(16))} for p in (pb.prefix for pb in find_blocks(model))}
+    compress(model, second)
+    compress(once, second)  # the first indices of the first halves: the same dims of the original
+    pb = find_blocks(model)[0]
+    assert (pb.qk_dim, pb.v_dim, pb.ffn_dim) == (1, 3, 16)
+    with torch.no_grad():
+        if family == "hf":
+            ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(model(input_ids=ids).logits, once(input_ids=ids).logits)
+        else:
+            x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+            torch.testing.assert_close(model(x), once(x))
+
+
+def test_timm_compressed_attention_keeps_the_eval_mode():
+    """An evaluated model stays in eval mode after compression (no attention dropout)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=2,
+                              num_heads=4, num_classes=10, in_chans=1, attn_drop_rate=0.5).eval()
+    compress(model, uniform_keep(model, 0.5))
+    assert not model.blocks[0].attn.training
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("share_heads", [True, False])
+def test_entry_cost_is_the_weights_one_entry_removes(share_heads):
+    """``MaskEntry.cost()``: compressing away one entry of a mask removes exactly that
+    many weights (counted from the Linear weights); a per-head mask ([H, dim]) loses
+    the entry in every head, as one head alone is padded back to the widest."""
+    def weights(m):  # noqa: ANN001, ANN202
+        return sum(lin.weight.numel() for pb in find_blocks(m) for lin in (pb.attn.query, pb.attn.key, pb.attn.value, pb.proj, pb.fc1, pb.fc2))
+
+    for i, e in enumerate(PairedMasks(tiny_bert("sdpa"), share_heads=share_heads)):
+        model = tiny_bert("sdpa")
+        masks = PairedMasks(model, share_heads=share_heads)
+        keep = [torch.ones_like(m.param, dtype=torch.bool) for m in masks]
+        keep[i][..., 0] = False
+        before = weights(model)
+        compress(model, masks.kept_layers(keep))
+        assert before - weights(model) == e.cost() * (e.param.shape[0] if e.param.ndim == 2 else 1), e.key
+    assert [e.cost() for e in PairedMasks(tiny_bert("sdpa"))][:3] == [4 * 2 * 32, 4 * (32 + 32), 32 + 32]  # qk, vo, ffn
+
+
+def test_types_without_a_mask_keep_every_dim():
+    model = tiny_bert("sdpa")
+    masks = PairedMasks(model, kinds=("qk",))
+    keep = [torch.tensor([True, False, True, False, False, False, False, False]) for _ in masks]
+    layers = masks.kept_layers(keep)
+    assert layers["bert.encoder.layer.1"] == {"qk": [[0, 2]] * 4, "vo": [list(range(8))] * 4, "ffn": list(range(64))}
+
+
+def test_uniform_keep_keeps_at_least_one_dim():
+    layers = uniform_keep(tiny_bert("sdpa"), 0.01)  # 0.01 of 8 per-head dims rounds to 0 (of 64 neurons: to 1)
+    assert layers["bert.encoder.layer.0"] == {"qk": [[0]] * 4, "vo": [[0]] * 4, "ffn": [0]}

@@ -369,3 +369,55 @@ def test_torchrun_ranks_keep_identical_scores(tmp_path: Path) -> None:
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
     fingerprints = read_result(run_dir)["provenance"]["distributed"]["fingerprints"]["prune"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1] and "scores" in fingerprints[0]
+
+
+def _one_layer(scores: list[float], **settings: float) -> tuple[nn.Module, object]:
+    model = nn.Module()
+    model.blocks = nn.Sequential(nn.Linear(len(scores), 1, bias=False))
+    with torch.no_grad():
+        model.blocks[0].weight.fill_(1.0)
+    pruner = pruneflow.methods.create("l0", steps=4, model=model, include=["blocks.*"], **settings)
+    with torch.no_grad():
+        pruner.method.score_param.copy_(torch.tensor(scores))
+    return model, pruner
+
+
+def test_training_noise_is_clamped_away_from_zero_and_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draws u of exactly 0 or 1 are clamped to [1e-4, 1 - 1e-4] (their code's clamp):
+    a gate of 0.82 (S = 10) and 0.18 (S = -10), not 0 and 1."""
+    model, _ = _one_layer([10.0, -10.0])
+    model.train()
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.copy_(torch.tensor([[0.0, 1.0]])))
+    gate = model.blocks[0].weight.detach()[0].tolist()
+    expected = their_gate(torch.tensor([[10.0, -10.0]]), training=True)[0].tolist()  # the same draws
+    monkeypatch.undo()
+    assert 0.8 < expected[0] < 0.83 and 0.17 < expected[1] < 0.2
+    assert gate == pytest.approx(expected, abs=1e-6)
+
+
+def test_lambda_is_scaled_by_the_final_threshold() -> None:
+    """lambda_t = final_lambda * threshold_t / final_threshold: constant thresholds of 2 give final_lambda."""
+    _, pruner = _one_layer([0.0, 1.0], final_lambda=10.0, initial_threshold=2.0, final_threshold=2.0)
+    shift = 2 / 3 * math.log(0.1 / 1.1)
+    assert pruner.method.regu_lambda(0) == 10.0
+    assert float(pruner.extra_loss().detach()) == pytest.approx(10.0 * (_sig(0.0 - shift) + _sig(1.0 - shift)) / 2, rel=1e-6)
+    _, ramp = _one_layer([0.0, 1.0], final_lambda=10.0, initial_threshold=1.0, final_threshold=4.0)
+    assert ramp.method.regu_lambda(0) == 10.0 * 1.0 / 4.0  # step 0: the initial threshold
+
+
+def test_final_gate_statistics_by_hand() -> None:
+    """Gates [0, 0, 0.5, 0.777, 1, 0.223] (as in test_gates_by_hand): 4 of 6 kept, 3 of 6 scaled (0 < gate < 1)."""
+    _, pruner = _one_layer([-3.0, -2.5, 0.0, 1.0, 2.5, -1.0])
+    pruner.extra_loss()
+    pruner.after_optimizer_step(0)  # as if an optimizer step had set the scores
+    pruner.end()
+    assert pruner.method.summary()["gates"] == {"kept_fraction": round(4 / 6, 6), "scaled_fraction": 0.5}
+
+
+def test_loaded_scores_show_their_gate_in_the_masks() -> None:
+    """A method state loaded in the prune stage sets the mask buffers to its scores' evaluation gate."""
+    s = [-3.0, 0.0, 1.0, 2.5]
+    _, saved = _one_layer(s)
+    _, fresh = _one_layer([2.197] * 4)
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.weights.weights[0].mask[0].tolist() == pytest.approx([0.0, 0.5, 1.2 * _sig(1.0) - 0.1, 1.0], abs=1e-6)

@@ -1,7 +1,12 @@
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from pruneflow.masking import MaskedWeights, select_prunable, strip_parametrization_names
+from pruneflow.masking import (
+    MaskedWeights,
+    select_prunable,
+    strip_parametrization_names,
+)
 from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 
 
@@ -61,3 +66,65 @@ def test_strip_parametrization_names_applies_masks():
     sd = strip_parametrization_names(nn.Sequential(lin).state_dict())
     assert set(sd) == {"0.weight", "0.bias"}
     assert int(torch.count_nonzero(sd["0.weight"])) <= 3
+
+
+def _one_linear(weight):  # noqa: ANN001, ANN202
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin, MaskedWeights(select_prunable(nn.Sequential(lin), ["*"], []))
+
+
+def test_set_masks_zeroes_the_pruned_trainable_weights():
+    """The trainable ``original`` is zeroed where the mask is 0, so a weight regrown later
+    (mask 0 -> 1) starts from 0, not from its value before it was pruned."""
+    lin, weights = _one_linear(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]))
+    weights.attach()
+    weights.set_masks([torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])])
+    assert weights.weights[0].param.tolist() == [[1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 7.0, 8.0]]
+    weights.set_masks([torch.ones(2, 4)])  # everything regrown
+    assert lin.weight.tolist() == [[1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 7.0, 8.0]]
+
+
+def test_strip_parametrization_names_multiplies_original_by_the_mask():
+    """The plain state dict holds ``original * mask`` even where ``original`` is not zero
+    under the mask (masks given to ``attach``, or fractional gates such as L0's)."""
+    lin = nn.Linear(3, 2)
+    weights = MaskedWeights(select_prunable(nn.Sequential(lin), ["*"], []))
+    weights.attach(masks=[torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]])])
+    with torch.no_grad():
+        lin.parametrizations.weight.original.copy_(torch.tensor([[1.0, 2.0, 4.0], [3.0, 5.0, 6.0]]))
+    sd = strip_parametrization_names(nn.Sequential(lin).state_dict())
+    assert sd["0.weight"].tolist() == [[1.0, 0.0, 2.0], [0.0, 5.0, 0.0]]
+    assert torch.equal(sd["0.bias"], lin.bias)
+
+
+def test_attach_starts_from_given_masks_and_skips_masked_weights():
+    """``attach(masks=...)`` copies the given masks (in the weight's dtype); a weight
+    that already has a mask keeps it when attach runs again."""
+    lin, weights = _one_linear(torch.ones(1, 4))
+    lin.double()
+    given = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    weights.attach(masks=[given])
+    mask = weights.weights[0].mask
+    assert mask.dtype == torch.float64 and mask.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    given.zero_()  # a copy: the caller's tensor is not the buffer
+    assert weights.num_kept() == 2
+    weights.attach(masks=[torch.tensor([[0.0, 0.0, 1.0, 1.0]])])  # already masked: left as it is
+    assert len(lin.parametrizations.weight) == 1
+    assert lin.weight.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+
+
+def test_bake_without_keeping_masks_leaves_the_original_weights():
+    lin, weights = _one_linear(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    weights.attach(masks=[torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])])
+    assert lin.weight.tolist() == [[1.0, 0.0, 3.0], [0.0, 5.0, 0.0]]
+    weights.bake(keep_masked=False)
+    assert not parametrize.is_parametrized(lin)
+    assert lin.weight.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+
+
+def test_sparsity_counts_the_kept_mask_entries_by_hand():
+    _, weights = _one_linear(torch.ones(2, 4))
+    weights.attach(masks=[torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])])
+    assert weights.num_kept() == 3 and weights.sparsity() == 1 - 3 / 8

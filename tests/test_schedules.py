@@ -50,3 +50,41 @@ def test_schedule_that_cannot_finish_is_an_error():
     s = make("cubic", total=10, initial_warmup=6, final_warmup=4)
     with pytest.raises(UserError, match="cannot reach its target"):
         s.validate()
+
+
+def test_warmup_floats_below_one_are_rounded_fractions_and_from_one_steps():
+    s = make("cubic", total=100, initial_warmup=0.29, final_warmup=1.0)
+    # 0.29 * 100 is 28.999999999999996 in floating point: rounded, not truncated; 1.0 is one step
+    assert (s.initial_warmup, s.final_warmup) == (29, 1)
+
+
+def test_validate_accepts_zero_warmups_and_rejects_a_zero_frequency():
+    make("cubic", total=10).validate()  # no warm-ups, frequency 1
+    make("oneshot", total=1).validate()
+    with pytest.raises(UserError, match="schedule.frequency"):
+        make("cubic", total=10, frequency=0).validate()
+    with pytest.raises(UserError, match="schedule.final_warmup"):
+        make("cubic", total=10, final_warmup=-1).validate()
+
+
+def test_exponential_ramp_by_hand_and_every_kind_lands_exactly_on_its_target():
+    s = make("exponential", total=10)
+    # kept fraction 0.2^p after step k, p = (k + 1) / 10
+    assert [1 - s.sparsity(k) for k in (0, 1, 6)] == pytest.approx([0.2**0.1, 0.2**0.2, 0.2**0.7])
+    for kind in ("cubic", "linear", "exponential"):
+        t = Schedule.from_config(OmegaConf.create({"name": kind}), 0.1, 10)
+        assert t.sparsity(9) == 0.1  # exactly (1 - (1 - 0.1)^1 would be 0.09999999999999998)
+
+
+def test_oneshot_prunes_at_the_end_of_the_initial_warmup():
+    s = make("oneshot", total=10, initial_warmup=3, frequency=3)
+    assert s.last_ramp_step == 3
+    assert [s.sparsity(k) for k in range(10)] == [0.0] * 3 + [pytest.approx(0.8)] * 7
+    assert [k for k in range(10) if s.is_update_step(k)] == [3, 5, 8]
+
+
+def test_a_zero_target_with_warmups_filling_the_stage_stays_dense():
+    """Nothing to reach (a dense run): validate accepts the warm-ups, every step is 0."""
+    s = Schedule.from_config(OmegaConf.create({"name": "cubic", "initial_warmup": 2, "final_warmup": 2}), 0.0, 4)
+    s.validate()
+    assert [s.sparsity(k) for k in range(4)] == [0.0] * 4

@@ -227,3 +227,37 @@ def test_segments_that_cannot_share_rows_go_one_by_one() -> None:
     assert torch.equal(out[: 1 << 19], reference_mask(x[: 1 << 19], 1000))
     assert torch.equal(out[(1 << 19) + 16 : 1 << 20], reference_mask(x[(1 << 19) + 16 : 1 << 20], 2000))
     assert not out[1 << 19 : (1 << 19) + 16].any() and not out[1 << 20 :].any()
+
+
+def test_kept_count_rounds_a_fraction_of_a_weight_up() -> None:
+    """0.29 of 10 weights is 2.9 pruned: 3 pruned (nearest), 7 kept; truncation would keep 8."""
+    assert kept_count(10, 0.29) == 7
+    assert kept_count(1000, 0.2996) == 700  # 299.6 pruned -> 300
+    assert [int(m.sum()) for m in local_topk_masks([torch.rand(10), torch.rand(1000)], 0.29)] == [7, 710]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64])
+def test_topk_mask_has_the_dtype_of_the_scores(dtype: torch.dtype) -> None:
+    """A float mask comes back in the scores' dtype (integer scores: float32)."""
+    scores = torch.tensor([4, 1, 3, 0, 2, 5]).to(dtype)
+    m = topk_mask(scores, 3)
+    assert m.dtype == (dtype if dtype.is_floating_point else torch.float32)
+    assert m.tolist() == [1, 0, 1, 0, 0, 1]
+
+
+def test_segments_with_a_gap_do_not_share_rows_even_with_a_common_row_length() -> None:
+    """Both segments are multiples of a long row (2^19), but a gap of 2^14 lies between
+    them: they do not tile one range, so each is selected on its own (also once each
+    has a remembered guess), and the gap is left untouched."""
+    a, gap = 1 << 19, 1 << 14
+    segs = [(0, a), (a + gap, a)]
+    x = torch.randn(2 * a + gap, generator=torch.Generator().manual_seed(4))
+    out = torch.full((2 * a + gap,), 7.0)
+    tk = TopK(remember=True)
+    for step in range(3):  # the first selection samples, the next ones start from a guess
+        keep = [1000 + 10 * step, 3000 - 10 * step]
+        tk.masks_(x, segs, keep, out)
+        assert torch.equal(out[:a], reference_mask(x[:a], keep[0])), step
+        assert torch.equal(out[a + gap :], reference_mask(x[a + gap :], keep[1])), step
+        assert torch.all(out[a : a + gap] == 7.0)
+        x += torch.randn(2 * a + gap, generator=torch.Generator().manual_seed(step)) * 1e-3
