@@ -315,3 +315,147 @@ def test_overwrite_leaves_nothing_of_the_replaced_run(config, tmp_path):
     assert result["sparsity"]["measured"] == pytest.approx(0.9, abs=1e-4)
     assert not (tmp_path / "r" / "model").exists() and (tmp_path / "r" / "notes.txt").read_text() == "mine"
     assert json.loads((tmp_path / "r" / "result.json").read_text())["sparsity"]["target"] == 0.9
+
+
+def test_the_finetune_key_holds_what_the_dense_model_depends_on(config, tmp_path):
+    """Another method, sparsity or bookkeeping setting reuses the cached fine-tune; another
+    seed, finetune stage, task or trainer setting, or another length, fine-tunes again."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pruneflow.runner import Run
+    from pruneflow.utils import stable_hash
+
+    base = config("method=magnitude", "sparsity=0.5")
+
+    def key(steps: int = 40, total: int | None = None, **changes: object) -> str:
+        cfg = base.copy()
+        for k, v in changes.items():
+            OmegaConf.update(cfg, k.replace("__", "."), v, merge=False)
+        r = Run(cfg, tmp_path)
+        r.plan = SimpleNamespace(stages={"finetune": SimpleNamespace(steps=steps)})
+        # trainer.continuous: the finetune's LR follows the schedule over every stage
+        r.optim = None if total is None else SimpleNamespace(schedule=SimpleNamespace(total_steps=total, warmup_steps=0))
+        return stable_hash(r.finetune_key())
+
+    first = key()
+    assert key(sparsity=0.9, stages__prune__steps=5, method__name="random") == first
+    assert key(trainer__checkpoint_every=7, trainer__log_every=3, trainer__device="cpu", trainer__torch_threads=1, cache_dir="x") == first
+    for other in ({"seed": 1}, {"stages__finetune__lr": 0.01}, {"task__max_train_samples": 256}, {"trainer__weight_decay": 0.1},
+                  {"model__pretrained": True}, {"steps": 41}):
+        assert key(**other) != first, other
+    assert key(total=100) != key(total=120)
+
+
+def test_a_finished_run_is_skipped_only_for_its_own_settings(config, tmp_path):
+    """Bookkeeping settings (checkpoint_every, eval_batch_size, ...) may differ; others are
+    refused, from checkpoints/config.json or, once checkpoints/ was deleted, from result.json."""
+    from omegaconf import OmegaConf
+
+    from pruneflow.runner import _comparable, _differences, check_finished_config
+    from pruneflow.utils import atomic_write_json
+
+    cfg = config("method=magnitude", "sparsity=0.5")
+    done = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    same = config("method=magnitude", "sparsity=0.5", "trainer.checkpoint_every=7", "stages.eval_batch_size=32")
+    other = config("method=magnitude", "sparsity=0.9")
+    saved = tmp_path / "r" / "checkpoints" / "config.json"
+    atomic_write_json(saved, _comparable(cfg))
+    for _ in ("checkpoints/config.json", "result.json"):
+        check_finished_config(same, tmp_path / "r", done)
+        with pytest.raises(UserError, match=r"holds a finished run with other settings \(sparsity: 0.5 -> 0.9\)"):
+            check_finished_config(other, tmp_path / "r", done)
+        saved.unlink(missing_ok=True)
+    # a setting that only one side has is a difference too
+    assert _differences({"seed": 0}, {"seed": 0, "method.beta": 1}) == "method.beta: '<unset>' -> 1"
+    assert _differences({"seed": 0, "method.beta": 1}, {"seed": 0}) == "method.beta: 1 -> '<unset>'"
+
+
+def test_resuming_with_changed_settings_needs_allow_config_change_once(config, tmp_path):
+    """allow_config_change=true resumes with the changes and keeps them as the run's
+    settings: resuming again with them needs no second allow_config_change."""
+    from pruneflow.runner import _comparable, check_resume_config
+    from pruneflow.utils import atomic_write_json
+
+    atomic_write_json(tmp_path / "checkpoints" / "config.json", _comparable(config("stages.recover.lr=0.001")))
+    lower = config("stages.recover.lr=0.0001")
+    with pytest.raises(UserError, match=r"unfinished run with other settings \(stages.recover.lr: 0.001 -> 0.0001\)"):
+        check_resume_config(lower, tmp_path)
+    check_resume_config(config("stages.recover.lr=0.0001", "allow_config_change=true"), tmp_path)
+    check_resume_config(lower, tmp_path)
+    with pytest.raises(UserError, match=r"stages.recover.lr: 0.0001 -> 0.001"):
+        check_resume_config(config("stages.recover.lr=0.001"), tmp_path)
+
+
+def test_overwrite_removes_every_output_of_a_run_and_nothing_else(tmp_path):
+    from pruneflow.runner import RUN_OUTPUTS, remove_run_outputs
+
+    for name in ("checkpoints", "model", "adapter", "wandb"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    for name in ("result.json", "predictions.jsonl", "predictions_mnli_mm.jsonl", "spp_path.json", "error.txt", "stopped.txt", ".wandb_run_id"):
+        (tmp_path / name).write_text("x")
+    for name in ("notes.txt", ".hydra", "run.log"):
+        (tmp_path / name).write_text("mine")
+    removed = remove_run_outputs(tmp_path)
+    assert len(removed) == 11 and all(any(Path(tmp_path / r).match(p) for p in RUN_OUTPUTS) for r in removed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "notes.txt", "run.log"]
+
+
+def test_a_refused_setting_marks_only_a_new_folder_for_removal(config, tmp_path):
+    """The CLI removes a refused run's folder only when it held no run before (``before_work``):
+    a resume refused for changed settings keeps the run that is there."""
+    from pruneflow.runner import _comparable
+    from pruneflow.utils import atomic_write_json
+
+    with pytest.raises(UserError, match="trainer.weight_decay") as fresh:
+        run(config("trainer.weight_decay=-1"), tmp_path / "new")
+    assert fresh.value.before_work is True
+    atomic_write_json(tmp_path / "old" / "checkpoints" / "config.json", _comparable(config("sparsity=0.5")))
+    with pytest.raises(UserError, match="unfinished run with other settings") as old:
+        run(config("sparsity=0.7"), tmp_path / "old")
+    assert old.value.before_work is False
+
+
+def test_a_finished_run_is_answered_from_its_result_and_overwrite_starts_it_over(config, tmp_path, monkeypatch):
+    """run() on a folder with a result.json returns it without any work, but only for the
+    run's own settings; overwrite=true removes the old outputs and prepares a new run."""
+    from omegaconf import OmegaConf
+
+    from pruneflow import runner
+    from pruneflow.utils import atomic_write_json
+
+    cfg = config("method=magnitude", "sparsity=0.5")
+    done = {"config": OmegaConf.to_container(cfg, resolve=True), "metrics": {"final": {"accuracy": 0.5}}}
+    atomic_write_json(tmp_path / "r" / "result.json", done)
+    atomic_write_json(tmp_path / "r" / "checkpoints" / "config.json", runner._comparable(cfg))
+    (tmp_path / "r" / "model").mkdir()
+
+    def prepared(self):  # noqa: ANN001, ANN202
+        raise UserError("prepared a new run")
+
+    monkeypatch.setattr(runner.Run, "prepare", prepared)
+    assert run(config("method=magnitude", "sparsity=0.5", "trainer.checkpoint_every=7"), tmp_path / "r") == done
+    with pytest.raises(UserError, match=r"holds a finished run with other settings \(sparsity: 0.5 -> 0.9\)"):
+        run(config("method=magnitude", "sparsity=0.9"), tmp_path / "r")
+    assert (tmp_path / "r" / "result.json").exists() and (tmp_path / "r" / "model").exists()
+    with pytest.raises(UserError, match="prepared a new run"):
+        run(config("method=magnitude", "sparsity=0.9", "overwrite=true"), tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".pruneflow.lock"]
+
+
+def test_a_refused_command_leaves_the_record_of_the_run_in_the_folder(config, tmp_path):
+    """The command's record (.hydra/) is written at once into a folder with no run, but into
+    one holding an unfinished run only once its settings are accepted."""
+    from pruneflow.runner import _comparable
+    from pruneflow.utils import atomic_write_json
+
+    recorded = []
+    with pytest.raises(UserError, match="trainer.weight_decay"):
+        run(config("trainer.weight_decay=-1"), tmp_path / "new", record=recorded.append)
+    assert recorded == [tmp_path / "new"]
+    atomic_write_json(tmp_path / "old" / "checkpoints" / "config.json", _comparable(config("sparsity=0.5")))
+    with pytest.raises(UserError, match="unfinished run with other settings"):
+        run(config("sparsity=0.7"), tmp_path / "old", record=recorded.append)
+    assert recorded == [tmp_path / "new"]

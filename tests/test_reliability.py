@@ -455,6 +455,51 @@ def test_a_second_signal_stops_at_once_with_the_signals_exit_code(tmp_path, unin
     assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
 
 
+def test_a_sweeps_launcher_passes_a_stop_on_to_its_jobs_through_the_stop_file(tmp_path, monkeypatch):
+    """The launching process writes the signal it got (or got before the jobs started) into
+    the sweep folder; a job reads it there as a request, not as a signal of its own (Ctrl-C
+    reaching it too must not be the second signal that stops at once)."""
+    import signal
+
+    from pruneflow.stop import STOP_FILE, StopRequest
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    launcher = StopRequest()
+    launcher.launcher_pid = os.getpid()
+    launcher.handle(signal.SIGTERM, None)  # before the sweep started
+    assert exits == [] and launcher.signum == signal.SIGTERM and not (tmp_path / STOP_FILE).exists()
+    launcher.share_with_jobs(tmp_path)
+    assert (tmp_path / STOP_FILE).read_text() == str(int(signal.SIGTERM))
+    assert launcher.requested_here() == signal.SIGTERM
+    launcher.forget_stop_file()
+    assert not (tmp_path / STOP_FILE).exists()
+
+    job = StopRequest()
+    job.launcher_pid = os.getpid() + 1  # another process launched it
+    job.watch(tmp_path)
+    assert job.requested_here() is None
+    (tmp_path / STOP_FILE).write_text(str(int(signal.SIGINT)))
+    assert job.requested_here() == signal.SIGINT and job.received == 0
+    job.handle(signal.SIGINT, None)  # its own Ctrl-C after the file's request: the first signal it got
+    assert exits == [] and job.signum == signal.SIGINT and job.received == 1
+    job.handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
+
+    (tmp_path / STOP_FILE).unlink()
+    own = StopRequest()
+    own.launcher_pid = os.getpid() + 1
+    own.watch(tmp_path)
+    own.handle(signal.SIGTERM, None)
+    assert own.requested_here() == signal.SIGTERM and not (tmp_path / STOP_FILE).exists()  # a job writes no stop file
+
+
+def test_a_signal_with_no_name_is_named_by_its_number():
+    from pruneflow.stop import name
+
+    assert name(15) == "SIGTERM" and name(999) == "999"
+
+
 # ----------------------------------------------------------------------------- damaged files
 def test_a_guarded_stream_outlives_its_reader():
     """A write to a pipe whose reader is gone points the descriptor at /dev/null and goes
@@ -633,3 +678,19 @@ def test_added_keys_are_found_outside_pass_through_mappings_and_descriptions():
     assert added_keys({**theirs, **fine}, theirs) == []
     assert added_keys({**theirs, "foo": 1, "stages.finetune.lrr": 1, "model.kwarg.x": 1}, theirs) == [
         "foo", "stages.finetune.lrr", "model.kwarg.x"]
+
+
+def test_a_setting_the_run_ignores_is_refused_unless_it_says_not_used():
+    """null and 0 say "not used"; false is a value (a switch the run would ignore), and a
+    group's option is named as chosen (schedule=linear); a longer key is another setting."""
+    from pruneflow.errors import UserError
+    from pruneflow.validation import check_unused
+
+    cfg = OmegaConf.create({})
+    check_unused(cfg, [("distill", "off")], {"distill.temperature": None, "distill.alpha": 0, "distiller.x": 1, "seed": 3})
+    with pytest.raises(UserError, match=r"^'distill.hard=false' would be ignored: off\. Remove it"):
+        check_unused(cfg, [("distill", "off")], {"distill.hard": False})
+    with pytest.raises(UserError, match=r"^'schedule=linear' would be ignored: no schedule"):
+        check_unused(cfg, [("schedule", "no schedule")], {"schedule.name": "linear"})
+    with pytest.raises(UserError, match=r"^'stages.prune.epochs=4' would be ignored"):  # as typed, not 4.0
+        check_unused(cfg, [("stages.prune", "dense")], {"stages.prune.epochs": 4.0}, ["stages.prune.epochs=4"])

@@ -306,6 +306,36 @@ def test_adamw_hf_steps_as_transformers_adamw_and_differs_from_torch():
     assert max(float((ref[n].detach() - theirs[n]).abs().max()) for n in names) > 1e-4
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.warmup_ratio=1"], r"'trainer.warmup_ratio': 1.*\[0, 1\)"),
+    (["trainer.adam_beta2=1"], r"'trainer.adam_beta2': 1.*\[0, 1\)"),
+    (["trainer.adam_epsilon=0"], r"'trainer.adam_epsilon'.*> 0"),
+    (["trainer.log_every=0"], r"'trainer.log_every'.*>= 1"),
+    (["trainer.checkpoint_every=-1"], r"'trainer.checkpoint_every'.*>= 0"),
+    (["trainer.warmup_steps=-1"], r"'trainer.warmup_steps'.*>= 0"),
+    (["trainer.warmup_ratio=0.1", "trainer.warmup_steps=0"], r"Both 'trainer.warmup_ratio' \(0.1\) and 'trainer.warmup_steps' \(0\)"),
+    (["trainer.lr_scheduler=warmup_linear_mtdnn", "trainer.warmup_steps=5"], r"'trainer.warmup_steps'.*warmup_linear_mtdnn"),
+    (["trainer.lr_scheduler=constant", "trainer.warmup_ratio=0.1"], r"'trainer.lr_scheduler'.*constant_with_warmup"),
+    (["trainer.torch_threads=0"], r"'trainer.torch_threads'.*>= 1"),
+])
+def test_trainer_settings_are_refused_just_past_their_range(config, overrides, message):
+    """One clear error naming the key at the first value outside what is allowed."""
+    from pruneflow.errors import UserError
+    from pruneflow.validation import validate_trainer
+
+    with pytest.raises(UserError, match=message):
+        validate_trainer(config(*overrides), False)
+
+
+def test_trainer_settings_at_the_edge_of_their_range_are_accepted(config):
+    from pruneflow.validation import validate_trainer
+
+    validate_trainer(config("trainer.warmup_ratio=0", "trainer.warmup_steps=0", "trainer.adam_beta1=0", "trainer.max_grad_norm=0",
+                            "trainer.weight_decay=0", "trainer.checkpoint_every=0", "trainer.log_every=1", "trainer.torch_threads=1"), False)
+    validate_trainer(config("trainer.optimizer=sgd", "trainer.momentum=0.9", "trainer.lr_scheduler=constant"), False)
+    validate_trainer(config("trainer.lr_scheduler=warmup_linear_mtdnn", "trainer.warmup_ratio=0.1"), False)
+
+
 def test_drop_last_false_is_refused_under_torchrun(config, monkeypatch):
     from pruneflow.errors import UserError
     from pruneflow.validation import validate_trainer
