@@ -158,3 +158,23 @@ def test_a_rank_moves_its_log_to_rank_0s_folder_and_removes_the_one_made_for_it(
     assert config._fresh_dir(str(other)) == str(other)
     distributed.shared_run_dir(other)
     assert other.is_dir()
+
+
+def test_setup_joins_with_this_ranks_local_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's LOCAL_RANK (not the global RANK) picks the GPU, nccl on CUDA and gloo on CPU;
+    with WORLD_SIZE=1 (or none) no process group is made."""
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("gpu", i)))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.setup(torch.device("cuda"))
+    assert calls == []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")  # second node, second GPU
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    distributed.setup(torch.device("cuda"))
+    assert calls == [("gpu", 1), ("init", "nccl")]
+    calls.clear()
+    distributed.setup(torch.device("cpu"))
+    assert calls == [("init", "gloo")]

@@ -317,6 +317,65 @@ def test_perplexity_is_the_hand_computed_one() -> None:
     assert out["perplexity"] == pytest.approx(math.exp(nll / 48), rel=1e-5)
 
 
+
+def test_perplexity_max_eval_windows_keeps_the_first_windows() -> None:
+    """task.max_eval_windows (C4: 256) scores only the first windows; a limit above the
+    number of windows changes nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.tasks.lm import perplexity
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 50, (53,))
+    out = perplexity(model, ids, seqlen=16, device=torch.device("cpu"), limit=2)
+    assert (out["windows"], out["tokens"]) == (2, 32)
+    nll = 0.0
+    with torch.no_grad():
+        for w in range(2):
+            chunk = ids[w * 16:(w + 1) * 16]
+            logp = torch.log_softmax(model(input_ids=chunk[None]).logits[0].double(), -1)
+            nll -= sum(float(logp[t, chunk[t + 1]]) for t in range(15)) * 16 / 15
+    assert out["perplexity"] == pytest.approx(math.exp(nll / 32), rel=1e-5)
+    assert perplexity(model, ids, seqlen=16, device=torch.device("cpu"), limit=10)["windows"] == 3
+
+
+def test_lm_evaluation_text_is_the_authors_join() -> None:
+    """WikiText-2: the test rows joined with "\\n\\n"; C4: the first task.eval_documents (1,100)
+    validation documents joined with " ", and at most 256 windows."""
+    from pruneflow.tasks import build_task
+
+    wiki = build_task(compose(["task=lm/wikitext2"]).task, 0)
+    wiki.rows = {"test": {"text": ["a b", "", "c"]}}
+    assert wiki.eval_split == "test" and wiki.eval_text() == "a b\n\n\n\nc"
+    cfg = compose(["task=lm/c4"]).task
+    assert (cfg.eval_documents, cfg.max_eval_windows) == (1100, 256)
+    c4 = build_task(compose(["task=lm/c4", "task.eval_documents=2"]).task, 0)
+    c4.rows = {"validation": {"text": ["x y", "z", "w"]}}
+    assert c4.eval_split == "validation" and c4.eval_text() == "x y z"
+
+
+
+def test_block_linears_follow_include_and_exclude() -> None:
+    """The prunable Linears of a decoder block: include and exclude are fnmatch patterns on the
+    block-local names; no include means every Linear."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.llm.blocks import block_linears, decoder_blocks
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    name, blocks = decoder_blocks(model)
+    assert name == "model.layers" and len(blocks) == 2
+    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    mlp = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert sorted(block_linears(blocks[0], None, None)) == sorted(attn + mlp)
+    assert sorted(block_linears(blocks[0], None, ["mlp.*"])) == sorted(attn)
+    assert sorted(block_linears(blocks[1], ["self_attn.*", "mlp.down_proj"], ["*.k_proj"])) == sorted(
+        ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"])
+
+
 def test_calibration_windows_follow_the_authors_rule(lm_text: Path) -> None:
     from pruneflow.llm.calibration import calibration_samples
     from pruneflow.models.causal import train_bpe_tokenizer

@@ -189,6 +189,57 @@ def test_zero_shot_limit_and_errors(lm, tmp_path: Path, monkeypatch: pytest.Monk
                                 "openbookqa", "piqa"}
 
 
+
+def test_zero_shot_results_are_read_as_the_harness_reports_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's results dict, by hand: the "none" filter's value wins over another filter's,
+    "N/A" and NaN stderrs are None, a task without acc (generation) is left out, a group's n is
+    its subtasks' examples, the average is over the names asked for and acc_norm's only when
+    every one of them has it; the harness runs zero-shot with the given seed."""
+    import pruneflow.llm.zeroshot as zs
+
+    seen: dict = {}
+
+    class Manager:
+        all_tasks = ("grp", "a", "b", "gen")
+
+        def __init__(self, **kwargs) -> None:
+            pass
+
+    class Harness:
+        def __init__(self, pretrained, tokenizer, batch_size) -> None:  # noqa: ANN001
+            pass
+
+    def simple_evaluate(**kwargs):  # noqa: ANN202
+        seen.update(kwargs)
+        return {
+            "results": {
+                "grp": {"acc,none": 0.5, "acc_stderr,none": "N/A"},
+                "a": {"acc,none": 0.4, "acc_norm,none": 0.6, "acc_stderr,none": 0.1, "acc_norm_stderr,none": float("nan")},
+                "b": {"acc,strict": 0.0, "acc,none": 0.8, "acc_norm,none": 0.2, "acc_stderr,none": 0.05, "acc_norm_stderr,none": 0.07},
+                "gen": {"exact_match,none": 0.3},
+            },
+            "n-samples": {"a": {"effective": 10}, "b": {"effective": 20}, "gen": {"effective": 5}},
+            "groups": {"grp": {}},
+            "group_subtasks": {"grp": ["a", "b"]},
+        }
+
+    fake = type("LmEval", (), {"simple_evaluate": staticmethod(simple_evaluate)})
+    monkeypatch.setattr(zs, "_import_lm_eval", lambda: (fake, Harness, Manager, "9.9"))
+    model = torch.nn.Linear(2, 2)
+    res = evaluate_zero_shot(model, None, ["grp", "b", "gen"], seed=5, offline=False)
+    assert seen["num_fewshot"] == 0 and seen["tasks"] == ["grp", "b", "gen"]
+    assert (seen["random_seed"], seen["numpy_random_seed"], seen["torch_random_seed"], seen["fewshot_random_seed"]) == (5, 5, 5, 5)
+    t = res["tasks"]
+    assert set(t) == {"grp", "a", "b"}
+    assert t["grp"] == {"acc": 0.5, "acc_norm": None, "acc_stderr": None, "acc_norm_stderr": None, "n": 30}
+    assert t["a"] == {"acc": 0.4, "acc_norm": 0.6, "acc_stderr": 0.1, "acc_norm_stderr": None, "n": 10}
+    assert t["b"] == {"acc": 0.8, "acc_norm": 0.2, "acc_stderr": 0.05, "acc_norm_stderr": 0.07, "n": 20}
+    assert res["average"] == {"acc": pytest.approx(0.65), "acc_norm": None}  # grp and b; grp has no acc_norm
+    res = evaluate_zero_shot(model, None, ["a", "b"], offline=False)
+    assert res["average"] == {"acc": pytest.approx(0.6), "acc_norm": pytest.approx(0.4)}
+    assert res["harness"] == {"name": "lm-eval", "version": "9.9"} and model.training
+
+
 def test_zero_shot_runs_in_the_pipeline_and_lands_in_result_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`task.zero_shot` on a local task: both accuracies and the harness version in result.json."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a user without network: no Hub lookups at all

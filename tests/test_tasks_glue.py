@@ -101,6 +101,70 @@ def test_mnli_splits_and_string_labels(tmp_path: Path) -> None:
     assert task.ids["validation_mismatched"] == list(range(6, 12))
 
 
+
+def test_subtask_specs_are_the_hubs_label_order_and_glues_main_metric() -> None:
+    """Class names in the Hub's ClassLabel order (a label index means the Hub's class) and the
+    main metric of the GLUE leaderboard per task (CoLA: Matthews, STS-B: Pearson)."""
+    want = {
+        "cola": (("unacceptable", "acceptable"), "matthews_correlation"),
+        "sst2": (("negative", "positive"), "accuracy"),
+        "mrpc": (("not_equivalent", "equivalent"), "accuracy"),
+        "stsb": ((), "pearson"),
+        "qqp": (("not_duplicate", "duplicate"), "accuracy"),
+        "mnli": (("entailment", "neutral", "contradiction"), "accuracy"),
+        "qnli": (("entailment", "not_entailment"), "accuracy"),
+        "rte": (("entailment", "not_entailment"), "accuracy"),
+    }
+    for name, (labels, metric) in want.items():
+        _, task = make_task([f"task=glue/{name}"])
+        assert (task.spec.labels, task.main_metric, task.num_labels) == (labels, metric, len(labels) or 1), name
+
+
+def test_evaluate_scores_cola_with_matthews_and_stsb_by_regression(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Glue.evaluate on given logits: CoLA argmax labels scored by Matthews correlation, STS-B
+    the single output as a score (Pearson), records keyed by the split's idx."""
+    import torch
+
+    _, cola = make_task(["task=glue/cola"])
+    cola.references["validation"] = [1, 1, 0, 0, 1]
+    cola.ids["validation"] = [10, 11, 12, 13, 14]
+    logits = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0], [3.0, 0.0]])  # predicts 1 1 0 1 0
+    monkeypatch.setattr(cola, "predict", lambda *a, **k: [logits[:2], logits[2:]])
+    metrics, records = cola.evaluate(None, "validation", 2, torch.device("cpu"))
+    # tp=2 tn=1 fp=1 fn=1: (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6
+    assert metrics == {"matthews_correlation": pytest.approx(1 / 6)}
+    assert records[3] == {"id": 13, "prediction": 1, "reference": 0}
+    _, stsb = make_task(["task=glue/stsb"])
+    stsb.references["validation"] = [0.0, 1.0, 2.0]
+    stsb.ids["validation"] = [0, 1, 2]
+    monkeypatch.setattr(stsb, "predict", lambda *a, **k: [torch.tensor([[0.5], [1.0], [3.0]])])
+    metrics, records = stsb.evaluate(None, "validation", 3, torch.device("cpu"))
+    assert set(metrics) == {"pearson", "spearmanr"} and metrics["spearmanr"] == pytest.approx(1.0)
+    # deviations (-1, -0.5, 1.5) and (-1, 0, 1): 2.5 / sqrt(3.5 * 2)
+    assert metrics["pearson"] == pytest.approx(2.5 / 7**0.5)
+    assert records[2] == {"id": 2, "prediction": 3.0, "reference": 2.0}
+
+
+
+def test_pairs_are_truncated_longest_first(tmp_path: Path) -> None:
+    """run_glue's truncation=True: a pair longer than task.max_seq_length loses tokens from its
+    longer text, here only the long second sentence: [CLS] s1 [SEP] s2[:room] [SEP]."""
+    rows = glue_rows("mrpc", 6)
+    rows = [{**r, "sentence2": " ".join([r["sentence2"]] * 4)} for r in rows]
+    write_dataset(tmp_path / "mrpc", {"train": rows, "validation": rows}, "jsonl")
+    cfg, task = make_task(["model=bert_tiny", "task=glue/mrpc", f"task.path={tmp_path / 'mrpc'}", "task.max_seq_length=32"])
+    task.load()
+    bundle = build_model(cfg.model, task)
+    task.prepare(bundle)
+    tok = bundle.tokenizer
+    for r, item in zip(rows, task.train_set, strict=True):
+        s1 = tok(r["sentence1"], add_special_tokens=False)["input_ids"]
+        s2 = tok(r["sentence2"], add_special_tokens=False)["input_ids"]
+        assert len(s1) < 32 - 3 - len(s1) < len(s2)
+        want = [tok.cls_token_id, *s1, tok.sep_token_id, *s2[: 32 - 3 - len(s1)], tok.sep_token_id]
+        assert item["input_ids"] == want
+
+
 # --- errors ---------------------------------------------------------------------------------
 def _load_error(tmp_path: Path, overrides: list[str]) -> str:
     _, task = make_task(overrides)
@@ -127,6 +191,13 @@ def test_missing_column_error(tmp_path: Path) -> None:
     write_dataset(tmp_path / "d", {"train": rows, "validation": rows}, "parquet")
     msg = _load_error(tmp_path, ["task=glue/mrpc", f"task.path={tmp_path / 'd'}"])
     assert "['sentence1', 'sentence2']" in msg and "['sentence1', 'sentence2', 'label']" in msg and "text" in msg
+
+
+def test_label_index_beyond_the_classes_error(tmp_path: Path) -> None:
+    rows = glue_rows("cola", 4)
+    write_dataset(tmp_path / "d", {"train": rows, "validation": [{**rows[0], "label": 2}, *rows[1:]]}, "jsonl")
+    msg = _load_error(tmp_path, ["task=glue/cola", f"task.path={tmp_path / 'd'}"])
+    assert "[2] outside 0..1" in msg and "'validation'" in msg
 
 
 def test_unlabelled_split_error(tmp_path: Path) -> None:

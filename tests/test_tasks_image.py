@@ -97,6 +97,44 @@ def test_preprocessing_follows_the_timm_data_config(tmp_path: Path) -> None:
     assert dc["input_size"] == (3, 224, 224) and dc["mean"] == pytest.approx((0.485, 0.456, 0.406))
 
 
+
+def test_training_augments_evaluation_does_not(tmp_path: Path) -> None:
+    """task.augment: timm's training transform (random resized crop, flip) for the train split
+    only, with task.augment_kwargs passed to it; evaluation is always the deterministic
+    resize + centre crop; augment=false trains on the evaluation transform."""
+    path = write_cifar(tmp_path / "c10", 10, 4, 6)
+
+    def names(tf) -> list[str]:  # noqa: ANN001
+        return [type(t).__name__ for t in tf.transforms]
+
+    cfg, task = loaded([*TINY, "task=cifar10", f"task.path={path}", "+task.augment_kwargs.scale=[0.5,1.0]"])
+    task.prepare(build_model(cfg.model, task))
+    train_tf, eval_tf = task.train_set.transform, task.eval_sets["test"].transform
+    assert names(train_tf)[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert train_tf.transforms[0].scale == (0.5, 1.0)
+    assert names(eval_tf)[:2] == ["Resize", "CenterCrop"] and not any("Random" in n for n in names(eval_tf))
+    items = [task.eval_sets["test"][i] for i in range(3)]
+    torch.manual_seed(1)
+    random.seed(1)
+    first = task.collate(items)["pixel_values"]
+    torch.manual_seed(2)
+    random.seed(2)
+    assert torch.equal(first, task.collate(items)["pixel_values"])  # evaluation does not depend on the RNG
+    cfg, task = loaded([*TINY, "task=cifar10", f"task.path={path}", "task.augment=false"])
+    task.prepare(build_model(cfg.model, task))
+    assert task.train_set.transform is task.eval_sets["test"].transform
+
+
+
+def test_task_data_config_overrides_the_models(tmp_path: Path) -> None:
+    """task.data_config wins over the model's data config, input_size included (a list in YAML)."""
+    path = write_cifar(tmp_path / "c10", 10, 2, 2)
+    cfg, task = loaded([*TINY, "task=cifar10", f"task.path={path}", "+task.data_config.crop_pct=1.0",
+                        "+task.data_config.input_size=[3,16,16]"])
+    dc = task.resolve_data_config(build_model(cfg.model, task).model)
+    assert dc["input_size"] == (3, 16, 16) and dc["crop_pct"] == 1.0
+
+
 def test_threaded_decoding_gives_the_same_batches(tmp_path: Path) -> None:
     path = write_cifar(tmp_path / "c10", 10, 4, 6)
     batches = []

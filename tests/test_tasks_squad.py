@@ -57,6 +57,97 @@ def test_training_labels_point_at_the_answer(tmp_path: Path, fmt: str) -> None:
     assert hits >= 12  # every question's answer lies fully inside at least one window
 
 
+
+def _run_qa_windows(tok, question: str, context: str, max_seq_length: int, doc_stride: int) -> list[tuple[int, int]]:  # noqa: ANN001
+    """run_qa.py's windows (the fast tokenizer's overflow, stride = overlap), transcribed on
+    the context's own tokens: (first doc token, doc tokens) of each window, the next window
+    starting doc_stride tokens before the end of the previous one."""
+    n_doc = len(tok(context, add_special_tokens=False)["input_ids"])
+    room = max_seq_length - len(tok(question, add_special_tokens=False)["input_ids"]) - 3  # [CLS] q [SEP] ctx [SEP]
+    spans, start = [], 0
+    while True:
+        spans.append((start, min(room, n_doc - start)))
+        if start + room >= n_doc:
+            return spans
+        start += room - doc_stride
+
+
+def test_run_qa_windows_overlap_by_doc_stride_and_label_whole_answers(tmp_path: Path) -> None:
+    """Windows of 24 tokens overlapping by doc_stride=8 context tokens; a training window is
+    labelled with the answer's first and last token exactly when the whole answer is inside
+    it (also when it starts at the window's first context token), else CLS (0)."""
+    task, bundle = prepared(tmp_path, "v1", "jsonl", SMALL)
+    tok = bundle.tokenizer
+    for split, rows in (("train", squad_rows(12, 0)), ("validation", squad_rows(8, 1))):
+        want_offsets, want_labels = [], []
+        for r in rows:
+            doc = tok(r["context"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            n_q = len(tok(r["question"], add_special_tokens=False)["input_ids"])
+            a0 = r["answers"]["answer_start"][0]
+            a1 = a0 + len(r["answers"]["text"][0])
+            for start, n in _run_qa_windows(tok, r["question"], r["context"], 24, 8):
+                window = [list(o) for o in doc[start : start + n]]
+                want_offsets.append(window)
+                first = [j for j, o in enumerate(window) if o[0] == a0]
+                last = [j for j, o in enumerate(window) if o[1] == a1]
+                want_labels.append((n_q + 2 + first[0], n_q + 2 + last[0]) if first and last else (0, 0))
+        if split == "validation":
+            f = task.features["validation"]
+            got = [[list(map(int, o)) for o in offs if o[0] >= 0] for offs in f["offsets"]]
+            assert got == want_offsets
+        else:
+            ds = task.train_set
+            assert list(zip(ds["start_positions"], ds["end_positions"], strict=True)) == want_labels
+            assert sum(s != 0 for s, _ in want_labels) >= 12 and (0, 0) in want_labels
+    # an answer that starts at the second window's first context token is labelled there
+    import datasets
+
+    row = squad_rows(1, 0)[0]
+    doc = tok(row["context"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    (_, room), (start, _) = _run_qa_windows(tok, row["question"], row["context"], 24, 8)[:2]
+    a0, a1 = doc[start][0], doc[start + 1][1]
+    row["answers"] = {"text": [row["context"][a0:a1]], "answer_start": [a0]}
+    task.raw["train"] = datasets.Dataset.from_list([row])
+    task.prepare(bundle)
+    n_q = len(tok(row["question"], add_special_tokens=False)["input_ids"])
+    assert task.train_set[1]["start_positions"] == n_q + 2 and task.train_set[1]["end_positions"] == n_q + 3
+
+
+
+def test_eval_features_map_to_their_examples_past_one_map_batch(tmp_path: Path) -> None:
+    """datasets.map tokenises 1,000 examples per call: the features of example 1,000 and
+    later must name it (the split's index), not its index inside the call."""
+    import datasets
+
+    task, _ = prepared(tmp_path, "v1", "jsonl", SMALL)
+    rows = squad_rows(8, 1)
+    task.raw["validation"] = datasets.Dataset.from_list([rows[i % 8] for i in range(1004)])
+    task._eval_features("validation", {**task.settings(), "max_seq_length": 64})  # one window per example
+    assert task.features["validation"]["example"].tolist() == list(range(1004))
+
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_predicted_logits_are_trimmed_to_each_features_tokens(tmp_path: Path, side: str) -> None:
+    """Batches are padded to their longest feature: each feature's start/end logits are those
+    of its own tokens, after the padding for a left-padding tokenizer."""
+    from types import SimpleNamespace
+
+    import torch
+
+    task, bundle = prepared(tmp_path, "v1", "jsonl", SMALL)
+    bundle.tokenizer.padding_side = side
+    full = task.eval_sets["validation"]
+    # features of 20..24 tokens (the last one [SEP]) in one batch: the shorter ones are padded
+    feats = [{k: v[: 19 + i % 5] + v[-1:] for k, v in full[i].items()} for i in range(6)]
+    task.eval_sets["validation"] = feats
+    fake = SimpleNamespace(model=torch.nn.Identity(),
+                           forward=lambda b: SimpleNamespace(start_logits=b["input_ids"].float(), end_logits=-b["input_ids"].float()))
+    starts, ends = task.predict_spans(fake, "validation", 6, torch.device("cpu"))
+    assert [s.tolist() for s in starts] == [[float(t) for t in f["input_ids"]] for f in feats]
+    assert [(-e).tolist() for e in ends] == [s.tolist() for s in starts]
+
+
 def _oracle(task, split: str = "validation", max_context: list | None = None) -> list[tuple[str, float]]:  # noqa: ANN001
     """Logits that point at the gold span (or at CLS for unanswerable questions)."""
     f = task.features[split]
@@ -77,6 +168,35 @@ def _oracle(task, split: str = "validation", max_context: list | None = None) ->
         starts.append(s)
         ends.append(e)
     return postprocess(list(raw["context"]), f["example"], starts, ends, f["offsets"], f["cls"], 20, 30, task.v2, 0.0, max_context)
+
+
+
+def test_evaluate_v2_on_oracle_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Squad.evaluate from given logits: gold spans and CLS for unanswerable questions score
+    100%; an unanswerable question's record has reference [""] and no_answer_prob > 0.5."""
+    task, _ = prepared(tmp_path, "v2", "jsonl", SMALL)
+    f, raw = task.features["validation"], task.raw["validation"]
+    starts, ends = [], []
+    for k, ex in enumerate(f["example"].tolist()):
+        offs, ans = f["offsets"][k], raw[ex]["answers"]
+        s, e = np.zeros(len(offs)), np.zeros(len(offs))
+        if ans["text"]:
+            a0 = ans["answer_start"][0]
+            s[offs[:, 0] == a0], e[offs[:, 1] == a0 + len(ans["text"][0])] = 10.0, 10.0
+        else:
+            s[f["cls"][k]], e[f["cls"][k]] = 10.0, 10.0
+        starts.append(s)
+        ends.append(e)
+    monkeypatch.setattr(task, "predict_spans", lambda *a, **k: (starts, ends))
+    metrics, records = task.evaluate(None, "validation", 4, None)
+    assert metrics == {"exact_match": 1.0, "f1": 1.0, "has_ans_exact": 1.0, "has_ans_f1": 1.0, "no_ans_exact": 1.0, "no_ans_f1": 1.0}
+    rows = squad_rows(8, 1, 4)
+    assert [r["id"] for r in records] == [r["id"] for r in rows]
+    for rec, row in zip(records, rows, strict=True):
+        if row["answers"]["text"]:
+            assert rec["reference"] == row["answers"]["text"] and rec["no_answer_prob"] < 0.5
+        else:
+            assert rec["reference"] == [""] and rec["prediction"] == "" and rec["no_answer_prob"] > 0.5
 
 
 def test_oracle_logits_give_the_gold_answers_v1(tmp_path: Path) -> None:
@@ -117,6 +237,7 @@ def test_postprocess_by_hand() -> None:
     assert text == "def ghi" and p == pytest.approx(sigmoid(0.0 - 11.0))
     # n_best: with 1, the top start (9, outside the context) and top end (9, on SEP) leave no span
     assert postprocess([context], one, [s], [e], [offs], cls, n_best=1)[0][0] == ""
+    assert postprocess([context], one, [s], [e], [offs], cls, n_best=1, v2=True)[0] == ("", 1.0)  # no span: surely no answer
     assert postprocess([context], one, [s], [e], [offs], cls, n_best=2)[0][0] == "def ghi"
     # an end before its start is no span: ghi (5 + 2) wins over the reversed (5 + 5)
     s3, e3 = np.array([0, 0, 0, 0, 1, 5, 0.0]), np.array([0, 0, 0, 0, 5, 2, 0.0])
