@@ -208,7 +208,13 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     return out
 
 
-def test_the_commands_in_experiment_comments_pass_the_checks() -> None:
+def test_experiment_comments_hold_commands_to_check() -> None:
+    assert len(documented_commands()) >= 20  # the parser below still finds the files' commands
+
+
+# one test per command: a failure names it, and parallel test workers share the ~65 s
+@pytest.mark.parametrize("name, args", [pytest.param(n, a, id=" ".join(a)) for n, a in documented_commands()])
+def test_the_commands_in_experiment_comments_pass_the_checks(name: str, args: list[str]) -> None:
     """A command an experiment file tells its user to type passes the checks made before
     any work (a sweep's, job by job; a single run's on its composed config)."""
     from pruneflow.cli import precheck
@@ -216,21 +222,15 @@ def test_the_commands_in_experiment_comments_pass_the_checks() -> None:
     from pruneflow.runner import check_settings
 
     register_configs()
-    commands = documented_commands()
-    assert len(commands) >= 20
-    problems = []
-    for name, args in commands:
-        if "-m" in args:  # this machine has no GPU: a sweep for one is checked without the device
-            problem = precheck([a for a in args if a != "trainer.device=cuda"])
-        else:
-            try:
-                check_settings(compose(args), False, args)
-                problem = None
-            except Exception as e:  # noqa: BLE001 - collected, each with its command
-                problem = str(e)
-        if problem:
-            problems.append(f"{name}: pruneflow {' '.join(args)}\n  -> {problem}")
-    assert not problems, "\n".join(problems)
+    if "-m" in args:  # this machine has no GPU: a sweep for one is checked without the device
+        problem = precheck([a for a in args if a != "trainer.device=cuda"])
+    else:
+        try:
+            check_settings(compose(args), False, args)
+            problem = None
+        except Exception as e:  # noqa: BLE001 - reported with its command
+            problem = str(e)
+    assert not problem, f"{name}: pruneflow {' '.join(args)}\n  -> {problem}"
 
 
 def test_each_deviations_restore_override_passes_the_checks() -> None:

@@ -77,11 +77,13 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     from sweep_helpers import env
 
     sweep = tmp_path / "sweep"
-    # 3 jobs on 2 workers; a prune stage long enough (~15 s) to be running when the signal comes
+    # 3 jobs on 2 workers; a prune stage long enough (300 steps, ~6 s alone, longer beside other
+    # jobs) to be running when the signal comes, which is sent once every running job has saved
+    # its first checkpoint (step 3); the resumed jobs then finish the rest, so more steps only cost time
     launcher_args = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"] if n_jobs else []
     n_jobs = n_jobs or 1  # the basic launcher runs one job at a time
     cmd = [sys.executable, "-m", "pruneflow.cli", "-m", *launcher_args,
-           "experiment=pf_tiny", "stages.prune.steps=1000", "trainer.checkpoint_every=3", "method=magnitude", "sparsity=0.5",
+           "experiment=pf_tiny", "stages.prune.steps=300", "trainer.checkpoint_every=3", "method=magnitude", "sparsity=0.5",
            "seed=0,1,2", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "--config-dir", str(tiny_config_dir(tmp_path))]
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with out.open("w") as o, err.open("w") as e:
