@@ -346,6 +346,14 @@ def test_the_finetune_key_holds_what_the_dense_model_depends_on(config, tmp_path
                   {"model__pretrained": True}, {"steps": 41}):
         assert key(**other) != first, other
     assert key(total=100) != key(total=120)
+    # other data at the same task.path (its files' sizes and times) is another fine-tune
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    same_path = key(task__path=str(data))
+    assert key(task__path=str(data)) == same_path
+    (data / "train.jsonl").write_text("{}\n{}\n")
+    assert key(task__path=str(data)) != same_path
 
 
 def test_a_finished_run_is_skipped_only_for_its_own_settings(config, tmp_path):
