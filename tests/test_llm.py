@@ -293,6 +293,8 @@ def test_pattern_and_sparsity_settings_are_checked() -> None:
     assert Wanda.resolve_sparsity(method_cfg("wanda", pattern="4:8"), None) == 0.5
     with pytest.raises(UserError, match="method.block_size"):
         SparseGPT(method_cfg("sparsegpt", pattern="2:4", block_size=6, dampening=0.01), 0.5)
+    with pytest.raises(UserError, match="method.pattern"):
+        parse_pattern("4:4")  # N = M: nothing would be pruned
 
 
 # ----------------------------------------------------------------------------- perplexity, calibration
@@ -626,3 +628,151 @@ def test_owl_outlier_ratio_and_allocation_by_hand() -> None:
     assert allocate([1.0, 3.0, 2.0], 0.7, 0.08) == pytest.approx([0.78, 0.62, 0.70])
     assert allocate([1.0, 1.0], 0.5, 0.08) == [0.5, 0.5]  # no spread: uniform
     assert allocate([0.0, 1.0], 0.01, 0.5)[1] == 0.01  # a block pushed to <= 0 gets 0.01, as theirs
+
+
+# ----------------------------------------------------------------------------- edge cases of the rules
+def test_n_m_keeps_n_of_every_m_when_n_is_not_half() -> None:
+    """1:4 keeps the highest of every 4 inputs (sparsity 0.75): 2:4 and 4:8 prune as many
+    as they keep, so only an N other than M/2 tells kept from pruned counts apart."""
+    cfg = method_cfg("wanda", pattern="1:4")
+    assert Wanda.resolve_sparsity(cfg, None) == 0.75
+    layer, batches = make_layer()
+    W0 = layer.weight.detach().double().numpy().copy()
+    W = prune_with(Wanda(cfg, 0.75), layer, batches).double().numpy()
+    groups = (np.abs(W0) * np.sqrt(ref_norms(batches))[None, :]).reshape(16, 8, 4)
+    keep = (groups == groups.max(-1, keepdims=True)).reshape(16, 32)
+    assert ((W != 0) == keep).all()
+    layer, batches = make_layer(rows=12, cols=32, seed=3)
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("sparsegpt", pattern="1:4", block_size=8, dampening=0.01)
+    W = prune_with(SparseGPT(cfg, 0.75), layer, batches).double().numpy()
+    assert ((W != 0).reshape(12, 8, 4).sum(-1) == 1).all()
+    assert np.allclose(W, ref_sparsegpt(W0, batches, 0.75, (1, 4), 8), atol=1e-4)
+
+
+def test_wanda_row_ties_drop_the_earlier_columns() -> None:
+    """Their per-row torch.sort(stable=True): among equal scores the lower column index goes first."""
+    layer = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1, 1, 1, 2, 2, 2, 2], [2, 1, 2, 1, 2, 1, 2, 1]]))
+    W = prune_with(Wanda(method_cfg("wanda"), 0.25), layer, [torch.ones(1, 3, 8)])  # equal norms: score = |W|
+    assert (W == 0).nonzero().tolist() == [[0, 0], [0, 1], [1, 1], [1, 3]]
+
+
+def test_zero_sparsity_leaves_a_layer_dense_with_one_threshold_per_layer() -> None:
+    """Sparsity 0 (a dense baseline): <= the lowest score would still drop the minimum."""
+    for cfg, cls in ((method_cfg("ria", a=0.5), RIA), (method_cfg("wanda", per_outneuron=False), Wanda)):
+        layer, batches = make_layer(seed=1)
+        W = prune_with(cls(cfg, 0.0), layer, batches)
+        assert (W != 0).all(), cfg.name
+
+
+def test_statistics_count_samples_over_uneven_batches() -> None:
+    """Their add_batch counts samples (inp.shape[0]) in the running means: batches of 1, 3
+    and 2 samples give the statistics of the 6 samples together."""
+    from pruneflow.methods.oneshot import InputNorms
+
+    layer, _ = make_layer(rows=12, cols=32, seed=6)
+    g = torch.Generator().manual_seed(7)
+    scale = torch.rand(32, generator=g) * 3 + 0.1
+    batches = [torch.randn(b, 8, 32, generator=g) * scale for b in (1, 3, 2)]
+    X = torch.cat([b.reshape(-1, 32) for b in batches]).double()
+    norms = InputNorms(32, torch.device("cpu"))
+    for b in batches:
+        norms.add(b)
+    assert np.allclose(norms.sq.numpy(), ((X**2).sum(0) / 6).numpy(), rtol=1e-5)
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("sparsegpt", pattern=None, block_size=8, dampening=0.01)
+    W = prune_with(SparseGPT(cfg, 0.5), layer, batches).double().numpy()
+    ref = ref_sparsegpt(W0, batches, 0.5, None, 8)  # H from all tokens at once
+    assert ((W == 0) == (ref == 0)).all() and np.allclose(W, ref, atol=1e-4)
+
+
+def test_sparsegpt_dead_input_counts_one_in_the_dampening_mean() -> None:
+    """Their H[dead, dead] = 1 comes before damp = percdamp * mean(diag H): with small
+    activations (diag H << 1) that 1 sets the dampening, and so the masks."""
+    layer, batches = make_layer(rows=12, cols=32, seed=5)
+    batches = [b * 0.01 for b in batches]
+    for b in batches:
+        b[..., 3] = 0
+    W0 = layer.weight.detach().double().numpy().copy()
+    cfg = method_cfg("sparsegpt", pattern=None, block_size=8, dampening=0.01)
+    W = prune_with(SparseGPT(cfg, 0.5), layer, batches).double().numpy()
+    ref = ref_sparsegpt(W0, batches, 0.5, None, 8)
+    assert ((W == 0) == (ref == 0)).all() and np.allclose(W, ref, atol=1e-4)
+
+
+def test_owl_outliers_are_strictly_above_m_times_the_mean() -> None:
+    """check_outlier_mean: W > mean * M, so a score equal to the threshold is no outlier; a
+    kept fraction of exactly 0 is 'pruned at <= 0' and gets their 0.01."""
+    from pruneflow.llm.owl import allocate, outlier_ratio
+
+    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 1.0, 6.0])], 3.0) == 0.0  # mean 2, threshold 6
+    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 1.0, 6.0])], 2.9) == pytest.approx(20.0)
+    # one pool over the block's Linears: mean 17/6, threshold 5.67, 1 of 6 (not 25 % and 0 % averaged)
+    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 13.0]), torch.tensor([1.0, 1.0])], 2.0) == pytest.approx(100 / 6)
+    # ratios 0, 1 -> 0, 1 (lambda 0.5) -> kept 0, 1 around 1 - 0.5: sparsities 1 and 0 -> 0.01
+    assert allocate([0.0, 1.0], 0.5, 0.5) == [1.0, 0.01]
+
+
+def test_omitted_settings_take_the_authors_values() -> None:
+    """A hand-built config without the keys gets the authors' blocksize 128, percdamp 0.01
+    and RIA's a = 0.5, as the packaged conf/method files do."""
+    sparsegpt, ria = SparseGPT(method_cfg("sparsegpt"), 0.5), RIA(method_cfg("ria"), 0.5)
+    assert (sparsegpt.block_size, sparsegpt.dampening, ria.a) == (128, 0.01, 0.5)
+    for name, want in (("sparsegpt", {"block_size": 128, "dampening": 0.01}), ("ria", {"a": 0.5})):
+        cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml")
+        assert {k: cfg[k] for k in want} == want
+
+
+class WordIds:
+    """A stand-in tokenizer: the word "w7" is token 7, so a window shows where it starts."""
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> object:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[int(w[1:]) for w in text.split()]]))
+
+
+def test_calibration_text_one_token_longer_than_a_window_gives_the_window_at_0(tmp_path: Path) -> None:
+    """Their loader draws randint(0, n - seqlen - 1): n = seqlen + 1 tokens has one window
+    (start 0); n = seqlen has none and is refused with the key to lower."""
+    from pruneflow.errors import UserError
+    from pruneflow.llm.calibration import calibration_samples
+
+    text = tmp_path / "train.txt"
+    cal = OmegaConf.create({"dataset": "local", "path": str(text), "nsamples": 3, "seqlen": 8, "seed": 0})
+    task = OmegaConf.create({"name": "lm/wikitext2", "path": None})
+    text.write_text(" ".join(f"w{i}" for i in range(9)) + "\n")
+    assert calibration_samples(cal, task, WordIds(), 8).tolist() == [list(range(8))] * 3
+    text.write_text(" ".join(f"w{i}" for i in range(8)) + "\n")
+    with pytest.raises(UserError, match="calibration.seqlen=8"):
+        calibration_samples(cal, task, WordIds(), 8)
+
+
+def test_calibration_windows_never_end_at_the_last_token_and_c4_draws_every_document(tmp_path: Path) -> None:
+    """Their loaders: start = randint(0, n - seqlen - 1) (a window never ends on the last
+    token), and C4 documents by randint(0, len - 1), the last one included."""
+    from pruneflow.llm.calibration import calibration_samples
+
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(10)) + "\n")  # 10 tokens, seqlen 8: starts 0 or 1
+    cal = OmegaConf.create({"dataset": "local", "path": str(text), "nsamples": 64, "seqlen": 8, "seed": 0})
+    got = calibration_samples(cal, OmegaConf.create({"name": "lm/wikitext2", "path": None}), WordIds(), 8)
+    rng = random.Random(0)
+    assert got[:, 0].tolist() == [rng.randint(0, 10 - 8 - 1) for _ in range(64)]
+    assert set(got[:, 0].tolist()) == {0, 1}
+    # C4: only the last of three documents is longer than seqlen
+    c4 = tmp_path / "c4"
+    c4.mkdir()
+    (c4 / "train.txt").write_text("w0 w1\nw2 w3\n" + " ".join(f"w{i}" for i in range(20)) + "\n")
+    (c4 / "validation.txt").write_text("w0 w1\n")
+    cal = OmegaConf.create({"dataset": "c4", "path": str(c4), "nsamples": 3, "seqlen": 8, "seed": 1})
+    got = calibration_samples(cal, OmegaConf.create({"name": "lm/wikitext2", "path": None}), WordIds(), 8)
+    rng, want = random.Random(1), []
+    for _ in range(3):
+        while rng.randint(0, 2) != 2:
+            pass
+        i = rng.randint(0, 20 - 8 - 1)
+        want.append(list(range(i, i + 8)))
+    assert got.tolist() == want

@@ -230,3 +230,54 @@ def test_prune_causal_lm_scores_with_gradients_from_your_own_code() -> None:
 
     with pytest.raises(UserError, match="offload"):
         prune_causal_lm(tiny_lm()[0], ids, method="snip", offload=True)
+
+
+def test_scoring_batches_keep_the_short_last_batch() -> None:
+    """5 windows in batches of 2: 3 steps (ceil), the last of 1 window; none is dropped."""
+    from pruneflow.llm.gradient import n_steps
+
+    ids = torch.arange(5 * 3).reshape(5, 3)
+    batches = scoring_batches(ids, 2)
+    assert [b.shape[0] for b in batches] == [2, 2, 1] and torch.equal(torch.cat(batches), ids)
+    assert n_steps(5, 2) == len(batches) == 3
+
+
+def test_scoring_gives_gradients_to_the_prunable_weights_only() -> None:
+    """During scoring the embeddings, norms and head take no gradient (memory), and every
+    prunable weight does; the flags come back afterwards."""
+    model, ids = tiny_lm()
+    seen: list[tuple[bool, bool]] = []
+
+    def on_step(_step: int, _loss: float) -> None:
+        others = [p.requires_grad for n, p in model.named_parameters() if not (".layers." in n and "proj" in n)]
+        seen.append((any(others), all(lin.weight.requires_grad for lin in linears(model).values())))
+
+    method = Snip(OmegaConf.create({"name": "snip", "compile": False, "scope": "local"}), 0.5)
+    weights = prunable_weights(linears(model))
+    method.validate(model, weights)
+    batches = scoring_batches(ids, 2)
+    schedule = Schedule(kind="cubic", target=0.5, total_steps=len(batches))
+    score_and_prune(model, method, weights, batches, schedule, torch.device("cpu"), on_step)
+    assert seen == [(False, True)] * 3
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_scoring_is_free_of_dropout() -> None:
+    """OPT has dropout (here 0.5): the gradients are taken in eval mode, so SNIP's masks are
+    those of dropout-free gradients, and the model's training flag comes back."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                     max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.5,
+                                     attention_dropout=0.5)).double()
+    ids = torch.randint(0, 64, (4, SEQ), generator=torch.Generator().manual_seed(1))
+    dense = copy.deepcopy(model).eval()
+    G = [grads_of(dense, ids[i : i + 2]) for i in (0, 2)]
+    W0 = {n: lin.weight.detach().numpy().copy() for n, lin in linears(model).items()}
+    model.train()
+    got = run_method(Snip, model, ids, 0.5, batch=2, scope="local")
+    assert model.training
+    for n, W in W0.items():
+        ref = topk_keep({n: np.abs(W * (G[0][n] + G[1][n]))}, W.size - round(0.5 * W.size))[n]
+        assert int((ref != got[n]).sum()) <= 2, n

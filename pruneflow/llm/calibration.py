@@ -108,7 +108,7 @@ def calibration_samples(cal: DictConfig, task_cfg: DictConfig, tokenizer: Any, s
             out.append(ids[i:i + seqlen])
         return torch.stack(out)
     ids = tokenizer(" ".join(rows), return_tensors="pt").input_ids[0]
-    if ids.numel() <= seqlen + 1:
+    if ids.numel() <= seqlen:  # their randint(0, n - seqlen - 1) has a window from n = seqlen + 1 on
         raise UserError(
             f"The calibration text ({cal.dataset}) has {ids.numel()} tokens: too few for windows of calibration.seqlen={seqlen}. "
             "Lower calibration.seqlen or give more text."
