@@ -547,3 +547,189 @@ def test_platon_selection_authors_counts_their_threshold():
             if g > 12_630 - 5_000 or g % 10 == 0:
                 want = int(85_017_600 * (1 - _platon_schedule_threshold_comb(g, 12_630, 1_000, 5_000, final)))
                 assert authors_pruned_count(85_017_600, sst2, step, target) == want, (target, step)
+
+
+# --- added by the mutation round: behaviour no test above pinned ----------------------------------
+def test_seven_presets_are_the_authors() -> None:
+    """(t_i, iter_num) per task as xiaojinying/SEVEN's utils.py init_config sets them (dataset_params)."""
+    assert PRESETS == {"mnli": (5400, 16600), "qqp": (5400, 16600), "rte": (200, 1000), "qnli": (2000, 12000),
+                       "mrpc": (300, 600), "sst2": (1000, 4000), "cola": (500, 1000), "stsb": (500, 2000)}
+
+
+def test_fractional_total_epochs_round_up_to_whole_steps() -> None:
+    # 7.9 epochs of 114 steps = 900.6 steps -> 901: one step left after mrpc's 300 + 600
+    assert seven("mrpc", total_epochs=7.9).plan_stages(STEPS, 114, "digits")["recover"] == 1
+
+
+@pytest.mark.parametrize("name", ["seven", "platon", "movement", "soft_movement"])
+def test_defaults_without_the_key_are_the_published_ones(name: str) -> None:
+    """A config that leaves a key out (the packaged YAML or a bare one) gets the published
+    value: SEVEN's init_config (a1 0.8, a2 0.9, 10 epochs), PLATON's README commands (b1 0.85,
+    b2 0.95, deltaT 10), Sanh et al.'s as conf/method/*movement.yaml cite them (score lr 1e-2,
+    init 0, threshold 0.1, lambda 400)."""
+    from pruneflow.api import method_config
+
+    want = {
+        "seven": {"alpha_1": 0.8, "alpha_2": 0.9, "total_epochs": 10},
+        "platon": {"beta1": 0.85, "beta2": 0.95, "delta_t": 10},
+        "movement": {"score_lr": 1e-2, "score_init": 0.0},
+        "soft_movement": {"score_lr": 1e-2, "score_init": 0.0, "final_threshold": 0.1, "final_lambda": 400.0},
+    }[name]
+    sparsity = None if name == "soft_movement" else 0.5
+    for cfg in (OmegaConf.create({"name": name}), method_config(name, {})):
+        method = get_method_class(name)(cfg, sparsity)
+        assert {k: getattr(method, k) for k in want} == want
+
+
+def test_seven_bias_corrections_count_score_updates_not_steps() -> None:
+    """A step with non-finite gradients (fp16 overflow) updates no score, so the first real
+    update is the authors' k = 0, whatever the step number."""
+    model, weights, method = make("seven", sparsity=0.75, steps=6)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hook = method.after_optimizer_step
+
+    def record(step: int, grads_finite: bool = True) -> None:
+        finite = step != 0  # step 0 overflowed
+        if finite:
+            flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts]).clone()  # noqa: E731
+            history.append((flat(w.param for w in weights), flat(w.param.grad for w in weights), method.mask_flat.clone()))
+        hook(step, finite)
+
+    method.after_optimizer_step = record
+    train_steps(model, method, 4)
+    assert len(history) == 3 and method.k == 3
+    expected = reference_scores("seven", history)
+    kept = history[-1][2] == 1
+    assert torch.allclose(method.state["scores"].double()[kept], expected[kept], rtol=1e-4, atol=1e-9)
+
+
+def test_seven_stop_early_keeps_the_mask_of_its_last_update() -> None:
+    """method.stop_early=true: the authors' window ends at k = iter_num - 2 and nothing
+    prunes the rest of the way, not even end_prune_stage (selection=exact included)."""
+    model, weights, method = make("seven", sparsity=0.75, steps=8, stop_early=True)
+    masks = train_steps(model, method, 8)
+    assert torch.equal(masks[-1], masks[-2])  # no mask update at the last step
+    last = int(masks[-2].sum())
+    assert last > 256  # short of the target: 1,024 weights at 75 % keep 256
+    method.end_prune_stage()
+    assert int(method.mask_flat.sum()) == last
+
+
+def test_magnitude_scores_by_hand() -> None:
+    """|W| where kept (a large negative weight ranks high), -inf where pruned."""
+    from pruneflow.methods.magnitude import magnitude_scores_
+
+    out = torch.empty(4)
+    magnitude_scores_(out, torch.tensor([-3.0, 1.0, 0.5, -0.25]), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    assert torch.equal(out, torch.tensor([3.0, 1.0, float("-inf"), 0.25]))
+
+
+def test_platon_mask_steps_by_hand() -> None:
+    """Their mask_ind (g from 1): none while g <= initial_warmup (g = 4 is a window end
+    but still warm-up), window ends up to T - final_warmup, then every step."""
+    from pruneflow.methods.platon import platon_mask_step
+
+    steps = [g for g in range(1, 21) if platon_mask_step(g, 20, 4, 5, 2)]
+    assert steps == [6, 8, 10, 12, 14, 16, 17, 18, 19, 20]
+
+
+def test_platon_selection_authors_off_the_ramp_counts_the_sparsity_as_written() -> None:
+    """Off the cubic ramp (another schedule, or the target itself) selection=authors thresholds
+    at kthvalue(scores, int(n * (1 - r))) with r = 0.42 as written: 1 - 0.42 = 0.5800000000000001,
+    so k = 58 of 100, where int(100 * 0.58) = int(57.99999999999999) would give 57."""
+    from types import SimpleNamespace
+
+    assert int(100 * (1 - 0.42)) == 58 and int(100 * 0.58) == 57
+    method = get_method_class("platon")(OmegaConf.create({"name": "platon", "selection": "authors"}), 0.58)
+    method.ctx = SimpleNamespace(schedule=Schedule("linear", 0.58, 10))
+    scores, out = torch.randn(100, generator=torch.Generator().manual_seed(0)), torch.empty(100)
+    method.authors_mask_(scores, 0.58, out, step=None)
+    assert torch.equal(out, (scores >= torch.kthvalue(scores, 58).values).float())  # their mask: is >= threshold
+
+
+def test_platon_strict_masks_zero_the_pruned_weights_themselves() -> None:
+    """strict_masks=true still zeroes pruned entries in place at mask updates, as their code
+    does: a weight that comes back later restarts from 0, not from its old value."""
+    model, weights, method = make("platon", sparsity=0.5, steps=20, deltaT=4, biases=False, strict_masks=True)
+    masks = train_steps(model, method, 4)  # g = 4: the first mask update
+    pruned = masks[-1][: weights.weights[0].numel()].view(weights.weights[0].shape) == 0
+    assert bool(pruned.any()) and bool((weights.weights[0].param.detach()[pruned] == 0).all())
+
+
+def test_platon_selects_from_every_layers_averages_when_a_layer_had_no_gradient() -> None:
+    """A layer without a gradient at a mask step (unused in that forward) is not updated, but
+    the selection still ranks it by its Ibar * U, which window ends in the initial warm-up
+    (no mask step there) have moved away from the last scores written."""
+    torch.manual_seed(0)
+    model = Tiny()
+    weights = MaskedWeights(select_prunable(model, ["blocks.*"], ["head"], biases=False))
+    method = get_method_class("platon")(OmegaConf.create({"name": "platon", "deltaT": 2}), 0.5)
+    method.validate(model, weights)
+    schedule = Schedule("cubic", 0.5, 20, 4, 0, 1)  # warm-up g <= 4: window ends g = 2, 4 fold Ibar and U unmasked
+    method.setup(PruneContext(model=model, weights=weights, schedule=schedule, sparsity=0.5, total_steps=20, device=torch.device("cpu")))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(6):  # g = 6: the first mask step
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 3, (8,)))
+        loss.backward()
+        if step == 5:
+            weights.weights[1].param.grad = None  # the second layer sat this step out
+        opt.step()
+        method.after_optimizer_step(step)
+        opt.zero_grad(set_to_none=True)
+    ranked = method.state["ibar"] * method.state["unc"]
+    assert bool(ranked[method.slices[1][0] :].gt(0).any())  # the second layer has real averages
+    n_keep = weights.numel - round(schedule.sparsity(5) * weights.numel)
+    assert int(method.mask_flat.sum()) == n_keep < weights.numel
+    assert torch.equal(method.mask_flat.bool(), ranked >= ranked.topk(n_keep).values.min())
+
+
+def test_soft_movement_threshold_is_strict() -> None:
+    """Their ThresholdBinarizer keeps sigmoid(S) > tau: at tau = 0.5 a score still at its
+    init 0 (sigmoid 0.5, e.g. a weight that never got a gradient) is pruned."""
+    model, weights, method = make("soft_movement", sparsity=None, steps=8)
+    scores = method.state["scores"]
+    scores.zero_()
+    scores[::2] = 1.0  # sigmoid 0.73: kept
+    method.update_masks(0.5)
+    assert torch.equal(method.mask_flat, (torch.arange(scores.numel()) % 2 == 0).to(method.mask_flat.dtype))
+
+
+def test_soft_movement_threshold_and_penalty_resume() -> None:
+    """tau (the current threshold) is saved with the state: a resumed run's L1 penalty is
+    lambda_t * mean(sigmoid(S)) = 400 * 0.2 / 0.1 * 0.5 = 400 at scores 0, not 0."""
+    _, _, method = make("soft_movement", sparsity=None, steps=8)
+    method.update_masks(0.2)
+    _, _, resumed = make("soft_movement", sparsity=None, steps=8)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.tau == 0.2 and float(resumed.extra_loss().detach()) == pytest.approx(400.0)
+
+
+def test_soft_movement_final_threshold_must_be_below_one() -> None:
+    # sigmoid(S) < 1 always: a threshold of 1 would prune everything but the floor
+    for value in (1.0, 0.0):
+        with pytest.raises(UserError, match="method.final_threshold"):
+            get_method_class("soft_movement")(OmegaConf.create({"name": "soft_movement", "final_threshold": value}), None)
+
+
+def test_soft_movement_penalty_stops_with_the_prune_stage() -> None:
+    """Once the masks are frozen the scores choose nothing: the recover stage trains the
+    task loss alone."""
+    _, _, method = make("soft_movement", sparsity=None, steps=8)
+    method.update_masks(0.2)
+    assert method.extra_loss() is not None
+    method.end_prune_stage()
+    assert method.extra_loss() is None
+
+
+def test_movement_scores_start_at_score_init() -> None:
+    _, _, method = make("movement", sparsity=0.5, steps=4, score_init=-0.5)
+    assert bool((method.state["scores"] == -0.5).all()) and all(bool((p == -0.5).all()) for p in method.score_params)
+
+
+@pytest.mark.parametrize("frequency", [2, 10])
+def test_platon_refuses_any_schedule_frequency_but_one(frequency: int) -> None:
+    """deltaT sets PLATON's mask cadence; another schedule.frequency would be ignored."""
+    method = get_method_class("platon")(OmegaConf.create({"name": "platon"}), 0.5)
+    method.check_schedule(Schedule("cubic", 0.5, 20, 0, 0, 1))
+    with pytest.raises(UserError, match="schedule.frequency"):
+        method.check_schedule(Schedule("cubic", 0.5, 20, 0, 0, frequency))

@@ -84,19 +84,67 @@ def test_global_keep_removes_the_globally_worst_and_keeps_one_per_mask():
     assert [t.tolist() for t in p] == [[1, 2], [0]]
 
 
+def test_global_keep_stops_nearest_the_requested_weights_and_skips_exhausted_masks():
+    prio = [torch.tensor([0, 3, 5]), torch.tensor([4, 1, 2])]
+    # 26 weights at 10 each: removing a third entry lands at 30, nearer than 20
+    assert [k.tolist() for k in global_keep(prio, costs=[10, 10], remove_weights=26)] == [[True, False, False], [False, True, True]]
+    # mask 1 holds the three worst entries: its last one stays, and removal goes on in mask 0
+    prio = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])]
+    assert [k.tolist() for k in global_keep(prio, costs=[10, 10], remove_weights=40)] == [[True, False, False], [True, False, False]]
+
+
+def test_z_step_settings_by_hand():
+    """auto: 2 * lambda / steps; null: DessiLBI's lr / nu; a number: itself."""
+    cfg = {**SPP_CFG, "lambda": 3.0, "nu": 100.0, "search_lr": 1e-3}
+    assert SPP(OmegaConf.create({**cfg, "z_lr": "auto"}), 0.5).z_lr(60) == pytest.approx(0.1)
+    assert SPP(OmegaConf.create({**cfg, "z_lr": None}), 0.5).z_lr(60) == pytest.approx(1e-5)
+    assert SPP(OmegaConf.create({**cfg, "z_lr": 0.25}), 0.5).z_lr(60) == 0.25
+
+
+def test_defaults_without_the_key_are_the_authors():
+    """A config that leaves a key out (the packaged YAML or a bare one): the authors' mask
+    lr 1e-3 and Adam eps 1e-4, support checks every 10 steps (--interval), ranking by
+    support time, attention and FFN pools."""
+    from pruneflow.api import method_config
+
+    want = {"lr": 1e-3, "adam_eps": 1e-4, "check_every": 10, "rank": "support_time", "grouping": "attention_mlp", "optimizer": "adam"}
+    bare = OmegaConf.create({"name": "spp", "kappa": 1.0, "nu": 100.0, "lambda": 3.0, "adam_eps": 1e-4})  # these have no default
+    for cfg in (bare, method_config("spp", {})):
+        method = SPP(cfg, 0.5)
+        assert {k: getattr(method, k) for k in want} == want
+
+
+def test_path_point_by_hand():
+    """Entries 0 and 2 entered (10 weights each of 100 prunable), entry 0 has left the support."""
+    method = SPP(OmegaConf.create(SPP_CFG), 0.5)
+    method.prunable_total = 100
+    point = method._path_point(7, [torch.tensor([3, NOT_ENTERED, 5])], [torch.tensor([0.0, 0.0, 1.0])], [10], ["ffn"], 0.5)
+    assert point == {"step": 7, "loss": 0.5, "sparsity": 0.1, "support": round(1 / 3, 6), "exited": 1, "entered_ffn": round(2 / 3, 6)}
+
+
+def test_state_round_trip_keeps_the_search_and_where_it_came_from():
+    state = {"search": {"blocks.0.ffn": {"entry_step": torch.tensor([2, NOT_ENTERED]), "z": torch.ones(2), "m": torch.ones(2), "support": torch.tensor([1, 0])}},
+             "path": [{"step": 1}], "search_reused": True, "search_dir": "/cache/spp/abc"}
+    method = SPP(OmegaConf.create(SPP_CFG), 0.5)
+    method.load_state_dict(state)
+    again = method.state_dict()
+    assert again["path"] == [{"step": 1}] and again["search_reused"] is True and again["search_dir"] == "/cache/spp/abc"
+    assert all(torch.equal(again["search"]["blocks.0.ffn"][k], v) for k, v in state["search"]["blocks.0.ffn"].items())
+
+
 # ----------------------------------------------------------------------------- the search on small models
 def _context(model: nn.Module, batches, loss_fn, steps: int) -> PruneContext:  # noqa: ANN001
     weights = MaskedWeights(select_prunable(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
     return PruneContext(model=model, weights=weights, schedule=None, sparsity=0.5, total_steps=steps, device=torch.device("cpu"), batches=batches, loss_fn=loss_fn)
 
 
-def _vit_problem(steps: int):  # noqa: ANN202
+def _vit_problem(steps: int, pretrain: int = 40):  # noqa: ANN202
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=4, num_classes=4, in_chans=1)
     x = torch.randn(64, 1, 8, 8)
     y = (x[:, 0, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, :, :4].mean((1, 2)) > 0).long()  # learnable labels
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):  # a briefly trained model: mask gradients mean something
+    for _ in range(pretrain):  # a briefly trained model: mask gradients mean something (0: tests that need none)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -133,6 +181,69 @@ def test_the_method_ranks_by_its_rank_setting(rank: str):
         assert 0 < int(kept.sum()) < kept.numel(), e.key
         first, last = bool(kept[0]), bool(kept[-1])
         assert (first, last) == ((False, True) if rank == "support_time" else (True, False)), (e.key, kept.tolist())
+
+
+def test_the_run_sparsity_counts_prunable_weights_spp_does_not_search():
+    """fc1 prunable but fc2 not: no FFN mask, yet fc1's 8,192 weights count in the run's
+    sparsity. 30 % of the 16,384 prunable weights come out of the 8,192 attention weights
+    (60 % of those), to within half an entry (256 weights)."""
+    model, _ = _vit_problem(steps=1, pretrain=0)
+    weights = MaskedWeights(select_prunable(model, ["blocks.*.attn.*", "blocks.*.mlp.fc1"], []))
+    ctx = PruneContext(model=model, weights=weights, schedule=None, sparsity=0.3, total_steps=1, device=torch.device("cpu"))
+    method = SPP(OmegaConf.create(SPP_CFG), 0.3)
+    method.validate(model, weights)
+    method.setup(ctx)
+    masks = PairedMasks(model, share_heads=True, allowed=method._allowed)
+    assert {e.kind for e in masks} == {"qk", "vo"} and weights.numel == 16384
+    method.search = {e.key: {"entry_step": torch.arange(e.param.numel()), "support": torch.arange(e.param.numel()),
+                             "z": torch.zeros(e.param.numel()), "m": torch.ones(e.param.numel())} for e in masks}
+    removed = sum(e.cost() * int((~k).sum()) for e, k in zip(masks, method.keep_vectors(masks), strict=True))
+    assert abs(removed - 0.3 * 16384) <= max(e.cost() for e in masks) / 2
+
+
+def test_the_coupling_term_pulls_the_mask_by_its_gradient():
+    """d/dM ||M - Γ||² / (2 nu) = (M - Γ) / nu: a neuron whose fc2 column is zero (no loss
+    gradient) takes one SGD step from M = 1, Γ = 0 to 1 - 0.1 * (1 - 0) / 0.5 = 0.8."""
+    model, ctx = _vit_problem(steps=1, pretrain=0)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[:, 7] = 0
+    method = SPP(OmegaConf.create({**SPP_CFG, "optimizer": "sgd", "search_lr": 0.1, "nu": 0.5, "z_lr": 1e-6}), 0.5)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    search, _ = method.run_search(ctx)
+    torch.testing.assert_close(search["blocks.0.ffn"]["m"][7], torch.tensor(0.8))
+
+
+def test_a_skipped_fp16_step_moves_nothing_and_is_not_an_adam_step():
+    """Under fp16 the search's GradScaler skips a step with inf gradients: M, Z and Γ stay,
+    and z_lr=adam's bias correction counts only the steps taken. A 3-step search whose
+    second step overflows ends where a 2-step search on the other two batches ends."""
+    from types import SimpleNamespace
+
+    cfg = OmegaConf.create({**SPP_CFG, "z_lr": "adam", "lambda": 0.5, "search_lr": 0.05})
+    ends = []
+    for picks, poisoned in (([0, 1, 2], 1), ([0, 2], None)):
+        model, ctx = _vit_problem(steps=len(picks), pretrain=0)
+        g = torch.Generator().manual_seed(3)
+        data = [{"pixel_values": torch.randn(16, 1, 8, 8, generator=g), "labels": torch.randint(0, 4, (16,), generator=g)} for _ in range(3)]
+        ctx.batches = lambda picks=picks, data=data: iter([data[i] for i in picks])
+        ctx.extra["trainer"] = SimpleNamespace(scaler=object())  # the run trains under fp16: the search scales its loss
+        calls = {"n": 0}
+
+        def poison(module, inputs, out, poisoned=poisoned, calls=calls):  # noqa: ANN001, ANN202
+            if calls["n"] == poisoned:
+                out.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+            calls["n"] += 1
+
+        model.head.register_forward_hook(poison)
+        method = SPP(cfg, 0.5)
+        method.validate(model, ctx.weights)
+        method.setup(ctx)
+        ends.append(method.run_search(ctx)[0])
+    for key in ends[1]:
+        for name in ("m", "z"):
+            torch.testing.assert_close(ends[0][key][name], ends[1][key][name], msg=f"{key} {name}")
+    assert any(bool((d["z"] != 0).any()) for d in ends[1].values())
 
 
 def test_search_path_only_grows_and_leaves_the_weights_untouched():
