@@ -10,10 +10,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: the command line imports this module
+# (unwritable) and answers a wrong setting or --help without the ~2 s torch import.
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
@@ -29,6 +34,8 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -36,6 +43,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """RNG state in a form ``torch.load(weights_only=True)`` accepts."""
+    import torch
+
     np_state = np.random.get_state()
     return {
         "python": list(random.getstate()[1]),
@@ -50,6 +59,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore :func:`rng_state`. Its tensors may come back on the run's device (a
     checkpoint is loaded with ``map_location=device``); generators take CPU tensors."""
+    import torch
+
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"]))
     torch.set_rng_state(state["torch"].cpu())
@@ -95,6 +106,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -106,6 +119,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def _json_default(o: Any) -> Any:
+    import torch
+
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, torch.Tensor):
@@ -122,6 +137,8 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     from pruneflow.errors import invalid
 
     if name == "auto":
