@@ -116,7 +116,10 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
             what = SPARSITY_ALLOWED
         elif re.fullmatch(r"stages\.\w+\.(lr|batch_size)", key):
             what = "a positive number" if key.endswith(".lr") else "a positive integer"
-        return f"Invalid value for '{key}': {value.group(1) if value else '?'!r}. Allowed: {what}."
+        given = value.group(1) if value else "?"
+        # a number as typed (seed=1.5, not '1.5': OmegaConf quotes every value it cannot convert)
+        shown = given if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", given) else repr(given)
+        return f"Invalid value for '{key}': {shown}. Allowed: {what}."
     if key and "is not a ListConfig" in ctext:
         given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")
         return f"Invalid value for '{key}': {given!r}. Allowed: a list in brackets, e.g. {key}=[a,b] (or {key}=[] for none)."

@@ -179,6 +179,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["-m", "method=magnitude,random", "hydra.sweeper.params.sparsity=0.5,0.7"], "sweeps Hydra's own setting", "pruneflow -m sparsity=<values>"),
     # a value of the wrong type: the same allowed range as a value out of it
     (["sparsity=abc"], "Invalid value for 'sparsity': 'abc'", "a number in [0, 1)"),
+    (["seed=1.5"], "Invalid value for 'seed': 1.5.", "an integer"),  # a number as typed, not '1.5'
     # a key that only some jobs' method has: the error names the job it fails in
     (["-m", "method=seven,platon", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
     (["-m", "method=platon,seven", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
