@@ -116,6 +116,19 @@ def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tu
     return int(steps), bs
 
 
+def check_mixup_batches(cfg: DictConfig) -> None:
+    """``task.mixup`` pairs each image with another of its batch (timm's Mixup): every
+    training stage needs even batches, and an epoch's short last batch is dropped, as DeiT does."""
+    why = "task.mixup mixes each training image with another of its batch, so a batch needs an even number of images"
+    if not cfg.trainer.get("drop_last", True):
+        raise UserError(f"Invalid value for 'trainer.drop_last': false. Allowed: true with task.mixup. {why}; an epoch's "
+                        "short last batch may not have one (DeiT drops it).")
+    for name in STAGES:
+        s = cfg.stages[name]
+        if (s.get("steps") or s.get("epochs")) and int(s.batch_size) % 2:
+            raise invalid(f"stages.{name}.batch_size", s.batch_size, "an even number with task.mixup", f"{why}.")
+
+
 @dataclass
 class Plan:
     stages: dict[str, StageSpec]
@@ -202,6 +215,8 @@ class Run:
             )
         self.task = build_task(cfg.task, int(cfg.seed))
         check_pairing(cfg.model, self.task)
+        if getattr(self.task, "mixup", None) is not None:
+            check_mixup_batches(cfg)
         self.method.check_task(self.task)
 
     def prepare(self) -> None:

@@ -298,7 +298,7 @@ class Trainer:
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         for batch in EpochBatches(self.task.train_set, batch_size, seed, self.task.collate, start_step, self.drop_last, self.batch_order):
-            yield self.to_device(batch)
+            yield self.task.train_batch(self.to_device(batch))
 
     def warmup_steps(self, total: int) -> int:
         steps = self.cfg.get("warmup_steps")

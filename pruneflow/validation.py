@@ -319,6 +319,13 @@ def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
     task = cfg.get("task") or {}
     if str(task.get("name", "")).startswith("squad/") and task.get("features", "run_qa") == "run_qa":
         out.append(("task.max_query_length", "task.features=run_qa keeps whole questions; task.features=run_squad cuts them at task.max_query_length"))
+    mixup = task.get("mixup")
+    if hasattr(mixup, "get"):
+        alphas = [mixup.get("mixup_alpha"), mixup.get("cutmix_alpha")]
+        if not any(alphas):
+            out += [(f"task.mixup.{k}", "mixing is off (task.mixup.mixup_alpha and cutmix_alpha are 0)") for k in ("prob", "switch_prob", "mode")]
+        elif not all(alphas):
+            out.append(("task.mixup.switch_prob", "it chooses between Mixup and CutMix, and only one of their alphas is on"))
     d = cfg.get("distill")
     if d is not None and d.get("enabled") is False:
         out.append(("distill", "distillation is off (distill.enabled=false); distill.enabled=true uses distill.*"))

@@ -180,6 +180,13 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     # a value of the wrong type: the same allowed range as a value out of it
     (["sparsity=abc"], "Invalid value for 'sparsity': 'abc'", "a number in [0, 1)"),
     (["seed=1.5"], "Invalid value for 'seed': 1.5.", "an integer"),  # a number as typed, not '1.5'
+    # the DeiT recipe's batch mixing and label smoothing
+    (["task.mixup.mode=pixel", "task.mixup.mixup_alpha=0.8"], "task.mixup.mode", "batch, pair, elem"),
+    (["task.mixup.cutmix_alpha=-1"], "task.mixup.cutmix_alpha", "a number >= 0"),
+    (["task.label_smoothing=1"], "task.label_smoothing", "[0, 1)"),
+    (["task.mixup.mixup_alpha=0.8", "stages.recover.batch_size=31"], "stages.recover.batch_size", "an even number with task.mixup"),
+    (["task.mixup.prob=0.5"], "'task.mixup.prob=0.5' would be ignored", "mixing is off"),
+    (["task.mixup.mixup_alpha=0.8", "task.mixup.switch_prob=0.2"], "'task.mixup.switch_prob=0.2' would be ignored", "only one of their alphas"),
     # a key that only some jobs' method has: the error names the job it fails in
     (["-m", "method=seven,platon", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
     (["-m", "method=platon,seven", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),

@@ -51,10 +51,14 @@ PROTOCOLS = {
     "seven_distill": ["method=seven", "distill.enabled=true"],
     # two micro-batches per step: a resumed stage skips twice as many batches as steps
     "seven_accum": ["method=seven", "trainer.gradient_accumulation_steps=2"],
+    # the DeiT recipe: Mixup/CutMix draw from numpy's RNG at every batch, one factor per image
+    "seven_mixup": ["method=seven", "task.mixup.mixup_alpha=0.8", "task.mixup.cutmix_alpha=1.0", "task.mixup.mode=elem",
+                    "task.label_smoothing=0.1"],
 }
 
 
-@pytest.mark.parametrize("name, kill_at", [("movement", "prune:6"), ("platon", "prune:9"), ("seven_distill", "recover:3"), ("seven_accum", "prune:6")])
+@pytest.mark.parametrize("name, kill_at", [("movement", "prune:6"), ("platon", "prune:9"), ("seven_distill", "recover:3"), ("seven_accum", "prune:6"),
+                                            ("seven_mixup", "prune:6")])
 def test_authors_protocols_resume_to_the_same_result(tmp_path, name, kill_at):
     args = [*SMALL, "sparsity=0.7", *PROTOCOLS[name]]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"

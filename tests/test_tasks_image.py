@@ -126,6 +126,25 @@ def test_training_augments_evaluation_does_not(tmp_path: Path) -> None:
 
 
 
+def test_the_deit_training_transform_from_augment_kwargs(tmp_path: Path) -> None:
+    """DeiT's training transform (their datasets.build_transform): RandAugment
+    rand-m9-mstd0.5-inc1, colour jitter 0.3, random erasing 0.25 per pixel; an
+    interpolation in augment_kwargs replaces the data config's for training only."""
+    path = write_cifar(tmp_path / "c10", 10, 4, 6)
+    kwargs = ["+task.augment_kwargs.auto_augment=rand-m9-mstd0.5-inc1", "+task.augment_kwargs.color_jitter=0.3",
+              "+task.augment_kwargs.re_prob=0.25", "+task.augment_kwargs.re_mode=pixel", "+task.augment_kwargs.re_count=1",
+              "+task.augment_kwargs.interpolation=bilinear"]
+    cfg, task = loaded([*TINY, "task=cifar10", f"task.path={path}", *kwargs])
+    task.prepare(build_model(cfg.model, task))
+    tf = task.train_set.transform.transforms
+    names = [type(t).__name__ for t in tf]
+    assert "RandAugment" in names and names[-1] == "RandomErasing"
+    assert tf[-1].probability == 0.25 and tf[-1].mode == "pixel"
+    assert "bilinear" in str(tf[0].interpolation).lower()
+    assert task.data_config["interpolation"] != "bilinear"  # evaluation keeps the model's
+    assert task.collate([task.train_set[i] for i in range(4)])["pixel_values"].shape == (4, 3, 8, 8)
+
+
 def test_task_data_config_overrides_the_models(tmp_path: Path) -> None:
     """task.data_config wins over the model's data config, input_size included (a list in YAML)."""
     path = write_cifar(tmp_path / "c10", 10, 2, 2)
@@ -246,3 +265,151 @@ def test_own_checkpoint_keeps_a_fitting_head(tmp_path: Path) -> None:
 
 def task_size(path: Path) -> int:
     return 10 if path.name == "c10" else 100
+
+
+# --- the DeiT recipe's batch mixing and label smoothing (task.mixup, task.label_smoothing) ---
+def _batch(n: int = 8) -> dict[str, torch.Tensor]:
+    """Distinct labels and images whose pixels all differ from their mirror image's."""
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(n, 1, 8, 8, generator=g), "labels": torch.arange(n)}
+
+
+def _task(*overrides: str):  # noqa: ANN202
+    from pruneflow.tasks.digits import Digits
+
+    return Digits(compose(list(overrides)).task)
+
+
+def test_mixup_mixes_each_image_with_its_mirror_by_the_targets_factor() -> None:
+    """Mixup only (batch mode): image i is lam*x_i + (1-lam)*x_{n-1-i}, and its soft target
+    lam*t_i + (1-lam)*t_{n-1-i} with t the smoothed one-hot ((1-s) + s/C on the class, s/C
+    elsewhere); lam is read back from the targets, not taken from timm."""
+    s, c = 0.1, 10
+    task = _task("task.mixup.mixup_alpha=0.8", f"task.label_smoothing={s}")
+    batch = _batch()
+    x, y = batch["pixel_values"].clone(), batch["labels"]
+    t = torch.full((len(y), c), s / c).scatter_(1, y[:, None], 1 - s + s / c)
+    lams = set()
+    for seed in range(4):
+        np.random.seed(seed)
+        out = task.train_batch(dict(batch))
+        assert torch.equal(batch["pixel_values"], x)  # the caller's tensor is left as it was
+        lam = float((out["labels"][0, y[0]] - s / c) / (1 - s))
+        assert 0 < lam <= 1
+        lams.add(round(lam, 6))
+        torch.testing.assert_close(out["labels"], lam * t + (1 - lam) * t.flip(0))
+        torch.testing.assert_close(out["pixel_values"], lam * x + (1 - lam) * x.flip(0))
+    assert len(lams) == 4  # a factor drawn per batch
+
+
+def test_cutmix_pastes_one_box_of_the_mirror_image_whose_area_is_the_mirrors_share() -> None:
+    task = _task("task.mixup.cutmix_alpha=1.0")
+    batch = _batch()
+    x, y = batch["pixel_values"], batch["labels"]
+    areas = set()
+    for seed in range(6):
+        np.random.seed(seed)
+        out = task.train_batch(dict(batch))
+        p = out["pixel_values"]
+        box = (p != x)[0, 0]
+        assert all(torch.equal((p != x)[i, 0], box) for i in range(len(y)))  # one box for the batch
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        if len(rows):  # a rectangle: every pixel between its first and last row and column
+            assert bool(box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+        assert torch.equal(p[:, :, box], x.flip(0)[:, :, box])
+        lam = 1 - float(box.float().mean())
+        torch.testing.assert_close(out["labels"][torch.arange(len(y)), y], torch.full((len(y),), lam))
+        torch.testing.assert_close(out["labels"][torch.arange(len(y)), y.flip(0)], torch.full((len(y),), 1 - lam))
+        areas.add(round(lam, 6))
+    assert len(areas) > 1
+
+
+def test_mixup_needs_an_even_batch_and_is_checked_before_work(tmp_path: Path) -> None:
+    task = _task("task.mixup.mixup_alpha=0.8")
+    with pytest.raises(UserError, match="even number of images, but one has 7"):
+        task.train_batch(_batch(7))
+    from pruneflow.runner import check_settings
+
+    cfg = compose(["task.mixup.mixup_alpha=0.8", "stages.prune.batch_size=33"])
+    with pytest.raises(UserError, match=r"'stages.prune.batch_size': 33. Allowed: an even number with task.mixup"):
+        check_settings(cfg)
+    cfg = compose(["task.mixup.mixup_alpha=0.8", "trainer.drop_last=false"])
+    with pytest.raises(UserError, match="'trainer.drop_last': false"):
+        check_settings(cfg)
+    check_settings(compose(["task.mixup.mixup_alpha=0.8", "stages.prune.batch_size=33", "stages.prune.epochs=0"]))
+
+
+def test_mixup_off_leaves_batches_as_they_are() -> None:
+    batch = _batch()
+    assert _task().train_batch(batch) is batch
+
+
+def test_label_smoothing_and_soft_target_losses_by_hand() -> None:
+    """Cross-entropy with task.label_smoothing=s: (1-s)·NLL + s·mean over classes of -log p
+    (timm's LabelSmoothingCrossEntropy); with a mixed batch's soft targets t: -Σ t·log p."""
+    from pruneflow.models import ModelBundle
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
+    model = torch.nn.Linear(1, 3)
+
+    class Fixed(ModelBundle):  # forward gives the fixed logits
+        def forward(self, batch):  # noqa: ANN001, ANN202
+            return logits
+
+    bundle = Fixed(model=model, family="timm", name="fixed")
+    logp = logits.log_softmax(-1)
+    labels = torch.tensor([0, 2])
+    task = _task("task.label_smoothing=0.2")
+    loss, _ = task.loss_and_logits(bundle, {"pixel_values": torch.zeros(2), "labels": labels})
+    nll = -logp[torch.arange(2), labels]
+    expect = (0.8 * nll + 0.2 * (-logp).mean(-1)).mean()
+    assert abs(float(loss) - float(expect)) < 1e-6
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.1, 0.1, 0.8]])
+    loss, _ = task.loss_and_logits(bundle, {"pixel_values": torch.zeros(2), "labels": soft})
+    assert abs(float(loss) - float(-(soft * logp).sum(-1).mean())) < 1e-6  # no second smoothing
+
+
+def test_a_run_with_the_deit_recipe_mixes_training_batches_only(tmp_path: Path) -> None:
+    """End to end on digits: mixing and smoothing each change the trained model, and the
+    mixing is seeded: the same command gives the same result; predictions hold plain labels."""
+    base = ["method=magnitude", "sparsity=0.5"]
+    smooth = ["task.label_smoothing=0.1"]
+    deit = ["task.mixup.mixup_alpha=0.8", "task.mixup.cutmix_alpha=1.0", *smooth]
+    a = run_pipeline(tmp_path / "a", [*base, *deit])
+    b = run_pipeline(tmp_path / "b", [*base, *deit])
+    smoothed = run_pipeline(tmp_path / "s", [*base, *smooth])
+    plain = run_pipeline(tmp_path / "p", base)
+    from safetensors.torch import load_file
+
+    w = {d: load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in "absp"}
+    assert all(torch.equal(w["a"][k], w["b"][k]) for k in w["a"]) and a["metrics"] == b["metrics"]
+    for one, other in (("a", "s"), ("s", "p")):
+        assert any(not torch.equal(w[one][k], w[other][k]) for k in w[one]), (one, other)
+    assert smoothed["sparsity"]["measured"] == plain["sparsity"]["measured"]
+    refs = {r["reference"] for r in read_jsonl(tmp_path / "a" / "predictions.jsonl")}
+    assert refs <= set(range(10))
+
+
+def test_forces_target_logit_loss_takes_a_mixed_batchs_soft_targets() -> None:
+    """FORCE's scoring loss (-logit of the label, their get_average_gradients) with soft
+    targets t is -Σ t·logit: the same number for one-hot targets, a weighted one for mixed."""
+    from omegaconf import OmegaConf
+
+    from pruneflow.methods.force import Force
+    from pruneflow.models import ModelBundle
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
+
+    class Fixed(ModelBundle):
+        def forward(self, batch):  # noqa: ANN001, ANN202
+            return logits
+
+    bundle = Fixed(model=torch.nn.Linear(1, 3), family="timm", name="fixed")
+    force = Force(OmegaConf.merge(OmegaConf.load(Path(__file__).parent.parent / "conf/method/force.yaml"),
+                                  {"scoring_loss": "target_logit"}), 0.5)
+    task = _task("task.mixup.mixup_alpha=0.8")
+    hard = force.scoring_loss(task, bundle, {"pixel_values": torch.zeros(2), "labels": torch.tensor([0, 2])})
+    one_hot = force.scoring_loss(task, bundle, {"pixel_values": torch.zeros(2), "labels": torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])})
+    assert float(hard) == float(one_hot) == -(2.0 + 3.0) / 2
+    soft = force.scoring_loss(task, bundle, {"pixel_values": torch.zeros(2), "labels": torch.tensor([[0.5, 0.5, 0], [0, 0.25, 0.75]])})
+    assert abs(float(soft) - -(0.5 * 2.0 + 0.5 * -1.0 + 0.25 * 0.2 + 0.75 * 3.0) / 2) < 1e-6

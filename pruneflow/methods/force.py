@@ -78,7 +78,10 @@ class Force(ScoreBasedMethod):
 
     def scoring_loss(self, task: Any, bundle: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN401
         _, logits = task.loss_and_logits(bundle, batch)
-        return F.nll_loss(logits[0], batch["labels"])  # their get_average_gradients, on logits without log-softmax
+        labels = batch["labels"]
+        if labels.is_floating_point():  # a mixed batch's soft targets (task.mixup): the targets' weighted logits
+            return -(labels * logits[0]).sum(-1).mean()
+        return F.nll_loss(logits[0], labels)  # their get_average_gradients, on logits without log-softmax
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:

@@ -60,6 +60,10 @@ class Task:
         return out
 
     # --- training --------------------------------------------------------------
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A training batch (on the run's device) as the model sees it: image tasks may mix it."""
+        return batch
+
     def loss(self, bundle: ModelBundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.loss_and_logits(bundle, batch)[0]
 

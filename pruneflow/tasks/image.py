@@ -33,7 +33,42 @@ def fixed_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+MIXUP_MODES = ("batch", "pair", "elem")
+
+
+def _fraction(value: object, key: str, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise invalid(key, value, allowed)
+    return float(value)
+
+
+def mixup_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """timm ``Mixup`` arguments from ``task.mixup`` (checked), or None when both alphas are 0."""
+    m = cfg.get("mixup") or {}
+    if not hasattr(m, "get"):
+        raise invalid("task.mixup", m, "a mapping: {mixup_alpha, cutmix_alpha, prob, switch_prob, mode}")
+    alphas = {}
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        v = m.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise invalid(f"task.mixup.{key}", v, "a number >= 0 (0: off; DeiT: mixup_alpha 0.8, cutmix_alpha 1.0)")
+        alphas[key] = float(v)
+    mode = m.get("mode", "batch")
+    if mode not in MIXUP_MODES:
+        raise invalid("task.mixup.mode", mode, MIXUP_MODES, "One mixing factor per batch, per pair of images, or per image.")
+    prob = _fraction(m.get("prob", 1.0), "task.mixup.prob", "a number in [0, 1]: the chance that a batch is mixed")
+    switch = _fraction(m.get("switch_prob", 0.5), "task.mixup.switch_prob",
+                       "a number in [0, 1]: the chance of CutMix instead of Mixup when both alphas are on")
+    if not any(alphas.values()):
+        return None
+    return {**alphas, "prob": prob, "switch_prob": switch, "mode": str(mode)}
+
+
 class ImageClassificationTask(Task):
+    """Image classification. Training batches may be mixed (``task.mixup``: timm's
+    Mixup/CutMix, as the DeiT recipe) and the loss label-smoothed
+    (``task.label_smoothing``); evaluation always sees the plain images and labels."""
+
     modality = "image"
     problem = "single_label_classification"
     main_metric = "accuracy"
@@ -41,6 +76,48 @@ class ImageClassificationTask(Task):
     #: the (height, width) of the task's ready-made image tensors (digits: 8x8); None: decoded
     #: and resized to each model's input size (TimmImageTask)
     image_size: tuple[int, int] | None = None
+
+    def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        self.mixup = mixup_settings(cfg)
+        smoothing = cfg.get("label_smoothing", 0.0)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise invalid("task.label_smoothing", smoothing, "a number in [0, 1) (DeiT: 0.1)")
+        self.label_smoothing = float(smoothing)
+        self._mixer: Any = None
+
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A training batch as the model sees it: mixed by timm's ``Mixup`` when
+        ``task.mixup`` is on, its labels then soft targets (label smoothing folded in, as
+        timm does). timm draws the mixing from numpy's global RNG, which checkpoints keep."""
+        if self.mixup is None:
+            return batch
+        n = len(batch["labels"])
+        if n % 2:  # timm mixes an image with its mirror in the batch (DeiT drops a short last batch)
+            raise UserError(
+                f"task.mixup mixes each training image with another of its batch, so a batch needs an even number of "
+                f"images, but one has {n}. Use an even stages.<stage>.batch_size with trainer.drop_last=true, "
+                "or task.mixup.mixup_alpha=0 task.mixup.cutmix_alpha=0."
+            )
+        if self._mixer is None:
+            from timm.data import Mixup
+
+            self._mixer = Mixup(mixup_alpha=self.mixup["mixup_alpha"], cutmix_alpha=self.mixup["cutmix_alpha"],
+                                prob=self.mixup["prob"], switch_prob=self.mixup["switch_prob"], mode=self.mixup["mode"],
+                                label_smoothing=self.label_smoothing, num_classes=self.num_labels)
+        pixels, targets = self._mixer(batch["pixel_values"].clone(), batch["labels"])  # Mixup works in place
+        return {**batch, "pixel_values": pixels, "labels": targets}
+
+    def loss_and_logits(self, bundle: ModelBundle, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Cross-entropy with class labels (smoothed by ``task.label_smoothing``) or with the
+        soft targets of a mixed batch (timm's ``SoftTargetCrossEntropy``: the same sum)."""
+        if self.mixup is None and not self.label_smoothing:
+            return super().loss_and_logits(bundle, batch)
+        out = bundle.forward(batch)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        labels = batch["labels"]
+        smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
+        return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing), [logits]
 
     def prepare(self, bundle: ModelBundle) -> None:  # data is already tensors
         """A fixed-size model must take this task's image size: else one clear error
@@ -167,7 +244,8 @@ class TimmImageTask(ImageClassificationTask):
         augment = self.cfg.get("augment", True)
         if not isinstance(augment, bool):
             raise invalid("task.augment", augment, "true (timm's training transform: random resized crop, flip, colour jitter) or false")
-        train_tf = create_transform(**self.data_config, is_training=True, **self._dict("augment_kwargs")) if augment else eval_tf
+        # augment_kwargs may also name a data-config key (interpolation): it wins for training
+        train_tf = create_transform(**{**self.data_config, **self._dict("augment_kwargs")}, is_training=True) if augment else eval_tf
         self.train_set.transform = train_tf
         for ds in self.eval_sets.values():
             ds.transform = eval_tf
