@@ -146,7 +146,8 @@ class Optim:
         self.step = int(state["optim_step"])
 
 
-BATCH_ORDERS = ("shuffle", "mtdnn")
+BATCH_ORDERS = ("shuffle", "mtdnn", "repeated_aug")
+REPEATS = 3  # DeiT's RASampler: num_repeats
 
 
 class EpochBatches:
@@ -156,7 +157,11 @@ class EpochBatches:
     DataLoader). ``order="mtdnn"``: mt-dnn's ``MultiTaskBatchSampler`` (PLATON's GLUE
     code): the examples cut once into batches of consecutive examples, the batches'
     order shuffled once, then the same batches in the same order every epoch (the
-    short batch, if kept, wherever the shuffle put it).
+    short batch, if kept, wherever the shuffle put it). ``order="repeated_aug"``: DeiT's
+    ``RASampler`` (repeated augmentation, SPP's DeiT scripts) in one process: every
+    epoch's permutation with each example three times in a row, cut to the epoch's
+    length, so an epoch sees a third of the examples, each under three augmentations
+    (their sampler also rounds the epoch down to a multiple of 256 examples: not done).
 
     ``start_step`` skips the first batches without touching any data or the global
     RNG, so a resumed stage sees exactly the batches it would have seen.
@@ -173,6 +178,7 @@ class EpochBatches:
         self.step = start_step
         self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its order)
         self._fixed: torch.Tensor | None = None  # mtdnn: the batches' order, drawn once
+        self.repeated = order == "repeated_aug"
         if order == "mtdnn":
             self._fixed = torch.randperm(self.per_epoch, generator=torch.Generator().manual_seed(self.seed * 100_003))
 
@@ -184,7 +190,10 @@ class EpochBatches:
         examples takes ~13 ms on a CPU: per batch that would rival a GPU step)."""
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
+            perm = torch.randperm(len(self.dataset), generator=g)
+            if self.repeated:
+                perm = perm.repeat_interleave(REPEATS)[: len(self.dataset)]
+            self._perm = (epoch, perm)
         return self._perm[1]
 
     def indices(self, step: int) -> list[int]:

@@ -55,7 +55,9 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
     if str(t.get("batch_order", "shuffle")) not in BATCH_ORDERS:
         raise invalid("trainer.batch_order", t.get("batch_order"), BATCH_ORDERS,
                       "shuffle: a new permutation of the examples every epoch; mtdnn: batches of consecutive "
-                      "examples, their order shuffled once and kept every epoch (PLATON's GLUE code).")
+                      "examples, their order shuffled once and kept every epoch (PLATON's GLUE code); repeated_aug: "
+                      "each example three times in a row in every epoch's permutation, cut to the epoch's length (DeiT's "
+                      "RASampler, SPP's DeiT scripts).")
     if str(t.get("optimizer")) not in OPTIMIZERS:
         raise invalid("trainer.optimizer", t.get("optimizer"), OPTIMIZERS)
     if str(t.get("lr_scheduler")) not in LR_SCHEDULERS:

@@ -103,6 +103,23 @@ def test_mtdnn_batch_order_keeps_the_same_consecutive_batches_every_epoch():
     assert [next(other) for _ in range(5)] != got[:5]  # the seed decides the order
 
 
+def test_repeated_aug_batch_order_is_deits_rasampler_in_one_process():
+    """trainer.batch_order=repeated_aug, as DeiT's RASampler with one replica: the epoch's
+    permutation with each index three times in a row (their repeat_interleave), the
+    epoch cut to its usual length; a third of the examples per epoch, another third next."""
+    data, bs, seed = list(range(24)), 6, 1
+    batches = EpochBatches(data, bs, seed, collate=list, order="repeated_aug")
+    plain = EpochBatches(data, bs, seed, collate=list)
+    for epoch in range(3):
+        got = sum((next(batches) for _ in range(4)), [])
+        perm = plain.order(epoch)  # the same seeded permutation as the plain shuffle
+        assert got == torch.repeat_interleave(perm, 3).tolist()[:24]
+        assert sorted(got.count(i) for i in set(got)) == [3] * 8
+    resumed = EpochBatches(data, bs, seed, collate=list, start_step=5, order="repeated_aug")
+    again = EpochBatches(data, bs, seed, collate=list, order="repeated_aug")
+    assert [next(resumed) for _ in range(3)] == [next(again) for _ in range(8)][5:]
+
+
 def test_batch_order_is_checked(config):
     from pruneflow.errors import UserError
     from pruneflow.validation import validate_trainer
@@ -130,6 +147,9 @@ class _Regression:
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return {"i": torch.tensor(indices)}
+
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch
 
     def loss(self, bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
         return nn.functional.mse_loss(bundle.model(self.x[batch["i"]]), self.y[batch["i"]])
