@@ -1,6 +1,7 @@
 """SPP: the path mathematics by hand, the search on small models, one search for every sparsity."""
 
 import json
+import math
 
 import pytest
 import timm
@@ -22,6 +23,7 @@ from pruneflow.methods.spp import (
     lbi_update,
     rank_entries,
     record_entries,
+    search_lr_at,
     shrink,
 )
 from pruneflow.runner import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, run
@@ -464,3 +466,78 @@ def assert_refused_as_a_starting_point(model_dir, meta: str, *overrides: str) ->
     said = " ".join(out.stderr.split())
     assert out.returncode == 2 and "Traceback" not in said, said[-2000:]
     assert f"{meta}: pruneflow.compressed is true" in said and "pruneflow.load_model(" in said and "mismatch" not in said
+
+
+def test_the_search_lr_schedule_is_the_authors_timm_cosine_stepped_after_each_epoch():
+    """method.search_lr_schedule=cosine_epochs against timm's own CosineLRScheduler as
+    their deit_search.py drives it (create_scheduler: sched cosine, t_initial = --epochs,
+    lr_min = --min-lr, no warm-up; ``lr_scheduler.step(epoch)`` after each epoch)."""
+    from timm.scheduler import CosineLRScheduler
+
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = CosineLRScheduler(opt, t_initial=5, lr_min=1e-5, warmup_t=0, cycle_limit=1)
+    theirs = []
+    for epoch in range(8):  # 3 epochs past the cosine: their cooldown at --min-lr
+        theirs.append(opt.param_groups[0]["lr"])
+        sched.step(epoch)
+    ours = [search_lr_at(e, 5, 1e-3, 1e-5) for e in range(8)]
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=0)
+    assert ours[0] == ours[1] == 1e-3 and ours[-1] == 1e-5
+
+
+def test_the_search_runs_its_epochs_at_the_scheduled_rate():
+    """64 examples in batches of 16: 4 steps per epoch, so a 10-step search has 3 epochs, at
+    lr, lr and the cosine's value for t = 1 of 3; the masks move differently than at a
+    constant rate."""
+    from types import SimpleNamespace
+
+    from pruneflow.trainer import StageSpec
+
+    def search(schedule: str, steps: int = 10) -> SPP:
+        model, ctx = _vit_problem(steps=steps)
+        ctx.task = SimpleNamespace(train_set=list(range(64)))
+        ctx.extra["stage"] = StageSpec(name="prune", steps=steps, lr=0.05, batch_size=16, seed=0)
+        method = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "search_lr": 0.05, "search_lr_schedule": schedule,
+                                       "search_min_lr": 0.001}), 0.5)
+        method.validate(model, ctx.weights)
+        method.setup(ctx)
+        method.run_prune_stage(ctx)
+        return method
+
+    cos = search("cosine_epochs")
+    third = 0.001 + 0.5 * (0.05 - 0.001) * (1 + math.cos(math.pi / 3))
+    assert [p["lr"] for p in cos.path] == pytest.approx([0.05] * 8 + [third] * 2)
+    const = search("constant")
+    assert [p["lr"] for p in const.path] == [0.05] * 10
+    assert any(not torch.equal(cos.search[k]["m"], const.search[k]["m"]) for k in cos.search)
+    assert cos.search_settings()["lr_schedule"] == {"name": "cosine_epochs", "min_lr": 0.001}
+    assert "lr_schedule" not in const.search_settings()  # constant searches keep their cache keys
+
+
+def test_the_authors_z_step_decays_with_the_scheduled_rate():
+    """z_lr=adam: Z += lr_t / (1 - 0.9^t) * (M - Γ) with lr_t the scheduled rate. With Γ held
+    at 0 (lambda 1e9), no coupling (nu 1e12) and a rate too small to move M from 1, Z after
+    the search is the sum of the steps by hand."""
+    from types import SimpleNamespace
+
+    from pruneflow.trainer import StageSpec
+
+    model, ctx = _vit_problem(steps=10, pretrain=0)
+    ctx.task = SimpleNamespace(train_set=list(range(64)))
+    ctx.extra["stage"] = StageSpec(name="prune", steps=10, lr=0.05, batch_size=16, seed=0)
+    method = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "search_lr": 1e-7, "search_lr_schedule": "cosine_epochs",
+                                   "search_min_lr": 0.0, "lambda": 1e9, "nu": 1e12}), 0.5)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    method.run_prune_stage(ctx)
+    lrs = [p["lr"] for p in method.path]
+    assert lrs[-1] < lrs[0]
+    expect = sum(lr / (1 - 0.9 ** t) for t, lr in enumerate(lrs, start=1))
+    for d in method.search.values():
+        torch.testing.assert_close(d["z"], torch.full_like(d["z"], expect), rtol=1e-5, atol=0)
+
+
+def test_search_lr_schedule_settings_are_checked():
+    for bad in ({"search_lr_schedule": "step"}, {"search_min_lr": 0.1}, {"search_min_lr": -1}):
+        with pytest.raises(UserError, match="method.search_"):
+            SPP(OmegaConf.create({**SPP_CFG, **bad}), 0.5)

@@ -142,6 +142,18 @@ def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tens
 GROUPINGS = {"attention_mlp": (("qk", "vo"), ("ffn",)), "per_type": (("qk",), ("vo",), ("ffn",))}
 RANKS = ("support_time", "entry")
 SEARCH_LR = 1e-3  # the masks' learning rate in the authors' search (--lr in deit_search.sh; --lr-search is unused)
+SEARCH_LR_SCHEDULES = ("constant", "cosine_epochs")
+
+
+def search_lr_at(epoch: int, epochs: int, lr: float, min_lr: float) -> float:
+    """The masks' learning rate in search epoch ``epoch`` (0-based) of ``epochs`` under the
+    authors' schedule: timm's cosine (``create_scheduler``: t_initial = their --epochs,
+    no warm-up) stepped with ``step(epoch)`` *after* each epoch, so epochs 0 and 1 both
+    run at ``lr`` and epoch e >= 1 at the cosine's value for e - 1."""
+    t = max(epoch - 1, 0)
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
 
 
 # ----------------------------------------------------------------------------- the method
@@ -188,6 +200,15 @@ class SPP(PruningMethod):
         # stage recipe's rate is one for fine-tuning weights (2e-5 for BERT), not masks in [0, 1].
         self.lr = float(cfg.get("search_lr", SEARCH_LR))
         self.z_lr_setting = z_lr
+        self.lr_schedule = str(cfg.get("search_lr_schedule", "constant"))
+        if self.lr_schedule not in SEARCH_LR_SCHEDULES:
+            raise invalid("method.search_lr_schedule", cfg.get("search_lr_schedule"), SEARCH_LR_SCHEDULES,
+                          "cosine_epochs: the authors' timm cosine from method.search_lr to method.search_min_lr over the "
+                          "search's epochs, stepped after each epoch.")
+        min_lr = cfg.get("search_min_lr", 1e-5)
+        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not 0 <= min_lr <= self.lr:
+            raise invalid("method.search_min_lr", min_lr, f"a number in [0, method.search_lr = {self.lr:g}] (their --min-lr: 1e-5)")
+        self.min_lr = float(min_lr)
         self.share_heads = check_bool(cfg.get("share_heads", True), "method.share_heads")
         self.compressed = False
         self.search: dict[str, dict[str, torch.Tensor]] | None = None  # mask key -> entry_step, z, m
@@ -202,6 +223,8 @@ class SPP(PruningMethod):
     def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
         return [("schedule", "method=spp has no sparsity schedule: one search ranks every mask entry and the model is "
                              "compressed to `sparsity` afterwards"),
+                *([("method.search_min_lr", "method.search_lr_schedule=constant keeps method.search_lr")]
+                  if self.lr_schedule == "constant" else []),
                 ("stages.prune.lr", "method=spp's search keeps the weights frozen and trains its masks at method.search_lr "
                                     "(the authors' 1e-3); set that instead")]
 
@@ -244,7 +267,10 @@ class SPP(PruningMethod):
     def search_settings(self) -> dict[str, Any]:
         keys = ("optimizer", "adam_eps", "z_lr", "kappa", "lambda", "nu", "share_heads", "mask_sites", "check_every", "include", "exclude")
         c = OmegaConf.to_container(self.cfg, resolve=True)
-        return {**{k: c.get(k) for k in keys}, "lr": self.lr}
+        out = {**{k: c.get(k) for k in keys}, "lr": self.lr}
+        if self.lr_schedule != "constant":  # a constant search keeps the cache keys it had
+            out["lr_schedule"] = {"name": self.lr_schedule, "min_lr": self.min_lr}
+        return out
 
     # -- the search -----------------------------------------------------------------------------
     def run_prune_stage(self, ctx: PruneContext) -> bool:
@@ -320,6 +346,7 @@ class SPP(PruningMethod):
         kinds = [e.kind for e in masks]
         path: list[dict[str, Any]] = []
         z_lr = self.z_lr(ctx.total_steps)
+        per_epoch, epochs = self._search_epochs(ctx)
         data = ctx.batches()
         # trainer.precision=fp16: the search's own gradient scaler (small mask gradients would
         # flush to zero in fp16); a step it skips for inf/NaN gradients is skipped whole, Z and
@@ -332,6 +359,11 @@ class SPP(PruningMethod):
             bar = progress(range(ctx.total_steps), desc="spp search", leave=False, disable=not distributed.is_main())
             for step in bar:
                 batch = distributed.shard(next(data))  # torchrun: this rank's share of the batch
+                lr = self.lr
+                if self.lr_schedule == "cosine_epochs":
+                    lr = search_lr_at(step // per_epoch, epochs, self.lr, self.min_lr)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
                 loss = ctx.loss_fn(model, batch)
                 coupling = sum(((m - g) ** 2).sum() for m, g in zip(params, gamma, strict=True)) / (2 * self.nu)
                 total = loss + coupling
@@ -351,7 +383,11 @@ class SPP(PruningMethod):
                 opt.zero_grad(set_to_none=True)
                 taken += finite
                 # the authors' Z step is Adam's bias-corrected step size of this step
-                step_lr = self.lr / (1 - beta1 ** max(taken, 1)) if self.z_lr_setting == "adam" else z_lr
+                # (their lr: it decays with the schedule; as does DessiLBI's lr / nu)
+                if self.z_lr_setting == "adam":
+                    step_lr = lr / (1 - beta1 ** max(taken, 1))
+                else:
+                    step_lr = lr / self.nu if self.z_lr_setting is None else z_lr
                 with torch.no_grad():
                     for i, m in enumerate(params):
                         if finite:
@@ -360,6 +396,7 @@ class SPP(PruningMethod):
                         if step % self.check_every == 0:  # their step_record: checks spent in the support
                             support[i] += (gamma[i] != 0).long()
                 point = self._path_point(step + 1, entry, gamma, costs, kinds, value)
+                point["lr"] = lr
                 path.append(point)
                 bar.set_postfix(loss=f"{value:.4f}", support=f"{point['support']:.3f}", refresh=False)
             bar.close()
@@ -372,6 +409,16 @@ class SPP(PruningMethod):
         entered = sum(int((x != NOT_ENTERED).sum()) for x in entry)
         log.info("SPP search: %d steps, %d of %d mask entries entered the support", ctx.total_steps, entered, sum(x.numel() for x in entry))
         return result, path
+
+    def _search_epochs(self, ctx: PruneContext) -> tuple[int, int]:
+        """(batches per epoch, epochs) of the search: the epochs of the authors' schedule."""
+        from pruneflow.trainer import batches_per_epoch
+
+        spec, trainer = ctx.extra.get("stage"), ctx.extra.get("trainer")
+        if spec is None or ctx.task is None or ctx.task.train_set is None:
+            return max(ctx.total_steps, 1), 1
+        per_epoch = batches_per_epoch(len(ctx.task.train_set), int(spec.batch_size), bool(getattr(trainer, "drop_last", True)))
+        return per_epoch, max(1, math.ceil(ctx.total_steps / per_epoch))
 
     def _path_point(self, step: int, entry: list[torch.Tensor], gamma: list[torch.Tensor], costs: list[int], kinds: list[str], loss: float) -> dict[str, Any]:
         """Where the path is: share of entries that have entered, the sparsity of the model
@@ -449,6 +496,7 @@ class SPP(PruningMethod):
             "search_cache": self.search_dir,
             "search_steps": len(self.path),
             "search_lr": self.lr,
+            **({"search_lr_schedule": self.lr_schedule, "search_min_lr": self.min_lr} if self.lr_schedule != "constant" else {}),
             "path_file": "spp_path.json",
             "entered_at_end": {k: v for k, v in (self.path[-1] if self.path else {}).items() if k.startswith("entered_")},
             "path_sparsity_at_end": self.path[-1]["sparsity"] if self.path else None,
