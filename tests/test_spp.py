@@ -295,10 +295,10 @@ def test_search_follows_the_authors_settings():
     assert method.lr == 0.05 and method.search_settings()["lr"] == 0.05
     for d in method.search.values():
         entered = d["entry_step"] != NOT_ENTERED
-        # counted at steps 0, 5, 10, 15, 20: an entry in the support since step e is seen
-        # at most at the checks from e on (it may leave again)
+        # counted at steps 0, 5, 10, 15, 20 and the last, 24 (one epoch: no task here): an entry
+        # in the support since step e is seen at most at the checks from e on (it may leave again)
         first = d["entry_step"].clamp_min(0)
-        most = torch.div(24 - first, 5, rounding_mode="floor") + 1 - (first % 5 != 0).long()
+        most = torch.div(24 - first, 5, rounding_mode="floor") + 1 - (first % 5 != 0).long() + 1
         assert bool((d["support"][~entered] == 0).all()) and bool((d["support"][entered] <= most[entered]).all())
     assert sum(int((d["support"] > 0).sum()) for d in method.search.values()) > 0
     keep = method.keep_vectors(PairedMasks(model, allowed=method._allowed))
@@ -535,6 +535,29 @@ def test_the_authors_z_step_decays_with_the_scheduled_rate():
     expect = sum(lr / (1 - 0.9 ** t) for t, lr in enumerate(lrs, start=1))
     for d in method.search.values():
         torch.testing.assert_close(d["z"], torch.full_like(d["z"], expect), rtol=1e-5, atol=0)
+
+
+def test_support_checks_restart_every_epoch_and_come_at_the_last_step():
+    """Their engine.py: a check at batch i of each epoch with i % interval == 0, and one at
+    the last step. With lambda 0 every entry is in the support from the first step on, so
+    its count is the number of checks: 25 steps of 4 per epoch, check_every 3: steps
+    0, 3, 4, 7, 8, ..., 20, 23, 24 (13; every 3rd step of the search would be 9)."""
+    from types import SimpleNamespace
+
+    from pruneflow.trainer import StageSpec
+
+    model, ctx = _vit_problem(steps=25)
+    ctx.task = SimpleNamespace(train_set=list(range(64)))
+    ctx.extra["stage"] = StageSpec(name="prune", steps=25, lr=0.05, batch_size=16, seed=0)
+    method = SPP(OmegaConf.create({**SPP_CFG, "z_lr": "adam", "lambda": 0.0, "check_every": 3, "search_lr": 1e-4}), 0.5)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    method.run_prune_stage(ctx)
+    theirs = sum(1 for step in range(25) if (step % 4) % 3 == 0 or step == 24)
+    assert theirs == 13
+    for d in method.search.values():
+        always = d["entry_step"] == 0
+        assert bool(always.all()) and bool((d["support"][always] == theirs).all())
 
 
 def test_search_lr_schedule_settings_are_checked():

@@ -12,7 +12,7 @@ Mask parameters M (init 1) sit on the paired dimensions of every block
 
 Entries of Γ leave zero one after another. By default (``method.rank=support_time``,
 theirs) an entry is ranked by the number of support checks (every
-``method.check_every`` steps) it spent in the support of Γ; ``rank=entry`` ranks by
+``method.check_every`` batches of each epoch, and at the last step) it spent in the support of Γ; ``rank=entry`` ranks by
 the step it first entered. A target sparsity keeps the best-ranked entries (global
 ranking across layers, q-k and v-o together and FFN apart; ties broken by Z, then M),
 and the model is then **physically compressed**.
@@ -281,7 +281,7 @@ class SPP(PruningMethod):
             "steps": ctx.total_steps,
             "batch_size": getattr(spec, "batch_size", None),
             "seed": getattr(spec, "seed", None),
-            "version": 2,  # 2: support counts stored
+            "version": 3,  # 2: support counts stored; 3: checks restart every epoch, plus the last step
         }
 
         def compute_from(found: tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]], cache_dir: Path | None) -> dict[str, Any]:
@@ -359,6 +359,9 @@ class SPP(PruningMethod):
             bar = progress(range(ctx.total_steps), desc="spp search", leave=False, disable=not distributed.is_main())
             for step in bar:
                 batch = distributed.shard(next(data))  # torchrun: this rank's share of the batch
+                # their engine.py checks at batch i % interval == 0 of each epoch (i restarts every
+                # epoch) and at the last step
+                checked = (step % per_epoch) % self.check_every == 0 or step == ctx.total_steps - 1
                 lr = self.lr
                 if self.lr_schedule == "cosine_epochs":
                     lr = search_lr_at(step // per_epoch, epochs, self.lr, self.min_lr)
@@ -393,7 +396,7 @@ class SPP(PruningMethod):
                         if finite:
                             z[i], gamma[i] = lbi_update(m, z[i], gamma[i], step_lr, self.kappa, self.lam)
                         entry[i] = record_entries(entry[i], gamma[i], step)
-                        if step % self.check_every == 0:  # their step_record: checks spent in the support
+                        if checked:  # their step_record: checks spent in the support
                             support[i] += (gamma[i] != 0).long()
                 point = self._path_point(step + 1, entry, gamma, costs, kinds, value)
                 point["lr"] = lr
