@@ -17,7 +17,8 @@ A mask entry of ``qk``/``vo`` is, by default, one per-head dimension shared by
 all heads (the authors' choice), so a compressed layer is still plain
 multi-head attention with a smaller q/k head size and a smaller v head size.
 The attention keeps the *original* 1/sqrt(head_dim) scale, so the compressed
-model computes exactly what the masked model computes.
+model computes exactly what the masked model computes (``attention_scale="kept"``:
+1/sqrt(kept q-k dims per head), as the SPP authors' compressed model).
 
 Masks are applied through ``torch.nn.utils.parametrize``. With SPP's default
 ``mask_sites=authors``: the q and k rows (weights and biases) by the q-k mask, so
@@ -318,13 +319,19 @@ def slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.T
 
 
 # ----------------------------------------------------------------------------- compression
+ATTENTION_SCALES = ("original", "kept")
+
+
 @torch.no_grad()
-def compress_block(pb: PairedBlock, qk: Sequence[Sequence[int]], vo: Sequence[Sequence[int]], ffn: Sequence[int]) -> None:
+def compress_block(pb: PairedBlock, qk: Sequence[Sequence[int]], vo: Sequence[Sequence[int]], ffn: Sequence[int],
+                   attention_scale: str = "original") -> None:
     """Keep the given per-head q/k dims, per-head v dims and FFN neurons of one block.
 
     ``qk`` and ``vo`` list kept indices per head (< the current head size); with
     equal lists in every head the result is exact slicing, otherwise heads are
-    padded with zeroed dims (see :func:`pad_heads`).
+    padded with zeroed dims (see :func:`pad_heads`). ``attention_scale``: ``original``
+    keeps 1/sqrt(original head size), so the block computes what the masked one did;
+    ``kept`` is 1/sqrt(kept q-k dims per head), SPP's authors' compressed model.
     """
     h, dq, dv, scale = pb.num_heads, pb.qk_dim, pb.v_dim, pb.scale
     if len(qk) != h or len(vo) != h:
@@ -332,6 +339,8 @@ def compress_block(pb: PairedBlock, qk: Sequence[Sequence[int]], vo: Sequence[Se
     qk_idx, qk_pad = pad_heads(qk, dq)
     vo_idx, vo_pad = pad_heads(vo, dv)
     kq, kv = qk_idx.shape[1], vo_idx.shape[1]
+    if attention_scale == "kept":
+        scale = kq ** -0.5
     q_rows, k_rows = head_rows(qk_idx, dq, 0), head_rows(qk_idx, dq, h * dq)
     attn = pb.attn
     if pb.family == "timm":
@@ -357,30 +366,33 @@ def compress_block(pb: PairedBlock, qk: Sequence[Sequence[int]], vo: Sequence[Se
     slice_linear(pb.fc2, cols=ffn_idx)
     if isinstance(attn, (CompressedTimmAttention, CompressedBertSelfAttention)):
         if pb.family == "timm":
-            attn.qk_dim, attn.v_dim = kq, kv
+            attn.qk_dim, attn.v_dim, attn.scale = kq, kv, float(scale)
         else:
-            attn.qk_head_size, attn.v_head_size = kq, kv
+            attn.qk_head_size, attn.v_head_size, attn.scaling = kq, kv, float(scale)
     elif pb.family == "timm":
         pb.block.attn = CompressedTimmAttention(attn, kq, kv, scale)
     else:
         pb.block.attention.self = CompressedBertSelfAttention(attn, kq, kv, scale)
 
 
-def compress(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
-    """Compress every block named in ``layers`` ({prefix: {"qk", "vo", "ffn"}}), in place."""
+def compress(model: nn.Module, layers: dict[str, dict[str, Any]], attention_scale: str = "original") -> nn.Module:
+    """Compress every block named in ``layers`` ({prefix: {"qk", "vo", "ffn"}}), in place
+    (``attention_scale``: see :func:`compress_block`)."""
+    if attention_scale not in ATTENTION_SCALES:
+        raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, not {attention_scale!r}")
     blocks = {pb.prefix: pb for pb in find_blocks(model)}
     missing = sorted(set(layers) - set(blocks))
     if missing:
         raise ValueError(f"blocks not found in the model: {missing}")
     for prefix, kept in layers.items():
-        compress_block(blocks[prefix], kept["qk"], kept["vo"], kept["ffn"])
+        compress_block(blocks[prefix], kept["qk"], kept["vo"], kept["ffn"], attention_scale)
     return model
 
 
 def apply_structure(model: nn.Module, info: dict[str, Any]) -> nn.Module:
     """Rebuild the compressed shapes recorded by :func:`structure_info` on a fresh model
     (its weights are then loaded from the saved state dict)."""
-    return compress(model, info["layers"])
+    return compress(model, info["layers"], info.get("attention_scale", "original"))
 
 
 def structure_info(layers: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -309,3 +309,41 @@ def test_types_without_a_mask_keep_every_dim():
 def test_uniform_keep_keeps_at_least_one_dim():
     layers = uniform_keep(tiny_bert("sdpa"), 0.01)  # 0.01 of 8 per-head dims rounds to 0 (of 64 neurons: to 1)
     assert layers["bert.encoder.layer.0"] == {"qk": [[0]] * 4, "vo": [[0]] * 4, "ffn": [0]}
+
+
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_kept_attention_scale_is_the_authors_compressed_model_and_survives_saving(family, tmp_path):
+    """attention_scale="kept" (SPP's deit/mock.py: q·k times (kept q-k dims per head)^-0.5):
+    the same as the masked model with each attention's scale set to that by hand; saved
+    and loaded it stays so; "original" differs from it."""
+    model = tiny_bert("eager") if family == "hf" else tiny_vit()
+    ref = copy.deepcopy(model)
+    layers = uniform_keep(model, 0.25)  # head size 8: 2 q-k dims kept per head
+    masks = PairedMasks(ref, sites="outputs")
+    kept = {e.key: len(layers[e.block.prefix]["ffn"] if e.kind == "ffn" else layers[e.block.prefix][e.kind][0]) for e in masks}
+    keep = [torch.arange(e.param.numel()) < kept[e.key] for e in masks]  # uniform_keep keeps the first dims
+    masks.attach()
+    masks.set([k.float() for k in keep])
+    for name, mod in ref.named_modules():  # the scale by hand: sqrt(2) ** -1 instead of sqrt(8) ** -1
+        if family == "timm" and name.endswith(".attn"):
+            mod.fused_attn, mod.scale = False, 2 ** -0.5
+        if family == "hf" and name.endswith("attention.self"):
+            mod.scaling = 2 ** -0.5
+    x = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3)) if family == "hf" else torch.randn(3, 1, 8, 8)
+    run = (lambda m: m(input_ids=x).logits) if family == "hf" else (lambda m: m(x))
+    original = compress(copy.deepcopy(model), layers)
+    compress(model, layers, "kept")
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), run(ref))
+        assert not torch.allclose(run(model), run(original))
+
+    class Exported(_Exported):
+        def export_config(self):  # noqa: ANN202
+            return structure_info(self.layers, method="spp", attention_scale="kept")
+
+    arch = {"architecture": "vit_tiny_patch16_224", "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 10, "in_chans": 1}}
+    bundle = ModelBundle(model=model, family=family, name=family, arch=arch if family == "timm" else {})
+    save_model(bundle, tmp_path / "m", Exported(layers))
+    loaded = load_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(model))

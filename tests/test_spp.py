@@ -407,6 +407,20 @@ def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_pat
         assert set(k7[block]["ffn"]) <= set(k5[block]["ffn"])
         assert set(k7[block]["qk"][0]) <= set(k5[block]["qk"][0])
 
+    # The authors' compressed attention scale: the same search and structure, another model,
+    # which reloads with its scale and predicts what its run predicted.
+    rk = run(config("method=spp", "sparsity=0.7", "method.attention_scale=kept"), tmp_path / "k7")
+    assert rk["method_info"]["search_reused"] is True
+    saved = json.loads((tmp_path / "k7" / "model" / "config.json").read_text())["pruneflow"]
+    assert saved["layers"] == k7 and saved["attention_scale"] == "kept"
+    model = load_model(tmp_path / "k7" / "model").eval()
+    preds = [json.loads(line) for line in (tmp_path / "k7" / "predictions.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        assert model(x).argmax(-1).tolist() == [p["prediction"] for p in preds]
+        assert not torch.allclose(model(x), load_model(tmp_path / "s7" / "model").eval()(x))
+    with pytest.raises(UserError, match="method.attention_scale"):
+        SPP(OmegaConf.create({**SPP_CFG, "attention_scale": "kept", "share_heads": False}), 0.5)
+
 
 @pytest.mark.slow
 def test_spp_run_killed_during_recovery_resumes_to_the_same_result(tmp_path):

@@ -49,6 +49,7 @@ from torch import nn
 from pruneflow import distributed
 from pruneflow.cache import StageCache
 from pruneflow.compress import (
+    ATTENTION_SCALES,
     MASK_SITES,
     TYPES,
     PairedBlock,
@@ -210,6 +211,15 @@ class SPP(PruningMethod):
             raise invalid("method.search_min_lr", min_lr, f"a number in [0, method.search_lr = {self.lr:g}] (their --min-lr: 1e-5)")
         self.min_lr = float(min_lr)
         self.share_heads = check_bool(cfg.get("share_heads", True), "method.share_heads")
+        self.attention_scale = str(cfg.get("attention_scale", "original"))
+        if self.attention_scale not in ATTENTION_SCALES:
+            raise invalid("method.attention_scale", cfg.get("attention_scale"), ATTENTION_SCALES,
+                          "original: the compressed model computes what the masked one did; kept: 1/sqrt(kept q-k dims per "
+                          "head), the authors' compressed model.")
+        if self.attention_scale == "kept" and not self.share_heads:
+            raise invalid("method.attention_scale", "kept", "original with method.share_heads=false",
+                          "Heads keep different numbers of q-k dims then, so there is no one kept size per head (the "
+                          "authors' masks are shared by all heads).")
         self.compressed = False
         self.search: dict[str, dict[str, torch.Tensor]] | None = None  # mask key -> entry_step, z, m
         self.path: list[dict[str, Any]] = []
@@ -468,7 +478,7 @@ class SPP(PruningMethod):
             self.prunable = {w.name for w in self.ctx.weights} if self.ctx is not None else set()
         masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed)
         self.layers = masks.kept_layers(self.keep_vectors(masks))
-        compress(model, self.layers)
+        compress(model, self.layers, self.attention_scale)
         self.compressed = True
         log.info("SPP: compressed to sparsity %.3f; %d parameters", self.sparsity, sum(p.numel() for p in model.parameters()))
         return model
@@ -489,7 +499,8 @@ class SPP(PruningMethod):
     def export_config(self) -> dict[str, Any] | None:
         if not self.compressed or self.layers is None:
             return None
-        return structure_info(self.layers, method="spp", sparsity=self.sparsity, share_heads=self.share_heads)
+        scale = {"attention_scale": self.attention_scale} if self.attention_scale != "original" else {}
+        return structure_info(self.layers, method="spp", sparsity=self.sparsity, share_heads=self.share_heads, **scale)
 
     def summary(self) -> dict[str, Any]:
         if self.search is None:
