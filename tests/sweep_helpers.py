@@ -72,3 +72,21 @@ def compose(overrides: list[str], extra_dir: Path | None = None, config_dir: Pat
         overrides = [*overrides, f"hydra.searchpath=[file://{extra_dir}]"]
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
+
+
+def command_problem(args: list[str]) -> str | None:
+    """What the checks made before any work say about ``pruneflow ARGS`` (None: accepted):
+    a sweep's jobs one by one through the CLI's pre-check, as the command checks them; a
+    single run's composed config through the runner's checks, devices not checked."""
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+    from pruneflow.runner import check_settings
+
+    register_configs()  # as the command does before its pre-check
+    if "-m" in args:
+        return precheck(args)
+    try:
+        check_settings(compose(args), False, args)
+    except Exception as e:  # noqa: BLE001 - reported with its command
+        return str(e)
+    return None

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from sweep_helpers import compose
+from sweep_helpers import command_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 # the README's example of a refused command, and what it must say
@@ -52,9 +52,6 @@ def test_the_commands_in_the_readme_pass_the_checks(command: str, lm_text: Path,
     them); a single run's composed config by the runner's checks. Devices are not checked
     (no GPU here), local paths the README makes (`make lm-text`) are the tests' copy, and
     output folders are under tmp_path."""
-    from pruneflow.cli import precheck
-    from pruneflow.runner import check_settings
-
     args = []
     for a in shlex.split(command)[1:]:
         key, _, value = a.partition("=")
@@ -65,14 +62,7 @@ def test_the_commands_in_the_readme_pass_the_checks(command: str, lm_text: Path,
         elif a == "trainer.device=cuda":
             continue
         args.append(a)
-    if "-m" in args:
-        problem = precheck(args)
-    else:
-        try:
-            check_settings(compose(args), False, args)
-            problem = None
-        except Exception as e:  # noqa: BLE001 - reported with its command
-            problem = str(e)
+    problem = command_problem(args)
     if command in REFUSED:
         assert problem is not None and REFUSED[command] in problem, problem
     else:
