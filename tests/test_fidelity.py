@@ -530,7 +530,7 @@ def _their_deit_search_forward(model: nn.Module, images: torch.Tensor, alphas: l
 def test_spp_search_matches_the_authors_optimizer(steps: int) -> None:
     """adamw_spp.py's update (Adam on the masks, eps 1e-4, Z += lr_t/(1-b1^t) * (M - Γ),
     Γ = relu(relu(1 - λ/|Z|) Z)) and deit/engine.py's step_record (+1 where Γ != 0 every
-    `interval` batches), transcribed here over deit/mock.py's search forward written out
+    `interval` batches of an epoch and at the last step), transcribed here over deit/mock.py's search forward written out
     by hand (so a wrong mask site fails too), against pruneflow's search with the coupling
     term made inert (their code adds it after backward()): M, Z and the record after 1, 11
     and 30 steps."""
@@ -594,7 +594,7 @@ def test_spp_search_matches_the_authors_optimizer(steps: int) -> None:
             for i, a in enumerate(alphas):
                 z[i] += step_size * 1.0 * (a - gamma[i])
                 gamma[i] = torch.relu(torch.relu(1 - lam / z[i].abs()) * z[i])
-                if t % 10 == 0:
+                if t % 10 == 0 or t == steps - 1:  # engine.py: i % interval == 0 (one epoch here), or the last step
                     record[i] += (gamma[i] != 0).float()
     assert sorted(method.search) == sorted(f"blocks.{i}.{kind}" for i in range(len(reference.blocks)) for kind in ("qk", "vo", "ffn"))
     for i in range(len(reference.blocks)):
