@@ -262,16 +262,19 @@ class SPP(PruningMethod):
                 "(method.include/exclude), and keeps at least one dimension of each type per block.",
             )
 
-    def z_lr(self, steps: int) -> float:
-        """Step of Z. ``auto``: an entry whose mask stays at 1 enters the support halfway
-        through the search, so the path unfolds within a search of any length.
-        (``adam`` is not a constant: see ``run_search``.)"""
+    def z_lr(self, steps: int, lr: float | None = None, taken: int = 1, beta1: float = 0.9) -> float:
+        """Step of Z in a search of ``steps`` steps, at the masks' current rate ``lr``
+        (default ``search_lr``) after ``taken`` optimizer steps. ``auto``: an entry whose
+        mask stays at 1 enters the support halfway through the search, so the path unfolds
+        within a search of any length. ``adam`` (theirs): Adam's bias-corrected step size;
+        null: DessiLBI's lr / nu. Both follow the rate's schedule."""
+        rate = self.lr if lr is None else lr
         if self.z_lr_setting == "auto":
-            return 2 * self.lam / max(steps, 1) if self.lam > 0 else self.lr / self.nu
+            return 2 * self.lam / max(steps, 1) if self.lam > 0 else rate / self.nu
         if self.z_lr_setting is None:
-            return self.lr / self.nu
-        if self.z_lr_setting == "adam":  # its first step's value; run_search recomputes it every step
-            return self.lr / 0.1
+            return rate / self.nu
+        if self.z_lr_setting == "adam":
+            return rate / (1 - beta1 ** max(taken, 1))
         return float(self.z_lr_setting)
 
     def search_settings(self) -> dict[str, Any]:
@@ -355,7 +358,6 @@ class SPP(PruningMethod):
         costs = [e.cost() for e in masks]
         kinds = [e.kind for e in masks]
         path: list[dict[str, Any]] = []
-        z_lr = self.z_lr(ctx.total_steps)
         per_epoch, epochs = self._search_epochs(ctx)
         data = ctx.batches()
         # trainer.precision=fp16: the search's own gradient scaler (small mask gradients would
@@ -395,12 +397,7 @@ class SPP(PruningMethod):
                     opt.step()
                 opt.zero_grad(set_to_none=True)
                 taken += finite
-                # the authors' Z step is Adam's bias-corrected step size of this step
-                # (their lr: it decays with the schedule; as does DessiLBI's lr / nu)
-                if self.z_lr_setting == "adam":
-                    step_lr = lr / (1 - beta1 ** max(taken, 1))
-                else:
-                    step_lr = lr / self.nu if self.z_lr_setting is None else z_lr
+                step_lr = self.z_lr(ctx.total_steps, lr, taken, beta1)
                 with torch.no_grad():
                     for i, m in enumerate(params):
                         if finite:

@@ -102,9 +102,7 @@ class ImageClassificationTask(Task):
         if self._mixer is None:
             from timm.data import Mixup
 
-            self._mixer = Mixup(mixup_alpha=self.mixup["mixup_alpha"], cutmix_alpha=self.mixup["cutmix_alpha"],
-                                prob=self.mixup["prob"], switch_prob=self.mixup["switch_prob"], mode=self.mixup["mode"],
-                                label_smoothing=self.label_smoothing, num_classes=self.num_labels)
+            self._mixer = Mixup(**self.mixup, label_smoothing=self.label_smoothing, num_classes=self.num_labels)
         pixels, targets = self._mixer(batch["pixel_values"].clone(), batch["labels"])  # Mixup works in place
         return {**batch, "pixel_values": pixels, "labels": targets}
 
