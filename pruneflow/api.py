@@ -19,7 +19,8 @@ The same method classes the ``pruneflow`` command runs, driven from any loop::
 Settings are the method's config keys (``conf/method/<name>.yaml``) and are
 checked as on the command line; the sparsity schedule is ``schedule`` (cubic,
 linear, exponential, oneshot) over ``steps`` with ``initial_warmup`` /
-``final_warmup`` / ``frequency``.
+``final_warmup`` / ``frequency`` (``step_offset``: how far the schedule's step counter
+runs ahead of the loop's, 1 for masked_run_squad.py's global_step).
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ def create(
     initial_warmup: int | float = 0,
     final_warmup: int | float = 0,
     frequency: int = 1,
+    step_offset: int = 0,
     batches: Callable[[], Iterator[Any]] | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     **settings: Any,  # noqa: ANN401
@@ -279,7 +281,8 @@ def create(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UserError(f"Invalid value for 'steps': {steps!r}. Allowed: an integer >= 1 (the pruning steps).")
     sched = Schedule.from_config(OmegaConf.create({"name": schedule, "initial_warmup": initial_warmup,
-                                                   "final_warmup": final_warmup, "frequency": frequency}),
+                                                   "final_warmup": final_warmup, "frequency": frequency,
+                                                   "step_offset": step_offset}),
                                  method.schedule_target(), steps)
     if method.prunes:
         sched.validate()

@@ -75,6 +75,7 @@ class ScheduleConfig:
     initial_warmup: float = 0  # steps, or a fraction of the prune stage when < 1
     final_warmup: float = 0
     frequency: int = 1
+    step_offset: int = 0  # steps the schedule's counter runs ahead of the prune stage's (1: masked_run_squad.py)
 
 
 @dataclass

@@ -23,6 +23,9 @@ class Schedule:
     initial_warmup: int = 0  # steps at the start of the stage with no pruning
     final_warmup: int = 0  # steps at the end held at the target (masks may still update)
     frequency: int = 1  # update the mask every `frequency` steps
+    # how far the schedule's step counter runs ahead of the prune stage's: 1 is
+    # masked_run_squad.py's global_step, which starts at 1 (masked_run_glue.py's at 0)
+    step_offset: int = 0
 
     @classmethod
     def from_config(cls, cfg, target: float, total_steps: int) -> Schedule:  # noqa: ANN001
@@ -43,6 +46,7 @@ class Schedule:
             initial_warmup=steps(cfg.get("initial_warmup", 0)),
             final_warmup=steps(cfg.get("final_warmup", 0)),
             frequency=int(cfg.get("frequency", 1)),
+            step_offset=cfg.get("step_offset", 0),
         )
 
     @property
@@ -53,8 +57,8 @@ class Schedule:
     def last_ramp_step(self) -> int:
         """The step at which the target is first reached."""
         if self.kind == "oneshot":
-            return self.initial_warmup
-        return self.initial_warmup + self.ramp_steps - 1
+            return self.initial_warmup - self.step_offset
+        return self.initial_warmup + self.ramp_steps - 1 - self.step_offset
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -62,6 +66,14 @@ class Schedule:
         for key in ("initial_warmup", "final_warmup"):
             if getattr(self, key) < 0:
                 raise UserError(f"Invalid value for 'schedule.{key}': {getattr(self, key)}. Allowed: a number of steps >= 0, or a fraction of the prune stage in (0, 1).")
+        offset = self.step_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= max(self.initial_warmup, 0):
+            raise UserError(
+                f"Invalid value for 'schedule.step_offset': {offset}. Allowed: an integer from 0 to "
+                f"schedule.initial_warmup ({self.initial_warmup}): how many steps the schedule's counter runs ahead of "
+                "the prune stage's (1: masked_run_squad.py's global_step, which starts at 1). It may not exceed the "
+                "initial warm-up, since the prune stage's first forward pass runs unpruned."
+            )
         if self.frequency < 1:
             raise UserError(f"Invalid value for 'schedule.frequency': {self.frequency}. Allowed: an integer >= 1 (update the mask every N steps).")
         if self.target > 0 and (self.ramp_steps < 1 or self.last_ramp_step >= self.total_steps):
@@ -74,6 +86,7 @@ class Schedule:
 
     def progress(self, step: int) -> float:
         """Fraction of the ramp done after `step` (0 before, 1 at and after the end)."""
+        step += self.step_offset
         if step < self.initial_warmup:
             return 0.0
         if self.kind == "oneshot":
@@ -97,10 +110,11 @@ class Schedule:
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask is recomputed after `step`."""
-        if step < self.initial_warmup:
-            return False
         if step == self.last_ramp_step:  # always land exactly on the target
             return True
+        step += self.step_offset
+        if step < self.initial_warmup:
+            return False
         return (step - self.initial_warmup + 1) % self.frequency == 0 or (
             self.kind == "oneshot" and step == self.initial_warmup
         )

@@ -256,14 +256,15 @@ class _TopK(torch.autograd.Function):
         return grad, None
 
 
-class _Sigmoided(torch.autograd.Function):
-    """emmental's ThresholdBinarizer(sigmoid=True) with its 0.5 % floor; identity backward."""
+class _Thresholded(torch.autograd.Function):
+    """emmental's ThresholdBinarizer with its 0.5 % floor (sigmoid=True: soft movement;
+    False: raw scores, their --pruning_method threshold); identity backward."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, scores: torch.Tensor, threshold: float, sigmoid: bool) -> torch.Tensor:  # noqa: ANN001
         n = scores.numel()
         floor = int(0.005 * n) + 1
-        mask = (torch.sigmoid(scores) > threshold).float()
+        mask = ((torch.sigmoid(scores) if sigmoid else scores) > threshold).float()
         if mask.sum() < floor:
             k = torch.kthvalue(scores.view(-1), max(n - floor, 1)).values
             mask = (scores > k).float()
@@ -271,7 +272,7 @@ class _Sigmoided(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        return grad, None
+        return grad, None, None
 
 
 def sanh_threshold(step: int, total: int, t_init: int, t_final: int, initial: float, final: float) -> float:
@@ -285,19 +286,38 @@ def sanh_threshold(step: int, total: int, t_init: int, t_final: int, initial: fl
 
 
 def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: int, t_final: int, warmup: int, lr: float, score_lr: float,
-                   final: float, final_lambda: float = 0.0, score_log: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                   final: float, final_lambda: float = 0.0, score_log: list[torch.Tensor] | None = None,
+                   every: int = 25, first_step: int = 0) -> list[torch.Tensor]:
     """masked_run_glue.py with emmental's MaskedLinear (topK / sigmoied_threshold /
     magnitude): the threshold of step t before the forward, AdamW with the scores at
     their own lr (no decay), one linear warm-up/decay schedule for every group,
-    clipping at 1.0 over all parameters, l1 penalty for soft movement."""
+    clipping at 1.0 over all parameters, l1 penalty for soft movement.
+    ``global_topk``: their --global_topk with --pruning_method threshold (a raw-score
+    threshold over all matrices, recomputed when global_step % ``every`` == 0, held in
+    between, -100 while the schedule keeps everything). ``first_step``: their
+    global_step at the first step (masked_run_squad.py: 1)."""
     layers = prunable(model)
     scores = [torch.zeros_like(mod.weight, requires_grad=True) for _, mod, _ in layers] if kind != "magnitude" else []
-    state = {"threshold": 1.0}
+    state: dict[str, Any] = {"threshold": 1.0, "mem": None}
+
+    def raw_threshold(global_step: int) -> float:
+        """The training loop's global-top-k block for this global_step."""
+        thr = sanh_threshold(global_step, total, t_init, t_final, 1.0, final)
+        if thr == 1.0:
+            return -1e2
+        if state["mem"] is None or global_step % every == 0:
+            concat = torch.cat([sc.detach().view(-1) for sc in scores])
+            n = concat.numel()
+            state["mem"] = concat.kthvalue(max(n - (int(n * thr) + 1), 1)).values.item()
+        return state["mem"]
+
     for j, (_, mod, _) in enumerate(layers):
         if kind == "topK":
             mod.forward = lambda x, j=j, mod=mod: F.linear(x, mod.weight * _TopK.apply(scores[j], state["threshold"]), mod.bias)
-        elif kind == "sigmoied_threshold":
-            mod.forward = lambda x, j=j, mod=mod: F.linear(x, mod.weight * _Sigmoided.apply(scores[j], state["threshold"]), mod.bias)
+        elif kind in ("sigmoied_threshold", "global_topk"):
+            sig = kind == "sigmoied_threshold"
+            mod.forward = lambda x, j=j, mod=mod, sig=sig: F.linear(
+                x, mod.weight * _Thresholded.apply(scores[j], state["threshold"], sig), mod.bias)
         else:  # MagnitudeBinarizer: top int(threshold * n) of |W| in each forward, no gradient through the mask
 
             def magnitude(x: torch.Tensor, mod: nn.Linear = mod) -> torch.Tensor:
@@ -316,9 +336,12 @@ def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: in
     initial = 0.0 if kind == "sigmoied_threshold" else 1.0
     data = stream(run)
     history = []
+    if kind == "global_topk":
+        state["threshold"] = raw_threshold(first_step)
     for step in range(total):
-        thr = sanh_threshold(step, total, t_init, t_final, initial, final)
-        state["threshold"] = thr
+        thr = sanh_threshold(step + first_step, total, t_init, t_final, initial, final)
+        if kind != "global_topk":
+            state["threshold"] = thr
         loss = loss_of(run, model, next(data))
         if final_lambda:
             lam = final_lambda * thr / final
@@ -329,12 +352,15 @@ def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: in
         sched.step()
         opt.zero_grad()
         # the mask the next forward computes
-        nxt = sanh_threshold(step + 1, total, t_init, t_final, initial, final)
+        nxt = sanh_threshold(step + 1 + first_step, total, t_init, t_final, initial, final)
         with torch.no_grad():
             if kind == "topK":
                 masks = [_TopK.apply(s, nxt) for s in scores]
             elif kind == "sigmoied_threshold":
-                masks = [_Sigmoided.apply(s, nxt) for s in scores]
+                masks = [_Thresholded.apply(s, nxt, True) for s in scores]
+            elif kind == "global_topk":  # computed once per global_step: the next forward uses it
+                state["threshold"] = raw_threshold(step + 1 + first_step)
+                masks = [_Thresholded.apply(s, state["threshold"], False) for s in scores]
             else:
                 masks = []
                 for _, mod, _ in layers:
@@ -350,17 +376,24 @@ def sanh_reference(model: nn.Module, run: Run, kind: str, total: int, t_init: in
     return history
 
 
-# name: (their pruning_method, our overrides, final threshold, final lambda, score lr)
-SANH = {
-    "movement": ("topK", ["method=movement", "sparsity=0.75", "method.selection=authors", "method.scope=local"], 0.25, 0.0, 5e-2),
-    "soft_movement": ("sigmoied_threshold", ["method=soft_movement", "method.final_threshold=0.3", "method.final_lambda=50.0"], 0.3, 50.0, 0.5),
-    "magnitude": ("magnitude", ["method=magnitude", "sparsity=0.75", "method.selection=authors", "method.scope=local", "method.regrowth=true"], 0.25, 0.0, 0.0),
+MOVEMENT = ["method=movement", "sparsity=0.75", "method.selection=authors"]
+# name: (their pruning_method, our overrides, final threshold, final lambda, score lr, {reference options})
+SANH: dict[str, tuple[str, list[str], float, float, float, dict[str, int]]] = {
+    "movement": ("topK", [*MOVEMENT, "method.scope=local"], 0.25, 0.0, 5e-2, {}),
+    "soft_movement": ("sigmoied_threshold", ["method=soft_movement", "method.final_threshold=0.3", "method.final_lambda=50.0"], 0.3, 50.0, 0.5, {}),
+    "magnitude": ("magnitude", ["method=magnitude", "sparsity=0.75", "method.selection=authors", "method.scope=local", "method.regrowth=true"], 0.25, 0.0, 0.0, {}),
+    # --global_topk --global_topk_frequency_compute 4: thresholds held over steps, recomputed at 4, 8, ...
+    "movement_global_topk": ("global_topk", [*MOVEMENT, "method.scope=global", "method.threshold_every=4"], 0.25, 0.0, 5e-2, {"every": 4}),
+    # masked_run_squad.py: global_step from 1, the threshold one step ahead (and the global recomputations)
+    "movement_squad_counter": ("topK", [*MOVEMENT, "method.scope=local", "schedule.step_offset=1"], 0.25, 0.0, 5e-2, {"first_step": 1}),
+    "movement_global_topk_squad": ("global_topk", [*MOVEMENT, "method.scope=global", "method.threshold_every=3", "schedule.step_offset=1"],
+                                   0.25, 0.0, 5e-2, {"every": 3, "first_step": 1}),
 }
 
 
 @pytest.mark.parametrize("name", list(SANH))
 def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
-    kind, overrides, final, final_lambda, score_lr = SANH[name]
+    kind, overrides, final, final_lambda, score_lr, options = SANH[name]
     total, t_init, t_final, warmup, lr = 20, 3, 4, 5, 2e-3
     extra = [f"method.score_lr={score_lr}"] if name != "magnitude" else []
     run = prepared(
@@ -381,7 +414,7 @@ def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
         run.method.after_optimizer_step = with_scores
     run.execute()
     their_scores: list[torch.Tensor] = []
-    theirs = sanh_reference(reference, run, kind, total, t_init, t_final, warmup, lr, score_lr, final, final_lambda, their_scores)
+    theirs = sanh_reference(reference, run, kind, total, t_init, t_final, warmup, lr, score_lr, final, final_lambda, their_scores, **options)
     assert len(ours) == len(theirs) == total
     for k in range(total):
         assert torch.equal(ours[k], theirs[k]), f"mask differs after step {k}"
@@ -392,6 +425,42 @@ def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
     assert 0 < float(theirs[-1].mean()) < 1
     names = [f"{n}.weight" for n, _, _ in prunable(reference)]
     close(final_weights(run), reference.state_dict(), [*names, "head.weight"])
+
+
+def test_movement_global_threshold_keeps_their_floor_per_matrix_and_holds_between_recomputations() -> None:
+    """--global_topk with ThresholdBinarizer: a matrix whose scores all fall below the global
+    threshold keeps its int(0.005 n) + 1 highest scores; between recomputations the raw
+    threshold stays, so the kept count follows the scores, not the schedule."""
+    import pruneflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Linear(50, 60))  # 2000 and 3000 weights
+    pruner = pruneflow.methods.create("movement", sparsity=0.5, steps=10, model=model, include=["*"], scope="global",
+                                      selection="authors", threshold_every=5, schedule="oneshot")
+    method = pruner.method
+    scores = method.state["scores"]
+    scores[:2000] = torch.randn(2000) - 10.0  # every score of the first matrix below every one of the second
+    scores[2000:] = torch.randn(3000)
+    method.update_masks(0.5, step=3)  # their global_step 4: no threshold held yet, so computed now
+    mask = method.mask_flat
+    n = 5000
+    kth = n - (int(n * 0.5) + 1)
+    held = torch.kthvalue(scores, kth).values
+    assert method.threshold_mem == float(held)
+    first = scores[:2000]
+    floor = int(0.005 * 2000) + 1  # 11
+    expected_first = first > torch.kthvalue(first, 2000 - floor).values
+    assert int(mask[:2000].sum()) == floor and torch.equal(mask[:2000].bool(), expected_first)
+    assert torch.equal(mask[2000:].bool(), scores[2000:] > held)
+    assert int(mask[2000:].sum()) == n - kth == int(n * 0.5) + 1  # their count: one more than int(n * keep), all in the second
+    scores[2000:] += 0.5  # the scores move; the held threshold does not (global_step 6 is not a recomputation)
+    method.update_masks(0.5, step=5)
+    assert method.threshold_mem == float(held) and torch.equal(mask[2000:].bool(), scores[2000:] > held)
+    assert int(mask[2000:].sum()) > 2501
+    method.update_masks(0.5, step=9)  # global_step 10: recomputed
+    assert method.threshold_mem == float(torch.kthvalue(scores, kth).values) != float(held)
+    method.update_masks(0.0, step=0)  # the kept fraction 1 (their warm-up): threshold -100, the floor unused
+    assert bool(mask.all())
 
 
 # ----------------------------------------------------------------------------- continuous training

@@ -228,6 +228,21 @@ def test_penalty_and_lambda_schedule_by_hand() -> None:
     assert pruner.extra_loss() is None  # frozen: no penalty in the recover stage
 
 
+def test_lambda_runs_one_step_ahead_with_the_squad_scripts_counter() -> None:
+    """masked_run_squad.py's global_step starts at 1 (schedule.step_offset=1): lambda at loop
+    step j is final_lambda times their schedule_threshold(j + 1) (j in masked_run_glue.py)."""
+    model = nn.Module()
+    model.blocks = nn.Sequential(nn.Linear(3, 2))
+    kw = {"steps": 8, "model": model, "include": ["blocks.*"], "initial_warmup": 2, "final_warmup": 1,
+          "final_lambda": 10.0, "initial_threshold": 0.5, "final_threshold": 1.0}
+    glue = pruneflow.methods.create("l0", **kw)
+    squad = pruneflow.methods.create("l0", **kw, step_offset=1)
+    for j in range(8):
+        assert glue.method.regu_lambda(j) == pytest.approx(10 * their_threshold(j, 8, 2, 1, 0.5, 1.0), rel=1e-12)
+        assert squad.method.regu_lambda(j) == pytest.approx(10 * their_threshold(j + 1, 8, 2, 1, 0.5, 1.0), rel=1e-12)
+    assert squad.method.regu_lambda(6) != glue.method.regu_lambda(6)
+
+
 def test_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="final_lambda"):
         pruneflow.methods.create("l0", sparsity=0.5)

@@ -46,7 +46,9 @@ def test_kill_and_resume_gives_the_same_result(tmp_path, reference, kill_at):
 # The authors' protocols: one optimizer across stages (its state in every checkpoint and in
 # the finetune cache), trainable scores, in-place masks, a distillation teacher.
 PROTOCOLS = {
-    "movement": ["method=movement", "trainer.continuous=true", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
+    # their --global_topk: a raw-score threshold held between recomputations (every 4 steps)
+    "movement": ["method=movement", "method.scope=global", "method.selection=authors", "method.threshold_every=4",
+                 "trainer.continuous=true", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
     "platon": ["method=platon", "trainer.continuous=true", "method.deltaT=2", "stages.prune.batch_size=64", "stages.recover.batch_size=64"],
     "seven_distill": ["method=seven", "distill.enabled=true"],
     # two micro-batches per step: a resumed stage skips twice as many batches as steps

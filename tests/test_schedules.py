@@ -88,3 +88,28 @@ def test_a_zero_target_with_warmups_filling_the_stage_stays_dense():
     s = Schedule.from_config(OmegaConf.create({"name": "cubic", "initial_warmup": 2, "final_warmup": 2}), 0.0, 4)
     s.validate()
     assert [s.sparsity(k) for k in range(4)] == [0.0] * 4
+
+
+def test_step_offset_runs_the_schedule_one_step_ahead_as_masked_run_squad():
+    """masked_run_squad.py's global_step starts at 1: the mask after step k is their
+    schedule_threshold at k + 2 (k + 1 in masked_run_glue.py)."""
+    for kind in ("cubic", "linear", "exponential", "oneshot"):
+        base = make(kind, total=20, initial_warmup=5, final_warmup=4, frequency=3)
+        ahead = make(kind, total=20, initial_warmup=5, final_warmup=4, frequency=3, step_offset=1)
+        ahead.validate()
+        assert [ahead.sparsity(k) for k in range(19)] == [base.sparsity(k + 1) for k in range(19)]
+        assert ahead.last_ramp_step == base.last_ramp_step - 1
+        assert [ahead.is_update_step(k) for k in range(19)] == [base.is_update_step(k + 1) for k in range(19)]
+    # by hand, cubic: their threshold at global_step g is 0.2 + 0.8 (1 - (g - 5) / 11)^3 (kept fraction)
+    ahead = make("cubic", total=20, initial_warmup=5, final_warmup=4, step_offset=1)
+    for k in (3, 4, 9, 14):
+        g = k + 2
+        keep = 1.0 if g <= 5 else 0.2 + 0.8 * max(0.0, 1 - (g - 5) / 11) ** 3
+        assert 1 - ahead.sparsity(k) == pytest.approx(keep)
+
+
+@pytest.mark.parametrize("offset", [2, -1, True])
+def test_a_step_offset_beyond_the_initial_warmup_is_refused(offset):
+    # the prune stage's first forward runs unpruned, so their counter may run ahead only into the warm-up
+    with pytest.raises(UserError, match="schedule.step_offset"):
+        make("cubic", total=20, initial_warmup=1, step_offset=offset).validate()

@@ -48,7 +48,7 @@ def authors_kept_count(n: int, schedule: Schedule, step: int, target: float) -> 
     ``np.exp(0 - ((x + 1) * (0 - np.log(pruning_factor)) / num_steps))`` at ramp step x,
     ``pruning_factor`` the kept fraction as written (0.2 for sparsity 0.8): the float
     ``1 - 0.8`` keeps one weight fewer at BERT-base's 85M at the last step."""
-    x = min(step - schedule.initial_warmup, schedule.ramp_steps - 1)
+    x = min(step + schedule.step_offset - schedule.initial_warmup, schedule.ramp_steps - 1)
     perc = np.exp(0 - ((x + 1) * (0 - np.log(written_keep(target))) / schedule.ramp_steps))
     return int(n * perc)
 

@@ -32,7 +32,26 @@ from torch import nn
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.methods.base import PruneContext
-from pruneflow.methods.score_based import ScoreBasedMethod
+from pruneflow.methods.score_based import ScoreBasedMethod, written_keep
+from pruneflow.schedules import Schedule
+
+FLOOR_FRACTION = 0.005  # their ThresholdBinarizer keeps at least int(0.005 n) + 1 weights per matrix
+WARMUP_THRESHOLD = -1e2  # their global threshold while the kept fraction is 1 ("an indefinitely low quantity")
+
+
+def floor_count(n: int) -> int:
+    return int(FLOOR_FRACTION * n) + 1
+
+
+@torch.no_grad()
+def threshold_with_floor_(scores: torch.Tensor, threshold: float, out: torch.Tensor) -> None:
+    """Their ``ThresholdBinarizer`` (raw scores) on one matrix: keep ``scores > threshold``,
+    or, if that keeps fewer than the floor, the scores above the ``(n - floor)``-th smallest."""
+    torch.gt(scores, threshold, out=out)
+    n = scores.numel()
+    if int(out.count_nonzero()) < floor_count(n):
+        k = torch.kthvalue(scores, max(n - floor_count(n), 1)).values
+        torch.gt(scores, k, out=out)
 
 
 def _positive(cfg: Any, key: str, default: float, allow_zero: bool = False) -> float:  # noqa: ANN401
@@ -55,6 +74,64 @@ class Movement(ScoreBasedMethod):
             raise invalid("method.score_init", init, "a number (every score starts at it; their commands use 0)")
         self.score_init = float(init)
         self.score_params: list[nn.Parameter] = []
+        # their --global_topk: a raw-score threshold recomputed every `threshold_every` steps
+        self.global_threshold = self.scope == "global" and self.selection == "authors" and self.granularity == "unstructured"
+        every = cfg.get("threshold_every", 25)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise invalid("method.threshold_every", every, "an integer >= 1 (steps between recomputations of the global threshold; theirs: 25)")
+        self.threshold_every = every
+        self.threshold_mem: float | None = None  # their threshold_mem: the held raw-score threshold
+        self.step_offset = 0  # their global_step of the prune stage's first step (set at setup)
+
+    def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
+        if self.global_threshold:
+            return []
+        return [("method.threshold_every", "it is the recomputation period of their --global_topk threshold, used with "
+                 "method.scope=global and method.selection=authors only")]
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        if self.global_threshold and schedule.frequency != 1:
+            raise UserError(
+                f"schedule.frequency={schedule.frequency} cannot be used with method=movement method.scope=global "
+                "method.selection=authors: as in their --global_topk, every forward applies the held threshold and "
+                f"method.threshold_every (now {self.threshold_every}) sets how often it is recomputed. Leave "
+                "schedule.frequency at 1."
+            )
+
+    def setup(self, ctx: PruneContext) -> None:
+        super().setup(ctx)
+        self.threshold_mem = None
+        self.step_offset = 1 + ctx.schedule.step_offset  # the mask after step k is for their global_step k + 1 (+1 on SQuAD)
+
+    def their_keep(self, sparsity: float, step: int | None) -> float:
+        """Their kept fraction (``schedule_threshold``'s value): on the cubic ramp in their
+        order of operations, ``final + (1 - final) * c ** 3`` with ``final`` as written
+        on their command line (0.1 for sparsity 0.9); elsewhere ``1 - sparsity`` as written."""
+        if self.on_ramp(sparsity, step, "cubic"):
+            final = written_keep(self.sparsity)
+            return final + (1.0 - final) * (1.0 - self.ctx.schedule.progress(step)) ** 3
+        return written_keep(sparsity)
+
+    def is_mask_step(self, step: int) -> bool:
+        # their global threshold acts in every forward, the warm-up's -100 included
+        return True if self.global_threshold else super().is_mask_step(step)
+
+    def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
+        keep = self.their_keep(sparsity, step)
+        if not self.global_threshold:  # their TopKBinarizer: the top int(keep * n) of each matrix
+            self.topk.mask_(scores, max(0, min(scores.numel(), int(keep * scores.numel()))), out)
+            return
+        if keep == 1.0:
+            threshold = WARMUP_THRESHOLD
+        elif self.threshold_mem is None or step is None or (step + self.step_offset) % self.threshold_every == 0:
+            n = scores.numel()
+            kth = max(n - (int(n * keep) + 1), 1)
+            self.threshold_mem = float(torch.kthvalue(scores, kth).values)
+            threshold = self.threshold_mem
+        else:
+            threshold = self.threshold_mem
+        for start, n, _ in self.slices:
+            threshold_with_floor_(scores[start : start + n], threshold, out[start : start + n])
 
     def init_state(self) -> None:
         scores = self.state["scores"]
@@ -74,6 +151,14 @@ class Movement(ScoreBasedMethod):
 
     def selection_scores(self) -> torch.Tensor:
         return self.state["scores"]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return {**state, "threshold_mem": self.threshold_mem} if state else state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold_mem = state.get("threshold_mem")
 
     def gradient_sources(self) -> list[torch.Tensor]:
         return list(self.score_params)  # the optimizer steps them from their gradients
@@ -116,7 +201,7 @@ class SoftMovement(Movement):
         for start, n, _ in self.slices:
             s, out = scores[start : start + n], self.mask_flat[start : start + n]
             keep = torch.sigmoid(s) > self.tau
-            floor = int(0.005 * n) + 1  # their binarizer keeps at least this many per matrix
+            floor = floor_count(n)  # their binarizer keeps at least this many per matrix
             if int(keep.sum()) < floor:
                 keep = s > torch.kthvalue(s, max(n - floor, 1)).values
             out.copy_(keep)

@@ -118,7 +118,7 @@ class Platon(ScoreBasedMethod):
 
     def is_mask_step(self, step: int) -> bool:
         s = self.ctx.schedule
-        return platon_mask_step(step + 1, s.total_steps, s.initial_warmup, s.final_warmup, self.delta_t)
+        return platon_mask_step(step + 1 + s.step_offset, s.total_steps, s.initial_warmup, s.final_warmup, self.delta_t)
 
     def init_state(self) -> None:
         self.zero_on_update = True  # their masks zero the weights in place (strict mode too: regrown weights start at 0)
