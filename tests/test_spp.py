@@ -185,6 +185,102 @@ def test_the_method_ranks_by_its_rank_setting(rank: str):
         assert (first, last) == ((False, True) if rank == "support_time" else (True, False)), (e.key, kept.tolist())
 
 
+def their_set_alpha_sparsity(alpha_attn: list[torch.Tensor], alpha_mlp: list[torch.Tensor], sparsity: float):  # noqa: ANN201
+    """deit_retrain.py's set_alpha_sparsity, transcribed: per pool (the attention alphas of
+    all layers stacked, then the MLP alphas), sort ascending, threshold at the entry whose
+    cumulative count is nearest sum * sparsity, keep value >= threshold."""
+    def threshold(alphas: list[torch.Tensor]) -> torch.Tensor:
+        alpha = torch.stack(alphas).view(-1)
+        sorted_alpha_value, indices = torch.sort(alpha, descending=False)
+        compression_weight = torch.ones_like(indices)
+        return sorted_alpha_value[torch.argmin(torch.abs(torch.cumsum(compression_weight, 0) - torch.sum(compression_weight) * sparsity))]
+
+    t_attn, t_mlp = threshold(alpha_attn), threshold(alpha_mlp)
+    return [a >= t_attn for a in alpha_attn], [a >= t_mlp for a in alpha_mlp]
+
+
+def _with_supports(method: SPP, masks: PairedMasks, support_of) -> None:  # noqa: ANN001
+    method.search = {}
+    for e in masks.entries:
+        n = e.param.numel()
+        method.search[e.key] = {"entry_step": torch.arange(n), "support": support_of(e).float(), "z": torch.zeros(n), "m": torch.ones(n)}
+
+
+def test_ratio_entries_is_the_authors_set_alpha_sparsity():
+    """method.ratio=entries keeps what their set_alpha_sparsity keeps: their attn.alpha of a
+    block is [q-k entries, v-o entries] (shared by the heads), their mlp.alpha its neurons;
+    support counts with many ties, the lowest quarter of each pool by count removed."""
+    model, ctx = _vit_problem(steps=1, pretrain=0)
+    method = SPP(OmegaConf.create({**SPP_CFG, "ratio": "entries"}), None)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    masks = PairedMasks(model, share_heads=True, allowed=method._allowed)
+    g = torch.Generator().manual_seed(3)
+    blocks = sorted({e.key.rsplit(".", 1)[0] for e in masks.entries})
+    # counts with many ties (theirs: integers), then all distinct (the position itself decides)
+    for values, fraction, ties in (
+        (lambda e: torch.randint(0, 7, (e.param.numel(),), generator=g), 0.25, True),
+        (lambda e: torch.rand(e.param.numel(), generator=g), 0.25, False),
+        (lambda e: torch.rand(e.param.numel(), generator=g), 0.3, False),  # 0.3 * 32 = 9.6 and 0.3 * 256 = 76.8: rounds up
+    ):
+        method.entry_fraction = fraction
+        _with_supports(method, masks, values)
+        keep = dict(zip([e.key for e in masks.entries], method.keep_vectors(masks), strict=True))
+        sup = {e.key: method.search[e.key]["support"] for e in masks.entries}
+        attn = [torch.cat([sup[f"{b}.qk"], sup[f"{b}.vo"]]) for b in blocks]
+        mlp = [sup[f"{b}.ffn"] for b in blocks]
+        kept_attn, kept_mlp = their_set_alpha_sparsity(attn, mlp, fraction)
+        for b, ka, km in zip(blocks, kept_attn, kept_mlp, strict=True):
+            head_dim = sup[f"{b}.qk"].numel()
+            assert torch.equal(keep[f"{b}.qk"].reshape(-1), ka[:head_dim]) and torch.equal(keep[f"{b}.vo"].reshape(-1), ka[head_dim:])
+            assert torch.equal(keep[f"{b}.ffn"].reshape(-1), km)
+        removed = sum(int((~k).sum()) for k in kept_attn + kept_mlp)
+        if ties:
+            assert 0 < removed < 0.25 * sum(x.numel() for x in attn + mlp)  # ties at the threshold stay
+        else:  # distinct: the threshold entry stays, the ones below it go
+            assert removed == (round(fraction * 32) - 1) + (round(fraction * 256) - 1)
+    method.entry_fraction = 0.25
+    # more than a quarter never entered the support: their threshold is 0, nothing is removed
+    _with_supports(method, masks, lambda e: (torch.arange(e.param.numel()) % 3 == 0).long() * 5)
+    assert all(bool(k.all()) for k in method.keep_vectors(masks))
+    assert method.removed_entries == {"qk+vo": 0, "ffn": 0}
+
+
+def test_ratio_entries_keeps_one_entry_where_their_threshold_empties_a_mask(caplog):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=32, depth=5, num_heads=4,
+                              num_classes=4, in_chans=1)
+    ctx = _context(model, None, None, steps=1)
+    method = SPP(OmegaConf.create({**SPP_CFG, "ratio": "entries"}), None)
+    method.validate(model, ctx.weights)
+    method.setup(ctx)
+    masks = PairedMasks(model, share_heads=True, allowed=method._allowed)
+    # block 0's 128 neurons never in the support, the other four blocks' always: 20 % of the FFN pool at 0, so the
+    # quarter point (position 160 of 640) falls among the 5s and their threshold removes every neuron of block 0
+    first = masks.entries[0].key.rsplit(".", 1)[0]
+    _with_supports(method, masks, lambda e: torch.full((e.param.numel(),), 0 if e.key == f"{first}.ffn" else 5))
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        keep = dict(zip([e.key for e in masks.entries], method.keep_vectors(masks), strict=True))
+    assert int(keep[f"{first}.ffn"].sum()) == 1 and bool(keep[f"{first}.ffn"][0])  # the best-ranked: earliest entry step
+    assert "no entry at or above the threshold" in caplog.text
+
+
+def test_ratio_entries_settings_are_checked():
+    with pytest.raises(UserError, match="sparsity=0.5 cannot be set"):
+        SPP.resolve_sparsity(OmegaConf.create({**SPP_CFG, "ratio": "entries"}), 0.5)
+    assert SPP.resolve_sparsity(OmegaConf.create({**SPP_CFG, "ratio": "entries"}), None) is None
+    assert SPP.resolve_sparsity(OmegaConf.create(SPP_CFG), None) == 0.5
+    with pytest.raises(UserError, match="method.rank"):
+        SPP(OmegaConf.create({**SPP_CFG, "ratio": "entries", "rank": "entry"}), None)
+    for bad in (0, 1.0, "x"):
+        with pytest.raises(UserError, match="method.entry_fraction"):
+            SPP(OmegaConf.create({**SPP_CFG, "ratio": "entries", "entry_fraction": bad}), None)
+    with pytest.raises(UserError, match="method.ratio"):
+        SPP(OmegaConf.create({**SPP_CFG, "ratio": "flops"}), 0.5)
+    unused = dict(SPP(OmegaConf.create(SPP_CFG), 0.5).unused_settings(OmegaConf.create({})))
+    assert "method.entry_fraction" in unused
+
+
 def test_the_run_sparsity_counts_prunable_weights_spp_does_not_search():
     """fc1 prunable but fc2 not: no FFN mask, yet fc1's 8,192 weights count in the run's
     sparsity. 30 % of the 16,384 prunable weights come out of the 8,192 attention weights

@@ -23,7 +23,9 @@ settings, so ``-m sparsity=0.3,0.5,0.7`` searches once.
 
 Deviations from the authors' code (which DESIGN.md §3 lists as defects): the
 coupling term is part of the loss, so it acts on M; the ratio is the run's
-``sparsity``. The Z step: DessiLBI's ``lr / nu`` (``method.z_lr=null``) is
+``sparsity`` (``method.ratio=entries`` is theirs: the lowest ``method.entry_fraction``,
+0.25, of each pool's entries by support count removed, ties at the threshold kept, so
+the sparsity follows from the search). The Z step: DessiLBI's ``lr / nu`` (``method.z_lr=null``) is
 1e-5 with the search's lr = 1e-3 and nu = 100, so nothing would enter the support in
 a search shorter than ~300,000 steps (the authors' code uses Adam's bias-corrected
 step size times kappa = 1, ``method.z_lr=adam``, over ``--epochs`` = 300 ImageNet
@@ -127,6 +129,21 @@ def global_keep(priority: Sequence[torch.Tensor], costs: Sequence[int], remove_w
     return keep
 
 
+def authors_pool_keep(supports: Sequence[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    """The authors' ``set_alpha_sparsity`` on one pool: their entries' support counts
+    sorted ascending, the threshold the count at the position whose cumulative number of
+    entries is nearest ``fraction`` of the pool (the first such position), every entry
+    ``>=`` it kept. Entries count alike whatever weights they remove, and ties at the
+    threshold are all kept, so fewer than ``fraction`` may go (none, when more than that
+    share never entered the support)."""
+    flat = torch.cat([t.reshape(-1) for t in supports])
+    ordered = torch.sort(flat).values
+    # their arithmetic: a cumulative count (int64) against sum * fraction (a float32 tensor)
+    position = torch.argmin(torch.abs(torch.arange(1, flat.numel() + 1) - torch.tensor(flat.numel()) * fraction))
+    threshold = ordered[position]
+    return [t >= threshold for t in supports]
+
+
 def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tensor], ms: Sequence[torch.Tensor],
                     supports: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Global rank (0 = best) of every entry across several masks, by :func:`rank_entries`."""
@@ -142,6 +159,8 @@ def global_priority(entry_steps: Sequence[torch.Tensor], zs: Sequence[torch.Tens
 # (q-k and v-o together) in one pool and FFN neurons in another.
 GROUPINGS = {"attention_mlp": (("qk", "vo"), ("ffn",)), "per_type": (("qk",), ("vo",), ("ffn",))}
 RANKS = ("support_time", "entry")
+RATIOS = ("weights", "entries")
+AUTHORS_ENTRY_FRACTION = 0.25  # set_alpha_sparsity(model, sparsity=0.25) in their deit_retrain.py
 SEARCH_LR = 1e-3  # the masks' learning rate in the authors' search (--lr in deit_search.sh; --lr-search is unused)
 SEARCH_LR_SCHEDULES = ("constant", "cosine_epochs")
 
@@ -188,6 +207,17 @@ class SPP(PruningMethod):
         self.grouping = str(cfg.get("grouping", "attention_mlp"))
         if self.grouping not in GROUPINGS:
             raise invalid("method.grouping", self.grouping, list(GROUPINGS), "attention_mlp ranks q-k and v-o entries in one pool (the authors).")
+        self.ratio = str(cfg.get("ratio", "weights"))
+        if self.ratio not in RATIOS:
+            raise invalid("method.ratio", cfg.get("ratio"), RATIOS, "weights: remove the run's sparsity of the prunable "
+                          "weights; entries: the authors' rule, method.entry_fraction of each pool's entries.")
+        fraction = cfg.get("entry_fraction", AUTHORS_ENTRY_FRACTION)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise invalid("method.entry_fraction", fraction, "a number in (0, 1) (their deit_retrain.py: 0.25)")
+        self.entry_fraction = float(fraction)
+        if self.ratio == "entries" and self.rank != "support_time":
+            raise invalid("method.rank", self.rank, "support_time with method.ratio=entries",
+                          "The authors' rule thresholds the support counts (their step_record).")
         every = cfg.get("check_every", 10)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise invalid("method.check_every", every, "an integer >= 1 (steps between support checks)")
@@ -220,6 +250,7 @@ class SPP(PruningMethod):
             raise invalid("method.attention_scale", "kept", "original with method.share_heads=false",
                           "Heads keep different numbers of q-k dims then, so there is no one kept size per head (the "
                           "authors' masks are shared by all heads).")
+        self.removed_entries: dict[str, int] = {}  # ratio=entries: entries removed per pool
         self.compressed = False
         self.search: dict[str, dict[str, torch.Tensor]] | None = None  # mask key -> entry_step, z, m
         self.path: list[dict[str, Any]] = []
@@ -230,8 +261,27 @@ class SPP(PruningMethod):
         self.prunable_total = 0
 
     # -- configuration ------------------------------------------------------------------------
+    @classmethod
+    def resolve_sparsity(cls, cfg: DictConfig, requested: float | None) -> float | None:
+        if str(cfg.get("ratio", "weights")) != "entries":
+            return super().resolve_sparsity(cfg, requested)
+        if requested is not None:
+            raise UserError(
+                f"sparsity={requested} cannot be set with method=spp method.ratio=entries: that is the authors' rule, "
+                f"which removes method.entry_fraction (now {cfg.get('entry_fraction', AUTHORS_ENTRY_FRACTION)}) of each "
+                "pool's entries by their time in the support, so the sparsity follows from the search. Set sparsity=null, "
+                "or leave method.ratio=weights to compress to a sparsity."
+            )
+        return None
+
+    def schedule_target(self) -> float:
+        # SPP has no sparsity schedule (schedule.* is refused); with ratio=entries there is no target either
+        return self.sparsity if self.sparsity is not None else 0.0
+
     def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
-        return [("schedule", "method=spp has no sparsity schedule: one search ranks every mask entry and the model is "
+        return [*([("method.entry_fraction", "method.ratio=weights compresses to the run's sparsity; "
+                    "method.ratio=entries uses method.entry_fraction")] if self.ratio == "weights" else []),
+                ("schedule", "method=spp has no sparsity schedule: one search ranks every mask entry and the model is "
                              "compressed to `sparsity` afterwards"),
                 *([("method.search_min_lr", "method.search_lr_schedule=constant keeps method.search_lr")]
                   if self.lr_schedule == "constant" else []),
@@ -255,7 +305,7 @@ class SPP(PruningMethod):
         masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed)
         covered = sum(e.cost() * e.param.numel() for e in masks)
         most = sum(e.cost() * (e.param.numel() - 1) for e in masks)  # each mask keeps >= 1 entry
-        if self.sparsity * self.prunable_total > most:
+        if self.sparsity is not None and self.sparsity * self.prunable_total > most:
             raise invalid(
                 "sparsity", self.sparsity, f"at most {most / max(self.prunable_total, 1):.3f} for method=spp here",
                 f"SPP removes whole paired dimensions, which cover {covered} of the {self.prunable_total} prunable weights "
@@ -452,6 +502,8 @@ class SPP(PruningMethod):
         each pool (``method.grouping``: the authors' attention and FFN pools, or one per
         type), globally ranked across layers within a pool."""
         assert self.search is not None
+        if self.ratio == "entries":
+            return self.authors_keep_vectors(masks)
         covered = sum(e.cost() * e.param.numel() for e in masks)
         frac = self.sparsity * self.prunable_total / max(covered, 1)  # removed fraction of SPP-covered weights
         keep: list[torch.Tensor | None] = [None] * len(masks)
@@ -468,6 +520,40 @@ class SPP(PruningMethod):
                 keep[i] = k
         return keep  # type: ignore[return-value]
 
+    def authors_keep_vectors(self, masks: PairedMasks) -> list[torch.Tensor]:
+        """``method.ratio=entries``: their threshold per pool (:func:`authors_pool_keep`).
+        A mask left with no entry (theirs would build an empty layer) keeps its
+        best-ranked one."""
+        assert self.search is not None
+        keep: list[torch.Tensor | None] = [None] * len(masks)
+        self.removed_entries = {}
+        for pool in GROUPINGS[self.grouping]:
+            idx = [i for i, e in enumerate(masks.entries) if e.kind in pool]
+            if not idx:
+                continue
+            data = [self.search[masks.entries[i].key] for i in idx]
+            supports = [d.get("support", torch.zeros_like(d["entry_step"])) for d in data]
+            kept = authors_pool_keep(supports, self.entry_fraction)
+            name, total = "+".join(pool), sum(t.numel() for t in supports)
+            self.removed_entries[name] = removed = total - sum(int(k.sum()) for k in kept)
+            if removed < self.entry_fraction * total / 2:
+                flat = torch.cat([t.reshape(-1) for t in supports])
+                low = float(flat[~torch.cat([k.reshape(-1) for k in kept])].max()) if removed else float(flat.min())
+                log.warning(
+                    "SPP method.ratio=entries removed %d of the %d %s entries (asked: %s): the authors' rule keeps every entry "
+                    "whose support count ties with the threshold's, and %d entries have a count <= %g (0: never in the "
+                    "support), so this search's counts do not separate them.",
+                    removed, total, name, self.entry_fraction, int((flat <= low).sum()), low)
+            for i, d, sup, k in zip(idx, data, supports, kept, strict=True):
+                k = k.reshape(-1).clone()
+                if not bool(k.any()):
+                    best = int(rank_entries(d["entry_step"].reshape(-1), d["z"].reshape(-1), d["m"].reshape(-1), sup.reshape(-1))[0])
+                    k[best] = True
+                    log.warning("SPP method.ratio=entries: %s has no entry at or above the threshold; its best-ranked one is kept.",
+                                masks.entries[i].key)
+                keep[i] = k
+        return keep  # type: ignore[return-value]
+
     def finalize(self, model: nn.Module) -> nn.Module:
         if self.search is None or self.compressed:
             return model
@@ -477,7 +563,8 @@ class SPP(PruningMethod):
         self.layers = masks.kept_layers(self.keep_vectors(masks))
         compress(model, self.layers, self.attention_scale)
         self.compressed = True
-        log.info("SPP: compressed to sparsity %.3f; %d parameters", self.sparsity, sum(p.numel() for p in model.parameters()))
+        log.info("SPP: compressed (%s); %d parameters", f"sparsity {self.sparsity:.3f}" if self.sparsity is not None else
+                 f"the authors' rule: {self.entry_fraction} of each pool's entries", sum(p.numel() for p in model.parameters()))
         return model
 
     # -- reporting and export --------------------------------------------------------------------------------
@@ -511,6 +598,8 @@ class SPP(PruningMethod):
             "path_file": "spp_path.json",
             "entered_at_end": {k: v for k, v in (self.path[-1] if self.path else {}).items() if k.startswith("entered_")},
             "path_sparsity_at_end": self.path[-1]["sparsity"] if self.path else None,
+            **({"ratio": "entries", "entry_fraction": self.entry_fraction, "removed_entries": dict(self.removed_entries)}
+               if self.ratio == "entries" else {}),
         }
         if self.layers is not None:
             info["kept"] = {
