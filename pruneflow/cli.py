@@ -276,6 +276,13 @@ def precheck(argv: list[str]) -> str | None:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             rows, params, composed = _sweeper_settings(compose, base)
             base_composed = composed is not None
+            if composed is not None and not multirun:  # before the runner (and torch) is imported
+                from pruneflow.validation import validate_sparsity
+
+                try:
+                    validate_sparsity(composed.get("sparsity"))
+                except UserError as e:
+                    return str(e)
             given = {o.get_key_element() for o in plain}
             params = [o for o in OverridesParser.create().parse_overrides(params) if o.get_key_element() not in given]
             if params and not multirun and composed is not None:  # the experiment's sweep, run as one job: say which

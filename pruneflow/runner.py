@@ -26,7 +26,6 @@ from pruneflow import allocator, distill, distributed
 from pruneflow.cache import NOT_IN_FINETUNE, StageCache, path_fingerprint
 from pruneflow.config import RESUME_FREE
 from pruneflow.errors import (
-    SPARSITY_ALLOWED,
     RunStopped,
     UserError,
     check_bool,
@@ -60,6 +59,7 @@ from pruneflow.validation import (
     switched_off,
     typed_text,
     validate_run,
+    validate_sparsity,
     validate_trainer,
 )
 
@@ -73,13 +73,6 @@ STAGES = ("finetune", "prune", "recover")
 
 
 # ----------------------------------------------------------------------------- validation
-def validate_sparsity(value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= float(value) < 1):
-        raise invalid("sparsity", value, SPARSITY_ALLOWED)
-
-
 def recipe_note(cfg: DictConfig, overrides: list[str] | None) -> str | None:
     """A model trained from random weights under its config's recipe for pretrained
     weights (``model=deit_tiny model.pretrained=false`` gets ``stages=pretrained_vision``):

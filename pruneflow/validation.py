@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pruneflow.errors import UserError, check_bool, invalid
+from pruneflow.errors import SPARSITY_ALLOWED, UserError, check_bool, invalid
 from pruneflow.published import as_typed
 
 PRECISIONS = ("32", "bf16", "fp16")
@@ -20,6 +20,13 @@ PRECISIONS = ("32", "bf16", "fp16")
 
 def _number(value: Any) -> bool:  # noqa: ANN401
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_sparsity(value: Any) -> None:  # noqa: ANN401
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= float(value) < 1):
+        raise invalid("sparsity", value, SPARSITY_ALLOWED)
 
 
 def compile_toolchain_missing(cuda: bool) -> str | None:

@@ -227,8 +227,8 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
 
 
 def test_the_command_line_answers_help_and_misspelt_keys_without_importing_torch(tmp_path):
-    """--help and the pre-checks' errors (a misspelt key, an unknown option) come before
-    the first `import torch` (~2 s of a 2-core VM's ~2.7 s answer)."""
+    """--help and the pre-checks' errors (a misspelt key, an unknown option, a sparsity out
+    of range) come before the first `import torch` (~2 s of a 2-core VM's ~2.7 s answer)."""
     probe = (
         "import sys\nfrom pruneflow import cli\nsys.argv = ['pruneflow', *sys.argv[1:]]\n"
         "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
@@ -236,7 +236,7 @@ def test_the_command_line_answers_help_and_misspelt_keys_without_importing_torch
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     for argv, said in ((["--help"], "Configuration groups"), (["trainer.lrr=1"], "Unknown key 'trainer.lrr'"),
-                       (["method=sevn"], "Closest: seven")):
+                       (["method=sevn"], "Closest: seven"), (["sparsity=1.5"], "Invalid value for 'sparsity': 1.5")):
         p = subprocess.run([sys.executable, "-c", probe, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert said in p.stdout + p.stderr, (argv, p.stdout[-500:], p.stderr[-500:])
         assert p.stdout.strip().splitlines()[-1] == f"EXIT {0 if argv == ['--help'] else 2} False False", (argv, p.stdout[-300:])
