@@ -143,11 +143,13 @@ class Deviation:
 class SparsityDefinition:
     """A paper's sparsity: the fraction of ``include`` (minus ``exclude``) Linear layers'
     weights (and biases with ``biases=true``) that are zero, reported as ``removed`` or
-    ``remaining``."""
+    ``remaining``; ``layer_norms=true`` adds the LayerNorms among those modules to the
+    total, as remaining (never pruned)."""
 
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     biases: bool = False
+    layer_norms: bool = False  # Sanh et al.'s counts_parameters.py counts the encoder's LayerNorms (as remaining)
     reports: str = "removed"  # removed | remaining
     text: str = ""  # the paper's words, e.g. "remaining encoder Linear weights"
 

@@ -51,6 +51,7 @@ def paper_sparsity(definition: dict[str, Any] | None, model: nn.Module, compress
 
     include, exclude = list(definition["include"]), list(definition.get("exclude") or [])
     biases = bool(definition.get("biases", False))
+    layer_norms = bool(definition.get("layer_norms", False))
     reports = str(definition.get("reports", "removed"))
     out: dict[str, Any] = {"definition": dict(definition)}
     if compressed:
@@ -59,11 +60,16 @@ def paper_sparsity(definition: dict[str, Any] | None, model: nn.Module, compress
         return out
     zeros = total = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _matches(name, include) and not _matches(name, exclude):
+        if not _matches(name, include) or _matches(name, exclude):
+            continue
+        tensors: list[torch.Tensor] = []
+        if isinstance(module, nn.Linear):
             tensors = [module.weight] + ([module.bias] if biases and module.bias is not None else [])
-            for t in tensors:
-                zeros += int(t.numel() - t.count_nonzero())
-                total += t.numel()
+        elif isinstance(module, nn.LayerNorm) and layer_norms:  # never pruned: remaining whatever their values
+            total += sum(t.numel() for t in (module.weight, module.bias) if t is not None)
+        for t in tensors:
+            zeros += int(t.numel() - t.count_nonzero())
+            total += t.numel()
     removed = zeros / total if total else None
     out["counted"] = total
     out["removed"] = None if removed is None else round(removed, 6)

@@ -367,8 +367,11 @@ def test_experiment_miniature_runs(name: str, tmp_path: Path) -> None:
         paper = r["sparsity"]["paper"]
         removed = paper["removed"]
         assert paper["value"] == pytest.approx(removed if definition["reports"] == "removed" else 1 - removed)
-        if definition["include"] == ["*encoder.layer.*"]:  # the same set as pruneflow's default: the same count
-            assert removed == pytest.approx(r["sparsity"]["measured"], abs=1e-6)
+        if definition["include"] == ["*encoder.layer.*"]:  # the same Linear weights as pruneflow's default
+            prunable, counted = r["params"]["prunable"], paper["counted"]
+            if definition.get("layer_norms"):  # counted too, never removed (Sanh et al.'s count)
+                assert counted > prunable
+            assert removed == pytest.approx(r["sparsity"]["measured"] * prunable / counted, abs=1e-6)
     assert report([str(tmp_path / "run")]) == 0
     md = (tmp_path / "run" / "report.md").read_text()
     assert name in md
@@ -577,3 +580,9 @@ def test_paper_sparsity_counts_the_definitions_layers() -> None:
     remaining = paper_sparsity({"include": ["encoder.*"], "biases": True, "reports": "remaining"}, model, False)
     assert (remaining["counted"], remaining["removed"], remaining["value"]) == (30, round(10 / 30, 6), round(20 / 30, 6))
     assert paper_sparsity({"include": ["encoder.*"]}, model, True)["value"] is None  # compressed: counted by sparsity.measured
+    # Sanh et al.'s counts_parameters.py: the encoder's biases and LayerNorms count, as remaining
+    model.encoder.append(nn.LayerNorm(2))  # 2 weights (1) + 2 biases (0): remaining, as theirs, whatever the values
+    with_ln = paper_sparsity({"include": ["encoder.*"], "biases": True, "layer_norms": True, "reports": "remaining"}, model, False)
+    assert (with_ln["counted"], with_ln["removed"]) == (34, round(10 / 34, 6))
+    without = paper_sparsity({"include": ["encoder.*"], "biases": True, "reports": "remaining"}, model, False)
+    assert without["counted"] == 30
