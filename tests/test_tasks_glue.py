@@ -146,6 +146,55 @@ def test_evaluate_scores_cola_with_matthews_and_stsb_by_regression(monkeypatch: 
 
 
 
+def test_batch_mean_is_sevens_evaluation_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """task.metric_average=batch_mean: SEVEN's train.py computes accuracy and F1 per
+    evaluation batch and prints the plain mean over batches. By hand on 5 examples in
+    batches of 2 (the order the seeded permutation gives): batch accuracies and F1s, the
+    last batch of one example counting as much as the others, and a batch without a
+    positive label or prediction scoring F1 0 (sklearn's zero_division, as their metric)."""
+    import torch
+
+    _, mrpc = make_task(["task=glue/mrpc", "task.metric_average=batch_mean"])
+    refs = [1, 0, 0, 1, 1]
+    preds = [1, 0, 0, 0, 1]
+    mrpc.references["validation"] = refs
+    mrpc.ids["validation"] = list(range(5))
+    logits = torch.tensor([[0.0, 1.0] if p else [1.0, 0.0] for p in preds])
+    monkeypatch.setattr(mrpc, "predict", lambda *a, **k: [logits])
+    metrics, _ = mrpc.evaluate(None, "validation", 2, torch.device("cpu"))
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(mrpc.seed)).tolist()
+    batches = [order[0:2], order[2:4], order[4:5]]
+    acc, f1 = [], []
+    for b in batches:
+        r, q = [refs[i] for i in b], [preds[i] for i in b]
+        acc.append(sum(x == y for x, y in zip(r, q, strict=True)) / len(b))
+        tp = sum(x == 1 and y == 1 for x, y in zip(r, q, strict=True))
+        fp = sum(x == 0 and y == 1 for x, y in zip(r, q, strict=True))
+        fn = sum(x == 1 and y == 0 for x, y in zip(r, q, strict=True))
+        f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    assert metrics == {"accuracy": pytest.approx(sum(acc) / 3), "f1": pytest.approx(sum(f1) / 3)}
+    assert metrics != pytest.approx(compute_glue("mrpc", preds, refs))  # not the whole-set values (0.8, 0.8)
+    # a fixed order by hand: [0, 3] [1, 2] [4] -> accuracy (1/2 + 1 + 1) / 3, F1 (2/3 + 0 + 1) / 3
+    from pruneflow.tasks.glue import batch_mean
+
+    monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.tensor([0, 3, 1, 2, 4]))
+    assert batch_mean("mrpc", preds, refs, 2, 0) == {"accuracy": pytest.approx(2.5 / 3), "f1": pytest.approx((2 / 3 + 1) / 3)}
+
+
+def test_batch_mean_leaves_cola_and_stsb_over_the_whole_set_and_other_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    _, cola = make_task(["task=glue/cola", "task.metric_average=batch_mean"])
+    cola.references["validation"] = [1, 1, 0, 0, 1]
+    cola.ids["validation"] = list(range(5))
+    logits = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    monkeypatch.setattr(cola, "predict", lambda *a, **k: [logits])
+    metrics, _ = cola.evaluate(None, "validation", 2, torch.device("cpu"))
+    assert metrics == {"matthews_correlation": pytest.approx(1 / 6)}  # their code: over the whole set
+    with pytest.raises(UserError, match="task.metric_average"):
+        make_task(["task=glue/sst2", "task.metric_average=macro"])
+
+
 def test_pairs_are_truncated_longest_first(tmp_path: Path) -> None:
     """run_glue's truncation=True: a pair longer than task.max_seq_length loses tokens from its
     longer text, here only the long second sentence: [CLS] s1 [SEP] s2[:room] [SEP]."""

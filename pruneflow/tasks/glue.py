@@ -9,12 +9,16 @@ split) and ``validation_mismatched`` (metric keys suffixed ``_mm``).
 
 Metrics (``pruneflow/metrics/glue.py``, a local ``evaluate`` module): cola
 matthews_correlation; stsb pearson, spearmanr; mrpc, qqp accuracy, f1; the
-others accuracy.
+others accuracy. ``task.metric_average=batch_mean`` is SEVEN's ``train.py``:
+accuracy and F1 computed per evaluation batch of a shuffled loader and averaged
+over the batches (the last, smaller one counting as much as the others); CoLA's
+and STS-B's metrics stay over the whole set, as in their code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from pruneflow.errors import UserError, invalid
-from pruneflow.metrics import compute
+from pruneflow.metrics import compute, compute_glue
 from pruneflow.tasks.hf_data import first, load_splits, require_columns, sample_limit
 from pruneflow.tasks.text import TextTask
 
@@ -52,6 +56,24 @@ SUBTASKS: dict[str, GlueSpec] = {
 }
 
 
+METRIC_AVERAGES = ("corpus", "batch_mean")
+CORPUS_IN_SEVEN = ("cola", "stsb")  # SEVEN's train.py evaluates these over the whole set
+
+
+def batch_mean(subtask: str, predictions: Sequence[Any], references: Sequence[Any], batch_size: int, seed: int) -> dict[str, float]:
+    """SEVEN's evaluation: the examples in a shuffled order (a seeded permutation here, their
+    DataLoader's ``shuffle=True`` there), cut into batches of ``batch_size``, each batch's
+    metrics computed alone, then the plain mean over batches."""
+    order = torch.randperm(len(references), generator=torch.Generator().manual_seed(seed)).tolist()
+    per_batch = []
+    with warnings.catch_warnings():  # F1 of a batch without positives: sklearn warns and gives 0, as theirs
+        warnings.simplefilter("ignore")
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            per_batch.append(compute_glue(subtask, [predictions[i] for i in chunk], [references[i] for i in chunk]))
+    return {k: sum(m[k] for m in per_batch) / len(per_batch) for k in per_batch[0]}
+
+
 class Glue(TextTask):
     def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
@@ -59,6 +81,11 @@ class Glue(TextTask):
         if self.subtask not in SUBTASKS:
             raise invalid("task.subtask", self.subtask, sorted(SUBTASKS))
         self.spec = SUBTASKS[self.subtask]
+        self.metric_average = str(cfg.get("metric_average", "corpus"))
+        if self.metric_average not in METRIC_AVERAGES:
+            raise invalid("task.metric_average", cfg.get("metric_average"), METRIC_AVERAGES,
+                          "corpus: every metric over the whole evaluation set (the official definitions); batch_mean: "
+                          "SEVEN's code, accuracy and F1 averaged over shuffled evaluation batches of stages.eval_batch_size.")
         self.hub_id = str(cfg.get("hub_id") or HUB_ID)
         self.problem = "regression" if not self.spec.labels else "single_label_classification"
         self.num_labels = len(self.spec.labels) or 1
@@ -157,6 +184,9 @@ class Glue(TextTask):
         else:
             preds = [int(v) for v in logits.argmax(-1).tolist()]
         refs = self.references[split]
-        metrics = compute("glue", self.subtask, preds, refs)
+        if self.metric_average == "batch_mean" and self.subtask not in CORPUS_IN_SEVEN:
+            metrics = batch_mean(self.subtask, preds, refs, batch_size, self.seed)
+        else:
+            metrics = compute("glue", self.subtask, preds, refs)
         records = [{"id": i, "prediction": p, "reference": r} for i, p, r in zip(self.ids[split], preds, refs, strict=True)]
         return metrics, records
