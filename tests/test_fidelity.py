@@ -427,6 +427,30 @@ def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
     close(final_weights(run), reference.state_dict(), [*names, "head.weight"])
 
 
+@pytest.mark.parametrize("name", ["movement", "magnitude"])
+def test_sanh_top_k_counts_with_their_schedule_thresholds_rounding(name: str) -> None:
+    """Their top-k keeps int(threshold * n), threshold = final + (1 - final) * c^3 with
+    final = 0.1 as written: at step 1174 of a 3,000-step run (warm-ups 300 and 600) a
+    768 x 768 matrix keeps 164,351 weights (0.27866... * n = 164351.99999999994), where
+    the algebraically equal 1 - 0.9 * (1 - c^3) gives 164,352."""
+    import pruneflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 768, bias=False))
+    extra = {"regrowth": True} if name == "magnitude" else {}
+    pruner = pruneflow.methods.create(name, sparsity=0.9, steps=3000, model=model, include=["*"], scope="local",
+                                      selection="authors", initial_warmup=300, final_warmup=600, **extra)
+    method = pruner.method
+    if name == "movement":
+        method.state["scores"].copy_(torch.randn(768 * 768))
+    step = 1174
+    c = 1 - (step + 1 - 300) / (3000 - 300 - 600)  # their mul_coeff at global_step step + 1
+    theirs = int((0.1 + (1 - 0.1) * c**3) * 768 * 768)
+    assert theirs == 164351 and int((1 - 0.9 * (1 - c**3)) * 768 * 768 + 1e-9) == 164352
+    method.update_masks(method.ctx.schedule.sparsity(step), step)
+    assert int(method.mask_flat.sum()) == theirs
+
+
 def test_movement_global_threshold_keeps_their_floor_per_matrix_and_holds_between_recomputations() -> None:
     """--global_topk with ThresholdBinarizer: a matrix whose scores all fall below the global
     threshold keeps its int(0.005 n) + 1 highest scores; between recomputations the raw

@@ -32,7 +32,7 @@ from torch import nn
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.methods.base import PruneContext
-from pruneflow.methods.score_based import ScoreBasedMethod, written_keep
+from pruneflow.methods.score_based import ScoreBasedMethod, sanh_keep
 from pruneflow.schedules import Schedule
 
 FLOOR_FRACTION = 0.005  # their ThresholdBinarizer keeps at least int(0.005 n) + 1 weights per matrix
@@ -81,7 +81,7 @@ class Movement(ScoreBasedMethod):
             raise invalid("method.threshold_every", every, "an integer >= 1 (steps between recomputations of the global threshold; theirs: 25)")
         self.threshold_every = every
         self.threshold_mem: float | None = None  # their threshold_mem: the held raw-score threshold
-        self.step_offset = 0  # their global_step of the prune stage's first step (set at setup)
+        self.step_offset = 0  # their global_step of the forward after prune step k is k + step_offset (set at setup)
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
         if self.global_threshold:
@@ -103,21 +103,12 @@ class Movement(ScoreBasedMethod):
         self.threshold_mem = None
         self.step_offset = 1 + ctx.schedule.step_offset  # the mask after step k is for their global_step k + 1 (+1 on SQuAD)
 
-    def their_keep(self, sparsity: float, step: int | None) -> float:
-        """Their kept fraction (``schedule_threshold``'s value): on the cubic ramp in their
-        order of operations, ``final + (1 - final) * c ** 3`` with ``final`` as written
-        on their command line (0.1 for sparsity 0.9); elsewhere ``1 - sparsity`` as written."""
-        if self.on_ramp(sparsity, step, "cubic"):
-            final = written_keep(self.sparsity)
-            return final + (1.0 - final) * (1.0 - self.ctx.schedule.progress(step)) ** 3
-        return written_keep(sparsity)
-
     def is_mask_step(self, step: int) -> bool:
         # their global threshold acts in every forward, the warm-up's -100 included
         return True if self.global_threshold else super().is_mask_step(step)
 
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
-        keep = self.their_keep(sparsity, step)
+        keep = sanh_keep(self, sparsity, step)
         if not self.global_threshold:  # their TopKBinarizer: the top int(keep * n) of each matrix
             self.topk.mask_(scores, max(0, min(scores.numel(), int(keep * scores.numel()))), out)
             return
@@ -130,7 +121,7 @@ class Movement(ScoreBasedMethod):
             threshold = self.threshold_mem
         else:
             threshold = self.threshold_mem
-        for start, n, _ in self.slices:
+        for start, n, _ in self.slices:  # global scope: `scores` and `out` are the whole flat buffers
             threshold_with_floor_(scores[start : start + n], threshold, out[start : start + n])
 
     def init_state(self) -> None:

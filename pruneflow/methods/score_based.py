@@ -318,6 +318,18 @@ def kept_floor(total: int, keep: float) -> int:
     return max(0, min(total, int(math.floor(keep * total + 1e-9))))
 
 
+def sanh_keep(method: ScoreBasedMethod, sparsity: float, step: int | None) -> float:
+    """The kept fraction of Sanh et al.'s ``schedule_threshold`` (movement pruning and its
+    magnitude baseline): on the cubic ramp in their order of operations, ``final + (1 -
+    final) * c ** 3`` with ``final`` as written on their command line (0.1 for sparsity
+    0.9, not the float 1 - 0.9); elsewhere ``1 - sparsity`` as written. Their top-k keeps
+    ``int(keep * n)``: the algebraically equal forms can round to one weight apart."""
+    if method.on_ramp(sparsity, step, "cubic"):
+        final = written_keep(method.sparsity)
+        return final + (1.0 - final) * (1.0 - method.ctx.schedule.progress(step)) ** 3
+    return written_keep(sparsity)
+
+
 @torch.no_grad()
 def keep_from_kth_largest_(scores: torch.Tensor, keep: int, out: torch.Tensor) -> None:
     """Threshold at the ``keep``-th largest score and keep every score >= it (ties at
