@@ -206,7 +206,7 @@ def _with_supports(method: SPP, masks: PairedMasks, support_of) -> None:  # noqa
         method.search[e.key] = {"entry_step": torch.arange(n), "support": support_of(e).float(), "z": torch.zeros(n), "m": torch.ones(n)}
 
 
-def test_ratio_entries_is_the_authors_set_alpha_sparsity():
+def test_ratio_entries_is_the_authors_set_alpha_sparsity(caplog):
     """method.ratio=entries keeps what their set_alpha_sparsity keeps: their attn.alpha of a
     block is [q-k entries, v-o entries] (shared by the heads), their mlp.alpha its neurons;
     support counts with many ties, the lowest quarter of each pool by count removed."""
@@ -242,8 +242,10 @@ def test_ratio_entries_is_the_authors_set_alpha_sparsity():
     method.entry_fraction = 0.25
     # more than a quarter never entered the support: their threshold is 0, nothing is removed
     _with_supports(method, masks, lambda e: (torch.arange(e.param.numel()) % 3 == 0).long() * 5)
-    assert all(bool(k.all()) for k in method.keep_vectors(masks))
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        assert all(bool(k.all()) for k in method.keep_vectors(masks))
     assert method.removed_entries == {"qk+vo": 0, "ffn": 0}
+    assert "removed 0 of the 256 ffn entries" in caplog.text and "share the threshold's support count 0" in caplog.text
 
 
 def test_ratio_entries_keeps_one_entry_where_their_threshold_empties_a_mask(caplog):

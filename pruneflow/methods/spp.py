@@ -538,12 +538,11 @@ class SPP(PruningMethod):
             self.removed_entries[name] = removed = total - sum(int(k.sum()) for k in kept)
             if removed < self.entry_fraction * total / 2:
                 flat = torch.cat([t.reshape(-1) for t in supports])
-                low = float(flat[~torch.cat([k.reshape(-1) for k in kept])].max()) if removed else float(flat.min())
+                threshold = flat[torch.cat([k.reshape(-1) for k in kept])].min()
                 log.warning(
-                    "SPP method.ratio=entries removed %d of the %d %s entries (asked: %s): the authors' rule keeps every entry "
-                    "whose support count ties with the threshold's, and %d entries have a count <= %g (0: never in the "
-                    "support), so this search's counts do not separate them.",
-                    removed, total, name, self.entry_fraction, int((flat <= low).sum()), low)
+                    "SPP method.ratio=entries removed %d of the %d %s entries (asked: %s): %d entries share the threshold's "
+                    "support count %g (0: never in the support), and the authors' rule keeps every entry that ties with it.",
+                    removed, total, name, self.entry_fraction, int((flat == threshold).sum()), float(threshold))
             for i, d, sup, k in zip(idx, data, supports, kept, strict=True):
                 k = k.reshape(-1).clone()
                 if not bool(k.any()):
