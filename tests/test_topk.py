@@ -261,3 +261,25 @@ def test_segments_with_a_gap_do_not_share_rows_even_with_a_common_row_length() -
         assert torch.equal(out[a + gap :], reference_mask(x[a + gap :], keep[1])), step
         assert torch.all(out[a : a + gap] == 7.0)
         x += torch.randn(2 * a + gap, generator=torch.Generator().manual_seed(step)) * 1e-3
+
+
+@pytest.mark.parametrize("remember", [False, True])
+def test_kth_largest_is_kthvalue_of_the_mirrored_rank(remember: bool) -> None:
+    """kth_largest(x, k) == torch.kthvalue(x, n - k + 1) exactly: continuous scores,
+    integer scores with many ties, a small tensor (direct path), and repeated calls on
+    scores that move (the remembered bracket) including one that jumps far."""
+    topk = TopK(remember=remember)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 20, generator=g)
+    ties = torch.randint(0, 50, (1 << 19,), generator=g).float()
+    small = torch.randn(1000, generator=g)
+    for t in (x, ties, small):
+        n = t.numel()
+        for k in (1, 7, n // 10, n // 2, n - 3, n):
+            assert topk.kth_largest(t, k) == float(torch.kthvalue(t, n - k + 1).values), (n, k)
+    for shift in (1e-3, 2e-3, 5.0):
+        x.add_(torch.randn(x.numel(), generator=g) * shift)
+        k = x.numel() // 4
+        assert topk.kth_largest(x, k) == float(torch.kthvalue(x, x.numel() - k + 1).values)
+    with pytest.raises(ValueError):
+        topk.kth_largest(small, 0)

@@ -116,8 +116,8 @@ class Movement(ScoreBasedMethod):
             threshold = WARMUP_THRESHOLD
         elif self.threshold_mem is None or step is None or (step + self.step_offset) % self.threshold_every == 0:
             n = scores.numel()
-            kth = max(n - (int(n * keep) + 1), 1)
-            self.threshold_mem = float(torch.kthvalue(scores, kth).values)
+            kth = max(n - (int(n * keep) + 1), 1)  # their kthvalue(kth): the kth smallest, i.e. the (n - kth + 1)-th largest
+            self.threshold_mem = self.topk.kth_largest(scores, n - kth + 1)
             threshold = self.threshold_mem
         else:
             threshold = self.threshold_mem
