@@ -427,6 +427,51 @@ def test_sanh_methods_match_the_authors_loop(tmp_path: Path, name: str) -> None:
     close(final_weights(run), reference.state_dict(), [*names, "head.weight"])
 
 
+def their_init_mask(shape: tuple[int, int], mask_init: str, mask_scale: float) -> torch.Tensor:
+    """emmental's MaskedLinear.init_mask for one layer's mask_scores."""
+    scores = torch.empty(shape)
+    if mask_init == "constant":
+        nn.init.constant_(scores, val=mask_scale)
+    elif mask_init == "uniform":
+        nn.init.uniform_(scores, a=-mask_scale, b=mask_scale)
+    elif mask_init == "kaiming":
+        nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+    return scores
+
+
+@pytest.mark.parametrize("name", ["movement", "soft_movement", "l0"])
+@pytest.mark.parametrize("mode", ["constant", "uniform", "kaiming"])
+def test_score_init_modes_are_their_mask_init(name: str, mode: str) -> None:
+    """method.score_init_mode: their --mask_init, layer by layer in module order from
+    torch's global generator (as their MaskedLinear layers at construction)."""
+    import pruneflow
+
+    model = nn.Module()
+    model.blocks = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    settings: dict[str, Any] = {"score_init_mode": mode}
+    if mode != "kaiming":
+        settings["score_init"] = 0.5
+    if name == "movement":
+        settings["sparsity"] = 0.5
+    torch.manual_seed(11)
+    pruner = pruneflow.methods.create(name, steps=4, model=model, include=["blocks.*"], **settings)
+    torch.manual_seed(11)
+    theirs = [their_init_mask(shape, mode, 0.5) for shape in ((4, 6), (3, 4))]
+    ours = [p.detach() for p in pruner.method.score_params]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert mode == "constant" or float(ours[0].std()) > 0
+    if mode == "kaiming":
+        from omegaconf import OmegaConf
+
+        from pruneflow.errors import UserError
+
+        with pytest.raises(UserError, match="score_init_mode"):  # biases have no fan-in
+            pruneflow.methods.create(name, steps=4, model=model, include=["blocks.*"], biases=True,
+                                     **({"sparsity": 0.5} if name == "movement" else {}), score_init_mode="kaiming")
+        unused = dict(pruner.method.unused_settings(OmegaConf.create({})))
+        assert "method.score_init" in unused
+
+
 @pytest.mark.parametrize("name", ["movement", "magnitude"])
 def test_sanh_top_k_counts_with_their_schedule_thresholds_rounding(name: str) -> None:
     """Their top-k keeps int(threshold * n), threshold = final + (1 - final) * c^3 with

@@ -42,6 +42,12 @@ from pruneflow import distributed
 from pruneflow.errors import UserError, invalid
 from pruneflow.masking import Mask
 from pruneflow.methods.base import PruneContext, PruningMethod
+from pruneflow.methods.movement import (
+    check_score_init_shapes,
+    init_scores_,
+    score_init_mode,
+    score_init_unused,
+)
 from pruneflow.schedules import Schedule
 
 # Their MaskedLinear's hard-concrete constants: the stretch interval (l, r) and the temperature.
@@ -118,6 +124,7 @@ class L0(PruningMethod):
                                        why="The penalty weight is final_lambda * threshold_t / final_threshold.")
         self.score_lr = _number(cfg, "score_lr", 0.1, 0.0, strict=True, why="The scores' learning rate (their --mask_scores_learning_rate: 1e-1).")
         self.score_init = _number(cfg, "score_init", 2.197, why="Every score starts at it (their --mask_scale 2.197).")
+        self.score_init_mode = score_init_mode(cfg)
         self.ramps = self.initial_threshold != self.final_threshold
         self.score_param: torch.Tensor | None = None  # every score, flat (saved in checkpoints)
         self.score_params: list[nn.Parameter] = []  # the trainable per-layer views of it
@@ -143,11 +150,16 @@ class L0(PruningMethod):
         # initial_threshold to final_threshold; with equal thresholds nothing follows it.
         return 1.0 if self.ramps else 0.0
 
+    def validate(self, model: nn.Module, weights: Any) -> None:  # noqa: ANN401
+        super().validate(model, weights)
+        check_score_init_shapes(self.score_init_mode, weights)
+
     def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
+        unused = score_init_unused(self.score_init_mode)
         if not self.ramps:
-            return [("schedule", "method=l0 with method.initial_threshold == method.final_threshold (their README's "
+            return [*unused, ("schedule", "method=l0 with method.initial_threshold == method.final_threshold (their README's "
                                  "L0 command: 1 and 1) has a constant penalty weight final_lambda and no mask schedule")]
-        return [("schedule.frequency", "method=l0 updates lambda at every step, as their schedule_threshold")]
+        return [*unused, ("schedule.frequency", "method=l0 updates lambda at every step, as their schedule_threshold")]
 
     def check_schedule(self, schedule: Schedule) -> None:
         if self.ramps and schedule.kind == "exponential":
@@ -170,6 +182,7 @@ class L0(PruningMethod):
         # full-size gradient per layer).
         self.score_param = torch.full((start,), self.score_init, dtype=torch.float32, device=first.device)
         self.score_params = [nn.Parameter(self.score_param[s : s + n].view(shape)) for s, n, shape in self.slices]
+        init_scores_(self.score_params, self.score_init_mode, self.score_init)
         for i, w in enumerate(weights):
             w.parametrization.bind(lambda i=i: self.score_view(i))
         self.step = 0

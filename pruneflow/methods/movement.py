@@ -25,6 +25,8 @@ tau_t / final_threshold``. Its sparsity is not set directly: ``final_lambda`` an
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,6 +56,43 @@ def threshold_with_floor_(scores: torch.Tensor, threshold: float, out: torch.Ten
         torch.gt(scores, k, out=out)
 
 
+SCORE_INIT_MODES = ("constant", "uniform", "kaiming")
+
+
+def score_init_mode(cfg: Any) -> str:  # noqa: ANN401
+    """``method.score_init_mode``, their ``--mask_init``."""
+    mode = cfg.get("score_init_mode", "constant")
+    if mode not in SCORE_INIT_MODES:
+        raise invalid("method.score_init_mode", mode, SCORE_INIT_MODES,
+                      "their --mask_init: constant fills method.score_init (their --mask_scale); uniform draws from "
+                      "U(-score_init, score_init); kaiming is kaiming_uniform_(a=sqrt(5)) per matrix, as a Linear's weights.")
+    return str(mode)
+
+
+def score_init_unused(mode: str) -> list[tuple[str, str]]:
+    return [("method.score_init", "method.score_init_mode=kaiming draws the scores from each matrix's fan-in "
+             "(their --mask_scale is unused then)")] if mode == "kaiming" else []
+
+
+def check_score_init_shapes(mode: str, weights: Any) -> None:  # noqa: ANN401
+    if mode == "kaiming" and any(len(w.shape) < 2 for w in weights):
+        raise invalid("method.score_init_mode", "kaiming", "constant or uniform with method.biases=true",
+                      "kaiming_uniform_ needs a matrix's fan-in; biases are vectors.")
+
+
+@torch.no_grad()
+def init_scores_(views: Sequence[torch.Tensor], mode: str, scale: float) -> None:
+    """Their ``MaskedLinear.init_mask``, matrix by matrix in the layers' order (the random
+    modes draw from torch's global generator, as theirs at model construction)."""
+    for v in views:
+        if mode == "constant":
+            v.fill_(scale)
+        elif mode == "uniform":
+            nn.init.uniform_(v, a=-scale, b=scale)
+        else:
+            nn.init.kaiming_uniform_(v, a=math.sqrt(5))
+
+
 def _positive(cfg: Any, key: str, default: float, allow_zero: bool = False) -> float:  # noqa: ANN401
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
@@ -73,6 +112,7 @@ class Movement(ScoreBasedMethod):
         if isinstance(init, bool) or not isinstance(init, (int, float)):
             raise invalid("method.score_init", init, "a number (every score starts at it; their commands use 0)")
         self.score_init = float(init)
+        self.score_init_mode = score_init_mode(cfg)
         self.score_params: list[nn.Parameter] = []
         # their --global_topk: a raw-score threshold recomputed every `threshold_every` steps
         self.global_threshold = self.scope == "global" and self.selection == "authors" and self.granularity == "unstructured"
@@ -84,10 +124,15 @@ class Movement(ScoreBasedMethod):
         self.step_offset = 0  # their global_step of the forward after prune step k is k + step_offset (set at setup)
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
+        unused = score_init_unused(self.score_init_mode)
         if self.global_threshold:
-            return []
-        return [("method.threshold_every", "it is the recomputation period of their --global_topk threshold, used with "
-                 "method.scope=global and method.selection=authors only")]
+            return unused
+        return [*unused, ("method.threshold_every", "it is the recomputation period of their --global_topk threshold, used "
+                          "with method.scope=global and method.selection=authors only")]
+
+    def validate(self, model: nn.Module, weights: Any) -> None:  # noqa: ANN401
+        super().validate(model, weights)
+        check_score_init_shapes(self.score_init_mode, weights)
 
     def check_schedule(self, schedule: Schedule) -> None:
         if self.global_threshold and schedule.frequency != 1:
@@ -126,12 +171,12 @@ class Movement(ScoreBasedMethod):
 
     def init_state(self) -> None:
         scores = self.state["scores"]
-        scores.fill_(self.score_init)
         # One trainable Parameter per layer, each a view of the flat state buffer: the
         # optimizer updates the state in place and checkpoints save it with the other
         # state. (Slices of one flat Parameter would make autograd build a full-size
         # gradient per layer: 3.7x a dense step at BERT-base shape.)
         self.score_params = [nn.Parameter(scores[start : start + n].view(shape)) for start, n, shape in self.slices]
+        init_scores_(self.score_params, self.score_init_mode, self.score_init)
         for w, p in zip(self.ctx.weights, self.score_params, strict=True):
             w.parametrization.bind(lambda p=p: p)
 
