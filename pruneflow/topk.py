@@ -139,14 +139,7 @@ class TopK:
         if n <= DIRECT_MAX:
             return float(torch.kthvalue(x, n - k + 1).values)
         state = self._state(x)
-        guess = state.next_guess() if state is not None else None
-        vals, _, need, band = self._bracket(x, k, guess)
-        if guess is not None:
-            state.count(hit=band[3] is not None)
-        thr = _threshold(vals, need)[0]
-        if state is not None:
-            state.guess = _next_guess(state.guess, float(thr), k, *band)
-        return float(thr)
+        return float(self._exact_threshold(x, k, state, state.next_guess() if state is not None else None)[0])
 
     def _trivial(self, x: torch.Tensor, n_keep: int, flat_out: torch.Tensor) -> bool:
         """Keep all, keep none, or a tensor small enough for a direct kthvalue: done here."""
@@ -169,18 +162,24 @@ class TopK:
             return None
         return self._tensors.setdefault((x.data_ptr(), x.numel(), str(x.device)), _Tensor())
 
-    def _select(self, x: torch.Tensor, n_keep: int, flat_out: torch.Tensor, state: _Tensor | None, guess: _Guess | None) -> None:
+    def _exact_threshold(self, x: torch.Tensor, n_keep: int, state: _Tensor | None, guess: _Guess | None):  # noqa: ANN202
+        """The n_keep-th largest of ``x`` (and ``_threshold``'s tie facts, and the band's
+        position function), from a bracket; the tensor's guess is updated."""
         vals, pos_fn, need, band = self._bracket(x, n_keep, guess)
         if guess is not None:
             state.count(hit=band[3] is not None)
         thr, is_tie, need_ties, all_ties = _threshold(vals, need)
+        if state is not None:
+            state.guess = _next_guess(state.guess, float(thr), n_keep, *band)
+        return thr, is_tie, need_ties, all_ties, pos_fn
+
+    def _select(self, x: torch.Tensor, n_keep: int, flat_out: torch.Tensor, state: _Tensor | None, guess: _Guess | None) -> None:
+        thr, is_tie, need_ties, all_ties, pos_fn = self._exact_threshold(x, n_keep, state, guess)
         if all_ties:
             self.write_ge(x, thr, flat_out)
         else:  # keep the first `need_ties` positions holding the threshold value
             self.write_gt(x, thr, flat_out)
             flat_out[pos_fn(is_tie)[:need_ties]] = 1
-        if state is not None:
-            state.guess = _next_guess(state.guess, float(thr), n_keep, *band)
 
     @torch.no_grad()
     def masks_(self, scores: torch.Tensor, segments: Sequence[tuple[int, int]], n_keeps: Sequence[int], out: torch.Tensor) -> None:

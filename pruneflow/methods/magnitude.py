@@ -13,7 +13,7 @@ import torch
 
 from pruneflow.errors import invalid
 from pruneflow.methods.oneshot import LayerPruner, OneShotMethod, prune_lowest_per_layer, prune_nm
-from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, sanh_keep
+from pruneflow.methods.score_based import NEG_INF, ScoreBasedMethod, sanh_kept_count
 
 
 def magnitude_scores_(out: torch.Tensor, W: torch.Tensor, mask: torch.Tensor) -> None:
@@ -38,7 +38,7 @@ class Magnitude(ScoreBasedMethod):
             super().authors_mask_(scores, sparsity, out, step)
             return
         # Sanh et al.'s MagnitudeBinarizer: the top int(keep * n) of the matrix, keep from their schedule_threshold
-        self.topk.mask_(scores, max(0, min(scores.numel(), int(sanh_keep(self, sparsity, step) * scores.numel()))), out)
+        self.topk.mask_(scores, sanh_kept_count(self, scores.numel(), sparsity, step), out)
 
     @torch.no_grad()
     def selection_scores(self) -> torch.Tensor:

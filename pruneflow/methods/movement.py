@@ -34,7 +34,7 @@ from torch import nn
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.methods.base import PruneContext
-from pruneflow.methods.score_based import ScoreBasedMethod, sanh_keep
+from pruneflow.methods.score_based import ScoreBasedMethod, sanh_keep, sanh_kept_count
 from pruneflow.schedules import Schedule
 
 FLOOR_FRACTION = 0.005  # their ThresholdBinarizer keeps at least int(0.005 n) + 1 weights per matrix
@@ -46,10 +46,11 @@ def floor_count(n: int) -> int:
 
 
 @torch.no_grad()
-def threshold_with_floor_(scores: torch.Tensor, threshold: float, out: torch.Tensor) -> None:
-    """Their ``ThresholdBinarizer`` (raw scores) on one matrix: keep ``scores > threshold``,
-    or, if that keeps fewer than the floor, the scores above the ``(n - floor)``-th smallest."""
-    torch.gt(scores, threshold, out=out)
+def threshold_with_floor_(scores: torch.Tensor, threshold: float, out: torch.Tensor, sigmoid: bool = False) -> None:
+    """Their ``ThresholdBinarizer`` on one matrix: keep ``scores > threshold`` (``sigmoid``:
+    ``sigmoid(scores) > threshold``, soft movement), or, if that keeps fewer than the floor,
+    the scores above the ``(n - floor)``-th smallest."""
+    torch.gt(torch.sigmoid(scores) if sigmoid else scores, threshold, out=out)
     n = scores.numel()
     if int(out.count_nonzero()) < floor_count(n):
         k = torch.kthvalue(scores, max(n - floor_count(n), 1)).values
@@ -153,10 +154,10 @@ class Movement(ScoreBasedMethod):
         return True if self.global_threshold else super().is_mask_step(step)
 
     def authors_mask_(self, scores: torch.Tensor, sparsity: float, out: torch.Tensor, step: int | None = None) -> None:
-        keep = sanh_keep(self, sparsity, step)
         if not self.global_threshold:  # their TopKBinarizer: the top int(keep * n) of each matrix
-            self.topk.mask_(scores, max(0, min(scores.numel(), int(keep * scores.numel()))), out)
+            self.topk.mask_(scores, sanh_kept_count(self, scores.numel(), sparsity, step), out)
             return
+        keep = sanh_keep(self, sparsity, step)
         if keep == 1.0:
             threshold = WARMUP_THRESHOLD
         elif self.threshold_mem is None or step is None or (step + self.step_offset) % self.threshold_every == 0:
@@ -235,12 +236,7 @@ class SoftMovement(Movement):
         self.tau = float(sparsity)
         scores = self.state["scores"]
         for start, n, _ in self.slices:
-            s, out = scores[start : start + n], self.mask_flat[start : start + n]
-            keep = torch.sigmoid(s) > self.tau
-            floor = floor_count(n)  # their binarizer keeps at least this many per matrix
-            if int(keep.sum()) < floor:
-                keep = s > torch.kthvalue(s, max(n - floor, 1)).values
-            out.copy_(keep)
+            threshold_with_floor_(scores[start : start + n], self.tau, self.mask_flat[start : start + n], sigmoid=True)
 
     def extra_loss(self) -> torch.Tensor | None:
         if self.frozen or not self.score_params or self.final_lambda == 0 or self.tau == 0:

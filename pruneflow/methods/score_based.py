@@ -330,6 +330,11 @@ def sanh_keep(method: ScoreBasedMethod, sparsity: float, step: int | None) -> fl
     return written_keep(sparsity)
 
 
+def sanh_kept_count(method: ScoreBasedMethod, n: int, sparsity: float, step: int | None) -> int:
+    """Their ``TopKBinarizer`` / ``MagnitudeBinarizer`` count: ``int(keep * n)``."""
+    return max(0, min(n, int(sanh_keep(method, sparsity, step) * n)))
+
+
 @torch.no_grad()
 def keep_from_kth_largest_(scores: torch.Tensor, keep: int, out: torch.Tensor) -> None:
     """Threshold at the ``keep``-th largest score and keep every score >= it (ties at

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -497,6 +497,16 @@ class SPP(PruningMethod):
         return point
 
     # -- choosing a ratio and compressing ----------------------------------------------------------------
+    def pools(self, masks: PairedMasks) -> Iterator[tuple[tuple[str, ...], list[int], list[dict[str, torch.Tensor]], list[torch.Tensor]]]:
+        """Per pool of ``method.grouping`` with entries here: its kinds, the indices of its
+        masks, their search records and their support counts (0 where none were kept)."""
+        assert self.search is not None
+        for pool in GROUPINGS[self.grouping]:
+            idx = [i for i, e in enumerate(masks.entries) if e.kind in pool]
+            if idx:
+                data = [self.search[masks.entries[i].key] for i in idx]
+                yield pool, idx, data, [d.get("support", torch.zeros_like(d["entry_step"])) for d in data]
+
     def keep_vectors(self, masks: PairedMasks) -> list[torch.Tensor]:
         """Kept entries for the run's sparsity: the same fraction of weights removed from
         each pool (``method.grouping``: the authors' attention and FFN pools, or one per
@@ -507,12 +517,9 @@ class SPP(PruningMethod):
         covered = sum(e.cost() * e.param.numel() for e in masks)
         frac = self.sparsity * self.prunable_total / max(covered, 1)  # removed fraction of SPP-covered weights
         keep: list[torch.Tensor | None] = [None] * len(masks)
-        for pool in GROUPINGS[self.grouping]:
-            idx = [i for i, e in enumerate(masks.entries) if e.kind in pool]
-            if not idx:
-                continue
-            s = [self.search[masks.entries[i].key] for i in idx]
-            supports = [d.get("support", torch.zeros_like(d["entry_step"])) for d in s] if self.rank == "support_time" else None
+        for _, idx, s, supports in self.pools(masks):
+            if self.rank != "support_time":
+                supports = None
             prio = global_priority([d["entry_step"] for d in s], [d["z"] for d in s], [d["m"] for d in s], supports)
             costs = [masks.entries[i].cost() for i in idx]
             total = sum(c * p.numel() for c, p in zip(costs, prio, strict=True))
@@ -527,12 +534,7 @@ class SPP(PruningMethod):
         assert self.search is not None
         keep: list[torch.Tensor | None] = [None] * len(masks)
         self.removed_entries = {}
-        for pool in GROUPINGS[self.grouping]:
-            idx = [i for i, e in enumerate(masks.entries) if e.kind in pool]
-            if not idx:
-                continue
-            data = [self.search[masks.entries[i].key] for i in idx]
-            supports = [d.get("support", torch.zeros_like(d["entry_step"])) for d in data]
+        for pool, idx, data, supports in self.pools(masks):
             kept = authors_pool_keep(supports, self.entry_fraction)
             name, total = "+".join(pool), sum(t.numel() for t in supports)
             self.removed_entries[name] = removed = total - sum(int(k.sum()) for k in kept)
