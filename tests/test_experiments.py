@@ -491,6 +491,28 @@ def test_causal_lm_experiments_load_float16_as_their_authors() -> None:
         assert compose([f"experiment={name}"]).model.dtype == "float16", name
 
 
+@pytest.mark.parametrize("name", ["seven_pre/plot1_bert_base", "seven_pre/plot2_bert_base"])
+def test_seven_pre_bert_figures_train_and_evaluate_as_sevens_code(name: str) -> None:
+    """SEVEN_pre has no public code; its BERT figures take the rest of the recipe from SEVEN's
+    train.py, which experiment=seven/glue_bert_base transcribes: the same head, optimizer,
+    batches and seed. Plot1 (GLUE only) also takes its 512-token inputs and batch-mean dev
+    metrics; plot2 lists them as a deviation, since one setting serves its SQuAD panel too."""
+    seven, pre = compose(["experiment=seven/glue_bert_base"]), compose([f"experiment={name}"])
+    keys = ["model.config_overrides.classifier_dropout", "seed", "trainer.drop_last", "trainer.optimizer",
+            "trainer.lr_scheduler", "trainer.warmup_ratio", "trainer.weight_decay", "trainer.max_grad_norm",
+            "stages.recover.lr", "stages.recover.batch_size", "method.include", "method.exclude"]
+    if name.endswith("plot1_bert_base"):
+        keys += ["task.max_seq_length", "task.metric_average", "stages.eval_batch_size"]
+    else:
+        restore = [d["restore"] for d in load(name)["experiment_info"]["deviations"] if d["what"] == "GLUE inputs and dev metrics"]
+        assert restore and all(k in restore[0] for k in ("task.max_seq_length=512", "task.metric_average=batch_mean"))
+    for key in keys:
+        ours = OmegaConf.select(pre, key)
+        if key == "method.exclude":  # plot2 also leaves SQuAD's head out
+            ours = [p for p in ours if p != "*qa_outputs*"]
+        assert ours == OmegaConf.select(seven, key), (key, ours, OmegaConf.select(seven, key))
+
+
 def test_an_experiments_sweep_run_without_multirun_says_which_job_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """experiment=seven/glue_bert_base sweeps task and sparsity under -m; without -m it ran
     one job (sst2, 0.7) without a word."""

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from sweep_helpers import compose
 from torch import nn
 
+import pruneflow.methods
 from pruneflow.errors import UserError
 from pruneflow.masking import MaskedWeights, select_prunable
 from pruneflow.methods import METHODS, PruneContext, get_method_class
@@ -724,6 +725,35 @@ def test_soft_movement_penalty_stops_with_the_prune_stage() -> None:
 def test_movement_scores_start_at_score_init() -> None:
     _, _, method = make("movement", sparsity=0.5, steps=4, score_init=-0.5)
     assert bool((method.state["scores"] == -0.5).all()) and all(bool((p == -0.5).all()) for p in method.score_params)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_platon_windows_and_mask_steps_count_on_one_step_counter(offset: int) -> None:
+    """Their window (global_step % deltaT) and mask_ind read the same global_step: with
+    schedule.step_offset both shift, so every mask step on the ramp closes a window."""
+    model = nn.Module()
+    model.blocks = nn.Sequential(nn.Linear(4, 3))
+    pruner = pruneflow.methods.create("platon", sparsity=0.5, steps=30, model=model, include=["blocks.*"],
+                                      initial_warmup=4, final_warmup=5, deltaT=3, step_offset=offset)
+    method = pruner.method
+    locals_seen: list[int] = []
+    kernel = method.step_kernel
+    method.step_kernel = lambda *a: (locals_seen.append(a[5]), kernel(*a))[1]
+    ramp_mask_steps, window_positions = [], []
+    for step in range(30):
+        model.blocks(torch.randn(2, 4)).sum().backward()
+        pruner.after_backward(step)
+        pruner.after_optimizer_step(step)
+        model.zero_grad()
+        assert len(set(locals_seen)) == 1  # the same window position for the weight and the bias
+        window_positions.append(locals_seen[0])
+        locals_seen.clear()
+        g = step + 1 + offset  # their global_step
+        if method.is_mask_step(step) and g <= 30 - 5:
+            ramp_mask_steps.append(g)
+            assert window_positions[-1] == 0, f"mask step at their step {g} is not a window end"
+    assert ramp_mask_steps == [g for g in range(5, 26) if g % 3 == 0]
+    assert window_positions == [(s + 1 + offset) % 3 for s in range(30)]
 
 
 @pytest.mark.parametrize("frequency", [2, 10])

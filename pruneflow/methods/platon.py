@@ -116,9 +116,14 @@ class Platon(ScoreBasedMethod):
                 f"schedule.frequency={schedule.frequency} would be ignored. Leave schedule.frequency at 1."
             )
 
+    def their_step(self, step: int) -> int:
+        """Their global_step after pruneflow's step ``step``: from 1, plus ``schedule.step_offset``.
+        The window and the mask steps both count on it, so they stay in step."""
+        return step + 1 + self.ctx.schedule.step_offset
+
     def is_mask_step(self, step: int) -> bool:
         s = self.ctx.schedule
-        return platon_mask_step(step + 1 + s.step_offset, s.total_steps, s.initial_warmup, s.final_warmup, self.delta_t)
+        return platon_mask_step(self.their_step(step), s.total_steps, s.initial_warmup, s.final_warmup, self.delta_t)
 
     def init_state(self) -> None:
         self.zero_on_update = True  # their masks zero the weights in place (strict mode too: regrown weights start at 0)
@@ -128,7 +133,7 @@ class Platon(ScoreBasedMethod):
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
-        local = (step + 1) % self.delta_t
+        local = self.their_step(step) % self.delta_t
         # At a mask step the kernel also writes the selection scores (saves a pass over
         # ibar and unc); selection_scores then uses them if every layer was updated.
         fuse = self.is_mask_step(step)
