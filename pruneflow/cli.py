@@ -36,6 +36,9 @@ GROUPS = tuple(sorted(d.name for d in Path(CONFIG_DIR).iterdir() if d.is_dir() a
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")  # and --config-dir: _is_config_dir_flag
 OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Hydra's modes: one per command (it raises a bare ValueError for two)
+MODE_FLAGS = {"-m": "-m", "--multirun": "-m", "-r": "--run", "--run": "--run", "-c": "--cfg", "--cfg": "--cfg",
+              "-i": "--info", "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
 
 
 def _report_error(message: str, label: str = "error") -> None:
@@ -204,6 +207,11 @@ def _first_value(override: Any) -> str:  # noqa: ANN401
 def precheck(argv: list[str]) -> str | None:
     """Compose the configuration of every sweep value before Hydra runs anything, so that
     a misspelt key, a wrong type or an unknown option is one clear paragraph."""
+    modes = sorted({MODE_FLAGS[a.split("=")[0]] for a in argv if a.split("=")[0] in MODE_FLAGS})
+    if len(modes) > 1:
+        how = (" To see the configuration of one job of a sweep, give that job's values without -m: "
+               "pruneflow <overrides> --cfg job." if "-m" in modes and "--cfg" in modes else "")
+        return f"{' and '.join(modes)} cannot be given together: a command either runs, runs a sweep (-m), prints its configuration (--cfg) or describes it (--info).{how}"
     if any(a.split("=")[0] in OTHER_CONFIG_FLAGS for a in argv):
         return None
     from hydra import compose as hydra_compose

@@ -190,6 +190,9 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     # a key that only some jobs' method has: the error names the job it fails in
     (["-m", "method=seven,platon", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
     (["-m", "method=platon,seven", "method.beta1=0.85"], "A job of this sweep (method=seven method.beta1=0.85", "Unknown key 'method.beta1'"),
+    # two of Hydra's modes (Hydra itself raises a bare ValueError)
+    (["-m", "sparsity=0.5,0.7", "--cfg", "job"], "--cfg and -m cannot be given together", "pruneflow <overrides> --cfg job"),
+    (["--info", "--cfg", "job"], "--cfg and --info cannot be given together", "describes it (--info)"),
 ]
 
 

@@ -303,6 +303,76 @@ def test_run_squad_windows_are_squad_convert_examples_to_features(tmp_path: Path
     assert qa.train_set["input_ids"] != task.train_set["input_ids"]
 
 
+def _their_training_labels(tok, row: dict, max_seq_length: int, doc_stride: int, max_query_length: int):  # noqa: ANN001, ANN202
+    """squad_convert_example_to_features with is_training=True, transcribed as written: the
+    context split into whitespace words (SquadExample), the answer's words from its first and
+    last character, the question dropped ([]) when those words do not contain the answer
+    text, every word tokenized on its own, _improve_answer_span over the words' tokens; per
+    window (input ids, start, end), CLS (0) where the span is not inside the window."""
+    context, text, char = row["context"], row["answers"]["text"][0], row["answers"]["answer_start"][0]
+    words, char_to_word, prev_space = [], [], True
+    for c in context:
+        if c in " \t\r\n" or ord(c) == 0x202F:
+            prev_space = True
+        else:
+            if prev_space:
+                words.append(c)
+            else:
+                words[-1] += c
+            prev_space = False
+        char_to_word.append(len(words) - 1)
+    start_word = char_to_word[char]
+    end_word = char_to_word[min(char + len(text) - 1, len(char_to_word) - 1)]
+    if " ".join(words[start_word : end_word + 1]).find(" ".join(text.strip().split())) == -1:
+        return []
+    orig_to_tok, doc_tokens = [], []
+    for w in words:
+        orig_to_tok.append(len(doc_tokens))
+        doc_tokens += tok.tokenize(w)
+    tok_start = orig_to_tok[start_word]
+    tok_end = orig_to_tok[end_word + 1] - 1 if end_word < len(words) - 1 else len(doc_tokens) - 1
+    target = " ".join(tok.tokenize(text))
+    found = [(a, b) for a in range(tok_start, tok_end + 1) for b in range(tok_end, a - 1, -1) if " ".join(doc_tokens[a : b + 1]) == target]
+    tok_start, tok_end = found[0] if found else (tok_start, tok_end)
+    ids, _ = _their_windows(tok, row["question"], context, max_seq_length, doc_stride, max_query_length)
+    query = len(tok(row["question"], add_special_tokens=False, truncation=True, max_length=max_query_length)["input_ids"])
+    out = []
+    for k, feature in enumerate(ids):
+        doc_start, doc_end = k * doc_stride, k * doc_stride + len(feature) - query - 3 - 1
+        inside = tok_start >= doc_start and tok_end <= doc_end
+        out.append((feature, *((tok_start - doc_start + query + 2, tok_end - doc_start + query + 2) if inside else (0, 0))))
+    return out
+
+
+def test_run_squad_training_labels_and_dropped_questions_are_their_processors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under task.features=run_squad the training answers are labelled as their processor
+    does: "18" inside the word "(1895)" labels the whole word (no sub-span of its tokens reads
+    "18"), where the characters alone give the one token "1895"; a question whose
+    answer_start does not point at its answer text is dropped; the rest as before."""
+    rows = squad_rows(12, 0)
+    base = "the year is (1895) and the place is far away from here."
+    for i in (0, 1, 2):  # "1895" often enough to be one token of the trained vocabulary
+        rows[i] = {**rows[i], "context": base, "question": "what year?", "answers": {"text": ["18"], "answer_start": [base.index("1895")]}}
+    rows[3] = {**rows[3], "answers": {"text": ["zulu"], "answer_start": [4]}}  # not what the context says there
+    path = write_dataset(tmp_path / "data", {"train": rows, "validation": squad_rows(4, 1)}, "jsonl")
+    cfg = compose(["model=bert_tiny", "task=squad/v1", f"task.path={path}", f"task.cache_dir={tmp_path / 'cache'}", "task.features=run_squad",
+                   "task.max_seq_length=24", "task.doc_stride=4", "task.max_query_length=3"])
+    task = build_task(cfg.task, 0)
+    task.load()
+    bundle = build_model(cfg.model, task)
+    tok = bundle.tokenizer
+    assert tok.tokenize("(1895)") == ["(", "1895", ")"]
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        task.prepare(bundle)
+    assert "1 training question(s) dropped" in caplog.text
+    want = [f for r in rows for f in _their_training_labels(tok, r, 24, 4, 3)]
+    ds = task.train_set
+    got = list(zip(ds["input_ids"], ds["start_positions"], ds["end_positions"], strict=True))
+    assert got == want
+    year = [(st, en) for ids, st, en in got if st and tok.convert_ids_to_tokens(ids[st : en + 1]) == ["(", "1895", ")"]]
+    assert len(year) >= 3  # the whole word, in at least one window of each of the three questions
+
+
 def test_run_squad_oracle_gives_the_gold_answers(tmp_path: Path) -> None:
     task, _ = prepared(tmp_path, "v2", "jsonl", ["task.max_seq_length=24", "task.doc_stride=6", "task.features=run_squad", "task.max_query_length=5"])
     golds = [(r["answers"]["text"] or [""])[0] for r in squad_rows(8, 1, 4)]

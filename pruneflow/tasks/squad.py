@@ -33,6 +33,7 @@ Metrics: ``pruneflow/metrics/squad.py`` (official normalisation, EM and F1).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,8 @@ from pruneflow.utils import progress
 
 if TYPE_CHECKING:
     from pruneflow.models import ModelBundle
+
+log = logging.getLogger("pruneflow")
 
 HUB_IDS = {"v1": "rajpurkar/squad", "v2": "rajpurkar/squad_v2"}
 FEATURES = ("run_qa", "run_squad")
@@ -140,6 +143,68 @@ def max_context_flags(windows: list[tuple[int, int]]) -> list[np.ndarray]:
         best[pos[better]], owner[pos[better]] = score[better], k
     return [owner[start : start + length] == k for k, (start, length) in enumerate(windows)]
 
+
+
+def _is_squad_whitespace(c: str) -> bool:
+    return c in " \t\r\n" or ord(c) == 0x202F
+
+
+def whitespace_words(text: str) -> tuple[list[str], list[int]]:
+    """SquadExample's words: runs of non-whitespace, and each character's word index (a
+    whitespace character belongs to the word before it; -1 before the first)."""
+    words: list[str] = []
+    char_to_word: list[int] = []
+    after_space = True
+    for c in text:
+        if _is_squad_whitespace(c):
+            after_space = True
+        else:
+            if after_space:
+                words.append(c)
+            else:
+                words[-1] += c
+            after_space = False
+        char_to_word.append(len(words) - 1)
+    return words, char_to_word
+
+
+def improve_answer_span(doc_tokens: list[str], start: int, end: int, answer_tokens: list[str]) -> tuple[int, int]:
+    """The first (earliest start, then longest) token span inside [start, end] whose
+    tokens read as the answer's own tokens; [start, end] itself when none does."""
+    target = " ".join(answer_tokens)
+    for new_start in range(start, end + 1):
+        for new_end in range(end, new_start - 1, -1):
+            if " ".join(doc_tokens[new_start : new_end + 1]) == target:
+                return new_start, new_end
+    return start, end
+
+
+def run_squad_answer_chars(context: str, text: str, answer_start: int, doc_tokens: list[str],
+                           doc_offsets: list[tuple[int, int]], answer_tokens: list[str]) -> tuple[int, int] | None:
+    """The characters of the training answer as squad_convert_examples_to_features labels it,
+    or None where it drops the question. The answer is mapped to whitespace words (its first
+    and last character's words); when those words do not contain the answer text, the question
+    is dropped. Otherwise the span is the words' tokens, narrowed to the sub-span that
+    tokenizes as the answer does (their _improve_answer_span): e.g. "18" in the word "(1895)"
+    keeps the whole word where no sub-span of its tokens reads "18"."""
+    words, char_to_word = whitespace_words(context)
+    if not words or not doc_tokens:
+        return None
+    first_word = max(char_to_word[answer_start], 0)
+    last_word = max(char_to_word[min(answer_start + len(text) - 1, len(char_to_word) - 1)], 0)
+    if " ".join(words[first_word : last_word + 1]).find(" ".join(text.strip().split())) == -1:
+        return None
+    token_words = [char_to_word[a] for a, _ in doc_offsets]  # non-decreasing: tokens never start on whitespace
+
+    def first_token(word: int) -> int:  # their orig_to_tok_index[word]
+        return next((t for t, w in enumerate(token_words) if w >= word), len(doc_tokens))
+
+    tok_start = first_token(first_word)
+    tok_end = first_token(last_word + 1) - 1 if last_word < len(words) - 1 else len(doc_tokens) - 1
+    if tok_start > tok_end or tok_start >= len(doc_tokens):  # words without tokens: keep the characters asked for
+        return answer_start, answer_start + len(text)
+    tok_start, tok_end = improve_answer_span(doc_tokens, tok_start, tok_end, answer_tokens)
+    return doc_offsets[tok_start][0], doc_offsets[tok_end][1]
 
 class Squad(TextTask):
     problem = "question_answering"
@@ -294,6 +359,23 @@ class Squad(TextTask):
         data["overflow_to_sample_mapping"] = [r[0] for r in rows]
         return BatchEncoding(data, encoding=[r[2].encodings[r[3]] for r in rows])
 
+    def _run_squad_answers(self, batch: dict[str, list]) -> list[tuple[int, int] | None]:
+        """Per question, the characters of its training answer as run_squad.py labels it
+        (:func:`run_squad_answer_chars`), None where it drops the question or has no answer."""
+        tok = self.tokenizer
+        docs = tok(batch["context"], add_special_tokens=False, return_offsets_mapping=True)
+        out: list[tuple[int, int] | None] = []
+        for j, (context, ans) in enumerate(zip(batch["context"], batch["answers"], strict=True)):
+            if not ans["answer_start"]:
+                out.append(None)
+                continue
+            text = ans["text"][0]
+            out.append(run_squad_answer_chars(
+                context, text, int(ans["answer_start"][0]), tok.convert_ids_to_tokens(docs["input_ids"][j]),
+                [tuple(o) for o in docs["offset_mapping"][j]], tok.tokenize(text),
+            ))
+        return out
+
     def _cls(self, ids: list[int]) -> int:
         cls = self.tokenizer.cls_token_id
         return ids.index(cls) if cls is not None and cls in ids else 0
@@ -303,10 +385,13 @@ class Squad(TextTask):
         self.check_model(bundle)
         s = self.settings()
 
+        dropped: list[int] = []
+
         def encode_train(batch: dict[str, list]) -> dict[str, list]:
             enc, ctx_seq = self._tokenize(batch, s)
             sample = enc.pop("overflow_to_sample_mapping")
             offsets = enc.pop("offset_mapping")
+            answer_chars = self._run_squad_answers(batch) if s["features"] == "run_squad" else None
             starts, ends = [], []
             for i, offs in enumerate(offsets):
                 cls = self._cls(enc["input_ids"][i])
@@ -317,8 +402,15 @@ class Squad(TextTask):
                     starts.append(cls)
                     ends.append(cls)
                     continue
-                a0 = int(ans["answer_start"][0])
-                a1 = a0 + len(ans["text"][0])
+                if answer_chars is not None:
+                    if answer_chars[sample[i]] is None:  # dropped below
+                        starts.append(cls)
+                        ends.append(cls)
+                        continue
+                    a0, a1 = answer_chars[sample[i]]
+                else:
+                    a0 = int(ans["answer_start"][0])
+                    a1 = a0 + len(ans["text"][0])
                 lo, hi = ctx[0], ctx[-1]
                 if offs[lo][0] > a0 or offs[hi][1] < a1:  # the answer is not (fully) in this window
                     starts.append(cls)
@@ -333,10 +425,20 @@ class Squad(TextTask):
                 ends.append(en)
             enc = dict(enc)
             enc["start_positions"], enc["end_positions"] = starts, ends
+            if answer_chars is not None and None in answer_chars:  # their processor gives such a question no feature
+                drop = {j for j, chars in enumerate(answer_chars) if chars is None and batch["answers"][j]["answer_start"]}
+                dropped.append(len(drop))
+                keep = [i for i in range(len(sample)) if sample[i] not in drop]
+                enc = {key: [values[i] for i in keep] for key, values in enc.items()}
             return enc
 
         raw_train = self.raw["train"]
         self.train_set = raw_train.map(encode_train, batched=True, remove_columns=raw_train.column_names, desc="tokenising train")
+        if sum(dropped):
+            log.warning(
+                "task.features=run_squad: %d training question(s) dropped, as squad_convert_examples_to_features "
+                "drops them: the whitespace-separated words at answer_start do not contain the answer text.", sum(dropped),
+            )
         self.eval_sets = {}
         for split in self.eval_splits:
             self.eval_sets[split] = self._eval_features(split, s)
