@@ -373,6 +373,116 @@ def test_run_squad_training_labels_and_dropped_questions_are_their_processors(tm
     assert len(year) >= 3  # the whole word, in at least one window of each of the three questions
 
 
+def _their_basic_tokenize(text: str) -> str:
+    """BERT's BasicTokenizer(do_lower_case=True), transcribed: control characters dropped,
+    whitespace to spaces, lower-cased, accents stripped (NFD, marks dropped), punctuation
+    split off; the tokens joined by spaces."""
+    import unicodedata
+
+    def punct(c: str) -> bool:
+        o = ord(c)
+        return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c).startswith("P")
+
+    text = "".join(" " if c in " \t\n\r" or unicodedata.category(c) == "Zs" else c for c in text
+                   if not (ord(c) in (0, 0xFFFD) or (unicodedata.category(c).startswith("C") and c not in "\t\n\r")))
+    out = []
+    for word in text.split():
+        word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+        piece = ""
+        for c in word:
+            if punct(c):
+                out += [piece] if piece else []
+                out.append(c)
+                piece = ""
+            else:
+                piece += c
+        out += [piece] if piece else []
+    return " ".join(out)
+
+
+def _their_final_text(pred_text: str, orig_text: str) -> str:
+    """squad_metrics.get_final_text(do_lower_case=True), transcribed as written."""
+    def strip_spaces(text: str):  # noqa: ANN202
+        chars, ns_to_s = [], {}
+        for i, c in enumerate(text):
+            if c == " ":
+                continue
+            ns_to_s[len(chars)] = i
+            chars.append(c)
+        return "".join(chars), ns_to_s
+
+    tok_text = _their_basic_tokenize(orig_text)
+    start = tok_text.find(pred_text)
+    if start == -1:
+        return orig_text
+    end = start + len(pred_text) - 1
+    orig_ns, orig_ns_to_s = strip_spaces(orig_text)
+    tok_ns, tok_ns_to_s = strip_spaces(tok_text)
+    if len(orig_ns) != len(tok_ns):
+        return orig_text
+    tok_s_to_ns = {i: n for n, i in tok_ns_to_s.items()}
+    if start not in tok_s_to_ns or tok_s_to_ns[start] not in orig_ns_to_s:
+        return orig_text
+    orig_start = orig_ns_to_s[tok_s_to_ns[start]]
+    if end not in tok_s_to_ns or tok_s_to_ns[end] not in orig_ns_to_s:
+        return orig_text
+    return orig_text[orig_start : orig_ns_to_s[tok_s_to_ns[end]] + 1]
+
+
+@pytest.mark.parametrize(("pred", "orig"), [
+    ("1895", "(1895-1943)."), ("95", "(1895-1943)."), ("##95", "(1895-1943)."), ("john smith", "John Smith"),
+    ("don ' t", "don't"), ("naive", "naïve,"), ("1943 ) .", "(1895-1943)."), ("xyz", "abc def"), ("a", "A\u00adb"),
+    ("tokyo", "Tokyo\u3001Japan"), ("smith", "John Smith"), ("s", "Mr. Smith's"),
+])
+def test_final_text_is_their_get_final_text(pred: str, orig: str) -> None:
+    from pruneflow.tasks.squad import basic_tokenizer, final_text
+
+    assert final_text(pred, orig, basic_tokenizer(True)) == _their_final_text(pred, orig)
+
+
+def test_run_squad_answer_text_maps_tokens_back_through_the_words(tmp_path: Path) -> None:
+    """Under run_squad an answer's text is their get_final_text of its tokens within the
+    whitespace-separated words that hold them: a span starting at a word's first piece gives
+    those characters ("hoteli" of hotel ##i ##er), a span starting inside a word ("##i ##er")
+    gives the whole word, its full stop included; run_qa's text is the tokens' characters."""
+    rows = squad_rows(4, 1)
+    context = "the code is bravo hotelier. the end."
+    rows[0] = {**rows[0], "context": context, "question": "what code?",
+               "answers": {"text": ["hotelier"], "answer_start": [context.index("hotelier")]}}
+    path = write_dataset(tmp_path / "data", {"train": squad_rows(12, 0), "validation": rows}, "jsonl")
+    texts = {}
+    for features in ("run_squad", "run_qa"):
+        cfg = compose(["model=bert_tiny", "task=squad/v1", f"task.path={path}", f"task.cache_dir={tmp_path / 'cache'}",
+                       f"task.features={features}"])
+        task = build_task(cfg.task, 0)
+        task.load()
+        bundle = build_model(cfg.model, task)
+        task.prepare(bundle)
+        tok, f = bundle.tokenizer, task.features["validation"]
+        ids = task.eval_sets["validation"]["input_ids"][0]
+        offs = f["offsets"][0]
+        word = [t for t in range(len(offs)) if offs[t, 0] >= context.index("hotelier") and offs[t, 1] <= context.index(". the end")]
+        pieces = tok.convert_ids_to_tokens(ids[word[0] : word[-1] + 1])
+        assert pieces[0] == "hotel" and len(pieces) >= 3 and all(p.startswith("##") for p in pieces[1:])  # e.g. hotel ##i ##er
+        texts[features] = []
+        for a, b in ((word[0], word[1]), (word[1], word[-1])):
+            s, e = np.zeros(len(offs)), np.zeros(len(offs))
+            s[a], e[b] = 10.0, 10.0
+            starts, ends = [s], [e]
+            for k in range(1, len(f["offsets"])):  # the other questions: any answer
+                starts.append(np.zeros(len(f["offsets"][k])))
+                ends.append(np.zeros(len(f["offsets"][k])))
+            span_text = task._their_answer_text("validation", list(task.raw["validation"]["context"])) if features == "run_squad" else None
+            got = postprocess(list(task.raw["validation"]["context"]), f["example"], starts, ends, f["offsets"], f["cls"], 20, 30,
+                              False, 0.0, f["max_context"], span_text)[0][0]
+            texts[features].append(got)
+        first_two = context[offs[word[0], 0] : offs[word[1], 1]]  # e.g. "hoteli"
+        inside = context[offs[word[1], 0] : offs[word[-1], 1]]  # e.g. "ier"
+        assert first_two.startswith("hotel") and len(first_two) > 5 and "hotel" + inside == "hotelier"
+        want = [first_two, "hotelier."] if features == "run_squad" else [first_two, inside]
+        assert texts[features] == want, features
+
+
 def test_run_squad_oracle_gives_the_gold_answers(tmp_path: Path) -> None:
     task, _ = prepared(tmp_path, "v2", "jsonl", ["task.max_seq_length=24", "task.doc_stride=6", "task.features=run_squad", "task.max_query_length=5"])
     golds = [(r["answers"]["text"] or [""])[0] for r in squad_rows(8, 1, 4)]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,12 +95,15 @@ def postprocess(
     v2: bool = False,
     null_threshold: float = 0.0,
     max_context: list[np.ndarray] | None = None,
+    span_text: Callable[[int, int, int, int], str] | None = None,
 ) -> list[tuple[str, float]]:
     """(answer text, no-answer probability) per example from the windows' logits.
 
     ``offsets[f]`` holds the (start, end) character offsets of feature f's tokens
     in the context, -1 for tokens outside the context (question, specials).
     ``max_context[f]`` (run_squad): the tokens an answer may start at in feature f.
+    ``span_text(example, feature, start token, end token)``: the answer's text (run_squad:
+    their get_final_text); by default the context's characters between the tokens' offsets.
     """
     by_example: dict[int, list[int]] = {}
     for f, ex in enumerate(feature_example.tolist()):
@@ -108,7 +111,7 @@ def postprocess(
     out: list[tuple[str, float]] = []
     for ex, context in enumerate(example_contexts):
         null_score: float | None = None
-        cands: list[tuple[float, int, int]] = []  # (score, start char, end char)
+        cands: list[tuple[float, int, int, int, int, int]] = []  # (score, start char, end char, feature, start, end token)
         for f in by_example.get(ex, []):
             s, e, offs = start_logits[f], end_logits[f], offsets[f]
             c = int(cls_index[f])
@@ -116,9 +119,14 @@ def postprocess(
             null_score = null if null_score is None or null < null_score else null_score
             allowed = None if max_context is None else max_context[f]
             for score, a, b in best_spans(s, e, offs[:, 0] >= 0, n_best, max_answer_length, allowed):
-                cands.append((score, int(offs[a, 0]), int(offs[b, 1])))
+                cands.append((score, int(offs[a, 0]), int(offs[b, 1]), f, a, b))
         cands = sorted(cands, key=lambda x: -x[0])[:n_best]
-        text = context[cands[0][1] : cands[0][2]] if cands else ""
+        if not cands:
+            text = ""
+        elif span_text is not None:
+            text = span_text(ex, *cands[0][3:])
+        else:
+            text = context[cands[0][1] : cands[0][2]]
         p_null = 0.0
         if v2:
             diff = math.inf if not cands or null_score is None else null_score - cands[0][0]
@@ -205,6 +213,54 @@ def run_squad_answer_chars(context: str, text: str, answer_start: int, doc_token
         return answer_start, answer_start + len(text)
     tok_start, tok_end = improve_answer_span(doc_tokens, tok_start, tok_end, answer_tokens)
     return doc_offsets[tok_start][0], doc_offsets[tok_end][1]
+
+
+def _without_spaces(text: str) -> tuple[str, dict[int, int]]:
+    """The text without its spaces, and each remaining character's index in the text."""
+    kept = [(i, c) for i, c in enumerate(text) if c != " "]
+    return "".join(c for _, c in kept), {n: i for n, (i, _) in enumerate(kept)}
+
+
+def final_text(pred_text: str, orig_text: str, basic_tokenize: Callable[[str], str]) -> str:
+    """squad_metrics.get_final_text: the predicted tokens' text (lower-cased, punctuation split
+    off) found in the basic tokenization of the original words and mapped back character by
+    character, space-free positions aligned; the original words whole when it is not found or
+    the two differ in length without spaces (e.g. a stripped accent)."""
+    tok_text = basic_tokenize(orig_text)
+    start = tok_text.find(pred_text)
+    if start == -1:
+        return orig_text
+    end = start + len(pred_text) - 1
+    orig_ns, orig_map = _without_spaces(orig_text)
+    tok_ns, tok_map = _without_spaces(tok_text)
+    if len(orig_ns) != len(tok_ns):
+        return orig_text
+    tok_to_ns = {i: n for n, i in tok_map.items()}
+    if start not in tok_to_ns or end not in tok_to_ns:
+        return orig_text
+    return orig_text[orig_map[tok_to_ns[start]] : orig_map[tok_to_ns[end]] + 1]
+
+
+def basic_tokenizer(lowercase: bool) -> Callable[[str], str]:
+    """BERT's BasicTokenizer (text cleaned, CJK characters and punctuation split off,
+    lower-cased and accents stripped with ``lowercase``), tokens joined by spaces; from the
+    ``tokenizers`` library's BertNormalizer and BertPreTokenizer, which implement it."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    pre = BertPreTokenizer()
+    return lambda text: " ".join(piece for piece, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+
+
+def tokens_to_string(tok: Any, tokens: list[str]) -> str:  # noqa: ANN401
+    """The slow tokenizers' convert_tokens_to_string, which their scripts use: WordPiece
+    pieces joined (" ##" removed) without the fast decoder's clean-up of spaces before
+    punctuation; other tokenizers' own conversion."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "WordPiece":
+        return " ".join(tokens).replace(" ##", "").strip()
+    return tok.convert_tokens_to_string(tokens)
 
 class Squad(TextTask):
     problem = "question_answering"
@@ -523,15 +579,35 @@ class Squad(TextTask):
                 ends.append(e[row, sl])
         return starts, ends
 
+    def _their_answer_text(self, split: str, contexts: list[str]) -> Callable[[int, int, int, int], str]:
+        """run_squad's answer text (compute_predictions_logits): the span's tokens joined, the
+        whitespace-separated words they lie in, then :func:`final_text`; lower-cased when the
+        tokenizer lower-cases (their commands pass --do_lower_case with uncased BERT)."""
+        tok = self.tokenizer
+        normalizer = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
+        basic = basic_tokenizer(normalizer is not None and normalizer.normalize_str("A") == "a")
+        ids = self.eval_sets[split]["input_ids"]
+        offsets = self.features[split]["offsets"]
+
+        def span_text(example: int, feature: int, a: int, b: int) -> str:
+            words, char_to_word = whitespace_words(contexts[example])
+            first, last = char_to_word[offsets[feature][a, 0]], char_to_word[offsets[feature][b, 0]]
+            pred = " ".join(tokens_to_string(tok, tok.convert_ids_to_tokens(ids[feature][a : b + 1])).split())
+            return final_text(pred, " ".join(words[first : last + 1]), basic)
+
+        return span_text
+
     def evaluate(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[dict[str, float], list[dict[str, Any]]]:
         s = self.settings()
         starts, ends = self.predict_spans(bundle, split, batch_size, device, desc)
         f = self.features[split]
         raw = self.raw[split]
+        contexts = list(raw["context"])
         answers = postprocess(
-            list(raw["context"]), f["example"], starts, ends, f["offsets"], f["cls"],
+            contexts, f["example"], starts, ends, f["offsets"], f["cls"],
             n_best=s["n_best_size"], max_answer_length=s["max_answer_length"], v2=self.v2,
             null_threshold=s["null_score_diff_threshold"], max_context=f["max_context"],
+            span_text=self._their_answer_text(split, contexts) if s["features"] == "run_squad" else None,
         )
         preds = [a for a, _ in answers]
         refs = [list(a["text"]) or [""] for a in raw["answers"]]
