@@ -519,6 +519,33 @@ def test_bad_llm_settings_are_one_clear_error(tmp_path: Path, lm_text: Path, ove
         run_lm(tmp_path / "bad", lm_text, *overrides)
 
 
+def test_attention_implementation_is_the_configured_one(lm_text: Path) -> None:
+    """model.attn_implementation reaches transformers (eager: the attention of Wanda's and
+    RIA's transformers versions; null: its default, sdpa); the two give the same logits up to
+    rounding; a name transformers does not know is one error naming the key."""
+    from pruneflow.models import build_model
+    from pruneflow.tasks import build_task
+
+    logits = {}
+    for attn in ("null", "eager"):
+        cfg = compose(["model=tiny_llama", "model.pretrain.steps=0", "task=lm/wikitext2", f"task.path={lm_text}",
+                       f"model.attn_implementation={attn}"])
+        task = build_task(cfg.task, 0)
+        task.load()
+        torch.manual_seed(0)
+        bundle = build_model(cfg.model, task)
+        assert bundle.model.config._attn_implementation == ("sdpa" if attn == "null" else "eager")
+        logits[attn] = bundle.model(torch.arange(1, 33).view(1, 32)).logits
+    assert torch.allclose(logits["null"], logits["eager"], atol=1e-5)
+    for name in ("experiment=wanda/llama2_7b", "experiment=sparsegpt/llama2_7b", "experiment=ria/llama2_7b", "experiment=ria/llama3_8b"):
+        assert compose([name]).model.attn_implementation == "eager", name
+    cfg = compose(["model=tiny_llama", "model.pretrain.steps=0", "task=lm/wikitext2", f"task.path={lm_text}", "model.attn_implementation=bogus"])
+    task = build_task(cfg.task, 0)
+    task.load()
+    with pytest.raises(UserError, match="model.attn_implementation"):
+        build_model(cfg.model, task)
+
+
 def test_one_shot_methods_refuse_encoder_tasks_and_models(tmp_path: Path, lm_text: Path) -> None:
     from pruneflow.runner import run
 

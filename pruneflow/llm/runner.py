@@ -120,7 +120,8 @@ class LLMRun:
         if alloc.get("name") not in ALLOCATIONS:
             raise invalid("allocation.name", alloc.get("name"), ALLOCATIONS)
         if alloc.get("name") == "owl" and self.method.pattern is not None:
-            raise invalid("allocation.name", "owl", "uniform with method.pattern (N:M)", "N:M fixes every layer's sparsity at 1 - N/M.")
+            raise invalid("allocation.name", "owl", "uniform with method.pattern (N:M)",
+                          "Here N:M holds every layer at 1 - N/M; OWL's N:M variant (wanda_owl_structure, a rounded N per block) is not offered.")
         if alloc.get("name") == "owl" and self.gradient:
             raise invalid("allocation.name", "owl", f"uniform with method={name}",
                           f"method={name} ranks its own scores across the model (method.scope), not per block.")

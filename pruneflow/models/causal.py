@@ -54,12 +54,15 @@ def build_causal_lm(cfg: DictConfig, task: Task) -> ModelBundle:
     dtype = model_dtype(cfg)
     trust = check_bool(cfg.get("trust_remote_code", False), "model.trust_remote_code")
     source = cfg.get("path") or cfg.get("hub_id")
+    attn = cfg.get("attn_implementation")
+    attention = {"attn_implementation": str(attn)} if attn is not None else {}
     if check_bool(cfg.get("pretrained", True), "model.pretrained") and source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
             apply_config_overrides(config, cfg)
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=trust, low_cpu_mem_usage=True)
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=trust, low_cpu_mem_usage=True,
+                                                         **attention)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - missing, gated, unreachable or damaged files
@@ -81,7 +84,11 @@ def build_causal_lm(cfg: DictConfig, task: Task) -> ModelBundle:
             pad_token_id=tokenizer.pad_token_id, **arch,
         )
         apply_config_overrides(config, cfg)
-        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, **attention).to(dtype)
+        except ValueError as e:  # an attention implementation this model or install does not have
+            raise invalid("model.attn_implementation", attn, "eager, sdpa, or another that transformers offers for the model "
+                          "and this install", str(e).splitlines()[0] if str(e) else "") from e
     model.config.use_cache = False  # calibration and perplexity never decode
     model.eval()
     return ModelBundle(model=model, family="causal_lm", name=cfg.name, tokenizer=tokenizer, arch={"head": "causal_lm"})
