@@ -373,6 +373,28 @@ def test_run_squad_training_labels_and_dropped_questions_are_their_processors(tm
     assert len(year) >= 3  # the whole word, in at least one window of each of the three questions
 
 
+@pytest.mark.parametrize("text", ["  the year is (1895)\tand\n\nmore ", "a\u202fb\u00a0c  d", "", "   ", "x"])
+def test_whitespace_words_are_squad_examples_doc_tokens(text: str) -> None:
+    """SquadExample's doc_tokens and char_to_word_offset, transcribed: whitespace is space,
+    tab, CR, LF and U+202F (not U+00A0); a whitespace character maps to the word before it."""
+    from pruneflow.tasks.squad import WhitespaceWords
+
+    words, char_to_word, prev_space = [], [], True
+    for c in text:
+        if c in " \t\r\n" or ord(c) == 0x202F:
+            prev_space = True
+        else:
+            if prev_space:
+                words.append(c)
+            else:
+                words[-1] += c
+            prev_space = False
+        char_to_word.append(len(words) - 1)
+    ws = WhitespaceWords(text)
+    assert ws.words == words
+    assert [ws.word_of(i) for i in range(len(text))] == char_to_word
+
+
 def _their_basic_tokenize(text: str) -> str:
     """BERT's BasicTokenizer(do_lower_case=True), transcribed: control characters dropped,
     whitespace to spaces, lower-cased, accents stripped (NFD, marks dropped), punctuation

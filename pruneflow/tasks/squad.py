@@ -32,9 +32,11 @@ Metrics: ``pruneflow/metrics/squad.py`` (official normalisation, EM and F1).
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -153,27 +155,22 @@ def max_context_flags(windows: list[tuple[int, int]]) -> list[np.ndarray]:
 
 
 
-def _is_squad_whitespace(c: str) -> bool:
-    return c in " \t\r\n" or ord(c) == 0x202F
+# SquadExample's whitespace: what separates the words answers are mapped through
+_WORD = re.compile("[^ \t\r\n\u202f]+")
 
 
-def whitespace_words(text: str) -> tuple[list[str], list[int]]:
-    """SquadExample's words: runs of non-whitespace, and each character's word index (a
-    whitespace character belongs to the word before it; -1 before the first)."""
-    words: list[str] = []
-    char_to_word: list[int] = []
-    after_space = True
-    for c in text:
-        if _is_squad_whitespace(c):
-            after_space = True
-        else:
-            if after_space:
-                words.append(c)
-            else:
-                words[-1] += c
-            after_space = False
-        char_to_word.append(len(words) - 1)
-    return words, char_to_word
+class WhitespaceWords:
+    """SquadExample's doc_tokens: the runs of non-whitespace characters of a context, and the
+    word a character belongs to (a whitespace character to the word before it, as their
+    char_to_word_offset; -1 before the first word)."""
+
+    def __init__(self, text: str) -> None:
+        matches = list(_WORD.finditer(text))
+        self.words = [m.group() for m in matches]
+        self.starts = [m.start() for m in matches]
+
+    def word_of(self, char: int) -> int:
+        return bisect.bisect_right(self.starts, char) - 1
 
 
 def improve_answer_span(doc_tokens: list[str], start: int, end: int, answer_tokens: list[str]) -> tuple[int, int]:
@@ -195,17 +192,18 @@ def run_squad_answer_chars(context: str, text: str, answer_start: int, doc_token
     is dropped. Otherwise the span is the words' tokens, narrowed to the sub-span that
     tokenizes as the answer does (their _improve_answer_span): e.g. "18" in the word "(1895)"
     keeps the whole word where no sub-span of its tokens reads "18"."""
-    words, char_to_word = whitespace_words(context)
+    ws = WhitespaceWords(context)
+    words = ws.words
     if not words or not doc_tokens:
         return None
-    first_word = max(char_to_word[answer_start], 0)
-    last_word = max(char_to_word[min(answer_start + len(text) - 1, len(char_to_word) - 1)], 0)
+    first_word = max(ws.word_of(answer_start), 0)
+    last_word = max(ws.word_of(min(answer_start + len(text) - 1, len(context) - 1)), 0)
     if " ".join(words[first_word : last_word + 1]).find(" ".join(text.strip().split())) == -1:
         return None
-    token_words = [char_to_word[a] for a, _ in doc_offsets]  # non-decreasing: tokens never start on whitespace
+    token_words = [ws.word_of(a) for a, _ in doc_offsets]  # non-decreasing: tokens never start on whitespace
 
     def first_token(word: int) -> int:  # their orig_to_tok_index[word]
-        return next((t for t, w in enumerate(token_words) if w >= word), len(doc_tokens))
+        return bisect.bisect_left(token_words, word)
 
     tok_start = first_token(first_word)
     tok_end = first_token(last_word + 1) - 1 if last_word < len(words) - 1 else len(doc_tokens) - 1
@@ -590,8 +588,8 @@ class Squad(TextTask):
         offsets = self.features[split]["offsets"]
 
         def span_text(example: int, feature: int, a: int, b: int) -> str:
-            words, char_to_word = whitespace_words(contexts[example])
-            first, last = char_to_word[offsets[feature][a, 0]], char_to_word[offsets[feature][b, 0]]
+            ws = WhitespaceWords(contexts[example])
+            words, first, last = ws.words, ws.word_of(offsets[feature][a, 0]), ws.word_of(offsets[feature][b, 0])
             pred = " ".join(tokens_to_string(tok, tok.convert_ids_to_tokens(ids[feature][a : b + 1])).split())
             return final_text(pred, " ".join(words[first : last + 1]), basic)
 
