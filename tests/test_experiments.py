@@ -491,6 +491,13 @@ def test_causal_lm_experiments_load_float16_as_their_authors() -> None:
         assert compose([f"experiment={name}"]).model.dtype == "float16", name
 
 
+def test_admm_w_steps_are_a_few_epochs_as_the_design_brief() -> None:
+    """DESIGN.md's ADMM: "W-step: a few epochs of the optimiser"; the experiment's prune stage
+    holds method.iterations W-steps, so each gets prune epochs / iterations."""
+    cfg = compose(["experiment=admm/glue_bert_base"])
+    assert cfg.stages.prune.epochs / cfg.method.iterations >= 2
+
+
 @pytest.mark.parametrize("name", ["seven_pre/plot1_bert_base", "seven_pre/plot2_bert_base"])
 def test_seven_pre_bert_figures_train_and_evaluate_as_sevens_code(name: str) -> None:
     """SEVEN_pre has no public code; its BERT figures take the rest of the recipe from SEVEN's
