@@ -537,7 +537,8 @@ def test_attention_implementation_is_the_configured_one(lm_text: Path) -> None:
         assert bundle.model.config._attn_implementation == ("sdpa" if attn == "null" else "eager")
         logits[attn] = bundle.model(torch.arange(1, 33).view(1, 32)).logits
     assert torch.allclose(logits["null"], logits["eager"], atol=1e-5)
-    for name in ("experiment=wanda/llama2_7b", "experiment=sparsegpt/llama2_7b", "experiment=ria/llama2_7b", "experiment=ria/llama3_8b"):
+    for name in ("experiment=wanda/llama2_7b", "experiment=sparsegpt/llama2_7b", "experiment=ria/llama2_7b", "experiment=ria/llama3_8b",
+                 "experiment=spp/llama2_7b"):
         assert compose([name]).model.attn_implementation == "eager", name
     cfg = compose(["model=tiny_llama", "model.pretrain.steps=0", "task=lm/wikitext2", f"task.path={lm_text}", "model.attn_implementation=bogus"])
     task = build_task(cfg.task, 0)
