@@ -505,6 +505,43 @@ def test_run_squad_answer_text_maps_tokens_back_through_the_words(tmp_path: Path
         assert texts[features] == want, features
 
 
+def test_run_squad_pads_every_window_to_max_seq_length_and_the_pads_take_candidate_slots(tmp_path: Path,
+                                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their processor pads every window to max_seq_length: the training batches are that
+    wide (the loss runs over the pads' logits), and at evaluation the pads' logits count
+    among the n best starts and ends. A pad with the highest start logit takes the only
+    slot at n_best_size=1, so no valid span is left; run_qa trims the pads away first."""
+    import torch
+
+    opts = ["task.max_seq_length=40", "task.doc_stride=8", "task.max_query_length=5", "task.n_best_size=1"]
+    preds = {}
+    for features in ("run_squad", "run_qa"):
+        task, bundle = prepared(tmp_path / features, "v1", "jsonl", [*opts, f"task.features={features}"])
+        batch = task.collate([task.train_set[i] for i in range(4)])
+        longest = max(len(task.train_set[i]["input_ids"]) for i in range(4))
+        assert longest < 40 and batch["input_ids"].shape[1] == (40 if features == "run_squad" else longest)
+        starts, ends = task.predict_spans(bundle, "validation", 4, torch.device("cpu"))
+        f = task.features["validation"]
+        assert [len(x) for x in starts] == ([40] * len(starts) if features == "run_squad" else [len(o) for o in f["offsets"]])
+        gold_s, gold_e = [], []  # the gold span, and (run_squad) a pad with a higher start logit
+        raw = task.raw["validation"]
+        for k, ex in enumerate(f["example"].tolist()):
+            offs, ans = f["offsets"][k], raw[ex]["answers"]
+            st, en = np.zeros(len(starts[k])), np.zeros(len(starts[k]))
+            a0 = ans["answer_start"][0]
+            st[np.flatnonzero(offs[:, 0] == a0)], en[np.flatnonzero(offs[:, 1] == a0 + len(ans["text"][0]))] = 10.0, 10.0
+            st[len(offs):] = 20.0
+            gold_s.append(st)
+            gold_e.append(en)
+        monkeypatch.setattr(task, "predict_spans", lambda *a, s=gold_s, e=gold_e, **k: (s, e))
+        _, records = task.evaluate(None, "validation", 4, None)
+        preds[features] = [r["prediction"] for r in records]
+        monkeypatch.undo()
+    golds = [r["answers"]["text"][0] for r in squad_rows(8, 1)]
+    assert preds["run_qa"] == golds
+    assert preds["run_squad"] == [""] * len(golds)
+
+
 def test_run_squad_oracle_gives_the_gold_answers(tmp_path: Path) -> None:
     task, _ = prepared(tmp_path, "v2", "jsonl", ["task.max_seq_length=24", "task.doc_stride=6", "task.features=run_squad", "task.max_query_length=5"])
     golds = [(r["answers"]["text"] or [""])[0] for r in squad_rows(8, 1, 4)]

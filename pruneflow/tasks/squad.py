@@ -556,14 +556,33 @@ class Squad(TextTask):
                 f"(AutoModelForQuestionAnswering), but model={bundle.name} is {type(bundle.model).__name__}."
             )
 
+    def pads_to_max_length(self) -> bool:
+        """run_squad: every window padded to task.max_seq_length, as their processor builds
+        its dataset (padding_strategy="max_length"): the loss and the distillation term then
+        run over the pads' logits too, and at evaluation the pads count among the n best
+        starts and ends (where they are then refused). Right-padding tokenizers only (BERT's)."""
+        return self.settings()["features"] == "run_squad" and self.tokenizer.padding_side == "right"
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not self.pads_to_max_length():
+            return super().collate(examples)
+        if self._collator is None:
+            from transformers import DataCollatorWithPadding
+
+            self._collator = DataCollatorWithPadding(self.tokenizer, padding="max_length", max_length=self.max_seq_length(),
+                                                     return_tensors="pt")
+        return dict(self._collator(examples))
+
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict_spans(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Start and end logits of every feature, trimmed to its own length."""
+        """Start and end logits of every feature, trimmed to its own length (under run_squad
+        kept over the whole padded window, as theirs)."""
         from torch.utils.data import DataLoader
 
         bundle.model.eval()
         left = self.tokenizer.padding_side == "left"
+        whole = self.pads_to_max_length()
         loader = DataLoader(self.eval_sets[split], batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
@@ -572,7 +591,7 @@ class Squad(TextTask):
             out = bundle.forward({k: v.to(device) for k, v in batch.items()})
             s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
             for row, n in enumerate(lengths):
-                sl = slice(s.shape[1] - n, None) if left else slice(0, n)
+                sl = slice(None) if whole else slice(s.shape[1] - n, None) if left else slice(0, n)
                 starts.append(s[row, sl])
                 ends.append(e[row, sl])
         return starts, ends
@@ -601,10 +620,15 @@ class Squad(TextTask):
         f = self.features[split]
         raw = self.raw[split]
         contexts = list(raw["context"])
+        offsets, max_context = f["offsets"], f["max_context"]
+        if self.pads_to_max_length():  # the pads' positions: outside the context
+            offsets = [np.pad(o, ((0, len(st) - len(o)), (0, 0)), constant_values=-1) for o, st in zip(offsets, starts, strict=True)]
+            if max_context is not None:
+                max_context = [np.pad(m, (0, len(st) - len(m))) for m, st in zip(max_context, starts, strict=True)]
         answers = postprocess(
-            contexts, f["example"], starts, ends, f["offsets"], f["cls"],
+            contexts, f["example"], starts, ends, offsets, f["cls"],
             n_best=s["n_best_size"], max_answer_length=s["max_answer_length"], v2=self.v2,
-            null_threshold=s["null_score_diff_threshold"], max_context=f["max_context"],
+            null_threshold=s["null_score_diff_threshold"], max_context=max_context,
             span_text=self._their_answer_text(split, contexts) if s["features"] == "run_squad" else None,
         )
         preds = [a for a, _ in answers]
