@@ -303,15 +303,13 @@ def test_run_squad_windows_are_squad_convert_examples_to_features(tmp_path: Path
     assert qa.train_set["input_ids"] != task.train_set["input_ids"]
 
 
-def _their_training_labels(tok, row: dict, max_seq_length: int, doc_stride: int, max_query_length: int):  # noqa: ANN001, ANN202
-    """squad_convert_example_to_features with is_training=True, transcribed as written: the
-    context split into whitespace words (SquadExample), the answer's words from its first and
-    last character, the question dropped ([]) when those words do not contain the answer
-    text, every word tokenized on its own, _improve_answer_span over the words' tokens; per
-    window (input ids, start, end), CLS (0) where the span is not inside the window."""
-    context, text, char = row["context"], row["answers"]["text"][0], row["answers"]["answer_start"][0]
-    words, char_to_word, prev_space = [], [], True
-    for c in context:
+def _their_doc_tokens(text: str) -> tuple[list[str], list[int]]:
+    """SquadExample's doc_tokens and char_to_word_offset, transcribed: whitespace is space,
+    tab, CR, LF and U+202F (not U+00A0); a whitespace character maps to the word before it."""
+    words: list[str] = []
+    char_to_word: list[int] = []
+    prev_space = True
+    for c in text:
         if c in " \t\r\n" or ord(c) == 0x202F:
             prev_space = True
         else:
@@ -321,6 +319,17 @@ def _their_training_labels(tok, row: dict, max_seq_length: int, doc_stride: int,
                 words[-1] += c
             prev_space = False
         char_to_word.append(len(words) - 1)
+    return words, char_to_word
+
+
+def _their_training_labels(tok, row: dict, max_seq_length: int, doc_stride: int, max_query_length: int):  # noqa: ANN001, ANN202
+    """squad_convert_example_to_features with is_training=True, transcribed as written: the
+    context split into whitespace words (SquadExample), the answer's words from its first and
+    last character, the question dropped ([]) when those words do not contain the answer
+    text, every word tokenized on its own, _improve_answer_span over the words' tokens; per
+    window (input ids, start, end), CLS (0) where the span is not inside the window."""
+    context, text, char = row["context"], row["answers"]["text"][0], row["answers"]["answer_start"][0]
+    words, char_to_word = _their_doc_tokens(context)
     start_word = char_to_word[char]
     end_word = char_to_word[min(char + len(text) - 1, len(char_to_word) - 1)]
     if " ".join(words[start_word : end_word + 1]).find(" ".join(text.strip().split())) == -1:
@@ -379,17 +388,7 @@ def test_whitespace_words_are_squad_examples_doc_tokens(text: str) -> None:
     tab, CR, LF and U+202F (not U+00A0); a whitespace character maps to the word before it."""
     from pruneflow.tasks.squad import WhitespaceWords
 
-    words, char_to_word, prev_space = [], [], True
-    for c in text:
-        if c in " \t\r\n" or ord(c) == 0x202F:
-            prev_space = True
-        else:
-            if prev_space:
-                words.append(c)
-            else:
-                words[-1] += c
-            prev_space = False
-        char_to_word.append(len(words) - 1)
+    words, char_to_word = _their_doc_tokens(text)
     ws = WhitespaceWords(text)
     assert ws.words == words
     assert [ws.word_of(i) for i in range(len(text))] == char_to_word

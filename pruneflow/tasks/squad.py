@@ -154,7 +154,6 @@ def max_context_flags(windows: list[tuple[int, int]]) -> list[np.ndarray]:
     return [owner[start : start + length] == k for k, (start, length) in enumerate(windows)]
 
 
-
 # SquadExample's whitespace: what separates the words answers are mapped through
 _WORD = re.compile("[^ \t\r\n\u202f]+")
 
@@ -259,6 +258,7 @@ def tokens_to_string(tok: Any, tokens: list[str]) -> str:  # noqa: ANN401
     if backend is not None and type(backend.model).__name__ == "WordPiece":
         return " ".join(tokens).replace(" ##", "").strip()
     return tok.convert_tokens_to_string(tokens)
+
 
 class Squad(TextTask):
     problem = "question_answering"
