@@ -107,7 +107,9 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     jobs = {s: job(sweep, f"seed={s}") for s in (0, 1, 2)}
     assert not any((d / "result.json").exists() for d in jobs.values())
     stopped = {s: (d / "stopped.txt").read_text() for s, d in jobs.items()}
-    started = [s for s in stopped if "a checkpoint was saved" in stopped[s]]
+    # a job stops within a stage ("a checkpoint was saved") or, when the signal comes as a stage
+    # ends (a slow machine, a short finetune), between two stages ("its checkpoint is saved")
+    started = [s for s in stopped if "a checkpoint was saved" in stopped[s] or "its checkpoint is saved" in stopped[s]]
     assert len(started) == min(n_jobs, 3) and all(f"Stopped by {sig}" in stopped[s] for s in started), stopped
     for queued in set(jobs) - set(started):
         assert "Not started" in stopped[queued] and not (jobs[queued] / "checkpoints").exists()
@@ -117,7 +119,7 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     with pytest.raises(ReportError) as no_result:  # nothing finished: the report says where each job stands
         build_report(sweep)
     said = str(no_result.value)
-    assert "3 unfinished" in said and said.count(f"Stopped by {sig} after step") == len(started), said
+    assert "3 unfinished" in said and said.count(f"Stopped by {sig} after") == len(started), said
 
     again = subprocess.run(cmd, cwd=tmp_path, env=env(HYDRA_FULL_ERROR="0"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "stopped" not in again.stderr, again.stderr[-3000:]
