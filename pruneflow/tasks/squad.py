@@ -277,6 +277,7 @@ class Squad(TextTask):
         self.hub_id = str(cfg.get("hub_id") or HUB_IDS[self.version])
         self.raw: dict[str, Any] = {}
         self.features: dict[str, dict[str, Any]] = {}
+        self.pads_to_max_length = False  # set by prepare (task.features=run_squad)
 
     # --- configuration -------------------------------------------------------------------
     def _int(self, key: str, default: int, lo: int) -> int:
@@ -438,6 +439,16 @@ class Squad(TextTask):
         self.tokenizer = bundle.tokenizer
         self.check_model(bundle)
         s = self.settings()
+        # run_squad: every window padded to task.max_seq_length, as their processor builds its
+        # dataset (padding_strategy="max_length"): the loss and the distillation term run over
+        # the pads' logits too, and at evaluation the pads count among the n best starts and
+        # ends (where they are then refused). Right-padding tokenizers only (BERT's).
+        self.pads_to_max_length = s["features"] == "run_squad" and self.tokenizer.padding_side == "right"
+        if self.pads_to_max_length:
+            from transformers import DataCollatorWithPadding
+
+            self._collator = DataCollatorWithPadding(self.tokenizer, padding="max_length", max_length=s["max_seq_length"],
+                                                     return_tensors="pt")
 
         dropped: list[int] = []
 
@@ -556,23 +567,6 @@ class Squad(TextTask):
                 f"(AutoModelForQuestionAnswering), but model={bundle.name} is {type(bundle.model).__name__}."
             )
 
-    def pads_to_max_length(self) -> bool:
-        """run_squad: every window padded to task.max_seq_length, as their processor builds
-        its dataset (padding_strategy="max_length"): the loss and the distillation term then
-        run over the pads' logits too, and at evaluation the pads count among the n best
-        starts and ends (where they are then refused). Right-padding tokenizers only (BERT's)."""
-        return self.settings()["features"] == "run_squad" and self.tokenizer.padding_side == "right"
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not self.pads_to_max_length():
-            return super().collate(examples)
-        if self._collator is None:
-            from transformers import DataCollatorWithPadding
-
-            self._collator = DataCollatorWithPadding(self.tokenizer, padding="max_length", max_length=self.max_seq_length(),
-                                                     return_tensors="pt")
-        return dict(self._collator(examples))
-
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict_spans(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -582,7 +576,7 @@ class Squad(TextTask):
 
         bundle.model.eval()
         left = self.tokenizer.padding_side == "left"
-        whole = self.pads_to_max_length()
+        whole = self.pads_to_max_length
         loader = DataLoader(self.eval_sets[split], batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
@@ -621,7 +615,7 @@ class Squad(TextTask):
         raw = self.raw[split]
         contexts = list(raw["context"])
         offsets, max_context = f["offsets"], f["max_context"]
-        if self.pads_to_max_length():  # the pads' positions: outside the context
+        if self.pads_to_max_length:  # the pads' positions: outside the context
             offsets = [np.pad(o, ((0, len(st) - len(o)), (0, 0)), constant_values=-1) for o, st in zip(offsets, starts, strict=True)]
             if max_context is not None:
                 max_context = [np.pad(m, (0, len(st) - len(m))) for m, st in zip(max_context, starts, strict=True)]
