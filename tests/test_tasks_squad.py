@@ -235,9 +235,12 @@ def test_postprocess_by_hand() -> None:
     two = np.array([0, 0])
     text, p = postprocess([context], two, [s2, s], [e2, e], [offs, offs], np.array([0, 0]), v2=True)[0]
     assert text == "def ghi" and p == pytest.approx(sigmoid(0.0 - 11.0))
-    # n_best: with 1, the top start (9, outside the context) and top end (9, on SEP) leave no span
-    assert postprocess([context], one, [s], [e], [offs], cls, n_best=1)[0][0] == ""
-    assert postprocess([context], one, [s], [e], [offs], cls, n_best=1, v2=True)[0] == ("", 1.0)  # no span: surely no answer
+    # n_best: with 1, the top start (9, outside the context) and top end (9, on SEP) leave no span;
+    # run_qa and run_squad then answer a placeholder "empty" of score 0, which v2 weighs
+    # against the null score (0 here: not above the threshold, so "empty" stands)
+    assert postprocess([context], one, [s], [e], [offs], cls, n_best=1)[0][0] == "empty"
+    assert postprocess([context], one, [s], [e], [offs], cls, n_best=1, v2=True)[0] == ("empty", 0.5)
+    assert postprocess([context], one, [s2], [e2], [offs], cls, n_best=1, v2=True)[0] == ("", pytest.approx(sigmoid(12.0)))
     assert postprocess([context], one, [s], [e], [offs], cls, n_best=2)[0][0] == "def ghi"
     # an end before its start is no span: ghi (5 + 2) wins over the reversed (5 + 5)
     s3, e3 = np.array([0, 0, 0, 0, 1, 5, 0.0]), np.array([0, 0, 0, 0, 5, 2, 0.0])
@@ -509,7 +512,8 @@ def test_run_squad_pads_every_window_to_max_seq_length_and_the_pads_take_candida
     """Their processor pads every window to max_seq_length: the training batches are that
     wide (the loss runs over the pads' logits), and at evaluation the pads' logits count
     among the n best starts and ends. A pad with the highest start logit takes the only
-    slot at n_best_size=1, so no valid span is left; run_qa trims the pads away first."""
+    slot at n_best_size=1, so no valid span is left (their placeholder answer "empty");
+    run_qa trims the pads away first."""
     import torch
 
     opts = ["task.max_seq_length=40", "task.doc_stride=8", "task.max_query_length=5", "task.n_best_size=1"]
@@ -538,7 +542,7 @@ def test_run_squad_pads_every_window_to_max_seq_length_and_the_pads_take_candida
         monkeypatch.undo()
     golds = [r["answers"]["text"][0] for r in squad_rows(8, 1)]
     assert preds["run_qa"] == golds
-    assert preds["run_squad"] == [""] * len(golds)
+    assert preds["run_squad"] == ["empty"] * len(golds)  # their placeholder when no span is left
 
 
 def test_run_squad_oracle_gives_the_gold_answers(tmp_path: Path) -> None:

@@ -123,15 +123,15 @@ def postprocess(
             for score, a, b in best_spans(s, e, offs[:, 0] >= 0, n_best, max_answer_length, allowed):
                 cands.append((score, int(offs[a, 0]), int(offs[b, 1]), f, a, b))
         cands = sorted(cands, key=lambda x: -x[0])[:n_best]
-        if not cands:
-            text = ""
-        elif span_text is not None:
-            text = span_text(ex, *cands[0][3:])
-        else:
-            text = context[cands[0][1] : cands[0][2]]
+        best = cands[0] if cands else None
+        # No span among the n best: both scripts (run_qa's postprocess_qa_predictions, run_squad's
+        # compute_predictions_logits) fall back to a placeholder answer "empty" of score 0, which
+        # v2 then weighs against the null score like any answer.
+        text, score = ("empty", 0.0) if best is None else (
+            span_text(ex, *best[3:]) if span_text is not None else context[best[1] : best[2]], best[0])
         p_null = 0.0
         if v2:
-            diff = math.inf if not cands or null_score is None else null_score - cands[0][0]
+            diff = math.inf if null_score is None else null_score - score
             p_null = sigmoid(diff)
             if diff > null_threshold:
                 text = ""
