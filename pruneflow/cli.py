@@ -325,8 +325,11 @@ def precheck(argv: list[str]) -> str | None:
                     return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {problem}"
                 return problem
 
+            # --cfg prints the configuration instead of running it: check it as the run would
+            # (a run checks its own settings when it starts)
+            shows = "--cfg" in modes
             for overrides in variants:
-                if overrides is base and base_composed and not adds and not multirun:  # each composition costs ~0.5 s on a 2-core VM
+                if overrides is base and base_composed and not adds and not multirun and not shows:  # each composition costs ~0.5 s on a 2-core VM
                     continue
                 try:
                     cfg = compose(config_name="config", overrides=overrides)
@@ -344,7 +347,7 @@ def precheck(argv: list[str]) -> str | None:
                     problem = unknown_key_problem(cfg)
                     if problem:
                         return of_job(overrides, problem)
-                if multirun:
+                if multirun or shows:
                     from pruneflow.runner import check_settings
 
                     try:

@@ -56,6 +56,7 @@ from pruneflow.utils import (
 from pruneflow.validation import (
     check_unused,
     explicit_settings,
+    refuse_non_finite,
     switched_off,
     typed_text,
     validate_run,
@@ -168,6 +169,7 @@ class Run:
         for every job of a sweep, by the CLI before the first job starts. ``here=False``:
         the job runs on another machine (Slurm), so this one's devices are not checked."""
         cfg = self.cfg
+        refuse_non_finite(cfg)
         validate_sparsity(cfg.get("sparsity"))
         if here:
             self.device = resolve_device(str(cfg.trainer.device))

@@ -6,8 +6,9 @@ Every message names the key, the value given and what is allowed (``invalid``).
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
@@ -363,6 +364,29 @@ def refuse_compressed(path: str, model_name: str) -> None:
             f"unstructured method); to evaluate or use the compressed one, load it in Python with "
             f"pruneflow.load_model('{path}')."
         )
+
+
+def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:  # noqa: ANN401
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _floats(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _floats(v, f"{prefix}[{i}]")
+    elif isinstance(node, float):
+        yield prefix, node
+
+
+def refuse_non_finite(cfg: DictConfig) -> None:
+    """No setting may be nan or inf (``trainer.max_grad_norm=nan``): such a value passes
+    every range check written as a comparison, and would run a broken job (NaN weights,
+    a stage of nan epochs) instead of being refused here."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for key, v in _floats({k: v for k, v in tree.items() if k != "hydra"} if isinstance(tree, dict) else tree):
+        if not math.isfinite(v):
+            raise invalid(key, v, "a finite number", "Settings take no nan or inf.")
 
 
 def validate_run(cfg: DictConfig) -> None:

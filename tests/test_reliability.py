@@ -193,6 +193,13 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     # two of Hydra's modes (Hydra itself raises a bare ValueError)
     (["-m", "sparsity=0.5,0.7", "--cfg", "job"], "--cfg and -m cannot be given together", "pruneflow <overrides> --cfg job"),
     (["--info", "--cfg", "job"], "--cfg and --info cannot be given together", "describes it (--info)"),
+    # --cfg job checks the values as the run would (it printed a beta1 of 2 with exit 0)
+    (["method=platon", "method.beta1=2", "--cfg", "job"], "Invalid value for 'method.beta1': 2", "[0, 1)"),
+    # nan and inf pass range checks written as comparisons: max_grad_norm=nan ran to the end,
+    # epochs=nan ended in a traceback, sparsegpt's dampening=inf passed its "> 0"
+    (["trainer.max_grad_norm=nan"], "Invalid value for 'trainer.max_grad_norm': nan", "a finite number"),
+    (["stages.finetune.epochs=inf"], "Invalid value for 'stages.finetune.epochs': inf", "a finite number"),
+    (["task=lm/wikitext2", "model=tiny_llama", "method=sparsegpt", "method.dampening=inf"], "'method.dampening': inf", "a finite number"),
 ]
 
 

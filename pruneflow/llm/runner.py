@@ -38,7 +38,7 @@ from pruneflow.utils import (
     seed_everything,
     writing,
 )
-from pruneflow.validation import check_unused, switched_off, validate_run
+from pruneflow.validation import check_unused, refuse_non_finite, switched_off, validate_run
 
 log = logging.getLogger("pruneflow")
 
@@ -80,6 +80,7 @@ class LLMRun:
         cfg = self.cfg
         from pruneflow.runner import validate_sparsity
 
+        refuse_non_finite(cfg)
         validate_sparsity(cfg.get("sparsity"))
         name = str(cfg.method.name)
         # seven_pre, snip, force score from gradients of the whole model (pruneflow.llm.gradient)
