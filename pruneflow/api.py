@@ -73,7 +73,11 @@ def method_config(name: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401
                 f"Unknown setting '{key}' for method={name}. Allowed: {', '.join(str(k) for k in cfg if k != 'name')}."
                 + (f" Did you mean {close[0]}?" if close else "")
             )
-    return OmegaConf.merge(cfg, OmegaConf.create(settings))
+    from pruneflow.validation import refuse_non_finite
+
+    merged = OmegaConf.merge(cfg, OmegaConf.create(settings))
+    refuse_non_finite(merged, "method")  # nan and inf pass range checks written as comparisons
+    return merged
 
 
 # Methods whose scores need no data: end() right after create() is one-shot pruning.
@@ -267,6 +271,7 @@ def create(
     schedule over ``steps`` pruning steps; attached to ``model`` when given."""
     from pruneflow.methods import get_method_class
     from pruneflow.runner import validate_sparsity
+    from pruneflow.validation import refuse_non_finite
 
     validate_sparsity(sparsity)
     cfg = method_config(name, settings)
@@ -280,10 +285,10 @@ def create(
         raise UserError(f"Invalid value for 'schedule': {schedule!r}. Allowed: {', '.join(KINDS)}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UserError(f"Invalid value for 'steps': {steps!r}. Allowed: an integer >= 1 (the pruning steps).")
-    sched = Schedule.from_config(OmegaConf.create({"name": schedule, "initial_warmup": initial_warmup,
-                                                   "final_warmup": final_warmup, "frequency": frequency,
-                                                   "step_offset": step_offset}),
-                                 method.schedule_target(), steps)
+    sched_cfg = OmegaConf.create({"name": schedule, "initial_warmup": initial_warmup, "final_warmup": final_warmup,
+                                  "frequency": frequency, "step_offset": step_offset})
+    refuse_non_finite(sched_cfg)
+    sched = Schedule.from_config(sched_cfg, method.schedule_target(), steps)
     if method.prunes:
         sched.validate()
         method.check_schedule(sched)

@@ -377,14 +377,14 @@ def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:  # noqa
         yield prefix, node
 
 
-def refuse_non_finite(cfg: DictConfig) -> None:
+def refuse_non_finite(cfg: DictConfig, prefix: str = "") -> None:
     """No setting may be nan or inf (``trainer.max_grad_norm=nan``): such a value passes
     every range check written as a comparison, and would run a broken job (NaN weights,
     a stage of nan epochs) instead of being refused here."""
     from omegaconf import OmegaConf
 
     tree = OmegaConf.to_container(cfg, resolve=False)
-    for key, v in _floats({k: v for k, v in tree.items() if k != "hydra"} if isinstance(tree, dict) else tree):
+    for key, v in _floats({k: v for k, v in tree.items() if k != "hydra"} if isinstance(tree, dict) else tree, prefix):
         if not math.isfinite(v):
             raise invalid(key, v, "a finite number", "Settings take no nan or inf.")
 

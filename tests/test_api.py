@@ -139,6 +139,11 @@ def test_settings_are_checked_with_the_allowed_keys():
         pruneflow.methods.create("sevn", sparsity=0.5)
     with pytest.raises(UserError, match="sparsity"):
         pruneflow.methods.create("seven", sparsity=1.5)
+    # nan passed movement's "score_lr >= 0" and the schedule's warm-up checks
+    with pytest.raises(UserError, match=r"Invalid value for 'method.score_lr': nan. Allowed: a finite number"):
+        pruneflow.methods.create("movement", sparsity=0.5, steps=10, score_lr=float("nan"))
+    with pytest.raises(UserError, match=r"Invalid value for 'initial_warmup': inf"):
+        pruneflow.methods.create("magnitude", sparsity=0.5, steps=10, initial_warmup=float("inf"))
 
 
 # ----------------------------------------------------------------------------- transformers.Trainer
