@@ -389,7 +389,6 @@ def _app(cfg: DictConfig) -> float | None:
         STOP.install()
         if local_process_launcher(hc):
             STOP.watch(Path(hc.sweep.dir))
-    (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this attempt's own stop, if any, writes it again
     if multirun:
         signum = STOP.requested()
         if signum is not None:

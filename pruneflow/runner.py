@@ -854,8 +854,6 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, record: Ca
             check_finished_config(cfg, run_dir, done)
             log.info("%s exists: this run is finished, skipping it (overwrite=true runs it again).", result_path)
             return done
-        if distributed.is_main():
-            (run_dir / "error.txt").unlink(missing_ok=True)  # a failed job run again
         if cfg.get("overwrite", False):
             if distributed.is_main():
                 removed = remove_run_outputs(run_dir)
@@ -867,6 +865,9 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, record: Ca
 
         try:
             check_resume_config(cfg, run_dir)
+            if distributed.is_main():  # the folder is this command's now: a refused command left them as they were
+                for stale in ("error.txt", STOPPED_FILE):  # a failed job run again; a stop (written again if it stops)
+                    (run_dir / stale).unlink(missing_ok=True)
             if record is not None:  # the settings fit the run in the folder: this command's record replaces its
                 record(run_dir)
             r = LLMRun(cfg, run_dir, overrides) if is_lm_task(cfg) else Run(cfg, run_dir, overrides)

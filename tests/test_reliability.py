@@ -372,12 +372,18 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
 
     first = record()
     assert sorted(first) == ["config.yaml", "hydra.yaml", "overrides.yaml"] and b"sparsity=0.5" in first["overrides.yaml"]
+    # what a signal's stop and a failed sweep job leave for pruneflow-report to show
+    notes = {"stopped.txt": "Stopped by SIGTERM after step 6 of 24 of the prune stage", "error.txt": "a failed attempt"}
+    for name, text in notes.items():
+        (run_dir / name).write_text(text)
     other = run_cli([*args, "stages.recover.lr=5e-4"], cwd=tmp_path)
     message = " ".join(other.stderr.split())
     assert other.returncode == 2 and "stages.recover.lr: 0.001 -> 0.0005" in message and "allow_config_change=true" in message
-    assert record() == first  # a refused command leaves the run's record alone
+    assert record() == first  # a refused command leaves the run's record alone, and its notes (both were deleted)
+    assert {name: (run_dir / name).read_text() for name in notes} == notes
     allowed = run_cli([*args, "stages.recover.lr=5e-4", "allow_config_change=true"], cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert not any((run_dir / name).exists() for name in notes)  # the accepted command's run is not stopped or failed
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
     accepted = record()
     assert b"stages.recover.lr=5e-4" in accepted["overrides.yaml"]  # an accepted change is the run's record now
