@@ -40,6 +40,7 @@ from pruneflow.published import (
 )
 from pruneflow.results import load_results
 from pruneflow.stop import STOPPED_FILE
+from pruneflow.utils import unwritable
 
 # Overrides that are the row's own columns or do not change what a run computes. (model.path
 # and task.path are settings: runs from other weights or other data are another configuration.)
@@ -758,6 +759,9 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
     failed, unfinished = find_incomplete(root, finished)
     if not results:
         jobs = [*failed, *unfinished]
+        if len(jobs) == 1 and jobs[0].path == str(root) and (root / "result.json").exists() and not failed:
+            raise ReportError(f"The run in '{root}' has a result.json that cannot be read (damaged, or not a pruneflow "
+                              "result). Run its command again with overwrite=true to redo the run.")
         if len(jobs) == 1 and jobs[0].path == str(root):  # the folder of one run, which has no result yet
             state = "failed" if failed else "has not finished"
             raise ReportError(
@@ -776,6 +780,9 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
             + "".join(f"\n  {job.path}: {job.reason}" for job in jobs[:20])
         )
     out_dir = Path(out) if out is not None else root
+    if problem := unwritable(out_dir):
+        raise ReportError(f"The report cannot be written to '{out_dir}' ({problem}). Give --out a folder this user "
+                          "can create and write (it is created if missing), or leave --out out to write into DIR.")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = group_results(results)
     plots: dict[str, str] = {}
@@ -813,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pruneflow-report: error: {e}", file=sys.stderr)
         return 2
     out = info["out"]
-    print(f"{sum(len(r.runs) for r in info['rows'])} runs in {len(info['rows'])} configurations -> {out / 'report.md'}, {out / 'report.csv'}")
+    runs, configs = sum(len(r.runs) for r in info["rows"]), len(info["rows"])
+    print(f"{runs} run{'s' * (runs != 1)} in {configs} configuration{'s' * (configs != 1)} -> {out / 'report.md'}, {out / 'report.csv'}")
     for p in info["plots"]:
         print(f"plot: {p}")
     repeats = sum(len(r.repeats) for r in info["rows"])

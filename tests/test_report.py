@@ -154,6 +154,28 @@ def test_report_of_one_stopped_run_names_its_folder_and_the_stop(tmp_path: Path,
     assert "Run the same command again to resume from it." in err and "\n  ." not in err
 
 
+def test_a_damaged_result_and_an_unwritable_out_are_one_paragraph(sweep: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A run whose result.json cannot be read is not "unfinished" (its own command says to
+    overwrite it); --out naming a file or a read-only place was a FileExistsError traceback."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "result.json").write_text('{"metrics": ')
+    assert main([str(run)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"The run in '{run}' has a result.json that cannot be read" in err and "overwrite=true" in err
+    taken = tmp_path / "report.txt"
+    taken.write_text("mine")
+    assert main([str(sweep), "--out", str(taken)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"The report cannot be written to '{taken}' ({taken} is a file)" in err and taken.read_text() == "mine"
+    assert main([str(sweep), "--out", str(tmp_path / "new" / "report")]) == 0
+    assert "10 runs in 6 configurations ->" in capsys.readouterr().out
+    write_result(tmp_path / "one", "magnitude", 0.5, 0, 0.9, 1.0)
+    assert main([str(tmp_path / "one")]) == 0
+    assert "1 run in 1 configuration ->" in capsys.readouterr().out  # it said "1 runs in 1 configurations"
+
+
 # ----------------------------------------------------------------------------- reproduction ledger
 FIGURE_INFO = {
     "name": "seven_pre/plot1_bert_base", "source": "Xiao et al. 2024, plot1", "figure": "SEVEN plot1",
