@@ -424,6 +424,8 @@ def _app(cfg: DictConfig) -> float | None:
         log.error("Job failed:\n%s", traceback.format_exc())
         _write_job_file(run_dir, "error.txt", traceback.format_exc())
         return None
+    if not multirun:  # a sweep says where its jobs went once they have all ended
+        print(f"pruneflow: result in {run_dir / 'result.json'}")
     final = result["metrics"]["final"]
     return final.get(result["main_metric"])
 
@@ -523,6 +525,10 @@ def main() -> None:
         _app()
     finally:  # a request left in the sweep folder would stop the next launch's jobs (it also clears it)
         STOP.forget_stop_file()
+    from pruneflow.config import SWEEP_DIRS
+
+    for sweep_dir in SWEEP_DIRS:  # where the jobs went, and the next step the README gives
+        print(f"pruneflow: the sweep's jobs are in {sweep_dir}; compare them with: pruneflow-report {sweep_dir}")
     failed = sweep_failures()
     if failed:
         print(f"\npruneflow: {len(failed)} job(s) of the sweep failed (their error.txt):", file=sys.stderr)

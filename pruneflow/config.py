@@ -266,6 +266,7 @@ def _fresh_dir(base: str) -> str:
 # Failed and stopped jobs of the sweep that just ran (filled by SweepCheck in the launching process).
 SWEEP_FAILURES: list[tuple[str, str]] = []
 SWEEP_STOPPED: list[tuple[str, str]] = []
+SWEEP_DIRS: list[str] = []  # the folder of each sweep this process launched (the CLI prints where it went)
 
 
 try:
@@ -331,6 +332,7 @@ class SweepCheck(_HydraCallback):
         from pruneflow.stop import STOPPED_FILE
 
         root = Path(str(config.hydra.sweep.dir))
+        SWEEP_DIRS.append(str(root))
         for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, STOPPED_FILE)):
             found.clear()
             for path in sorted(root.rglob(file)):

@@ -13,6 +13,9 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+    # it ends by saying where the jobs went and how to compare them (the folder had to be found)
+    assert proc.stdout.strip().splitlines()[-1] == f"pruneflow: the sweep's jobs are in {sweep}; compare them with: pruneflow-report {sweep}"
+    assert "pruneflow: result in" not in proc.stdout  # not once per job
     jobs = sorted(p.parent for p in sweep.rglob("result.json"))
     assert len(jobs) == 4 and all(j.parent == sweep for j in jobs)  # one folder per job
     got = sorted((read_result(j)["method"], read_result(j)["sparsity"]["target"]) for j in jobs)

@@ -383,6 +383,7 @@ def test_a_run_directory_is_locked_and_resume_refuses_other_settings(tmp_path):
     assert {name: (run_dir / name).read_text() for name in notes} == notes
     allowed = run_cli([*args, "stages.recover.lr=5e-4", "allow_config_change=true"], cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert f"pruneflow: result in {run_dir / 'result.json'}" in allowed.stdout  # a run says where its result is
     assert not any((run_dir / name).exists() for name in notes)  # the accepted command's run is not stopped or failed
     assert read_result(run_dir)["config"]["stages"]["recover"]["lr"] == 5e-4
     accepted = record()
