@@ -535,8 +535,10 @@ def main() -> None:
         for path, reason in failed:
             print(f"  {path}: {reason}", file=sys.stderr)
     if SWEEP_STOPPED:
-        print(f"\npruneflow: {len(SWEEP_STOPPED)} job(s) of the sweep were stopped (their {STOPPED_FILE}); run the same "
-              "command again to resume them (finished jobs are not run again):", file=sys.stderr)
+        queued = sum(reason.startswith("Not started") for _, reason in SWEEP_STOPPED)
+        print(f"\npruneflow: {len(SWEEP_STOPPED)} job(s) of the sweep were stopped ({len(SWEEP_STOPPED) - queued} while running, "
+              f"{queued} before they started; their {STOPPED_FILE}); run the same command again to resume them (finished "
+              "jobs are not run again):", file=sys.stderr)
         for path, reason in SWEEP_STOPPED:
             print(f"  {path}: {reason}", file=sys.stderr)
     if STOP.signum is not None or SWEEP_STOPPED:

@@ -690,6 +690,11 @@ class Run:
             attempt("model/README.md", lambda: atomic_write_text(self.run_dir / "model" / "README.md", model_card(result)))
         if failed:
             result["output_errors"] = failed
+        measured = result["sparsity"]["measured"]
+        if self.method.prunes and self.sparsity is None and measured < 0.01:  # soft movement, L0: no target to fall short of
+            log.warning("method=%s removed %.2f %% of the prunable weights: its sparsity follows from its penalty "
+                        "(method.final_lambda) and how long the scores train (stages.prune), not from a target. Raise "
+                        "method.final_lambda or lengthen stages.prune for a sparser model.", self.method.name, 100 * measured)
         if main:
             with writing(self.run_dir / "result.json"):
                 atomic_write_json(self.run_dir / "result.json", result)

@@ -4,6 +4,7 @@ computed by hand), the user errors, and end-to-end runs recounted from model/.""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -325,11 +326,14 @@ def test_primal_residuals_by_hand():
     assert zero.residuals == [0.0]
 
 
-def test_the_last_iteration_ends_with_the_prune_stage_on_an_uneven_split():
+def test_the_last_iteration_ends_with_the_prune_stage_on_an_uneven_split(caplog: pytest.LogCaptureFixture):
     """7 steps for 3 iterations: 2 steps each and the remainder in the last W-step, so the
-    last Z/U update comes after step 6, not after step 5."""
+    last Z/U update comes after step 6, not after step 5. The log says so (its "7 steps =
+    3 ADMM iterations x 2 steps" did not add up)."""
     method, _ = method_on(torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
-    method.plan_stages({"finetune": 0, "prune": 7, "recover": 0}, steps_per_epoch=2, task_name="digits")
+    with caplog.at_level(logging.INFO, logger="pruneflow"):
+        method.plan_stages({"finetune": 0, "prune": 7, "recover": 0}, steps_per_epoch=2, task_name="digits")
+    assert "prune stage of 7 steps = 3 ADMM iterations x 2 steps + 1 in the last one" in caplog.text
     assert (method.steps_per_iteration, method.admm_steps) == (2, 7)
     iterations = []
     for step in range(7):

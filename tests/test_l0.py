@@ -436,3 +436,18 @@ def test_loaded_scores_show_their_gate_in_the_masks() -> None:
     _, fresh = _one_layer([2.197] * 4)
     fresh.load_state_dict(saved.state_dict())
     assert fresh.weights.weights[0].mask[0].tolist() == pytest.approx([0.0, 0.5, 1.2 * _sig(1.0) - 0.1, 1.0], abs=1e-6)
+
+
+def test_a_run_of_a_penalty_method_that_removed_nothing_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Soft movement and L0 have no sparsity target: three steps of soft movement's scores
+    from the defaults remove nothing, and the run said nothing about it (the report showed 0.00)."""
+    name = "soft_movement"
+    stage = [f"stages.{n}.{k}={v}" for n, s in (("finetune", 0), ("prune", 3), ("recover", 0))
+             for k, v in (("epochs", "null"), ("steps", s), ("batch_size", 32))]
+    r = Run(make_config([*TINY, *stage, f"method={name}"], tmp_path), tmp_path / "run")
+    r.prepare()
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        result = r.execute()
+    assert result["sparsity"]["measured"] < 0.01
+    assert f"method={name} removed {100 * result['sparsity']['measured']:.2f} % of the prunable weights" in caplog.text
+    assert "Raise method.final_lambda or lengthen stages.prune" in caplog.text

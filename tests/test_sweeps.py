@@ -111,6 +111,7 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     # ends (a slow machine, a short finetune), between two stages ("its checkpoint is saved")
     started = [s for s in stopped if "a checkpoint was saved" in stopped[s] or "its checkpoint is saved" in stopped[s]]
     assert len(started) == min(n_jobs, 3) and all(f"Stopped by {sig}" in stopped[s] for s in started), stopped
+    assert f"stopped ({len(started)} while running, {3 - len(started)} before they started;" in " ".join(stderr.split())
     for queued in set(jobs) - set(started):
         assert "Not started" in stopped[queued] and not (jobs[queued] / "checkpoints").exists()
     assert not (sweep / ".pruneflow-stop").exists()

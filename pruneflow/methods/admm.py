@@ -260,9 +260,11 @@ class ADMM(PruningMethod):
         self.sr_ste_steps = total - self.admm_steps if self.sr_ste else 0
         if not self.sr_ste and self.admm_steps < total:  # the remainder of an uneven split: the last iteration's W-step
             self.admm_steps = total
+        extra = self.admm_steps - self.steps_per_iteration * self.iterations
         log.info(
-            "method=admm: prune stage of %d steps = %d ADMM iterations x %d steps%s",
-            total, self.iterations, self.steps_per_iteration, f" + {self.sr_ste_steps} SR-STE steps" if self.sr_ste else "",
+            "method=admm: prune stage of %d steps = %d ADMM iterations x %d steps%s%s",
+            total, self.iterations, self.steps_per_iteration, f" + {extra} in the last one" if extra else "",
+            f" + {self.sr_ste_steps} SR-STE steps" if self.sr_ste else "",
         )
         return steps
 
