@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pruneflow.config import local_process_launcher, register_configs
-from pruneflow.console import guard_console
+from pruneflow.console import guard_console, hub_logs_through_root
 from pruneflow.errors import SPARSITY_ALLOWED, RunStopped, UserError
 from pruneflow.stop import STOPPED_FILE
 from pruneflow.utils import unwritable
@@ -379,6 +379,7 @@ def _app(cfg: DictConfig) -> float | None:
     from pruneflow.stop import STOP, name
 
     guard_console()  # again in a launcher's worker process (joblib, submitit)
+    hub_logs_through_root()  # after Hydra's logging setup (a launcher's worker sets it up again)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN

@@ -87,3 +87,18 @@ def guard_console() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, GuardedStream):
             setattr(sys, name, GuardedStream(stream))
+
+
+def hub_logs_through_root() -> None:
+    """huggingface_hub prints through a stderr handler of its own and also passes its records
+    on to the root logger, whose handlers (Hydra's console line, pruneflow.log) print them
+    again: offline, each of its ~15 retry warnings came twice. Its records now go through the
+    root's handlers only (one formatted line, and in pruneflow.log). Its import is cheap (lazy)."""
+    if not logging.getLogger().handlers:  # no root handlers (not under Hydra): keep the library's own
+        return
+    import huggingface_hub.utils.logging  # noqa: F401 - attaches the library's handler, which goes now
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub.removeHandler(handler)

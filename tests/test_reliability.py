@@ -735,3 +735,32 @@ def test_a_setting_the_run_ignores_is_refused_unless_it_says_not_used():
         check_unused(cfg, [("schedule", "no schedule")], {"schedule.name": "linear"})
     with pytest.raises(UserError, match=r"^'stages.prune.epochs=4' would be ignored"):  # as typed, not 4.0
         check_unused(cfg, [("stages.prune", "dense")], {"stages.prune.epochs": 4.0}, ["stages.prune.epochs=4"])
+
+
+def test_hub_warnings_print_once_through_the_root_handlers():
+    """Offline, huggingface_hub's ~15 retry warnings each printed twice: once by its own
+    stderr handler, once by the root's (Hydra's console and pruneflow.log)."""
+    import io
+    import logging
+
+    import huggingface_hub.utils.logging  # noqa: F401 - the library's own handler, as a run imports it
+
+    from pruneflow.console import hub_logs_through_root
+
+    hub, root = logging.getLogger("huggingface_hub"), logging.getLogger()
+    own = list(hub.handlers)
+    assert any(type(h) is logging.StreamHandler for h in own)
+    lines = io.StringIO()
+    mine = logging.StreamHandler(lines)
+    saved = root.handlers[:]
+    root.handlers = [mine]  # as Hydra's job logging sets the root up
+    try:
+        hub_logs_through_root()
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        assert lines.getvalue() == "Retrying in 1s [Retry 1/5].\n"
+        assert not any(type(h) is logging.StreamHandler for h in hub.handlers)
+    finally:
+        root.handlers = saved
+        for h in own:
+            if h not in hub.handlers:
+                hub.addHandler(h)
