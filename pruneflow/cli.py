@@ -512,6 +512,11 @@ def _write_job_file(run_dir: Path, name: str, text: str) -> None:
 
 def main() -> None:
     guard_console()  # a dropped `| tee` or SSH session must not end the run
+    if "--version" in sys.argv[1:]:  # Hydra's own answer names only Hydra's version
+        from importlib.metadata import version
+
+        print(f"pruneflow {version('pruneflow')} (Hydra {version('hydra-core')})")
+        sys.exit(0)
     register_configs()
     message = precheck(sys.argv[1:])
     if message:

@@ -244,12 +244,15 @@ def test_the_command_line_answers_help_and_misspelt_keys_without_importing_torch
         "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
         "print('\\nEXIT', code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
+    from importlib.metadata import version
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    for argv, said in ((["--help"], "Configuration groups"), (["trainer.lrr=1"], "Unknown key 'trainer.lrr'"),
+    for argv, said in ((["--help"], "Configuration groups"), (["--version"], f"pruneflow {version('pruneflow')} (Hydra "),  # it said Hydra's only
+                       (["trainer.lrr=1"], "Unknown key 'trainer.lrr'"),
                        (["method=sevn"], "Closest: seven"), (["sparsity=1.5"], "Invalid value for 'sparsity': 1.5")):
         p = subprocess.run([sys.executable, "-c", probe, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert said in p.stdout + p.stderr, (argv, p.stdout[-500:], p.stderr[-500:])
-        assert p.stdout.strip().splitlines()[-1] == f"EXIT {0 if argv == ['--help'] else 2} False False", (argv, p.stdout[-300:])
+        assert p.stdout.strip().splitlines()[-1] == f"EXIT {0 if argv in (['--help'], ['--version']) else 2} False False", (argv, p.stdout[-300:])
 
 
 def test_a_refused_run_leaves_no_empty_folders_in_the_default_layout(tmp_path):
