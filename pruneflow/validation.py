@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig
@@ -366,27 +366,16 @@ def refuse_compressed(path: str, model_name: str) -> None:
         )
 
 
-def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:  # noqa: ANN401
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _floats(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _floats(v, f"{prefix}[{i}]")
-    elif isinstance(node, float):
-        yield prefix, node
-
-
 def refuse_non_finite(cfg: DictConfig, prefix: str = "") -> None:
     """No setting may be nan or inf (``trainer.max_grad_norm=nan``): such a value passes
     every range check written as a comparison, and would run a broken job (NaN weights,
     a stage of nan epochs) instead of being refused here."""
-    from omegaconf import OmegaConf
-
-    tree = OmegaConf.to_container(cfg, resolve=False)
-    for key, v in _floats({k: v for k, v in tree.items() if k != "hydra"} if isinstance(tree, dict) else tree, prefix):
-        if not math.isfinite(v):
-            raise invalid(key, v, "a finite number", "Settings take no nan or inf.")
+    for key, value in _flatten(cfg, prefix).items():
+        if key.split(".")[0] == "hydra":
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise invalid(key, value, "a finite number", "Settings take no nan or inf.")
 
 
 def validate_run(cfg: DictConfig) -> None:
