@@ -22,6 +22,16 @@ RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_me
                "speed", "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size", "stages.name")
 
 
+def resume_free(config: dict[str, Any]) -> tuple[str, ...]:
+    """RESUME_FREE for the run of ``config`` (a container): under ``task.metric_average=batch_mean``
+    (SEVEN's mean of per-batch GLUE metrics) the evaluation batch size changes the reported
+    metric, so there it is a setting like any other."""
+    task = config.get("task")
+    if isinstance(task, dict) and task.get("metric_average") == "batch_mean":
+        return tuple(k for k in RESUME_FREE if k != "stages.eval_batch_size")
+    return RESUME_FREE
+
+
 @dataclass
 class StageConfig:
     epochs: float | None = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pruneflow.config import RESUME_FREE
+from pruneflow.config import resume_free
 from pruneflow.ledger import experiment_model, ledger_entries, ledger_markdown, plot_figures
 from pruneflow.published import (
     PublishedPoint,
@@ -44,7 +44,7 @@ from pruneflow.utils import unwritable
 
 # Overrides that are the row's own columns or do not change what a run computes. (model.path
 # and task.path are settings: runs from other weights or other data are another configuration.)
-NOT_A_SETTING = {"method", "method.pattern", "model", "task", "sparsity", "seed", "experiment", *RESUME_FREE}
+ROW_COLUMNS = {"method", "method.pattern", "model", "task", "sparsity", "seed", "experiment"}
 NOT_A_SETTING_PREFIXES = ("hydra.", "hydra/", "logger.", "speed.")
 # |measured - target| above this marks a run that did not reach its target sparsity.
 SPARSITY_TOLERANCE = 0.005
@@ -166,8 +166,9 @@ def settings_of(result: dict[str, Any]) -> str:
     ``True``: one configuration)."""
     keep = []
     config = result.get("config") or {}
+    free = resume_free(config)
     for key, value in _override_items(result.get("overrides", [])):
-        if key in NOT_A_SETTING or key.startswith(NOT_A_SETTING_PREFIXES):
+        if key in ROW_COLUMNS or key in free or key.startswith(NOT_A_SETTING_PREFIXES):
             continue
         try:
             resolved = _canonical(_config_value(config, key))

@@ -24,7 +24,7 @@ from safetensors.torch import save_model as st_save_model
 
 from pruneflow import allocator, distill, distributed
 from pruneflow.cache import NOT_IN_FINETUNE, StageCache, path_fingerprint
-from pruneflow.config import RESUME_FREE
+from pruneflow.config import RESUME_FREE, resume_free
 from pruneflow.errors import (
     RunStopped,
     UserError,
@@ -721,7 +721,8 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     flat = _flatten(container)
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE) and not k.startswith("hydra")}
+    free = resume_free(container)
+    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in free) and not k.startswith("hydra")}
 
 
 def _saved_settings(path: Path) -> dict[str, Any]:

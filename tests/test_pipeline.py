@@ -375,6 +375,18 @@ def test_a_finished_run_is_skipped_only_for_its_own_settings(config, tmp_path):
         with pytest.raises(UserError, match=r"holds a finished run with other settings \(sparsity: 0.5 -> 0.9\)"):
             check_finished_config(other, tmp_path / "r", done)
         saved.unlink(missing_ok=True)
+    # under task.metric_average=batch_mean (SEVEN's per-batch GLUE metrics) the evaluation
+    # batch size changes the metric: a setting there (it was free everywhere)
+    run = {"task": {"name": "glue/mrpc", "metric_average": "batch_mean"}, "stages": {"eval_batch_size": 32}, "seed": 0}
+    assert _comparable(run)["stages.eval_batch_size"] == 32
+    run["task"]["metric_average"] = "corpus"
+    assert "stages.eval_batch_size" not in _comparable(run)
+    from pruneflow.report import settings_of
+
+    batch_mean = {"task": {"name": "glue/mrpc", "metric_average": "batch_mean"}, "stages": {"eval_batch_size": 64}}
+    assert settings_of({"config": batch_mean, "overrides": ["stages.eval_batch_size=64"]}) == "stages.eval_batch_size=64"
+    corpus = {"task": {"name": "glue/mrpc", "metric_average": "corpus"}, "stages": {"eval_batch_size": 64}}
+    assert settings_of({"config": corpus, "overrides": ["stages.eval_batch_size=64"]}) == ""
     # a setting that only one side has is a difference too
     assert _differences({"seed": 0}, {"seed": 0, "method.beta": 1}) == "method.beta: '<unset>' -> 1"
     assert _differences({"seed": 0, "method.beta": 1}, {"seed": 0}) == "method.beta: 1 -> '<unset>'"
