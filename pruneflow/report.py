@@ -760,10 +760,10 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
     failed, unfinished = find_incomplete(root, finished)
     if not results:
         jobs = [*failed, *unfinished]
-        if len(jobs) == 1 and jobs[0].path == str(root) and (root / "result.json").exists() and not failed:
-            raise ReportError(f"The run in '{root}' has a result.json that cannot be read (damaged, or not a pruneflow "
-                              "result). Run its command again with overwrite=true to redo the run.")
-        if len(jobs) == 1 and jobs[0].path == str(root):  # the folder of one run, which has no result yet
+        if len(jobs) == 1 and jobs[0].path == str(root):  # the folder of one run, which has no usable result
+            if (root / "result.json").exists() and not failed:
+                raise ReportError(f"The run in '{root}' has a result.json that cannot be read (damaged, or not a pruneflow "
+                                  "result). Run its command again with overwrite=true to redo the run.")
             state = "failed" if failed else "has not finished"
             raise ReportError(
                 f"The run in '{root}' {state}: {jobs[0].reason.rstrip('.')}. pruneflow-report collects finished runs "
