@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 # Settings that do not change what a run computes: a resumed run may change them, the
 # finetune cache ignores them and a report does not list them as a run's settings.
 # (stages.name only names the recipe: its values are compared one by one.)
-RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory", "trainer.checkpoint_every", "trainer.log_every", "logger",
+RESUME_FREE = ("trainer.device", "trainer.torch_threads", "trainer.keep_freed_memory", "trainer.checkpoint_every", "trainer.log_every",
+               "trainer.eval_every", "logger",
                "speed", "overwrite", "cache", "cache_dir", "save_model", "allow_config_change", "stages.eval_batch_size", "stages.name")
 
 
@@ -77,6 +78,7 @@ class TrainerConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns kept fixed (e.g. "*embeddings*")
     checkpoint_every: int = 50
     log_every: int = 10
+    eval_every: Any = 0  # 0: evaluate after each stage only | N: also every N steps | epoch: also every epoch
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pruneflow.errors import (
     invalid,
     load_error_text,
 )
+from pruneflow.history import EVAL_HISTORY, EvalHistory, parse_eval_every
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
 from pruneflow.methods import METHODS, PruneContext, get_method_class
@@ -277,6 +278,13 @@ class Run:
                     "Give it epochs or steps (e.g. stages.prune.epochs=2), or use method=dense."
                 )
         self.plan = Plan(stages=specs, schedule=schedule)
+        # trainer.eval_every: evaluations inside the weight-updating stages (eval_history.jsonl)
+        every = parse_eval_every(cfg.trainer.get("eval_every", 0))
+        drop_last = bool(cfg.trainer.get("drop_last", True))
+        self.steps_per_epoch = {k: steps_per_epoch(n_train, sp.batch_size, accum, drop_last) for k, sp in specs.items()}
+        self.eval_every = {k: 0 if not sp.weight_updates else self.steps_per_epoch[k] if every == "epoch" else int(every)
+                           for k, sp in specs.items()}
+        self.history = EvalHistory(self.run_dir, enabled=every != 0, write=distributed.is_main())
         self.distill = cfg.get("distill") if cfg.get("distill") is not None and cfg.distill.get("enabled") else None
         if self.distill is not None and self.distill.teacher == "finetuned" and specs["finetune"].steps == 0:
             raise UserError(
@@ -429,6 +437,34 @@ class Run:
         log.info("%s: %s", stage, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics, predictions
 
+    def eval_during(self, stage: str) -> Callable[[int], None] | None:
+        """The trainer's callback for ``trainer.eval_every``: evaluate, log, record a row.
+        The RNG state and the model's train/eval mode are restored, so training goes on
+        exactly as without it (an evaluation loader draws a seed from torch's RNG)."""
+        if self.eval_every.get(stage, 0) <= 0:
+            return None
+        bs = int(self.cfg.stages.get("eval_batch_size", 64))
+        steps = self.plan.stages[stage].steps
+
+        def evaluate(step: int) -> None:
+            model = self.bundle.model
+            was_training, rng = model.training, rng_state()
+            metrics, _ = self.task.evaluate_all(self.bundle, bs, self.device, desc=f"eval {stage} {step}/{steps}")
+            model.train(was_training)
+            set_rng_state(rng)
+            row = self.history.record(stage, step, self.steps_per_epoch[stage], metrics, self.mask_sparsity(stage))
+            log.info("%s step %d/%d (epoch %g): %s", stage, step, steps, row["epoch"], ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.logger.log({**{f"{stage}/eval/{k}": v for k, v in metrics.items()}, f"{stage}/step": step})
+
+        return evaluate
+
+    def mask_sparsity(self, stage: str) -> float | None:
+        """The pruned share of the prunable weights by the method's current masks (None
+        before the prune stage, or where a method keeps no masks)."""
+        if stage == "finetune" or not self.method.prunes:
+            return None
+        return self.method.current_sparsity()
+
     def setup_method(self) -> None:
         """Start the prune stage: masks attached; in a continuous run the method's own
         trainable tensors join the run's optimizer (in the same order on resume)."""
@@ -479,6 +515,16 @@ class Run:
             else:
                 resume_trainer = ckpt["trainer"]
                 set_rng_state(ckpt["rng"])
+        if self.history.enabled:  # the rows the checkpoint covers, as an uninterrupted run's
+            if ckpt is None:
+                self.history.start_over()
+            else:
+                self.history.trim_to(ckpt["stage"], int(ckpt["step"]), bool(ckpt["complete"]))
+        elif ckpt is not None and self.history.path.exists() and distributed.is_main():
+            self.history.trim_to(ckpt["stage"], int(ckpt["step"]), bool(ckpt["complete"]))
+            log.warning("%s holds the evaluations of this run's earlier launch, made with trainer.eval_every; this launch "
+                        "runs with trainer.eval_every=0 and adds none, so the file ends at the checkpoint it resumes from "
+                        "(%s step %d).", self.history.path, ckpt["stage"], int(ckpt["step"]))
         metrics: dict[str, dict[str, float]] = {k: v["metrics"] for k, v in progress["done"].items()}
         self.finetune_source = (progress["done"].get("finetune") or {}).get("source")
         times: dict[str, float] = {k: v["time_s"] for k, v in progress["done"].items()}
@@ -506,15 +552,19 @@ class Run:
                     self.setup_method()
                 handled = not resumed and self.method.run_prune_stage(self.method.ctx)
                 if not handled:
-                    self.trainer.train(spec, self.method, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+                    self.trainer.train(spec, self.method, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name),
+                                       on_log=self.logger.log, evaluate=self.eval_during(name), eval_every=self.eval_every[name])
                 self.method.end_prune_stage()
                 self.check_ranks("prune", "the masks and scores after the prune stage")
                 self.finalize_model()
             else:  # recover: masks frozen, no method hooks (a score-based method would re-run its schedule)
-                self.trainer.train(spec, None, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name), on_log=self.logger.log)
+                self.trainer.train(spec, None, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name),
+                                   on_log=self.logger.log, evaluate=self.eval_during(name), eval_every=self.eval_every[name])
             resume_trainer = None
             times[name] = time.perf_counter() - t0
             metrics[name], predictions = self.evaluate(name)
+            if self.history.enabled:
+                self.history.record(name, spec.steps, self.steps_per_epoch[name], metrics[name], self.mask_sparsity(name), end=True)
             self.logger.log({f"{name}/{k}": v for k, v in metrics[name].items()})
             self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state())
             progress["done"][name] = {"metrics": metrics[name], "time_s": times[name]}
@@ -574,12 +624,14 @@ class Run:
         (in a continuous run the cache also holds the optimizer state to continue from)."""
 
         def train() -> None:
-            self.trainer.train(spec, None, self.optim, resume=resume, checkpoint=self.checkpoint_fn("finetune"), on_log=self.logger.log)
+            self.trainer.train(spec, None, self.optim, resume=resume, checkpoint=self.checkpoint_fn("finetune"),
+                               on_log=self.logger.log, evaluate=self.eval_during("finetune"), eval_every=self.eval_every["finetune"])
 
         def store(cache_dir: Path) -> dict[str, Any]:
             st_save_model(self.bundle.model, str(cache_dir / "model.safetensors"))
             if self.optim is not None:
                 atomic_torch_save(self.optim.state_dict(), cache_dir / "optimizer.pt")
+            self.history.save_stage("finetune", cache_dir / EVAL_HISTORY)  # its evaluations, for runs that reuse it
             return {"steps": spec.steps, "continuous": self.optim is not None, "computed_by": self.computed_by()}
 
         def compute(cache_dir: Path | None) -> dict[str, Any]:
@@ -603,6 +655,9 @@ class Run:
         else:
             reused = cache.reuse(compute, self.load_finetuned)
         self.finetune_source = self.cached_finetune_source(cache, reused)
+        if reused and self.history.enabled and not self.history.load_stage("finetune", Path(cache.dir) / EVAL_HISTORY):
+            log.info("The finetune stage comes from the cache (%s), computed without trainer.eval_every: %s has its "
+                     "stage-end evaluation only; cache=false fine-tunes and evaluates here.", cache.dir, EVAL_HISTORY)
 
     def computed_by(self) -> dict[str, Any]:
         """Where and how a cache entry was computed: a later run reusing it records this."""
@@ -690,6 +745,8 @@ class Run:
             attempt("model/README.md", lambda: atomic_write_text(self.run_dir / "model" / "README.md", model_card(result)))
         if failed:
             result["output_errors"] = failed
+        if self.history.enabled and main:
+            result["eval_history"] = self.history_summary(result["main_metric"], metrics["final"])
         measured = result["sparsity"]["measured"]
         if self.method.prunes and self.sparsity is None and measured < 0.01:  # soft movement, L0: no target to fall short of
             log.warning("method=%s removed %.2f %% of the prunable weights: its sparsity follows from its penalty "
@@ -703,6 +760,21 @@ class Run:
         self.logger.summary(result)
         self.logger.finish()
         return result
+
+
+    def history_summary(self, main_metric: str, final: dict[str, float]) -> dict[str, Any]:
+        """result.json's pointer to eval_history.jsonl, with its best evaluation by the
+        main metric (logged beside the final model's, which is the one result.json reports)."""
+        rows = self.history.rows()
+        last = [s for s in STAGES if self.plan.runs(s)][-1]
+        best = self.history.best(main_metric, last)
+        summary: dict[str, Any] = {"file": EVAL_HISTORY, "evaluations": len(rows), "every": self.cfg.trainer.eval_every, "best": None}
+        if best is not None:
+            summary["best"] = {k: best[k] for k in ("stage", "step", "epoch", "metrics")}
+            log.info("%s: %d evaluations; the %s stage's best %s, %.4f, after its step %d (epoch %g); the final model's "
+                     "(result.json): %.4f", EVAL_HISTORY, len(rows), last, main_metric, best["metrics"][main_metric],
+                     best["step"], best["epoch"], final.get(main_metric, float("nan")))
+        return summary
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -742,7 +814,7 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
 # What a run writes into its folder (besides the command's .hydra/ record and the log of the run now
 # going): overwrite=true removes them, so that nothing of the replaced run is left beside
 # the new one's result (its model/ when save_model=false, its W&B run, its predictions).
-RUN_OUTPUTS = ("result.json", "checkpoints", "model", "adapter", "predictions.jsonl", "predictions_*.jsonl",
+RUN_OUTPUTS = ("result.json", "checkpoints", "model", "adapter", "predictions.jsonl", "predictions_*.jsonl", EVAL_HISTORY,
                "spp_path.json", "error.txt", STOPPED_FILE, "wandb", ".wandb_run_id")
 
 

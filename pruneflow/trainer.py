@@ -351,13 +351,16 @@ class Trainer:
         resume: dict[str, Any] | None = None,
         checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
         on_log: Callable[[dict[str, float]], None] | None = None,
+        evaluate: Callable[[int], None] | None = None,
+        eval_every: int = 0,
     ) -> dict[str, float]:
         """Train ``stage.steps`` steps; returns the stage's time.
 
         ``optim`` is the run's optimizer (continuous protocol); None builds one for
         this stage. ``checkpoint(step, trainer_state)`` is called every
         ``trainer.checkpoint_every`` steps with the optimizer and scaler state;
-        ``resume`` is such a state.
+        ``resume`` is such a state. ``evaluate(step)`` is called every ``eval_every``
+        steps before the stage's last (whose evaluation is the caller's).
         """
         model = self.bundle.model
         model.train(not (stage.name == "prune" and method is not None and method.prune_in_eval_mode))
@@ -440,6 +443,8 @@ class Trainer:
                 if on_log is not None:
                     on_log({f"{stage.name}/loss": running / n_running, f"{stage.name}/lr": lr, f"{stage.name}/step": step + 1})
                 running, n_running = 0.0, 0
+            if evaluate is not None and eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < stage.steps:
+                evaluate(step + 1)  # before the checkpoint: a resume from it never evaluates this step again
             if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
                 checkpoint(step + 1, self.state(optim, step + 1))
                 _fault_injection(stage.name, step + 1)

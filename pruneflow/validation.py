@@ -124,6 +124,9 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
         v = t.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise invalid(f"trainer.{key}", v, f"an integer >= {low}")
+    every = t.get("eval_every", 0)
+    if not (every == "epoch" or (isinstance(every, int) and not isinstance(every, bool) and every >= 0)):
+        raise invalid("trainer.eval_every", every, "an integer >= 0 (0: after each stage only) or epoch")
     keep = t.get("keep_freed_memory", "auto")
     if not (isinstance(keep, bool) or keep == "auto"):
         raise invalid("trainer.keep_freed_memory", keep, "auto (on CPU), true or false")

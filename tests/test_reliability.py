@@ -175,6 +175,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["method=dense", "stages.prune.epochs=4"], "'stages.prune.epochs=4' would be ignored", "Remove it"),  # as typed, not 4.0
     (["logger=none", "logger.mode=offline"], "'logger.mode=offline' would be ignored", "logger=wandb uses logger.*"),
     (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
+    (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "trainer.eval_every=5"], "'trainer.eval_every=5' would be ignored", "does not train"),
+    (["trainer.eval_every=-3"], "'trainer.eval_every': -3", "or epoch"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
     (["-m", "method=magnitude,random", "hydra.sweeper.params.sparsity=0.5,0.7"], "sweeps Hydra's own setting", "pruneflow -m sparsity=<values>"),
     # a value of the wrong type: the same allowed range as a value out of it

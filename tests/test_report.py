@@ -657,3 +657,30 @@ def test_the_latest_run_of_a_seed_is_the_newest_file_not_the_last_path(tmp_path:
     (row,) = read_csv(tmp_path / "r" / "report.csv")
     assert row["n_runs"] == "1" and float(row["accuracy_mean"]) == pytest.approx(0.90)
     assert row["run_dirs"] == str(tmp_path / "a-second")
+
+
+def test_best_evaluation_during_training_has_its_own_column(tmp_path: Path) -> None:
+    """trainer.eval_every runs record their last stage's best evaluation: the report shows it
+    beside the final model's metric (never instead of it) and counts the runs that have one."""
+    root = tmp_path / "sweep"
+    for seed, (acc, best) in enumerate(((0.90, 0.93), (0.80, None))):
+        path = root / f"seed={seed}"
+        write_result(path, "seven", 0.7, seed, acc, 1.0)
+        if best is not None:
+            result = json.loads((path / "result.json").read_text())
+            result["eval_history"] = {"file": "eval_history.jsonl", "evaluations": 9, "every": 4,
+                                      "best": {"stage": "recover", "step": 8, "epoch": 1.0, "metrics": {"accuracy": best, "top5": 1.0}}}
+            (path / "result.json").write_text(json.dumps(result))
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out)]) == 0
+    (row,) = read_csv(out / "report.csv")
+    assert float(row["main_mean"]) == pytest.approx(0.85)  # the final models'
+    assert float(row["main_best_eval_mean"]) == pytest.approx(0.93) and row["main_best_eval_n"] == "1"
+    text = (out / "report.md").read_text()
+    assert "accuracy (best eval)" in text and "93.0 (1/2)" in text
+
+    plain = tmp_path / "plain"
+    write_result(plain / "a", "seven", 0.7, 0, 0.9, 1.0)
+    assert main([str(plain), "--out", str(tmp_path / "r2")]) == 0
+    assert "best eval" not in (tmp_path / "r2" / "report.md").read_text()
+    assert read_csv(tmp_path / "r2" / "report.csv")[0]["main_best_eval_n"] == "0"

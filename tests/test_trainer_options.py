@@ -337,6 +337,10 @@ def test_adamw_hf_steps_as_transformers_adamw_and_differs_from_torch():
     (["trainer.lr_scheduler=warmup_linear_mtdnn", "trainer.warmup_steps=5"], r"'trainer.warmup_steps'.*warmup_linear_mtdnn"),
     (["trainer.lr_scheduler=constant", "trainer.warmup_ratio=0.1"], r"'trainer.lr_scheduler'.*constant_with_warmup"),
     (["trainer.torch_threads=0"], r"'trainer.torch_threads'.*>= 1"),
+    (["trainer.eval_every=-1"], r"'trainer.eval_every': -1.*>= 0.*or epoch"),
+    (["trainer.eval_every=1.5"], r"'trainer.eval_every': 1.5.*>= 0.*or epoch"),
+    (["trainer.eval_every=epochs"], r"'trainer.eval_every': 'epochs'.*or epoch"),
+    (["trainer.eval_every=true"], r"'trainer.eval_every': True.*or epoch"),
 ])
 def test_trainer_settings_are_refused_just_past_their_range(config, overrides, message):
     """One clear error naming the key at the first value outside what is allowed."""
@@ -351,7 +355,10 @@ def test_trainer_settings_at_the_edge_of_their_range_are_accepted(config):
     from pruneflow.validation import validate_trainer
 
     validate_trainer(config("trainer.warmup_ratio=0", "trainer.warmup_steps=0", "trainer.adam_beta1=0", "trainer.max_grad_norm=0",
-                            "trainer.weight_decay=0", "trainer.checkpoint_every=0", "trainer.log_every=1", "trainer.torch_threads=1"), False)
+                            "trainer.weight_decay=0", "trainer.checkpoint_every=0", "trainer.log_every=1", "trainer.torch_threads=1",
+                            "trainer.eval_every=0"), False)
+    validate_trainer(config("trainer.eval_every=1"), False)
+    validate_trainer(config("trainer.eval_every=epoch"), False)
     validate_trainer(config("trainer.optimizer=sgd", "trainer.momentum=0.9", "trainer.lr_scheduler=constant"), False)
     validate_trainer(config("trainer.lr_scheduler=warmup_linear_mtdnn", "trainer.warmup_ratio=0.1"), False)
 

@@ -53,7 +53,7 @@ TRAINING_ONLY = (
     *((f"trainer.{k}", "one-shot pruning of a causal LM does not train") for k in (
         "precision", "compile", "pin_memory", "continuous", "optimizer", "gradient_accumulation_steps", "weight_decay",
         "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "lr_scheduler", "warmup_ratio", "warmup_steps",
-        "max_grad_norm", "freeze", "checkpoint_every", "log_every", "keep_freed_memory")),
+        "max_grad_norm", "freeze", "checkpoint_every", "log_every", "eval_every", "keep_freed_memory")),
 )
 ALLOCATIONS = ("uniform", "owl")
 

@@ -174,6 +174,14 @@ class PruningMethod:
         """Extra, method-specific entries for result.json (under ``method_info``)."""
         return {}
 
+    def current_sparsity(self) -> float | None:
+        """The pruned share of the prunable weights under the current masks, for
+        evaluations during training (None: this method keeps no such masks)."""
+        weights = self.ctx.weights if getattr(self, "ctx", None) is not None else None
+        if weights is None or not len(weights) or not weights.attached:
+            return None
+        return weights.sparsity()
+
     # --- resume ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}

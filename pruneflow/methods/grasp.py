@@ -117,7 +117,8 @@ class GraSP(ScoreBasedMethod):
         model = ctx.model
         model.train()
         # H g over their weights: every Linear and Conv2d weight of the model (the head and
-        # pooler too), whether pruned or not, plus any prunable bias
+        # pooler too), whether pruned or not, plus any other tensor in the pruned set (no
+        # GraSP setting adds one; a caller's own set through the API may)
         everything = linear_and_conv_weights(model)
         known = {id(p) for p in everything}
         everything += [p for p in params if id(p) not in known]

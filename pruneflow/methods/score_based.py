@@ -488,6 +488,12 @@ class ScoreBasedMethod(PruningMethod):
         start, n, shape = self.slices[i]
         return self.mask_flat[start : start + n].view(shape)
 
+    def current_sparsity(self) -> float | None:
+        mask = getattr(self, "mask_flat", None)  # also under mask_mode "zero", where no parametrization holds it
+        if mask is None:
+            return None
+        return 1.0 - int(mask.count_nonzero()) / max(mask.numel(), 1)
+
     def kernel(self, fn) -> Kernel:  # noqa: ANN001
         """``fn`` compiled for this run's size and device when that pays off."""
         return Kernel(fn, self.compiled)
