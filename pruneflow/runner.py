@@ -210,6 +210,7 @@ class Run:
                 "folder, or an ImageFolder; or task.path=null to load from the Hugging Face Hub."
             )
         self.task = build_task(cfg.task, int(cfg.seed))
+        self.task.check_path()
         check_pairing(cfg.model, self.task)
         if getattr(self.task, "mixup", None) is not None:
             check_mixup_batches(cfg)

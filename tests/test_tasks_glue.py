@@ -351,3 +351,29 @@ def test_cli_reports_a_missing_path_without_traceback(tmp_path: Path) -> None:
     out = run_cli(["model=bert_tiny", "task=glue/cola", f"task.path={tmp_path / 'missing'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert out.returncode == 2
     assert "task.path" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_sweep_checks_every_jobs_data_folder_before_the_first_starts(tmp_path: Path) -> None:
+    """A task.path without a split the task needs is refused before any job of a sweep
+    starts (it was found only when that job loaded its data, after the others had run)."""
+    import datasets
+
+    from pruneflow.cli import precheck
+    from pruneflow.config import register_configs
+
+    register_configs()
+    good = write_glue(tmp_path / "good", "sst2", fmt="jsonl")
+    bad = tmp_path / "bad"
+    write_split(bad, "train", glue_rows("sst2", 8), "jsonl")
+    args = ["-m", "model=bert_tiny", "task=glue/sst2", "method=magnitude", "sparsity=0.5"]
+    assert precheck([*args, f"task.path={good}"]) is None
+    problem = precheck([*args, f"task.path={good},{bad}"]) or ""
+    assert "'task.path'" in problem and "no 'validation' file" in problem and "no job was started" in problem
+    # MNLI needs both of its evaluation splits
+    mnli = write_glue(tmp_path / "mnli", "mnli", fmt="jsonl")
+    (mnli / "validation_mismatched.jsonl").unlink()
+    assert "no 'validation_mismatched' file" in (precheck(["-m", "model=bert_tiny", "task=glue/mnli", f"task.path={mnli}", "seed=0,1"]) or "")
+    # a save_to_disk folder: its dataset_dict.json lists the splits
+    disk = tmp_path / "disk"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(glue_rows("sst2", 4))}).save_to_disk(str(disk))
+    assert "has the splits ['train']" in (precheck([*args, f"task.path={disk}"]) or "")

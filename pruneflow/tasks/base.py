@@ -39,6 +39,10 @@ class Task:
         self.eval_sets: dict[str, Dataset] = {}
 
     # --- data --------------------------------------------------------------------
+    def check_path(self) -> None:
+        """Check ``task.path``'s layout without reading the data (UserError if wrong): run
+        before any work, for every job of a sweep before the first starts."""
+
     def load(self) -> None:
         """Read the raw data (hub or ``task.path``); raise UserError for bad paths/columns."""
         raise NotImplementedError

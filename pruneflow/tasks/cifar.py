@@ -109,6 +109,10 @@ class Cifar(TimmImageTask):
         missing = [n for n in layout["train"] + layout["test"] if not (root / n).is_file()]
         raise invalid("task.path", str(self.cfg.path), help_, f"Missing in {root}: {', '.join(missing)}.")
 
+    def check_path(self) -> None:
+        if self.cfg.get("path"):
+            self._folder()
+
     def _read(self) -> dict[str, tuple[np.ndarray, list[int]]]:
         if self.cfg.get("path"):
             folder = self._folder()

@@ -27,7 +27,13 @@ from omegaconf import DictConfig
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.metrics import compute, compute_glue
-from pruneflow.tasks.hf_data import first, load_splits, require_columns, sample_limit
+from pruneflow.tasks.hf_data import (
+    check_local_splits,
+    first,
+    load_splits,
+    require_columns,
+    sample_limit,
+)
 from pruneflow.tasks.text import TextTask
 
 if TYPE_CHECKING:
@@ -104,6 +110,10 @@ class Glue(TextTask):
         return "_mm" if split == "validation_mismatched" else f"_{split}"
 
     # --- data --------------------------------------------------------------------------
+    def check_path(self) -> None:
+        if self.cfg.get("path"):
+            check_local_splits(self.cfg, self.subtask, ("train", *self.eval_splits))
+
     def load(self) -> None:
         n_train, n_eval = sample_limit(self.cfg, "max_train_samples"), sample_limit(self.cfg, "max_eval_samples")
         splits = load_splits(self.cfg, self.hub_id, self.subtask, ("train", *self.eval_splits))

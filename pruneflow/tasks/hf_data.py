@@ -10,6 +10,7 @@ layout) is also accepted. Everything is read by the real ``datasets`` loaders.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,46 @@ def _find_folder(root: Path, hub_config: str | None, splits: Sequence[str]) -> P
     return root
 
 
+def check_local_splits(cfg: DictConfig, hub_config: str | None, splits: Sequence[str]) -> tuple[Path, dict[str, list[Path]] | None]:
+    """``task.path``'s folder and each split's files, checked without reading them, so that
+    every job of a sweep is checked before the first starts. ``None`` for the files of a
+    ``save_to_disk`` folder (its ``dataset_dict.json`` lists the splits)."""
+    path = cfg.get("path")
+    root = Path(str(path)).expanduser()
+    if not root.is_dir():
+        raise invalid("task.path", str(path), PATH_HELP, f"'{root}' is not an existing directory.")
+    folder = _find_folder(root, hub_config, splits)
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            names = list(json.loads((folder / "dataset_dict.json").read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return folder, None  # load_from_disk says what is wrong with it
+        missing = [s for s in splits if s not in names]
+        if missing:
+            raise invalid(
+                "task.path", str(path), PATH_HELP,
+                f"The save_to_disk folder {folder} has the splits {sorted(names)} but task={cfg.get('name')} needs {list(splits)}.",
+            )
+        return folder, None
+    files: dict[str, list[Path]] = {}
+    for split in splits:
+        found = _split_files(folder, split)
+        if not found:
+            present = sorted(p.name for p in folder.iterdir() if p.suffix in BUILDERS)
+            raise invalid(
+                "task.path", str(path), PATH_HELP,
+                f"task={cfg.get('name')} needs the split(s) {list(splits)}, but there is no '{split}' file "
+                f"({', '.join(split + e for e in BUILDERS)}) in {folder} (data files found: {present or 'none'}).",
+            )
+        if len({BUILDERS[f.suffix] for f in found}) > 1:
+            raise invalid(
+                "task.path", str(path), PATH_HELP,
+                f"The split '{split}' has files in several formats ({', '.join(f.name for f in found)}); keep one.",
+            )
+        files[split] = found
+    return folder, files
+
+
 def load_splits(cfg: DictConfig, hub_id: str, hub_config: str | None, splits: Sequence[str]) -> dict[str, Any]:
     """The given splits as ``datasets.Dataset`` objects, from ``task.path`` or the Hub."""
     import datasets
@@ -76,11 +117,8 @@ def load_splits(cfg: DictConfig, hub_id: str, hub_config: str | None, splits: Se
             raise UserError(f"The Hub dataset {hub_id} ({hub_config}) has no split(s) {missing}; it has {sorted(dd)}.")
         return {s: dd[s] for s in splits}
 
-    root = Path(str(path)).expanduser()
-    if not root.is_dir():
-        raise invalid("task.path", str(path), PATH_HELP, f"'{root}' is not an existing directory.")
-    folder = _find_folder(root, hub_config, splits)
-    if (folder / "dataset_dict.json").is_file():
+    folder, files = check_local_splits(cfg, hub_config, splits)
+    if files is None:  # a save_to_disk folder
         dd = datasets.load_from_disk(str(folder))
         missing = [s for s in splits if s not in dd]
         if missing:
@@ -91,25 +129,11 @@ def load_splits(cfg: DictConfig, hub_id: str, hub_config: str | None, splits: Se
         return {s: dd[s] for s in splits}
 
     out: dict[str, Any] = {}
-    for split in splits:
-        files = _split_files(folder, split)
-        if not files:
-            present = sorted(p.name for p in folder.iterdir() if p.suffix in BUILDERS)
-            raise invalid(
-                "task.path", str(path), PATH_HELP,
-                f"task={cfg.get('name')} needs the split(s) {list(splits)}, but there is no '{split}' file "
-                f"({', '.join(split + e for e in BUILDERS)}) in {folder} (data files found: {present or 'none'}).",
-            )
-        kinds = {BUILDERS[f.suffix] for f in files}
-        if len(kinds) > 1:
-            raise invalid(
-                "task.path", str(path), PATH_HELP,
-                f"The split '{split}' has files in several formats ({', '.join(f.name for f in files)}); keep one.",
-            )
+    for split, paths in files.items():
         try:
-            out[split] = datasets.load_dataset(kinds.pop(), data_files={split: [str(f) for f in files]}, split=split, cache_dir=cache_dir)
+            out[split] = datasets.load_dataset(BUILDERS[paths[0].suffix], data_files={split: [str(f) for f in paths]}, split=split, cache_dir=cache_dir)
         except Exception as e:  # malformed file: show what the reader said
-            raise UserError(f"Could not read the '{split}' split from {', '.join(str(f) for f in files)} (task.path): {type(e).__name__}: {e}") from e
+            raise UserError(f"Could not read the '{split}' split from {', '.join(str(f) for f in paths)} (task.path): {type(e).__name__}: {e}") from e
     log.info("Loaded %s from %s", ", ".join(f"{s} ({len(d)})" for s, d in out.items()), folder)
     return out
 

@@ -44,9 +44,11 @@ class ImageNet(TimmImageTask):
         super().__init__(cfg, seed)
         self.classes: list[str] = []
 
-    def load(self) -> None:
-        from torchvision.datasets import ImageFolder
+    def check_path(self) -> None:
+        if self.cfg.get("path"):  # none given: the run says so when it loads (--cfg job still shows an experiment)
+            self._root()
 
+    def _root(self) -> Path:
         if not self.cfg.get("path"):
             raise invalid("task.path", None, PATH_HELP, f"task={self.name} reads a local ImageFolder; there is no automatic download.")
         root = Path(str(self.cfg.path)).expanduser()
@@ -55,6 +57,12 @@ class ImageNet(TimmImageTask):
         missing = [s for s in ("train", "val") if not (root / s).is_dir()]
         if missing:
             raise invalid("task.path", str(self.cfg.path), PATH_HELP, f"Missing in {root}: {', '.join(s + '/' for s in missing)}.")
+        return root
+
+    def load(self) -> None:
+        from torchvision.datasets import ImageFolder
+
+        root = self._root()
         self.num_workers()
         folders = {}
         for split in ("train", "val"):

@@ -46,7 +46,13 @@ from omegaconf import DictConfig
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.metrics import compute
-from pruneflow.tasks.hf_data import first, load_splits, require_columns, sample_limit
+from pruneflow.tasks.hf_data import (
+    check_local_splits,
+    first,
+    load_splits,
+    require_columns,
+    sample_limit,
+)
 from pruneflow.tasks.text import TextTask
 from pruneflow.utils import progress
 
@@ -319,6 +325,10 @@ class Squad(TextTask):
         }
 
     # --- data ----------------------------------------------------------------------------
+    def check_path(self) -> None:
+        if self.cfg.get("path"):
+            check_local_splits(self.cfg, None, ("train", "validation"))
+
     def load(self) -> None:
         self.settings()
         n_train, n_eval = sample_limit(self.cfg, "max_train_samples"), sample_limit(self.cfg, "max_eval_samples")
