@@ -121,11 +121,13 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> NullLogger:
         return WandbLogger(cfg, run_dir)
     except Exception as e:  # noqa: BLE001 - W&B unreachable / not logged in never fails a run
         if mode == "online":
+            # a start refused before any folder was made (no API key) leaves no run-* folder to point to
+            failed = sorted(p.name for p in (Path(run_dir) / "wandb").glob("run-*") if p.is_dir() and not p.is_symlink())
             log.warning(
                 "W&B online could not start (%s); logging offline instead under %s/wandb — upload later with "
-                "`wandb sync %s/wandb/offline-run-*` once the server is reachable and you are logged in (`wandb login`). "
-                "The failed attempt's own folder (wandb/run-*) holds its debug log.",
+                "`wandb sync %s/wandb/offline-run-*` once the server is reachable and you are logged in (`wandb login`).%s",
                 _one_line(e), run_dir, run_dir,
+                f" The failed attempt's own folder (wandb/{failed[-1]}) holds its debug log." if failed else "",
             )
             try:
                 import wandb

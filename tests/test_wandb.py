@@ -92,6 +92,9 @@ def test_run_online_without_login_finishes_offline(tmp_path: Path, no_wandb_logi
     assert (tmp_path / "run" / "result.json").exists()
     assert len(offline_runs(tmp_path / "run")) == 1
     assert "logging offline instead" in caplog.text
+    # the warning points to the failed attempt's folder only where one was made (none when refused for want of a key)
+    made = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("run-*"))
+    assert (f"failed attempt's own folder (wandb/{made[-1]})" in caplog.text) if made else ("failed attempt" not in caplog.text)
 
 
 @pytest.mark.slow
