@@ -42,6 +42,7 @@ class Entry:
     mean: float | None = None
     std: float | None = None
     n: int = 0
+    info: dict[str, Any] | None = None  # the experiment_info whose source a not-run number cites
 
     @property
     def diff(self) -> float | None:
@@ -139,7 +140,7 @@ def ledger_entries(rows: list[Row]) -> list[Entry]:
                     entries.append(Entry(lm_rows[0].experiment, info.get("figure"), p, method, lm_rows[0], mean, std, n))
                     continue
             if not matched:
-                entries.append(Entry(label, info.get("figure"), p, method, None))
+                entries.append(Entry(label, info.get("figure"), p, method, None, info=info))
                 continue
             for r in matched:
                 mean, std, n = r.stat(lambda x, m=p.metric: x["metrics"]["final"][m])
@@ -175,9 +176,9 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
             "–" if e.mean is None else fmt_metric(e.mean, m) + (f" ± {fmt_metric(e.std, m)}" if e.std is not None else "") + f" ({e.n})"
         )
         within = f"– (model {e.other_model})" if e.other_model else "–" if e.within is None else ("yes" if e.within else "**no**")
-        info = e.row.experiment_info() if e.row is not None else {"source": e.experiment}
+        info = e.row.experiment_info() if e.row is not None else e.info
         out.append(
-            f"| {e.experiment} | {e.method} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if e.row else '–'}] | "
+            f"| {e.experiment} | {e.method} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if info else '–'}] | "
             f"{meas} | {fmt_metric(e.diff, m, signed=True)} | {p.tolerance_label()} | {within} |"
         )
     return out

@@ -753,7 +753,10 @@ def plot_task(task: str, rows: list[Row], path: Path) -> None:
             y = pts[0][1] if pts else row_point(row, metric).value  # type: ignore[union-attr]
             if x is not None:
                 ax.plot([x * 100], [y * k], linestyle="none", marker="*", markersize=11, label=f"{pub_label} (published)", **style)
-    ax.set_xlabel("measured sparsity (% of prunable weights removed)")
+    shift = (n_lines - 1) / 2 * 0.4
+    ax.set_xlabel("measured sparsity (% of prunable weights removed)"
+                  + (f"\nmeasured lines drawn up to ±{shift:.1f} apart, so that error bars at one sparsity do not overlap" if n_lines > 1 else ""),
+                  fontsize=9 if n_lines > 1 else None)
     ax.set_ylabel(metric_label(metric))
     n_seeds = sorted({len(r.runs) for r in rows})
     ax.set_title(f"{task}: {metric} vs sparsity (mean ± std over {'/'.join(map(str, n_seeds))} seed(s))", fontsize=10)

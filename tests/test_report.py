@@ -210,7 +210,7 @@ def test_ledger_rows_tolerances_and_figure(tmp_path: Path) -> None:
     assert "| snip | glue/mrpc | accuracy | 80 | – | ≈69.8 [1] | 69.5 ± 0.7 (2) | -0.3 | 0.5 | yes |" in ledger
     assert "| <70.0 [1] | 65.5 ± 0.7 (2) | -4.5 | 0.2 | yes |" in ledger
     assert "| grasp | glue/mrpc | accuracy | 10 | – | 86.0 [1] | 84.5 ± 0.7 (2) | -1.5 | 0.2 | **no** |" in ledger
-    assert "| dense | glue/mrpc | accuracy | – | – | 85.2 [–] | not run |" in ledger
+    assert "| dense | glue/mrpc | accuracy | – | – | 85.2 [1] | not run |" in ledger  # the figure's source, run or not
     assert "glue/sst2" not in ledger
     fig = tmp_path / "figure_SEVEN-plot1.png"
     assert fig.stat().st_size > 10_000 and "![figure_SEVEN-plot1](figure_SEVEN-plot1.png)" in md
@@ -684,3 +684,20 @@ def test_best_evaluation_during_training_has_its_own_column(tmp_path: Path) -> N
     assert main([str(plain), "--out", str(tmp_path / "r2")]) == 0
     assert "best eval" not in (tmp_path / "r2" / "report.md").read_text()
     assert read_csv(tmp_path / "r2" / "report.csv")[0]["main_best_eval_n"] == "0"
+
+
+def test_the_plot_says_its_lines_are_shifted_apart(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines at one sparsity are drawn a little apart (their error bars would overlap): the
+    axis label says so, as the points no longer sit at their measured sparsity."""
+    import matplotlib.figure
+
+    labels: list[str] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        labels.append(self.axes[0].get_xlabel())
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    assert main([str(sweep), "--out", str(tmp_path / "r")]) == 0
+    assert labels and "drawn up to ±0.2 apart" in labels[0]  # magnitude and random: two lines
