@@ -287,7 +287,13 @@ def find_incomplete(root: Path, finished: set[str]) -> tuple[list[Job], list[Job
                 pass
         if (d / STOPPED_FILE).exists() and not result.exists():  # a signal stopped the run: it says where
             reason = _last_line((d / STOPPED_FILE).read_text(errors="replace"))
+        seen.add(str(d))
         unfinished.append(Job(_job_label(d, root), _job_overrides(d), reason))
+    for result in sorted(root.rglob("result.json")):  # outside a Hydra job folder too: never dropped silently
+        d = result.parent
+        if str(d) in finished or str(d) in seen or ".cache" in d.parts:
+            continue
+        unfinished.append(Job(_job_label(d, root), _job_overrides(d), "result.json is unreadable (damaged, or not a pruneflow result)"))
     return failed, unfinished
 
 

@@ -164,7 +164,9 @@ def load_results(root: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         try:
             r = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (OSError, ValueError):  # the report lists it as unreadable
+            continue
+        if not isinstance(r, dict):
             continue
         r["_path"] = str(p.parent)
         r["_mtime"] = p.stat().st_mtime  # which of two runs of one configuration and seed is the later

@@ -35,7 +35,7 @@ from pruneflow.errors import (
 from pruneflow.history import EVAL_HISTORY, EvalHistory, parse_eval_every
 from pruneflow.loggers import NullLogger, make_logger
 from pruneflow.masking import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MaskedWeights, select_prunable
-from pruneflow.methods import METHODS, PruneContext, get_method_class
+from pruneflow.methods import METHODS, PruneContext, PruningMethod, get_method_class
 from pruneflow.models import ModelBundle, build_model, check_pairing
 from pruneflow.results import build_result, write_predictions
 from pruneflow.schedules import Schedule
@@ -55,6 +55,7 @@ from pruneflow.utils import (
     writing,
 )
 from pruneflow.validation import (
+    check_model_path,
     check_unused,
     explicit_settings,
     refuse_non_finite,
@@ -109,6 +110,25 @@ def stage_steps(cfg: DictConfig, name: str, n_train: int, grad_accum: int) -> tu
     if steps is None:
         steps = int(math.ceil(float(epochs or 0) * steps_per_epoch(n_train, bs, grad_accum, bool(cfg.trainer.get("drop_last", True)))))
     return int(steps), bs
+
+
+def check_typed_patterns(model: torch.nn.Module, include: list[str], exclude: list[str], typed: dict[str, str]) -> None:
+    """A ``method.include``/``method.exclude`` pattern typed on the command line that matches
+    no module it could act on is a mistake (a typo such as ``mlp.fc`` for ``mlp.fc1``): it
+    would select or remove nothing, silently."""
+    import fnmatch
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    included = [n for n in linear if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    for key, patterns, names, what in (("method.include", include, linear, "nn.Linear module"),
+                                       ("method.exclude", exclude, included, "module that method.include selects")):
+        if key not in typed:
+            continue
+        dead = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if dead:
+            shown = ", ".join(names[:3] + (["...", names[-1]] if len(names) > 4 else names[3:]))
+            raise invalid(key, typed[key], "shell-style patterns over module names, each matching at least one",
+                          f"{dead} match(es) no {what} of model={model.__class__.__name__}; its names look like: {shown or 'none'}.")
 
 
 def check_mixup_batches(cfg: DictConfig) -> None:
@@ -198,6 +218,7 @@ class Run:
         distill.validate(cfg)
         for name in STAGES:  # cheap checks before any data is read
             stage_steps(cfg, name, 1, 1)
+        self.check_plan_settings()
         self.prune_updates_weights = self._prune_updates_weights(cfg)
         if self.method.prunes and not self.prune_updates_weights:
             check_unused(cfg, [("stages.prune.lr", f"the prune stage of method={cfg.method.name} makes no weight updates "
@@ -209,6 +230,7 @@ class Run:
                 "file per split (train, validation, ...) as .parquet/.jsonl/.json/.csv, a DatasetDict.save_to_disk "
                 "folder, or an ImageFolder; or task.path=null to load from the Hugging Face Hub."
             )
+        check_model_path(cfg)
         self.task = build_task(cfg.task, int(cfg.seed))
         self.task.check_path()
         check_pairing(cfg.model, self.task)
@@ -233,6 +255,7 @@ class Run:
         include = list(cfg.method.get("include") or DEFAULT_INCLUDE)
         exclude = list(cfg.method.get("exclude") or DEFAULT_EXCLUDE)
         biases = check_bool(cfg.method.get("biases", False), "method.biases")
+        check_typed_patterns(self.bundle.model, include, exclude, typed_text(self.overrides))
         self.weights = MaskedWeights(select_prunable(self.bundle.model, include, exclude, biases=biases))
         if self.method.prunes and len(self.weights) == 0:
             raise UserError(
@@ -274,10 +297,7 @@ class Run:
             schedule.validate()
             self.method.check_schedule(schedule)
             if specs["prune"].steps == 0 and not self.method_cls.__dict__.get("prunes_without_steps", False):
-                raise UserError(
-                    f"method={cfg.method.name} prunes during the prune stage, but stages.prune has 0 steps. "
-                    "Give it epochs or steps (e.g. stages.prune.epochs=2), or use method=dense."
-                )
+                raise self.no_prune_steps()
         self.plan = Plan(stages=specs, schedule=schedule)
         # trainer.eval_every: evaluations inside the weight-updating stages (eval_history.jsonl)
         every = parse_eval_every(cfg.trainer.get("eval_every", 0))
@@ -301,13 +321,49 @@ class Run:
         if continuous:
             total = sum(sp.steps for sp in specs.values() if sp.weight_updates)
             self.optim = self.trainer.build_optim(total)
+        self.warn_long_warmup(specs, continuous)
 
-    def _plan_continuous(self, specs: dict[str, StageSpec], accum: int) -> None:
+    def warn_long_warmup(self, specs: dict[str, StageSpec], continuous: bool) -> None:
+        """trainer.warmup_steps longer than the schedule it warms up: the learning rate
+        never reaches the stage's lr (a fraction, warmup_ratio, cannot overrun)."""
+        warmup = self.cfg.trainer.get("warmup_steps")
+        if not warmup:
+            return
+        spans = ({"the run (trainer.continuous=true)": sum(sp.steps for sp in specs.values() if sp.weight_updates)} if continuous
+                 else {f"the {k} stage": sp.steps for k, sp in specs.items() if sp.steps > 0 and sp.weight_updates})
+        for what, steps in spans.items():
+            if steps and int(warmup) >= steps:
+                log.warning("trainer.warmup_steps=%d is as long as %s or longer (%d steps): its learning rate never reaches "
+                            "the stage's lr. Shorten it, or give a fraction with trainer.warmup_ratio.", int(warmup), what, steps)
+
+    def check_plan_settings(self) -> None:
+        """The checks of ``prepare``'s plan that need no data (a stage's epochs become steps
+        only once the training set's size is known): run by ``check_settings``, so a sweep
+        refuses them for every job before the first starts."""
+        cfg = self.cfg
+        explicit_zero = {name: (cfg.stages[name].get("epochs") == 0 and cfg.stages[name].get("steps") is None)
+                         or cfg.stages[name].get("steps") == 0 for name in STAGES}
+        own_plan = type(self.method).plan_stages is not PruningMethod.plan_stages  # presets set the stage lengths
+        if self.method.prunes:
+            schedule = Schedule.from_config(cfg.schedule, self.method.schedule_target(), 1)
+            schedule.check_settings()
+            self.method.check_schedule(schedule)
+            if explicit_zero["prune"] and not own_plan and not self.method_cls.__dict__.get("prunes_without_steps", False):
+                raise self.no_prune_steps()
+        if bool(cfg.trainer.get("continuous", False)) and not own_plan:
+            running = [n for n in STAGES if not explicit_zero[n] and (n != "prune" or self.method.prunes)]
+            self.check_continuous({n: int(cfg.stages[n].batch_size) for n in running}, "recover" in running)
+
+    def no_prune_steps(self) -> UserError:
+        return UserError(
+            f"method={self.cfg.method.name} prunes during the prune stage, but stages.prune has 0 steps. "
+            "Give it epochs or steps (e.g. stages.prune.epochs=2), or use method=dense."
+        )
+
+    def check_continuous(self, sizes: dict[str, int], recovers: bool) -> None:
         """trainer.continuous=true: the stages are phases of one training, so they share one
         batch size (one stream of batches) and the method must keep the architecture."""
         cfg = self.cfg
-        running = [sp for sp in specs.values() if sp.steps > 0]
-        sizes = {sp.name: sp.batch_size for sp in running}
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"stages.{k}.batch_size={v}" for k, v in sizes.items())
             raise UserError(
@@ -315,12 +371,15 @@ class Run:
                 f"batch size; got {listed}. Set them equal, or use trainer.continuous=false (each stage its own "
                 "optimizer, schedule and batches)."
             )
-        if not self.method_cls.keeps_architecture and specs["recover"].steps > 0:
+        if not self.method_cls.keeps_architecture and recovers:
             raise UserError(
                 f"trainer.continuous=true cannot carry the optimizer across the prune stage of method={cfg.method.name}: "
                 "it rebuilds the pruned layers (physical compression), so the recover stage starts a new optimizer. "
                 "Use trainer.continuous=false (the authors retrain with a fresh optimizer too)."
             )
+
+    def _plan_continuous(self, specs: dict[str, StageSpec], accum: int) -> None:
+        self.check_continuous({sp.name: sp.batch_size for sp in specs.values() if sp.steps > 0}, specs["recover"].steps > 0)
         offset = 0
         for name in STAGES:
             specs[name].data_offset = offset

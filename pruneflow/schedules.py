@@ -60,12 +60,19 @@ class Schedule:
             return self.initial_warmup - self.step_offset
         return self.initial_warmup + self.ramp_steps - 1 - self.step_offset
 
-    def validate(self) -> None:
+    def check_settings(self) -> None:
+        """The checks that need no step count: run before any data is read, so a sweep
+        checks them for every job before the first starts."""
         if self.kind not in KINDS:
             raise UserError(f"Invalid value for 'schedule': {self.kind!r}. Allowed: {', '.join(KINDS)}.")
         for key in ("initial_warmup", "final_warmup"):
             if getattr(self, key) < 0:
                 raise UserError(f"Invalid value for 'schedule.{key}': {getattr(self, key)}. Allowed: a number of steps >= 0, or a fraction of the prune stage in (0, 1).")
+        if self.frequency < 1:
+            raise UserError(f"Invalid value for 'schedule.frequency': {self.frequency}. Allowed: an integer >= 1 (update the mask every N steps).")
+
+    def validate(self) -> None:
+        self.check_settings()
         offset = self.step_offset
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= max(self.initial_warmup, 0):
             raise UserError(
@@ -74,8 +81,6 @@ class Schedule:
                 "the prune stage's (1: masked_run_squad.py's global_step, which starts at 1). It may not exceed the "
                 "initial warm-up, since the prune stage's first forward pass runs unpruned."
             )
-        if self.frequency < 1:
-            raise UserError(f"Invalid value for 'schedule.frequency': {self.frequency}. Allowed: an integer >= 1 (update the mask every N steps).")
         if self.target > 0 and (self.ramp_steps < 1 or self.last_ramp_step >= self.total_steps):
             raise UserError(
                 f"The sparsity schedule cannot reach its target {self.target} within the prune stage: "

@@ -286,7 +286,7 @@ class Trainer:
 
     def refresh_params(self) -> None:
         """After a method rebuilt layers (SPP's compression)."""
-        self.base_params = trainable_parameters(self.bundle.model, self.freeze)
+        self.base_params = trainable_parameters(self.bundle.model, self.freeze, check=False)
 
     # -- helpers ----------------------------------------------------------------------
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -490,16 +490,30 @@ class Trainer:
         }
 
 
-def trainable_parameters(model: nn.Module, freeze: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+def trainable_parameters(model: nn.Module, freeze: Sequence[str] = (), check: bool = True) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every parameter that trains; ``freeze`` patterns (shell-style,
-    over parameter names) switch parameters off, e.g. the embeddings in movement pruning."""
+    over parameter names) switch parameters off, e.g. the embeddings in movement pruning.
+    ``check``: a pattern that matches nothing, or patterns that freeze everything, are the
+    user's mistake (checked on the model as built, before masks rename parameters)."""
     import fnmatch
 
-    out = []
+    out, matched = [], set()
+    names = []
     for name, p in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pat) for pat in freeze):
+        names.append(name)
+        hits = [pat for pat in freeze if fnmatch.fnmatchcase(name, pat)]
+        if hits:
+            matched.update(hits)
             p.requires_grad_(False)
             continue
         if p.requires_grad:
             out.append((name, p))
+    unmatched = [pat for pat in freeze if pat not in matched]
+    examples = f"This model's parameters are named like {names[0]!r}, {names[len(names) // 2]!r}, {names[-1]!r}." if names else ""
+    if unmatched and check:
+        raise invalid("trainer.freeze", list(freeze), "shell-style patterns over parameter names, each matching one or more",
+                      f"{unmatched} match(es) no parameter of this model, so nothing would be frozen by it. {examples}")
+    if freeze and not out and check:
+        raise invalid("trainer.freeze", list(freeze), "patterns that leave some parameters training",
+                      f"They freeze every parameter of the model, so no stage could train. {examples}")
     return out

@@ -9,6 +9,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -305,7 +306,7 @@ def typed_text(typed: Sequence[str]) -> dict[str, str]:
 
 
 def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None, typed: Sequence[str] = ()) -> None:
-    """A setting the run would ignore is an error (unless set to null or 0: "not used").
+    """A setting the run would ignore is an error (unless set to null, 0 or ``<section>.enabled=false``: "not used").
     ``explicit``: ``explicit_settings(cfg, typed)`` if the caller has it (one composition,
     ~0.5 s); ``typed``: the command line's overrides (to compute it, and to quote them)."""
     if not unused:
@@ -315,7 +316,8 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
     typed_values = typed_text(typed)
     for prefix, why in unused:
         for key, value in explicit.items():
-            unset = value is None or (not isinstance(value, bool) and value == 0)
+            # null, 0 and a section's enabled=false say "not used"; another false is a value the run would ignore
+            unset = value is None or (not isinstance(value, bool) and value == 0) or (value is False and key.endswith(".enabled"))
             if not unset and (key == prefix or key.startswith(prefix + ".")):
                 group = key.removesuffix(".name")
                 if key.endswith(".name") and group in SETTING_GROUPS + CHOICE_SETTINGS:  # a group's option was chosen
@@ -342,6 +344,16 @@ def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
     d = cfg.get("distill")
     if d is not None and d.get("enabled") is False:
         out.append(("distill", "distillation is off (distill.enabled=false); distill.enabled=true uses distill.*"))
+    speed = cfg.get("speed")
+    if speed is not None and speed.get("enabled") is False:
+        out += [(f"speed.{k}", "the latency benchmark is off (speed.enabled=false)") for k in speed if k != "enabled"]
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("optimizer") == "sgd":
+        out += [(f"trainer.{k}", "trainer.optimizer=sgd has no Adam betas or epsilon (trainer.momentum is its setting)")
+                for k in ("adam_beta1", "adam_beta2", "adam_epsilon")]
+    schedule = cfg.get("schedule")
+    if schedule is not None and schedule.get("name") == "oneshot":
+        out += [(f"schedule.{k}", "schedule=oneshot prunes once, right after schedule.initial_warmup") for k in ("final_warmup", "frequency")]
     return out
 
 
@@ -414,3 +426,11 @@ def validate_run(cfg: DictConfig) -> None:
     if preset not in (None, "auto") and not str(task.name).startswith("glue/"):
         raise invalid("method.preset", preset, "auto or null for a task outside GLUE",
                       f"The presets are the authors' GLUE settings; task={task.name} is not a GLUE task.")
+
+
+def check_model_path(cfg: DictConfig) -> None:
+    """``model.path`` must exist before any work: a sweep checks it for every job."""
+    path = cfg.model.get("path")
+    if path and not Path(str(path)).expanduser().exists():
+        raise invalid("model.path", str(path), "a local directory written by save_pretrained (timm: model.safetensors "
+                      "and config.json), or model.path=null to load model.hub_id", "It does not exist.")

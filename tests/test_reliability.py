@@ -177,6 +177,23 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["distill.enabled=false", "distill.temperature=2.0"], "'distill.temperature=2.0' would be ignored", "distill.enabled=true"),
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "trainer.eval_every=5"], "'trainer.eval_every=5' would be ignored", "does not train"),
     (["trainer.eval_every=-3"], "'trainer.eval_every': -3", "or epoch"),
+    # checks of the run's plan that need no data: a sweep refuses them before its first job (they ran job #0 first)
+    (["-m", "schedule.frequency=1,0"], "'schedule.frequency': 0", "no job was started"),
+    (["-m", "stages.prune.epochs=1,0"], "stages.prune has 0 steps", "no job was started"),
+    (["-m", "trainer.continuous=true", "seed=0,1"], "one batch size", "stages.finetune.batch_size=64"),
+    (["-m", "method=spp", "trainer.continuous=true", "stages.finetune.batch_size=32", "seed=0,1"], "cannot carry the optimizer", "continuous=false"),
+    (["-m", "model.path=/nonexistent/model", "seed=0,1"], "'model.path'", "save_pretrained"),
+    (["schedule.name=foo"], "'schedule': 'foo'", "cubic, linear"),
+    (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1 for one per CPU core"),
+    # switched off or not used by the choice made: ignored, so refused
+    (["speed.enabled=false", "speed.batch=4"], "'speed.batch=4' would be ignored", "speed.enabled=false"),
+    (["trainer.optimizer=sgd", "trainer.adam_beta1=0.5"], "'trainer.adam_beta1=0.5' would be ignored", "trainer.momentum"),
+    (["schedule=oneshot", "schedule.final_warmup=5"], "'schedule.final_warmup=5' would be ignored", "prunes once"),
+    # patterns that select or remove nothing (typos), refused once the model is built
+    (["method.exclude=[blocks.*.mlp.fc]"], "'method.exclude'", "blocks.0.mlp.fc1"),
+    (["method.include=[encoder.*]"], "'method.include'", "blocks.0.attn.qkv"),
+    (["trainer.freeze=[foo*]"], "'trainer.freeze'", "match(es) no parameter"),
+    (["trainer.freeze=[*]"], "'trainer.freeze'", "freeze every parameter"),
     (["-m", "experiment=seven_pre/plot2_vit_b32", "stages.prune.lr=1e-4"], "A job of this sweep", "no weight updates"),
     (["-m", "method=magnitude,random", "hydra.sweeper.params.sparsity=0.5,0.7"], "sweeps Hydra's own setting", "pruneflow -m sparsity=<values>"),
     # a value of the wrong type: the same allowed range as a value out of it
@@ -736,6 +753,9 @@ def test_a_setting_the_run_ignores_is_refused_unless_it_says_not_used():
     check_unused(cfg, [("distill", "off")], {"distill.temperature": None, "distill.alpha": 0, "distiller.x": 1, "seed": 3})
     with pytest.raises(UserError, match=r"^'distill.hard=false' would be ignored: off\. Remove it"):
         check_unused(cfg, [("distill", "off")], {"distill.hard": False})
+    check_unused(cfg, [("speed", "not measured")], {"speed.enabled": False})  # switching a section off (an LM run's speed)
+    with pytest.raises(UserError, match=r"^'speed.enabled=true' would be ignored"):
+        check_unused(cfg, [("speed", "not measured")], {"speed.enabled": True})
     with pytest.raises(UserError, match=r"^'schedule=linear' would be ignored: no schedule"):
         check_unused(cfg, [("schedule", "no schedule")], {"schedule.name": "linear"})
     with pytest.raises(UserError, match=r"^'stages.prune.epochs=4' would be ignored"):  # as typed, not 4.0

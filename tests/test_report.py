@@ -701,3 +701,18 @@ def test_the_plot_says_its_lines_are_shifted_apart(sweep: Path, tmp_path: Path, 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
     assert main([str(sweep), "--out", str(tmp_path / "r")]) == 0
     assert labels and "drawn up to ±0.2 apart" in labels[0]  # magnitude and random: two lines
+
+
+def test_unreadable_result_files_are_listed_not_dropped(tmp_path: Path) -> None:
+    """A damaged result.json, or one that is not a pruneflow result (a JSON list), is listed
+    as unreadable, also outside a Hydra job folder; it was dropped silently (or, a list,
+    ended the report in a TypeError)."""
+    root = tmp_path / "runs"
+    write_result(root / "good", "magnitude", 0.5, 0, 0.9, 1.0)
+    for name, text in (("bad", "{bad"), ("list", "[1, 2]")):
+        (root / name).mkdir(parents=True)
+        (root / name / "result.json").write_text(text)
+    assert main([str(root), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "1 finished run(s) in 1 configuration(s); 0 failed, 2 unfinished" in md
+    assert "| `bad` | – | result.json is unreadable" in md and "| `list` | – | result.json is unreadable" in md

@@ -441,3 +441,24 @@ def test_optimizer_groups_decay_and_stage_lr_schedule():
     logged: list[float] = []
     trainer.train(StageSpec("finetune", 4, lr=0.1, batch_size=4, seed=3), on_log=lambda rec: logged.append(rec["finetune/lr"]))
     assert logged == pytest.approx([0.0, 0.1, 0.1 * 2 / 3, 0.1 / 3], rel=1e-12, abs=1e-15)
+
+
+def test_a_warmup_longer_than_its_schedule_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """trainer.warmup_steps at least as long as the steps it warms up: the LR never
+    reaches the stage's lr (it was accepted without a word; final accuracy 0.20 vs 0.66)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pruneflow.runner import Run
+    from pruneflow.trainer import StageSpec
+
+    specs = {n: StageSpec(name=n, steps=s, lr=1e-3, batch_size=8, seed=0) for n, s in (("finetune", 50), ("prune", 20), ("recover", 0))}
+    fake = SimpleNamespace(cfg=OmegaConf.create({"trainer": {"warmup_steps": 30}}))
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        Run.warn_long_warmup(fake, specs, continuous=False)
+    assert "as long as the prune stage or longer (20 steps)" in caplog.text and "finetune" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        Run.warn_long_warmup(fake, specs, continuous=True)  # one schedule over 70 steps
+    assert caplog.text == ""

@@ -38,7 +38,13 @@ from pruneflow.utils import (
     seed_everything,
     writing,
 )
-from pruneflow.validation import check_unused, refuse_non_finite, switched_off, validate_run
+from pruneflow.validation import (
+    check_model_path,
+    check_unused,
+    refuse_non_finite,
+    switched_off,
+    validate_run,
+)
 
 log = logging.getLogger("pruneflow")
 
@@ -90,6 +96,7 @@ class LLMRun:
         if here:  # a Slurm job's devices are not this machine's
             self.device = resolve_device(str(cfg.trainer.device))
         validate_run(cfg)
+        check_model_path(cfg)
         requested = cfg.get("sparsity")
         if requested is None and self.gradient:
             requested = OneShotMethod.default_sparsity if cfg.method.get("pattern") is None else None
