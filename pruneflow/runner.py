@@ -557,6 +557,12 @@ class Run:
             start_index = STAGES.index(ckpt["stage"])
             log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
             was, now = ckpt.get("torch_threads"), torch.get_num_threads()
+            # result.json's provenance lists every resume: where, and with which device and threads
+            progress.setdefault("resumes", []).append({
+                "stage": ckpt["stage"], "step": int(ckpt["step"]), "complete": bool(ckpt["complete"]), "device": str(self.device),
+                "torch_threads": now, "checkpoint_torch_threads": was,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.save_progress(progress)
             if was is not None and was != now and self.device.type == "cpu":
                 # torch splits CPU reductions by thread: the sums (and so the weights) change in the last bits
                 log.warning("Resuming with %d torch threads; the checkpoint was written with %d. The result can differ from "
@@ -797,6 +803,7 @@ class Run:
         result = build_result(self, final_model, metrics, times, speed, export)
         if self.finetune_source is not None:
             result["provenance"]["finetune"] = self.finetune_source
+        result["provenance"]["resumes"] = self.progress().get("resumes", [])
         if distributed.is_distributed():
             result["provenance"]["distributed"] = {**distributed.info(), "fingerprints": self.rank_checks}
         if save and "model/" not in failed:
@@ -995,8 +1002,9 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, record: Ca
         if cfg.get("overwrite", False):
             if distributed.is_main():
                 removed = remove_run_outputs(run_dir)
-                if removed:
-                    log.info("overwrite=true: removed the previous run's %s from %s", ", ".join(removed), run_dir)
+                if removed:  # pruneflow.log is kept (appended to): say where this run's lines start
+                    log.info("overwrite=true: removed the previous run's %s from %s; the log lines above this one are "
+                             "that run's, this run's start here.", ", ".join(removed), run_dir)
             distributed.barrier()
         fresh = not (run_dir / "checkpoints").exists()
         from pruneflow.llm.runner import LLMRun, is_lm_task

@@ -306,12 +306,15 @@ def test_other_weights_at_the_same_model_path_are_fine_tuned_again(config, tmp_p
     assert any("Cached finetune" in r.getMessage() for r in caplog.records)
 
 
-def test_overwrite_leaves_nothing_of_the_replaced_run(config, tmp_path):
+def test_overwrite_leaves_nothing_of_the_replaced_run(config, tmp_path, caplog):
     """overwrite=true with save_model=false: the folder must not keep the old run's model/
     beside the new result.json (it said sparsity 0.9 next to a 0.5 model)."""
     run(config("method=magnitude", "sparsity=0.5"), tmp_path / "r")
     (tmp_path / "r" / "notes.txt").write_text("mine")  # the user's own file stays
-    result = run(config("method=magnitude", "sparsity=0.9", "overwrite=true", "save_model=false"), tmp_path / "r")
+    with caplog.at_level("INFO", logger="pruneflow"):
+        result = run(config("method=magnitude", "sparsity=0.9", "overwrite=true", "save_model=false"), tmp_path / "r")
+    # the log file is appended to: the line says where the new run's lines start
+    assert "the log lines above this one are that run's, this run's start here" in caplog.text
     assert result["sparsity"]["measured"] == pytest.approx(0.9, abs=1e-4)
     assert not (tmp_path / "r" / "model").exists() and (tmp_path / "r" / "notes.txt").read_text() == "mine"
     assert json.loads((tmp_path / "r" / "result.json").read_text())["sparsity"]["target"] == 0.9

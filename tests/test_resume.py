@@ -35,6 +35,12 @@ def test_kill_and_resume_gives_the_same_result(tmp_path, reference, kill_at):
     a, b = read_result(ref_dir), read_result(run_dir)
     assert a["metrics"] == b["metrics"]
     assert a["sparsity"] == b["sparsity"]
+    # provenance says where the run was resumed (it did not before)
+    stage, step = kill_at.split(":")
+    assert a["provenance"]["resumes"] == []
+    (resume,) = b["provenance"]["resumes"]
+    assert (resume["stage"], resume["step"], resume["complete"]) == (stage, int(step), False)
+    assert resume["torch_threads"] == resume["checkpoint_torch_threads"]
     # the finetune's cache entry is in the result also when the resumed process skipped that stage
     source = b["provenance"]["finetune"]
     assert source["cache"].startswith(str(tmp_path / "c2")) and source["computed_by"]["run_dir"] == str(run_dir)
