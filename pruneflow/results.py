@@ -85,6 +85,24 @@ def git_sha() -> str | None:
         return None
 
 
+def git_dirty() -> bool | None:
+    """Whether the checkout's tracked files differ from ``git_sha`` (None outside git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def pruneflow_source() -> str:
+    """A hash of pruneflow's own source files: tells two versions of the code apart where
+    ``git_sha`` cannot (uncommitted changes, an installed copy)."""
+    from pruneflow.cache import source_hash
+
+    return source_hash(Path(__file__).resolve().parent)
+
+
 def provenance(device: torch.device) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -98,6 +116,8 @@ def provenance(device: torch.device) -> dict[str, Any]:
             pass
     return {
         "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
+        "pruneflow_source": pruneflow_source(),
         "host": socket.gethostname(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),

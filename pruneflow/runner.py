@@ -164,6 +164,9 @@ class Run:
         self.progress_path = self.ckpt_dir / "progress.json"
         self.rank_checks: dict[str, list[dict[str, str]]] = {}  # torchrun: per-rank fingerprints
         self.finetune_source: dict[str, Any] | None = None  # the dense finetune's cache entry (result's provenance)
+        from pruneflow.results import pruneflow_source
+
+        self.source = pruneflow_source()  # checkpoints record it: a resume under other code says so
 
     # -- setup ------------------------------------------------------------------------------
     def _prune_updates_weights(self, cfg: DictConfig) -> bool:
@@ -423,6 +426,7 @@ class Run:
                 "trainer": trainer_state,
                 "rng": rng_state(),
                 "torch_threads": torch.get_num_threads(),
+                "pruneflow_source": self.source,
             },
             self.ckpt_path,
         )
@@ -557,11 +561,16 @@ class Run:
             start_index = STAGES.index(ckpt["stage"])
             log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
             was, now = ckpt.get("torch_threads"), torch.get_num_threads()
-            # result.json's provenance lists every resume: where, and with which device and threads
+            code_was = ckpt.get("pruneflow_source")
+            if code_was is not None and code_was != self.source:
+                log.warning("pruneflow's code changed since this checkpoint was written (source %s, now %s): the resumed "
+                            "run continues under other code than it started with. overwrite=true runs it again from the "
+                            "start under this code.", code_was, self.source)
+            # result.json's provenance lists every resume: where, and with which device, threads and code
             progress.setdefault("resumes", []).append({
                 "stage": ckpt["stage"], "step": int(ckpt["step"]), "complete": bool(ckpt["complete"]), "device": str(self.device),
-                "torch_threads": now, "checkpoint_torch_threads": was,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                "torch_threads": now, "checkpoint_torch_threads": was, "pruneflow_source": self.source,
+                "checkpoint_pruneflow_source": code_was, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self.save_progress(progress)
             if was is not None and was != now and self.device.type == "cpu":
                 # torch splits CPU reductions by thread: the sums (and so the weights) change in the last bits

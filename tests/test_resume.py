@@ -41,12 +41,30 @@ def test_kill_and_resume_gives_the_same_result(tmp_path, reference, kill_at):
     (resume,) = b["provenance"]["resumes"]
     assert (resume["stage"], resume["step"], resume["complete"]) == (stage, int(step), False)
     assert resume["torch_threads"] == resume["checkpoint_torch_threads"]
+    assert resume["pruneflow_source"] == resume["checkpoint_pruneflow_source"] == b["provenance"]["pruneflow_source"]
+    assert b["provenance"]["git_dirty"] in (True, False, None)
     # the finetune's cache entry is in the result also when the resumed process skipped that stage
     source = b["provenance"]["finetune"]
     assert source["cache"].startswith(str(tmp_path / "c2")) and source["computed_by"]["run_dir"] == str(run_dir)
     wa = load_file(str(ref_dir / "model" / "model.safetensors"))
     wb = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_a_resume_under_changed_code_says_so(tmp_path):  # noqa: ANN001, ANN201
+    import torch
+
+    run_dir = tmp_path / "killed"
+    cmd = [*ARGS, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}"]
+    assert run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:6"}).returncode == -9
+    path = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["pruneflow_source"] = "0123456789abcdef"  # as if written by other code
+    torch.save(ckpt, path)
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "pruneflow's code changed since this checkpoint was written (source 0123456789abcdef" in (run_dir / "pruneflow.log").read_text()
+    assert read_result(run_dir)["provenance"]["resumes"][0]["checkpoint_pruneflow_source"] == "0123456789abcdef"
 
 
 # The authors' protocols: one optimizer across stages (its state in every checkpoint and in
