@@ -256,8 +256,8 @@ def precheck(argv: list[str]) -> str | None:
     if n_jobs is not None:  # joblib's own error comes after the sweep folder is made
         v = n_jobs.value()
         if isinstance(v, bool) or not isinstance(v, int) or v == 0:
-            return (f"Invalid value for 'hydra.launcher.n_jobs': {n_jobs.input_line.split('=', 1)[1]}. Allowed: a number of "
-                    "jobs run at once >= 1, or a negative one counted from the CPU cores as joblib does (-1 for one per CPU core).")
+            return (f"Invalid value for 'hydra.launcher.n_jobs': {n_jobs.input_line.split('=', 1)[1]}. Allowed: an integer, "
+                    "the jobs run at once (>= 1) or, negative, counted from the CPU cores as joblib does (-1: one per CPU core).")
     if any(o.key_or_group == "hydra.searchpath" for o in parsed):  # config groups from elsewhere: Hydra checks
         return None
     # --config-dir DIR: the user's own configs (experiments, models) beside the shipped ones,

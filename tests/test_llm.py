@@ -743,6 +743,14 @@ def test_owl_outliers_are_strictly_above_m_times_the_mean() -> None:
     assert allocate([0.0, 1.0], 0.5, 0.5) == [1.0, 0.01]
 
 
+def test_owl_says_when_a_block_is_pruned_whole(caplog: pytest.LogCaptureFixture) -> None:
+    from pruneflow.llm.owl import allocate
+
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        assert allocate([0.0, 1.0], 0.5, 2.0) == [2.5, 0.01]  # their arithmetic; block 0 loses every weight
+    assert "block(s) [0] get sparsity [2.5], so every weight of them is pruned" in caplog.text
+
+
 def test_omitted_settings_take_the_authors_values() -> None:
     """A hand-built config without the keys gets the authors' blocksize 128, percdamp 0.01
     and RIA's a = 0.5, as the packaged conf/method files do."""

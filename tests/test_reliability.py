@@ -184,7 +184,12 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["-m", "method=spp", "trainer.continuous=true", "stages.finetune.batch_size=32", "seed=0,1"], "cannot carry the optimizer", "continuous=false"),
     (["-m", "model.path=/nonexistent/model", "seed=0,1"], "'model.path'", "save_pretrained"),
     (["schedule.name=foo"], "'schedule': 'foo'", "cubic, linear"),
-    (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1 for one per CPU core"),
+    (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1: one per CPU core"),
+    # causal-LM settings that peft, torch or the allocation refused (or misused) only after the pruning
+    (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "recovery=lora", "recovery.r=0"], "'recovery.r': 0", "an integer >= 1"),
+    (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "recovery=lora", "recovery.dropout=2"], "'recovery.dropout': 2", "[0, 1)"),
+    (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "allocation.name=owl", "allocation.owl_lambda=2"], "'allocation.owl_lambda': 2", "(0, 0.5]"),
+    (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "model.offload=true"], "'model.offload': True", "false on a CPU run"),
     # switched off or not used by the choice made: ignored, so refused
     (["speed.enabled=false", "speed.batch=4"], "'speed.batch=4' would be ignored", "speed.enabled=false"),
     (["trainer.optimizer=sgd", "trainer.adam_beta1=0.5"], "'trainer.adam_beta1=0.5' would be ignored", "trainer.momentum"),

@@ -35,7 +35,16 @@ def allocate(ratios: list[float], sparsity: float, lam: float) -> list[float]:
         return [sparsity] * len(r)
     r = (r - r.min()) / (r.max() - r.min()) * lam * 2
     kept = r - r.mean() + (1 - sparsity)
-    return [float(1 - k) if 1 - k > 0 else 0.01 for k in kept]  # theirs: a block at <= 0 gets 0.01
+    out = [float(1 - k) if 1 - k > 0 else 0.01 for k in kept]  # theirs: a block at <= 0 gets 0.01
+    over = [(i, s) for i, s in enumerate(out) if s >= 1]
+    if over:  # as their code, the block is pruned whole: say so
+        import logging
+
+        logging.getLogger("pruneflow").warning(
+            "allocation.owl_lambda=%g spreads the blocks' kept fractions 2 * %g around %g: block(s) %s get sparsity %s, so "
+            "every weight of them is pruned (as OWL's code does). Their README uses 0.08.",
+            lam, lam, 1 - sparsity, [i for i, _ in over], [round(s, 3) for _, s in over])
+    return out
 
 
 def owl_sparsities(pruner: BlockPruner, samples: torch.Tensor, sparsity: float, m: float, lam: float) -> list[float]:

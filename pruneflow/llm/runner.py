@@ -116,6 +116,10 @@ class LLMRun:
                           "one calibration set gives one mask.")
         calibration.check_config(cfg.calibration)
         self.offload = check_bool(cfg.model.get("offload", False), "model.offload")
+        if self.offload and here and self.device.type != "cuda":
+            raise invalid("model.offload", True, "false on a CPU run",
+                          "model.offload keeps the blocks in CPU memory and moves one at a time to the GPU; with "
+                          f"trainer.device={cfg.trainer.device} the whole model is already in CPU memory.")
         self.blockwise = check_bool(cfg.calibration.get("blockwise", True), "calibration.blockwise")
         if self.offload and not self.blockwise:
             raise invalid("model.offload", True, "false with calibration.blockwise=false",
@@ -130,6 +134,10 @@ class LLMRun:
         if alloc.get("name") == "owl" and self.method.pattern is not None:
             raise invalid("allocation.name", "owl", "uniform with method.pattern (N:M)",
                           "Here N:M holds every layer at 1 - N/M; OWL's N:M variant (wanda_owl_structure, a rounded N per block) is not offered.")
+        lam = alloc.get("owl_lambda")
+        if alloc.get("name") == "owl" and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 0.5):
+            raise invalid("allocation.owl_lambda", lam, "a number in (0, 0.5]",
+                          "Block sparsities spread 2 * owl_lambda around the target (their README: 0.08).")
         if alloc.get("name") == "owl" and self.gradient:
             raise invalid("allocation.name", "owl", f"uniform with method={name}",
                           f"method={name} ranks its own scores across the model (method.scope), not per block.")
@@ -206,6 +214,27 @@ class LLMRun:
             v = rec.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise invalid(f"recovery.{key}", v, "a number > 0")
+
+        def integer(v: Any) -> bool:  # noqa: ANN401
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v: Any) -> bool:  # noqa: ANN401
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        # checked here, before the pruning: peft and torch refused them only once the model was pruned
+        checks = [("warmup_steps", lambda v: integer(v) and v >= 0, "an integer >= 0"),
+                  ("max_grad_norm", lambda v: number(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+                  ("weight_decay", lambda v: number(v) and v >= 0, "a number >= 0"),
+                  ("seqlen", lambda v: v is None or (integer(v) and v >= 2), "null (the task's seqlen) or an integer >= 2")]
+        if rec["name"] == "lora":
+            checks += [("r", lambda v: integer(v) and v >= 1, "an integer >= 1 (the adapters' rank)"),
+                       ("alpha", lambda v: number(v) and v > 0, "a number > 0 (LoRA's scale is alpha / r)"),
+                       ("dropout", lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+                       ("target_modules", lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
+                        "null (every prunable Linear of the blocks) or a list of Linear names, e.g. [q_proj, v_proj]")]
+        for key, ok, allowed in checks:
+            if key in rec and not ok(rec[key]):
+                raise invalid(f"recovery.{key}", rec[key], allowed)
         if rec["name"] == "lora":
             try:
                 import peft  # noqa: F401
