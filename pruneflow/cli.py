@@ -252,6 +252,14 @@ def precheck(argv: list[str]) -> str | None:
         how = (f"choose another option ({key}=<option>; `pruneflow --help` lists them)" if key in GROUPS
                else f"set it ({key}=<value>; `pruneflow --cfg job` shows the current one)")
         return f"'{removed.input_line}' deletes '{key}', a top-level setting every run needs. Instead, {how}."
+    renamed = next((o for o in parsed if o.key_or_group.count(".") == 1 and o.key_or_group.endswith(".name")
+                    and o.key_or_group.split(".")[0] in GROUPS and not o.input_line.startswith("~")), None)
+    if renamed is not None:  # it relabels the chosen option without loading the other one's settings
+        group = renamed.key_or_group.split(".")[0]
+        value = renamed.input_line.split("=", 1)[1] if "=" in renamed.input_line else ""
+        return (f"'{renamed.input_line}' renames the {group} without choosing it: the run would keep the settings of "
+                f"the {group} it has and record another name. Choose the option itself: {group}={value or '<option>'} "
+                "(`pruneflow --help` lists them).")
     n_jobs = next((o for o in parsed if o.key_or_group == "hydra.launcher.n_jobs" and not o.is_sweep_override()), None)
     if n_jobs is not None:  # joblib's own error comes after the sweep folder is made
         v = n_jobs.value()

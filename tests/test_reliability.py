@@ -183,7 +183,10 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["-m", "trainer.continuous=true", "seed=0,1"], "one batch size", "stages.finetune.batch_size=64"),
     (["-m", "method=spp", "trainer.continuous=true", "stages.finetune.batch_size=32", "seed=0,1"], "cannot carry the optimizer", "continuous=false"),
     (["-m", "model.path=/nonexistent/model", "seed=0,1"], "'model.path'", "save_pretrained"),
-    (["schedule.name=foo"], "'schedule': 'foo'", "cubic, linear"),
+    # a group's .name relabels the option it has (the run kept its settings and recorded the other name)
+    (["schedule.name=foo"], "'schedule.name=foo' renames the schedule", "schedule=foo"),
+    (["stages.name=pretrained_text"], "'stages.name=pretrained_text' renames the stages", "stages=pretrained_text"),
+    (["method.name=seven"], "'method.name=seven' renames the method", "method=seven"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1: one per CPU core"),
     # causal-LM settings that peft, torch or the allocation refused (or misused) only after the pruning
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "recovery=lora", "recovery.r=0"], "'recovery.r': 0", "an integer >= 1"),
