@@ -187,6 +187,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["schedule.name=foo"], "'schedule.name=foo' renames the schedule", "schedule=foo"),
     (["stages.name=pretrained_text"], "'stages.name=pretrained_text' renames the stages", "stages=pretrained_text"),
     (["method.name=seven"], "'method.name=seven' renames the method", "method=seven"),
+    (["method=admm", "method.export.dtype=fp8"], "'method.export.dtype': 'fp8'", "auto, bf16, fp16"),
+    (["method=admm", "method.export.semi_structured=maybe"], "'method.export.semi_structured'", "true, false"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1: one per CPU core"),
     # causal-LM settings that peft, torch or the allocation refused (or misused) only after the pruning
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "recovery=lora", "recovery.r=0"], "'recovery.r': 0", "an integer >= 1"),

@@ -212,6 +212,15 @@ class ADMM(PruningMethod):
         self.sr_ste = sr
         self.sr_ste_fraction = _number(cfg, "sr_ste_fraction", 0.25, lambda v: 0 < v <= 1, "a number in (0, 1] (the share of the prune stage for SR-STE after the ADMM iterations)")
         self.lambda_w = _number(cfg, "lambda_w", 2e-4, lambda v: v >= 0, "a number >= 0 (SR-STE's decay of pruned weights)")
+        export = cfg.get("export") or {}
+        if not isinstance(export.get("semi_structured", True), bool):
+            raise invalid("method.export.semi_structured", export.get("semi_structured"), "true, false")
+        if str(export.get("dtype", "auto")) not in ("auto", "bf16", "fp16"):
+            raise invalid("method.export.dtype", export.get("dtype"), "auto, bf16, fp16 (semi-structured kernels need a 16-bit dtype)")
+        for key, default in (("batch", 64), ("repeats", 20)):
+            v = export.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise invalid(f"method.export.{key}", v, "an integer >= 1")
         if self.iterations == 0 and not self.sr_ste:
             raise UserError(
                 "method=admm has nothing to do: method.iterations=0 and method.sr_ste=false. "
