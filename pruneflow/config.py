@@ -229,11 +229,20 @@ def _dirname(overrides: str) -> str:
     differ only past the cut still get different folders. Hydra escapes ':' in values
     (``method.pattern=2\\:4``); a folder name needs no escape, and ``2:4`` is what one types."""
     import hashlib
+    import re
 
     name = (overrides or "default").replace("/", "_").replace("\\:", ":")
     if len(name) <= 200:
         return name
-    return name[:183] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    digest = "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    # Keys' parents shortened to initials (stages.finetune.epochs -> s.f.epochs), so that more
+    # of the values that tell jobs apart come before the cut. The order stays Hydra's: a job's
+    # folder depends on its own overrides only, so a narrower re-launch finds it again.
+    def initials(m: re.Match) -> str:
+        *parents, last = m.group(2).split(".")
+        return m.group(1) + ".".join([p[:1] for p in parents] + [last]) + "="
+
+    return re.sub(r"(^|,)([\w+~-]+(?:\.[\w-]+)+)=", initials, name)[:183] + digest
 
 
 # The folder each default-layout run took in this process, by its timestamped name.

@@ -371,6 +371,13 @@ def test_long_sweep_job_names_never_collide_and_failed_jobs_fail_the_sweep(tmp_p
     assert a != b and len(a) <= 200 and len(b) <= 200
     # Hydra's override_dirname escapes ':'; the folder does not (it was method.pattern=2\:4)
     assert _dirname("method=wanda,method.pattern=2\\:4,task=lm/wikitext2") == "method=wanda,method.pattern=2:4,task=lm_wikitext2"
+    # a long name keeps more of its values: keys' parents as initials before the cut (the audit's swept task.path was cut off)
+    audit = ("logger=none,method=magnitude,model=minilm,sparsity=0.5,stages.finetune.epochs=2,"
+             "stages.prune.epochs=3,stages.recover.epochs=1,task.max_eval_samples=64,task.max_seq_length=64,task.max_train_samples=256,"
+             "task.path=data/sst2_bad,task=glue/sst2,trainer.torch_threads=1")
+    short = _dirname(audit)
+    assert len(short) <= 200 and "s.f.epochs=2,s.p.epochs=3" in short and "t.path=data_sst2_bad" in short
+    assert short != _dirname(audit.replace("sst2_bad", "sst2"))
     pad = "stages.eval_batch_size=" + "0" * 190 + "64"  # a long override: the job names are cut
     sweep = tmp_path / "sweep"
     out = run_cli(["-m", *SMALL, "method=magnitude", "sparsity=0.5", "stages.recover.batch_size=32,1000", "seed=0", pad,
