@@ -494,7 +494,7 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
             if info.get("note"):
                 line += f". Note: {info['note']}"
             out.append(line)
-        out += deviations_section(experiments)
+        out += deviations_section(experiments, rows)
     repeats = [(row, r) for row in rows for r in row.repeats]
     if repeats:
         out += ["", "## Repeated runs (not in the table)", "",
@@ -542,17 +542,24 @@ def sweep_experiments(root: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def deviations_section(experiments: dict[str, dict[str, Any]]) -> list[str]:
+def deviations_section(experiments: dict[str, dict[str, Any]], rows: list[Row] = ()) -> list[str]:  # type: ignore[assignment]
     """Each experiment's ``experiment_info.deviations``: where the run differs from what
-    the authors ran, and the setting that restores their behaviour (if any)."""
+    the authors ran, and the setting that restores their behaviour (if any). The table
+    describes the experiment as shipped; its runs' own overrides are listed under it,
+    since they take precedence over what the table says."""
     out: list[str] = []
     for name, info in experiments.items():
         devs = info.get("deviations") or []
         out += ["", f"### Deviations from the authors' setting: `{name}`", ""]
+        overrides = sorted({o for row in rows if row.experiment == name for r in row.runs for o in (r.get("overrides") or [])
+                            if not o.lstrip("+~").startswith(("experiment=", "seed="))})
+        if overrides:
+            out += [f"Its runs here also set `{' '.join(overrides)}`: where the table below speaks of one of these "
+                    "settings, the run's own value holds, not the experiment's.", ""]
         if not devs:
             out.append("None recorded.")
             continue
-        out += ["| what | the authors | this run | to restore theirs |", "|---|---|---|---|"]
+        out += ["| what | the authors | this experiment (as shipped) | to restore theirs |", "|---|---|---|---|"]
         for d in devs:
             out.append("| " + " | ".join(_md_escape(str(d.get(k) or "–")) for k in ("what", "authors", "here", "restore")) + " |")
     return out

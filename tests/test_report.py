@@ -716,3 +716,17 @@ def test_unreadable_result_files_are_listed_not_dropped(tmp_path: Path) -> None:
     md = (tmp_path / "r" / "report.md").read_text()
     assert "1 finished run(s) in 1 configuration(s); 0 failed, 2 unfinished" in md
     assert "| `bad` | – | result.json is unreadable" in md and "| `list` | – | result.json is unreadable" in md
+
+
+def test_deviations_name_the_runs_own_overrides(tmp_path: Path) -> None:
+    """The deviations table describes the experiment as shipped: a run that overrides one
+    of its settings (task.max_seq_length=64 where the table says 512) is listed above it."""
+    info = {"name": "platon/sst2_bert_base", "source": "PLATON, Table 1",
+            "deviations": [{"what": "tokenizer", "authors": "mt-dnn's, 512 tokens", "here": "task.max_seq_length 512", "restore": "–"}]}
+    write_result(tmp_path / "run", "platon", 0.8, 0, 0.9, 1.0, task="glue/sst2", experiment=info, model="minilm",
+                 overrides=["experiment=platon/sst2_bert_base", "model=minilm", "task.max_seq_length=64", "seed=0"], metrics={"accuracy": 0.9})
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("### Deviations from the authors' setting: `platon/sst2_bert_base`"):]
+    assert "Its runs here also set `model=minilm task.max_seq_length=64`" in section
+    assert "| what | the authors | this experiment (as shipped) | to restore theirs |" in section
