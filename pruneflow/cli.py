@@ -387,6 +387,15 @@ def precheck(argv: list[str]) -> str | None:
     return None
 
 
+class QuietAfterStop(logging.Filter):
+    """Drops a logger's records once a stop was asked for (see ``_app``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pruneflow.stop import STOP
+
+        return STOP.requested() is None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     from pruneflow.runner import holds_run, run
@@ -404,6 +413,11 @@ def _app(cfg: DictConfig) -> float | None:
         STOP.install()
         if local_process_launcher(hc):
             STOP.watch(Path(hc.sweep.dir))
+        # Hydra's basic launcher prints "#n : <overrides>" as it reaches each job, also after a
+        # stop, when the job is only marked "Not started": those lines read as if the jobs ran
+        launcher_log = logging.getLogger("hydra._internal.core_plugins.basic_launcher")
+        if not any(isinstance(f, QuietAfterStop) for f in launcher_log.filters):
+            launcher_log.addFilter(QuietAfterStop())
     if multirun:
         signum = STOP.requested()
         if signum is not None:

@@ -114,6 +114,8 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     assert f"stopped ({len(started)} while running, {3 - len(started)} before they started;" in " ".join(stderr.split())
     for queued in set(jobs) - set(started):
         assert "Not started" in stopped[queued] and not (jobs[queued] / "checkpoints").exists()
+        if not launcher_args:  # the basic launcher announced each queued job as if it ran ("#2 : ... seed=2")
+            assert not any(f"seed={queued}" in line and " : " in line for line in (out.read_text() + stderr).splitlines()), out.read_text()
     assert not (sweep / ".pruneflow-stop").exists()
     from pruneflow.report import ReportError, build_report
 
