@@ -181,9 +181,9 @@ def test_zero_shot_limit_and_errors(lm, tmp_path: Path, monkeypatch: pytest.Monk
             super().__init__(*args, **{**kwargs, "include_defaults": False})
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalOnly)
-    with pytest.raises(UserError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]"):
+    with pytest.raises(UserError, match=r"Invalid value for 'task.zero_shot'.*Unknown: \['no_such_task'\]"):
         evaluate_zero_shot(model, tokenizer, ["mc_small", "no_such_task"], include_path=str(tmp_path), offline=True)
-    with pytest.raises(UserError, match="not a folder"):
+    with pytest.raises(UserError, match="'task.zero_shot_include'.*a folder of lm-eval task YAMLs"):
         evaluate_zero_shot(model, tokenizer, ["mc_small"], include_path=str(tmp_path / "missing"), offline=True)
     assert set(PAPER_TASKS) == {"boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                                 "openbookqa", "piqa"}

@@ -195,6 +195,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "recovery=lora", "recovery.dropout=2"], "'recovery.dropout': 2", "[0, 1)"),
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "allocation.name=owl", "allocation.owl_lambda=2"], "'allocation.owl_lambda': 2", "(0, 0.5]"),
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "model.offload=true"], "'model.offload': True", "false on a CPU run"),
+    (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "task.zero_shot=[no_such_task]"], "'task.zero_shot'", "Unknown: ['no_such_task']"),
     # switched off or not used by the choice made: ignored, so refused
     (["speed.enabled=false", "speed.batch=4"], "'speed.batch=4' would be ignored", "speed.enabled=false"),
     (["trainer.optimizer=sgd", "trainer.adam_beta1=0.5"], "'trainer.adam_beta1=0.5' would be ignored", "trainer.momentum"),

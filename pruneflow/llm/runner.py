@@ -161,6 +161,11 @@ class LLMRun:
             v = cfg.task.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise invalid(f"task.{key}", v, "an integer >= 1, or null for all examples")
+        if cfg.task.get("zero_shot"):  # lm-eval's names, before the model is built and pruned
+            from pruneflow.llm.zeroshot import check_tasks
+
+            include = cfg.task.get("zero_shot_include")
+            check_tasks(tuple(str(t) for t in cfg.task.zero_shot), str(include) if include else None)
         self.task = build_task(cfg.task, int(cfg.seed))
         check_pairing(cfg.model, self.task)
 

@@ -7,6 +7,7 @@ as it is, without saving it and reloading it from a hub id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pruneflow.errors import UserError
+from pruneflow.errors import UserError, invalid
 
 # The zero-shot suite of Wanda and SparseGPT (lm-eval task names).
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
@@ -85,6 +86,34 @@ def _metric(entry: dict[str, Any], name: str) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def check_tasks(tasks: tuple[str, ...], include_path: str | None = None) -> Any:  # noqa: ANN401
+    """lm-eval's TaskManager once every name in ``tasks`` is known to it (a UserError naming
+    ``task.zero_shot`` otherwise): run before any work, and for every job of a sweep (cached:
+    indexing lm-eval's ~14k bundled YAMLs takes ~10 s)."""
+    if not tasks:
+        raise UserError("evaluate_zero_shot: no tasks given; e.g. task.zero_shot=[arc_easy]")
+    _, _, TaskManager, lm_eval_version = _import_lm_eval()
+    if include_path is not None and not Path(include_path).is_dir():
+        raise invalid("task.zero_shot_include", include_path, "a folder of lm-eval task YAMLs, or null")
+    task_manager = None
+    if include_path is not None:
+        # Skip indexing the bundled YAMLs when the user's folder has every task asked for
+        # (its YAMLs may still `include:` bundled files by path).
+        task_manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(t not in task_manager.all_tasks and not Path(t).is_file() for t in tasks):
+            task_manager = None
+    if task_manager is None:
+        task_manager = TaskManager(include_path=include_path)
+    # lm-eval's own error for a wrong name is a bare KeyError deep in loading
+    unknown = [t for t in tasks if t not in task_manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        where = f" or in {include_path}" if include_path else " (task.zero_shot_include adds a folder of your own YAMLs)"
+        raise invalid("task.zero_shot", list(tasks), f"lm-eval {lm_eval_version}'s task or group names, or task YAML paths",
+                      f"Unknown: {unknown}, not among its tasks{where}. Wanda's and SparseGPT's suite: {list(PAPER_TASKS)}.")
+    return task_manager
+
+
 def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int = 8, limit: int | None = None,
                        include_path: str | None = None, device: str | None = "cpu", seed: int = 0,
                        offline: bool | None = None) -> dict[str, Any]:
@@ -102,30 +131,11 @@ def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_si
     does not report it. Groups (e.g. ``mmlu``) appear with their aggregate and their subtasks;
     the average is over the names asked for.
     """
-    if not tasks:
-        raise UserError("evaluate_zero_shot: no tasks given; e.g. task.zero_shot=[arc_easy]")
-    lm_eval, HFLM, TaskManager, lm_eval_version = _import_lm_eval()
-    if include_path is not None and not Path(include_path).is_dir():
-        raise UserError(f"zero-shot include_path {include_path!r} is not a folder of lm-eval task YAMLs")
-
+    lm_eval, HFLM, _, lm_eval_version = _import_lm_eval()
     if offline is None:
         offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    task_manager = check_tasks(tuple(tasks), include_path)
     with _offline() if offline else contextlib.nullcontext():
-        task_manager = None
-        if include_path is not None:
-            # Indexing lm-eval's ~14k bundled YAMLs takes ~10 s: skip it when the user's folder
-            # has every task asked for (its YAMLs may still `include:` bundled files by path).
-            task_manager = TaskManager(include_path=include_path, include_defaults=False)
-            if any(t not in task_manager.all_tasks and not Path(t).is_file() for t in tasks):
-                task_manager = None
-        if task_manager is None:
-            task_manager = TaskManager(include_path=include_path)
-        # Check names before anything runs: lm-eval's own error is a bare KeyError deep in loading.
-        unknown = [t for t in tasks if t not in task_manager.all_tasks and not Path(t).is_file()]
-        if unknown:
-            where = f" or in {include_path}" if include_path else " (task.zero_shot_include adds a folder of your own YAMLs)"
-            raise UserError(f"unknown lm-eval task(s) {unknown}: not among lm-eval {lm_eval_version}'s tasks{where}")
-
         if device is not None and not getattr(model, "hf_device_map", None):
             model.to(device)
         was_training = model.training
