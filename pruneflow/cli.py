@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pruneflow.config import local_process_launcher, register_configs
 from pruneflow.console import guard_console, hub_logs_through_root
@@ -123,9 +123,20 @@ def explain(error: Exception, overrides: list[str], default: Any, config_dir: st
         # a number as typed (seed=1.5, not '1.5': OmegaConf quotes every value it cannot convert)
         shown = given if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", given) else repr(given)
         return f"Invalid value for '{key}': {shown}. Allowed: {what}."
+    given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?") if key else "?"
     if key and "is not a ListConfig" in ctext:
-        given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")
         return f"Invalid value for '{key}': {given!r}. Allowed: a list in brackets, e.g. {key}=[a,b] (or {key}=[] for none)."
+    if key and "is not Optional" in ctext:  # null for a setting that must have a value
+        now = OmegaConf.select(default, key) if default is not None else None
+        example = f" (now {key}={now})" if now is not None and not OmegaConf.is_config(now) else ""
+        return (f"Invalid value for '{key}': null. Allowed: a value; '{key}' cannot be null{example}. "
+                "`pruneflow --cfg job` shows every setting and its value.")
+    if key and "is not a subclass of" in ctext:  # a scalar where a section of settings belongs
+        inner = sorted(k for k in _keys_at(default, key) if k != "_target_")
+        return (f"Invalid value for '{key}': {given}. Allowed: its settings one by one, e.g. {key}.{inner[0] if inner else '<key>'}=..."
+                f" ('{key}' is a section{': ' + ', '.join(inner) if inner else ''}).")
+    if key and "Cannot convert" in ctext and "to string" in ctext:
+        return f"Invalid value for '{key}': {given}. Allowed: one string (quote a value with commas or brackets: {key}='a,b')."
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"The configuration could not be composed: {first} (overrides: {' '.join(overrides)}). Run `pruneflow --cfg job` to see the composed configuration, or `pruneflow --help` for the groups and options."
 

@@ -188,6 +188,10 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["stages.name=pretrained_text"], "'stages.name=pretrained_text' renames the stages", "stages=pretrained_text"),
     (["method.name=seven"], "'method.name=seven' renames the method", "method=seven"),
     (["method=admm", "method.export.dtype=fp8"], "'method.export.dtype': 'fp8'", "auto, bf16, fp16"),
+    # Hydra's schema errors, once "could not be composed: Error merging override X" with no reason
+    (["seed=null"], "'seed': null", "cannot be null (now seed=0)"),
+    (["stages.prune=5"], "'stages.prune': 5", "stages.prune.batch_size=..."),
+    (["logger.run_name=[x]"], "'logger.run_name': [x]", "one string"),
     (["method=admm", "method.export.semi_structured=maybe"], "'method.export.semi_structured'", "true, false"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1: one per CPU core"),
     # causal-LM settings that peft, torch or the allocation refused (or misused) only after the pruning
