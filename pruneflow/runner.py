@@ -824,6 +824,9 @@ class Run:
         if self.history.enabled and main:
             result["eval_history"] = self.history_summary(result["main_metric"], metrics["final"])
         measured = result["sparsity"]["measured"]
+        if self.method.prunes and measured >= 1.0:
+            log.warning("Every prunable weight of the final model is zero (measured sparsity 1.0; %d prunable weights, "
+                        "sparsity=%s): its outputs no longer depend on those layers' weights.", result["params"]["prunable"], self.sparsity)
         if self.method.prunes and self.sparsity is None and measured < 0.01:  # soft movement, L0: no target to fall short of
             log.warning("method=%s removed %.2f %% of the prunable weights: its sparsity follows from its penalty "
                         "(method.final_lambda) and how long the scores train (stages.prune), not from a target. Raise "

@@ -482,3 +482,12 @@ def test_a_refused_command_leaves_the_record_of_the_run_in_the_folder(config, tm
     with pytest.raises(UserError, match="unfinished run with other settings"):
         run(config("sparsity=0.7"), tmp_path / "old", record=recorded.append)
     assert recorded == [tmp_path / "new"]
+
+
+def test_a_sparsity_that_keeps_no_weight_says_so(config, tmp_path, caplog):
+    """sparsity=0.999999 keeps round(1e-6 * n) = 0 of the prunable weights: the run ends
+    as asked, and says that every one of them is zero (it said nothing)."""
+    with caplog.at_level("WARNING", logger="pruneflow"):
+        result = run(config("method=magnitude", "sparsity=0.999999"), tmp_path / "r")
+    assert result["sparsity"]["measured"] == 1.0
+    assert "Every prunable weight of the final model is zero" in caplog.text

@@ -193,6 +193,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["stages.prune=5"], "'stages.prune': 5", "stages.prune.batch_size=..."),
     (["logger.run_name=[x]"], "'logger.run_name': [x]", "one string"),
     (["method=admm", "method.export.semi_structured=maybe"], "'method.export.semi_structured'", "true, false"),
+    (["method=admm", "method.pattern=2:3"], "'method.pattern': '2:3'", "divides every prunable layer's input width"),
+    (["method=platon", "method.granularity=head"], "'method.biases': True", "false with method.granularity=head"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "sparsity=0.5,0.6"], "'hydra.launcher.n_jobs': 0", "-1: one per CPU core"),
     # causal-LM settings that peft, torch or the allocation refused (or misused) only after the pruning
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "recovery=lora", "recovery.r=0"], "'recovery.r': 0", "an integer >= 1"),

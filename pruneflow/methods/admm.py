@@ -291,6 +291,11 @@ class ADMM(PruningMethod):
         suggestion = exclude + exclusion_patterns([name for name, _ in bad], [w.module_name for w in weights])
         listed = ", ".join(f"{name} (input width {width})" for name, width in bad[:6])
         more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        if len(bad) == len(weights):  # excluding them all would leave nothing to prune
+            widths = sorted({width for _, width in bad})
+            raise invalid("method.pattern", str(self.pattern), f"N:M with an M that divides every prunable layer's input width ({widths})",
+                          f"No prunable layer's input width is a multiple of M={self.pattern.m}: {listed}{more}. The "
+                          "semi-structured kernels take 2:4.")
         raise UserError(
             f"method.pattern={self.pattern} prunes blocks of {self.pattern.m} consecutive weights along the "
             f"input dimension, so every prunable layer's input width must be a multiple of {self.pattern.m}; "

@@ -507,7 +507,8 @@ class ScoreBasedMethod(PruningMethod):
                 check_nm_layer(self.pattern, w.module_name, w.shape[1])
         if self.granularity != "unstructured":
             if any(w.attr != "weight" for w in weights):
-                raise invalid("method.biases", True, "false", f"with method.granularity={self.granularity} (units own weight matrices).")
+                raise invalid("method.biases", True, f"false with method.granularity={self.granularity}",
+                              "Heads and neurons own weight matrices; their biases are not pruned with them.")
             self.units = build_units(model, weights, self.granularity)
 
     def setup(self, ctx: PruneContext) -> None:
