@@ -336,7 +336,7 @@ def test_mixup_needs_an_even_batch_and_is_checked_before_work(tmp_path: Path) ->
     cfg = compose(["task.mixup.mixup_alpha=0.8", "trainer.drop_last=false"])
     with pytest.raises(UserError, match="'trainer.drop_last': false"):
         check_settings(cfg)
-    check_settings(compose(["task.mixup.mixup_alpha=0.8", "stages.prune.batch_size=33", "stages.prune.epochs=0"]))
+    check_settings(compose(["task.mixup.mixup_alpha=0.8", "stages.recover.batch_size=33", "stages.recover.epochs=0"]))  # a skipped stage
 
 
 def test_mixup_off_leaves_batches_as_they_are() -> None:
