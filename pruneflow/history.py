@@ -27,6 +27,27 @@ def parse_eval_every(value: Any) -> int | str:  # noqa: ANN401
     return "epoch" if value == "epoch" else int(value or 0)
 
 
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a history file and whether every line was whole (a kill can cut the
+    last one short: it is skipped)."""
+    if not path.exists():
+        return [], True
+    out, whole = [], True
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            whole = False
+            continue
+        if isinstance(row, dict) and row.get("stage") in STAGE_ORDER:
+            out.append(row)
+    return out, whole
+
+
+def _lines(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 class EvalHistory:
     """The rows of ``eval_history.jsonl``: ``{"stage", "step", "epoch", "end",
     ["sparsity",] "metrics"}``; ``step`` counts the stage's optimizer steps, ``epoch`` is
@@ -39,34 +60,13 @@ class EvalHistory:
         self.write = write  # torchrun: only rank 0 writes
 
     def rows(self) -> list[dict[str, Any]]:
-        """The rows on disk; a line cut short by a kill is skipped."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("stage") in STAGE_ORDER:
-                out.append(row)
-        return out
-
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        from pruneflow.utils import atomic_write_text
-
-        if rows:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-        else:
-            self.path.unlink(missing_ok=True)
+        return read_rows(self.path)[0]
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not (self.enabled and self.write and rows):
             return
         with self.path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
+            f.write(_lines(rows))
 
     def record(self, stage: str, step: int, steps_per_epoch: int, metrics: dict[str, float],
                sparsity: float | None = None, end: bool = False) -> dict[str, Any]:
@@ -87,36 +87,38 @@ class EvalHistory:
         earlier stages', and this stage's up to ``step`` (all of them once it is complete)."""
         if not self.write:
             return
+        from pruneflow.utils import atomic_write_text
+
         at = STAGE_ORDER.index(stage)
-        rows = self.rows()
+        rows, whole = read_rows(self.path)
         kept = [r for r in rows if STAGE_ORDER.index(r["stage"]) < at
                 or (r["stage"] == stage and (complete or int(r.get("step", 0)) <= step))]
-        if len(kept) != len(rows) or (rows and not self.path.read_text().endswith("\n")):
-            self._rewrite(kept)
-
-    def stage_rows(self, stage: str) -> list[dict[str, Any]]:
-        return [r for r in self.rows() if r["stage"] == stage]
+        if len(kept) == len(rows) and whole:
+            return
+        if kept:
+            atomic_write_text(self.path, _lines(kept))
+        else:
+            self.path.unlink(missing_ok=True)
 
     def save_stage(self, stage: str, target: Path) -> None:
         """Copy one stage's rows to ``target`` (the finetune cache entry)."""
-        rows = self.stage_rows(stage)
+        rows = [r for r in self.rows() if r["stage"] == stage]
         if rows:
-            target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            target.write_text(_lines(rows))
 
     def load_stage(self, stage: str, source: Path) -> bool:
         """Append a cached stage's rows from ``source``; whether it had any."""
-        if not source.exists():
-            return False
-        rows = EvalHistory(source.parent, True).rows() if source.name == EVAL_HISTORY else []
-        rows = [r for r in rows if r["stage"] == stage and not r.get("end")]  # this run records the stage's end itself
+        rows = [r for r in read_rows(source)[0] if r["stage"] == stage and not r.get("end")]  # this run records the end itself
         self.append(rows)
         return bool(rows)
 
-    def best(self, metric: str, stage: str) -> dict[str, Any] | None:
+    def best(self, metric: str, stage: str, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """The row of ``stage`` (the run's last) with the highest ``metric``, the earliest
         among ties, among those at the stage-end's sparsity or above: a prune stage's
-        evaluations before its schedule reached the target are not candidates."""
-        rows = [r for r in self.stage_rows(stage) if isinstance(r.get("metrics", {}).get(metric), (int, float))]
+        evaluations before its schedule reached the target are not candidates. ``rows``:
+        the file's, if the caller has read them."""
+        rows = [r for r in (self.rows() if rows is None else rows)
+                if r["stage"] == stage and isinstance(r.get("metrics", {}).get(metric), (int, float))]
         end = [r for r in rows if r.get("end")]
         if end and "sparsity" in end[-1]:
             rows = [r for r in rows if r.get("sparsity", -1.0) >= end[-1]["sparsity"] - 1e-6]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -95,6 +96,7 @@ def git_dirty() -> bool | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def pruneflow_source() -> str:
     """A hash of pruneflow's own source files: tells two versions of the code apart where
     ``git_sha`` cannot (uncommitted changes, an installed copy)."""

@@ -846,7 +846,7 @@ class Run:
         main metric (logged beside the final model's, which is the one result.json reports)."""
         rows = self.history.rows()
         last = [s for s in STAGES if self.plan.runs(s)][-1]
-        best = self.history.best(main_metric, last)
+        best = self.history.best(main_metric, last, rows)
         summary: dict[str, Any] = {"file": EVAL_HISTORY, "evaluations": len(rows), "every": self.cfg.trainer.eval_every, "best": None}
         if best is not None:
             summary["best"] = {k: best[k] for k in ("stage", "step", "epoch", "metrics")}
