@@ -244,6 +244,10 @@ def precheck(argv: list[str]) -> str | None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out = next((str(o.value()) for o in parsed if o.key_or_group == out_key and not o.is_sweep_override()), "outputs")
+    if not out.strip():  # an empty folder is the current directory: the run's files would mix with whatever is there
+        return (f"Invalid value for '{out_key}': it is empty, which would write the run's files into the current "
+                f"directory. Allowed: a folder this user can create and write, e.g. {out_key}=outputs/my_run "
+                f"(left out, the folder is {'outputs/multirun/<day>/<time>' if multirun else 'outputs/<day>/<time>'}).")
     problem = unwritable(Path(out.split("${")[0] or "."))
     if problem:
         return f"Invalid value for '{out_key}': {out} cannot be written ({problem}). Allowed: a folder this user can create and write, e.g. {out_key}=outputs/my_run."

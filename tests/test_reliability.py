@@ -87,6 +87,8 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["trainer.freeze=abc"], "trainer.freeze", "a list in brackets"),
     (["=7"], "command line", "key=value"),
     (["hydra.run.dir=/proc/pruneflow_test"], "hydra.run.dir", "cannot be written"),
+    (["hydra.run.dir="], "hydra.run.dir", "it is empty"),
+    (["-m", "sparsity=0.5,0.6", "hydra.sweep.dir="], "hydra.sweep.dir", "it is empty"),
     # values checked before any data is read
     (["sparsity=1.5"], "sparsity", "[0, 1)"),
     (["sparsity=-0.1"], "sparsity", "[0, 1)"),
@@ -256,7 +258,7 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
         extra = [b for b in base if b.split("=")[0] not in keys and "-m" not in argv and not (lm and b.split(".")[0] in ("task", "speed"))]
         out = f"hydra.sweep.dir={tmp_path / f'sweep{i}'}" if "-m" in argv else f"hydra.run.dir={tmp_path / f'run{i}'}"
         cache = [f"cache_dir={tmp_path / 'cache'}"] if "cache_dir" not in keys else []
-        cases.append([*argv, *extra, *([out] if "hydra.run.dir" not in keys else []), *cache])
+        cases.append([*argv, *extra, *([out] if not keys & {"hydra.run.dir", "hydra.sweep.dir"} else []), *cache])
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     subprocess.run([sys.executable, str(HARNESS), str(tmp_path / "cases.json"), str(tmp_path / "out.json")], cwd=tmp_path,
                    check=True, timeout=1200, env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"})

@@ -338,13 +338,16 @@ def seven(preset: str | None, total_epochs: float = 10, **cfg):  # noqa: ANN003,
     return get_method_class("seven")(OmegaConf.create({"name": "seven", "preset": preset, "total_epochs": total_epochs, **cfg}), 0.7)
 
 
-def test_presets_set_stage_lengths() -> None:
+def test_presets_set_stage_lengths(caplog: pytest.LogCaptureFixture) -> None:
     # SST-2: 67,349 examples / 32 = 2,104 steps per epoch; t_i 1000, iter_num 4000, recover = the rest of 10 epochs
     assert seven("auto").plan_stages(STEPS, 2104, "glue/sst2") == {"finetune": 1000, "prune": 4000, "recover": 21040 - 5000}
     assert seven("auto").plan_stages(STEPS, 114, "glue/mrpc") == {"finetune": 300, "prune": 600, "recover": 1140 - 900}
     assert seven("auto").plan_stages(STEPS, 12271, "glue/mnli")["prune"] == 16600
     assert seven("qnli").plan_stages(STEPS, 10000, "digits") == {"finetune": 2000, "prune": 12000, "recover": 86000}
-    assert seven("auto").plan_stages(STEPS, 44, "digits") == STEPS  # not a GLUE task: the stages config
+    assert not caplog.records
+    with caplog.at_level("INFO", logger="pruneflow"):
+        assert seven("auto").plan_stages(STEPS, 44, "digits") == STEPS  # not a GLUE task: the stages config
+    assert "method.preset=auto: task=digits has no preset" in caplog.text  # said, not silent
     assert seven(None).plan_stages(STEPS, 2104, "glue/sst2") == STEPS
 
 

@@ -145,6 +145,8 @@ class Seven(ScoreBasedMethod):
         key = task if self.preset == "auto" else self.preset
         if key not in PRESETS:
             if self.preset == "auto":  # not a GLUE task: the configured stages apply
+                log.info("method.preset=auto: task=%s has no preset of the authors' (GLUE tasks: %s); "
+                         "stages.* set the stage lengths.", task_name, ", ".join(PRESETS))
                 return steps
             raise invalid("method.preset", self.preset, ["auto", *PRESETS, "null"])
         t_i, iter_num = PRESETS[key]
