@@ -155,9 +155,11 @@ def _config_value(config: dict[str, Any], key: str) -> Any:  # noqa: ANN401
 
 
 def _canonical(value: Any) -> str | None:  # noqa: ANN401
-    """One spelling per value (``true``/``True``, ``1e-3``/``0.001``); None for a section."""
+    """One spelling per value (``true``/``True``, ``1e-3``/``0.001``, ``3``/``3.0``); None for a section."""
     if value is None:
         return "null"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # a float-typed setting (stages.*.epochs) typed as 3 resolves to 3.0: shown as typed
     if isinstance(value, (bool, int, float, str)):
         return as_typed(value)
     if isinstance(value, list):

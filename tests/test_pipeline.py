@@ -390,6 +390,11 @@ def test_a_finished_run_is_skipped_only_for_its_own_settings(config, tmp_path):
     assert settings_of({"config": batch_mean, "overrides": ["stages.eval_batch_size=64"]}) == "stages.eval_batch_size=64"
     corpus = {"task": {"name": "glue/mrpc", "metric_average": "corpus"}, "stages": {"eval_batch_size": 64}}
     assert settings_of({"config": corpus, "overrides": ["stages.eval_batch_size=64"]}) == ""
+    # a float-typed setting typed as 3 resolves to 3.0: one spelling, the one typed
+    epochs = {"stages": {"finetune": {"epochs": 3.0, "lr": 0.001}}}
+    assert settings_of({"config": epochs, "overrides": ["stages.finetune.epochs=3", "stages.finetune.lr=1e-3"]}) == (
+        "stages.finetune.epochs=3 stages.finetune.lr=0.001")
+    assert settings_of({"config": epochs, "overrides": ["stages.finetune.epochs=3.0"]}) == "stages.finetune.epochs=3"
     # a setting that only one side has is a difference too
     assert _differences({"seed": 0}, {"seed": 0, "method.beta": 1}) == "method.beta: '<unset>' -> 1"
     assert _differences({"seed": 0, "method.beta": 1}, {"seed": 0}) == "method.beta: 1 -> '<unset>'"
