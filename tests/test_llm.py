@@ -424,6 +424,34 @@ def test_c4_calibration_follows_the_authors_rule(lm_text: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def test_magnitude_reads_no_calibration_data_unless_owl_allocates(tmp_path: Path, lm_text: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wanda's magnitude baseline needs no data: the run neither loads calibration windows
+    nor runs them through the blocks, and prunes the same weights as the block-by-block
+    path fed with windows; OWL's per-block ratios do need them."""
+    from safetensors.torch import load_file
+
+    from pruneflow.llm import blocks, calibration
+    from pruneflow.methods.magnitude import MagnitudeLayerPruner
+
+    owl = run_lm(tmp_path / "owl", lm_text, "method=magnitude", "sparsity=0.5", "allocation.name=owl")
+    assert owl["calibration"]["used"] is True and owl["time_s"]["calibrate"] > 0
+    with monkeypatch.context() as m:  # the path every magnitude run took before: windows captured and fed
+        m.setattr(MagnitudeLayerPruner, "needs_inputs", True)
+        fed = run_lm(tmp_path / "fed", lm_text, "method=magnitude", "sparsity=0.5")
+    assert fed["calibration"]["used"] is True
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("calibration data read")
+
+    monkeypatch.setattr(calibration, "calibration_samples", refuse)
+    monkeypatch.setattr(blocks.BlockPruner, "capture", refuse)
+    free = run_lm(tmp_path / "free", lm_text, "method=magnitude", "sparsity=0.5")
+    assert free["calibration"]["used"] is False and free["calibration"]["source"] is None
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("fed", "free"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert free["sparsity"]["measured"] == fed["sparsity"]["measured"]
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "ria", "magnitude"])
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: str, pattern: str | None, caplog: pytest.LogCaptureFixture) -> None:
@@ -451,6 +479,8 @@ def test_every_method_prunes_tiny_llama(tmp_path: Path, lm_text: Path, method: s
     assert set(m) == {"dense", "prune", "final"} and math.isfinite(m["final"]["perplexity"])
     assert m["final"]["perplexity"] != m["dense"]["perplexity"]
     assert r["calibration"]["nsamples"] == 8 and r["calibration"]["seqlen"] == 128
+    # magnitude scores |W| alone (Wanda's prune_magnitude): no calibration text is read
+    assert r["calibration"]["used"] is (method != "magnitude") and ("calibrate" in r["time_s"]) is (method != "magnitude")
     assert r["evaluation"]["windows"] >= 1 and r["evaluation"]["seqlen"] == 128
     assert r["memory"]["peak_cpu_rss_bytes"] > 0 and r["time_s"]["prune"] > 0
     if method == "wanda" and pattern is None:  # the saved folder loads back as the causal LM it is

@@ -173,7 +173,7 @@ class BlockPruner:
 
     # -- pruning ------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, index: int, inps: torch.Tensor, kwargs: dict[str, Any], method: OneShotMethod) -> dict[str, LayerPruner]:
+    def collect(self, index: int, inps: torch.Tensor | None, kwargs: dict[str, Any], method: OneShotMethod) -> dict[str, LayerPruner]:
         """Pruners of ``method`` for one block's Linears, fed the block's inputs ``inps``."""
         pruners = {name: method.layer_pruner(lin) for name, lin in self.linears(index).items()}
         if any(p.needs_inputs for p in pruners.values()):
@@ -189,7 +189,7 @@ class BlockPruner:
         return pruners
 
     @torch.no_grad()
-    def prune_block(self, index: int, inps: torch.Tensor, kwargs: dict[str, Any], sparsity: float) -> None:
+    def prune_block(self, index: int, inps: torch.Tensor | None, kwargs: dict[str, Any], sparsity: float) -> None:
         """Prune one block's Linears from the statistics of its inputs ``inps``."""
         for name, lin in self.linears(index).items():
             self.method.check_layer(f"{self.blocks_name}.{index}.{name}", lin)
@@ -236,6 +236,22 @@ class BlockPruner:
                 if on_block_done is not None:
                     on_block_done(i)
         return None
+
+    @torch.no_grad()
+    def run_data_free(self, sparsities: list[float], start: int = 0, on_block_done: Callable[[int], None] | None = None) -> None:
+        """Prune blocks ``start..`` of a method whose pruners read no inputs (magnitude):
+        no calibration windows are captured or run forward."""
+        if any(self.method.layer_pruner(lin).needs_inputs for lin in self.linears(0).values()):
+            raise ValueError(f"method={self.method.name} prunes from calibration inputs; use run()")
+        for i in progress(range(start, len(self.blocks)), desc="prune blocks"):
+            if self.offload:
+                self.blocks[i].to(self.device)
+            self.prune_block(i, None, {}, sparsities[i])
+            if on_block_done is not None:
+                on_block_done(i)
+            if self.offload:
+                self.blocks[i].to("cpu")
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def run_whole(self, samples: torch.Tensor, sparsities: list[float], start: int = 0,

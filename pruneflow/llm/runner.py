@@ -203,6 +203,13 @@ class LLMRun:
             self.schedule.validate()
             self.method.check_schedule(self.schedule)
         self.total_params = sum(p.numel() for p in self.model.parameters())
+        # magnitude under a uniform allocation scores |W| alone: Wanda's prune_magnitude reads no
+        # calibration text, so none is loaded or run through the blocks (OWL's ratios need it)
+        self.data_free = (not self.gradient and not self.method.pruner_class.needs_inputs
+                          and cfg.allocation.name == "uniform")
+        if self.data_free:
+            log.info("method=%s with allocation=uniform reads no calibration data: calibration.* are not used "
+                     "(result.json: calibration.used=false).", cfg.method.name)
 
     @staticmethod
     def check_recovery(rec: Any) -> dict[str, Any]:  # noqa: ANN401
@@ -292,7 +299,7 @@ class LLMRun:
         log.info("%s: %s", desc, ", ".join(f"{k}={v:.4f}" for k, v in out.items()))
         return out
 
-    def sparsities(self, samples: torch.Tensor) -> list[float] | None:
+    def sparsities(self, samples: torch.Tensor | None) -> list[float] | None:
         n = len(self.pruner.blocks)
         alloc = self.cfg.allocation
         if self.gradient and self.method.scope == "global" and self.method.pattern is None:
@@ -330,8 +337,10 @@ class LLMRun:
         if done < n_blocks:
             t0 = time.perf_counter()
             seed_everything(int(cfg.seed))
-            samples = calibration.calibration_samples(cfg.calibration, cfg.task, self.bundle.tokenizer, self.cal_seqlen)
-            times["calibrate"] = times.get("calibrate", 0.0) + time.perf_counter() - t0
+            samples = None
+            if not self.data_free:
+                samples = calibration.calibration_samples(cfg.calibration, cfg.task, self.bundle.tokenizer, self.cal_seqlen)
+                times["calibrate"] = times.get("calibrate", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             if progress.get("sparsities") is None:
                 progress["sparsities"] = self.sparsities(samples)
@@ -354,6 +363,8 @@ class LLMRun:
                 self.prune_with_gradients(samples, progress)
                 for i in range(n_blocks):
                     block_done(i)
+            elif samples is None:
+                self.pruner.run_data_free(progress["sparsities"], start=done, on_block_done=block_done)
             else:
                 self.pruner.run(samples, progress["sparsities"], start=done, on_block_done=block_done, blockwise=self.blockwise)
             del samples
@@ -547,7 +558,8 @@ class LLMRun:
             memory["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         cal = OmegaConf.to_container(cfg.calibration, resolve=True)
         cal["seqlen"] = self.cal_seqlen
-        cal["source"] = calibration.describe_source(cfg.calibration, cfg.task)
+        cal["source"] = None if self.data_free else calibration.describe_source(cfg.calibration, cfg.task)
+        cal["used"] = not self.data_free
         result = {
             "method": cfg.method.name,
             "model": cfg.model.name,
