@@ -698,6 +698,29 @@ def test_soft_movement_threshold_is_strict() -> None:
     assert torch.equal(method.mask_flat, (torch.arange(scores.numel()) % 2 == 0).to(method.mask_flat.dtype))
 
 
+def test_soft_movement_tau_is_their_schedule_threshold_to_the_bit() -> None:
+    """masked_run_squad.py's schedule_threshold (SQuAD recipe: 55,410 steps, warm-ups 5,400
+    and 10,800), written out again: tau at their global_step k + 1 is
+    final + (initial - final) * c**3 with initial 0, equal to the last bit at every step
+    (the schedule's own final * (1 - c**3) is not, on about a quarter of the ramp)."""
+    _, _, method = make("soft_movement", sparsity=None, steps=8)
+    total, initial_warmup, final_warmup, final = 55410, 5400, 10800, 0.1
+    schedule = Schedule("cubic", final, total, initial_warmup, final_warmup)
+    method.ctx.schedule = schedule
+
+    def theirs(global_step: int) -> float:
+        if global_step <= initial_warmup:
+            return 0.0
+        if global_step > total - final_warmup:
+            return final
+        c = 1 - (global_step - initial_warmup) / (total - initial_warmup - final_warmup)
+        return final + (0.0 - final) * c**3
+
+    ours = [method.threshold_at(schedule.sparsity(k), k) for k in range(total)]
+    assert ours == [theirs(k + 1) for k in range(total)]
+    assert sum(schedule.sparsity(k) != theirs(k + 1) for k in range(total)) > 1000  # the case tells the two forms apart
+
+
 def test_soft_movement_threshold_and_penalty_resume() -> None:
     """tau (the current threshold) is saved with the state: a resumed run's L1 penalty is
     lambda_t * mean(sigmoid(S)) = 400 * 0.2 / 0.1 * 0.5 = 400 at scores 0, not 0."""

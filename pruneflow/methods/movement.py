@@ -170,6 +170,15 @@ class Movement(ScoreBasedMethod):
         for start, n, _ in self.slices:  # global scope: `scores` and `out` are the whole flat buffers
             threshold_with_floor_(scores[start : start + n], threshold, out[start : start + n])
 
+    def end_prune_stage(self) -> None:
+        if self.global_threshold and not self.frozen:
+            # their evaluate() drops the held threshold and recomputes it from the final scores
+            # at final_threshold: the model evaluated (and kept) is that one, not the last
+            # training forward's threshold of up to threshold_every - 1 steps before
+            self.threshold_mem = None
+            self.update_masks(self.sparsity, None)
+        super().end_prune_stage()
+
     def init_state(self) -> None:
         scores = self.state["scores"]
         # One trainable Parameter per layer, each a view of the flat state buffer: the
@@ -230,10 +239,19 @@ class SoftMovement(Movement):
         super().setup(ctx)
         self.tau = 0.0
 
+    def threshold_at(self, level: float, step: int | None) -> float:
+        """tau for the schedule's ``level`` at ``step``: on the cubic ramp in their
+        schedule_threshold's order of operations, ``final + (0 - final) * c ** 3``; the
+        schedule's algebraically equal ``final * (1 - c ** 3)`` differs in the last bit on
+        about a quarter of the ramp's steps."""
+        if self.on_ramp(level, step, "cubic"):
+            return self.final_threshold + (0.0 - self.final_threshold) * (1.0 - self.ctx.schedule.progress(step)) ** 3
+        return float(level)
+
     @torch.no_grad()
     def update_masks(self, sparsity: float, step: int | None = None) -> None:
         """``sparsity`` is the schedule's value: here the threshold tau on sigmoid(S)."""
-        self.tau = float(sparsity)
+        self.tau = self.threshold_at(sparsity, step)
         scores = self.state["scores"]
         for start, n, _ in self.slices:
             threshold_with_floor_(scores[start : start + n], self.tau, self.mask_flat[start : start + n], sigmoid=True)
