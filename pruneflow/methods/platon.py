@@ -11,6 +11,8 @@ with ``I = |W * G|`` (the updated weight, this step's clipped gradient) and
     l  > 0:  Iw   = (Iw*l + I) / (l + 1)         # running mean over the window
     score = Ibar * U
 
+(for 0 < b2 < 1, where both copies agree; at b2 = 0 this is the GLUE copy's rule:
+``Pruner.py`` scores Ibar * |I_current_window - Ibar| there. docs/fidelity.md.)
 ``Iw`` starts at 0 and counts as the first window's first sample, as in their code.
 The mask (global over all prunable tensors) is recomputed at window ends during
 the cubic ramp, and at every step of the final warm-up (target held); nothing is
