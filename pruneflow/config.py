@@ -72,6 +72,7 @@ class TrainerConfig:
     adam_epsilon: float = 1e-8
     momentum: float = 0.0  # sgd only
     lr_scheduler: str = "linear"
+    min_lr: float = 1e-5  # lr_scheduler=cosine_epochs only: where timm's cosine ends
     warmup_ratio: float = 0.0
     warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float = 1.0

@@ -323,7 +323,7 @@ class Run:
         self.optim: Optim | None = None
         if continuous:
             total = sum(sp.steps for sp in specs.values() if sp.weight_updates)
-            self.optim = self.trainer.build_optim(total)
+            self.optim = self.trainer.build_optim(total, batch_size=specs["prune"].batch_size)  # continuous: one batch size
         self.warn_long_warmup(specs, continuous)
 
     def warn_long_warmup(self, specs: dict[str, StageSpec], continuous: bool) -> None:

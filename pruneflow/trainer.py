@@ -22,6 +22,7 @@ pruning's scores) keep their own base LR under the same schedule.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import os
@@ -52,7 +53,7 @@ TRANSFORMERS_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomi
 # warmup_linear_mtdnn: pytorch-pretrained-bert 0.6.0's warmup_linear, as mt-dnn (PLATON's GLUE
 # code) steps it inside its Adamax: x = step / total; x / warmup_ratio during the warm-up,
 # then 1 - x (a jump down at the end of the warm-up, not a ramp from the peak).
-LR_SCHEDULERS = (*TRANSFORMERS_SCHEDULERS, "warmup_linear_mtdnn")
+LR_SCHEDULERS = (*TRANSFORMERS_SCHEDULERS, "warmup_linear_mtdnn", "cosine_epochs")
 OPTIMIZERS = ("adamw", "adamw_hf", "adam", "adamax", "adamax_mtdnn", "sgd")
 
 
@@ -78,6 +79,17 @@ def fused_ok(groups: Sequence[dict[str, Any]]) -> bool:
         p.is_floating_point() for p in params)
 
 
+def timm_epoch_cosine(epoch: int, epochs: float, lr: float, min_lr: float) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) of ``epochs`` as DeiT's training loops
+    run timm's cosine (``create_scheduler``, t_initial = the epochs, no warm-up): stepped
+    with ``step(epoch)`` *after* each epoch, so epochs 0 and 1 both run at ``lr`` and
+    epoch e >= 1 at the cosine's value for e - 1, which ends at ``min_lr``."""
+    t = max(epoch - 1, 0)
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+
 class LRSchedule:
     """Learning-rate multiplier as a function of the optimizer step: ``transformers``'
     schedules (``get_scheduler``'s LambdaLR functions, with their default arguments),
@@ -85,11 +97,22 @@ class LRSchedule:
     Trainer's utilities (peft, scipy, pandas): 2-3 s of every run's start-up on a 2-core
     VM. tests/test_trainer_options.py checks each against ``get_scheduler`` step by step."""
 
-    def __init__(self, name: str, total_steps: int, warmup_steps: int, warmup_ratio: float = 0.0) -> None:
+    def __init__(self, name: str, total_steps: int, warmup_steps: int, warmup_ratio: float = 0.0,
+                 steps_per_epoch: int | None = None, min_lr: float = 0.0) -> None:
         if name not in LR_SCHEDULERS:
             raise invalid("trainer.lr_scheduler", name, LR_SCHEDULERS)
         self.name, self.total_steps, self.warmup_steps = name, max(int(total_steps), 1), int(warmup_steps)
         self.warmup_ratio = float(warmup_ratio)  # warmup_linear_mtdnn's warm-up, a fraction as theirs
+        if name == "cosine_epochs" and not steps_per_epoch:
+            raise ValueError("lr_scheduler=cosine_epochs needs steps_per_epoch")
+        self.steps_per_epoch, self.min_lr = steps_per_epoch, float(min_lr)  # cosine_epochs (timm, per epoch)
+
+    def lr(self, step: int, base: float) -> float:
+        """The learning rate of a group whose base rate is ``base`` at optimizer step ``step``."""
+        if self.name == "cosine_epochs":  # timm's min_lr is a rate, not a fraction of the base
+            assert self.steps_per_epoch is not None
+            return timm_epoch_cosine(step // self.steps_per_epoch, self.total_steps / self.steps_per_epoch, base, self.min_lr)
+        return base * self.factor(step)
 
     def factor(self, step: int) -> float:
         name, total, warmup = self.name, self.total_steps, self.warmup_steps
@@ -128,11 +151,10 @@ class Optim:
 
     def set_lr(self, stage_lr: float) -> float:
         """Set every group's LR for the coming step; returns the stage groups' LR."""
-        f = self.schedule.factor(self.step)
         for g in self.optimizer.param_groups:
             base = stage_lr if g.get("pf_lr", "stage") == "stage" else float(g["pf_lr"])
-            g["lr"] = base * f
-        return stage_lr * f
+            g["lr"] = self.schedule.lr(self.step, base)
+        return self.schedule.lr(self.step, stage_lr)
 
     def add_group(self, group: dict[str, Any]) -> None:
         """A method's extra parameters (e.g. movement scores), under the same schedule."""
@@ -238,11 +260,22 @@ def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int = 1, drop_
     return max(1, batches_per_epoch(n_examples, batch_size, drop_last) // grad_accum)
 
 
-def decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalisation weights (the usual BERT recipe)."""
+def no_weight_decay_names(model: nn.Module) -> frozenset[str]:
+    """The parameters a timm model asks to keep out of weight decay (``pos_embed``,
+    ``cls_token``, ...: its ``no_weight_decay()``, which timm's ``create_optimizer`` and
+    the DeiT / SPP training scripts honour); none for other models."""
+    own = getattr(model, "no_weight_decay", None)
+    return frozenset(str(n) for n in own()) if callable(own) else frozenset()
+
+
+def decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
+                 skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """No weight decay on biases and normalisation weights (the usual BERT recipe), nor
+    on the parameters named in ``skip`` (a timm model's ``no_weight_decay()``)."""
     decay, no_decay = [], []
     for name, p in params:
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        skipped = name in skip or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)  # timm may give patterns
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or skipped else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -315,13 +348,15 @@ class Trainer:
             return int(steps)
         return int(math.ceil(float(self.cfg.get("warmup_ratio", 0.0) or 0.0) * total))
 
-    def build_optim(self, total_steps: int, extra_groups: Sequence[dict[str, Any]] = ()) -> Optim:
+    def build_optim(self, total_steps: int, extra_groups: Sequence[dict[str, Any]] = (), batch_size: int | None = None) -> Optim:
         """The optimizer over the model's trainable parameters (plus a method's groups)
-        with an LR schedule over ``total_steps`` optimizer steps."""
+        with an LR schedule over ``total_steps`` optimizer steps (``batch_size``: what an
+        epoch is, for ``lr_scheduler=cosine_epochs``)."""
         cfg = self.cfg
         name = str(cfg.get("optimizer", "adamw"))
         taken = {id(p) for g in extra_groups for p in g["params"]}
-        groups = decay_groups([(n, p) for n, p in self.base_params if id(p) not in taken], float(cfg.weight_decay))
+        groups = decay_groups([(n, p) for n, p in self.base_params if id(p) not in taken], float(cfg.weight_decay),
+                              no_weight_decay_names(self.bundle.model))
         groups += [dict(g) for g in extra_groups]
         betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
         eps = float(cfg.adam_epsilon)
@@ -340,7 +375,13 @@ class Trainer:
             opt = torch.optim.SGD(groups, lr=1.0, momentum=float(cfg.get("momentum", 0.0)))
         else:
             raise invalid("trainer.optimizer", name, OPTIMIZERS)
-        return Optim(opt, LRSchedule(str(cfg.lr_scheduler), total_steps, self.warmup_steps(total_steps), float(cfg.get("warmup_ratio") or 0.0)))
+        per_epoch = None
+        if str(cfg.lr_scheduler) == "cosine_epochs":
+            if batch_size is None:
+                raise ValueError("lr_scheduler=cosine_epochs needs the batch size (what an epoch is)")
+            per_epoch = steps_per_epoch(len(self.task.train_set), batch_size, self.grad_accum, self.drop_last)
+        return Optim(opt, LRSchedule(str(cfg.lr_scheduler), total_steps, self.warmup_steps(total_steps), float(cfg.get("warmup_ratio") or 0.0),
+                                     per_epoch, float(cfg.get("min_lr", 0.0) or 0.0)))
 
     # -- the loop -----------------------------------------------------------------------
     def train(
@@ -367,7 +408,7 @@ class Trainer:
         own_loss = method.scoring_loss if method is not None and method.has_scoring_loss() else None
         if optim is None:
             extra = method.param_groups() if method is not None else []
-            optim = self.build_optim(stage.steps if stage.weight_updates else 1, extra)
+            optim = self.build_optim(stage.steps if stage.weight_updates else 1, extra, stage.batch_size)
         opt = optim.optimizer
         start = 0
         if resume is not None:
@@ -495,8 +536,6 @@ def trainable_parameters(model: nn.Module, freeze: Sequence[str] = (), check: bo
     over parameter names) switch parameters off, e.g. the embeddings in movement pruning.
     ``check``: a pattern that matches nothing, or patterns that freeze everything, are the
     user's mistake (checked on the model as built, before masks rename parameters)."""
-    import fnmatch
-
     out, matched = [], set()
     names = []
     for name, p in model.named_parameters():

@@ -103,6 +103,15 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
             "trainer.warmup_steps", steps, "null with trainer.lr_scheduler=warmup_linear_mtdnn",
             "mt-dnn's warmup_linear takes its warm-up as a fraction of the steps: set trainer.warmup_ratio (their --warmup, 0.1).",
         )
+    if str(t.get("lr_scheduler")) == "cosine_epochs" and (ratio or steps):
+        raise invalid(
+            "trainer.lr_scheduler", "cosine_epochs", ", ".join(LR_SCHEDULERS),
+            "cosine_epochs is timm's per-epoch cosine as DeiT's scripts run it without warm-up (SPP's retraining: "
+            "--warmup-epochs 0); set trainer.warmup_ratio=0 and trainer.warmup_steps=null, or use cosine.",
+        )
+    min_lr = t.get("min_lr", 0.0)
+    if not _number(min_lr) or min_lr < 0:
+        raise invalid("trainer.min_lr", min_lr, "a number >= 0 (the learning rate where cosine_epochs ends; timm's --min-lr 1e-5)")
     if str(t.get("lr_scheduler")) == "constant" and (ratio or steps):
         raise invalid(
             "trainer.lr_scheduler", "constant", ", ".join(LR_SCHEDULERS),
@@ -348,6 +357,8 @@ def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
     if speed is not None and speed.get("enabled") is False:
         out += [(f"speed.{k}", "the latency benchmark is off (speed.enabled=false)") for k in speed if k != "enabled"]
     trainer = cfg.get("trainer") or {}
+    if trainer.get("lr_scheduler", "cosine_epochs") != "cosine_epochs":
+        out.append(("trainer.min_lr", f"it is where trainer.lr_scheduler=cosine_epochs ends; {trainer.get('lr_scheduler')} does not read it"))
     if trainer.get("optimizer") == "sgd":
         out += [(f"trainer.{k}", "trainer.optimizer=sgd has no Adam betas or epsilon (trainer.momentum is its setting)")
                 for k in ("adam_beta1", "adam_beta2", "adam_epsilon")]

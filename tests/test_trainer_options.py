@@ -443,6 +443,53 @@ def test_optimizer_groups_decay_and_stage_lr_schedule():
     assert logged == pytest.approx([0.0, 0.1, 0.1 * 2 / 3, 0.1 / 3], rel=1e-12, abs=1e-15)
 
 
+def test_cosine_epochs_is_timm_cosine_stepped_as_deit_steps_it():
+    """trainer.lr_scheduler=cosine_epochs against timm's own CosineLRScheduler driven as
+    DeiT's (and SPP's deit_retrain.py) loop drives it: the epoch trains at the rate the
+    scheduler holds, then step(epoch); 16 examples in batches of 4 (4 steps an epoch), 6
+    epochs, base 0.1, min 1e-3. Every optimizer step's logged rate is checked."""
+    from timm.scheduler import CosineLRScheduler
+
+    from pruneflow.trainer import StageSpec
+
+    epochs, per_epoch, base, low = 6, 4, 0.1, 1e-3
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)
+    timm_sched = CosineLRScheduler(probe, t_initial=epochs, lr_min=low, warmup_t=0)
+    theirs = []
+    for epoch in range(epochs):
+        theirs += [probe.param_groups[0]["lr"]] * per_epoch
+        timm_sched.step(epoch)
+    cfg = {"precision": "32", "freeze": [], "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "adam_beta1": 0.9,
+           "adam_beta2": 0.999, "adam_epsilon": 1e-8, "lr_scheduler": "cosine_epochs", "min_lr": low, "warmup_ratio": 0.0,
+           "warmup_steps": None, "max_grad_norm": 0.0, "log_every": 1}
+    trainer = Trainer(OmegaConf.create(cfg), torch.device("cpu"), SimpleNamespace(model=nn.Linear(4, 1)), task=_Regression())  # type: ignore[arg-type]
+    logged: list[float] = []
+    trainer.train(StageSpec("recover", epochs * per_epoch, lr=base, batch_size=4, seed=0), on_log=lambda rec: logged.append(rec["recover/lr"]))
+    assert logged == pytest.approx(theirs, rel=1e-12)
+    assert logged[0] == logged[per_epoch] == base and logged[-1] > low  # epochs 0 and 1 at the base rate
+
+
+def test_timm_models_keep_pos_embed_and_tokens_out_of_weight_decay():
+    """A timm ViT/DeiT: its no_weight_decay() parameters (pos_embed, cls_token) get no
+    decay, as timm's create_optimizer gives them in DeiT's and SPP's training scripts;
+    the matrices keep trainer.weight_decay, biases and norms 0."""
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16, depth=1)
+    trainer = _trainer(model, optimizer="adamw", weight_decay=0.05, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                       lr_scheduler="constant", warmup_steps=None, max_grad_norm=0.0, log_every=1)
+    named = {id(p): n for n, p in model.named_parameters()}
+    decay = {named[id(p)]: g["weight_decay"] for g in trainer.build_optim(4).optimizer.param_groups for p in g["params"]}
+    assert decay["pos_embed"] == decay["cls_token"] == 0.0
+    assert decay["blocks.0.attn.qkv.weight"] == decay["patch_embed.proj.weight"] == decay["head.weight"] == 0.05
+    assert decay["blocks.0.attn.qkv.bias"] == decay["norm.weight"] == 0.0
+    # what timm's own factory decides, parameter by parameter
+    from timm.optim import param_groups_weight_decay
+
+    theirs = {named[id(p)]: g["weight_decay"] for g in param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay()) for p in g["params"]}
+    assert decay == theirs
+
+
 def test_a_warmup_longer_than_its_schedule_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     """trainer.warmup_steps at least as long as the steps it warms up: the LR never
     reaches the stage's lr (it was accepted without a word; final accuracy 0.20 vs 0.66)."""

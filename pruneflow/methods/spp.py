@@ -167,13 +167,11 @@ SEARCH_LR_SCHEDULES = ("constant", "cosine_epochs")
 
 def search_lr_at(epoch: int, epochs: int, lr: float, min_lr: float) -> float:
     """The masks' learning rate in search epoch ``epoch`` (0-based) of ``epochs`` under the
-    authors' schedule: timm's cosine (``create_scheduler``: t_initial = their --epochs,
-    no warm-up) stepped with ``step(epoch)`` *after* each epoch, so epochs 0 and 1 both
-    run at ``lr`` and epoch e >= 1 at the cosine's value for e - 1."""
-    t = max(epoch - 1, 0)
-    if t >= epochs:
-        return min_lr
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
+    authors' schedule: timm's cosine stepped after each epoch, as DeiT's loops step it
+    (epochs 0 and 1 both at ``lr``)."""
+    from pruneflow.trainer import timm_epoch_cosine
+
+    return timm_epoch_cosine(epoch, epochs, lr, min_lr)
 
 
 # ----------------------------------------------------------------------------- the method
