@@ -104,10 +104,11 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
             "mt-dnn's warmup_linear takes its warm-up as a fraction of the steps: set trainer.warmup_ratio (their --warmup, 0.1).",
         )
     if str(t.get("lr_scheduler")) == "cosine_epochs" and (ratio or steps):
-        raise invalid(
-            "trainer.lr_scheduler", "cosine_epochs", ", ".join(LR_SCHEDULERS),
-            "cosine_epochs is timm's per-epoch cosine as DeiT's scripts run it without warm-up (SPP's retraining: "
-            "--warmup-epochs 0); set trainer.warmup_ratio=0 and trainer.warmup_steps=null, or use cosine.",
+        warm = f"trainer.warmup_ratio={ratio}" if ratio else f"trainer.warmup_steps={steps}"
+        raise UserError(
+            f"'trainer.lr_scheduler=cosine_epochs' has no warm-up, so '{warm}' would be ignored: it is timm's per-epoch "
+            "cosine as DeiT's scripts run it without warm-up (SPP's retraining: --warmup-epochs 0). Set "
+            "trainer.warmup_ratio=0 and trainer.warmup_steps=null, or use trainer.lr_scheduler=cosine (per step, with warm-up)."
         )
     min_lr = t.get("min_lr", 0.0)
     if not _number(min_lr) or min_lr < 0:

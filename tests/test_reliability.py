@@ -88,6 +88,9 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["=7"], "command line", "key=value"),
     (["hydra.run.dir=/proc/pruneflow_test"], "hydra.run.dir", "cannot be written"),
     (["hydra.run.dir="], "hydra.run.dir", "it is empty"),
+    (["trainer.min_lr=1e-4"], "trainer.min_lr=1e-4", "trainer.lr_scheduler=cosine_epochs ends"),
+    (["trainer.lr_scheduler=cosine_epochs", "trainer.warmup_ratio=0.1"], "trainer.warmup_ratio=0.1", "without warm-up"),
+    (["trainer.lr_scheduler=cosine_epochs", "trainer.min_lr=-1"], "trainer.min_lr", "a number >= 0"),
     (["-m", "sparsity=0.5,0.6", "hydra.sweep.dir="], "hydra.sweep.dir", "it is empty"),
     # values checked before any data is read
     (["sparsity=1.5"], "sparsity", "[0, 1)"),
