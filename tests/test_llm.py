@@ -424,6 +424,18 @@ def test_c4_calibration_follows_the_authors_rule(lm_text: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def test_ria_reallocation_says_its_mask_is_nm_only_in_the_permuted_order(tmp_path: Path, lm_text: Path) -> None:
+    """RIA's channel reallocation cuts the 2:4 groups in a permuted column order and maps
+    the mask back (their code): the run says so, and never times the semi-structured
+    kernels on weights that are not 2:4 (it did, on CUDA, reporting a speed-up)."""
+    r = run_lm(tmp_path / "run", lm_text, "method=ria", "method.pattern='2:4'", "method.reallocation=true")
+    sp = r["sparsity"]
+    assert sp["pattern_verified"] is False and "reallocated channel order" in sp["pattern_note"]
+    assert r["export"]["semi_structured"]["available"] is False
+    assert "not 2:4 in the layers' column order" in r["export"]["semi_structured"]["reason"]
+    assert sp["measured"] == 0.5  # half of every permuted group of 4
+
+
 def test_magnitude_reads_no_calibration_data_unless_owl_allocates(tmp_path: Path, lm_text: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Wanda's magnitude baseline needs no data: the run neither loads calibration windows
     nor runs them through the blocks, and prunes the same weights as the block-by-block

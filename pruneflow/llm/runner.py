@@ -515,12 +515,18 @@ class LLMRun:
         if nm is not None:
             out["pattern"] = f"{nm[0]}:{nm[1]}"
             out["pattern_verified"] = nm_ok
+            if getattr(self.method, "reallocation", False):  # RIA's masks are N:M in their permuted column order only
+                out["pattern_note"] = ("method.reallocation=true: the N:M groups are cut in RIA's reallocated channel order and "
+                                       "the mask is mapped back, as their code does, so the layers' own column order is not N:M")
         return out
 
-    def export_info(self) -> dict[str, Any]:
+    def export_info(self, pattern_verified: bool = True) -> dict[str, Any]:
         nm = self.method.pattern
         if nm != (2, 4):
             return {"semi_structured": {"available": False, "reason": "the run's mask is not 2:4 (method.pattern=2:4 gives one)"}}
+        if not pattern_verified:  # the kernels would run on weights that are not 2:4 and time a different model
+            return {"semi_structured": {"available": False, "reason": "the weights are not 2:4 in the layers' column order "
+                                                                      "(sparsity.pattern_verified is false)"}}
         if self.device.type != "cuda":
             return {"semi_structured": {"available": False, "reason": "no CUDA device" if not torch.cuda.is_available() else "the run's device is not CUDA"}}
         try:
@@ -551,7 +557,7 @@ class LLMRun:
                 self.bundle.tokenizer.save_pretrained(out)
             except Exception as e:  # noqa: BLE001 - a disk problem with one output
                 failed["model/"] = f"{type(e).__name__}: {e}"
-        export = self.export_info()
+        export = self.export_info(bool(sp.get("pattern_verified", True)))
         times["total"] = time.perf_counter() - t_start
         memory = {"peak_cpu_rss_bytes": _peak_rss_bytes()}
         if self.device.type == "cuda":
@@ -585,6 +591,8 @@ class LLMRun:
         if "pattern" in sp:
             result["sparsity"]["pattern"] = sp["pattern"]
             result["sparsity"]["pattern_verified"] = sp["pattern_verified"]
+            if "pattern_note" in sp:
+                result["sparsity"]["pattern_note"] = sp["pattern_note"]
         if zero_shot is not None:
             result["zero_shot"] = zero_shot
         definition = (result["config"].get("experiment_info") or {}).get("sparsity_definition")
