@@ -793,6 +793,18 @@ def test_owl_says_when_a_block_is_pruned_whole(caplog: pytest.LogCaptureFixture)
     assert "block(s) [0] get sparsity [2.5], so every weight of them is pruned" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt", "ria", "magnitude"])
+def test_a_block_whose_owl_sparsity_passes_one_is_pruned_whole(name: str) -> None:
+    """OWL can hand a block a sparsity >= 1 (the warning above): every method prunes that
+    layer whole; SparseGPT raised an IndexError (as the authors' code does)."""
+    from pruneflow.methods import ONE_SHOT_METHODS, _load
+
+    layer, batches = make_layer()
+    method = _load(ONE_SHOT_METHODS, name)(method_cfg(name), 0.5)
+    method.sparsity = 2.5
+    assert int(prune_with(method, layer, batches).count_nonzero()) == 0
+
+
 def test_omitted_settings_take_the_authors_values() -> None:
     """A hand-built config without the keys gets the authors' blocksize 128, percdamp 0.01
     and RIA's a = 0.5, as the packaged conf/method files do."""

@@ -42,7 +42,8 @@ def allocate(ratios: list[float], sparsity: float, lam: float) -> list[float]:
 
         logging.getLogger("pruneflow").warning(
             "allocation.owl_lambda=%g spreads the blocks' kept fractions 2 * %g around %g: block(s) %s get sparsity %s, so "
-            "every weight of them is pruned (as OWL's code does). Their README uses 0.08.",
+            "every weight of them is pruned (as OWL's Wanda does; their SparseGPT and magnitude stop with an IndexError). "
+            "Their README uses 0.08.",
             lam, lam, 1 - sparsity, [i for i, _ in over], [round(s, 3) for _, s in over])
     return out
 

@@ -63,7 +63,8 @@ class SparseGPTPruner(LayerPruner):
             d = torch.diag(Hinv1)
             if nm is None:
                 tmp = W1**2 / d.reshape(1, -1) ** 2
-                thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+                # an OWL block at sparsity >= 1 is pruned whole (theirs: an IndexError)
+                thresh = torch.sort(tmp.flatten())[0][min(int(tmp.numel() * sparsity), tmp.numel() - 1)]
                 mask1 = tmp <= thresh
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
