@@ -112,6 +112,20 @@ def test_finetune_is_cached_across_methods_and_sparsities(config, tmp_path, capl
     assert "cache=false" in note
 
 
+def test_a_cache_dir_that_cache_false_leaves_unused_is_said(config, tmp_path, caplog):
+    """cache=false with a cache_dir on the command line: the run says the folder is not
+    used (a warning, so that a sweep may switch the cache off for some of its jobs), and
+    writes nothing there."""
+    caplog.set_level("INFO", logger="pruneflow")
+    typed = ["cache=false", f"cache_dir={tmp_path / 'mine'}", "method=magnitude", "sparsity=0.5"]
+    run(config(*typed), tmp_path / "run", typed)
+    assert any(f"cache_dir={tmp_path / 'mine'} is not used: cache=false" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "mine").exists()
+    caplog.clear()
+    run(config("cache=false", "method=magnitude", "sparsity=0.5"), tmp_path / "run2", ["cache=false"])
+    assert not any("is not used: cache=false" in r.getMessage() for r in caplog.records)  # the default cache_dir: nothing to say
+
+
 def test_a_finetune_cached_by_other_code_is_not_reused(config, tmp_path, caplog, monkeypatch):
     """The cache key holds the code: an entry made by an older pruneflow (or other library
     versions) is computed again, not reused with the new code's settings."""
