@@ -436,6 +436,18 @@ def test_ria_reallocation_says_its_mask_is_nm_only_in_the_permuted_order(tmp_pat
     assert sp["measured"] == 0.5  # half of every permuted group of 4
 
 
+def test_blocks_with_different_attention_masks_need_the_whole_model_path(tmp_path: Path, lm_text: Path) -> None:
+    """A Qwen2 with sliding-window layers after full-attention ones: transformers gives each
+    block its own mask, which the block-by-block path (block 0's arguments for every block)
+    would not; refused with the setting that handles it, which then runs."""
+    qwen = ["model.config.model_type=qwen2", "+model.config.use_sliding_window=true", "+model.config.max_window_layers=1",
+            "+model.config.sliding_window=16", "method=wanda", "sparsity=0.5"]
+    with pytest.raises(UserError, match=r"calibration.blockwise.*full_attention, sliding_attention.*blockwise=false"):
+        run_lm(tmp_path / "a", lm_text, *qwen)
+    r = run_lm(tmp_path / "b", lm_text, *qwen, "calibration.blockwise=false")
+    assert r["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-3)
+
+
 def test_magnitude_reads_no_calibration_data_unless_owl_allocates(tmp_path: Path, lm_text: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Wanda's magnitude baseline needs no data: the run neither loads calibration windows
     nor runs them through the blocks, and prunes the same weights as the block-by-block

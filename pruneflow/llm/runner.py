@@ -207,6 +207,14 @@ class LLMRun:
         # calibration text, so none is loaded or run through the blocks (OWL's ratios need it)
         self.data_free = (not self.gradient and not self.method.pruner_class.needs_inputs
                           and cfg.allocation.name == "uniform")
+        types = getattr(self.model.config, "layer_types", None) or []
+        if len(set(types)) > 1 and self.blockwise and not self.gradient and not self.data_free:
+            # transformers hands each block the mask of its layer type; the block-by-block path
+            # captures block 0's keyword arguments and gives them to every block
+            raise invalid("calibration.blockwise", True, f"false for model={cfg.model.name}",
+                          f"Its decoder blocks use different attention masks (layer_types: {', '.join(sorted(set(types)))}); "
+                          "the block-by-block path would run every block with the first block's mask. "
+                          "calibration.blockwise=false runs the whole model for each block, so each gets its own.")
         if self.data_free:
             log.info("method=%s with allocation=uniform reads no calibration data: calibration.* are not used "
                      "(result.json: calibration.used=false).", cfg.method.name)
