@@ -59,4 +59,22 @@ def measure_speed(cfg: DictConfig, bundle: ModelBundle, task: Task, device: torc
         repeats=int(cfg.speed.get("repeats", 10)),
         device=device,
     )
-    return {"device": str(device), "batch": batch_size, "dense_ms": round(times["dense"], 3), "final_ms": round(times["final"], 3)}
+    out = {"device": str(device), "batch": batch_size, "dense_ms": round(times["dense"], 3), "final_ms": round(times["final"], 3)}
+    for key, fn in (("dense", lambda: dense_bundle.forward(batch)), ("final", lambda: bundle.forward(batch))):
+        out[f"{key}_flops"] = forward_flops(fn)
+    return out
+
+
+@torch.no_grad()
+def forward_flops(fn: Any) -> int | None:  # noqa: ANN401
+    """FLOPs of one call as torch's FLOP counter counts them (a multiply-add is 2; fvcore,
+    which DeiT's and SPP's papers use, counts it as 1): the matmuls, convolutions and
+    attention products. None where the counter cannot follow the call (a compiled model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    except Exception:  # noqa: BLE001 - a count the counter cannot make must not lose the run
+        return None
+    return int(counter.get_total_flops())

@@ -468,6 +468,9 @@ def test_spp_run_compresses_and_one_search_serves_every_sparsity(config, tmp_pat
     assert r5["sparsity"]["measured"] == pytest.approx(0.5, abs=0.01)
     assert r5["method_info"]["search_reused"] is False
     assert r5["method_info"]["search_lr"] == 1e-3  # method.search_lr, the authors' rate
+    # the compressed model's forward costs fewer FLOPs: about half of its Linears' at 50 %
+    flops = r5["speed"]["final_flops"] / r5["speed"]["dense_flops"]
+    assert 0.4 < flops < 0.75, flops
 
     # Measured sparsity recounted from the saved weights' shapes against the original ones.
     state = load_file(str(tmp_path / "s5" / "model" / "model.safetensors"))

@@ -383,9 +383,9 @@ def test_measure_speed_times_the_fresh_dense_model_against_the_final_one(monkeyp
     ran: list[str] = []
 
     class Recorder(nn.Module):
-        def __init__(self, tag: str) -> None:
+        def __init__(self, tag: str, out: int = 2) -> None:
             super().__init__()
-            self.tag, self.lin = tag, nn.Linear(2, 2)
+            self.tag, self.lin = tag, nn.Linear(2, out)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             ran.append(self.tag)
@@ -408,9 +408,11 @@ def test_measure_speed_times_the_fresh_dense_model_against_the_final_one(monkeyp
         return out
 
     monkeypatch.setattr(speed, "time_forward", timed)
-    got = speed.measure_speed(OmegaConf.create({"speed": {"batch": 2, "repeats": 1}}), Bundle(Recorder("final"), "timm", "fake"), task,
+    got = speed.measure_speed(OmegaConf.create({"speed": {"batch": 2, "repeats": 1}}), Bundle(Recorder("final", out=1), "timm", "fake"), task,
                               torch.device("cpu"))
     assert (got["dense_ms"], got["final_ms"], got["batch"]) == (7.0, 3.0, 2)
+    # FLOPs of the timed batch, a multiply-add counted as 2: 2 examples x 2 inputs x (2 | 1) outputs x 2
+    assert (got["dense_flops"], got["final_flops"]) == (16, 8)
 
 
 def test_optimizer_groups_decay_and_stage_lr_schedule():
