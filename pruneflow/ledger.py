@@ -178,7 +178,7 @@ def ledger_markdown(entries: list[Entry], ref) -> list[str]:  # noqa: ANN001 - S
         within = f"– (model {e.other_model})" if e.other_model else "–" if e.within is None else ("yes" if e.within else "**no**")
         info = e.row.experiment_info() if e.row is not None else e.info
         out.append(
-            f"| {e.experiment} | {e.method} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if info else '–'}] | "
+            f"| {e.experiment} | {e.method}{f' (against {p.of} published)' if p.of else ''} | {p.task} | {p.metric} | {sp} | {cond} | {p.label()} [{ref(info) if info else '–'}] | "
             f"{meas} | {fmt_metric(e.diff, m, signed=True)} | {p.tolerance_label()} | {within} |"
         )
     return out

@@ -100,6 +100,7 @@ class PublishedPoint:
     tolerance: float
     when: tuple[tuple[str, Any], ...] = field(default=())
     mark: str = ""
+    of: str | None = None  # whose number it is, where a stand-in method runs against it (SPP's LLM row: RIA)
 
     def label(self) -> str:
         prefix = {"approx": "≈", "below": "<", "above": ">"}.get(self.kind, "")
@@ -185,7 +186,8 @@ def published_points(info: dict[str, Any] | None) -> list[PublishedPoint]:
             if k.endswith(".pattern") and isinstance(v, int) and not isinstance(v, bool):
                 # a silent never-match otherwise: no run's pattern is the number 124
                 raise ValueError(f"published 'when: {{{k}: {v}}}': write the N:M pattern quoted (\"2:4\"); unquoted, YAML reads 2:4 as the base-60 number 124")
-        common = {"method": e.get("method"), "task": str(e["task"]), "metric": str(e["metric"]), "when": when, "mark": str(e.get("mark", mark))}
+        common = {"method": e.get("method"), "task": str(e["task"]), "metric": str(e["metric"]), "when": when, "mark": str(e.get("mark", mark)),
+                  "of": None if e.get("of") is None else str(e["of"])}
         if "curve" in e:
             items = [(float(s), v) for s, v in (e["curve"] or {}).items()]
         else:

@@ -265,6 +265,19 @@ def test_ledger_shows_a_stand_in_model_but_does_not_count_it(tmp_path: Path) -> 
     assert csv_rows["bert_tiny"]["published_model"] == csv_rows["bert_base"]["published_model"] == "bert_base"
 
 
+def test_a_stand_in_method_is_shown_against_whose_number_it_runs(tmp_path: Path) -> None:
+    """experiment=spp/llama2_7b runs RIA against SPP's published ARC-e: the ledger's method
+    says both, so that 71.8 does not read as RIA's number."""
+    from omegaconf import OmegaConf
+
+    info = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "experiment" / "spp" / "llama2_7b.yaml"))["experiment_info"]
+    write_result(tmp_path / "run", "ria", 0.5, 0, 0, 0, task="lm/wikitext2", experiment=info, overrides=["experiment=spp/llama2_7b"],
+                 metrics={"arc_easy/acc": 0.70}, model="llama2_7b")
+    assert main([str(tmp_path)]) == 0
+    ledger = (tmp_path / "report.md").read_text().split("## Reproduction ledger")[1]
+    assert "| spp/llama2_7b | ria (against spp published) | lm/wikitext2 | arc_easy/acc | 50 |" in ledger
+
+
 def test_published_points_forms() -> None:
     from pruneflow.published import find_point, parse_value, published_points
 
