@@ -436,6 +436,21 @@ def test_ria_reallocation_says_its_mask_is_nm_only_in_the_permuted_order(tmp_pat
     assert sp["measured"] == 0.5  # half of every permuted group of 4
 
 
+def test_a_lora_target_that_matches_no_module_is_refused_before_pruning(tmp_path: Path, lm_text: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """recovery.target_modules=[q_projj]: peft refused it only after the whole pruning
+    (on a 7B model, the hour before); now before any block is pruned, naming the Linears."""
+    from pruneflow.llm import calibration
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("calibration data read: the run got past its checks")
+
+    monkeypatch.setattr(calibration, "calibration_samples", refuse)
+    with pytest.raises(UserError, match=r"recovery.target_modules.*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+                                        r".*'q_projj' matches no module"):
+        run_lm(tmp_path / "run", lm_text, "method=wanda", "sparsity=0.5", "recovery=lora", "recovery.target_modules=[q_proj,q_projj]")
+
+
 def test_blocks_with_different_attention_masks_need_the_whole_model_path(tmp_path: Path, lm_text: Path) -> None:
     """A Qwen2 with sliding-window layers after full-attention ones: transformers gives each
     block its own mask, which the block-by-block path (block 0's arguments for every block)

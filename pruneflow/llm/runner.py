@@ -215,6 +215,19 @@ class LLMRun:
                           f"Its decoder blocks use different attention masks (layer_types: {', '.join(sorted(set(types)))}); "
                           "the block-by-block path would run every block with the first block's mask. "
                           "calibration.blockwise=false runs the whole model for each block, so each gets its own.")
+        targets = self.recovery.get("target_modules") if self.recovery["name"] == "lora" else None
+        if targets:  # peft would refuse a name that matches no module only after the pruning
+            from peft import LoraConfig
+            from peft.tuners.tuners_utils import check_target_module_exists
+
+            names = [n for n, _ in self.model.named_modules()]
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in self.pruner.named_linears()})
+            for target in targets:
+                one = LoraConfig(target_modules=[target], task_type="CAUSAL_LM")
+                if not any(check_target_module_exists(one, n) for n in names):
+                    raise invalid("recovery.target_modules", list(targets), f"names of model={cfg.model.name}'s Linear modules: "
+                                  f"{', '.join(leaves)}", f"'{target}' matches no module of the model (peft matches a name or "
+                                  "the end of a dotted module path).")
         if self.data_free:
             log.info("method=%s with allocation=uniform reads no calibration data: calibration.* are not used "
                      "(result.json: calibration.used=false).", cfg.method.name)
