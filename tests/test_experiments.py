@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 ALL_EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
 # Tables (hydra.sweeper.rows): one sweep over per-method experiments; tested apart below.
-TABLES = [n for n in ALL_EXPERIMENTS if "rows:" in (CONF / "experiment" / f"{n}.yaml").read_text()]
+TABLES = [n for n in ALL_EXPERIMENTS  # a table experiment: hydra.sweeper.rows (not the word "rows:" in a comment)
+          if "rows" in ((yaml.safe_load((CONF / "experiment" / f"{n}.yaml").read_text()).get("hydra") or {}).get("sweeper") or {})]
 EXPERIMENTS = [n for n in ALL_EXPERIMENTS if n not in TABLES]
 
 # DESIGN.md §5: metric keys per task.
