@@ -246,7 +246,7 @@ class Run:
         begin(self)
         if (note := recipe_note(cfg, self.overrides)) is not None:
             log.warning(note)
-        if not cfg.get("cache", True) and any(o.lstrip("+").startswith("cache_dir=") for o in self.overrides or []):
+        if not cfg.get("cache", True) and "cache_dir" in typed_text(self.overrides or []):
             # a warning, not an error: a sweep may switch the cache off for some jobs and keep one cache_dir
             log.warning("cache_dir=%s is not used: cache=false runs the finetune stage without reading or writing "
                         "the stage cache.", cfg.cache_dir)

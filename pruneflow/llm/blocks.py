@@ -241,7 +241,7 @@ class BlockPruner:
     def run_data_free(self, sparsities: list[float], start: int = 0, on_block_done: Callable[[int], None] | None = None) -> None:
         """Prune blocks ``start..`` of a method whose pruners read no inputs (magnitude):
         no calibration windows are captured or run forward."""
-        if any(self.method.layer_pruner(lin).needs_inputs for lin in self.linears(0).values()):
+        if self.method.pruner_class.needs_inputs:
             raise ValueError(f"method={self.method.name} prunes from calibration inputs; use run()")
         for i in progress(range(start, len(self.blocks)), desc="prune blocks"):
             if self.offload:

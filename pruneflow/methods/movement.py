@@ -34,7 +34,12 @@ from torch import nn
 
 from pruneflow.errors import UserError, invalid
 from pruneflow.methods.base import PruneContext
-from pruneflow.methods.score_based import ScoreBasedMethod, sanh_keep, sanh_kept_count
+from pruneflow.methods.score_based import (
+    ScoreBasedMethod,
+    authors_cubic,
+    sanh_keep,
+    sanh_kept_count,
+)
 from pruneflow.schedules import Schedule
 
 FLOOR_FRACTION = 0.005  # their ThresholdBinarizer keeps at least int(0.005 n) + 1 weights per matrix
@@ -245,7 +250,7 @@ class SoftMovement(Movement):
         schedule's algebraically equal ``final * (1 - c ** 3)`` differs in the last bit on
         about a quarter of the ramp's steps."""
         if self.on_ramp(level, step, "cubic"):
-            return self.final_threshold + (0.0 - self.final_threshold) * (1.0 - self.ctx.schedule.progress(step)) ** 3
+            return authors_cubic(0.0, self.final_threshold, self.ctx.schedule.progress(step))
         return float(level)
 
     @torch.no_grad()

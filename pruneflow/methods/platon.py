@@ -39,6 +39,7 @@ import torch
 from pruneflow.errors import UserError, check_bool
 from pruneflow.methods.score_based import (
     ScoreBasedMethod,
+    authors_cubic,
     ema_coefficient,
     keep_from_kth_smallest_,
     written_keep,
@@ -87,7 +88,7 @@ def authors_pruned_count(n: int, schedule: Schedule, step: int, target: float) -
     entries it prunes one more weight at a step or two of a run."""
     final = written_keep(target)
     p = schedule.progress(step)
-    kept = final if p >= 1.0 else final + (1.0 - final) * ((1 - p) ** 3)
+    kept = final if p >= 1.0 else authors_cubic(1.0, final, p)
     return int(n * (1 - kept))
 
 

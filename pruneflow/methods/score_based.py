@@ -318,6 +318,13 @@ def kept_floor(total: int, keep: float) -> int:
     return max(0, min(total, int(math.floor(keep * total + 1e-9))))
 
 
+def authors_cubic(initial: float, final: float, progress: float) -> float:
+    """The cubic ramp as Sanh et al.'s ``schedule_threshold`` and PLATON's
+    ``schedule_threshold_comb`` compute it: ``final + (initial - final) * c ** 3`` with
+    ``c = 1 - progress`` (the algebraically equal forms round differently)."""
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
 def sanh_keep(method: ScoreBasedMethod, sparsity: float, step: int | None) -> float:
     """The kept fraction of Sanh et al.'s ``schedule_threshold`` (movement pruning and its
     magnitude baseline): on the cubic ramp in their order of operations, ``final + (1 -
@@ -326,7 +333,7 @@ def sanh_keep(method: ScoreBasedMethod, sparsity: float, step: int | None) -> fl
     ``int(keep * n)``: the algebraically equal forms can round to one weight apart."""
     if method.on_ramp(sparsity, step, "cubic"):
         final = written_keep(method.sparsity)
-        return final + (1.0 - final) * (1.0 - method.ctx.schedule.progress(step)) ** 3
+        return authors_cubic(1.0, final, method.ctx.schedule.progress(step))
     return written_keep(sparsity)
 
 
