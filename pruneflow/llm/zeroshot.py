@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import math
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pruneflow import hub
 from pruneflow.errors import UserError, invalid
 
 # The zero-shot suite of Wanda and SparseGPT (lm-eval task names).
@@ -35,36 +32,6 @@ def _import_lm_eval() -> tuple[Any, Any, Any, str]:
     except ImportError as e:
         raise UserError(f"zero-shot evaluation needs lm-eval: {INSTALL_HINT}. Import failed: {e}") from e
     return lm_eval, HFLM, TaskManager, version("lm_eval")
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Forbid Hub downloads for the duration of the call; local files and the cache still work.
-
-    datasets and huggingface_hub read HF_HUB_OFFLINE when they are imported, so besides the
-    environment (for anything imported later) the already-read flags are patched, then restored.
-    """
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    saved_env = {k: os.environ.get(k) for k in env}
-    patches = [("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-               ("datasets.config", "HF_DATASETS_OFFLINE")]
-    saved_attrs = []
-    for mod_name, attr in patches:
-        mod = sys.modules.get(mod_name) or importlib.import_module(mod_name)
-        if hasattr(mod, attr):
-            saved_attrs.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, True)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for mod, attr, value in saved_attrs:
-            setattr(mod, attr, value)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _float(x: Any) -> float | None:
@@ -133,9 +100,9 @@ def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_si
     """
     lm_eval, HFLM, _, lm_eval_version = _import_lm_eval()
     if offline is None:
-        offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        offline = hub.is_offline()
     task_manager = check_tasks(tuple(tasks), include_path)
-    with _offline() if offline else contextlib.nullcontext():
+    with hub.offline() if offline else contextlib.nullcontext():
         if device is not None and not getattr(model, "hf_device_map", None):
             model.to(device)
         was_training = model.training

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pruneflow import hub
 from pruneflow.errors import UserError, check_bool, invalid
 from pruneflow.models import ModelBundle
 from pruneflow.models.text import apply_config_overrides
@@ -54,6 +55,8 @@ def build_causal_lm(cfg: DictConfig, task: Task) -> ModelBundle:
     dtype = model_dtype(cfg)
     trust = check_bool(cfg.get("trust_remote_code", False), "model.trust_remote_code")
     source = cfg.get("path") or cfg.get("hub_id")
+    if source and not cfg.get("path") and check_bool(cfg.get("pretrained", True), "model.pretrained"):
+        hub.offline_if_unreachable()
     attn = cfg.get("attn_implementation")
     attention = {"attn_implementation": str(attn)} if attn is not None else {}
     if check_bool(cfg.get("pretrained", True), "model.pretrained") and source:

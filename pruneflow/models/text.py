@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pruneflow import hub
 from pruneflow.errors import UserError, check_bool
 from pruneflow.models import ModelBundle
 
@@ -109,7 +110,10 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
         head_kwargs = {"num_labels": task.num_labels, "problem_type": task.problem}
     trust = check_bool(cfg.get("trust_remote_code", False), "model.trust_remote_code")
     source = cfg.get("path") or package_model_dir(cfg) or cfg.get("hub_id")
+    from_hub = bool(source) and source == cfg.get("hub_id")
     if check_bool(cfg.get("pretrained", True), "model.pretrained") and source:
+        if from_hub:
+            hub.offline_if_unreachable()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **head_kwargs)
@@ -133,6 +137,8 @@ def build_hf_model(cfg: DictConfig, task: Task) -> ModelBundle:
             ) from e
     elif not cfg.get("config") and source:
         # the pretrained model's architecture and tokenizer, with random weights
+        if from_hub:
+            hub.offline_if_unreachable()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **head_kwargs)

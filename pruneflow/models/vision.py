@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from pruneflow import hub
 from pruneflow.errors import UserError, check_bool
 from pruneflow.models import ModelBundle, model_kwargs
 
@@ -49,6 +50,8 @@ def build_timm_model(cfg: DictConfig, task: Task) -> ModelBundle:
         except Exception as e:  # noqa: BLE001 - a damaged safetensors file
             raise UserError(f"model.path={cfg.path}: {weights} cannot be read ({type(e).__name__}: {e}); it is not a valid safetensors file.") from e
         pretrained = True
+    if pretrained and not cfg.get("path"):
+        hub.offline_if_unreachable()
     try:
         model = timm.create_model(cfg.hub_id, pretrained=pretrained, **kwargs)
     except Exception as e:  # noqa: BLE001 - e.g. no network for pretrained weights, damaged weights

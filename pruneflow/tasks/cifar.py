@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from pruneflow import hub
 from pruneflow.errors import UserError, invalid
 from pruneflow.tasks.hf_data import sample_limit
 from pruneflow.tasks.image import LazyImages, TimmImageTask
@@ -151,6 +152,7 @@ class Cifar(TimmImageTask):
 
         hub_id, label_col = HUB[self.num_labels]
         hub_id = str(self.cfg.get("hub_id") or hub_id)
+        hub.offline_if_unreachable()
         try:
             dd = datasets.load_dataset(hub_id, cache_dir=self.cfg.get("cache_dir"))
         except Exception as e:  # no network

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pruneflow import hub
 from pruneflow.errors import UserError, invalid
 
 log = logging.getLogger("pruneflow")
@@ -105,6 +106,7 @@ def load_splits(cfg: DictConfig, hub_id: str, hub_config: str | None, splits: Se
     cache_dir = cfg.get("cache_dir")
     path = cfg.get("path")
     if not path:
+        hub.offline_if_unreachable()
         try:
             dd = datasets.load_dataset(hub_id, hub_config, cache_dir=cache_dir)
         except Exception as e:  # no network, gated, renamed: many exception types

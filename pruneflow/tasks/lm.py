@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
+from pruneflow import hub
 from pruneflow.errors import UserError, invalid
 from pruneflow.tasks.base import Task
 from pruneflow.tasks.hf_data import load_splits, require_columns
@@ -46,6 +47,7 @@ def load_text_splits(cfg: DictConfig, name: str, splits: list[str]) -> dict[str,
     if name == "lm/c4" and not cfg.get("path"):
         import datasets
 
+        hub.offline_if_unreachable()
         try:
             return {s: datasets.load_dataset(src["hub_id"], data_files={s: C4_FILES[s]}, split=s) for s in splits}
         except Exception as e:  # no network, renamed files
