@@ -45,7 +45,9 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 def _lines(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
+    from pruneflow.utils import json_text
+
+    return "".join(json_text(r) + "\n" for r in rows)
 
 
 class EvalHistory:

@@ -362,6 +362,13 @@ def fmt_stat(mean: float | None, std: float | None, metric: str) -> str:
     return fmt_pm(mean, std, scale=metric_scale(metric), digits=metric_digits(metric))
 
 
+def fmt_counted(mean: float | None, std: float | None, n: int, runs: int, metric: str) -> str:
+    """``fmt_stat`` with ``(k/n)`` when only k of the row's n runs have a finite value: an
+    undefined metric (Pearson of a constant prediction, written as null) is left out of the
+    mean, and the cell says so rather than passing the other runs' mean for all of them."""
+    return fmt_stat(mean, std, metric) + (f" ({n}/{runs})" if n < runs else "")
+
+
 def metric_header(metric: str) -> str:
     return f"{metric} ↓" if lower_is_better(metric) else metric
 
@@ -434,6 +441,9 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
             out += [f"{main} (best eval): the best of the evaluations during the last stage at its final sparsity "
                     "(`trainer.eval_every`, `eval_history.jsonl`), for comparison with papers that report one; the "
                     f"{main} column is the final model's. (k/n): only k of the row's n runs evaluated during training.", ""]
+        if any(row.stat(lambda r, m=m: r["metrics"]["final"][m])[2] < len(row.runs) for row in task_rows for m in metrics):
+            out += ["(k/n) beside a metric: only k of the row's n runs have a value for it. An undefined metric (e.g. "
+                    "Pearson or Spearman of a constant prediction, `null` in result.json) is left out of the mean.", ""]
         header = (["experiment"] if show_exp else []) + ["method", "model"] + (["pattern"] if show_pattern else [])
         header += (["settings"] if show_settings else []) + ["target %", "seeds"]
         for m in metrics:
@@ -456,12 +466,13 @@ def markdown(rows: list[Row], failed: list[Job], unfinished: list[Job], root: Pa
                 cells.append(_md_escape(differing[id(row)]) or "–")
             cells += ["–" if row.target is None else f"{row.target * 100:g}", f"{len(row.runs)} ({','.join(map(str, row.seeds))})"]
             for m in metrics:
-                cells.append(fmt_stat(*row.stat(lambda r, m=m: r["metrics"]["final"][m])[:2], m))
+                cells.append(fmt_counted(*row.stat(lambda r, m=m: r["metrics"]["final"][m]), len(row.runs), m))
                 if has_pub[m]:
                     pt = row_point(row, m)
                     cells.append("–" if pt is None else f"{pt.label()} [{sources.ref(info)}]")
                 if m == main and show_dense:
-                    cells.append(fmt_stat(*row.stat(lambda r, m=m: dense_baseline(r, m))[:2], m))
+                    mean, std, n = row.stat(lambda r, m=m: dense_baseline(r, m))
+                    cells.append(fmt_counted(mean, std, n, len(row.runs) if n else 0, m))  # none: no finetune stage
                 if m == main and show_best:
                     mean, std, n = row.stat(lambda r, m=m: best_eval(r, m))
                     cells.append(fmt_stat(mean, std, m) + (f" ({n}/{len(row.runs)})" if 0 < n < len(row.runs) else ""))
@@ -626,9 +637,9 @@ def overall_section(rows: list[Row], sources: Sources) -> list[str]:
 def write_csv(rows: list[Row], path: Path) -> None:
     metrics = task_metrics(rows)
     fields = ["experiment", "method", "model", "task", "pattern", "settings", "target_sparsity", "n_runs", "seeds", "main_metric", "main_mean", "main_std",
-              "main_dense_mean", "main_best_eval_mean", "main_best_eval_n"]
+              "main_n", "main_dense_mean", "main_best_eval_mean", "main_best_eval_n"]
     for m in metrics:
-        fields += [f"{m}_mean", f"{m}_std", f"{m}_published"]
+        fields += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_published"]
     fields += [
         "measured_sparsity_mean", "measured_sparsity_std", "overall_sparsity_mean", "params_total", "params_nonzero_mean",
         "params_compressed_total_mean", "time_s_mean", "time_s_std", "published_source", "published_model", "run_dirs",
@@ -642,22 +653,22 @@ def write_csv(rows: list[Row], path: Path) -> None:
         w.writeheader()
         for row in rows:
             info = row.experiment_info()
-            main_mean, main_std, _ = row.stat(lambda r: r["metrics"]["final"][r["main_metric"]])
+            main_mean, main_std, main_n = row.stat(lambda r: r["metrics"]["final"][r["main_metric"]])
             rec: dict[str, Any] = {
                 "experiment": row.experiment, "method": row.method, "model": row.model, "task": row.task,
                 "pattern": row.pattern or "", "settings": row.settings, "target_sparsity": "" if row.target is None else row.target,
                 "n_runs": len(row.runs), "seeds": " ".join(map(str, row.seeds)), "main_metric": row.main_metric,
-                "main_mean": num(main_mean), "main_std": num(main_std),
+                "main_mean": num(main_mean), "main_std": num(main_std), "main_n": main_n,
                 "main_dense_mean": num(row.stat(lambda r: dense_baseline(r, r["main_metric"]))[0]),
             }
             best_mean, _, best_n = row.stat(lambda r: best_eval(r, r["main_metric"]))
             rec.update(main_best_eval_mean=num(best_mean), main_best_eval_n=best_n)
             any_pub = False
             for m in metrics:
-                mean, std, _ = row.stat(lambda r, m=m: r["metrics"]["final"][m])
+                mean, std, n = row.stat(lambda r, m=m: r["metrics"]["final"][m])
                 pt = row_point(row, m)
                 any_pub |= pt is not None
-                rec.update({f"{m}_mean": num(mean), f"{m}_std": num(std), f"{m}_published": num(None if pt is None else pt.value)})
+                rec.update({f"{m}_mean": num(mean), f"{m}_std": num(std), f"{m}_n": n, f"{m}_published": num(None if pt is None else pt.value)})
             rec.update(
                 measured_sparsity_mean=num(row.stat(lambda r: r["sparsity"]["measured"])[0]),
                 measured_sparsity_std=num(row.stat(lambda r: r["sparsity"]["measured"])[1]),

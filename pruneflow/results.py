@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pruneflow import __version__, allocator
-from pruneflow.utils import atomic_write_text
+from pruneflow.utils import atomic_write_text, json_text
 
 if TYPE_CHECKING:
     from pruneflow.runner import Run
@@ -175,7 +175,7 @@ def write_predictions(run_dir: Path, task: Task, predictions: dict[str, list[dic
     """``predictions.jsonl`` for the main split, ``predictions_<split>.jsonl`` for the others."""
     for split, records in predictions.items():
         name = "predictions.jsonl" if split == task.main_split else f"predictions_{split}.jsonl"
-        atomic_write_text(Path(run_dir) / name, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(Path(run_dir) / name, "".join(json_text(r) + "\n" for r in records))
 
 
 def load_results(root: str | os.PathLike) -> list[dict[str, Any]]:

@@ -254,6 +254,7 @@ class Run:
         self.task.load()
         self.bundle: ModelBundle = build_model(cfg.model, self.task)
         self.task.prepare(self.bundle)
+        self.task.check_eval_sizes()
         self.method.check_task(self.task)
         self.bundle.model.to(self.device)
         distributed.broadcast_module(self.bundle.model)  # torchrun: rank 0's initial weights everywhere

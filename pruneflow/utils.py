@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -101,8 +102,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:  # noqa: ANN401
+    """``obj`` with every NaN or infinity as None: JSON has no such numbers, and Python's
+    ``NaN`` token breaks other readers (JavaScript's JSON.parse; jq reads it as null). An
+    undefined metric (Pearson of a constant prediction) is then ``null``."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:  # noqa: ANN401
+    """Strict JSON (no NaN tokens) for the files a run writes."""
+    return json.dumps(json_safe(obj), default=_json_default, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -124,7 +143,7 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, torch.Tensor):
-        return o.tolist()
+        return json_safe(o.tolist())
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")

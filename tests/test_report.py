@@ -605,6 +605,16 @@ def test_a_nan_metric_is_left_out_of_the_mean(tmp_path: Path) -> None:
     (row,) = read_csv(tmp_path / "r" / "report.csv")
     assert float(row["accuracy_mean"]) == pytest.approx(0.92)
     assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev([0.90, 0.94]))
+    # ... and says over how many: the table's cell and the CSV's count (a run writes null)
+    assert (row["n_runs"], row["accuracy_n"], row["main_n"], row["top5_n"]) == ("3", "2", "2", "3")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "92.0 ± 2.8 (2/3)" in md and "(k/n) beside a metric" in md
+    assert "100.0 (" not in md  # top5: every run has it
+
+
+def test_a_metric_every_run_has_gets_no_count(sweep: Path, tmp_path: Path) -> None:
+    assert main([str(sweep), "--out", str(tmp_path / "r")]) == 0
+    assert "(k/n) beside a metric" not in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_ledger_of_the_older_form_leaves_the_dense_row_out(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ batch, and evaluates a split into metrics and per-example predictions
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,6 +18,8 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, default_collate
 
 from pruneflow.utils import progress
+
+log = logging.getLogger("pruneflow")
 
 if TYPE_CHECKING:
     from pruneflow.models import ModelBundle
@@ -31,6 +35,8 @@ class Task:
     #: the evaluation split that `metrics` and predictions.jsonl report; others are extra
     main_split: str = "validation"
     eval_splits: tuple[str, ...] = ("validation",)
+    #: the fewest evaluation examples the task's metrics are defined on
+    min_eval_examples: int = 1
 
     def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
         self.cfg = cfg
@@ -50,6 +56,26 @@ class Task:
     def prepare(self, bundle: ModelBundle) -> None:
         """Build ``train_set`` and ``eval_sets`` as model inputs."""
         raise NotImplementedError
+
+    def check_eval_sizes(self) -> None:
+        """After ``prepare``: every evaluation split holds enough examples for the metrics. An
+        empty split (a local file without rows) or too few (Pearson needs two) would otherwise
+        fail at the first evaluation, after the finetune stage has run."""
+        from pruneflow.errors import UserError
+
+        for split, ds in self.eval_sets.items():
+            if len(ds) >= self.min_eval_examples:
+                continue
+            cut, path = self.cfg.get("max_eval_samples"), self.cfg.get("path")
+            if cut is not None and cut < self.min_eval_examples:
+                what = "Raise task.max_eval_samples."
+            else:
+                what = f"Check the data under task.path={path}." if path else "Check the data."
+            raise UserError(
+                f"task={self.name}: the '{split}' evaluation split has {len(ds)} example(s)"
+                + (f" with task.max_eval_samples={cut}" if cut is not None else "")
+                + f"; its metrics ({self.main_metric} and the others) need at least {self.min_eval_examples}. {what}"
+            )
 
     def tokenizer_corpus(self) -> Iterator[str]:
         """Training text for a locally trained tokenizer (text tasks)."""
@@ -117,6 +143,10 @@ class Task:
             m, predictions[split] = self.evaluate(bundle, split, batch_size, device, desc)
             suffix = "" if split == self.main_split else self.split_suffix(split)
             metrics.update({k + suffix: v for k, v in m.items()})
+        undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+        if undefined:
+            log.warning("%s: %s undefined (NaN; null in result.json), e.g. a correlation of a constant prediction.",
+                        desc, ", ".join(undefined))
         return metrics, predictions
 
     def evaluate(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -96,6 +96,7 @@ class Glue(TextTask):
         self.problem = "regression" if not self.spec.labels else "single_label_classification"
         self.num_labels = len(self.spec.labels) or 1
         self.main_metric = self.spec.main_metric
+        self.min_eval_examples = 2 if self.problem == "regression" else 1  # Pearson and Spearman need two points
         self.eval_splits = self.spec.eval_splits
         self.main_split = self.spec.eval_splits[0]
         self.raw: dict[str, Any] = {}

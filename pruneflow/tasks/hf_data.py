@@ -121,7 +121,14 @@ def load_splits(cfg: DictConfig, hub_id: str, hub_config: str | None, splits: Se
 
     folder, files = check_local_splits(cfg, hub_config, splits)
     if files is None:  # a save_to_disk folder
-        dd = datasets.load_from_disk(str(folder))
+        try:
+            dd = datasets.load_from_disk(str(folder))
+        except Exception as e:  # noqa: BLE001 - damaged or partial folders fail in many ways inside datasets
+            raise invalid(
+                "task.path", str(path), PATH_HELP,
+                f"datasets could not read the save_to_disk folder {folder} ({type(e).__name__}: {e}). A split saved "
+                "with no rows cannot be read back either; write the folder again.",
+            ) from e
         missing = [s for s in splits if s not in dd]
         if missing:
             raise invalid(
