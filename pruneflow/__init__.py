@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def _config_dir() -> Path:
+    """The Hydra config folder: the copy a wheel ships inside the package (pruneflow/conf),
+    else the checkout's top-level conf/ (a source tree or an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONFIG_DIR = _config_dir()
 
 __all__ = ["__version__", "load_model", "sparsity_report"]
 

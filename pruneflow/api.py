@@ -28,13 +28,13 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import pruneflow
 from pruneflow.errors import UserError
 from pruneflow.masking import (
     DEFAULT_EXCLUDE,
@@ -48,7 +48,7 @@ from pruneflow.schedules import KINDS, Schedule
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = pruneflow.CONFIG_DIR
 
 
 def method_config(name: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401

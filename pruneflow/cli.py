@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import pruneflow
 from pruneflow.config import local_process_launcher, register_configs
 from pruneflow.console import guard_console, hub_logs_through_root
 from pruneflow.errors import SPARSITY_ALLOWED, RunStopped, UserError
@@ -28,7 +29,7 @@ from pruneflow.utils import unwritable
 log = logging.getLogger("pruneflow")
 
 # conf/ sits beside the package in the source tree (editable install).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(pruneflow.CONFIG_DIR)
 # The config groups a command line can choose (conf/<group>/); published/ holds data that
 # experiments include, not a choice.
 GROUPS = tuple(sorted(d.name for d in Path(CONFIG_DIR).iterdir() if d.is_dir() and d.name != "published"))

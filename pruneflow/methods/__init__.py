@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
+import pruneflow
 from pruneflow.errors import UserError, invalid
 from pruneflow.methods.base import PruneContext, PruningMethod
 
@@ -47,7 +47,7 @@ def create(name: str, sparsity: float | None = None, steps: int = 1, **kwargs): 
     return _create(name, sparsity, steps, **kwargs)
 
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
+CONF_DIR = pruneflow.CONFIG_DIR / "method"
 
 
 def unregistered_hint(name: str) -> str:
