@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 from torch import nn
 
 import pruneflow
@@ -117,8 +118,8 @@ class Pruner:
         Linear of the encoder blocks) and start pruning. ``batches`` / ``loss_fn`` are
         needed only by methods with their own loop (SPP's search: :meth:`run`)."""
         cfg = self.method.cfg
-        include = list(include or cfg.get("include") or DEFAULT_INCLUDE)
-        exclude = list(exclude or cfg.get("exclude") or DEFAULT_EXCLUDE)
+        include = patterns(include, "include") or list(cfg.get("include") or DEFAULT_INCLUDE)
+        exclude = patterns(exclude, "exclude") or list(cfg.get("exclude") or DEFAULT_EXCLUDE)
         weights = MaskedWeights(select_prunable(model, include, exclude, biases=bool(cfg.get("biases", False))))
         if self.method.prunes and not len(weights):
             raise UserError(f"No prunable weights: no nn.Linear in the model matches include={include} (minus exclude={exclude}).")
@@ -232,6 +233,19 @@ class Pruner:
         self.ended = bool(state.get("ended", False))
 
 
+def patterns(value: str | Sequence[str] | None, key: str) -> list[str] | None:
+    """``include``/``exclude``: one shell-style pattern or a list of them (a plain string
+    is one pattern: ``list("blocks.0.*")`` would be its characters, ``*`` matching all)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence | ListConfig) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserError(f"Invalid value for '{key}': {value!r}. Allowed: a shell-style module-name pattern or a list of them, "
+                    "e.g. ['*.attention.*', '*.mlp.*'].")
+
+
 def endless(batches: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
     """The user's ``batches`` (a function returning an iterator over one pass of the data,
     e.g. ``lambda: iter(loader)``) as the endless stream a method's own loop reads:
@@ -303,21 +317,36 @@ def sparsity_report(
     model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, names: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Zeros counted from the model's (effective) weights: per prunable layer, over the
-    prunable set (default: every Linear of the encoder blocks) and over all parameters."""
+    prunable set (default: every Linear of the encoder blocks) and over all parameters.
+    Weights a physical compression removed (SPP) count as zeros against the layer's
+    original shape, as ``result.json``'s measured sparsity counts them."""
+    from pruneflow.compress import ORIGINAL_SHAPE
+
     state = strip_parametrization_names(model.state_dict())
     if names is None:
-        names = [w.name for w in select_prunable(model, list(include or DEFAULT_INCLUDE), list(exclude or DEFAULT_EXCLUDE))]
+        names = [w.name for w in select_prunable(model, patterns(include, "include") or DEFAULT_INCLUDE,
+                                                 patterns(exclude, "exclude") or DEFAULT_EXCLUDE)]
+    modules = dict(model.named_modules())
+    removed_at, removed_biases = {}, 0  # weight name -> weights removed by compression; bias entries removed
+    for name, mod in modules.items():
+        if hasattr(mod, ORIGINAL_SHAPE) and hasattr(mod, "weight"):
+            shape = getattr(mod, ORIGINAL_SHAPE)
+            removed_at[f"{name}.weight" if name else "weight"] = math.prod(shape) - mod.weight.numel()
+            if getattr(mod, "bias", None) is not None:
+                removed_biases += shape[0] - mod.bias.numel()
     per_layer, zeros, total = {}, 0, 0
     for n in names:
         t = state[n]
-        z = int(t.numel() - t.count_nonzero())
-        per_layer[n] = round(z / max(t.numel(), 1), 6)
+        gone = removed_at.get(n, 0)
+        z = int(t.numel() - t.count_nonzero()) + gone
+        per_layer[n] = round(z / max(t.numel() + gone, 1), 6)
         zeros += z
-        total += t.numel()
+        total += t.numel() + gone
     param_names = {n.replace(".parametrizations.", ".").removesuffix(".original") for n, _ in model.named_parameters()}
     params = {k: v for k, v in state.items() if k in param_names}
-    all_zeros = sum(int(v.numel() - v.count_nonzero()) for v in params.values())
-    all_total = sum(v.numel() for v in params.values())
+    all_removed = sum(removed_at.values()) + removed_biases
+    all_zeros = sum(int(v.numel() - v.count_nonzero()) for v in params.values()) + all_removed
+    all_total = sum(v.numel() for v in params.values()) + all_removed
     return {
         "prunable": {"zeros": zeros, "total": total, "sparsity": round(zeros / max(total, 1), 6)},
         "overall": {"zeros": all_zeros, "total": all_total, "sparsity": round(all_zeros / max(all_total, 1), 6)},

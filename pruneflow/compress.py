@@ -296,10 +296,17 @@ def pad_heads(keep: Sequence[Sequence[int]], head_dim: int) -> tuple[torch.Tenso
     return idx, pad
 
 
+# A shrunk Linear keeps its first shape here, so that sparsity_report counts the removed
+# weights against it (as result.json's measured sparsity does).
+ORIGINAL_SHAPE = "pruneflow_original_shape"
+
+
 def _set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Resize a Linear in place (its identity, hence the prunable-weight references, stays)."""
     if parametrize.is_parametrized(lin):
         raise RuntimeError("remove the masks (parametrizations) before compressing")
+    if not hasattr(lin, ORIGINAL_SHAPE):
+        setattr(lin, ORIGINAL_SHAPE, tuple(lin.weight.shape))
     grad = lin.weight.requires_grad
     lin.weight = nn.Parameter(weight.contiguous(), requires_grad=grad)
     if lin.bias is not None:

@@ -3,6 +3,7 @@ from a plain loop, a ``transformers.Trainer`` and a Lightning ``Trainer``."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,82 @@ def test_callback_refuses_what_it_cannot_run():
     callback = PruningCallback("seven", sparsity=0.5, start=10, steps=20)
     with pytest.raises(UserError, match="does not fit"):
         callback.window.plan(25)
+
+
+def test_callback_window_floats_are_fractions_and_ints_are_steps():
+    from pruneflow.integrations import _steps
+
+    assert (_steps(1.0, 16, "steps"), _steps(0.5, 16, "steps"), _steps(1, 16, "steps"), _steps(0.0, 16, "start")) == (16, 8, 1, 0)
+    for bad in (2.5, 1.5, -1, "half", True):  # before: 2.5 was 2 steps, 1.0 one step
+        with pytest.raises(UserError, match=r"a float in \[0, 1\], a fraction"):
+            _steps(bad, 16, "steps")
+
+
+def test_resuming_a_trainer_run_inside_the_pruning_window_is_refused(tmp_path):
+    """The checkpoint holds the pruned layers under parametrization names; a new model does
+    not have them, so transformers loaded none of those weights and only warned. Before,
+    the run went on from random prunable weights and ended at sparsity 0."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pruneflow.integrations import PruningCallback
+
+    class StopAtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            control.should_training_stop = True
+
+    def trainer(save_steps: int) -> Trainer:
+        model, ds = tiny_bert_and_data(32)
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{save_steps}"), max_steps=16, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=save_steps, use_cpu=True,
+                                 disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback("seven", sparsity=0.6, start=4, steps=8)])
+
+    first = trainer(6)
+    first.add_callback(StopAtSave())
+    first.train()
+    with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=4, steps=8\)"):
+        trainer(6).train(resume_from_checkpoint=True)
+    # a checkpoint from before the window resumes and prunes
+    early = trainer(4)
+    early.add_callback(StopAtSave())
+    early.train()
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=True)
+    assert pruneflow.sparsity_report(resumed.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_single_pattern_string_is_one_pattern():
+    """Before: list("blocks.0") split the string into characters, and '*'-free ones such as
+    'b' matched nothing while a '*' matched every Linear."""
+    torch.manual_seed(0)
+    model = Tiny()
+    pruner = pruneflow.methods.create("magnitude", sparsity=0.5, steps=1, model=model, include="blocks.*")
+    assert [w.name for w in pruner.weights] == ["blocks.0.weight", "blocks.2.weight"]
+    report = pruneflow.sparsity_report(model, include="blocks.0")
+    assert list(report["per_layer"]) == ["blocks.0.weight"]
+    with pytest.raises(UserError, match="Invalid value for 'include': 3"):
+        pruneflow.sparsity_report(model, include=3)
+
+
+def test_sparsity_report_counts_compressed_weights_against_their_original_shapes():
+    """SPP's compressed model: before, the API reported 0.0 while result.json said 0.5."""
+    import timm
+
+    from pruneflow.compress import compress, uniform_keep
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=3, embed_dim=32,
+                            depth=2, num_heads=2)
+    dense = pruneflow.sparsity_report(vit)
+    compress(vit, uniform_keep(vit, 0.5))
+    report = pruneflow.sparsity_report(vit)
+    assert report["prunable"]["sparsity"] == pytest.approx(0.5) and report["prunable"]["total"] == dense["prunable"]["total"]
+    assert report["overall"]["total"] == dense["overall"]["total"]
+    remaining = list(vit.parameters())
+    removed = dense["overall"]["total"] - sum(p.numel() for p in remaining)
+    assert report["overall"]["zeros"] == removed + sum(int((p == 0).sum()) for p in remaining)
+    reloaded = copy.deepcopy(vit)  # the original shapes travel with the layers
+    assert pruneflow.sparsity_report(reloaded)["prunable"] == report["prunable"]
 
 
 def test_lightning_callback(tmp_path):

@@ -36,10 +36,12 @@ UNSUPPORTED = {
 
 
 def _steps(value: int | float, total: int, key: str) -> int:
-    """An integer number of steps, or a fraction (0, 1) of the run's ``total`` steps."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise UserError(f"Invalid value for '{key}': {value!r}. Allowed: a number of optimizer steps, or a fraction in (0, 1) of the training steps.")
-    return int(round(value * total)) if isinstance(value, float) and value < 1 else int(value)
+    """An int is a number of optimizer steps, a float a fraction in [0, 1] of the run's
+    ``total`` steps (``steps=1.0``: all of them; before, 1.0 meant one step and 2.5 two)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (isinstance(value, float) and value > 1):
+        raise UserError(f"Invalid value for '{key}': {value!r}. Allowed: an int, a number of optimizer steps, or a float in "
+                        "[0, 1], a fraction of the training steps (1.0: all of them).")
+    return int(round(value * total)) if isinstance(value, float) else int(value)
 
 
 class PruningWindow:
@@ -64,6 +66,19 @@ class PruningWindow:
             )
         # built now so that a bad setting fails before any training
         self.pruner = create(self.method, self.sparsity, self.steps, **self.schedule, **self.settings)
+
+    def check_resume(self, step: int) -> None:
+        """A run resumed from a checkpoint saved inside or after the pruning window: the
+        checkpoint holds the masked weights under parametrization names that a fresh model
+        lacks, so the trainer loaded none of them (transformers only warns). Refused rather
+        than pruning a model that silently lost its training."""
+        if step > self.start and (self.pruner is None or self.pruner.model is None):
+            raise UserError(
+                f"Resuming at step {step}, inside or after the pruning window (start={self.start}, steps={self.steps}), is not "
+                "supported by the pruneflow callback: the checkpoint stores the pruned layers as parametrizations "
+                "(...parametrizations.weight.original and the masks) that the new model does not have, so their weights were "
+                f"not loaded. Train again from the start, or resume from a checkpoint at step {self.start} or earlier."
+            )
 
     def maybe_attach(self, step: int, model: Any, optimizer: Any, scheduler: Any = None) -> None:  # noqa: ANN401
         if step != self.start or self.pruner.model is not None:
@@ -116,6 +131,7 @@ class PruningCallback(WindowCallback, TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.plan(int(state.max_steps))
+        self.window.check_resume(int(state.global_step))  # a resumed run has its checkpoint's step here
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.maybe_attach(int(state.global_step), model, optimizer, lr_scheduler)
