@@ -117,6 +117,9 @@ class Pruner:
         """Select the prunable weights (shell-style module-name patterns; default: every
         Linear of the encoder blocks) and start pruning. ``batches`` / ``loss_fn`` are
         needed only by methods with their own loop (SPP's search: :meth:`run`)."""
+        if not isinstance(model, nn.Module):
+            raise UserError(f"Invalid value for 'model': a {type(model).__name__}. Allowed: a torch.nn.Module (the model itself, "
+                            "not its name).")
         cfg = self.method.cfg
         include = patterns(include, "include") or list(cfg.get("include") or DEFAULT_INCLUDE)
         exclude = patterns(exclude, "exclude") or list(cfg.get("exclude") or DEFAULT_EXCLUDE)
@@ -183,6 +186,11 @@ class Pruner:
             if not isinstance(self.method, SPP):
                 raise UserError(f"run(lr={lr}): method={self.method.name}'s prune loop has no learning rate; lr is SPP's search rate.")
             self.method.lr = float(lr)
+        ctx = self.method.ctx
+        own_loop = type(self.method).run_prune_stage is not PruningMethod.run_prune_stage
+        if ctx is not None and own_loop and (ctx.batches is None or ctx.loss_fn is None):
+            raise UserError(f"run(): method={self.method.name}'s own loop reads your data: pass batches=lambda: iter(loader) "
+                            "and loss_fn=lambda model, batch: <the loss> to create(...) or attach(...).")
         if not self.method.run_prune_stage(self.method.ctx):
             raise UserError(f"run(): method={self.method.name} has no prune loop of its own; call pruner.after_backward(step) "
                             "and pruner.after_optimizer_step(step) in your training loop instead (run() is for spp and grasp).")

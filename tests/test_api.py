@@ -279,6 +279,21 @@ def test_sparsity_report_counts_compressed_weights_against_their_original_shapes
     assert pruneflow.sparsity_report(reloaded)["prunable"] == report["prunable"]
 
 
+def test_own_loops_without_data_and_a_model_name_are_one_paragraph():
+    """Before: TypeError ('NoneType' object is not callable) and AttributeError."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=3, embed_dim=32,
+                            depth=1, num_heads=2)
+    for method in ("spp", "grasp"):
+        pruner = pruneflow.methods.create(method, sparsity=0.5, steps=2, model=vit)
+        with pytest.raises(UserError, match=f"run\\(\\): method={method}'s own loop reads your data: pass batches="):
+            pruner.run()
+        pruner.remove()
+    with pytest.raises(UserError, match="Invalid value for 'model': a str"):
+        pruneflow.methods.create("magnitude", sparsity=0.5, steps=2, model="vit")
+
+
 def test_lightning_callback(tmp_path):
     L = pytest.importorskip("lightning")
 
