@@ -320,6 +320,16 @@ class Run:
                 "distill.teacher=finetuned distils from the model after the finetune stage, but stages.finetune has 0 "
                 "steps. Give the finetune stage epochs or steps, or set distill.teacher=<a directory with a fine-tuned model>."
             )
+        if self.distill is not None:
+            idle = [s for s in self.distill.stages if specs[s].steps == 0]
+            if idle:
+                running = [s for s in STAGES if specs[s].steps > 0]
+                raise invalid("distill.stages", "[" + ",".join(self.distill.stages) + "]", f"stages that run here: {', '.join(running) or 'none'}",
+                              f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no steps in this run "
+                              f"(method={cfg.method.name} and the stage lengths), so distilling there would be ignored.")
+            if self.task.problem == "regression":
+                check_unused(cfg, [("distill.temperature", f"task={cfg.task.name} is a regression: its outputs are distilled "
+                                                           "by mean squared error, which has no temperature")], typed=self.overrides)
         self.distiller: distill.Distiller | None = None
         self.teacher_path = self.ckpt_dir / "teacher.safetensors"
         self.trainer = Trainer(cfg.trainer, self.device, self.bundle, self.task)
@@ -358,6 +368,12 @@ class Run:
             self.method.check_schedule(schedule)
             if explicit_zero["prune"] and not own_plan and not self.method_cls.__dict__.get("prunes_without_steps", False):
                 raise self.no_prune_steps()
+        if not own_plan:  # a skipped stage reads neither its learning rate nor its batch size (as typed: the
+            # experiments write every stage's recipe, a skipped stage's included)
+            skipped = [n for n in STAGES if explicit_zero[n] and (n != "prune" or self.method.prunes)]
+            typed = typed_text(self.overrides or [])
+            check_unused(cfg, [(key, f"stages.{n} has 0 steps, so the stage is skipped") for n in skipped
+                               for key in (f"stages.{n}.lr", f"stages.{n}.batch_size") if key in typed], typed=self.overrides)
         if bool(cfg.trainer.get("continuous", False)) and not own_plan:
             running = [n for n in STAGES if not explicit_zero[n] and (n != "prune" or self.method.prunes)]
             self.check_continuous({n: int(cfg.stages[n].batch_size) for n in running}, "recover" in running)

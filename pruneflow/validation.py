@@ -339,11 +339,29 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
 def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
     """Sections that a switch or a choice turns off (``check_unused``'s list)."""
     out = []
-    if (cfg.get("logger") or {}).get("name") == "none":
+    logger = cfg.get("logger") or {}
+    if logger.get("name") == "none":
         out.append(("logger", "logger=none logs to no service; logger=wandb uses logger.*"))
+    elif logger.get("mode") == "disabled":
+        out += [(f"logger.{k}", "logger.mode=disabled makes no W&B run") for k in logger if k not in ("name", "mode")]
     task = cfg.get("task") or {}
     if str(task.get("name", "")).startswith("squad/") and task.get("features", "run_qa") == "run_qa":
         out.append(("task.max_query_length", "task.features=run_qa keeps whole questions; task.features=run_squad cuts them at task.max_query_length"))
+    if task.get("path"):
+        out += [("task.hub_id", "task.path reads local files, not the Hub"),
+                ("task.source", "task.path reads local files (task.source picks where to download from)"),
+                ("task.download_dir", "task.path reads local files: nothing is downloaded")]
+        if "source" in task:  # CIFAR reads its batch files directly, not through the datasets cache
+            out.append(("task.cache_dir", "task.path's CIFAR batch files are read directly, not through the datasets cache"))
+    elif task.get("source") == "torchvision":
+        out += [(f"task.{k}", "task.source=torchvision downloads into task.download_dir") for k in ("hub_id", "cache_dir")]
+    elif "source" in task:
+        out.append(("task.download_dir", "task.source=hub loads through datasets (task.cache_dir); task.download_dir is torchvision's"))
+    if task.get("augment") is False:
+        out.append(("task.augment_kwargs", "task.augment=false trains on the evaluation transform"))
+    model = cfg.get("model") or {}
+    if model.get("family") in ("hf", "causal_lm") and model.get("pretrained", True) and (model.get("path") or model.get("hub_id")):
+        out += [(f"model.{k}", "model.pretrained=true loads the architecture and tokenizer with the weights") for k in ("config", "tokenizer")]
     mixup = task.get("mixup")
     if hasattr(mixup, "get"):
         alphas = [mixup.get("mixup_alpha"), mixup.get("cutmix_alpha")]
@@ -426,7 +444,7 @@ def validate_run(cfg: DictConfig) -> None:
     if task.get("path") is not None and str(task.name) == "digits":
         raise invalid("task.path", task.path, "null for task=digits", "digits is scikit-learn's bundled set: it reads no files.")
     model = cfg.model
-    if model.get("family") == "hf" and model.get("path") and not model.get("pretrained", True) and model.get("config"):
+    if model.get("family") in ("hf", "causal_lm") and model.get("path") and not model.get("pretrained", True) and model.get("config"):
         raise UserError(
             f"model.path={model.path} would be ignored: model={model.name} has model.pretrained=false and a model.config, so "
             "it is built from that config with random weights. Set model.pretrained=true to load the path, or remove model.path."

@@ -113,3 +113,17 @@ def test_distillation_settings_are_checked(config, tmp_path):
             Run(config("method=magnitude", "distill.enabled=true", bad), tmp_path / "r").prepare()
     with pytest.raises(UserError, match="stages.finetune has 0"):
         Run(config("method=magnitude", "distill.enabled=true", "stages.finetune.steps=0"), tmp_path / "r").prepare()
+
+
+def test_a_temperature_on_a_regression_task_is_refused(config, tmp_path):
+    """STS-B's outputs are distilled by MSE: a temperature changed nothing (same weights in a
+    settings audit) while the log printed it."""
+    from task_data import write_glue
+
+    from pruneflow.errors import UserError
+
+    data = write_glue(tmp_path / "stsb", "stsb", "csv", n_train=64, n_eval=8)
+    common = ["model=bert_tiny", "task=glue/stsb", f"task.path={data}", "method=magnitude", "distill.enabled=true"]
+    with pytest.raises(UserError, match=r"'distill.temperature=8\.0' would be ignored: task=glue/stsb is a regression"):
+        Run(config(*common, "distill.temperature=8"), tmp_path / "r").prepare()
+    Run(config(*common), tmp_path / "ok").prepare()  # the default temperature is not a setting the user made

@@ -59,7 +59,8 @@ TRAINING_ONLY = (
     *((f"trainer.{k}", "one-shot pruning of a causal LM does not train") for k in (
         "precision", "compile", "pin_memory", "continuous", "optimizer", "gradient_accumulation_steps", "weight_decay",
         "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "lr_scheduler", "warmup_ratio", "warmup_steps",
-        "max_grad_norm", "freeze", "checkpoint_every", "log_every", "eval_every", "keep_freed_memory")),
+        "max_grad_norm", "freeze", "checkpoint_every", "log_every", "eval_every", "keep_freed_memory", "drop_last", "batch_order")),
+    ("stages.eval_batch_size", "perplexity is computed window by window (task.*), not in batches of the encoder tasks' evaluation"),
 )
 ALLOCATIONS = ("uniform", "owl")
 
@@ -106,6 +107,11 @@ class LLMRun:
         if not self.gradient:
             unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
                                                      "(calibration.batch_size is the batch of the gradient-scored methods)"))
+        if (cfg.get("allocation") or {}).get("name") == "uniform":
+            unused += [(f"allocation.{k}", "allocation.name=uniform gives every block the run's sparsity; OWL reads it")
+                       for k in ("owl_m", "owl_lambda")]
+        if not cfg.task.get("zero_shot"):
+            unused += [(f"task.{k}", "no zero-shot task is listed (task.zero_shot=[])") for k in ("zero_shot_limit", "zero_shot_include")]
         check_unused(cfg, unused + self.method.unused_settings(cfg) + switched_off(cfg), typed=self.overrides)
         if self.gradient and self.method.has_scoring_loss():
             raise invalid("method.scoring_loss", cfg.method.get("scoring_loss"), "task on a causal-LM task",

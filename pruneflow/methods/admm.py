@@ -278,8 +278,18 @@ class ADMM(PruningMethod):
         return steps
 
     def unused_settings(self, cfg: DictConfig) -> list[tuple[str, str]]:
-        return [("schedule", f"method=admm has no sparsity schedule: the N:M pattern ({self.pattern}) is reached by "
-                             "its ADMM iterations over stages.prune")]
+        out = [("schedule", f"method=admm has no sparsity schedule: the N:M pattern ({self.pattern}) is reached by "
+                            "its ADMM iterations over stages.prune")]
+        if not self.sr_ste:
+            out += [(f"method.{k}", "SR-STE is off (method.sr_ste=false)") for k in ("sr_ste_fraction", "lambda_w")]
+        elif self.iterations == 0:
+            out.append(("method.sr_ste_fraction", "with method.iterations=0 SR-STE runs the whole prune stage"))
+        if self.iterations == 0:
+            out += [(f"method.{k}", "there are no ADMM iterations (method.iterations=0)") for k in ("rho", "rho_growth")]
+        if not (cfg.method.get("export") or {}).get("semi_structured", True):
+            out += [(f"method.export.{k}", "the semi-structured export is off (method.export.semi_structured=false)")
+                    for k in ("dtype", "batch", "repeats")]
+        return out
 
     def validate(self, model: nn.Module, weights: MaskedWeights) -> None:
         bad = [(w.module_name, w.shape[-1]) for w in weights if w.shape[-1] % self.pattern.m]

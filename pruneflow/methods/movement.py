@@ -130,7 +130,7 @@ class Movement(ScoreBasedMethod):
         self.step_offset = 0  # their global_step of the forward after prune step k is k + step_offset (set at setup)
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
-        unused = score_init_unused(self.score_init_mode)
+        unused = [*super().unused_settings(cfg), *score_init_unused(self.score_init_mode)]
         if self.global_threshold:
             return unused
         return [*unused, ("method.threshold_every", "it is the recomputation period of their --global_topk threshold, used "

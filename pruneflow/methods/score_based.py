@@ -592,6 +592,12 @@ class ScoreBasedMethod(PruningMethod):
     def kept_count_now(self) -> int:
         return int(self.mask_flat.count_nonzero())
 
+    def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
+        if self.pattern is None:
+            return []
+        return [("method.scope", f"method.pattern={self.pattern[0]}:{self.pattern[1]} keeps the N highest scores of every M weights, "
+                                 "so no threshold is shared across or within layers")]
+
     @torch.no_grad()
     def update_masks(self, sparsity: float, step: int | None = None) -> None:
         if self.pattern is not None and sparsity < self.sparsity - 1e-9:

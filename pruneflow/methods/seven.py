@@ -187,9 +187,10 @@ class Seven(ScoreBasedMethod):
         if self.preset is None or (self.preset == "auto" and task not in PRESETS):
             why = ("method.total_epochs and method.lengthen_to_fit plan the stages of a preset (method.preset=auto on a "
                    "GLUE task, or a GLUE task name); without one, stages.* set the stage lengths")
-            return [("method.total_epochs", why), ("method.lengthen_to_fit", why)]
+            return [*super().unused_settings(cfg), ("method.total_epochs", why), ("method.lengthen_to_fit", why)]
         why = f"method.preset={self.preset} sets the stage lengths (t_i, iter_num and the rest of method.total_epochs)"
-        return [(f"stages.{stage}.{key}", why) for stage in ("finetune", "prune", "recover") for key in ("epochs", "steps")]
+        return [*super().unused_settings(cfg),
+                *((f"stages.{stage}.{key}", why) for stage in ("finetune", "prune", "recover") for key in ("epochs", "steps"))]
 
     # --- the authors' loop ------------------------------------------------------------
     def is_mask_step(self, step: int) -> bool:

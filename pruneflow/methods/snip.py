@@ -35,7 +35,7 @@ class Snip(ScoreBasedMethod):
         self.prune_in_eval_mode = check_bool(cfg.get("eval_mode", True), "method.eval_mode")
 
     def unused_settings(self, cfg) -> list[tuple[str, str]]:  # noqa: ANN001
-        return [("schedule", f"method={self.name} prunes once, after its last scoring batch")]
+        return [*super().unused_settings(cfg), ("schedule", f"method={self.name} prunes once, after its last scoring batch")]
 
     def is_mask_step(self, step: int) -> bool:
         return step == self.ctx.total_steps - 1

@@ -284,7 +284,10 @@ class SPP(PruningMethod):
                 *([("method.search_min_lr", "method.search_lr_schedule=constant keeps method.search_lr")]
                   if self.lr_schedule == "constant" else []),
                 ("stages.prune.lr", "method=spp's search keeps the weights frozen and trains its masks at method.search_lr "
-                                    "(the authors' 1e-3); set that instead")]
+                                    "(the authors' 1e-3); set that instead"),
+                *([("method.adam_eps", "method.optimizer=sgd has no epsilon")] if self.optimizer == "sgd" else []),
+                *([("method.check_every", "method.rank=entry ranks by the first entry step, not by support checks")]
+                  if self.ratio == "weights" and self.rank == "entry" else [])]
 
     def _allowed(self, pb: PairedBlock, kind: str) -> bool:
         """A dimension type is searched where all weights it owns are prunable."""
