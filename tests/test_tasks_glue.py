@@ -377,3 +377,33 @@ def test_a_sweep_checks_every_jobs_data_folder_before_the_first_starts(tmp_path:
     disk = tmp_path / "disk"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(glue_rows("sst2", 4))}).save_to_disk(str(disk))
     assert "has the splits ['train']" in (precheck([*args, f"task.path={disk}"]) or "")
+
+
+def test_the_local_tokenizer_is_the_same_in_every_process() -> None:
+    """bert_tiny's vocabulary is built from the task's text at every start: a cached
+    fine-tune and a resumed run meet the tokenizer of a new process. tokenizers'
+    WordPieceTrainer broke merge ties in hash order (4 processes, 4 vocabularies of one
+    text); a reused fine-tune then scored 0.5 where it had scored 1.0."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from task_data import glue_rows; "
+            "from pruneflow.models.text import train_wordpiece_tokenizer as t; "
+            "tok = t([r['sentence'] for r in glue_rows('sst2', 200)], vocab_size=300); "
+            "print(json.dumps([sorted(tok.get_vocab().items()), tok('wonderful plots unseenword')['input_ids']]))")
+    root = Path(__file__).resolve().parent.parent
+    outs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout for _ in range(3)]
+    vocab, ids = json.loads(outs[0])
+    assert outs[0] == outs[1] == outs[2] and 60 < len(vocab) <= 300
+    assert 1 not in ids  # no [UNK]: an unseen word falls back to characters
+
+
+def test_wordpiece_vocab_order() -> None:
+    from collections import Counter
+
+    from pruneflow.models.text import wordpiece_vocab
+
+    vocab = wordpiece_vocab(Counter({"ab": 2, "ba": 2, "abc": 3, "a": 5}), 12, ["[PAD]"])
+    assert list(vocab) == ["[PAD]", "a", "b", "c", "##a", "##b", "##c", "abc", "ab", "ba"]  # count, then spelling
+    assert list(wordpiece_vocab(Counter({"ab": 2, "ba": 2}), 6, ["[PAD]"])) == ["[PAD]", "a", "b", "##a", "##b", "ab"]

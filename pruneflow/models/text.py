@@ -8,6 +8,7 @@ download at all.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,22 @@ if TYPE_CHECKING:
     from pruneflow.tasks.base import Task
 
 
+def wordpiece_vocab(words: Counter, vocab_size: int, special: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary from word counts, the same in every process: the special
+    tokens, every character alone and as a ``##`` continuation (so any word can be
+    tokenized), then whole words by count (ties by spelling) up to ``vocab_size``.
+    ``tokenizers``' WordPieceTrainer breaks ties between merges in hash order, which
+    differs between processes: the same text gave other vocabularies, so a cached
+    fine-tune or a resumed run met other token ids."""
+    chars = sorted({c for w in words for c in w})
+    base = [*special, *chars, *(f"##{c}" for c in chars)]
+    ranked = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    return {t: i for i, t in enumerate([*base, *ranked[: max(vocab_size - len(base), 0)]])}
+
+
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True):  # noqa: ANN201
-    """A BERT-style fast tokenizer trained locally with the `tokenizers` library."""
+    """A BERT-style fast tokenizer with a vocabulary built locally from ``texts``
+    (:func:`wordpiece_vocab`), tokenized by the `tokenizers` library's WordPiece model."""
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -30,16 +45,19 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, lowe
         normalizers,
         pre_tokenizers,
         processors,
-        trainers,
     )
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    tok = Tokenizer(models.WordPiece(wordpiece_vocab(words, vocab_size, special), unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
