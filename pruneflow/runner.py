@@ -42,7 +42,7 @@ from pruneflow.schedules import Schedule
 from pruneflow.stop import STOP, STOPPED_FILE
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks import build_task
-from pruneflow.trainer import Optim, StageSpec, Trainer, steps_per_epoch
+from pruneflow.trainer import Optim, StageSpec, Trainer, _fault_injection, steps_per_epoch
 from pruneflow.utils import (
     atomic_torch_save,
     atomic_write_json,
@@ -430,18 +430,23 @@ class Run:
             with writing(self.progress_path):
                 atomic_write_json(self.progress_path, progress)
 
-    def save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None = None) -> None:
+    def save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None = None,
+                        done: dict[str, Any] | None = None) -> None:
+        """``done``: a complete stage's progress entry (metrics, time), also written to
+        progress.json right after: a kill between the two writes loses neither."""
         if not distributed.is_main():
             return
         with writing(self.ckpt_path):
-            self._save_checkpoint(stage, step, complete, trainer_state)
+            self._save_checkpoint(stage, step, complete, trainer_state, done)
 
-    def _save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None) -> None:
+    def _save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None,
+                         done: dict[str, Any] | None = None) -> None:
         atomic_torch_save(
             {
                 "stage": stage,
                 "step": step,
                 "complete": complete,
+                "done": done,
                 "model": self.bundle.model.state_dict(),
                 "method": self.method.state_dict(),
                 "trainer": trainer_state,
@@ -581,6 +586,9 @@ class Run:
         if ckpt is not None:
             start_index = STAGES.index(ckpt["stage"])
             log.info("Resuming from %s (stage %s, step %d)", self.ckpt_path, ckpt["stage"], ckpt["step"])
+            if ckpt["complete"] and ckpt["stage"] not in progress["done"] and ckpt.get("done") is not None:
+                # killed after the stage's checkpoint, before progress.json recorded it
+                progress["done"][ckpt["stage"]] = ckpt["done"]
             was, now = ckpt.get("torch_threads"), torch.get_num_threads()
             code_was = ckpt.get("pruneflow_source")
             if code_was is not None and code_was != self.source:
@@ -662,10 +670,11 @@ class Run:
             if self.history.enabled:
                 self.history.record(name, spec.steps, self.steps_per_epoch[name], metrics[name], self.mask_sparsity(name), end=True)
             self.logger.log({f"{name}/{k}": v for k, v in metrics[name].items()})
-            self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state())
             progress["done"][name] = {"metrics": metrics[name], "time_s": times[name]}
             if name == "finetune":
                 progress["done"][name]["source"] = self.finetune_source
+            self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state(), done=progress["done"][name])
+            _fault_injection(name, "done")  # tests: killed between the stage's checkpoint and progress.json
             self.save_progress(progress)
             signum = STOP.requested()
             if signum is not None and index + 1 < len(STAGES):

@@ -232,11 +232,11 @@ class EpochBatches:
         return self.collate([self.dataset[j] for j in idx])
 
 
-def _fault_injection(stage: str, step: int) -> None:
+def _fault_injection(stage: str, step: int | str) -> None:
     """Tests set PRUNEFLOW_TEST_KILL_AT=<stage>:<step> to SIGKILL the run right after
     that checkpoint, which makes resume tests deterministic."""
     target = os.environ.get("PRUNEFLOW_TEST_KILL_AT")
-    if target and target == f"{stage}:{step}":
+    if target and target == f"{stage}:{step}":  # step "done": after a stage's complete checkpoint
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -51,6 +51,22 @@ def test_kill_and_resume_gives_the_same_result(tmp_path, reference, kill_at):
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+@pytest.mark.parametrize("stage", ["finetune", "prune"])
+def test_a_kill_between_a_stages_checkpoint_and_progress_keeps_its_metrics(tmp_path, reference, stage):
+    """The stage-end checkpoint is written before progress.json records the stage. Before,
+    a kill between the two resumed after the stage, and result.json had no entry (and no
+    time) for it, with exit 0."""
+    run_dir = tmp_path / "killed"
+    cmd = [*ARGS, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c3'}"]
+    assert run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": f"{stage}:done"}).returncode == -9
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_result(reference), read_result(run_dir)
+    assert a["metrics"] == b["metrics"] and set(b["time_s"]) == set(a["time_s"])
+    (resume,) = b["provenance"]["resumes"]
+    assert (resume["stage"], resume["complete"]) == (stage, True)
+
+
 def test_a_resume_under_changed_code_says_so(tmp_path):  # noqa: ANN001, ANN201
     import torch
 
