@@ -557,6 +557,23 @@ def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, s
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_signal_during_the_spp_search_stops_it_at_once_and_the_resume_matches(tmp_path):
+    """Before: SIGTERM was only acted on after the whole search (26 s later in a 300-step
+    search), past a scheduler's grace period."""
+    args = [*SMALL, "method=spp", "sparsity=0.5", "stages.prune.steps=40"]
+    ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    cmd = [*args, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c2'}"]
+    stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": "spp:3:TERM"})
+    err = " ".join(stopped.stderr.split())
+    assert stopped.returncode == 143 and "Stopped by SIGTERM at step 3 of 40 of the SPP search" in err, err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "run" / "result.json").exists()
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_result(tmp_path / "ref"), read_result(tmp_path / "run")
+    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+
+
 def test_a_second_signal_stops_at_once_with_the_signals_exit_code(tmp_path, uninterrupted):
     """Ctrl-C twice (or a scheduler's second SIGTERM): exit 143/130 at once with one line, no
     traceback; the checkpoint saved before it is kept and the same command resumes exactly."""

@@ -60,9 +60,11 @@ from pruneflow.compress import (
     find_blocks,
     structure_info,
 )
-from pruneflow.errors import TrainingDiverged, UserError, check_bool, invalid
+from pruneflow.errors import RunStopped, TrainingDiverged, UserError, check_bool, invalid
 from pruneflow.masking import MaskedWeights
 from pruneflow.methods.base import PruneContext, PruningMethod
+from pruneflow.stop import STOP
+from pruneflow.stop import name as stop_name
 from pruneflow.utils import atomic_write_json, progress
 
 log = logging.getLogger("pruneflow")
@@ -392,7 +394,7 @@ class SPP(PruningMethod):
         self.search, self.path = search, path
 
     def run_search(self, ctx: PruneContext) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
-        from pruneflow.trainer import grads_finite
+        from pruneflow.trainer import _fault_signal, grads_finite
 
         model = ctx.model
         masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed, sites=self.mask_sites)
@@ -460,6 +462,14 @@ class SPP(PruningMethod):
                 point["lr"] = lr
                 path.append(point)
                 bar.set_postfix(loss=f"{value:.4f}", support=f"{point['support']:.3f}", refresh=False)
+                _fault_signal("spp", step + 1)
+                signum = STOP.requested()
+                if signum is not None:  # a scheduler's SIGTERM: stop now, not at the search's end (it was 26 s later)
+                    bar.close()
+                    raise RunStopped(
+                        f"Stopped by {stop_name(signum)} at step {step + 1} of {ctx.total_steps} of the SPP search, which "
+                        "keeps no checkpoint of its own: run the same command again to resume; the search starts over "
+                        "from the finetune stage's checkpoint.", signum)
             bar.close()
         finally:
             masks.detach()
