@@ -460,7 +460,16 @@ class Run:
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.ckpt_path.exists():
             return None
-        try:  # weights_only: a checkpoint cannot run code when loaded
+        import zipfile
+
+        try:
+            # torch.load does not check the CRC-32 its zip format stores for every record: flipped
+            # bits in the weights loaded silently (and the run then diverged, blaming the lr)
+            with zipfile.ZipFile(self.ckpt_path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise ValueError(f"its record {bad} fails the CRC-32 check written with it (the file changed on disk)")
+            # weights_only: a checkpoint cannot run code when loaded
             return torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, ...
             raise self._damaged(self.ckpt_path, e) from e

@@ -686,6 +686,25 @@ def test_a_damaged_checkpoints_message_does_not_repeat_torchs_advice_to_load_it_
     assert load_error_text(ValueError("first\nsecond")) == "first"
 
 
+def test_flipped_bits_in_a_checkpoints_weights_are_named(tmp_path):
+    """Before: torch.load read the changed weights without a word; the resumed run diverged
+    and its message blamed the learning rate."""
+    import zipfile
+
+    args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_cli(args, cwd=tmp_path, env={"PRUNEFLOW_TEST_KILL_AT": "prune:6"}).returncode == -9
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    with zipfile.ZipFile(last) as z:
+        record = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(last.read_bytes())
+    data[record.header_offset + 30 + len(record.filename) + len(record.extra) + 100] ^= 0x40  # one exponent bit of a weight
+    last.write_bytes(bytes(data))
+    out = run_cli(args, cwd=tmp_path)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "last.pt cannot be read" in said and "fails the CRC-32 check" in said, said[-2000:]
+    assert "Traceback" not in said
+
+
 def test_truncated_checkpoint_is_named_and_a_truncated_cache_entry_is_recomputed(tmp_path):
     args = [*SMALL, "method=magnitude", "sparsity=0.5", f"cache_dir={tmp_path / 'c'}"]
     run_dir = tmp_path / "run"
