@@ -571,11 +571,27 @@ def main() -> None:
 
     STOP.launcher_pid = os.getpid()
     STOP.install()
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pruneflow.config import SWEEP_DIRS
+
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        # Hydra prints a launcher's exception and exits 1 unless HYDRA_FULL_ERROR is set; set, it
+        # re-raises it here (a joblib worker killed: TerminatedWorkerError), to be told in one paragraph
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _app()
+    except BrokenProcessPool as e:  # joblib's TerminatedWorkerError: a worker killed (out of memory, kill -9)
+        _report_error(
+            f"A worker process of the sweep's launcher died ({type(e).__name__}), e.g. killed by the system for lack of "
+            "memory. joblib then ends the whole sweep: the jobs that were running stop where they are (their last "
+            "checkpoints are kept) and queued jobs do not start. Run the same command again to resume them; finished "
+            "jobs are not run again. Fewer parallel jobs (hydra.launcher.n_jobs) need less memory."
+        )
+        _list_unfinished(SWEEP_DIRS)
+        sys.exit(1)
     finally:  # a request left in the sweep folder would stop the next launch's jobs (it also clears it)
         STOP.forget_stop_file()
-    from pruneflow.config import SWEEP_DIRS
 
     for sweep_dir in SWEEP_DIRS:  # where the jobs went, and the next step the README gives
         print(f"pruneflow: the sweep's jobs are in {sweep_dir}; compare them with: pruneflow-report {sweep_dir}")
@@ -595,6 +611,20 @@ def main() -> None:
         sys.exit(EXIT_CODES.get(STOP.signum, 1))  # type: ignore[arg-type]
     if failed:
         sys.exit(1)
+
+
+def _list_unfinished(sweep_dirs: list[str]) -> None:
+    from pathlib import Path
+
+    from pruneflow.report import find_incomplete
+
+    for sweep_dir in sweep_dirs:
+        failed, unfinished = find_incomplete(Path(sweep_dir), set())
+        jobs = [*failed, *unfinished]
+        if jobs:
+            print(f"\npruneflow: {len(jobs)} job(s) in {sweep_dir} have no result:", file=sys.stderr)
+            for job in jobs:
+                print(f"  {job.path}: {job.reason}", file=sys.stderr)
 
 
 def sweep_failures() -> list[tuple[str, str]]:

@@ -342,6 +342,8 @@ class SweepCheck(_HydraCallback):
 
         self.started = time.time()
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if str(sweep_dir) not in SWEEP_DIRS:  # known before the end too: a launcher may fail mid-sweep
+            SWEEP_DIRS.append(str(sweep_dir))
         (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier launch's, if it was killed
         keep_earlier_launch_record(sweep_dir)
         if local_process_launcher(config.hydra):
@@ -354,7 +356,8 @@ class SweepCheck(_HydraCallback):
         from pruneflow.stop import STOPPED_FILE
 
         root = Path(str(config.hydra.sweep.dir))
-        SWEEP_DIRS.append(str(root))
+        if str(root) not in SWEEP_DIRS:
+            SWEEP_DIRS.append(str(root))
         for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, STOPPED_FILE)):
             found.clear()
             for path in sorted(root.rglob(file)):

@@ -200,3 +200,19 @@ def test_a_sweep_with_its_own_config_dir_is_checked_before_any_job(tmp_path: Pat
     assert out.returncode == 2, out.stderr[-2000:]
     assert "sparsity=1.5" in out.stderr and "no job was started" in out.stderr
     assert not sweep.exists()
+
+
+def test_a_killed_joblib_worker_ends_the_sweep_in_one_paragraph_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """A worker killed by the system (out of memory) makes joblib end the whole sweep. Before,
+    that was a TerminatedWorkerError traceback with no list of the jobs left."""
+    conf = tiny_config_dir(tmp_path)
+    sweep = tmp_path / "sweep"
+    args = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=pf_tiny", "stages.prune.steps=12", "trainer.checkpoint_every=3",
+            "method=magnitude", "sparsity=0.3,0.5", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"]
+    killed = run_cli(["-m", *args], tmp_path, conf, extra_env={"PRUNEFLOW_TEST_KILL_AT": "prune:6", "HYDRA_FULL_ERROR": "0"})
+    err = " ".join(killed.stderr.split())
+    assert killed.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "A worker process of the sweep's launcher died (TerminatedWorkerError)" in err and "have no result" in err
+    again = run_cli(["-m", *args], tmp_path, conf)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(result(job(sweep, f"sparsity={s}"))["sparsity"]["target"] == s for s in (0.3, 0.5))
