@@ -334,9 +334,8 @@ def sparsity_report(
     if names is None:
         names = [w.name for w in select_prunable(model, patterns(include, "include") or DEFAULT_INCLUDE,
                                                  patterns(exclude, "exclude") or DEFAULT_EXCLUDE)]
-    modules = dict(model.named_modules())
     removed_at, removed_biases = {}, 0  # weight name -> weights removed by compression; bias entries removed
-    for name, mod in modules.items():
+    for name, mod in model.named_modules():
         if hasattr(mod, ORIGINAL_SHAPE) and hasattr(mod, "weight"):
             shape = getattr(mod, ORIGINAL_SHAPE)
             removed_at[f"{name}.weight" if name else "weight"] = math.prod(shape) - mod.weight.numel()

@@ -31,8 +31,9 @@ PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROX
 RESOLVE_TIMEOUT_S = 3.0
 
 
-def is_offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ENV)
+def is_offline(keys: tuple[str, ...] = ENV) -> bool:
+    """Whether any of ``keys`` is set to a true value, as huggingface_hub reads them."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in keys)
 
 
 def _set_flags(value: bool, import_missing: bool = False) -> list[tuple[object, str, object]]:

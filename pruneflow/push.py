@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from pruneflow import hub
 from pruneflow.errors import UserError
 
 
@@ -55,7 +55,7 @@ def push(run_dir: Path, repo_id: str, private: bool = True, with_result: bool = 
         if not (run_dir / "model" / "README.md").exists():
             lines.append("  README.md  (the model card, written from result.json)")
         return lines
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub.is_offline(("HF_HUB_OFFLINE",)):
         raise UserError("Cannot reach the Hugging Face Hub: HF_HUB_OFFLINE is set. Unset it on a machine with network access, "
                         "or use --dry-run to list what would be uploaded.")
     from huggingface_hub import CommitOperationAdd, HfApi
