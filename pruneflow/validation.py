@@ -178,20 +178,34 @@ def default_choices() -> dict[str, str]:
     return {str(k): str(v) for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
-def group_defaults(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> DictConfig | None:
-    """The config that the chosen options of ``groups`` give by themselves (no experiment,
-    no command-line values); None when it cannot be composed (e.g. a config from elsewhere)."""
-    from hydra import compose, initialize_config_dir
+def group_defaults(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> dict[str, Any] | None:
+    """The settings (flattened, dotted keys) that the chosen options of ``groups`` give by
+    themselves (no experiment, no command-line values); None when they cannot be composed
+    (e.g. a config from elsewhere). Read-only: the result is shared between callers."""
     from hydra.core.global_hydra import GlobalHydra
 
     from pruneflow.cli import CONFIG_DIR
 
-    choices = [f"{g}={cfg[g].name}" for g in groups if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name")]
+    choices = tuple(f"{g}={cfg[g].name}" for g in groups if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name"))
+    hydra = GlobalHydra.instance()
+    # where the configs come from: the app's search path (a --config-dir adds one), else ours alone
+    sources = tuple(f"{s.provider}:{s.path}" for s in hydra.config_loader().get_sources()) if hydra.is_initialized() else None
+    return _composed_defaults(choices, sources or (CONFIG_DIR,), hydra.is_initialized())
+
+
+@functools.lru_cache(maxsize=64)
+def _composed_defaults(choices: tuple[str, ...], sources: tuple[str, ...], initialized: bool) -> dict[str, Any] | None:
+    """One composition (~0.5 s on 2 cores) per set of choices and search path in a process:
+    a sweep's check composes the same groups' defaults for many of its jobs."""
+    from hydra import compose, initialize_config_dir
+
+    from pruneflow.cli import CONFIG_DIR
+
     try:
-        if GlobalHydra.instance().is_initialized():  # inside the pruneflow app (or a test's compose context)
-            return compose(config_name="config", overrides=choices)
+        if initialized:  # inside the pruneflow app (or a test's compose context): its search path
+            return _flatten(compose(config_name="config", overrides=list(choices)))
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=choices)
+            return _flatten(compose(config_name="config", overrides=list(choices)))
     except Exception:  # noqa: BLE001 - e.g. a group option that exists only in a user's config dir
         return None
 
@@ -264,7 +278,7 @@ def _unknown_key_problem(mine: dict[str, Any], theirs: dict[str, Any]) -> str | 
 def unknown_key_problem(cfg: DictConfig) -> str | None:
     """The message for the first key of ``cfg`` that its groups do not define, or None."""
     default = group_defaults(cfg, GROUPS + SETTING_GROUPS)
-    return None if default is None else _unknown_key_problem(_flatten(cfg), _flatten(default))
+    return None if default is None else _unknown_key_problem(_flatten(cfg), default)
 
 
 def typed_settings(mine: dict[str, Any], typed: Sequence[str]) -> dict[str, Any]:
@@ -288,10 +302,10 @@ def explicit_settings(cfg: DictConfig, typed: Sequence[str] = ()) -> dict[str, A
     """Dotted keys (and values) that the command line or an experiment set to something
     other than the chosen groups' defaults, and those the command line (``typed``, its
     overrides) names at their default value. A key no group defines is an error."""
-    default = group_defaults(cfg)
-    if default is None:
+    theirs = group_defaults(cfg)
+    if theirs is None:
         return {}
-    mine, theirs = _flatten(cfg), _flatten(default)
+    mine = _flatten(cfg)
     chosen = [g for g in SETTING_GROUPS if theirs.get(f"{g}.name") != mine.get(f"{g}.name")]
     problem = unknown_key_problem(cfg) if chosen else _unknown_key_problem(mine, theirs)  # a second composition
     if problem:
