@@ -250,6 +250,18 @@ def _fault_signal(stage: str, step: int) -> None:
             os.kill(os.getpid(), getattr(signal, "SIG" + sig.removesuffix("x2")))
 
 
+def _fault_hold(stage: str, step: int) -> None:
+    """Tests set PRUNEFLOW_TEST_HOLD_AT=<stage>:<step> to make the run wait after that step
+    until it is asked to stop (at most 5 minutes): a signal sent then finds it inside the
+    stage however slowly the machine runs, so the stage needs no steps to spare."""
+    if os.environ.get("PRUNEFLOW_TEST_HOLD_AT") == f"{stage}:{step}":
+        from pruneflow.stop import STOP
+
+        deadline = time.monotonic() + 300
+        while STOP.requested_here() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def batches_per_epoch(n_examples: int, batch_size: int, drop_last: bool = True) -> int:
     return max(1, n_examples // batch_size if drop_last else -(-n_examples // batch_size))
 
@@ -490,6 +502,7 @@ class Trainer:
                 checkpoint(step + 1, self.state(optim, step + 1))
                 _fault_injection(stage.name, step + 1)
             _fault_signal(stage.name, step + 1)
+            _fault_hold(stage.name, step + 1)
             signum = STOP.requested()
             if signum is not None:
                 bar.close()

@@ -77,17 +77,18 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     from sweep_helpers import env
 
     sweep = tmp_path / "sweep"
-    # 3 jobs on 2 workers; a prune stage long enough (300 steps, ~6 s alone, longer beside other
-    # jobs) to be running when the signal comes, which is sent once every running job has saved
-    # its first checkpoint (step 3); the resumed jobs then finish the rest, so more steps only cost time
+    # 3 jobs on 2 workers; each running job saves a checkpoint at prune step 3 and waits there
+    # (PRUNEFLOW_TEST_HOLD_AT) until it is asked to stop, so the signal, sent once every running
+    # job has saved it, finds each inside the stage on a machine of any speed; the resume runs without the wait
     launcher_args = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"] if n_jobs else []
     n_jobs = n_jobs or 1  # the basic launcher runs one job at a time
     cmd = [sys.executable, "-m", "pruneflow.cli", "-m", *launcher_args,
-           "experiment=pf_tiny", "stages.prune.steps=300", "trainer.checkpoint_every=3", "method=magnitude", "sparsity=0.5",
+           "experiment=pf_tiny", "stages.prune.steps=9", "trainer.checkpoint_every=3", "method=magnitude", "sparsity=0.5",
            "seed=0,1,2", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "--config-dir", str(tiny_config_dir(tmp_path))]
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with out.open("w") as o, err.open("w") as e:
-        launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env(HYDRA_FULL_ERROR="0"), stdout=o, stderr=e, start_new_session=True)
+        launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env(HYDRA_FULL_ERROR="0", PRUNEFLOW_TEST_HOLD_AT="prune:3"),
+                                    stdout=o, stderr=e, start_new_session=True)
         deadline = time.time() + 300
         while len(list(sweep.glob("*/checkpoints/last.pt"))) < min(n_jobs, 3) and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -107,10 +108,9 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     jobs = {s: job(sweep, f"seed={s}") for s in (0, 1, 2)}
     assert not any((d / "result.json").exists() for d in jobs.values())
     stopped = {s: (d / "stopped.txt").read_text() for s, d in jobs.items()}
-    # a job stops within a stage ("a checkpoint was saved") or, when the signal comes as a stage
-    # ends (a slow machine, a short finetune), between two stages ("its checkpoint is saved")
-    started = [s for s in stopped if "a checkpoint was saved" in stopped[s] or "its checkpoint is saved" in stopped[s]]
-    assert len(started) == min(n_jobs, 3) and all(f"Stopped by {sig}" in stopped[s] for s in started), stopped
+    started = [s for s in stopped if "a checkpoint was saved" in stopped[s]]
+    assert len(started) == min(n_jobs, 3) and all(f"Stopped by {sig} after step 3 of 9 of the prune stage" in stopped[s]
+                                                  for s in started), stopped
     assert f"stopped ({len(started)} while running, {3 - len(started)} before they started;" in " ".join(stderr.split())
     for queued in set(jobs) - set(started):
         assert "Not started" in stopped[queued] and not (jobs[queued] / "checkpoints").exists()
