@@ -371,16 +371,13 @@ def precheck(argv: list[str]) -> str | None:
                     return f"A job of this sweep ({' '.join(overrides)}) has a wrong setting, so no job was started: {problem}"
                 return problem
 
-            # --cfg prints the configuration instead of running it: check it as the run would
-            # (a run checks its own settings when it starts)
-            shows = "--cfg" in modes
+            single: Any = None  # a run's (or --cfg's) config, checked once Hydra's own settings are
             for overrides in variants:
-                if overrides is base and base_composed and not adds and not multirun and not shows:  # each composition costs ~0.5 s on a 2-core VM
-                    continue
                 try:
                     if overrides is base and base_error is not None:  # composed above: the same error again
                         raise base_error
-                    cfg = compose(config_name="config", overrides=overrides)
+                    # each composition costs ~0.5 s on a 2-core VM: the first job's is the one above
+                    cfg = _job_config(composed) if overrides is base and base_composed else compose(config_name="config", overrides=overrides)
                 except Exception as e:  # noqa: BLE001 - every composition error is the user's
                     # the valid keys under the groups this command line chose
                     choices = [o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS]
@@ -395,13 +392,15 @@ def precheck(argv: list[str]) -> str | None:
                     problem = unknown_key_problem(cfg)
                     if problem:
                         return of_job(overrides, problem)
-                if multirun or shows:
-                    from pruneflow.runner import check_settings
+                if not multirun:
+                    single = cfg
+                    continue
+                from pruneflow.runner import check_settings
 
-                    try:
-                        check_settings(cfg, here, overrides)
-                    except UserError as e:
-                        return of_job(overrides, str(e))
+                try:
+                    check_settings(cfg, here, overrides)
+                except UserError as e:
+                    return of_job(overrides, str(e))
             if own and not own_checked:
                 try:
                     compose(config_name="config", overrides=[*own, *base], return_hydra_config=True)
@@ -412,9 +411,29 @@ def precheck(argv: list[str]) -> str | None:
                     except Exception:  # noqa: BLE001 - the launcher choice itself is wrong
                         default = compose(config_name="config", return_hydra_config=True)
                     return explain(e, own, default, extra)
+            if single is not None:
+                # a run's settings are checked before Hydra makes its folder and starts it (--cfg's: as
+                # the run would check them); the run checks them again as it starts (as the Python API
+                # and a sweep's jobs do), reusing the groups' defaults composed here
+                from pruneflow.runner import check_settings
+
+                try:
+                    check_settings(single, here, base)
+                except UserError as e:
+                    return str(e)
     finally:
         GlobalHydra.instance().clear()
     return None
+
+
+def _job_config(cfg: Any) -> Any:  # noqa: ANN401
+    """A config composed with return_hydra_config=True as Hydra hands it to a job: without
+    its ``hydra`` node (changed in place)."""
+    from omegaconf import open_dict, read_write
+
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 class QuietAfterStop(logging.Filter):

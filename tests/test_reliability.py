@@ -300,6 +300,37 @@ def test_bad_inputs_are_one_paragraph_before_any_work(tmp_path, shard):
     assert not problems, "\n".join(problems)
 
 
+def test_a_runs_settings_are_refused_before_hydra_starts_it(tmp_path, monkeypatch):
+    """A setting the run would refuse as it starts is refused by the checks before Hydra
+    runs anything: one composition of the command line, no output folder. The run's own
+    check then composes nothing more (the groups' defaults composed here are reused)."""
+    import hydra._internal.config_loader_impl as loader
+    from hydra import compose, initialize_config_dir
+
+    from pruneflow.cli import CONFIG_DIR, precheck
+    from pruneflow.config import register_configs
+    from pruneflow.runner import check_settings
+    from pruneflow.validation import _composed_defaults
+
+    register_configs()
+    _composed_defaults.cache_clear()
+    composed = []
+    real = loader.ConfigLoaderImpl.load_configuration
+    monkeypatch.setattr(loader.ConfigLoaderImpl, "load_configuration", lambda self, *a, **k: composed.append(1) or real(self, *a, **k))
+    run_dir = tmp_path / "run"
+    problem = precheck(["method=dense", "stages.prune.lr=0.1", "logger=none", f"hydra.run.dir={run_dir}"])
+    assert problem is not None and "'stages.prune.lr=0.1' would be ignored: method=dense" in problem
+    assert not run_dir.exists()
+    assert len(composed) == 2  # the command line (its hydra.run.dir included) and the groups' defaults
+    composed.clear()
+    assert precheck(["method=magnitude", "logger=none", f"hydra.run.dir={run_dir}"]) is None and len(composed) == 2
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # as the run's app: the same config sources
+        cfg = compose(config_name="config", overrides=["method=magnitude", "logger=none"])
+        composed.clear()
+        check_settings(cfg, True, ["method=magnitude", "logger=none"])
+    assert composed == []
+
+
 def test_the_command_line_answers_help_and_misspelt_keys_without_importing_torch(tmp_path):
     """--help and the pre-checks' errors (a misspelt key, an unknown option, a sparsity out
     of range) come before the first `import torch` (~2 s of a 2-core VM's ~2.7 s answer)."""
