@@ -252,11 +252,12 @@ def _fault_signal(stage: str, step: int) -> None:
 
 def _fault_hold(stage: str, step: int) -> None:
     """Tests set PRUNEFLOW_TEST_HOLD_AT=<stage>:<step> to make the run wait after that step
-    until it is asked to stop (at most 5 minutes): a signal sent then finds it inside the
-    stage however slowly the machine runs, so the stage needs no steps to spare."""
+    until it is asked to stop (at most 5 minutes), saying so in its log: a signal sent then
+    finds it inside the stage however slowly the machine runs, so the stage needs no steps to spare."""
     if os.environ.get("PRUNEFLOW_TEST_HOLD_AT") == f"{stage}:{step}":
         from pruneflow.stop import STOP
 
+        log.info("PRUNEFLOW_TEST_HOLD_AT: waiting after step %d of the %s stage until asked to stop.", step, stage)
         deadline = time.monotonic() + 300
         while STOP.requested_here() is None and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -79,7 +79,7 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
     sweep = tmp_path / "sweep"
     # 3 jobs on 2 workers; each running job saves a checkpoint at prune step 3 and waits there
     # (PRUNEFLOW_TEST_HOLD_AT) until it is asked to stop, so the signal, sent once every running
-    # job has saved it, finds each inside the stage on a machine of any speed; the resume runs without the wait
+    # job waits, finds each inside the stage on a machine of any speed; the resume runs without the wait
     launcher_args = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"] if n_jobs else []
     n_jobs = n_jobs or 1  # the basic launcher runs one job at a time
     cmd = [sys.executable, "-m", "pruneflow.cli", "-m", *launcher_args,
@@ -90,7 +90,11 @@ def test_a_signal_stops_a_joblib_sweep_with_checkpoints_and_the_same_command_res
         launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env(HYDRA_FULL_ERROR="0", PRUNEFLOW_TEST_HOLD_AT="prune:3"),
                                     stdout=o, stderr=e, start_new_session=True)
         deadline = time.time() + 300
-        while len(list(sweep.glob("*/checkpoints/last.pt"))) < min(n_jobs, 3) and launcher.poll() is None and time.time() < deadline:
+
+        def held() -> int:  # jobs waiting after their prune step-3 checkpoint (a finetune's end writes last.pt too)
+            return sum("PRUNEFLOW_TEST_HOLD_AT" in p.read_text() for p in sweep.glob("*/pruneflow.log"))
+
+        while held() < min(n_jobs, 3) and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert launcher.poll() is None, err.read_text()[-3000:]
         if target == "launcher":
