@@ -189,14 +189,22 @@ def group_defaults(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> dict[st
     choices = tuple(f"{g}={cfg[g].name}" for g in groups if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name"))
     hydra = GlobalHydra.instance()
     # where the configs come from: the app's search path (a --config-dir adds one), else ours alone
-    sources = tuple(f"{s.provider}:{s.path}" for s in hydra.config_loader().get_sources()) if hydra.is_initialized() else None
-    return _composed_defaults(choices, sources or (CONFIG_DIR,), hydra.is_initialized())
+    folders = [s.path for s in hydra.config_loader().get_sources() if s.scheme() == "file"] if hydra.is_initialized() else [CONFIG_DIR]
+    return _composed_defaults(choices, tuple((f, _yaml_state(f)) for f in folders), hydra.is_initialized())
+
+
+def _yaml_state(folder: str) -> tuple[int, int]:
+    """How many YAML files a config folder holds and the newest one's mtime: a file edited
+    in a long-lived process (a notebook using the API) is composed again."""
+    times = [p.stat().st_mtime_ns for p in Path(folder).rglob("*.yaml")]
+    return len(times), max(times, default=0)
 
 
 @functools.lru_cache(maxsize=64)
-def _composed_defaults(choices: tuple[str, ...], sources: tuple[str, ...], initialized: bool) -> dict[str, Any] | None:
-    """One composition (~0.5 s on 2 cores) per set of choices and search path in a process:
-    a sweep's check composes the same groups' defaults for many of its jobs."""
+def _composed_defaults(choices: tuple[str, ...], folders: tuple[tuple[str, tuple[int, int]], ...],
+                       initialized: bool) -> dict[str, Any] | None:
+    """One composition (~0.5 s on 2 cores) per set of choices and state of the config
+    folders in a process: a sweep's check composes the same groups' defaults for many of its jobs."""
     from hydra import compose, initialize_config_dir
 
     from pruneflow.cli import CONFIG_DIR

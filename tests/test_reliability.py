@@ -331,6 +331,28 @@ def test_a_runs_settings_are_refused_before_hydra_starts_it(tmp_path, monkeypatc
     assert composed == []
 
 
+def test_the_groups_defaults_are_composed_again_once_a_config_file_changes(tmp_path):
+    """They are kept per process (a sweep's check reuses them job by job), but a long-lived
+    process (a notebook using the API) sees an option file edited since."""
+    from hydra import initialize_config_dir
+
+    from pruneflow.cli import CONFIG_DIR
+    from pruneflow.config import register_configs
+    from pruneflow.validation import group_defaults
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONFIG_DIR, conf)
+    register_configs()
+    chosen = OmegaConf.create({"method": {"name": "magnitude"}})
+    option = conf / "method" / "magnitude.yaml"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert group_defaults(chosen)["method.scope"] == "auto"
+        assert group_defaults(chosen) is group_defaults(chosen)  # composed once
+        option.write_text(option.read_text().replace("scope: auto ", "scope: local "))
+        os.utime(option, ns=(option.stat().st_atime_ns, option.stat().st_mtime_ns + 10**9))  # a coarse-mtime file system
+        assert group_defaults(chosen)["method.scope"] == "local"
+
+
 def test_the_command_line_answers_help_and_misspelt_keys_without_importing_torch(tmp_path):
     """--help and the pre-checks' errors (a misspelt key, an unknown option, a sparsity out
     of range) come before the first `import torch` (~2 s of a 2-core VM's ~2.7 s answer)."""
