@@ -42,7 +42,14 @@ from pruneflow.schedules import Schedule
 from pruneflow.stop import STOP, STOPPED_FILE
 from pruneflow.stop import name as stop_name
 from pruneflow.tasks import build_task
-from pruneflow.trainer import Optim, StageSpec, Trainer, _fault_injection, steps_per_epoch
+from pruneflow.trainer import (
+    Optim,
+    StageSpec,
+    Trainer,
+    _fault_injection,
+    _fault_signal,
+    steps_per_epoch,
+)
 from pruneflow.utils import (
     atomic_torch_save,
     atomic_write_json,
@@ -685,6 +692,7 @@ class Run:
             self.save_checkpoint(name, spec.steps, complete=True, trainer_state=self.optim_state(), done=progress["done"][name])
             _fault_injection(name, "done")  # tests: killed between the stage's checkpoint and progress.json
             self.save_progress(progress)
+            _fault_signal(name, "done")
             signum = STOP.requested()
             if signum is not None and index + 1 < len(STAGES):
                 raise RunStopped(f"Stopped by {stop_name(signum)} after the {name} stage; its checkpoint is saved. "

@@ -240,9 +240,10 @@ def _fault_injection(stage: str, step: int | str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fault_signal(stage: str, step: int) -> None:
+def _fault_signal(stage: str, step: int | str) -> None:
     """Tests set PRUNEFLOW_TEST_SIGNAL_AT=<stage>:<step>:<TERM|INT>[x2] to send the run that
-    signal after that step (a deterministic SIGTERM/SIGINT; x2: twice, at once)."""
+    signal after that step (a deterministic SIGTERM/SIGINT; x2: twice, at once; step "done":
+    after the stage's complete checkpoint and progress.json, before the next stage)."""
     target = os.environ.get("PRUNEFLOW_TEST_SIGNAL_AT")
     if target and target.rsplit(":", 1)[0] == f"{stage}:{step}":
         sig = target.rsplit(":", 1)[1]

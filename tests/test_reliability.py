@@ -610,6 +610,27 @@ def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, s
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_signal_between_two_stages_stops_before_the_next_and_resumes_exactly(tmp_path, uninterrupted):
+    """A signal that comes as a stage ends (its complete checkpoint and progress.json written):
+    the run stops before the next stage starts, and the resume starts that stage."""
+    from safetensors.torch import load_file
+
+    cmd = [*SIGNAL_ARGS, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c2'}"]
+    stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": "prune:done:TERM"})
+    said = " ".join(stopped.stderr.split())
+    assert stopped.returncode == 143 and "Traceback" not in said, said[-2000:]
+    assert "Stopped by SIGTERM after the prune stage; its checkpoint is saved" in said
+    assert "its checkpoint is saved" in (tmp_path / "run" / "stopped.txt").read_text()
+    resumed = run_cli(cmd, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_result(uninterrupted), read_result(tmp_path / "run")
+    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+    (resume,) = b["provenance"]["resumes"]
+    assert (resume["stage"], resume["complete"]) == ("prune", True)
+    wa, wb = load_file(str(uninterrupted / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
 def test_a_signal_during_the_spp_search_stops_it_at_once_and_the_resume_matches(tmp_path):
     """Before: SIGTERM was only acted on after the whole search (26 s later in a 300-step
     search), past a scheduler's grace period."""
