@@ -355,9 +355,7 @@ class SweepCheck(_HydraCallback):
 
         from pruneflow.stop import STOPPED_FILE
 
-        root = Path(str(config.hydra.sweep.dir))
-        if str(root) not in SWEEP_DIRS:
-            SWEEP_DIRS.append(str(root))
+        root = Path(str(config.hydra.sweep.dir))  # in SWEEP_DIRS since on_multirun_start
         for found, file in ((SWEEP_FAILURES, "error.txt"), (SWEEP_STOPPED, STOPPED_FILE)):
             found.clear()
             for path in sorted(root.rglob(file)):

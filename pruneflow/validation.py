@@ -187,10 +187,10 @@ def group_defaults(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> dict[st
     from pruneflow.cli import CONFIG_DIR
 
     choices = tuple(f"{g}={cfg[g].name}" for g in groups if isinstance(cfg.get(g), DictConfig) and cfg[g].get("name"))
-    hydra = GlobalHydra.instance()
+    gh = GlobalHydra.instance()
     # where the configs come from: the app's search path (a --config-dir adds one), else ours alone
-    folders = [s.path for s in hydra.config_loader().get_sources() if s.scheme() == "file"] if hydra.is_initialized() else [CONFIG_DIR]
-    return _composed_defaults(choices, tuple((f, _yaml_state(f)) for f in folders), hydra.is_initialized())
+    folders = [s.path for s in gh.config_loader().get_sources() if s.scheme() == "file"] if gh.is_initialized() else [CONFIG_DIR]
+    return _composed_defaults(choices, tuple((f, _yaml_state(f)) for f in folders), gh.is_initialized())
 
 
 def _yaml_state(folder: str) -> tuple[int, int]:
@@ -315,7 +315,7 @@ def explicit_settings(cfg: DictConfig, typed: Sequence[str] = ()) -> dict[str, A
         return {}
     mine = _flatten(cfg)
     chosen = [g for g in SETTING_GROUPS if theirs.get(f"{g}.name") != mine.get(f"{g}.name")]
-    problem = unknown_key_problem(cfg) if chosen else _unknown_key_problem(mine, theirs)  # a second composition
+    problem = unknown_key_problem(cfg) if chosen else _unknown_key_problem(mine, theirs)  # a second composition (once per process)
     if problem:
         raise UserError(problem)
     explicit = {k: v for k, v in mine.items() if k not in ("hydra",) and not k.startswith("hydra.") and theirs.get(k, object()) != v}
