@@ -358,6 +358,13 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
                 raise UserError(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.")
 
 
+def check_typed_unused(cfg: DictConfig, unused: list[tuple[str, str]], typed: Sequence[str]) -> None:
+    """``check_unused`` for settings that an experiment sets once for every row of its table,
+    some of which do not read them (the calibration data of a data-free magnitude row): only
+    the command line's own settings are refused."""
+    check_unused(cfg, unused, typed_settings(_flatten(cfg), typed), typed)
+
+
 def switched_off(cfg: DictConfig) -> list[tuple[str, str]]:
     """Sections that a switch or a choice turns off (``check_unused``'s list)."""
     out = []

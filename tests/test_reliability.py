@@ -262,6 +262,9 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
      "no zero-shot task is listed"),
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "stages.eval_batch_size=7"], "'stages.eval_batch_size=7' would be ignored",
      "window by window"),
+    # an experiment's calibration.* serves its table's other rows: only the command line's own is refused
+    (["task=lm/wikitext2", "model=tiny_llama", "method=magnitude", "calibration.nsamples=64"],
+     "'calibration.nsamples=64' would be ignored", "reads no calibration data"),
     (["method=seven_pre", "method.pattern='2:4'", "method.scope=local"], "'method.scope=local' would be ignored", "keeps the N highest"),
     (["logger=wandb", "logger.mode=disabled", "logger.project=foo"], "'logger.project=foo' would be ignored", "makes no W&B run"),
 ]

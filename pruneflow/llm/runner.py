@@ -40,6 +40,7 @@ from pruneflow.utils import (
 )
 from pruneflow.validation import (
     check_model_path,
+    check_typed_unused,
     check_unused,
     refuse_non_finite,
     switched_off,
@@ -104,7 +105,15 @@ class LLMRun:
         self.sparsity = cls.resolve_sparsity(cfg.method, requested)
         self.method = cls(cfg.method, self.sparsity)
         unused = [item for item in TRAINING_ONLY if not (self.gradient and item[0] == "schedule")]
-        if not self.gradient:
+        # magnitude under a uniform allocation scores |W| alone: Wanda's prune_magnitude reads no
+        # calibration text, so none is loaded or run through the blocks (OWL's ratios need it)
+        self.data_free = (not self.gradient and not self.method.pruner_class.needs_inputs
+                          and (cfg.get("allocation") or {}).get("name") == "uniform")
+        if self.data_free:  # an experiment's calibration.* serves its table's other rows
+            check_typed_unused(cfg, [("calibration", f"method={name} with allocation.name=uniform scores |W| alone and reads "
+                                                     "no calibration data (allocation.name=owl reads it for its outlier ratios)")],
+                               self.overrides)
+        elif not self.gradient:
             unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
                                                      "(calibration.batch_size is the batch of the gradient-scored methods)"))
         if (cfg.get("allocation") or {}).get("name") == "uniform":
@@ -209,10 +218,6 @@ class LLMRun:
             self.schedule.validate()
             self.method.check_schedule(self.schedule)
         self.total_params = sum(p.numel() for p in self.model.parameters())
-        # magnitude under a uniform allocation scores |W| alone: Wanda's prune_magnitude reads no
-        # calibration text, so none is loaded or run through the blocks (OWL's ratios need it)
-        self.data_free = (not self.gradient and not self.method.pruner_class.needs_inputs
-                          and cfg.allocation.name == "uniform")
         types = getattr(self.model.config, "layer_types", None) or []
         if len(set(types)) > 1 and self.blockwise and not self.gradient and not self.data_free:
             # transformers hands each block the mask of its layer type; the block-by-block path
