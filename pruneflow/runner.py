@@ -63,6 +63,7 @@ from pruneflow.utils import (
 )
 from pruneflow.validation import (
     check_model_path,
+    check_typed_unused,
     check_unused,
     explicit_settings,
     refuse_non_finite,
@@ -79,6 +80,15 @@ if TYPE_CHECKING:  # pruneflow.llm.runner imports this module
 log = logging.getLogger("pruneflow")
 
 STAGES = ("finetune", "prune", "recover")
+# the optimizer's settings: read only by a stage that updates weights
+OPTIMIZER_SETTINGS = ("optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "lr_scheduler",
+                      "min_lr", "warmup_ratio", "warmup_steps", "max_grad_norm")
+
+
+def zero_step_stages(cfg: DictConfig) -> dict[str, bool]:
+    """Each stage: are its 0 steps known without the data (epochs=0 with steps unset, or steps=0)?"""
+    return {n: (cfg.stages[n].get("epochs") == 0 and cfg.stages[n].get("steps") is None) or cfg.stages[n].get("steps") == 0
+            for n in STAGES}
 
 
 
@@ -233,6 +243,7 @@ class Run:
         if self.method.prunes and not self.prune_updates_weights:
             check_unused(cfg, [("stages.prune.lr", f"the prune stage of method={cfg.method.name} makes no weight updates "
                                                    "(stages.prune.update_weights=false or the method's own rule)")], explicit, self.overrides)
+        self.check_optimizer_used()
         path = cfg.task.get("path")
         if path is not None and not Path(str(path)).exists():
             raise UserError(
@@ -366,8 +377,7 @@ class Run:
         only once the training set's size is known): run by ``check_settings``, so a sweep
         refuses them for every job before the first starts."""
         cfg = self.cfg
-        explicit_zero = {name: (cfg.stages[name].get("epochs") == 0 and cfg.stages[name].get("steps") is None)
-                         or cfg.stages[name].get("steps") == 0 for name in STAGES}
+        explicit_zero = zero_step_stages(cfg)
         own_plan = type(self.method).plan_stages is not PruningMethod.plan_stages  # presets set the stage lengths
         if self.method.prunes:
             schedule = Schedule.from_config(cfg.schedule, self.method.schedule_target(), 1)
@@ -384,6 +394,20 @@ class Run:
         if bool(cfg.trainer.get("continuous", False)) and not own_plan:
             running = [n for n in STAGES if not explicit_zero[n] and (n != "prune" or self.method.prunes)]
             self.check_continuous({n: int(cfg.stages[n].batch_size) for n in running}, "recover" in running)
+
+    def check_optimizer_used(self) -> None:
+        """No stage updates a weight (finetune and recover at 0 steps, a prune stage that only
+        scores or does not run): the optimizer's settings as typed would be ignored. An
+        experiment's are kept, as they serve its other rows."""
+        cfg = self.cfg
+        if type(self.method).plan_stages is not PruningMethod.plan_stages:  # a preset sets the stage lengths
+            return
+        zero = zero_step_stages(cfg)
+        prune_trains = self.method.prunes and self.prune_updates_weights and not zero["prune"]
+        if zero["finetune"] and zero["recover"] and not prune_trains:
+            why = ("no stage updates a weight (stages.finetune and stages.recover have 0 steps, and the prune stage "
+                   + ("makes no weight updates)" if self.method.prunes and not zero["prune"] else "does not run)"))
+            check_typed_unused(cfg, [(f"trainer.{k}", why) for k in OPTIMIZER_SETTINGS], self.overrides)
 
     def no_prune_steps(self) -> UserError:
         return UserError(
