@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -221,6 +222,9 @@ def test_image_metrics_top5() -> None:
     m, recs = image_metrics(logits, labels, ids=[10, 11, 12])
     assert m["accuracy"] == pytest.approx(1 / 3) and m["top5"] == pytest.approx(2 / 3)
     assert recs[0] == {"id": 10, "prediction": 5, "reference": 5, "top5": [5, 4, 3, 2, 1]}
+    # 5 classes or fewer: every label is among the five best, so top5 is undefined, not 1.0
+    m, recs = image_metrics(logits[:, :3], torch.tensor([2, 2, 1]))
+    assert m["accuracy"] == pytest.approx(1 / 3) and math.isnan(m["top5"]) and recs[1]["top5"] == [0, 1, 2]
 
 
 @pytest.mark.slow
@@ -243,6 +247,7 @@ def test_e2e_imagefolder(tmp_path: Path) -> None:
     assert [r["id"] for r in records] == list(range(9)) and [r["reference"] for r in records] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     acc = sum(r["prediction"] == r["reference"] for r in records) / len(records)
     assert result["metrics"]["final"]["accuracy"] == pytest.approx(acc)
+    assert result["metrics"]["final"]["top5"] is None  # 3 classes: undefined (null), not a perfect score
     assert result["params"]["total"] > 0 and (tmp_path / "run" / "model" / "config.json").is_file()
 
 

@@ -11,6 +11,7 @@ of threads (a resumed run sees the same crops).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -141,13 +142,15 @@ class ImageClassificationTask(Task):
 
 
 def image_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: Sequence[int] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Top-1 ``accuracy`` and ``top5``; one record per image (id = index in the split)."""
+    """Top-1 ``accuracy`` and ``top5``; one record per image (id = index in the split).
+    With 5 classes or fewer every label is among the five best: ``top5`` is undefined
+    (NaN, null in result.json), not a perfect 1.0."""
     k = min(5, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
     pred = top[:, 0]
     metrics = {
         "accuracy": float((pred == labels).double().mean()),
-        "top5": float((top == labels[:, None]).any(dim=-1).double().mean()),
+        "top5": float((top == labels[:, None]).any(dim=-1).double().mean()) if logits.shape[-1] > 5 else math.nan,
     }
     ids = list(range(len(labels))) if ids is None else list(ids)
     predictions = [

@@ -15,6 +15,7 @@ Images are decoded in ``task.num_workers`` threads (default 8).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from omegaconf import DictConfig
 from pruneflow.errors import UserError, invalid
 from pruneflow.tasks.hf_data import sample_limit
 from pruneflow.tasks.image import LazyImages, TimmImageTask
+
+log = logging.getLogger("pruneflow")
 
 PATH_HELP = "a directory with train/ and val/, each holding one folder of images per class (an ImageFolder)"
 
@@ -76,6 +79,9 @@ class ImageNet(TimmImageTask):
             raise UserError(f"task={self.name}: val/ has class folders that train/ lacks: {unknown[:5]} (task.path={self.cfg.path}).")
         self.classes = list(train.classes)
         self.num_labels = len(self.classes)
+        if self.num_labels <= 5:
+            log.warning("task=%s: train/ has %d classes, so every label is among the five best: top5 is undefined "
+                        "(null in result.json).", self.name, self.num_labels)
         remap = [train.class_to_idx[c] for c in val.classes]  # val's own indices -> train's
         limits = {"train": sample_limit(self.cfg, "max_train_samples"), "val": sample_limit(self.cfg, "max_eval_samples")}
         sets = {}
