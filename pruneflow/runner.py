@@ -516,7 +516,7 @@ class Run:
             total_steps=spec.steps,
             device=self.device,
             task=self.task,
-            batches=lambda: self.trainer.batches(spec.batch_size, spec.seed),
+            batches=lambda start_step=0: self.trainer.batches(spec.batch_size, spec.seed, start_step),
             loss_fn=self.trainer.loss,
             run_dir=self.run_dir,
             cache_dir=Path(self.cfg.cache_dir) if self.cfg.get("cache", True) else None,
@@ -694,7 +694,10 @@ class Run:
             elif name == "prune":
                 if not resumed:
                     self.setup_method()
-                handled = not resumed and self.method.run_prune_stage(self.method.ctx)
+                # a checkpoint that a method's own loop wrote (SPP's search) resumes in that loop
+                own_loop = resume_trainer.get("method_loop") if resume_trainer is not None else None
+                self.method.ctx.extra.update(checkpoint=self.checkpoint_fn(name), resume=own_loop)
+                handled = (not resumed or own_loop is not None) and self.method.run_prune_stage(self.method.ctx)
                 if not handled:
                     self.trainer.train(spec, self.method, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name),
                                        on_log=self.logger.log, evaluate=self.eval_during(name), eval_every=self.eval_every[name])

@@ -640,20 +640,36 @@ def test_a_signal_between_two_stages_stops_before_the_next_and_resumes_exactly(t
 
 
 def test_a_signal_during_the_spp_search_stops_it_at_once_and_the_resume_matches(tmp_path):
-    """Before: SIGTERM was only acted on after the whole search (26 s later in a 300-step
-    search), past a scheduler's grace period."""
-    args = [*SMALL, "method=spp", "sparsity=0.5", "stages.prune.steps=40"]
+    """SPP's search is its own loop: a SIGTERM stops it at once (it once went on to the
+    search's end, 26 s later in a 300-step search) with a checkpoint of the search, and a
+    SIGKILL loses only the steps since its last periodic checkpoint (trainer.checkpoint_every;
+    the search once started over, hours of an ImageNet search). Both resume in the search,
+    at their step, to the uninterrupted run's path, weights and metrics."""
+    from safetensors.torch import load_file
+
+    args = [*SMALL, "method=spp", "sparsity=0.5", "stages.prune.steps=40", "trainer.checkpoint_every=15"]
     ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    cmd = [*args, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c2'}"]
-    stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": "spp:3:TERM"})
-    err = " ".join(stopped.stderr.split())
-    assert stopped.returncode == 143 and "Stopped by SIGTERM at step 3 of 40 of the SPP search" in err, err[-2000:]
-    assert "Traceback" not in err and not (tmp_path / "run" / "result.json").exists()
-    resumed = run_cli(cmd, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = read_result(tmp_path / "ref"), read_result(tmp_path / "run")
-    assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+    for name, env, step in (("stop", {"PRUNEFLOW_TEST_SIGNAL_AT": "spp:3:TERM"}, 3), ("kill", {"PRUNEFLOW_TEST_KILL_AT": "spp:30"}, 30)):
+        run_dir = tmp_path / name
+        cmd = [*args, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / ('c_' + name)}"]
+        stopped = run_cli(cmd, cwd=tmp_path, env=env)
+        err = " ".join(stopped.stderr.split())
+        if name == "stop":
+            assert stopped.returncode == 143 and "Stopped by SIGTERM at step 3 of 40 of the SPP search; a checkpoint was saved" in err, err[-2000:]
+            assert "Traceback" not in err
+        else:
+            assert stopped.returncode == -9
+        assert not (run_dir / "result.json").exists()
+        resumed = run_cli(cmd, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"SPP search: resuming at step {step} of 40" in (run_dir / "pruneflow.log").read_text()
+        a, b = read_result(tmp_path / "ref"), read_result(run_dir)
+        assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
+        path_a, path_b = (json.loads((d / "spp_path.json").read_text())["path"] for d in (tmp_path / "ref", run_dir))
+        assert len(path_b) == 40 and path_a == path_b  # every step's loss, support and entries
+        wa, wb = (load_file(str(d / "model" / "model.safetensors")) for d in (tmp_path / "ref", run_dir))
+        assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
 def test_a_second_signal_stops_at_once_with_the_signals_exit_code(tmp_path, uninterrupted):

@@ -57,8 +57,10 @@ class PruneContext:
     total_steps: int  # steps of the prune stage
     device: torch.device
     task: Task | None = None
-    # Yields training batches (already on the device), endlessly, in the run's seeded order.
-    batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+    # Yields training batches (already on the device), endlessly, in the run's seeded order;
+    # a run's batches(start_step) starts at that batch of the order (a resumed loop; the
+    # Python API's take no argument, as it writes no checkpoints).
+    batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
     # loss(model, batch) -> scalar; used by methods that run their own loop.
     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
     run_dir: Path | None = None

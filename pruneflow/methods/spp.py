@@ -394,7 +394,7 @@ class SPP(PruningMethod):
         self.search, self.path = search, path
 
     def run_search(self, ctx: PruneContext) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
-        from pruneflow.trainer import _fault_signal, grads_finite
+        from pruneflow.trainer import _fault_injection, _fault_signal, grads_finite
 
         model = ctx.model
         masks = PairedMasks(model, share_heads=self.share_heads, allowed=self._allowed, sites=self.mask_sites)
@@ -412,16 +412,46 @@ class SPP(PruningMethod):
         kinds = [e.kind for e in masks]
         path: list[dict[str, Any]] = []
         per_epoch, epochs = self._search_epochs(ctx)
-        data = ctx.batches()
+        trainer = ctx.extra.get("trainer")
+        save = ctx.extra.get("checkpoint")  # the run's checkpoint writer (none through the Python API)
+        every = int(trainer.cfg.get("checkpoint_every", 0) or 0) if trainer is not None and save is not None else 0
+        start, taken = 0, 0  # taken: optimizer steps taken (Adam's bias correction counts these)
+        resume = ctx.extra.get("resume")  # a checkpoint of this search: a stopped or killed run goes on from it
+        if resume is not None:
+            start, taken, path = int(resume["step"]), int(resume["taken"]), list(resume["path"])
+            with torch.no_grad():
+                for mine, saved in ((params, resume["m"]), (z, resume["z"]), (gamma, resume["gamma"]),
+                                    (entry, resume["entry"]), (support, resume["support"])):
+                    for t, v in zip(mine, saved, strict=True):
+                        t.copy_(v)
+            opt.load_state_dict(resume["optimizer"])
+            log.info("SPP search: resuming at step %d of %d from the run's checkpoint.", start, ctx.total_steps)
+        data = ctx.batches(start) if start else ctx.batches()  # the API's batches() take no start (no checkpoints there)
         # trainer.precision=fp16: the search's own gradient scaler (small mask gradients would
         # flush to zero in fp16); a step it skips for inf/NaN gradients is skipped whole, Z and
         # Γ included (their optimizer updates them in its step()). Their search runs in fp32.
-        scaler = torch.amp.GradScaler(ctx.device.type) if getattr(ctx.extra.get("trainer"), "scaler", None) is not None else None
-        taken = 0  # optimizer steps taken (Adam's bias correction counts these)
+        scaler = torch.amp.GradScaler(ctx.device.type) if getattr(trainer, "scaler", None) is not None else None
+        if resume is not None and scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+
+        def checkpoint(done: int) -> None:
+            """The search's state after ``done`` steps, in the run's checkpoint (stage prune,
+            not complete). The weights are saved unmasked: W is frozen, the masks are state."""
+            state = {"step": done, "taken": taken, "path": path, "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     **{name: [t.detach().clone() for t in ts] for name, ts in
+                        (("m", params), ("z", z), ("gamma", gamma), ("entry", entry), ("support", support))}}
+            masks.detach()
+            try:
+                save(done, {"step": done, "method_loop": state})
+            finally:
+                masks.attach()
+
         model.train()
         masks.attach()
         try:
-            bar = progress(range(ctx.total_steps), desc="spp search", leave=False, disable=not distributed.is_main())
+            bar = progress(range(start, ctx.total_steps), desc="spp search", initial=start, total=ctx.total_steps, leave=False,
+                           disable=not distributed.is_main())
             for step in bar:
                 batch = distributed.shard(next(data))  # torchrun: this rank's share of the batch
                 # their engine.py checks at batch i % interval == 0 of each epoch (i restarts every
@@ -462,14 +492,19 @@ class SPP(PruningMethod):
                 point["lr"] = lr
                 path.append(point)
                 bar.set_postfix(loss=f"{value:.4f}", support=f"{point['support']:.3f}", refresh=False)
+                if every > 0 and (step + 1) % every == 0 and step + 1 < ctx.total_steps:
+                    checkpoint(step + 1)
+                    _fault_injection("spp", step + 1)
                 _fault_signal("spp", step + 1)
                 signum = STOP.requested()
                 if signum is not None:  # a scheduler's SIGTERM: stop now, not at the search's end (it was 26 s later)
                     bar.close()
+                    if save is not None:
+                        checkpoint(step + 1)
                     raise RunStopped(
-                        f"Stopped by {stop_name(signum)} at step {step + 1} of {ctx.total_steps} of the SPP search, which "
-                        "keeps no checkpoint of its own: run the same command again to resume; the search starts over "
-                        "from the finetune stage's checkpoint.", signum)
+                        f"Stopped by {stop_name(signum)} at step {step + 1} of {ctx.total_steps} of the SPP search; "
+                        + ("a checkpoint was saved. Run the same command again to resume from it." if save is not None else
+                           "run it again to search from the start."), signum)
             bar.close()
         finally:
             masks.detach()
