@@ -240,9 +240,12 @@ def test_e2e_cifar10(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_e2e_imagefolder(tmp_path: Path) -> None:
+def test_e2e_imagefolder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = write_imagefolder(tmp_path / "inet", n_train=6, n_val=3)
+    caplog.set_level("WARNING", logger="pruneflow")
     result = run_pipeline(tmp_path / "run", [*TINY, "task=imagenet", f"task.path={root}", "task.num_workers=2"])
+    # said once, as the folder is read; not at each of the four evaluations
+    assert sum("top5" in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
     records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
     assert [r["id"] for r in records] == list(range(9)) and [r["reference"] for r in records] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     acc = sum(r["prediction"] == r["reference"] for r in records) / len(records)

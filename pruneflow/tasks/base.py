@@ -35,6 +35,8 @@ class Task:
     #: the evaluation split that `metrics` and predictions.jsonl report; others are extra
     main_split: str = "validation"
     eval_splits: tuple[str, ...] = ("validation",)
+    #: metrics undefined by the data's make-up, said once when it is loaded, not at every evaluation
+    undefined_by_design: frozenset[str] = frozenset()
     #: the fewest evaluation examples the task's metrics are defined on
     min_eval_examples: int = 1
 
@@ -143,7 +145,7 @@ class Task:
             m, predictions[split] = self.evaluate(bundle, split, batch_size, device, desc)
             suffix = "" if split == self.main_split else self.split_suffix(split)
             metrics.update({k + suffix: v for k, v in m.items()})
-        undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+        undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v) and k not in self.undefined_by_design)
         if undefined:
             log.warning("%s: %s undefined (NaN; null in result.json), e.g. a correlation of a constant prediction.",
                         desc, ", ".join(undefined))

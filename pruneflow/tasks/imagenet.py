@@ -80,6 +80,7 @@ class ImageNet(TimmImageTask):
         self.classes = list(train.classes)
         self.num_labels = len(self.classes)
         if self.num_labels <= 5:
+            self.undefined_by_design = frozenset({"top5"})
             log.warning("task=%s: train/ has %d classes, so every label is among the five best: top5 is undefined "
                         "(null in result.json).", self.name, self.num_labels)
         remap = [train.class_to_idx[c] for c in val.classes]  # val's own indices -> train's
