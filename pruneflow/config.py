@@ -57,6 +57,7 @@ class StagesConfig:
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "32"  # 32 | bf16 | fp16
+    eval_precision: str = "32"  # 32 | bf16 | fp16: evaluation under autocast (SPP's DeiT scripts evaluate in fp16)
     compile: bool = False  # torch.compile the model (in place)
     pin_memory: Any = "auto"  # auto (on CUDA) | true | false
     torch_threads: int | None = None

@@ -85,6 +85,13 @@ OPTIMIZER_SETTINGS = ("optimizer", "weight_decay", "adam_beta1", "adam_beta2", "
                       "min_lr", "warmup_ratio", "warmup_steps", "max_grad_norm")
 
 
+def trainer_key(trainer: DictConfig) -> dict[str, Any]:
+    """The trainer settings a cached finetune depends on. ``eval_precision=32`` is left out:
+    entries written before the setting existed keep their keys."""
+    return {k: v for k, v in OmegaConf.to_container(trainer, resolve=True).items()
+            if f"trainer.{k}" not in RESUME_FREE and not (k == "eval_precision" and str(v) == "32")}
+
+
 def zero_step_stages(cfg: DictConfig) -> dict[str, bool]:
     """Each stage: are its 0 steps known without the data (epochs=0 with steps unset, or steps=0)?"""
     return {n: (cfg.stages[n].get("epochs") == 0 and cfg.stages[n].get("steps") is None) or cfg.stages[n].get("steps") == 0
@@ -253,6 +260,7 @@ class Run:
             )
         check_model_path(cfg)
         self.task = build_task(cfg.task, int(cfg.seed))
+        self.task.eval_autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.trainer.get("eval_precision", "32")))
         self.task.check_path()
         check_pairing(cfg.model, self.task)
         if getattr(self.task, "mixup", None) is not None:
@@ -550,7 +558,7 @@ class Run:
             "seed": int(c.seed),
             "stage": OmegaConf.to_container(c.stages.finetune, resolve=True),
             "steps": self.plan.stages["finetune"].steps,
-            "trainer": {k: v for k, v in OmegaConf.to_container(c.trainer, resolve=True).items() if f"trainer.{k}" not in RESUME_FREE},
+            "trainer": trainer_key(c.trainer),
             "version": 2,
             # what lies at the paths: other weights or data at the same path are another entry
             "model_files": path_fingerprint(c.model.get("path")),

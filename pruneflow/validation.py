@@ -79,6 +79,9 @@ def validate_trainer(cfg: DictConfig, cuda: bool, here: bool = True) -> None:
             "trainer.precision", "fp16", "32 or bf16 on this device",
             "fp16 autocast with a gradient scaler is for CUDA devices; on a CPU use bf16 (or 32).",
         )
+    if str(t.get("eval_precision", "32")) not in PRECISIONS:
+        raise invalid("trainer.eval_precision", t.get("eval_precision"), PRECISIONS,
+                      "The evaluations run under autocast to this dtype; 32: no autocast.")
     if not isinstance(t.get("compile", False), bool):
         raise invalid("trainer.compile", t.get("compile"), "true or false", "true compiles the model with torch.compile.")
     if t.get("compile", False) and here and (missing := compile_toolchain_missing(cuda)):

@@ -421,3 +421,29 @@ def test_forces_target_logit_loss_takes_a_mixed_batchs_soft_targets() -> None:
     assert float(hard) == float(one_hot) == -(2.0 + 3.0) / 2
     soft = force.scoring_loss(task, bundle, {"pixel_values": torch.zeros(2), "labels": torch.tensor([[0.5, 0.5, 0], [0, 0.25, 0.75]])})
     assert abs(float(soft) - -(0.5 * 2.0 + 0.5 * -1.0 + 0.25 * 0.2 + 0.75 * 3.0) / 2) < 1e-6
+
+
+def test_eval_precision_runs_the_evaluation_under_autocast_and_only_there() -> None:
+    """trainer.eval_precision=bf16: each evaluation forward under bf16 autocast (SPP's DeiT
+    scripts evaluate under fp16 autocast); 32 leaves the model's precision and the finetune
+    cache keys of runs made before the setting existed."""
+    from torch.utils.data import DataLoader
+
+    from pruneflow.runner import Run, trainer_key
+
+    cfg, task = loaded([*TINY, "task=digits", "task.max_eval_samples=40"])
+    bundle = build_model(cfg.model, task)
+    full = torch.cat(task.predict(bundle, "validation", 16, torch.device("cpu")))
+    task.eval_autocast = torch.bfloat16
+    half = torch.cat(task.predict(bundle, "validation", 16, torch.device("cpu")))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # by hand, batch by batch as predict
+        loader = DataLoader(task.eval_sets["validation"], batch_size=16, shuffle=False, collate_fn=task.collate)
+        by_hand = torch.cat([bundle.forward(b).float() for b in loader])
+    assert half.dtype == torch.float32 and torch.equal(half, by_hand)
+    assert not torch.equal(half, full) and torch.allclose(half, full, atol=0.1)  # bf16 rounding, not another model
+    for precision, autocast in (("32", None), ("bf16", torch.bfloat16)):
+        run = Run(compose([*TINY, "logger=none", f"trainer.eval_precision={precision}"]), Path("unused"), [])
+        run.check_settings()
+        assert run.task.eval_autocast == autocast
+        key = trainer_key(run.cfg.trainer)
+        assert ("eval_precision" in key) is (autocast is not None) and key.get("eval_precision", "32") == precision

@@ -148,6 +148,27 @@ def test_predicted_logits_are_trimmed_to_each_features_tokens(tmp_path: Path, si
     assert [(-e).tolist() for e in ends] == [s.tolist() for s in starts]
 
 
+def test_squad_evaluation_runs_under_the_eval_precision(tmp_path: Path) -> None:
+    """trainer.eval_precision reaches the question-answering forward (its own loop)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    task, _ = prepared(tmp_path, "v1", "jsonl", SMALL)
+    seen: list[object] = []
+
+    def forward(b: dict) -> SimpleNamespace:
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return SimpleNamespace(start_logits=b["input_ids"].float(), end_logits=b["input_ids"].float())
+
+    fake = SimpleNamespace(model=torch.nn.Identity(), forward=forward)
+    task.predict_spans(fake, "validation", 4, torch.device("cpu"))
+    task.eval_autocast = torch.bfloat16
+    task.predict_spans(fake, "validation", 4, torch.device("cpu"))
+    half = len(seen) // 2
+    assert half >= 2 and seen == [None] * half + [torch.bfloat16] * half
+
+
 def _oracle(task, split: str = "validation", max_context: list | None = None) -> list[tuple[str, float]]:  # noqa: ANN001
     """Logits that point at the gold span (or at CLS for unanswerable questions)."""
     f = task.features[split]

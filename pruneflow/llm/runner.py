@@ -62,6 +62,7 @@ TRAINING_ONLY = (
         "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "lr_scheduler", "warmup_ratio", "warmup_steps",
         "max_grad_norm", "freeze", "checkpoint_every", "log_every", "eval_every", "keep_freed_memory", "drop_last", "batch_order")),
     ("stages.eval_batch_size", "perplexity is computed window by window (task.*), not in batches of the encoder tasks' evaluation"),
+    ("trainer.eval_precision", "perplexity is computed in the model's own dtype (model.dtype)"),
 )
 ALLOCATIONS = ("uniform", "owl")
 

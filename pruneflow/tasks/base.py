@@ -37,6 +37,11 @@ class Task:
     eval_splits: tuple[str, ...] = ("validation",)
     #: metrics undefined by the data's make-up, said once when it is loaded, not at every evaluation
     undefined_by_design: frozenset[str] = frozenset()
+    #: trainer.eval_precision: the dtype evaluation forwards autocast to (None: as the model is)
+    eval_autocast: torch.dtype | None = None
+
+    def eval_context(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.eval_autocast, enabled=self.eval_autocast is not None)
     #: the fewest evaluation examples the task's metrics are defined on
     min_eval_examples: int = 1
 
@@ -129,7 +134,8 @@ class Task:
         outs = []
         for batch in progress(loader, desc=f"{desc} [{split}]", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = bundle.forward(batch)
+            with self.eval_context(device):
+                out = bundle.forward(batch)
             outs.append(out if isinstance(out, torch.Tensor) else out.logits)
         return [o.float().cpu() for o in outs]
 

@@ -592,7 +592,8 @@ class Squad(TextTask):
         ends: list[np.ndarray] = []
         for batch in progress(loader, desc=f"{desc} [{split}]", leave=False):
             lengths = batch["attention_mask"].sum(-1).tolist()
-            out = bundle.forward({k: v.to(device) for k, v in batch.items()})
+            with self.eval_context(device):
+                out = bundle.forward({k: v.to(device) for k, v in batch.items()})
             s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
             for row, n in enumerate(lengths):
                 sl = slice(None) if whole else slice(s.shape[1] - n, None) if left else slice(0, n)
