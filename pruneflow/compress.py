@@ -546,6 +546,22 @@ class PairedMasks:
             attn = pb.attn
             self._register([(attn.query, "weight", 0), (attn.query, "bias", 0), (attn.key, "weight", 0), (attn.key, "bias", 0)], Scale, e.param, rep)
 
+    def unmasked_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict as without the masks (the keys a plain model loads): each
+        ``<m>.parametrizations.<p>.original`` as ``<m>.<p>``, the masks' own entries left out.
+        Detaching and attaching again instead would give the modules new parametrized classes,
+        and a compiled model would recompile after every checkpoint."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.model.state_dict().items():
+            head, sep, tail = key.partition("parametrizations.")
+            if sep and (not head or head.endswith(".")):
+                name, _, rest = tail.partition(".")
+                if rest == "original":
+                    out[head + name] = value
+                continue
+            out[key] = value
+        return out
+
     def detach(self) -> None:
         """Remove the masks and restore the unmasked weights, in their original parameter
         order (``remove_parametrizations`` appends them; the order matters for bit-exact

@@ -470,23 +470,25 @@ class Run:
                 atomic_write_json(self.progress_path, progress)
 
     def save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None = None,
-                        done: dict[str, Any] | None = None) -> None:
+                        done: dict[str, Any] | None = None, model_state: dict[str, Any] | None = None) -> None:
         """``done``: a complete stage's progress entry (metrics, time), also written to
-        progress.json right after: a kill between the two writes loses neither."""
+        progress.json right after: a kill between the two writes loses neither.
+        ``model_state``: the weights to save in place of the model's state dict (SPP's
+        search saves them without its masks)."""
         if not distributed.is_main():
             return
         with writing(self.ckpt_path):
-            self._save_checkpoint(stage, step, complete, trainer_state, done)
+            self._save_checkpoint(stage, step, complete, trainer_state, done, model_state)
 
     def _save_checkpoint(self, stage: str, step: int, complete: bool, trainer_state: dict[str, Any] | None,
-                         done: dict[str, Any] | None = None) -> None:
+                         done: dict[str, Any] | None = None, model_state: dict[str, Any] | None = None) -> None:
         atomic_torch_save(
             {
                 "stage": stage,
                 "step": step,
                 "complete": complete,
                 "done": done,
-                "model": self.bundle.model.state_dict(),
+                "model": self.bundle.model.state_dict() if model_state is None else model_state,
                 "method": self.method.state_dict(),
                 "trainer": trainer_state,
                 "rng": rng_state(),
@@ -761,7 +763,7 @@ class Run:
         return self.optim.state_dict() if self.optim is not None else None
 
     def checkpoint_fn(self, stage: str):  # noqa: ANN201
-        def save(step: int, trainer_state: dict[str, Any]) -> bool:
+        def save(step: int, trainer_state: dict[str, Any], model_state: dict[str, Any] | None = None) -> bool:
             """Writes the checkpoint; for a diverged state, returns whether a last.pt to
             resume from exists (the message says where a re-run starts)."""
             if trainer_state.get("diverged"):  # keep last.pt (the state to resume from) untouched
@@ -771,7 +773,7 @@ class Run:
                 finally:
                     self.ckpt_path = path
                 return path.exists()
-            self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state)
+            self.save_checkpoint(stage, step, complete=False, trainer_state=trainer_state, model_state=model_state)
             return True
 
         return save

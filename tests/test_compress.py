@@ -178,6 +178,27 @@ def test_detaching_masks_restores_weights_and_parameter_order():
 
 
 @pytest.mark.parametrize("family", ["hf", "timm"])
+@pytest.mark.parametrize("sites", ["authors", "outputs"])
+def test_the_unmasked_state_dict_is_the_plain_models_without_detaching(family, sites):
+    """SPP's search checkpoints its weights while the masks stay attached: the state dict a
+    plain model loads, the masks' entries left out, and no module gets a new class (a
+    compiled model would recompile after every checkpoint)."""
+    model = tiny_bert("eager") if family == "hf" else tiny_vit()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = PairedMasks(model, sites=sites)
+    masks.attach()
+    masks.set([torch.rand_like(e.param) for e in masks])
+    classes = {name: type(m) for name, m in model.named_modules()}
+    assert any("parametrizations." in k for k in model.state_dict())  # it is the masked model's state dict that is mapped
+    got = masks.unmasked_state_dict()
+    assert got.keys() == plain.keys()
+    assert all(torch.equal(got[k], plain[k]) for k in plain)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    fresh = tiny_bert("eager") if family == "hf" else tiny_vit()
+    fresh.load_state_dict(got)  # strict: every key of a plain model, none more
+
+
+@pytest.mark.parametrize("family", ["hf", "timm"])
 def test_authors_mask_sites_scale_q_and_k_and_fc1(family):
     """SPP's code multiplies q and k by the same q-k mask (q·k scales by its square) and
     fc1's output by the FFN mask, before the activation: a uniform 0.5 mask equals

@@ -441,11 +441,7 @@ class SPP(PruningMethod):
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      **{name: [t.detach().clone() for t in ts] for name, ts in
                         (("m", params), ("z", z), ("gamma", gamma), ("entry", entry), ("support", support))}}
-            masks.detach()
-            try:
-                save(done, {"step": done, "method_loop": state})
-            finally:
-                masks.attach()
+            save(done, {"step": done, "method_loop": state}, masks.unmasked_state_dict())
 
         model.train()
         masks.attach()
