@@ -231,6 +231,9 @@ def _first_value(override: Any) -> str:  # noqa: ANN401
 def precheck(argv: list[str]) -> str | None:
     """Compose the configuration of every sweep value before Hydra runs anything, so that
     a misspelt key, a wrong type or an unknown option is one clear paragraph."""
+    from pruneflow.validation import SWEEP_SHARED_ENV
+
+    os.environ.pop(SWEEP_SHARED_ENV, None)  # set below for this command's sweep only
     modes = sorted({MODE_FLAGS[a.split("=")[0]] for a in argv if a.split("=")[0] in MODE_FLAGS})
     if len(modes) > 1:
         how = (" To see the configuration of one job of a sweep, give that job's values without -m: "
@@ -372,6 +375,10 @@ def precheck(argv: list[str]) -> str | None:
                 return problem
 
             single: Any = None  # a run's (or --cfg's) config, checked once Hydra's own settings are
+            # settings given once for the whole sweep that a job would ignore: the jobs that skip each
+            # (and the first message); fine as long as some job uses it (a swept one: never)
+            given_once = {o.get_key_element() for o in plain if not o.is_sweep_override()}
+            skipped_by: dict[str, list[tuple[list[str], str]]] = {}
             for overrides in variants:
                 try:
                     if overrides is base and base_error is not None:  # composed above: the same error again
@@ -395,12 +402,31 @@ def precheck(argv: list[str]) -> str | None:
                 if not multirun:
                     single = cfg
                     continue
+                from pruneflow.errors import UnusedSetting
                 from pruneflow.runner import check_settings
+                from pruneflow.validation import SWEEP_SHARED_CHECKING
 
-                try:
-                    check_settings(cfg, here, overrides)
-                except UserError as e:
-                    return of_job(overrides, str(e))
+                SWEEP_SHARED_CHECKING.clear()  # each job finds the shared settings it would ignore itself
+                while True:  # the job's check again past each shared setting it would ignore
+                    try:
+                        check_settings(cfg, here, overrides)
+                        break
+                    except UnusedSetting as e:
+                        if e.key not in given_once or any(job is overrides for job, _ in skipped_by.get(e.key, [])):
+                            return of_job(overrides, str(e))
+                        skipped_by.setdefault(e.key, []).append((overrides, str(e)))
+                        SWEEP_SHARED_CHECKING.add(e.key)
+                    except UserError as e:
+                        return of_job(overrides, str(e))
+            if skipped_by:
+                from pruneflow.validation import SWEEP_SHARED_ENV
+
+                unused = next(((key, jobs) for key, jobs in skipped_by.items() if len(jobs) == len(variants)), None)
+                if unused is not None:  # no job of the sweep uses it
+                    return of_job(*unused[1][0])
+                os.environ[SWEEP_SHARED_ENV] = ",".join(sorted(skipped_by))  # the jobs log it (joblib's workers inherit it)
+                print("pruneflow: note: " + "; ".join(f"{key} is not used by {len(jobs)} of the {len(variants)} jobs" for key, jobs in
+                                                    sorted(skipped_by.items())) + " (each such job's log names it).", file=sys.stderr)
             if own and not own_checked:
                 try:
                     compose(config_name="config", overrides=[*own, *base], return_hydra_config=True)
@@ -423,6 +449,10 @@ def precheck(argv: list[str]) -> str | None:
                     return str(e)
     finally:
         GlobalHydra.instance().clear()
+        if multirun:
+            from pruneflow.validation import SWEEP_SHARED_CHECKING
+
+            SWEEP_SHARED_CHECKING.clear()
     return None
 
 
@@ -625,6 +655,9 @@ def main() -> None:
         sys.exit(1)
     finally:  # a request left in the sweep folder would stop the next launch's jobs (it also clears it)
         STOP.forget_stop_file()
+        from pruneflow.validation import SWEEP_SHARED_ENV
+
+        os.environ.pop(SWEEP_SHARED_ENV, None)
 
     for sweep_dir in SWEEP_DIRS:  # where the jobs went, and the next step the README gives
         print(f"pruneflow: the sweep's jobs are in {sweep_dir}; compare them with: pruneflow-report {sweep_dir}")

@@ -9,6 +9,14 @@ class UserError(Exception):
     """A mistake in the user's configuration or data, reported without a traceback."""
 
 
+class UnusedSetting(UserError):
+    """A setting the run would ignore (``key``: as the command line names it)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run's state was saved."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pruneflow.errors import SPARSITY_ALLOWED, UserError, check_bool, invalid
+from pruneflow.errors import SPARSITY_ALLOWED, UnusedSetting, UserError, check_bool, invalid
 from pruneflow.published import as_typed
 
 PRECISIONS = ("32", "bf16", "fp16")
@@ -340,6 +340,20 @@ def typed_text(typed: Sequence[str]) -> dict[str, str]:
     return out
 
 
+# A sweep gives a setting to every job and only some use it (stages.prune.lr in -m method=dense,magnitude):
+# the CLI's check names such keys here for the jobs it launches, which log it instead of refusing it.
+SWEEP_SHARED_ENV = "PRUNEFLOW_SWEEP_SHARED_UNUSED"
+#: the same keys while the CLI checks the sweep's jobs (quietly: it decides once every job is checked)
+SWEEP_SHARED_CHECKING: set[str] = set()
+
+
+def _shared_by_the_sweep(key: str) -> str | None:
+    """``"quiet"``/``"log"`` when ``key`` is a setting the sweep shares with jobs that use it."""
+    if key in SWEEP_SHARED_CHECKING:
+        return "quiet"
+    return "log" if key in [k for k in os.environ.get(SWEEP_SHARED_ENV, "").split(",") if k] else None
+
+
 def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[str, Any] | None = None, typed: Sequence[str] = ()) -> None:
     """A setting the run would ignore is an error (unless set to null, 0 or ``<section>.enabled=false``: "not used").
     ``explicit``: ``explicit_settings(cfg, typed)`` if the caller has it (one composition,
@@ -358,7 +372,14 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
                 if key.endswith(".name") and group in SETTING_GROUPS + CHOICE_SETTINGS:  # a group's option was chosen
                     key = group
                 shown = typed_values.get(key, as_typed(value))
-                raise UserError(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.")
+                shared = _shared_by_the_sweep(key) if key in typed_values else None
+                if shared == "log":
+                    import logging
+
+                    logging.getLogger("pruneflow").warning(
+                        "'%s=%s' is not used by this job: %s. The sweep gives it to every job, and other jobs use it.", key, shown, why)
+                if shared is None:
+                    raise UnusedSetting(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.", key)
 
 
 def check_typed_unused(cfg: DictConfig, unused: list[tuple[str, str]], typed: Sequence[str]) -> None:

@@ -39,3 +39,31 @@ def test_multirun_writes_one_result_per_job_and_a_failing_job_does_not_stop_the_
     records = sorted(sweep.glob("multirun*.yaml"))
     assert [p.name for p in records][-1] == "multirun.yaml" and len(records) == 2
     assert "method=magnitude,random" in records[0].read_text() and "batch_size=32,1000" in records[1].read_text()
+
+
+def test_a_setting_given_once_to_a_sweep_is_refused_only_when_no_job_uses_it(tmp_path):
+    """`-m method=dense,magnitude stages.prune.lr=5e-4`: the dense job has no prune stage. A
+    setting given once for the whole sweep is named in the log of each job that skips it (and
+    once by the command) as long as some job uses it; used by none, or swept (jobs would differ
+    only by a value they ignore), it is refused before any job starts, as a single run's is."""
+    from pruneflow.cli import precheck
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *FAST, "method=dense,magnitude", "stages.prune.lr=5e-4", f"hydra.sweep.dir={sweep}",
+                    f"cache_dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = next(line for line in proc.stderr.splitlines() if line.startswith("pruneflow: note:"))
+    assert note == ("pruneflow: note: stages.prune.lr is not used by 1 of the 2 jobs; stages.prune.steps is not used by 1 of the 2 "
+                    "jobs (each such job's log names it)."), note  # FAST's prune steps too
+    (dense,) = sweep.glob("method=dense*")
+    (magnitude,) = sweep.glob("method=magnitude*")
+    log = (dense / "pruneflow.log").read_text()
+    assert "'stages.prune.lr=0.0005' is not used by this job: method=dense does not prune" in log
+    assert "not used by this job" not in (magnitude / "pruneflow.log").read_text()
+    assert read_result(magnitude)["config"]["stages"]["prune"]["lr"] == 5e-4 and read_result(dense)["method"] == "dense"
+    for argv in (["-m", "method=dense", "seed=0,1", "stages.prune.lr=5e-4"],  # no job uses it
+                 ["-m", "method=dense,magnitude", "stages.prune.lr=5e-4,1e-3"],  # swept
+                 ["method=dense", "stages.prune.lr=5e-4"]):  # one run
+        problem = precheck([*argv, "logger=none", f"hydra.sweep.dir={tmp_path / 'no'}", f"hydra.run.dir={tmp_path / 'no'}"])
+        assert problem is not None and "'stages.prune.lr=" in problem and "' would be ignored: method=dense does not prune" in problem, argv
+    assert not (tmp_path / "no").exists() and "PRUNEFLOW_SWEEP_SHARED_UNUSED" not in __import__("os").environ
