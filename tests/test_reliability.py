@@ -262,6 +262,9 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
      "no zero-shot task is listed"),
     (["task=lm/wikitext2", "model=tiny_llama", "method=wanda", "stages.eval_batch_size=7"], "'stages.eval_batch_size=7' would be ignored",
      "window by window"),
+    # an experiment's calibration.* serves its table's other rows, a sweep's its other jobs: a run's own is refused
+    (["task=lm/wikitext2", "model=tiny_llama", "method=magnitude", "calibration.nsamples=64"],
+     "'calibration.nsamples=64' would be ignored", "reads no calibration data"),
     # no stage updates a weight: the optimizer's settings as typed would be ignored
     (["method=magnitude", "stages.finetune.epochs=0", "stages.recover.epochs=0", "stages.prune.update_weights=false",
       "trainer.weight_decay=0.3"], "'trainer.weight_decay=0.3' would be ignored", "the prune stage makes no weight updates"),

@@ -40,10 +40,10 @@ from pruneflow.utils import (
 )
 from pruneflow.validation import (
     check_model_path,
+    check_typed_unused,
     check_unused,
     refuse_non_finite,
     switched_off,
-    typed_text,
     validate_run,
 )
 
@@ -110,7 +110,11 @@ class LLMRun:
         # calibration text, so none is loaded or run through the blocks (OWL's ratios need it)
         self.data_free = (not self.gradient and not self.method.pruner_class.needs_inputs
                           and (cfg.get("allocation") or {}).get("name") == "uniform")
-        if not self.gradient and not self.data_free:
+        if self.data_free:  # an experiment's calibration.* serves its table's other rows; a sweep's, its other jobs
+            check_typed_unused(cfg, [("calibration", f"method={name} with allocation.name=uniform scores |W| alone and reads "
+                                                     "no calibration data (allocation.name=owl reads it for its outlier ratios)")],
+                               self.overrides)
+        elif not self.gradient:
             unused.append(("calibration.batch_size", f"method={name} prunes block by block from each window's activations "
                                                      "(calibration.batch_size is the batch of the gradient-scored methods)"))
         if (cfg.get("allocation") or {}).get("name") == "uniform":
@@ -237,15 +241,8 @@ class LLMRun:
                                   f"{', '.join(leaves)}", f"'{target}' matches no module of the model (peft matches a name or "
                                   "the end of a dotted module path).")
         if self.data_free:
-            # a warning, not an error: a sweep over methods shares one calibration.* (the table's other rows read it)
-            typed = sorted(f"{k}={v}" for k, v in typed_text(self.overrides).items() if k.startswith("calibration."))
-            if typed:
-                log.warning("%s not used: method=%s with allocation.name=uniform scores |W| alone and reads no calibration "
-                            "data (result.json: calibration.used=false; allocation.name=owl reads it for its outlier ratios).",
-                            " ".join(typed), cfg.method.name)
-            else:
-                log.info("method=%s with allocation=uniform reads no calibration data: calibration.* are not used "
-                         "(result.json: calibration.used=false).", cfg.method.name)
+            log.info("method=%s with allocation=uniform reads no calibration data: calibration.* are not used "
+                     "(result.json: calibration.used=false).", cfg.method.name)
 
     @staticmethod
     def check_recovery(rec: Any) -> dict[str, Any]:  # noqa: ANN401
