@@ -6,6 +6,7 @@ Every message names the key, the value given and what is allowed (``invalid``).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from omegaconf import DictConfig
 
 from pruneflow.errors import SPARSITY_ALLOWED, UnusedSetting, UserError, check_bool, invalid
 from pruneflow.published import as_typed
+
+log = logging.getLogger("pruneflow")
 
 PRECISIONS = ("32", "bf16", "fp16")
 
@@ -374,10 +377,7 @@ def check_unused(cfg: DictConfig, unused: list[tuple[str, str]], explicit: dict[
                 shown = typed_values.get(key, as_typed(value))
                 shared = _shared_by_the_sweep(key) if key in typed_values else None
                 if shared == "log":
-                    import logging
-
-                    logging.getLogger("pruneflow").warning(
-                        "'%s=%s' is not used by this job: %s. The sweep gives it to every job, and other jobs use it.", key, shown, why)
+                    log.warning("'%s=%s' is not used by this job: %s. The sweep gives it to every job, and other jobs use it.", key, shown, why)
                 if shared is None:
                     raise UnusedSetting(f"'{key}={shown}' would be ignored: {why}. Remove it; no setting is silently ignored.", key)
 
