@@ -48,6 +48,7 @@ from pruneflow.trainer import (
     Trainer,
     _fault_injection,
     _fault_signal,
+    autocast_dtype,
     steps_per_epoch,
 )
 from pruneflow.utils import (
@@ -260,7 +261,7 @@ class Run:
             )
         check_model_path(cfg)
         self.task = build_task(cfg.task, int(cfg.seed))
-        self.task.eval_autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.trainer.get("eval_precision", "32")))
+        self.task.eval_autocast = autocast_dtype(cfg.trainer.get("eval_precision", "32"))
         self.task.check_path()
         check_pairing(cfg.model, self.task)
         if getattr(self.task, "mixup", None) is not None:
@@ -386,7 +387,7 @@ class Run:
         refuses them for every job before the first starts."""
         cfg = self.cfg
         explicit_zero = zero_step_stages(cfg)
-        own_plan = type(self.method).plan_stages is not PruningMethod.plan_stages  # presets set the stage lengths
+        own_plan = self.method_plans_stages()
         if self.method.prunes:
             schedule = Schedule.from_config(cfg.schedule, self.method.schedule_target(), 1)
             schedule.check_settings()
@@ -403,12 +404,16 @@ class Run:
             running = [n for n in STAGES if not explicit_zero[n] and (n != "prune" or self.method.prunes)]
             self.check_continuous({n: int(cfg.stages[n].batch_size) for n in running}, "recover" in running)
 
+    def method_plans_stages(self) -> bool:
+        """The method sets the stage lengths itself (SEVEN's presets), not stages.*."""
+        return type(self.method).plan_stages is not PruningMethod.plan_stages
+
     def check_optimizer_used(self) -> None:
         """No stage updates a weight (finetune and recover at 0 steps, a prune stage that only
         scores or does not run): the optimizer's settings as typed would be ignored. An
         experiment's are kept, as they serve its other rows."""
         cfg = self.cfg
-        if type(self.method).plan_stages is not PruningMethod.plan_stages:  # a preset sets the stage lengths
+        if self.method_plans_stages():
             return
         zero = zero_step_stages(cfg)
         prune_trains = self.method.prunes and self.prune_updates_weights and not zero["prune"]
@@ -706,10 +711,11 @@ class Run:
                     self.setup_method()
                 # a checkpoint that a method's own loop wrote (SPP's search) resumes in that loop
                 own_loop = resume_trainer.get("method_loop") if resume_trainer is not None else None
-                self.method.ctx.extra.update(checkpoint=self.checkpoint_fn(name), resume=own_loop)
+                save = self.checkpoint_fn(name)
+                self.method.ctx.extra.update(checkpoint=save, resume=own_loop)
                 handled = (not resumed or own_loop is not None) and self.method.run_prune_stage(self.method.ctx)
                 if not handled:
-                    self.trainer.train(spec, self.method, self.optim, resume=resume_trainer, checkpoint=self.checkpoint_fn(name),
+                    self.trainer.train(spec, self.method, self.optim, resume=resume_trainer, checkpoint=save,
                                        on_log=self.logger.log, evaluate=self.eval_during(name), eval_every=self.eval_every[name])
                 self.method.end_prune_stage()
                 self.check_ranks("prune", "the masks and scores after the prune stage")

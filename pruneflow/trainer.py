@@ -232,6 +232,11 @@ class EpochBatches:
         return self.collate([self.dataset[j] for j in idx])
 
 
+def autocast_dtype(precision: object) -> torch.dtype | None:
+    """The autocast dtype of ``trainer.precision`` / ``trainer.eval_precision`` (None: 32, no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(precision))
+
+
 def _fault_injection(stage: str, step: int | str) -> None:
     """Tests set PRUNEFLOW_TEST_KILL_AT=<stage>:<step> to SIGKILL the run right after
     that checkpoint, which makes resume tests deterministic."""
@@ -316,7 +321,7 @@ class Trainer:
         self.drop_last = bool(cfg.get("drop_last", True))
         self.batch_order = str(cfg.get("batch_order", "shuffle"))
         precision = str(cfg.get("precision", "32"))
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast_dtype = autocast_dtype(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.continuous = bool(cfg.get("continuous", False))
         pin = cfg.get("pin_memory", "auto")

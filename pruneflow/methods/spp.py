@@ -441,7 +441,7 @@ class SPP(PruningMethod):
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      **{name: [t.detach().clone() for t in ts] for name, ts in
                         (("m", params), ("z", z), ("gamma", gamma), ("entry", entry), ("support", support))}}
-            save(done, {"step": done, "method_loop": state}, masks.unmasked_state_dict())
+            save(done, {"method_loop": state}, masks.unmasked_state_dict())
 
         model.train()
         masks.attach()

@@ -39,9 +39,6 @@ class Task:
     undefined_by_design: frozenset[str] = frozenset()
     #: trainer.eval_precision: the dtype evaluation forwards autocast to (None: as the model is)
     eval_autocast: torch.dtype | None = None
-
-    def eval_context(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device.type, dtype=self.eval_autocast, enabled=self.eval_autocast is not None)
     #: the fewest evaluation examples the task's metrics are defined on
     min_eval_examples: int = 1
 
@@ -124,6 +121,10 @@ class Task:
         return [out.start_logits, out.end_logits] if self.problem == "question_answering" else [out.logits]
 
     # --- evaluation --------------------------------------------------------------
+    def eval_context(self, device: torch.device) -> torch.autocast:
+        """Evaluation forwards under trainer.eval_precision's autocast (a no-op at 32)."""
+        return torch.autocast(device.type, dtype=self.eval_autocast, enabled=self.eval_autocast is not None)
+
     @torch.no_grad()
     def predict(self, bundle: ModelBundle, split: str, batch_size: int, device: torch.device, desc: str = "eval") -> list[torch.Tensor]:
         """Model outputs (logits) for every example of a split, in order."""
