@@ -212,37 +212,93 @@ def test_callback_window_floats_are_fractions_and_ints_are_steps():
             _steps(bad, 16, "steps")
 
 
-def test_resuming_a_trainer_run_inside_the_pruning_window_is_refused(tmp_path):
-    """The checkpoint holds the pruned layers under parametrization names; a new model does
-    not have them, so transformers loaded none of those weights and only warned. Before,
-    the run went on from random prunable weights and ended at sparsity 0."""
+@pytest.mark.parametrize("method", ["seven", "platon", "magnitude", "random"])
+def test_a_trainer_run_resumes_inside_the_pruning_window_exactly(tmp_path, method):
+    """The checkpoint holds the pruned layers under parametrization names that a new model
+    lacks, so transformers loads none of those weights and only warns. Before, such a resume
+    was refused (and earlier still it went on from untrained weights and ended at sparsity 0);
+    now the callback attaches the masks and loads them with the method's state, and the
+    resumed run ends with the uninterrupted run's weights."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from pruneflow.integrations import PruningCallback
+    from pruneflow.integrations import STATE_FILE, PruningCallback
 
     class StopAtSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
             control.should_training_stop = True
 
-    def trainer(save_steps: int) -> Trainer:
+    def trainer(out: str, save_steps: int = 6) -> Trainer:
+        model, ds = tiny_bert_and_data(32)
+        args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-3,
+                                 report_to=[], save_strategy="steps", save_steps=save_steps, use_cpu=True, disable_tqdm=True, seed=0)
+        return Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback(method, sparsity=0.6, start=4, steps=8)])
+
+    whole = trainer("whole")
+    whole.train()
+    stopped = trainer("stopped")
+    stopped.add_callback(StopAtSave())
+    stopped.train()
+    assert stopped.state.global_step == 6 and (tmp_path / "stopped" / "checkpoint-6" / STATE_FILE).is_file()
+    resumed = trainer("stopped")
+    resumed.train(resume_from_checkpoint=True)
+    expected, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])][:3]
+    assert pruneflow.sparsity_report(resumed.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_trainer_resume_without_the_pruning_state_is_refused(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pruneflow.integrations import STATE_FILE, PruningCallback
+
+    class StopAtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            control.should_training_stop = True
+
+    def trainer(save_steps: int, start: int = 4) -> Trainer:
         model, ds = tiny_bert_and_data(32)
         args = TrainingArguments(output_dir=str(tmp_path / f"out{save_steps}"), max_steps=16, per_device_train_batch_size=4,
                                  learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=save_steps, use_cpu=True,
                                  disable_tqdm=True)
-        return Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback("seven", sparsity=0.6, start=4, steps=8)])
+        return Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback("seven", sparsity=0.6, start=start, steps=8)])
 
     first = trainer(6)
     first.add_callback(StopAtSave())
     first.train()
-    with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=4, steps=8\)"):
+    # another window than the one the checkpoint was saved in
+    with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=3, steps=8\).*another run"):
+        trainer(6, start=3).train(resume_from_checkpoint=True)
+    # a checkpoint saved without it (an older pruneflow, or a copied folder)
+    (tmp_path / "out6" / "checkpoint-6" / STATE_FILE).unlink()
+    with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=4, steps=8\).*there is none"):
         trainer(6).train(resume_from_checkpoint=True)
-    # a checkpoint from before the window resumes and prunes
+    # a checkpoint from before the window needs none: it resumes and prunes
     early = trainer(4)
     early.add_callback(StopAtSave())
     early.train()
+    assert not (tmp_path / "out4" / "checkpoint-4" / STATE_FILE).exists()
     resumed = trainer(4)
     resumed.train(resume_from_checkpoint=True)
     assert pruneflow.sparsity_report(resumed.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_movement_in_a_trainer_says_its_window_checkpoints_cannot_resume(tmp_path, caplog):
+    """Its scores are a group of the Trainer's optimizer, which transformers reloads before
+    any callback runs; torch then refuses the saved optimizer. Said when saving, once."""
+    from transformers import Trainer, TrainingArguments
+
+    from pruneflow.integrations import STATE_FILE, PruningCallback
+
+    model, ds = tiny_bert_and_data(32)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True)
+    with caplog.at_level("WARNING", logger="pruneflow.integrations"):
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback("movement", sparsity=0.6, start=4, steps=8)]).train()
+    said = [r.getMessage() for r in caplog.records if "cannot be resumed" in r.getMessage()]
+    assert said == ["pruneflow: method=movement trains its scores in the Trainer's optimizer, so a checkpoint saved inside or "
+                    "after the pruning window cannot be resumed (from step 5 on); one at step 4 or earlier can."]
+    assert not list(tmp_path.glob(f"checkpoint-*/{STATE_FILE}"))
 
 
 def test_a_single_pattern_string_is_one_pattern():
@@ -322,6 +378,64 @@ def test_lightning_callback(tmp_path):
     trainer.fit(module, data)
     report = pruneflow.sparsity_report(module, include=["net.blocks.*"])
     assert report["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert module.strict_loading  # loosened while a checkpoint might load (none here), then put back
+
+
+@pytest.mark.parametrize("method", ["seven", "movement"])
+def test_a_lightning_run_resumes_inside_the_pruning_window_exactly(tmp_path, method):
+    """Lightning loads the weights strictly before callbacks see the checkpoint, and the
+    masked layers are saved under parametrization names a new module lacks: before, such a
+    resume ended in Lightning's missing/unexpected-keys error."""
+    L = pytest.importorskip("lightning")
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pruneflow.integrations.lightning import PruningCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Tiny()
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+            trainer.should_stop = trainer.global_step == 6
+
+    x = torch.randn(48, 16, generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)  # 6 steps an epoch
+
+    def fit(out: str, *extra: L.Callback, ckpt_path: str | None = None) -> Module:
+        module = Module()
+        saver = ModelCheckpoint(dirpath=str(tmp_path / out), every_n_train_steps=6, save_top_k=-1)
+        trainer = L.Trainer(max_steps=16, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path), callbacks=[PruningCallback(method, sparsity=0.5, start=2, steps=8,
+                                                                                       include=["net.blocks.*"]), saver, *extra])
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module
+
+    whole = fit("whole")
+    fit("stopped", StopAt())
+    (checkpoint,) = (tmp_path / "stopped").glob("*step=6.ckpt")
+    resumed = fit("resumed", ckpt_path=str(checkpoint))
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert pruneflow.sparsity_report(resumed, include=["net.blocks.*"])["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert resumed.strict_loading  # put back after the checkpoint loaded
+    # the callback loads loosely to restore the masked layers; any other mismatch is still refused, as strict loading does
+    broken = torch.load(checkpoint, weights_only=False)
+    broken["state_dict"]["net.extra"] = torch.zeros(1)
+    torch.save(broken, tmp_path / "broken.ckpt")
+    with pytest.raises(UserError, match=r"does not fit the model: missing \[\], unexpected \['net.extra'\]"):
+        fit("broken", ckpt_path=str(tmp_path / "broken.ckpt"))
 
 
 @pytest.mark.slow

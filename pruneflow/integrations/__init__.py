@@ -9,15 +9,32 @@ through :class:`pruneflow.api.Pruner`; nothing is implemented twice.
 Sparsity is logged as ``pruning/sparsity`` (counted from the weights) with the
 Trainer's own logs; at the end of training the masks are removed, leaving plain
 weights with the zeros in place (``keep_masks=True`` keeps the parametrizations).
+
+Checkpoints saved inside or after the pruning window resume where they stopped: the
+masked layers are stored under their parametrization names (``...parametrizations.
+weight.original`` and the mask), which a freshly built model lacks, so on resume the
+callback attaches the masks and loads those entries itself, with the method's state
+(scores, masks, schedule position) from the file it writes beside the checkpoint
+(``checkpoint-N/pruneflow_pruner.pt``; Lightning: the checkpoint's callback state).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from pruneflow.api import Pruner, create
 from pruneflow.errors import UserError
+from pruneflow.utils import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "pruneflow_pruner.pt"  # beside a transformers checkpoint: the method's state at that step
 
 try:
     from transformers import TrainerCallback
@@ -67,23 +84,48 @@ class PruningWindow:
         # built now so that a bad setting fails before any training
         self.pruner = create(self.method, self.sparsity, self.steps, **self.schedule, **self.settings)
 
-    def check_resume(self, step: int) -> None:
-        """A run resumed from a checkpoint saved inside or after the pruning window: the
-        checkpoint holds the masked weights under parametrization names that a fresh model
-        lacks, so the trainer loaded none of them (transformers only warns). Refused rather
-        than pruning a model that silently lost its training."""
-        if step > self.start and (self.pruner is None or self.pruner.model is None):
-            raise UserError(
-                f"Resuming at step {step}, inside or after the pruning window (start={self.start}, steps={self.steps}), is not "
-                "supported by the pruneflow callback: the checkpoint stores the pruned layers as parametrizations "
-                "(...parametrizations.weight.original and the masks) that the new model does not have, so their weights were "
-                f"not loaded. Train again from the start, or resume from a checkpoint at step {self.start} or earlier."
-            )
+    def refuse_resume(self, step: int, why: str) -> None:
+        raise UserError(
+            f"Resuming at step {step}, inside or after the pruning window (start={self.start}, steps={self.steps}), needs the "
+            f"pruneflow state saved with that checkpoint, and {why}. The checkpoint stores the pruned layers as "
+            "parametrizations (...parametrizations.weight.original and the masks) that a new model does not have, so their "
+            f"weights were not loaded. Resume from a checkpoint this callback saved, train again from the start, or resume "
+            f"from a checkpoint at step {self.start} or earlier."
+        )
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """What a resume at ``step`` needs besides the model's own entries: the method's
+        state (scores, masks, position) and the window it ran in."""
+        return {"format": 1, "method": self.method, "start": self.start, "steps": self.steps, "step": step,
+                "pruner": self.pruner.state_dict(), "steps_seen": self.pruner.steps_seen}
+
+    def resume(self, step: int, model: torch.nn.Module, saved: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Attach the masks at a checkpoint inside or after the window and restore it: the
+        masked layers' entries (``...parametrizations.weight.original`` and masks) from
+        ``tensors``, the checkpoint's weights, and the method's state from ``saved``."""
+        window = (saved.get("method"), saved.get("start"), saved.get("steps"), saved.get("step"))
+        if window != (self.method, self.start, self.steps, step):
+            self.refuse_resume(step, f"the state saved with it is of another run (method, start, steps, step = {window}; "
+                                     f"this run: {(self.method, self.start, self.steps, step)})")
+        self.pruner.attach(model, self.include, self.exclude)
+        own = [k for k in model.state_dict() if ".parametrizations." in k]
+        missing = [k for k in own if k not in tensors]
+        if missing:
+            self.refuse_resume(step, f"its weights lack {len(missing)} of the masked entries, e.g. {missing[0]} (include/exclude "
+                                     "changed since it was saved?)")
+        model.load_state_dict({k: tensors[k] for k in own}, strict=False)
+        self.pruner.load_state_dict(saved["pruner"])
+        self.pruner.steps_seen = int(saved["steps_seen"])
+        log.info("pruneflow: resumed method=%s at step %d of the pruning window (start=%d, steps=%d), sparsity %.4f",
+                 self.method, step - self.start, self.start, self.steps, self.pruner.sparsity)
 
     def maybe_attach(self, step: int, model: Any, optimizer: Any, scheduler: Any = None) -> None:  # noqa: ANN401
         if step != self.start or self.pruner.model is not None:
             return
         self.pruner.attach(model, self.include, self.exclude)
+        self.add_groups(optimizer, scheduler)
+
+    def add_groups(self, optimizer: Any, scheduler: Any = None) -> None:  # noqa: ANN401
         for group in self.pruner.param_groups():  # movement's scores, under the trainer's LR schedule
             optimizer.add_param_group(group)
             if scheduler is not None and hasattr(scheduler, "lr_lambdas") and hasattr(scheduler, "base_lrs"):
@@ -115,6 +157,7 @@ class WindowCallback:
                  schedule: dict[str, Any] | None = None, keep_masks: bool = False, **settings: Any) -> None:  # noqa: ANN401
         self.window = PruningWindow(method, sparsity, start, steps, include, exclude, schedule, settings)
         self.keep_masks = keep_masks
+        self.warned_no_resume = False
 
     @property
     def pruner(self) -> Pruner | None:
@@ -126,12 +169,62 @@ class WindowCallback:
             self.pruner.remove()
 
 
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The model entries of a transformers checkpoint folder (safetensors, sharded or not,
+    or ``pytorch_model.bin``)."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        out: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(folder / shard))
+        return out
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {}
+
+
 class PruningCallback(WindowCallback, TrainerCallback):
     """Run a pruneflow method inside a ``transformers.Trainer`` (settings: :class:`WindowCallback`)."""
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.plan(int(state.max_steps))
-        self.window.check_resume(int(state.global_step))  # a resumed run has its checkpoint's step here
+        step = int(state.global_step)  # a resumed run has its checkpoint's step here
+        if step > self.window.start:
+            # transformers names its checkpoints checkpoint-<step> in output_dir; resume_from_checkpoint=True takes the last
+            folder = Path(args.output_dir) / f"checkpoint-{step}"
+            if not (folder / STATE_FILE).is_file():
+                self.window.refuse_resume(step, f"there is none in {folder}")
+            tensors = checkpoint_tensors(folder)
+            loaded = model.state_dict()
+            # the folder must be the checkpoint transformers resumed from: its other weights are the ones it loaded
+            differ = [k for k, v in tensors.items() if k in loaded and not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
+            if differ:
+                self.window.refuse_resume(step, f"{folder} is not the checkpoint this run resumed from ({differ[0]} differs)")
+            saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+            self.window.resume(step, model, saved, tensors)
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        if self.pruner is None or self.pruner.model is None or not args.should_save:
+            return
+        if self.pruner.method.param_groups():
+            # transformers reloads the optimizer before any callback runs, and the saved one has
+            # the scores' group that a new run's optimizer lacks: torch refuses it there
+            if not self.warned_no_resume:
+                log.warning("pruneflow: method=%s trains its scores in the Trainer's optimizer, so a checkpoint saved inside "
+                            "or after the pruning window cannot be resumed (from step %d on); one at step %d or earlier can.",
+                            self.window.method, self.window.start + 1, self.window.start)
+                self.warned_no_resume = True
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():  # a hyperparameter search saves under run-<trial> folders
+            log.warning("pruneflow: no checkpoint folder %s, so the pruning state of step %d was not saved: a resume from "
+                        "this checkpoint will be refused.", folder, state.global_step)
+            return
+        atomic_torch_save(self.window.state_dict(int(state.global_step)), folder / STATE_FILE)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.maybe_attach(int(state.global_step), model, optimizer, lr_scheduler)
