@@ -6,6 +6,7 @@ import difflib
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import pruneflow
 from pruneflow.config import local_process_launcher, register_configs
 from pruneflow.console import guard_console, hub_logs_through_root
-from pruneflow.errors import SPARSITY_ALLOWED, RunStopped, UserError
+from pruneflow.errors import SPARSITY_ALLOWED, RunStopped, TrainingDiverged, UserError
 from pruneflow.stop import STOPPED_FILE
 from pruneflow.utils import unwritable
 
@@ -44,6 +45,21 @@ MODE_FLAGS = {"-m": "-m", "--multirun": "-m", "-r": "--run", "--run": "--run", "
 
 def _report_error(message: str, label: str = "error") -> None:
     print("\n" + textwrap.fill(f"pruneflow: {label}: {message}", width=100, break_long_words=False, break_on_hyphens=False) + "\n", file=sys.stderr)
+
+
+def folder_hint(key: str, folder: str | Path, overrides: list[str]) -> str:
+    """Said after "run the same command again": the default output folder is a new one for
+    every command (outputs/<day>/<time>), so the same command resumes only with its folder
+    named; nothing when the command already names it."""
+    if any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):
+        return ""
+    return (f" The same command means with {key}={shlex.quote(str(Path(folder).absolute()))} added: without it, the command starts over in a "
+            "new folder.")
+
+
+def typed_hydra_overrides() -> list[str]:
+    """The launching command's own ``hydra.*`` overrides (before Hydra runs)."""
+    return [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~").startswith("hydra.")]
 
 
 # ----------------------------------------------------------------------------- Hydra's errors, explained
@@ -466,6 +482,10 @@ def _job_config(cfg: Any) -> Any:  # noqa: ANN401
     return cfg
 
 
+def _sweep_hint(sweep_dirs: list[str]) -> str:
+    return folder_hint("hydra.sweep.dir", sweep_dirs[0], typed_hydra_overrides()) if len(sweep_dirs) == 1 else ""
+
+
 class QuietAfterStop(logging.Filter):
     """Drops a logger's records once a stop was asked for (see ``_app``)."""
 
@@ -505,18 +525,22 @@ def _app(cfg: DictConfig) -> float | None:
             _write_job_file(run_dir, STOPPED_FILE, f"Not started: the sweep was stopped by {name(signum)} before this job began. "
                                     "Run the same command again to run it.")
             return None
+    hint = "" if multirun else folder_hint("hydra.run.dir", run_dir, list(hc.overrides.hydra))  # a sweep's: by main()
+    STOP.resume_hint = hint
     try:
         result = run(cfg, run_dir, list(hc.overrides.task), record=record)
     except RunStopped as e:
-        _log_to_file(logging.WARNING, str(e))
-        _report_error(str(e), label="stopped")  # asked for, not an error
-        _write_job_file(run_dir, STOPPED_FILE, str(e))  # pruneflow-report lists the run as stopped, and where
+        message = str(e) + hint
+        _log_to_file(logging.WARNING, message)
+        _report_error(message, label="stopped")  # asked for, not an error
+        _write_job_file(run_dir, STOPPED_FILE, message)  # pruneflow-report lists the run as stopped, and where
         if multirun:  # the launching process lists the stopped jobs and exits 130/143; under Hydra's basic
             return None  # launcher (in this process) the jobs still queued are marked "Not started" first
         sys.exit(EXIT_CODES.get(e.signum, 1))
     except UserError as e:
-        _log_to_file(logging.ERROR, str(e))
-        _report_error(str(e))
+        message = str(e) + (hint if isinstance(e, TrainingDiverged) else "")
+        _log_to_file(logging.ERROR, message)
+        _report_error(message)
         if multirun:  # one failing job does not stop the other jobs of a sweep
             _write_job_file(run_dir, "error.txt", str(e))
             return None
@@ -649,7 +673,7 @@ def main() -> None:
             f"A worker process of the sweep's launcher died ({type(e).__name__}), e.g. killed by the system for lack of "
             "memory. joblib then ends the whole sweep: the jobs that were running stop where they are (their last "
             "checkpoints are kept) and queued jobs do not start. Run the same command again to resume them; finished "
-            "jobs are not run again. Fewer parallel jobs (hydra.launcher.n_jobs) need less memory."
+            "jobs are not run again." + _sweep_hint(SWEEP_DIRS) + " Fewer parallel jobs (hydra.launcher.n_jobs) need less memory."
         )
         _list_unfinished(SWEEP_DIRS)
         sys.exit(1)
@@ -670,7 +694,7 @@ def main() -> None:
         queued = sum(reason.startswith("Not started") for _, reason in SWEEP_STOPPED)
         print(f"\npruneflow: {len(SWEEP_STOPPED)} job(s) of the sweep were stopped ({len(SWEEP_STOPPED) - queued} while running, "
               f"{queued} before they started; their {STOPPED_FILE}); run the same command again to resume them (finished "
-              "jobs are not run again):", file=sys.stderr)
+              "jobs are not run again)." + _sweep_hint(SWEEP_DIRS), file=sys.stderr)
         for path, reason in SWEEP_STOPPED:
             print(f"  {path}: {reason}", file=sys.stderr)
     if STOP.signum is not None or SWEEP_STOPPED:

@@ -1029,6 +1029,8 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
     if not saved_path.exists():
         if (run_dir / "checkpoints").exists() and distributed.is_main():
             atomic_write_json(saved_path, now)
+        elif cfg.get("allow_config_change", False):
+            check_nothing_to_resume(run_dir)
         return
     listed = _differences(_saved_settings(saved_path), now)
     if not listed:
@@ -1041,6 +1043,25 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         f"{run_dir} holds an unfinished run with other settings ({listed}). Resuming it would mix two configurations. "
         "Run the same settings to resume it, add allow_config_change=true to resume it with these changes (e.g. a lower "
         "learning rate after a divergence), overwrite=true to start it over, or choose another hydra.run.dir."
+    )
+
+
+def check_nothing_to_resume(run_dir: Path) -> None:
+    """``allow_config_change=true`` in a folder with no run to resume would quietly start a
+    new run, the typical slip being a re-run without the stopped run's ``hydra.run.dir``. A
+    sweep re-launched with it resumes the jobs that started and starts the others: there
+    the job's log says so."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.warning("allow_config_change=true: %s holds no run to resume, so this job starts a new one.", run_dir)
+        return
+    raise UserError(
+        f"allow_config_change=true resumes an unfinished run with changed settings, but {run_dir} holds no run to resume "
+        "(no checkpoints/), so this command would start a new run and ignore it. To resume a run, run in its folder: add "
+        "hydra.run.dir=<that run's folder> (the message that suggested allow_config_change names it); to start a new run, "
+        "drop allow_config_change=true."
     )
 
 

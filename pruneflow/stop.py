@@ -30,6 +30,7 @@ class StopRequest:
         self.received = 0  # signals this process got itself (a request read from STOP_FILE is not one)
         self.launcher_pid: int | None = None  # the process that runs the command (and launches a sweep's jobs)
         self.stop_file: Path | None = None
+        self.resume_hint = ""  # the CLI's: which folder "the same command" must name
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -42,7 +43,7 @@ class StopRequest:
         self.received += 1
         if self.received > 1:  # the second: stop at once, with the exit code a scheduler expects
             os.write(2, (f"\npruneflow: stopped at once by a second {name(signum)}; the last checkpoint saved before it "
-                         "is kept: run the same command again to resume from it.\n").encode())
+                         f"is kept: run the same command again to resume from it.{self.resume_hint}\n").encode())
             os._exit(128 + signum)  # no unwinding: a traceback through whatever was running helps no one
         if self.signum is None:
             self.signum = signum

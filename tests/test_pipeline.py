@@ -430,6 +430,18 @@ def test_resuming_with_changed_settings_needs_allow_config_change_once(config, t
         check_resume_config(config("stages.recover.lr=0.001"), tmp_path)
 
 
+def test_allow_config_change_with_no_run_to_resume_is_refused(config, tmp_path):
+    """Before, it was ignored and a new run started: typically a re-run without the stopped
+    run's hydra.run.dir, taken for a resume."""
+    from pruneflow.runner import check_resume_config
+
+    with pytest.raises(UserError, match=r"allow_config_change=true resumes an unfinished run .* holds no run to resume"):
+        check_resume_config(config("allow_config_change=true"), tmp_path)
+    check_resume_config(config(), tmp_path)  # a new run
+    (tmp_path / "checkpoints").mkdir()  # a run of an older version, without checkpoints/config.json: resumable
+    check_resume_config(config("allow_config_change=true"), tmp_path)
+
+
 def test_overwrite_removes_every_output_of_a_run_and_nothing_else(tmp_path):
     from pruneflow.runner import RUN_OUTPUTS, remove_run_outputs
 

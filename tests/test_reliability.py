@@ -31,6 +31,7 @@ BAD_INPUTS: list[tuple[list[str], str, str]] = [
     (["stages.prune.steps=1.5"], "stages.prune.steps", "an integer"),
     (["seed=abc"], "seed", "an integer"),
     (["overwrite=maybe"], "overwrite", "true or false"),
+    (["allow_config_change=true"], "allow_config_change", "holds no run to resume"),  # was ignored: a new run started
     (["trainer.gradient_accumulation_steps=x"], "trainer.gradient_accumulation_steps", "an integer"),
     (["speed.batch=x"], "speed.batch", "an integer"),
     (["speed.batch=0"], "speed.batch", ">= 1"),  # was a traceback after the whole run
@@ -616,6 +617,24 @@ def test_signals_save_a_checkpoint_and_resume_exactly(tmp_path, uninterrupted, s
     assert a["metrics"] == b["metrics"] and a["sparsity"] == b["sparsity"]
     wa, wb = load_file(str(uninterrupted / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_a_stop_in_the_default_folder_names_the_folder_to_resume_in(tmp_path, uninterrupted):
+    """The default output folder is a new one for every command (outputs/<day>/<time>): "run
+    the same command again" started over in a new folder. The message now names the folder,
+    and that command resumes there."""
+    cmd = [*SIGNAL_ARGS, f"cache_dir={tmp_path / 'c2'}"]
+    stopped = run_cli(cmd, cwd=tmp_path, env={"PRUNEFLOW_TEST_SIGNAL_AT": "prune:7:TERM"})
+    said = " ".join(stopped.stderr.split())
+    assert stopped.returncode == 143, said[-2000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    hint = (f"Run the same command again to resume from it. The same command means with hydra.run.dir={run_dir.resolve()} added: "
+            "without it, the command starts over in a new folder.")
+    assert hint in said and hint in (run_dir / "stopped.txt").read_text().replace("\n", " ")
+    resumed = run_cli([*cmd, f"hydra.run.dir={run_dir.resolve()}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in (run_dir / "pruneflow.log").read_text()
+    assert read_result(run_dir)["metrics"] == read_result(uninterrupted)["metrics"]
 
 
 def test_a_signal_between_two_stages_stops_before_the_next_and_resumes_exactly(tmp_path, uninterrupted):
