@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import statistics
 import sys
 import textwrap
@@ -815,10 +816,13 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, A
                 f"The run in '{root}' {state}: {jobs[0].reason.rstrip('.')}. pruneflow-report collects finished runs "
                 "(their result.json); give it this run's folder again once the run has finished, or a sweep directory."
             )
+        # a sweep's default folder is a new one per command: "the same command" must name this one
+        same = (f"the same command with hydra.sweep.dir={shlex.quote(str(root.absolute()))}" if (root / "multirun.yaml").exists()
+                else "the same command (with hydra.sweep.dir set to the sweep's folder)")
         if failed:
-            next_step = "Mend what the failed jobs' error.txt says and run the same command again, then report."
+            next_step = f"Mend what the failed jobs' error.txt says and run {same} again, then report."
         elif unfinished:
-            next_step = "Run the same command again to finish them (a stopped job resumes from its checkpoint), then report."
+            next_step = f"Run {same} again to finish them (a stopped job resumes from its checkpoint), then report."
         else:
             next_step = "Point pruneflow-report at a run or sweep directory (hydra.run.dir / hydra.sweep.dir)."
         raise ReportError(

@@ -137,7 +137,11 @@ def test_report_errors_clearly_without_results(tmp_path: Path, capsys: pytest.Ca
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "No finished run under" in err and "1 failed job(s)" in err
-    assert "Mend what the failed jobs' error.txt says" in " ".join(err.split())
+    assert "Mend what the failed jobs' error.txt says and run the same command (with hydra.sweep.dir set to the sweep's folder)" in " ".join(err.split())
+    # a sweep's folder (Hydra's multirun.yaml): named, since a sweep's default folder is a new one per command
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    assert main([str(tmp_path)]) == 2
+    assert f"run the same command with hydra.sweep.dir={tmp_path} again" in " ".join(capsys.readouterr().err.split())
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
