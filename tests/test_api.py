@@ -283,6 +283,30 @@ def test_a_trainer_resume_without_the_pruning_state_is_refused(tmp_path):
     assert pruneflow.sparsity_report(resumed.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
 
 
+def test_the_best_model_of_a_trainer_is_one_at_the_final_sparsity(tmp_path):
+    """load_best_model_at_end picked the best evaluation of the whole run; here (the loss,
+    greater_is_better=True) a dense one from before the window, whose pruned layers
+    transformers cannot load into the masked model: the model at the end had that
+    checkpoint's embeddings and head over the last step's pruned layers."""
+    from transformers import Trainer, TrainingArguments
+
+    from pruneflow.integrations import PruningCallback, checkpoint_tensors
+    from pruneflow.masking import strip_parametrization_names
+
+    model, ds = tiny_bert_and_data(32)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+                             eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="loss", greater_is_better=True, use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds,
+                      callbacks=[PruningCallback("seven", sparsity=0.6, start=4, steps=8)])
+    trainer.train()
+    assert trainer.state.best_global_step >= 12  # the window ends at step 12 (before: 2)
+    best = strip_parametrization_names(checkpoint_tensors(tmp_path / f"checkpoint-{trainer.state.best_global_step}"))
+    final = trainer.model.state_dict()
+    assert all(torch.equal(final[k], best[k]) for k in best if k in final)
+    assert pruneflow.sparsity_report(trainer.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
 def test_movement_in_a_trainer_says_its_window_checkpoints_cannot_resume(tmp_path, caplog):
     """Its scores are a group of the Trainer's optimizer, which transformers reloads before
     any callback runs; torch then refuses the saved optimizer. Said when saving, once."""

@@ -234,6 +234,18 @@ class PruningCallback(WindowCallback, TrainerCallback):
         skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16 overflow
         self.window.after_step(int(state.global_step), grads_finite=not skipped)
 
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        # The window has just ended (masks final), before this step's evaluation: the best model
+        # (load_best_model_at_end, metric_for_best_model) is one at the final sparsity. An earlier
+        # best would be a denser model, or, saved before the window, one whose pruned layers
+        # transformers cannot load into the masked model: it would load the rest over the last step's.
+        end = self.window.start + self.window.steps
+        if int(state.global_step) == end and (state.best_metric is not None or state.best_global_step is not None):
+            log.info("pruneflow: the pruning window ended at step %d; the best evaluation before it (step %s, %s) no longer "
+                     "counts for the best model, which is chosen among the evaluations at the final sparsity.", end,
+                     state.best_global_step, state.best_metric)
+            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         sparsity = self.window.sparsity_now()
         if sparsity is not None and logs is not None:
