@@ -204,7 +204,7 @@ class PruningCallback(WindowCallback, TrainerCallback):
             differ = [k for k, v in tensors.items() if k in loaded and not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
             if differ:
                 self.window.refuse_resume(step, f"{folder} is not the checkpoint this run resumed from ({differ[0]} differs)")
-            saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+            saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
             self.window.resume(step, model, saved, tensors)
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
@@ -240,11 +240,14 @@ class PruningCallback(WindowCallback, TrainerCallback):
         # best would be a denser model, or, saved before the window, one whose pruned layers
         # transformers cannot load into the masked model: it would load the rest over the last step's.
         end = self.window.start + self.window.steps
-        if int(state.global_step) == end and (state.best_metric is not None or state.best_global_step is not None):
+        best_step = getattr(state, "best_global_step", None)  # transformers >= 4.51
+        if int(state.global_step) == end and (state.best_metric is not None or best_step is not None):
             log.info("pruneflow: the pruning window ended at step %d; the best evaluation before it (step %s, %s) no longer "
                      "counts for the best model, which is chosen among the evaluations at the final sparsity.", end,
-                     state.best_global_step, state.best_metric)
-            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+                     best_step, state.best_metric)
+            state.best_metric = state.best_model_checkpoint = None
+            if best_step is not None:
+                state.best_global_step = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         sparsity = self.window.sparsity_now()
