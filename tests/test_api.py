@@ -4,6 +4,7 @@ from a plain loop, a ``transformers.Trainer`` and a Lightning ``Trainer``."""
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -256,9 +257,9 @@ def test_a_trainer_resume_without_the_pruning_state_is_refused(tmp_path):
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
             control.should_training_stop = True
 
-    def trainer(save_steps: int, start: int = 4) -> Trainer:
+    def trainer(save_steps: int, start: int = 4, out: str | None = None) -> Trainer:
         model, ds = tiny_bert_and_data(32)
-        args = TrainingArguments(output_dir=str(tmp_path / f"out{save_steps}"), max_steps=16, per_device_train_batch_size=4,
+        args = TrainingArguments(output_dir=str(tmp_path / (out or f"out{save_steps}")), max_steps=16, per_device_train_batch_size=4,
                                  learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=save_steps, use_cpu=True,
                                  disable_tqdm=True)
         return Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback("seven", sparsity=0.6, start=start, steps=8)])
@@ -269,6 +270,11 @@ def test_a_trainer_resume_without_the_pruning_state_is_refused(tmp_path):
     # another window than the one the checkpoint was saved in
     with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=3, steps=8\).*another run"):
         trainer(6, start=3).train(resume_from_checkpoint=True)
+    # a checkpoint outside output_dir: the callback finds its state where transformers writes checkpoints
+    shutil.copytree(tmp_path / "out6" / "checkpoint-6", tmp_path / "moved" / "checkpoint-6")
+    with pytest.raises(UserError, match=r"there is none in .*other/checkpoint-6 .*set output_dir to the folder that holds"):
+        trainer(6, out="other").train(resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6"))
+    trainer(6, out="moved").train(resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6"))
     # a checkpoint saved without it (an older pruneflow, or a copied folder)
     (tmp_path / "out6" / "checkpoint-6" / STATE_FILE).unlink()
     with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=4, steps=8\).*there is none"):

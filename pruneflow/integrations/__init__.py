@@ -197,7 +197,9 @@ class PruningCallback(WindowCallback, TrainerCallback):
             # transformers names its checkpoints checkpoint-<step> in output_dir; resume_from_checkpoint=True takes the last
             folder = Path(args.output_dir) / f"checkpoint-{step}"
             if not (folder / STATE_FILE).is_file():
-                self.window.refuse_resume(step, f"there is none in {folder}")
+                self.window.refuse_resume(step, f"there is none in {folder} (the callback looks where transformers writes its "
+                                                f"checkpoints, <output_dir>/checkpoint-<step>: resume from a checkpoint there, or "
+                                                f"set output_dir to the folder that holds the one you resume from)")
             tensors = checkpoint_tensors(folder)
             loaded = model.state_dict()
             # the folder must be the checkpoint transformers resumed from: its other weights are the ones it loaded
