@@ -86,11 +86,16 @@ OPTIMIZER_SETTINGS = ("optimizer", "weight_decay", "adam_beta1", "adam_beta2", "
                       "min_lr", "warmup_ratio", "warmup_steps", "max_grad_norm")
 
 
+# Trainer settings that change what a run reports but not the weights it trains: left out of
+# the finetune cache key (a dense model serves every evaluation precision). The cached stage's
+# evaluation history is reused only where they are equal (Run.run_finetune).
+NOT_IN_FINETUNE_KEY = ("eval_precision",)
+
+
 def trainer_key(trainer: DictConfig) -> dict[str, Any]:
-    """The trainer settings a cached finetune depends on. ``eval_precision=32`` is left out:
-    entries written before the setting existed keep their keys."""
+    """The trainer settings a cached finetune depends on."""
     return {k: v for k, v in OmegaConf.to_container(trainer, resolve=True).items()
-            if f"trainer.{k}" not in RESUME_FREE and not (k == "eval_precision" and str(v) == "32")}
+            if f"trainer.{k}" not in RESUME_FREE and k not in NOT_IN_FINETUNE_KEY}
 
 
 def zero_step_stages(cfg: DictConfig) -> dict[str, bool]:
@@ -797,7 +802,8 @@ class Run:
             if self.optim is not None:
                 atomic_torch_save(self.optim.state_dict(), cache_dir / "optimizer.pt")
             self.history.save_stage("finetune", cache_dir / EVAL_HISTORY)  # its evaluations, for runs that reuse it
-            return {"steps": spec.steps, "continuous": self.optim is not None, "computed_by": self.computed_by()}
+            return {"steps": spec.steps, "continuous": self.optim is not None, "computed_by": self.computed_by(),
+                    "evaluated": self.evaluation_settings()}
 
         def compute(cache_dir: Path | None) -> dict[str, Any]:
             train()
@@ -820,9 +826,19 @@ class Run:
         else:
             reused = cache.reuse(compute, self.load_finetuned)
         self.finetune_source = self.cached_finetune_source(cache, reused)
-        if reused and self.history.enabled and not self.history.load_stage("finetune", Path(cache.dir) / EVAL_HISTORY):
-            log.info("The finetune stage comes from the cache (%s), computed without trainer.eval_every: %s has its "
-                     "stage-end evaluation only; cache=false fine-tunes and evaluates here.", cache.dir, EVAL_HISTORY)
+        if reused and self.history.enabled:
+            evaluated = self.finetune_source.get("evaluated") or {k: "32" for k in NOT_IN_FINETUNE_KEY}  # entries from before
+            if evaluated != self.evaluation_settings():
+                log.info("The finetune stage comes from the cache (%s), evaluated during training with %s; this run evaluates "
+                         "with %s, so %s has the finetune's stage-end evaluation only; cache=false fine-tunes and evaluates "
+                         "here.", cache.dir, evaluated, self.evaluation_settings(), EVAL_HISTORY)
+            elif not self.history.load_stage("finetune", Path(cache.dir) / EVAL_HISTORY):
+                log.info("The finetune stage comes from the cache (%s), computed without trainer.eval_every: %s has its "
+                         "stage-end evaluation only; cache=false fine-tunes and evaluates here.", cache.dir, EVAL_HISTORY)
+
+    def evaluation_settings(self) -> dict[str, str]:
+        """The settings of NOT_IN_FINETUNE_KEY, which a cached finetune's evaluations were made with."""
+        return {k: str(self.cfg.trainer.get(k, "32")) for k in NOT_IN_FINETUNE_KEY}
 
     def computed_by(self) -> dict[str, Any]:
         """Where and how a cache entry was computed: a later run reusing it records this."""
@@ -838,9 +854,10 @@ class Run:
         serves a sweep on another), so a reuse computed elsewhere says so: a fresh
         fine-tuning here could differ from it in the last bits."""
         try:
-            by = json.loads(cache.done_file.read_text()).get("computed_by")
+            entry = json.loads(cache.done_file.read_text())
         except (OSError, ValueError):
-            by = None
+            entry = {}
+        by = entry.get("computed_by")
         if reused and isinstance(by, dict) and distributed.is_main():  # once, not per rank
             threads = torch.get_num_threads()
             other_device = torch.device(str(by.get("device", self.device))).type != self.device.type
@@ -849,7 +866,7 @@ class Run:
                 log.warning("The cached finetune was computed on %s with %s torch threads (%s); this run uses %s with %d. "
                             "A finetune computed here could differ from it in the last bits; cache=false computes it here.",
                             by.get("device"), by.get("torch_threads"), by.get("run_dir"), self.device, threads)
-        return {"cache": str(Path(cache.dir).absolute()), "reused": reused, "computed_by": by}
+        return {"cache": str(Path(cache.dir).absolute()), "reused": reused, "computed_by": by, "evaluated": entry.get("evaluated")}
 
     def load_finetuned(self, cache_dir: Path) -> None:
         """The cached finetune stage: weights (and, continuous, the optimizer to continue).

@@ -120,6 +120,16 @@ def test_a_reused_finetune_brings_its_evaluations(runs: dict[str, Path], tmp_pat
     assert done.returncode == 0, done.stderr
     assert [(r["step"], r["end"]) for r in rows(tmp_path / "p") if r["stage"] == "finetune"] == [(12, True)]
     assert "computed without trainer.eval_every" in (tmp_path / "p" / "pruneflow.log").read_text()
+    # another evaluation precision: the same dense weights (before, a second fine-tuning), but
+    # the entry's evaluations were made in fp32, so only this run's stage-end row
+    cache = f"cache_dir={runs['every4']}_cache"
+    done = run_cli([*SMALL, "method=magnitude", "sparsity=0.5", "trainer.eval_every=4", "trainer.eval_precision=bf16",
+                    f"hydra.run.dir={tmp_path / 'b'}", cache], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert read_result(tmp_path / "b")["provenance"]["finetune"]["reused"]
+    assert [(r["step"], r["end"]) for r in rows(tmp_path / "b") if r["stage"] == "finetune"] == [(12, True)]
+    assert "evaluated during training with {'eval_precision': '32'}; this run evaluates with {'eval_precision': 'bf16'}" in (
+        " ".join((tmp_path / "b" / "pruneflow.log").read_text().split()))
 
 
 def test_trim_keeps_what_the_checkpoint_covers(tmp_path: Path) -> None:

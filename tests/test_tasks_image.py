@@ -445,5 +445,5 @@ def test_eval_precision_runs_the_evaluation_under_autocast_and_only_there() -> N
         run = Run(compose([*TINY, "logger=none", f"trainer.eval_precision={precision}"]), Path("unused"), [])
         run.check_settings()
         assert run.task.eval_autocast == autocast
-        key = trainer_key(run.cfg.trainer)
-        assert ("eval_precision" in key) is (autocast is not None) and key.get("eval_precision", "32") == precision
+        # evaluation does not change the weights: one dense finetune serves every precision
+        assert "eval_precision" not in trainer_key(run.cfg.trainer)
