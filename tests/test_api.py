@@ -222,7 +222,12 @@ def test_a_trainer_run_resumes_inside_the_pruning_window_exactly(tmp_path, metho
     resumed run ends with the uninterrupted run's weights."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from pruneflow.integrations import STATE_FILE, PruningCallback
+    from pruneflow.integrations import (
+        STATE_FILE,
+        PruningCallback,
+        checkpoint_tensors,
+        plain_weights,
+    )
 
     class StopAtSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
@@ -240,6 +245,16 @@ def test_a_trainer_run_resumes_inside_the_pruning_window_exactly(tmp_path, metho
     stopped.add_callback(StopAtSave())
     stopped.train()
     assert stopped.state.global_step == 6 and (tmp_path / "stopped" / "checkpoint-6" / STATE_FILE).is_file()
+    # the checkpoint as the plain pruned model of step 6, loaded strictly into a freshly built one
+    fresh, _ = tiny_bert_and_data(32)
+    fresh.load_state_dict(plain_weights(tmp_path / "stopped" / "checkpoint-6"))
+    raw = checkpoint_tensors(tmp_path / "stopped" / "checkpoint-6")
+    for key, value in fresh.state_dict().items():
+        base = key.removesuffix(".weight")
+        if f"{base}.parametrizations.weight.original" in raw:  # W * mask, as the masked model computes it
+            assert torch.equal(value, raw[f"{base}.parametrizations.weight.original"] * raw[f"{base}.parametrizations.weight.0.mask"])
+        else:
+            assert torch.equal(value, raw[key])
     resumed = trainer("stopped")
     resumed.train(resume_from_checkpoint=True)
     expected, got = whole.model.state_dict(), resumed.model.state_dict()
@@ -420,6 +435,7 @@ def test_a_lightning_run_resumes_inside_the_pruning_window_exactly(tmp_path, met
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from pruneflow.integrations import plain_weights
     from pruneflow.integrations.lightning import PruningCallback
 
     class Module(L.LightningModule):
@@ -460,6 +476,9 @@ def test_a_lightning_run_resumes_inside_the_pruning_window_exactly(tmp_path, met
     assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
     assert pruneflow.sparsity_report(resumed, include=["net.blocks.*"])["prunable"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert resumed.strict_loading  # put back after the checkpoint loaded
+    fresh = Module()  # the step-6 checkpoint as a plain module (Lightning's own strict load refuses its names)
+    fresh.load_state_dict(plain_weights(checkpoint))
+    assert fresh.net.blocks[0].weight.count_nonzero() < fresh.net.blocks[0].weight.numel()
     # the callback loads loosely to restore the masked layers; any other mismatch is still refused, as strict loading does
     broken = torch.load(checkpoint, weights_only=False)
     broken["state_dict"]["net.extra"] = torch.zeros(1)

@@ -187,6 +187,25 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {}
 
 
+def plain_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint saved during the pruning window (a transformers ``checkpoint-N`` folder or
+    a Lightning ``.ckpt`` file) as the plain weights of the model at that step: the masked
+    layers' parametrization entries become ``<layer>.weight = original * mask``, so that
+    ``model.load_state_dict(plain_weights(path))`` loads it into a freshly built model.
+    (``from_pretrained`` on such a folder would leave those layers newly initialized.)"""
+    from pruneflow.masking import strip_parametrization_names
+
+    path = Path(path)
+    if path.is_dir():
+        tensors = checkpoint_tensors(path)
+        if not tensors:
+            raise UserError(f"{path} holds no model weights (model.safetensors, its shards, or pytorch_model.bin).")
+    else:
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint pickles its hyperparameters
+        tensors = saved.get("state_dict", saved) if isinstance(saved, dict) else {}
+    return strip_parametrization_names(dict(tensors))
+
+
 class PruningCallback(WindowCallback, TrainerCallback):
     """Run a pruneflow method inside a ``transformers.Trainer`` (settings: :class:`WindowCallback`)."""
 
@@ -262,4 +281,4 @@ class PruningCallback(WindowCallback, TrainerCallback):
         self.remove_masks()
 
 
-__all__ = ["PruningCallback", "PruningWindow", "WindowCallback"]
+__all__ = ["PruningCallback", "PruningWindow", "WindowCallback", "plain_weights"]
