@@ -395,14 +395,14 @@ def test_own_loops_without_data_and_a_model_name_are_one_paragraph():
         pruneflow.methods.create("magnitude", sparsity=0.5, steps=2, model="vit")
 
 
-def test_lightning_callback(tmp_path):
-    L = pytest.importorskip("lightning")
-
-    from pruneflow.integrations.lightning import PruningCallback
+def tiny_lightning_module(L, seed: int | None = None):  # noqa: ANN001, ANN201
+    """``Tiny`` as a LightningModule (AdamW, lr 1e-2); ``seed``: drawn from it at construction."""
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
+            if seed is not None:
+                torch.manual_seed(seed)
             self.net = Tiny()
 
         def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
@@ -412,6 +412,15 @@ def test_lightning_callback(tmp_path):
         def configure_optimizers(self):  # noqa: ANN201
             return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
+    return Module
+
+
+def test_lightning_callback(tmp_path):
+    L = pytest.importorskip("lightning")
+
+    from pruneflow.integrations.lightning import PruningCallback
+
+    Module = tiny_lightning_module(L)
     torch.manual_seed(0)
     x = torch.randn(128, 16)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
@@ -438,18 +447,7 @@ def test_a_lightning_run_resumes_inside_the_pruning_window_exactly(tmp_path, met
     from pruneflow.integrations import plain_weights
     from pruneflow.integrations.lightning import PruningCallback
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = Tiny()
-
-        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+    Module = tiny_lightning_module(L, seed=0)
 
     class StopAt(L.Callback):
         def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
