@@ -483,6 +483,12 @@ def test_a_lightning_run_resumes_inside_the_pruning_window_exactly(tmp_path, met
     torch.save(broken, tmp_path / "broken.ckpt")
     with pytest.raises(UserError, match=r"does not fit the model: missing \[\], unexpected \['net.extra'\]"):
         fit("broken", ckpt_path=str(tmp_path / "broken.ckpt"))
+    # masked layers without the method's state (an older pruneflow's checkpoint): refused, not resumed from half a state
+    del broken["state_dict"]["net.extra"]
+    broken["callbacks"] = {k: v for k, v in broken["callbacks"].items() if "PruningCallback" not in k}
+    torch.save(broken, tmp_path / "stateless.ckpt")
+    with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=2, steps=8\).*this checkpoint has none"):
+        fit("stateless", ckpt_path=str(tmp_path / "stateless.ckpt"))
 
 
 @pytest.mark.slow

@@ -85,12 +85,13 @@ class PruningWindow:
         self.pruner = create(self.method, self.sparsity, self.steps, **self.schedule, **self.settings)
 
     def refuse_resume(self, step: int, why: str) -> None:
+        start, steps = (self.start, self.steps) if self.pruner is not None else (self.start_setting, self.steps_setting)  # before plan()
         raise UserError(
-            f"Resuming at step {step}, inside or after the pruning window (start={self.start}, steps={self.steps}), needs the "
+            f"Resuming at step {step}, inside or after the pruning window (start={start}, steps={steps}), needs the "
             f"pruneflow state saved with that checkpoint, and {why}. The checkpoint stores the pruned layers as "
             "parametrizations (...parametrizations.weight.original and the masks) that a new model does not have, so their "
             f"weights were not loaded. Resume from a checkpoint this callback saved, train again from the start, or resume "
-            f"from a checkpoint at step {self.start} or earlier."
+            f"from a checkpoint at step {start} or earlier."
         )
 
     def state_dict(self, step: int) -> dict[str, Any]:
