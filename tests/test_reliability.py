@@ -867,6 +867,14 @@ def test_divergence_is_logged_and_can_resume_with_a_lower_lr(tmp_path):
     assert "The training loss became" in (run_dir / "pruneflow.log").read_text()
     again = run_cli([*args, "stages.finetune.lr=1e-3", "allow_config_change=true"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
+    # in the default folder (a new one per command) the message names it, and the command with it goes on there
+    plain = [a for a in args if not a.startswith("hydra.run.dir=")]
+    out = run_cli([*plain, "stages.finetune.lr=1e30"], cwd=tmp_path)
+    (default_dir,) = (tmp_path / "outputs").glob("*/*")
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2 and f"The same command means with hydra.run.dir={default_dir.resolve()} added" in said, said[-1500:]
+    again = run_cli([*plain, "stages.finetune.lr=1e-3", "allow_config_change=true", f"hydra.run.dir={default_dir.resolve()}"], cwd=tmp_path)
+    assert again.returncode == 0 and (default_dir / "result.json").exists(), again.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- untrusted files
