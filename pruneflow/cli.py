@@ -526,7 +526,8 @@ def _app(cfg: DictConfig) -> float | None:
                                     "Run the same command again to run it.")
             return None
     hint = "" if multirun else folder_hint("hydra.run.dir", run_dir, list(hc.overrides.hydra))  # a sweep's: by main()
-    STOP.resume_hint = hint
+    # a second signal stops at once with a line of its own: it names the folder too
+    STOP.resume_hint = folder_hint("hydra.sweep.dir", hc.sweep.dir, list(hc.overrides.hydra)) if multirun else hint
     try:
         result = run(cfg, run_dir, list(hc.overrides.task), record=record)
     except RunStopped as e:

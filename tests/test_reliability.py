@@ -635,6 +635,11 @@ def test_a_stop_in_the_default_folder_names_the_folder_to_resume_in(tmp_path, un
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in (run_dir / "pruneflow.log").read_text()
     assert read_result(run_dir)["metrics"] == read_result(uninterrupted)["metrics"]
+    # a second signal's own line (it stops at once) names it too
+    (tmp_path / "again").mkdir()
+    twice = run_cli(cmd, cwd=tmp_path / "again", env={"PRUNEFLOW_TEST_SIGNAL_AT": "prune:7:TERMx2"})
+    (other,) = (tmp_path / "again" / "outputs").glob("*/*")
+    assert twice.returncode == 143 and f"The same command means with hydra.run.dir={other.resolve()} added" in " ".join(twice.stderr.split())
 
 
 def test_a_signal_between_two_stages_stops_before_the_next_and_resumes_exactly(tmp_path, uninterrupted):
