@@ -289,7 +289,9 @@ def test_a_trainer_resume_without_the_pruning_state_is_refused(tmp_path):
     shutil.copytree(tmp_path / "out6" / "checkpoint-6", tmp_path / "moved" / "checkpoint-6")
     with pytest.raises(UserError, match=r"there is none in .*other/checkpoint-6 .*set output_dir to the folder that holds"):
         trainer(6, out="other").train(resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6"))
-    trainer(6, out="moved").train(resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6"))
+    moved = trainer(6, out="moved")
+    moved.train(resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6"))
+    assert pruneflow.sparsity_report(moved.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
     # a checkpoint saved without it (an older pruneflow, or a copied folder)
     (tmp_path / "out6" / "checkpoint-6" / STATE_FILE).unlink()
     with pytest.raises(UserError, match=r"Resuming at step 6, inside or after the pruning window \(start=4, steps=8\).*there is none"):
