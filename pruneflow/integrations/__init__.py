@@ -133,6 +133,15 @@ class PruningWindow:
                 scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
                 scheduler.base_lrs.append(group["lr"])
 
+    def clear_own_grads(self) -> None:
+        """The method's own trainable tensors (movement's scores) are not the model's, so a
+        trainer that zeroes the model's gradients (transformers: ``model.zero_grad()``) leaves
+        theirs to add up over the steps; cleared here after each optimizer step."""
+        if self.pruner is not None and self.pruner.model is not None:
+            for group in self.pruner.method.param_groups():
+                for param in group["params"]:
+                    param.grad = None
+
     def after_step(self, step: int, grads_finite: bool = True) -> None:
         k = step - self.start
         if self.pruner is None or self.pruner.model is None or not 0 <= k < self.steps:
@@ -158,7 +167,6 @@ class WindowCallback:
                  schedule: dict[str, Any] | None = None, keep_masks: bool = False, **settings: Any) -> None:  # noqa: ANN401
         self.window = PruningWindow(method, sparsity, start, steps, include, exclude, schedule, settings)
         self.keep_masks = keep_masks
-        self.warned_no_resume = False
 
     @property
     def pruner(self) -> Pruner | None:
@@ -207,10 +215,58 @@ def plain_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return strip_parametrization_names(dict(tensors))
 
 
+def split_own_groups(folder: Path, count: int) -> dict[str, Any] | None:
+    """Move the method's optimizer groups (movement's scores: the last ``count``) out of the
+    checkpoint's ``optimizer.pt``, and their entries out of ``scheduler.pt``'s per-group lists.
+    A resumed Trainer builds its optimizer without them and loads that file before any callback
+    runs, so torch would refuse it; the callback adds them back on resume. None: no optimizer
+    was saved (``save_only_model``)."""
+    opt_path, sched_path = folder / "optimizer.pt", folder / "scheduler.pt"
+    if not opt_path.is_file():
+        return None
+    opt = torch.load(opt_path, map_location="cpu", weights_only=True)
+    n = len(opt["param_groups"])
+    own = opt["param_groups"][n - count:]
+    ids = [i for g in own for i in g["params"]]
+    moved: dict[str, Any] = {"groups": own, "state": {i: opt["state"][i] for i in ids if i in opt["state"]}, "scheduler": {}}
+    opt["param_groups"] = opt["param_groups"][: n - count]
+    opt["state"] = {i: v for i, v in opt["state"].items() if i not in moved["state"]}
+    atomic_torch_save(opt, opt_path)
+    if sched_path.is_file():
+        sched = torch.load(sched_path, map_location="cpu", weights_only=True)
+        for key, value in sched.items():
+            if isinstance(value, list) and len(value) == n and key != "lr_lambdas":  # base_lrs, _last_lr, ...
+                moved["scheduler"][key], sched[key] = value[n - count:], value[: n - count]
+        if isinstance(sched.get("lr_lambdas"), list) and len(sched["lr_lambdas"]) == n:
+            sched["lr_lambdas"] = sched["lr_lambdas"][: n - count]  # the callback appends the first group's again
+        atomic_torch_save(sched, sched_path)
+    return moved
+
+
+def restore_own_groups(optimizer: Any, scheduler: Any, moved: dict[str, Any]) -> None:  # noqa: ANN401
+    """The inverse of :func:`split_own_groups`, once the groups were added again (same order)."""
+    full = optimizer.state_dict()
+    count = len(moved["groups"])
+    offset = len(full["param_groups"]) - count
+    first = sum(len(g["params"]) for g in full["param_groups"][:offset])  # the ids the saved groups get now
+    saved_ids = [i for g in moved["groups"] for i in g["params"]]
+    renumber = dict(zip(saved_ids, range(first, first + len(saved_ids)), strict=True))
+    full["param_groups"][offset:] = [{**g, "params": [renumber[i] for i in g["params"]]} for g in moved["groups"]]
+    full["state"].update({renumber[i]: v for i, v in moved["state"].items()})
+    optimizer.load_state_dict(full)
+    groups = len(full["param_groups"])
+    for key, values in moved.get("scheduler", {}).items():
+        current = getattr(scheduler, key, None)
+        if isinstance(current, list) and len(current) == groups - count:  # not extended by add_groups (_last_lr)
+            current.extend(values)
+        elif isinstance(current, list) and len(current) == groups:  # extended with the group's first value (base_lrs)
+            current[groups - count:] = values
+
+
 class PruningCallback(WindowCallback, TrainerCallback):
     """Run a pruneflow method inside a ``transformers.Trainer`` (settings: :class:`WindowCallback`)."""
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.plan(int(state.max_steps))
         step = int(state.global_step)  # a resumed run has its checkpoint's step here
         if step > self.window.start:
@@ -228,25 +284,23 @@ class PruningCallback(WindowCallback, TrainerCallback):
                 self.window.refuse_resume(step, f"{folder} is not the checkpoint this run resumed from ({differ[0]} differs)")
             saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
             self.window.resume(step, model, saved, tensors)
+            if saved.get("own_groups") is not None:
+                self.window.add_groups(optimizer, lr_scheduler)
+                restore_own_groups(optimizer, lr_scheduler, saved["own_groups"])
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
         if self.pruner is None or self.pruner.model is None or not args.should_save:
-            return
-        if self.pruner.method.param_groups():
-            # transformers reloads the optimizer before any callback runs, and the saved one has
-            # the scores' group that a new run's optimizer lacks: torch refuses it there
-            if not self.warned_no_resume:
-                log.warning("pruneflow: method=%s trains its scores in the Trainer's optimizer, so a checkpoint saved inside "
-                            "or after the pruning window cannot be resumed (from step %d on); one at step %d or earlier can.",
-                            self.window.method, self.window.start + 1, self.window.start)
-                self.warned_no_resume = True
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():  # a hyperparameter search saves under run-<trial> folders
             log.warning("pruneflow: no checkpoint folder %s, so the pruning state of step %d was not saved: a resume from "
                         "this checkpoint will be refused.", folder, state.global_step)
             return
-        atomic_torch_save(self.window.state_dict(int(state.global_step)), folder / STATE_FILE)
+        saved = self.window.state_dict(int(state.global_step))
+        count = len(self.pruner.param_groups())
+        if count:
+            saved["own_groups"] = split_own_groups(folder, count)
+        atomic_torch_save(saved, folder / STATE_FILE)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         self.window.maybe_attach(int(state.global_step), model, optimizer, lr_scheduler)
@@ -255,6 +309,8 @@ class PruningCallback(WindowCallback, TrainerCallback):
         # after optimizer.step(), before zero_grad(): the method reads this step's gradients
         skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16 overflow
         self.window.after_step(int(state.global_step), grads_finite=not skipped)
+        self.window.clear_own_grads()
+
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
         # The window has just ended (masks final), before this step's evaluation: the best model
