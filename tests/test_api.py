@@ -3,6 +3,7 @@ from a plain loop, a ``transformers.Trainer`` and a Lightning ``Trainer``."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -338,6 +339,55 @@ def test_the_best_model_of_a_trainer_is_one_at_the_final_sparsity(tmp_path):
     final = trainer.model.state_dict()
     assert all(torch.equal(final[k], best[k]) for k in best if k in final)
     assert pruneflow.sparsity_report(trainer.model)["prunable"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_single_pattern_string_is_one_pattern():
+    """Before: list("blocks.0") split the string into characters, and '*'-free ones such as
+    'b' matched nothing while a '*' matched every Linear."""
+    torch.manual_seed(0)
+    model = Tiny()
+    pruner = pruneflow.methods.create("magnitude", sparsity=0.5, steps=1, model=model, include="blocks.*")
+    assert [w.name for w in pruner.weights] == ["blocks.0.weight", "blocks.2.weight"]
+    report = pruneflow.sparsity_report(model, include="blocks.0")
+    assert list(report["per_layer"]) == ["blocks.0.weight"]
+    with pytest.raises(UserError, match="Invalid value for 'include': 3"):
+        pruneflow.sparsity_report(model, include=3)
+
+
+def test_sparsity_report_counts_compressed_weights_against_their_original_shapes():
+    """SPP's compressed model: before, the API reported 0.0 while result.json said 0.5."""
+    import timm
+
+    from pruneflow.compress import compress, uniform_keep
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=3, embed_dim=32,
+                            depth=2, num_heads=2)
+    dense = pruneflow.sparsity_report(vit)
+    compress(vit, uniform_keep(vit, 0.5))
+    report = pruneflow.sparsity_report(vit)
+    assert report["prunable"]["sparsity"] == pytest.approx(0.5) and report["prunable"]["total"] == dense["prunable"]["total"]
+    assert report["overall"]["total"] == dense["overall"]["total"]
+    remaining = list(vit.parameters())
+    removed = dense["overall"]["total"] - sum(p.numel() for p in remaining)
+    assert report["overall"]["zeros"] == removed + sum(int((p == 0).sum()) for p in remaining)
+    reloaded = copy.deepcopy(vit)  # the original shapes travel with the layers
+    assert pruneflow.sparsity_report(reloaded)["prunable"] == report["prunable"]
+
+
+def test_own_loops_without_data_and_a_model_name_are_one_paragraph():
+    """Before: TypeError ('NoneType' object is not callable) and AttributeError."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=3, embed_dim=32,
+                            depth=1, num_heads=2)
+    for method in ("spp", "grasp"):
+        pruner = pruneflow.methods.create(method, sparsity=0.5, steps=2, model=vit)
+        with pytest.raises(UserError, match=f"run\\(\\): method={method}'s own loop reads your data: pass batches="):
+            pruner.run()
+        pruner.remove()
+    with pytest.raises(UserError, match="Invalid value for 'model': a str"):
+        pruneflow.methods.create("magnitude", sparsity=0.5, steps=2, model="vit")
 
 
 def tiny_lightning_module(L, seed: int | None = None):  # noqa: ANN001, ANN201
