@@ -284,9 +284,10 @@ class PruningCallback(WindowCallback, TrainerCallback):
                 self.window.refuse_resume(step, f"{folder} is not the checkpoint this run resumed from ({differ[0]} differs)")
             saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
             self.window.resume(step, model, saved, tensors)
-            if saved.get("own_groups") is not None:
+            if self.pruner.param_groups():  # movement's scores join the optimizer as at the window's start
                 self.window.add_groups(optimizer, lr_scheduler)
-                restore_own_groups(optimizer, lr_scheduler, saved["own_groups"])
+                if saved.get("own_groups") is not None:  # None: no optimizer was saved, none is restored
+                    restore_own_groups(optimizer, lr_scheduler, saved["own_groups"])
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
         if self.pruner is None or self.pruner.model is None or not args.should_save:
