@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pruneflow.errors import UserError
+from pruneflow.masking import strip_parametrization_names
 
 TYPES = ("qk", "vo", "ffn")
 # Where a search mask multiplies the block: ``authors`` as SPP's code (q and k rows both,
@@ -551,16 +552,7 @@ class PairedMasks:
         ``<m>.parametrizations.<p>.original`` as ``<m>.<p>``, the masks' own entries left out.
         Detaching and attaching again instead would give the modules new parametrized classes,
         and a compiled model would recompile after every checkpoint."""
-        out: dict[str, torch.Tensor] = {}
-        for key, value in self.model.state_dict().items():
-            head, sep, tail = key.partition("parametrizations.")
-            if sep and (not head or head.endswith(".")):
-                name, _, rest = tail.partition(".")
-                if rest == "original":
-                    out[head + name] = value
-                continue
-            out[key] = value
-        return out
+        return strip_parametrization_names(self.model.state_dict(), apply_masks=False)
 
     def detach(self) -> None:
         """Remove the masks and restore the unmasked weights, in their original parameter

@@ -153,15 +153,18 @@ class MaskedWeights:
                 parametrize.remove_parametrizations(w.module, w.attr, leave_parametrized=keep_masked)
 
 
-def strip_parametrization_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain names for a state dict of a parametrized model (masks applied)."""
+def strip_parametrization_names(state_dict: dict[str, torch.Tensor], apply_masks: bool = True) -> dict[str, torch.Tensor]:
+    """Plain names for a state dict of a parametrized model: each
+    ``<m>.parametrizations.<p>.original`` as ``<m>.<p>`` (times its mask ``...<p>.0.mask``
+    where ``apply_masks`` and there is one), the parametrizations' own entries left out."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
-        if ".parametrizations." in k:
-            if k.endswith(".original"):
-                base = k.replace(".parametrizations.", ".").removesuffix(".original")
-                mask_key = k.removesuffix(".original") + ".0.mask"
-                out[base] = v * state_dict[mask_key] if mask_key in state_dict else v
+        head, sep, tail = k.partition("parametrizations.")
+        if sep and (not head or head.endswith(".")):
+            name, _, rest = tail.partition(".")
+            if rest == "original":
+                mask_key = f"{head}parametrizations.{name}.0.mask"
+                out[head + name] = v * state_dict[mask_key] if apply_masks and mask_key in state_dict else v
             continue
         out[k] = v
     return out
